@@ -1,0 +1,105 @@
+"""Calibration recipes (``calibration/*.yaml``) and export target profiles (``export/*.yaml``).
+
+Both are small YAML files users edit. A name is looked up as a path first, then as
+``calibration/NAME.yaml`` / ``export/NAME.yaml`` in the current directory, then in the directories
+shipped beside the edgeq package (a source checkout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from edgeq.errors import EdgeqError
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class CalibrationRecipe:
+    """How to calibrate: rollouts of the float policy (with exploration noise) and the quantizers."""
+
+    name: str = "default"
+    env: str | None = None
+    episodes: int = 10
+    seed: int = 1_000_000
+    num_envs: int = 8
+    max_steps_per_episode: int | None = None
+    exploration: dict[str, float] = field(default_factory=lambda: {"gaussian": 0.1, "epsilon": 0.0})
+    calibrator: str = "percentile"
+    calibrator_params: dict[str, Any] = field(default_factory=lambda: {"percentile": 99.99})
+    weight_method: str = "absmax"
+    keep_float: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ExportProfile:
+    """Where the bundle will run: runtime, opset, precisions and the batch range."""
+
+    name: str = "cpu-ort"
+    runtime: str = "onnxruntime"
+    opset: int = 17
+    precisions: list[str] = field(default_factory=lambda: ["int8"])
+    min_batch: int = 1
+    opt_batch: int = 1
+    max_batch: int = 4096
+    tensorrt: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _find(kind: str, name: str) -> Path | None:
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    for root in (Path.cwd(), _REPO_ROOT):
+        cand = root / kind / f"{name}.yaml"
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _load(cls: type, kind: str, name: str, required: bool) -> Any:
+    import yaml
+
+    path = _find(kind, name)
+    if path is None:
+        if required:
+            raise EdgeqError(f"no {kind} file {name!r} (looked for a path, ./{kind}/{name}.yaml and the "
+                             f"{kind}/ directory of the edgeq checkout)")
+        return None
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise EdgeqError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise EdgeqError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise EdgeqError(f"{path}: unknown field(s) {unknown}; expected some of {sorted(known)}")
+    data.setdefault("name", path.stem)
+    return cls(**data)
+
+
+def load_recipe(name: str | None, env_id: str | None = None) -> CalibrationRecipe:
+    """The named recipe; without a name, ``calibration/<env_id>.yaml`` if present, else defaults."""
+    if name:
+        recipe: CalibrationRecipe = _load(CalibrationRecipe, "calibration", name, required=True)
+        return recipe
+    if env_id:
+        found = _load(CalibrationRecipe, "calibration", env_id, required=False)
+        if found is not None:
+            return found  # type: ignore[no-any-return]
+    default = _load(CalibrationRecipe, "calibration", "default", required=False)
+    return default if default is not None else CalibrationRecipe()
+
+
+def load_profile(name: str = "cpu-ort") -> ExportProfile:
+    profile: ExportProfile = _load(ExportProfile, "export", name, required=True)
+    return profile

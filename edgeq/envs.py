@@ -1,0 +1,71 @@
+"""Making environments from a gymnasium id or a user's ``module:callable`` entry point."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+from edgeq.errors import EnvironmentSpecError
+from edgeq.spaces import BoxSpec
+
+
+def parse_env_kwargs(text: str | None) -> dict[str, Any]:
+    """``--env-kwargs`` JSON → dict, with a clear error."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise EnvironmentSpecError(f"--env-kwargs is not valid JSON ({exc}); expected an object such as "
+                                   "'{\"frame_skip\": 2}'") from None
+    if not isinstance(value, dict):
+        raise EnvironmentSpecError(f"--env-kwargs must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def env_factory(env: str, env_kwargs: dict[str, Any] | None = None) -> Callable[[], Any]:
+    """A zero-argument function that makes the env.
+
+    ``env`` is a registered gymnasium id (``HalfCheetah-v5``) or ``module:callable``, a Python entry
+    point returning a ``gymnasium.Env`` (the way to bring a user's own simulator).
+    """
+    import gymnasium as gym
+
+    kwargs = dict(env_kwargs or {})
+    if ":" in env and env not in gym.envs.registry:
+        module_name, _, attr = env.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise EnvironmentSpecError(f"--env {env!r}: cannot import module {module_name!r}: {exc}") from None
+        fn = getattr(module, attr, None)
+        if not callable(fn):
+            raise EnvironmentSpecError(f"--env {env!r}: {module_name} has no callable {attr!r} "
+                                       "(expected module:callable returning a gymnasium.Env)")
+        return lambda: fn(**kwargs)
+    if env not in gym.envs.registry:
+        close = difflib.get_close_matches(env, list(gym.envs.registry), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise EnvironmentSpecError(f"environment id {env!r} is not registered in gymnasium{hint} "
+                                   "(expected a gymnasium id such as 'HalfCheetah-v5' or module:callable)")
+    return lambda: gym.make(env, **kwargs)
+
+
+def check_env_matches(env_name: str, observation_space: Any, action_space: Any,
+                      obs_spec: BoxSpec, act_spec: BoxSpec) -> None:
+    """Raise if the env's spaces do not fit the policy's."""
+    if type(observation_space).__name__ != "Box":
+        raise EnvironmentSpecError(f"env {env_name!r} has a {type(observation_space).__name__} observation "
+                                   "space; expected a Box")
+    if tuple(observation_space.shape) != tuple(obs_spec.shape):
+        raise EnvironmentSpecError(f"env {env_name!r} observations have shape {tuple(observation_space.shape)} "
+                                   f"but the policy expects {tuple(obs_spec.shape)}")
+    if type(action_space).__name__ != "Box":
+        raise EnvironmentSpecError(f"env {env_name!r} has a {type(action_space).__name__} action space; "
+                                   "expected a Box")
+    if tuple(action_space.shape) != tuple(act_spec.shape):
+        raise EnvironmentSpecError(f"env {env_name!r} actions have shape {tuple(action_space.shape)} but the "
+                                   f"policy produces {tuple(act_spec.shape)}")

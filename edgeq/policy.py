@@ -1,0 +1,75 @@
+"""The value every ingest source produces and every later stage consumes: a float policy graph."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from edgeq.spaces import BoxSpec
+
+OBS_INPUT = "obs"
+ACTIONS_OUTPUT = "actions"
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One recurrent state tensor carried between calls (per environment in a batch).
+
+    The graph takes ``input_name`` [batch, *shape] and returns the next state as ``output_name``.
+    At an episode start the state is ``zeros`` (the convention of LSTM policies in SB3 and rsl_rl).
+    """
+
+    input_name: str
+    output_name: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"input": self.input_name, "output": self.output_name, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "StateSpec":
+        return cls(str(d["input"]), str(d["output"]), tuple(int(s) for s in d["shape"]))
+
+
+@dataclass(frozen=True)
+class PolicySource:
+    """Where a policy came from, for the manifest."""
+
+    path: str
+    sha256: str
+    kind: str  # "sb3", "onnx", "torchscript", "torch-module"
+    algorithm: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "sha256": self.sha256, "kind": self.kind,
+                "algorithm": self.algorithm, "details": self.details}
+
+
+@dataclass
+class FloatPolicy:
+    """A deterministic float policy as an ONNX graph plus what is needed to run it in an env.
+
+    ``model`` maps ``obs`` [batch, *obs_space.shape] (float32) to ``actions``
+    [batch, *action_space.shape] (float32) in the env's own action units: observation
+    normalization and action squashing/rescaling/clipping are inside the graph, in float32.
+    Recurrent policies have extra state inputs/outputs described by ``state``.
+    """
+
+    model: onnx.ModelProto
+    obs_space: BoxSpec
+    action_space: BoxSpec
+    source: PolicySource
+    state: tuple[StateSpec, ...] = ()
+    env_id: str | None = None
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    postprocess: dict[str, Any] = field(default_factory=dict)
+
+    input_name: str = OBS_INPUT
+    output_name: str = ACTIONS_OUTPUT
+
+    @property
+    def recurrent(self) -> bool:
+        return bool(self.state)

@@ -1,0 +1,114 @@
+"""Episodes on fixed seeds in a gymnasium vector env, shared by calibration and validation.
+
+Each episode ``k`` starts from ``env.reset(seed=seeds[k])``, whatever sub-environment runs it,
+so two policies rolled out with the same seeds meet the same initial states (paired comparison),
+and results do not depend on how many environments run in parallel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class BatchPolicy(Protocol):
+    """What the rollout needs of a policy: batched actions and per-row state reset."""
+
+    def act(self, obs: np.ndarray) -> np.ndarray: ...
+
+    def reset(self, mask: np.ndarray | None = None) -> None: ...
+
+
+#: ``on_step(obs, actions, active)`` sees every batched step; ``active`` marks rows that belong to
+#: a counted episode (finished envs idle until the batch ends).
+StepHook = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+#: ``perturb(actions, rng)`` returns the actions actually sent to the env (exploration noise).
+ActionPerturbation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+@dataclass
+class EpisodeResults:
+    seeds: list[int]
+    returns: np.ndarray
+    lengths: np.ndarray
+    terminated: np.ndarray
+    steps: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seeds": [int(s) for s in self.seeds],
+            "returns": [float(r) for r in self.returns],
+            "lengths": [int(n) for n in self.lengths],
+            "terminated": [bool(t) for t in self.terminated],
+        }
+
+
+def run_episodes(make_env: Callable[[], Any], policy: BatchPolicy, seeds: Sequence[int], *,
+                 num_envs: int = 8, on_step: StepHook | None = None,
+                 perturb: ActionPerturbation | None = None, noise_seed: int = 0,
+                 max_steps_per_episode: int | None = None,
+                 progress: Callable[[int], None] | None = None) -> EpisodeResults:
+    """Roll ``policy`` out for ``len(seeds)`` episodes; episode ``k`` is reset with ``seeds[k]``.
+
+    ``progress(n)`` is called with the number of env steps taken since the last call.
+    """
+    import gymnasium as gym
+    from gymnasium.vector import AutoresetMode, SyncVectorEnv
+
+    seeds = [int(s) for s in seeds]
+    n_env = max(1, min(num_envs, len(seeds)))
+    venv = SyncVectorEnv([make_env for _ in range(n_env)], autoreset_mode=AutoresetMode.DISABLED)
+    rng = np.random.default_rng(noise_seed)
+    returns = np.zeros(len(seeds))
+    lengths = np.zeros(len(seeds), dtype=np.int64)
+    terminated = np.zeros(len(seeds), dtype=bool)
+    slot = np.full(n_env, -1)  # which episode each env runs (-1: idle)
+    next_ep = 0
+    total_steps = 0
+    try:
+        first = seeds[:n_env]
+        obs, _ = venv.reset(seed=first + [None] * (n_env - len(first)))
+        slot[: len(first)] = np.arange(len(first))
+        next_ep = len(first)
+        policy.reset(None)
+        while np.any(slot >= 0):
+            active = slot >= 0
+            obs32 = np.asarray(obs, dtype=np.float32)
+            actions = np.asarray(policy.act(obs32), dtype=np.float32)
+            if on_step is not None:
+                on_step(obs32, actions, active)
+            sent = perturb(actions, rng) if perturb is not None else actions
+            obs, reward, term, trunc, _ = venv.step(sent.astype(venv.single_action_space.dtype))
+            total_steps += int(active.sum())
+            if progress is not None:
+                progress(int(active.sum()))
+            done_mask = np.zeros(n_env, dtype=bool)
+            for i in np.flatnonzero(active):
+                k = slot[i]
+                returns[k] += float(reward[i])
+                lengths[k] += 1
+                over = max_steps_per_episode is not None and lengths[k] >= max_steps_per_episode
+                if term[i] or trunc[i] or over:
+                    terminated[k] = bool(term[i])
+                    done_mask[i] = True
+            idle_done = (~active) & (term | trunc)
+            reset_mask = done_mask | idle_done
+            if np.any(reset_mask):
+                new_seeds: list[int | None] = [None] * n_env
+                for i in np.flatnonzero(done_mask):
+                    if next_ep < len(seeds):
+                        slot[i] = next_ep
+                        new_seeds[i] = seeds[next_ep]
+                        next_ep += 1
+                    else:
+                        slot[i] = -1
+                obs, _ = venv.reset(seed=new_seeds, options={"reset_mask": reset_mask})
+                policy.reset(reset_mask)
+    finally:
+        venv.close()
+    del gym
+    return EpisodeResults(seeds, returns, lengths, terminated, total_steps)

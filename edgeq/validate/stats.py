@@ -1,0 +1,80 @@
+"""Statistics for paired float-vs-quantized rollouts (pure numpy)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def bootstrap_ci(values: np.ndarray, *, confidence: float = 0.95, resamples: int = 10_000,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of ``values`` (deterministic for a given seed)."""
+    v = np.asarray(values, np.float64)
+    if v.size == 0:
+        return (float("nan"), float("nan"))
+    if np.all(v == v[0]):
+        return (float(v[0]), float(v[0]))
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(resamples, v.size))].mean(axis=1)
+    alpha = (1.0 - confidence) / 2
+    return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
+
+
+def describe(returns: np.ndarray) -> dict[str, float]:
+    r = np.asarray(returns, np.float64)
+    return {"mean": float(r.mean()), "std": float(r.std(ddof=1)) if r.size > 1 else 0.0,
+            "min": float(r.min()), "max": float(r.max()), "episodes": int(r.size)}
+
+
+def paired_difference(reference: np.ndarray, candidate: np.ndarray, *, seed: int = 0) -> dict[str, Any]:
+    """``candidate - reference`` per seed: mean, std, bootstrap 95% CI, and the relative change."""
+    ref, cand = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
+    d = cand - ref
+    lo, hi = bootstrap_ci(d, seed=seed)
+    denom = abs(float(ref.mean())) or 1.0
+    return {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if d.size > 1 else 0.0,
+            "ci95": [lo, hi], "relative_mean": float(d.mean()) / denom,
+            "ratio_of_means": float(cand.mean() / ref.mean()) if ref.mean() != 0 else float("nan"),
+            "per_episode": [float(x) for x in d]}
+
+
+class ActionErrorAccumulator:
+    """Streaming |a_candidate - a_reference| statistics: mean, max, p99, per action dimension.
+
+    p99 comes from a bounded reservoir of per-step maxima (at most ``capacity`` values kept).
+    """
+
+    def __init__(self, act_dim: int, capacity: int = 200_000, seed: int = 0) -> None:
+        self.sum = np.zeros(act_dim)
+        self.max = np.zeros(act_dim)
+        self.count = 0
+        self._res = np.zeros(capacity)
+        self._seen = 0
+        self._rng = np.random.default_rng(seed)
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        err = np.abs(np.asarray(candidate, np.float64) - np.asarray(reference, np.float64))
+        if err.size == 0:
+            return
+        self.sum += err.sum(axis=0)
+        self.max = np.maximum(self.max, err.max(axis=0))
+        self.count += err.shape[0]
+        for v in err.max(axis=1):
+            if self._seen < self._res.size:
+                self._res[self._seen] = v
+            else:
+                j = int(self._rng.integers(0, self._seen + 1))
+                if j < self._res.size:
+                    self._res[j] = v
+            self._seen += 1
+
+    def summary(self) -> dict[str, Any]:
+        if self.count == 0:
+            return {"steps": 0}
+        per_dim_mean = self.sum / self.count
+        kept = self._res[: min(self._seen, self._res.size)]
+        return {"steps": int(self.count), "mean_abs": float(per_dim_mean.mean()), "max_abs": float(self.max.max()),
+                "p99_step_max_abs": float(np.percentile(kept, 99)),
+                "per_dim_mean_abs": [float(x) for x in per_dim_mean],
+                "per_dim_max_abs": [float(x) for x in self.max]}

@@ -1,0 +1,189 @@
+"""Train the small, real policies that edgeq's tests and benchmarks use as fixtures.
+
+Each fixture is trained with Stable-Baselines3 / sb3-contrib on a real gymnasium environment and
+saved as the ordinary SB3 ``.zip`` archive (plus ``NAME/vecnormalize.pkl`` where the policy uses
+observation normalization, as the RL Zoo lays it out). Beside each archive a ``NAME.json`` records
+the command, seed, steps, wall time and the final deterministic evaluation return, so a fixture is
+reproducible and its competence is documented.
+
+Usage::
+
+    python scripts/train_fixtures.py sac-pendulum
+    python scripts/train_fixtures.py sac-halfcheetah       # ~45 min on one core
+    python scripts/train_fixtures.py all
+
+Training runs with one torch thread so two trainings can share a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+OUT_DIR = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "policies"
+
+
+@dataclass
+class FixtureSpec:
+    """What to train: algorithm, environment, budget and the return that counts as competent."""
+
+    name: str
+    algo: str
+    env_id: str
+    min_steps: int
+    max_steps: int
+    target_return: float
+    hyperparams: dict[str, Any] = field(default_factory=dict)
+    n_envs: int = 1
+    vecnormalize: bool = False
+    chunk: int = 25_000
+
+
+SPECS: dict[str, FixtureSpec] = {
+    s.name: s
+    for s in [
+        FixtureSpec("sac-pendulum", "SAC", "Pendulum-v1", 12_000, 40_000, -200.0,
+                    dict(learning_starts=1000), chunk=4_000),
+        FixtureSpec("sac-halfcheetah", "SAC", "HalfCheetah-v5", 150_000, 300_000, 3000.0,
+                    dict(learning_starts=10_000)),
+        FixtureSpec("td3-hopper", "TD3", "Hopper-v5", 150_000, 300_000, 1500.0,
+                    dict(learning_starts=10_000)),
+        FixtureSpec("crossq-pendulum", "CrossQ", "Pendulum-v1", 6_000, 30_000, -200.0,
+                    dict(learning_starts=1000), chunk=3_000),
+        FixtureSpec("crossq-halfcheetah", "CrossQ", "HalfCheetah-v5", 60_000, 200_000, 3000.0,
+                    dict(learning_starts=5_000), chunk=20_000),
+        FixtureSpec("ppo-halfcheetah-vecnorm", "PPO", "HalfCheetah-v5", 500_000, 1_000_000, 1000.0,
+                    dict(n_steps=512, batch_size=64, gamma=0.98, gae_lambda=0.92, n_epochs=20,
+                         learning_rate=2.0633e-05 * 10, ent_coef=0.0004, clip_range=0.1,
+                         max_grad_norm=0.8, vf_coef=0.58,
+                         policy_kwargs=dict(log_std_init=-2, ortho_init=False,
+                                            activation_fn="relu", net_arch=dict(pi=[256, 256], vf=[256, 256]))),
+                    n_envs=1, vecnormalize=True, chunk=100_000),
+        FixtureSpec("recurrentppo-pendulum", "RecurrentPPO", "Pendulum-v1", 100_000, 300_000, -400.0,
+                    dict(n_steps=1024, gamma=0.9, gae_lambda=0.95, learning_rate=1e-3, n_epochs=10,
+                         use_sde=True, sde_sample_freq=4, ent_coef=0.0, clip_range=0.2,
+                         policy_kwargs=dict(lstm_hidden_size=32, net_arch=dict(pi=[64], vf=[64]))),
+                    n_envs=4, chunk=50_000),
+    ]
+}
+
+
+def _algo_class(name: str) -> Any:
+    import sb3_contrib
+    import stable_baselines3
+
+    return getattr(stable_baselines3, name, None) or getattr(sb3_contrib, name)
+
+
+def _resolve_kwargs(hp: dict[str, Any]) -> dict[str, Any]:
+    hp = json.loads(json.dumps(hp))
+    pk = hp.get("policy_kwargs")
+    if pk and isinstance(pk.get("activation_fn"), str):
+        pk["activation_fn"] = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh}[pk["activation_fn"]]
+    return hp
+
+
+def evaluate(model: Any, spec: FixtureSpec, venv_norm: Any, episodes: int = 10, seed: int = 10_000) -> list[float]:
+    """Deterministic returns over ``episodes`` fresh episodes (normalization frozen)."""
+    env = gym.make(spec.env_id)
+    returns = []
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed + ep)
+        state, start, total, done = None, np.ones((1,), bool), 0.0, False
+        while not done:
+            o = venv_norm.normalize_obs(obs[None]) if venv_norm is not None else obs[None]
+            act, state = model.predict(o, state=state, episode_start=start, deterministic=True)
+            start = np.zeros((1,), bool)
+            obs, r, term, trunc, _ = env.step(act[0])
+            total += float(r)
+            done = term or trunc
+        returns.append(total)
+    return returns
+
+
+def train(spec: FixtureSpec, seed: int) -> dict[str, Any]:
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    torch.set_num_threads(1)
+    cls = _algo_class(spec.algo)
+    venv = make_vec_env(spec.env_id, n_envs=spec.n_envs, seed=seed)
+    if spec.vecnormalize:
+        venv = VecNormalize(venv, gamma=spec.hyperparams.get("gamma", 0.99))
+    policy = "MlpLstmPolicy" if spec.algo == "RecurrentPPO" else "MlpPolicy"
+    model = cls(policy, venv, seed=seed, verbose=0, **_resolve_kwargs(spec.hyperparams))
+    t0 = time.time()
+    history = []
+    while model.num_timesteps < spec.max_steps:
+        model.learn(spec.chunk, reset_num_timesteps=False)
+        norm = venv if spec.vecnormalize else None
+        if norm is not None:
+            norm.training = False
+        if model.num_timesteps >= spec.min_steps:
+            rets = evaluate(model, spec, norm, episodes=5)
+            history.append({"steps": int(model.num_timesteps), "mean_return": float(np.mean(rets)),
+                            "seconds": round(time.time() - t0, 1)})
+            print(json.dumps({"fixture": spec.name, **history[-1]}), flush=True)
+            if np.mean(rets) >= spec.target_return:
+                break
+        if norm is not None:
+            norm.training = True
+    train_seconds = time.time() - t0
+    norm = venv if spec.vecnormalize else None
+    final = evaluate(model, spec, norm, episodes=10)
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    model.save(OUT_DIR / f"{spec.name}.zip")
+    if norm is not None:
+        (OUT_DIR / spec.name).mkdir(exist_ok=True)
+        norm.save(str(OUT_DIR / spec.name / "vecnormalize.pkl"))
+    record = {
+        "fixture": spec.name,
+        "algo": spec.algo,
+        "env_id": spec.env_id,
+        "seed": seed,
+        "timesteps": int(model.num_timesteps),
+        "hyperparams": spec.hyperparams,
+        "n_envs": spec.n_envs,
+        "vecnormalize": spec.vecnormalize,
+        "train_seconds": round(train_seconds, 1),
+        "eval": {"episodes": 10, "seeds": "10000..10009", "deterministic": True,
+                 "mean_return": float(np.mean(final)), "std_return": float(np.std(final)),
+                 "returns": [round(x, 3) for x in final]},
+        "history": history,
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "stable_baselines3": __import__("stable_baselines3").__version__,
+                     "sb3_contrib": __import__("sb3_contrib").__version__,
+                     "gymnasium": gym.__version__},
+    }
+    (OUT_DIR / f"{spec.name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps({"fixture": spec.name, "final_mean_return": record["eval"]["mean_return"]}), flush=True)
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("fixtures", nargs="+", help=f"names from {sorted(SPECS)} or 'all'")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    names = sorted(SPECS) if args.fixtures == ["all"] else args.fixtures
+    for name in names:
+        if name not in SPECS:
+            parser.error(f"unknown fixture {name!r}; choose from {sorted(SPECS)}")
+    for name in names:
+        train(SPECS[name], args.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Shared fixtures: the trained policies in tests/fixtures and SB3 models built (not trained) per test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+POLICIES = FIXTURES / "policies"
+SB3_1X = FIXTURES / "sb3-1x" / "sb3-1x-ppo-Pendulum-v1.zip"
+
+
+def policy_fixture(name: str) -> Path:
+    path = POLICIES / f"{name}.zip"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: train it with scripts/train_fixtures.py {name}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sac_pendulum() -> Path:
+    return policy_fixture("sac-pendulum")
+
+
+@pytest.fixture(scope="session")
+def sac_halfcheetah() -> Path:
+    return policy_fixture("sac-halfcheetah")
+
+
+@pytest.fixture(scope="session")
+def sb3_1x_ppo() -> Path:
+    return SB3_1X
