@@ -10,7 +10,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "quantize", "load_policy"]
+__all__ = ["__version__", "load_policy", "quantize"]
 
 
 def __getattr__(name: str) -> Any:

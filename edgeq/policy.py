@@ -29,7 +29,7 @@ class StateSpec:
         return {"input": self.input_name, "output": self.output_name, "shape": list(self.shape)}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "StateSpec":
+    def from_json(cls, d: dict[str, Any]) -> StateSpec:
         return cls(str(d["input"]), str(d["output"]), tuple(int(s) for s in d["shape"]))
 
 

@@ -51,7 +51,7 @@ class BoxSpec:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "BoxSpec":
+    def from_json(cls, d: dict[str, Any]) -> BoxSpec:
         if d.get("type", "Box") != "Box":
             raise PolicyFormatError(f"space type {d.get('type')!r} is not supported (expected Box)")
         return cls(
@@ -62,7 +62,7 @@ class BoxSpec:
         )
 
     @classmethod
-    def from_gym(cls, space: Any) -> "BoxSpec":
+    def from_gym(cls, space: Any) -> BoxSpec:
         """From a gymnasium ``Box`` (duck-typed, so gymnasium need not be importable here)."""
         if type(space).__name__ != "Box":
             raise PolicyFormatError(f"space {space} is {type(space).__name__}, expected a continuous Box")

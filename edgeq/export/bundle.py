@@ -35,7 +35,7 @@ class BundleWriter:
         self.tmp: Path | None = None
         self.manifest: dict[str, Any] = {}
 
-    def __enter__(self) -> "BundleWriter":
+    def __enter__(self) -> BundleWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         return self

@@ -42,7 +42,7 @@ class GlobalRef:
     module: str = ""
     qualname: str = ""
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "GlobalRef":
+    def __new__(cls, *args: Any, **kwargs: Any) -> GlobalRef:
         obj = object.__new__(cls)
         obj.__dict__["args"] = args
         obj.__dict__["state"] = None

@@ -22,8 +22,18 @@ import numpy as np
 
 from edgeq.errors import PolicyFormatError
 from edgeq.graph.builder import TORCH_ACTIVATIONS
-from edgeq.ingest.layers import (Activation, Affine, Clip, Layer, Linear, Normalize, RescaleFromUnit, Tanh,
-                                 fold_affines, layers_to_onnx)
+from edgeq.ingest.layers import (
+    Activation,
+    Affine,
+    Clip,
+    Layer,
+    Linear,
+    Normalize,
+    RescaleFromUnit,
+    Tanh,
+    fold_affines,
+    layers_to_onnx,
+)
 from edgeq.ingest.safe_pickle import global_name
 from edgeq.ingest.sb3_archive import SB3Archive, read_archive
 from edgeq.ingest.vecnormalize import ObsNormalization, default_vecnormalize_path, read_vecnormalize

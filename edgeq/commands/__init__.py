@@ -1,0 +1,1 @@
+"""One module per CLI command group; importing a module registers its commands on the app."""
