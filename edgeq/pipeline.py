@@ -15,13 +15,16 @@ from typing import Any
 from edgeq import __version__
 from edgeq.calibration.collect import CalibrationStats, ExplorationNoise, calibrate_rollouts
 from edgeq.config import CalibrationRecipe, ExportProfile, load_profile, load_recipe
-from edgeq.deploy.bundle_format import FLOAT_MODEL, INT8_MODEL, VALIDATION
+from edgeq.deploy.bundle_format import FLOAT_MODEL, INT8_CPU_MODEL, INT8_MODEL, VALIDATION
 from edgeq.envs import check_env_matches, env_factory
+from edgeq.errors import EdgeqError
 from edgeq.export.bundle import BundleWriter
+from edgeq.export.ort_cpu import specialize_for_ort_cpu
 from edgeq.export.qdq import apply_plan
+from edgeq.export.trt_rules import check_qdq_model, format_report
 from edgeq.ingest import load_policy
 from edgeq.policy import FloatPolicy
-from edgeq.quantize.plan import QuantPlan, make_plan
+from edgeq.quantizers.plan import QuantPlan, make_plan
 from edgeq.validate.targets import validate_target
 
 #: ``progress(stage, total_steps)`` returns a per-step callback ``advance(n)`` for that stage.
@@ -102,6 +105,9 @@ def quantize(policy: str | Path | FloatPolicy, env: str, out: str | Path, *, epi
                                 calibrator_params=rec.calibrator_params, weight_method=rec.weight_method,
                                 keep_float=rec.keep_float)
     qmodel = apply_plan(fp.model, plan)
+    conformance = check_qdq_model(qmodel)
+    if any(v.severity == "error" for v in conformance):  # an exporter bug, never the user's input
+        raise EdgeqError("the exported INT8 graph breaks TensorRT QDQ rules:\n" + format_report(conformance))
     timings["quantize_s"] = time.perf_counter() - t0
 
     io = {"input": fp.input_name, "output": fp.output_name, "state": [s.to_json() for s in fp.state]}
@@ -109,15 +115,18 @@ def quantize(policy: str | Path | FloatPolicy, env: str, out: str | Path, *, epi
     with writer as w:
         fpath = w.save_model(fp.model, FLOAT_MODEL)
         qpath = w.save_model(qmodel, INT8_MODEL)
+        cpath = w.save_model(specialize_for_ort_cpu(qmodel), INT8_CPU_MODEL)
+        int8_for = {"cpu": cpath}
         validation: dict[str, Any] = {"env_id": env, "seeds": val_seeds, "targets": {}}
         t0 = time.perf_counter()
         for target in targets:
             validation["targets"][target] = validate_target(
-                target, fpath, qpath, io, make_env, val_seeds, act_dim=fp.action_space.size, num_envs=num_envs,
+                target, fpath, int8_for.get(target, qpath), io, make_env, val_seeds,
+                act_dim=fp.action_space.size, num_envs=num_envs,
                 progress=progress(f"validate {target}", 2 * episodes * ep_len if ep_len else None))
         timings["validation_s"] = time.perf_counter() - t0
         validation["timings"] = {k: round(v, 3) for k, v in timings.items()}
-        validation["sizes"] = {FLOAT_MODEL: fpath.stat().st_size, INT8_MODEL: qpath.stat().st_size}
+        validation["sizes"] = {p.name: p.stat().st_size for p in (fpath, qpath, cpath)}
         w.write_json(VALIDATION, validation)
         w.manifest = {
             "edgeq_version": __version__,
@@ -126,12 +135,13 @@ def quantize(policy: str | Path | FloatPolicy, env: str, out: str | Path, *, epi
             "observation_space": fp.obs_space.to_json(),
             "action_space": fp.action_space.to_json(),
             "io": io,
-            "models": {"fp32": FLOAT_MODEL, "int8": INT8_MODEL},
+            "models": {"fp32": FLOAT_MODEL, "int8": INT8_MODEL, "int8-cpu": INT8_CPU_MODEL},
             "preprocess": fp.preprocess,
             "postprocess": fp.postprocess,
             "profile": prof.to_json(),
             "calibration": {"recipe": rec.to_json(), "steps": stats.steps, "episodes": len(calib_seeds),
                             "seeds": [calib_seeds[0], calib_seeds[-1]], "exploration": noise.to_json()},
             "quantization": plan.to_json(),
+            "tensorrt_qdq_check": {"errors": 0, "warnings": [f"{v.rule}: {v.node}" for v in conformance]},
         }
     return QuantizeResult(out, w.manifest, validation, timings)

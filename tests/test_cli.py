@@ -149,3 +149,34 @@ def test_debug_shows_traceback(tmp_path: Path) -> None:
     res = run_cli("--debug", "quantize", str(tmp_path / "nope.zip"), "--env", "Pendulum-v1", "--out",
                   str(tmp_path / "b"))
     assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_exported_models_pass_check(pendulum_bundle: tuple[Path, str]) -> None:
+    out, _ = pendulum_bundle
+    res = run_cli("check", str(out / "policy.int8.onnx"), "--strict")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "OK" in res.stdout
+    m = read_manifest(out)
+    assert m["tensorrt_qdq_check"]["errors"] == 0
+    assert m["models"]["int8-cpu"] == "policy.int8.cpu.onnx"
+
+
+def test_check_rejects_ort_style_graph(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 3), np.int8), "w")
+    s = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    zp = numpy_helper.from_array(np.array(3, np.uint8), "zp")  # asymmetric uint8: TensorRT rejects it
+    g = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
+         helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"]),
+         helper.make_node("MatMul", ["xd", "wf"], ["y"]),
+         helper.make_node("DequantizeLinear", ["w", "s"], ["wf"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [w, s, zp])
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    res = run_cli("check", str(path))
+    assert res.returncode == 1
+    assert "zero" in res.stdout.lower()

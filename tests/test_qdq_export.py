@@ -15,7 +15,7 @@ from edgeq.envs import env_factory
 from edgeq.export.qdq import apply_plan
 from edgeq.graph.analysis import find_weighted_layers
 from edgeq.ingest.sb3 import load_sb3
-from edgeq.quantize.plan import make_plan
+from edgeq.quantizers.plan import make_plan
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +128,16 @@ def test_export_is_deterministic(sac_pendulum: Path) -> None:
             deterministic=True))
     assert blobs[0] == blobs[1]
     assert load_sb3(sac_pendulum).model.SerializeToString() == policy.model.SerializeToString()
+
+
+def test_cpu_specialization_same_arithmetic_fewer_kernels(pendulum_qdq) -> None:
+    from edgeq.export.ort_cpu import specialize_for_ort_cpu
+
+    policy, plan, q = pendulum_qdq
+    c = specialize_for_ort_cpu(q)
+    ops = [n.op_type for n in c.graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 3 and "DequantizeLinear" not in ops and "Add" in ops
+    assert ops.count("Add") == 1  # biases live inside MatMulIntegerToFloat; only the action rescale remains
+    assert "Identity" not in ops
+    obs = np.random.default_rng(3).uniform([-1, -1, -8], [1, 1, 8], (2048, 3)).astype(np.float32)
+    np.testing.assert_array_equal(OrtPolicy(c.SerializeToString()).act(obs), OrtPolicy(q.SerializeToString()).act(obs))

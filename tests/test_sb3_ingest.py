@@ -187,3 +187,37 @@ def test_unsupported_algorithm_and_spaces(tmp_path: Path) -> None:
     PPO("MlpPolicy", "CartPole-v1", device="cpu").save(tmp_path / "ppo_discrete.zip")
     with pytest.raises(PolicyFormatError, match="action_space is a Discrete space.*expected gymnasium.spaces.Box"):
         load_sb3(tmp_path / "ppo_discrete.zip")
+
+
+def test_crossq_batchrenorm_folding_matches_sb3(tmp_path: Path) -> None:
+    from sb3_contrib import CrossQ
+
+    torch.manual_seed(0)
+    model = CrossQ("MlpPolicy", "HalfCheetah-v5", seed=0, device="cpu",
+                   policy_kwargs={"net_arch": {"pi": [64, 64], "qf": [32]}})
+    # give every BatchRenorm non-trivial running statistics and affine parameters
+    with torch.no_grad():
+        for name, buf in model.actor.named_buffers():
+            if name.endswith("ra_mean"):
+                buf.copy_(torch.randn_like(buf) * 2.0)
+            elif name.endswith("ra_var"):
+                buf.copy_(torch.rand_like(buf) * 3.0 + 0.01)
+        for name, p in model.actor.named_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    path = tmp_path / "crossq.zip"
+    model.save(path)
+    policy = load_sb3(path)
+    assert policy.source.algorithm == "CrossQ"
+    folded = policy.source.details["folded_batchnorm"]
+    # three BatchRenorm layers: the one on the raw observation stays an fp32 pre-op, the others fold
+    assert folded == ["actor.latent_pi.3", "actor.latent_pi.6"]
+    ops = [n.op_type for n in policy.model.graph.node]
+    assert ops[:2] == ["Mul", "Add"]  # the kept input normalization
+    assert ops.count("Gemm") == 3
+    obs = _obs_batch(model.observation_space)
+    assert _max_diff_vs_sb3(model, path, obs) <= TOL
+    # unfolded (BatchRenorm kept as Mul/Add everywhere) is the same function
+    unfolded = load_sb3(path, fold_batchnorm=False)
+    assert unfolded.source.details["folded_batchnorm"] == []
+    assert np.abs(OrtPolicy(unfolded.model.SerializeToString()).act(obs)
+                  - OrtPolicy(policy.model.SerializeToString()).act(obs)).max() <= TOL

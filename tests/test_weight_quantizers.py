@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeq.quantize.weights import (
+from edgeq.quantizers.weights import (
     DEAD_CHANNEL_SCALE,
     WEIGHT_QUANTIZERS,
     QuantizedWeight,

@@ -19,7 +19,7 @@ def validate(
     num_envs: Annotated[int, typer.Option(help="Environments stepped in parallel.")] = 8,
 ) -> None:
     """Roll a bundle's float and int8 policies out on the same seeds and print the comparison."""
-    from edgeq.deploy.bundle_format import read_manifest
+    from edgeq.deploy.bundle_format import model_for, read_manifest
     from edgeq.envs import env_factory
     from edgeq.validate.targets import validate_target
 
@@ -31,7 +31,7 @@ def validate(
         res: dict[str, Any] = {"env_id": env_id, "seeds": seeds, "targets": {}}
         for t in targets.split(","):
             res["targets"][t] = validate_target(
-                t, bundle / manifest["models"]["fp32"], bundle / manifest["models"]["int8"], manifest["io"],
+                t, bundle / manifest["models"]["fp32"], bundle / model_for(manifest, "int8", t), manifest["io"],
                 make_env, seeds, act_dim=int(manifest["action_space"]["shape"][0]), num_envs=num_envs)
         return res, manifest
 

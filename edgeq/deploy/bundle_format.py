@@ -5,7 +5,8 @@ A bundle is a directory::
     manifest.json       format_version, edgeq version, source, env, spaces, io names, state,
                         quantization settings, and the SHA-256 of every other file
     policy.fp32.onnx    the float policy (self-contained, no external data)
-    policy.int8.onnx    the INT8 QDQ policy (int8 weight initializers)
+    policy.int8.onnx    the INT8 QDQ policy (int8 weight initializers): TensorRT, CUDA, any runtime
+    policy.int8.cpu.onnx  the same arithmetic specialized for ONNX Runtime's CPU provider
     validation.json     paired float/int8 rollouts (written by the validator)
 
 Readers must accept any ``format_version`` up to :data:`FORMAT_VERSION` (bundles made by an older
@@ -25,6 +26,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FLOAT_MODEL = "policy.fp32.onnx"
 INT8_MODEL = "policy.int8.onnx"
+INT8_CPU_MODEL = "policy.int8.cpu.onnx"
 VALIDATION = "validation.json"
 
 
@@ -70,3 +72,11 @@ def verify_files(root: Path, manifest: dict[str, Any], names: list[str] | None =
         if digest != files[name]:
             raise BundleError(f"{p}: SHA-256 {digest[:12]}… does not match the manifest ({files[name][:12]}…); "
                               "the file was modified after export")
+
+
+def model_for(manifest: dict[str, Any], precision: str, backend: str) -> str:
+    """The bundle file that runs ``precision`` on ``backend`` (a backend-specialized copy if any)."""
+    models: dict[str, str] = manifest.get("models", {"fp32": FLOAT_MODEL, "int8": INT8_MODEL})
+    if precision not in models:
+        raise BundleError(f"no {precision!r} model in this bundle (has {sorted(models)})")
+    return models.get(f"{precision}-{backend}", models[precision])

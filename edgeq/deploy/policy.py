@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.deploy.bundle_format import FLOAT_MODEL, INT8_MODEL, read_manifest, verify_files
+from edgeq.deploy.bundle_format import model_for, read_manifest, verify_files
 from edgeq.deploy.runtime import NAN_POLICIES, OrtPolicy
 from edgeq.errors import BundleError, InputError
 
@@ -36,9 +36,10 @@ def resolve_backend(backend: str) -> str:
     if backend != "auto":
         return backend
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt
 
-        return "trt"
+        if hasattr(tensorrt, "Builder"):  # type-checking stubs alone import as an empty package
+            return "trt"
     except ImportError:
         pass
     import onnxruntime as ort
@@ -103,17 +104,18 @@ def load(bundle: str | Path, backend: str = "auto", *, precision: str = "int8", 
     """Load ``bundle`` after checking every file against the manifest's SHA-256."""
     root = Path(bundle)
     manifest = read_manifest(root, verify=False)
-    models = manifest.get("models", {"fp32": FLOAT_MODEL, "int8": INT8_MODEL})
-    if precision not in models:
-        raise BundleError(f"{root}: no {precision!r} model in this bundle (has {sorted(models)})")
-    if verify:
-        verify_files(root, manifest, [models[precision]])
     chosen = resolve_backend(backend)
+    try:
+        model_file = model_for(manifest, precision, chosen)
+    except BundleError as exc:
+        raise BundleError(f"{root}: {exc}") from None
+    if verify:
+        verify_files(root, manifest, [model_file])
     if chosen == "trt":
         raise BundleError(f"{root}: backend 'trt' needs an engine in the bundle; build one with "
                           "'edgeq build-engine' on the target GPU")
     io = manifest.get("io", {})
-    runtime = OrtPolicy(root / models[precision], input_name=io.get("input", "obs"),
+    runtime = OrtPolicy(root / model_file, input_name=io.get("input", "obs"),
                         output_name=io.get("output", "actions"), state=io.get("state", []),
                         providers=_ort_providers(chosen), intra_op_threads=intra_op_threads)
     return DeployedPolicy(runtime, manifest, precision=precision, backend=chosen, nan_policy=nan_policy)

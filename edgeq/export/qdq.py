@@ -1,4 +1,4 @@
-"""Apply a :class:`~edgeq.quantize.plan.QuantPlan` to a float graph: TensorRT-style QDQ ONNX.
+"""Apply a :class:`~edgeq.quantizers.plan.QuantPlan` to a float graph: TensorRT-style QDQ ONNX.
 
 What the result obeys (``shared`` TensorRT QDQ rules; checked by :mod:`edgeq.export.trt_rules`):
 
@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgeq.quantize.plan import QuantPlan
+from edgeq.quantizers.plan import QuantPlan
 
 MIN_OPSET = 13
 

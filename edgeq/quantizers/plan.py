@@ -16,7 +16,7 @@ import onnx
 from edgeq.calibration.calibrators import compute_amax
 from edgeq.calibration.observers import TensorObserver
 from edgeq.graph.analysis import constant_value, find_weighted_layers
-from edgeq.quantize.weights import QuantizedWeight, quantize_weight
+from edgeq.quantizers.weights import QuantizedWeight, quantize_weight
 
 INT8_MAX = 127
 

@@ -1,0 +1,1058 @@
+"""Build TensorRT engines from edgeq's ONNX exports, report which layers really run in int8, run them.
+
+Three parts:
+
+* :func:`build_engine` turns an ONNX file into a serialized engine with the TensorRT 10/11 Python API:
+  ``precision="int8"`` builds the QDQ graph strongly typed (the int8 regions come from the graph);
+  ``"fp16"`` builds a strongly typed engine from :func:`fp16_onnx_with_casts` (fp16 inside, fp32 IO);
+  ``"fp32"`` builds the float graph as is. ``strongly_typed=False`` is the weakly typed path of
+  TensorRT 10 (INT8/FP16 builder flags, needed on JetPack 5/6 and TensorRT < 10.12); TensorRT 11 has
+  strong typing only and refuses it with a clear error. The result, :class:`EngineInfo`, records the
+  TensorRT version, GPU and compute capability the engine is tied to, and the per-layer precision
+  report of TensorRT's engine inspector (rule 16 of the QDQ notes: check that int8 really ran).
+* :class:`TrtPolicyRunner` loads an engine on the robot, refuses one built for another GPU or TensorRT
+  version (:func:`check_engine_compat`, a pure function), and runs batches from numpy with buffers
+  allocated once, ``execute_async_v3`` on a CUDA stream and, optionally, a CUDA graph for batch 1.
+* :func:`fp16_onnx_with_casts` (needs only onnx and numpy) makes the fp16 model for strongly typed
+  builds: weights in fp16, a Cast after each float input and before each float output.
+
+Dependencies: ``tensorrt`` (10.x or 11.x) for building and running; the runner additionally needs a
+CUDA build of ``torch`` for device buffers, streams and CUDA graphs (``torch.cuda``); the GPU name
+and compute capability come from ``torch.cuda`` or, without torch, from ``cuda-python``
+(``cuda.bindings.runtime``) when installed. Importing this module never fails for lack of TensorRT:
+:data:`TENSORRT_AVAILABLE` says whether it can be used, and every function that needs it raises
+:class:`TensorRTUnavailableError` (an ``ImportError``) with the install hint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from edgeq.errors import BundleError, EdgeqError, InputError
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+_TRT_IMPORT_ERROR: str | None
+try:
+    import tensorrt as trt
+except (ImportError, OSError) as _exc:  # OSError: the package is there but its libraries are not
+    TENSORRT_AVAILABLE = False
+    _TRT_IMPORT_ERROR = f"{type(_exc).__name__}: {_exc}"
+else:
+    # `tensorrt-stubs` installs a `tensorrt/` folder of .pyi files only, which imports as an empty
+    # namespace package: that is not TensorRT.
+    TENSORRT_AVAILABLE = hasattr(trt, "Builder")
+    _TRT_IMPORT_ERROR = None if TENSORRT_AVAILABLE else "only type stubs are installed (no runtime)"
+
+__all__ = [
+    "TENSORRT_AVAILABLE",
+    "EngineBuildConfig",
+    "EngineBuildError",
+    "EngineInfo",
+    "TensorRTUnavailableError",
+    "TrtPolicyRunner",
+    "build_engine",
+    "check_engine_compat",
+    "current_platform",
+    "fp16_onnx_with_casts",
+    "inspect_layers",
+    "parse_layer_information",
+    "summarize_layers",
+]
+
+_log = logging.getLogger("edgeq.tensorrt")
+
+Precision = Literal["int8", "fp16", "fp32"]
+_PRECISIONS = ("int8", "fp16", "fp32")
+_FP16_MAX = 65504.0
+
+
+class TensorRTUnavailableError(ImportError):
+    """TensorRT's Python package cannot be imported here (no GPU stack, or only the type stubs)."""
+
+
+class EngineBuildError(EdgeqError):
+    """TensorRT (or edgeq's pre-build check) refused to build an engine from an ONNX model."""
+
+
+def _require_trt() -> None:
+    if not TENSORRT_AVAILABLE:
+        raise TensorRTUnavailableError(
+            f"TensorRT's Python package could not be imported ({_TRT_IMPORT_ERROR}). Building or running "
+            "TensorRT engines needs an NVIDIA GPU machine with TensorRT 10 or 11: `pip install tensorrt` "
+            "on x86-64, JetPack's python3-libnvinfer on Jetson. fp16_onnx_with_casts() and "
+            "check_engine_compat() work without it."
+        )
+
+
+def _trt_major() -> int:
+    return int(str(trt.__version__).split(".")[0])
+
+
+# --- build configuration and result ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineBuildConfig:
+    """How to build one engine.
+
+    Attributes:
+        precision: ``"int8"`` builds the QDQ ONNX strongly typed (its Q/DQ nodes decide what runs in
+            int8); ``"fp16"`` builds an fp16 engine (strongly typed: from :func:`fp16_onnx_with_casts`);
+            ``"fp32"`` builds the float graph.
+        strongly_typed: False selects TensorRT 10's weakly typed mode (INT8 and FP16 builder flags):
+            for JetPack 5/6 and TensorRT < 10.12. TensorRT 11 is strongly typed only.
+        min_batch, opt_batch, max_batch: the optimization profile of the batch axis (axis 0 of every
+            input); TensorRT tunes kernels for ``opt_batch``.
+        workspace_bytes: the builder's workspace memory pool limit.
+        timing_cache: a timing cache file: loaded if it exists, written after the build, so that
+            rebuilding on the same GPU and TensorRT version is fast.
+        check_qdq: for int8, run :func:`edgeq.export.trt_rules.check_qdq_model` first and refuse a graph
+            with rule errors (TensorRT's own messages for those are much less clear).
+    """
+
+    precision: Precision
+    strongly_typed: bool = True
+    min_batch: int = 1
+    opt_batch: int = 1
+    max_batch: int = 64
+    workspace_bytes: int = 1 << 30
+    timing_cache: Path | None = None
+    check_qdq: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in _PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}; got {self.precision!r}")
+        for name in ("min_batch", "opt_batch", "max_batch", "workspace_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int; got {value!r}")
+        if self.min_batch < 1:
+            raise ValueError(f"min_batch must be at least 1; got {self.min_batch}")
+        if not self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError(
+                "batch sizes must satisfy min_batch <= opt_batch <= max_batch; got "
+                f"min_batch={self.min_batch}, opt_batch={self.opt_batch}, max_batch={self.max_batch}"
+            )
+        if self.workspace_bytes <= 0:
+            raise ValueError(f"workspace_bytes must be positive; got {self.workspace_bytes}")
+        if self.timing_cache is not None and not isinstance(self.timing_cache, Path):
+            object.__setattr__(self, "timing_cache", Path(self.timing_cache))
+
+
+@dataclass
+class EngineInfo:
+    """What was built, for the bundle manifest and for the user.
+
+    ``tensorrt_version``, ``compute_capability`` and ``engine_sha256`` are what
+    :func:`check_engine_compat` compares on the robot; ``layers`` is the inspector's per-layer report
+    (name, type, precision, input/output types) and ``precision_counts``/``int8_layers`` summarise it.
+    """
+
+    engine_path: str
+    onnx_path: str
+    tensorrt_version: str
+    gpu_name: str | None
+    compute_capability: str | None
+    precision: str
+    strongly_typed: bool
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+    build_seconds: float
+    engine_bytes: int
+    engine_sha256: str
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    precision_counts: dict[str, int] = field(default_factory=dict)
+    int8_layers: int = 0
+    reformat_layers: int = 0
+    timing_cache: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the manifest record)."""
+        return asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """The record as JSON text."""
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+
+# --- platform and compatibility --------------------------------------------------------------------
+
+
+def _normalize_cc(value: object) -> str | None:
+    """Compute capability as ``"major.minor"`` from "8.7", "sm_87", "87", (8, 7) or [8, 7]."""
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return f"{int(value[0])}.{int(value[1])}"
+    text = str(value).strip().lower().removeprefix("sm_").removeprefix("sm")
+    if "." in text:
+        major, _, minor = text.partition(".")
+        if major.isdigit() and minor.isdigit():
+            return f"{int(major)}.{int(minor)}"
+    elif text.isdigit() and len(text) in (2, 3):
+        return f"{int(text[:-1])}.{int(text[-1])}"
+    raise BundleError(f"compute capability {value!r} is not of the form '8.7', 'sm_87' or [8, 7]")
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in str(version).split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def check_engine_compat(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> None:
+    """Refuse to run an engine on a machine it was not built for.
+
+    A serialized TensorRT engine loads only in the TensorRT version that built it and runs only on GPUs
+    of the compute capability it was built for (unless built hardware-compatible, "ampere_plus").
+
+    Args:
+        expected: the manifest record of the engine (:meth:`EngineInfo.to_dict`); keys used:
+            ``tensorrt_version``, ``compute_capability``, ``gpu_name`` (for the message),
+            ``engine_sha256``, ``hardware_compatibility_level`` (optional).
+        actual: the same keys for this machine and engine file (:func:`current_platform`, plus the
+            file's ``engine_sha256``). A key missing on either side is not compared.
+
+    Raises:
+        BundleError: naming every mismatch and what to do about it.
+    """
+    problems: list[str] = []
+    exp_v, act_v = expected.get("tensorrt_version"), actual.get("tensorrt_version")
+    if exp_v and act_v and _version_key(str(exp_v)) != _version_key(str(act_v)):
+        problems.append(
+            f"TensorRT version mismatch: the engine was built with TensorRT {exp_v} but this machine has "
+            f"TensorRT {act_v} (an engine loads only in the TensorRT version that built it): install "
+            f"TensorRT {exp_v} or rebuild the engine here"
+        )
+    exp_cc = _normalize_cc(expected.get("compute_capability"))
+    act_cc = _normalize_cc(actual.get("compute_capability"))
+    if exp_cc and act_cc and exp_cc != act_cc:
+        level = str(expected.get("hardware_compatibility_level") or "").lower()
+        portable = level in ("ampere_plus", "hardwarecompatibilitylevel.ampere_plus") and float(act_cc) >= 8.0
+        if not portable:
+            exp_gpu = expected.get("gpu_name") or "unknown GPU"
+            act_gpu = actual.get("gpu_name") or "unknown GPU"
+            problems.append(
+                f"GPU mismatch: the engine was built for compute capability {exp_cc} ({exp_gpu}) but this "
+                f"GPU is compute capability {act_cc} ({act_gpu}): rebuild the engine on the target GPU "
+                "(TensorRT engines are specific to the GPU architecture)"
+            )
+    exp_sha, act_sha = expected.get("engine_sha256"), actual.get("engine_sha256")
+    if exp_sha and act_sha and str(exp_sha).lower() != str(act_sha).lower():
+        problems.append(
+            f"engine file changed after export: sha256 {str(act_sha)[:12]}... does not match the "
+            f"manifest's {str(exp_sha)[:12]}...: re-export the bundle"
+        )
+    if problems:
+        raise BundleError("; ".join(problems))
+
+
+def current_platform(device: int = 0) -> dict[str, Any]:
+    """TensorRT version, GPU name and compute capability of this machine (None where unknown).
+
+    The GPU facts come from ``torch.cuda`` if a CUDA build of torch is installed, else from
+    ``cuda-python`` (``cuda.bindings.runtime`` or the older ``cuda.cudart``) if installed.
+    """
+    info: dict[str, Any] = {
+        "tensorrt_version": str(trt.__version__) if TENSORRT_AVAILABLE else None,
+        "gpu_name": None,
+        "compute_capability": None,
+    }
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(device)
+            info["gpu_name"] = torch.cuda.get_device_name(device)
+            info["compute_capability"] = f"{major}.{minor}"
+            return info
+    except ImportError:
+        pass
+    for module in ("cuda.bindings.runtime", "cuda.cudart"):
+        try:
+            cudart: Any = importlib.import_module(module)
+        except ImportError:
+            continue
+        err, props = cudart.cudaGetDeviceProperties(device)
+        if int(err) == 0:
+            name = props.name
+            info["gpu_name"] = (name.split(b"\0")[0].decode() if isinstance(name, bytes) else str(name)).strip()
+            info["compute_capability"] = f"{int(props.major)}.{int(props.minor)}"
+        break
+    return info
+
+
+# --- layer report ----------------------------------------------------------------------------------
+
+_TYPE_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("uint8", "uint8"),
+    ("int8", "int8"),
+    ("fp8", "fp8"),
+    ("e4m3", "fp8"),
+    ("int4", "int4"),
+    ("fp4", "fp4"),
+    ("bf16", "bf16"),
+    ("bfloat16", "bf16"),
+    ("fp16", "fp16"),
+    ("half", "fp16"),
+    ("fp32", "fp32"),
+    ("float", "fp32"),
+    ("int32", "int32"),
+    ("int64", "int64"),
+    ("bool", "bool"),
+)
+
+
+def _tensor_type(tensor: object) -> str:
+    """The data type of one inspector tensor entry (TensorRT 10 "Format/Datatype", 11 "DataType")."""
+    if not isinstance(tensor, Mapping):
+        return "unknown"
+    text = str(tensor.get("DataType") or tensor.get("Format/Datatype") or tensor.get("Format") or "")
+    lowered = text.lower()
+    for pattern, name in _TYPE_PATTERNS:
+        if pattern in lowered:
+            return name
+    return "unknown"
+
+
+def parse_layer_information(json_text: str) -> list[dict[str, Any]]:
+    """Parse ``IEngineInspector.get_engine_information(JSON)`` into one dict per engine layer.
+
+    Each dict has ``name``, ``type`` (TensorRT's LayerType, e.g. "CaskGemm", "Reformat"),
+    ``precision`` (the type of the layer's first input, else first output: "int8", "fp16", "fp32",
+    ... or "unknown"), ``input_types``, ``output_types``, ``tactic`` and ``metadata`` (the ONNX nodes
+    TensorRT fused into it, where reported). Works for the TensorRT 10 and 11 schemas and for engines
+    built without detailed verbosity (names only).
+    """
+    data = json.loads(json_text)
+    raw = data.get("Layers", []) if isinstance(data, Mapping) else data
+    layers: list[dict[str, Any]] = []
+    for entry in raw:
+        if isinstance(entry, str):
+            layers.append(
+                {
+                    "name": entry,
+                    "type": "unknown",
+                    "precision": "unknown",
+                    "input_types": [],
+                    "output_types": [],
+                }
+            )
+            continue
+        if not isinstance(entry, Mapping):
+            continue
+        in_types = [_tensor_type(t) for t in entry.get("Inputs", []) or []]
+        out_types = [_tensor_type(t) for t in entry.get("Outputs", []) or []]
+        known_in = [t for t in in_types if t != "unknown"]
+        known_out = [t for t in out_types if t != "unknown"]
+        precision = known_in[0] if known_in else known_out[0] if known_out else "unknown"
+        layers.append(
+            {
+                "name": str(entry.get("Name", "")),
+                "type": str(entry.get("LayerType", "unknown")),
+                "precision": precision,
+                "input_types": in_types,
+                "output_types": out_types,
+                "tactic": entry.get("TacticName") or entry.get("TacticValue"),
+                "metadata": entry.get("Metadata"),
+            }
+        )
+    return layers
+
+
+def summarize_layers(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Counts over a layer report: layers per precision, int8 compute layers, reformat layers.
+
+    ``int8_layers`` counts layers whose precision is int8, not counting reformats (which convert
+    between formats and compute nothing). Many reformats mean Q/DQ that TensorRT could not fuse.
+    """
+    counts: dict[str, int] = {}
+    int8 = reformats = 0
+    for layer in layers:
+        precision = str(layer.get("precision", "unknown"))
+        counts[precision] = counts.get(precision, 0) + 1
+        is_reformat = "reformat" in str(layer.get("type", "")).lower()
+        reformats += is_reformat
+        int8 += precision == "int8" and not is_reformat
+    return {
+        "total": len(layers),
+        "precision_counts": counts,
+        "int8_layers": int8,
+        "reformat_layers": reformats,
+    }
+
+
+def inspect_layers(engine: trt.ICudaEngine, context: trt.IExecutionContext | None = None) -> list[dict[str, Any]]:
+    """Per-layer precision report of a built engine (see :func:`parse_layer_information`).
+
+    The engine must have been built with ``ProfilingVerbosity.DETAILED`` (build_engine does so). Pass an
+    execution context whose input shapes are set to get formats for dynamic-shape engines (else
+    TensorRT reports "N/A due to dynamic shapes" for them). Use :func:`summarize_layers` for counts.
+    """
+    _require_trt()
+    inspector = engine.create_engine_inspector()
+    if context is not None:
+        inspector.execution_context = context
+    return parse_layer_information(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+
+
+# --- TensorRT helpers --------------------------------------------------------------------------------
+
+
+def _make_logger(sink: list[str]) -> trt.ILogger:
+    """A TensorRT logger that forwards to Python logging and keeps warnings and errors in ``sink``."""
+
+    class _Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
+            if severity <= trt.ILogger.Severity.ERROR:
+                _log.error("TensorRT: %s", msg)
+                sink.append(f"[{severity.name}] {msg}")
+            elif severity == trt.ILogger.Severity.WARNING:
+                _log.warning("TensorRT: %s", msg)
+                sink.append(f"[{severity.name}] {msg}")
+            else:
+                _log.debug("TensorRT: %s", msg)
+
+    return _Logger()
+
+
+def _dims(dims: trt.Dims) -> list[int]:
+    return [int(dims[i]) for i in range(len(dims))]
+
+
+def _strongly_typed_flag() -> int:
+    # TensorRT 10: opt in with STRONGLY_TYPED. TensorRT 11: always strongly typed; the flag is kept
+    # (deprecated, ignored) for compatibility, so setting it is harmless where it exists.
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return 0
+
+
+def _parser_errors(parser: trt.OnnxParser) -> list[str]:
+    messages = []
+    for i in range(parser.num_errors):
+        err = parser.get_error(i)
+        where = ""
+        try:
+            node_name, node_op, node_index = err.node_name(), err.node_operator(), err.node()
+            if node_index >= 0 or node_name:
+                where = f"node {node_name or '#' + str(node_index)} ({node_op}): "
+        except AttributeError:  # very old parsers report no node
+            pass
+        messages.append(f"{where}{err.desc()}")
+    return messages
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _io_tensors(engine: trt.ICudaEngine) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    inputs, outputs = [], []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        record = {
+            "name": name,
+            "dtype": engine.get_tensor_dtype(name).name,
+            "shape": _dims(engine.get_tensor_shape(name)),
+        }
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+            inputs.append(record)
+        else:
+            outputs.append(record)
+    return inputs, outputs
+
+
+def build_engine(
+    onnx_path: Path | str, engine_path: Path | str, config: EngineBuildConfig, input_name: str = "obs"
+) -> EngineInfo:
+    """Build a TensorRT engine from an ONNX model and write it to ``engine_path``.
+
+    Args:
+        onnx_path: the ONNX model: a QDQ model for ``precision="int8"``, a float model otherwise.
+        engine_path: where the serialized engine goes (parent folders are created).
+        config: precision, typing mode, batch profile, workspace and timing cache.
+        input_name: the observation input; every input's axis 0 is the batch axis of the profile.
+
+    Returns:
+        The :class:`EngineInfo` record, with the per-layer precision report.
+
+    Raises:
+        TensorRTUnavailableError: TensorRT is not installed here.
+        EngineBuildError: the QDQ check, the ONNX parser or the builder refused the model; the message
+            carries TensorRT's own errors (the parser's name the ONNX node).
+    """
+    _require_trt()
+    import onnx
+
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    if not onnx_path.is_file():
+        raise EngineBuildError(f"ONNX model not found: {onnx_path}")
+    version = str(trt.__version__)
+    if not config.strongly_typed and _trt_major() >= 11:
+        raise EngineBuildError(
+            f"TensorRT {version} builds strongly typed networks only (the INT8/FP16 builder flags were "
+            "removed in TensorRT 11): use strongly_typed=True"
+        )
+    model = onnx.load(str(onnx_path))
+    if config.precision == "int8" and config.check_qdq:
+        from edgeq.export.trt_rules import check_qdq_model, format_report
+
+        violations = check_qdq_model(model)
+        blocking = [v for v in violations if v.severity == "error" or v.rule == "no-qdq"]
+        if blocking:
+            raise EngineBuildError(
+                f"{onnx_path} is not a QDQ graph TensorRT can build in int8:\n{format_report(blocking)}"
+            )
+        for v in violations:
+            _log.warning("QDQ check: [%s] %s: %s", v.rule, v.node, v.message)
+    if config.precision == "fp16" and config.strongly_typed:
+        model = fp16_onnx_with_casts(model)
+
+    sink: list[str] = []
+    logger = _make_logger(sink)
+    builder = trt.Builder(logger)
+    network = builder.create_network(_strongly_typed_flag() if config.strongly_typed else 0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(model.SerializeToString()):
+        details = "\n  ".join(_parser_errors(parser)) or "\n  ".join(sink) or "no details"
+        raise EngineBuildError(f"TensorRT's ONNX parser rejected {onnx_path}:\n  {details}")
+
+    network_inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    names = [t.name for t in network_inputs]
+    if input_name not in names:
+        raise EngineBuildError(f"the model has no input {input_name!r}; its inputs are {names}")
+    profile = builder.create_optimization_profile()
+    dynamic = False
+    batches = (config.min_batch, config.opt_batch, config.max_batch)
+    for tensor in network_inputs:
+        dims = _dims(tensor.shape)
+        if not dims:
+            continue
+        if any(d < 0 for d in dims[1:]):
+            raise EngineBuildError(
+                f"input {tensor.name!r} has dynamic dimensions {dims} beyond the batch axis; export the "
+                "ONNX with fixed feature dimensions"
+            )
+        if dims[0] < 0:
+            dynamic = True
+            lo, opt, hi = ([b, *dims[1:]] for b in batches)
+            profile.set_shape(tensor.name, trt.Dims(lo), trt.Dims(opt), trt.Dims(hi))
+        elif batches != (dims[0],) * 3:
+            raise EngineBuildError(
+                f"input {tensor.name!r} has a static batch of {dims[0]} but the config asks for batches "
+                f"{config.min_batch}..{config.max_batch}: export the ONNX with a dynamic batch axis, or set "
+                f"min_batch=opt_batch=max_batch={dims[0]}"
+            )
+
+    builder_config = builder.create_builder_config()
+    builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_bytes)
+    builder_config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if dynamic:
+        builder_config.add_optimization_profile(profile)
+    if not config.strongly_typed and config.precision != "fp32":
+        # Weakly typed (TensorRT 10, deprecated since 10.12): int8 regions still come from the Q/DQ
+        # nodes; FP16 lets the rest fall back to fp16 rather than fp32.
+        if not (hasattr(trt.BuilderFlag, "INT8") and hasattr(trt.BuilderFlag, "FP16")):
+            raise EngineBuildError(
+                f"TensorRT {version} has no INT8/FP16 builder flags (strongly typed only): use strongly_typed=True"
+            )
+        if config.precision == "int8":
+            builder_config.set_flag(trt.BuilderFlag.INT8)
+        builder_config.set_flag(trt.BuilderFlag.FP16)
+
+    cache_path = config.timing_cache
+    cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
+    cache = builder_config.create_timing_cache(cache_bytes)
+    if not builder_config.set_timing_cache(cache, ignore_mismatch=False):
+        _log.warning("timing cache %s was made on another GPU or TensorRT version: starting afresh", cache_path)
+        cache = builder_config.create_timing_cache(b"")
+        builder_config.set_timing_cache(cache, ignore_mismatch=False)
+
+    started = time.perf_counter()
+    serialized = builder.build_serialized_network(network, builder_config)
+    build_seconds = time.perf_counter() - started
+    if serialized is None:
+        details = "\n  ".join(sink[-20:]) or "no details"
+        raise EngineBuildError(f"TensorRT could not build an engine from {onnx_path}:\n  {details}")
+    data = bytes(memoryview(serialized))
+    _write_atomic(engine_path, data)
+    if cache_path is not None:
+        _write_atomic(cache_path, bytes(memoryview(builder_config.get_timing_cache().serialize())))
+
+    # Per-layer precision report: deserialize, set the input shapes (opt batch), ask the inspector.
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(data)
+    if engine is None:
+        raise EngineBuildError(f"TensorRT built {engine_path} but cannot load it back: {'; '.join(sink[-5:])}")
+    context = engine.create_execution_context()
+    inputs, outputs = _io_tensors(engine)
+    for record in inputs:
+        shape = list(record["shape"])
+        if shape and shape[0] < 0:
+            shape[0] = config.opt_batch
+        context.set_input_shape(record["name"], tuple(shape))
+    layers = inspect_layers(engine, context)
+    summary = summarize_layers(layers)
+    platform = current_platform()
+    info = EngineInfo(
+        engine_path=str(engine_path),
+        onnx_path=str(onnx_path),
+        tensorrt_version=version,
+        gpu_name=platform["gpu_name"],
+        compute_capability=platform["compute_capability"],
+        precision=config.precision,
+        strongly_typed=config.strongly_typed or _trt_major() >= 11,
+        min_batch=config.min_batch,
+        opt_batch=config.opt_batch,
+        max_batch=config.max_batch,
+        build_seconds=round(build_seconds, 3),
+        engine_bytes=len(data),
+        engine_sha256=hashlib.sha256(data).hexdigest(),
+        inputs=inputs,
+        outputs=outputs,
+        layers=layers,
+        precision_counts=summary["precision_counts"],
+        int8_layers=summary["int8_layers"],
+        reformat_layers=summary["reformat_layers"],
+        timing_cache=str(cache_path) if cache_path is not None else None,
+    )
+    if config.precision == "int8" and info.int8_layers == 0:
+        _log.warning("engine %s has no int8 layer: TensorRT ran every Q/DQ region in float", engine_path)
+    return info
+
+
+# --- runner ------------------------------------------------------------------------------------------
+
+_NP_DTYPES: dict[str, type[np.generic]] = {
+    "FLOAT": np.float32,
+    "HALF": np.float16,
+    "INT8": np.int8,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+}
+
+
+def _require_torch_cuda() -> None:
+    try:
+        import torch
+    except ImportError as exc:
+        raise TensorRTUnavailableError(
+            "TrtPolicyRunner needs a CUDA build of torch for device buffers and streams (pip install torch)"
+        ) from exc
+    if not torch.cuda.is_available():
+        raise TensorRTUnavailableError("TrtPolicyRunner needs a CUDA GPU, and torch.cuda sees none")
+
+
+@dataclass
+class _IOBuffer:
+    name: str
+    np_dtype: np.dtype[Any]
+    shape: list[int]  # engine shape, -1 for the batch axis
+    max_shape: list[int]
+    device: torch.Tensor  # flat, max size
+    host: torch.Tensor  # flat, pinned, max size
+
+
+class TrtPolicyRunner:
+    """Run a TensorRT policy engine from numpy: ``actions = runner.run(obs)``.
+
+    Device buffers (for ``max_batch``) and pinned host buffers are allocated once; each call copies
+    the inputs in, sets the input shapes if the batch changed, enqueues ``execute_async_v3`` on a
+    private CUDA stream, copies the outputs back and waits. With ``use_cuda_graph=True`` the batch-1
+    path (copies in, engine, copies out) is captured once as a CUDA graph and replayed, which removes
+    most launch overhead (rule 18 of the QDQ notes).
+
+    Needs ``tensorrt`` and a CUDA build of ``torch``. Returns one array for a single-output engine,
+    else a dict of arrays by output name (recurrent policies: pass the state inputs as keywords).
+    """
+
+    def __init__(
+        self,
+        engine_path: str | Path,
+        expected: Mapping[str, Any] | None = None,
+        use_cuda_graph: bool = False,
+        device: int = 0,
+        input_name: str = "obs",
+    ) -> None:
+        """Load an engine and allocate its buffers.
+
+        Args:
+            engine_path: the serialized engine.
+            expected: the engine's manifest record (:meth:`EngineInfo.to_dict`); if given, the TensorRT
+                version, compute capability and file hash are checked first (:func:`check_engine_compat`).
+            use_cuda_graph: capture and replay batch-1 calls as a CUDA graph.
+            device: the CUDA device index.
+            input_name: the input that ``run``'s first argument feeds.
+
+        Raises:
+            BundleError: the file is missing, was built for another GPU/TensorRT, or does not load.
+            TensorRTUnavailableError: TensorRT or torch.cuda is missing.
+        """
+        _require_trt()
+        _require_torch_cuda()
+        import torch
+
+        path = Path(engine_path)
+        if not path.is_file():
+            raise BundleError(f"TensorRT engine not found: {path}")
+        data = path.read_bytes()
+        self.platform = current_platform(device)
+        self.platform["engine_sha256"] = hashlib.sha256(data).hexdigest()
+        if expected is not None:
+            check_engine_compat(expected, self.platform)
+        torch.cuda.set_device(device)
+        self._device = torch.device("cuda", device)
+        self._sink: list[str] = []
+        self._logger = _make_logger(self._sink)
+        self._runtime = trt.Runtime(self._logger)
+        engine = self._runtime.deserialize_cuda_engine(data)
+        if engine is None:
+            raise BundleError(
+                f"TensorRT {trt.__version__} could not load {path} (built with another TensorRT version, for "
+                f"another GPU, or corrupt): {'; '.join(self._sink[-3:]) or 'no details'}"
+            )
+        self._engine = engine
+        context = engine.create_execution_context()
+        if context is None:
+            raise BundleError(f"could not create an execution context for {path} (out of GPU memory?)")
+        self._context = context
+        self._stream = torch.cuda.Stream(device=self._device)
+        self._use_cuda_graph = use_cuda_graph
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_failed = False
+        self._shapes_batch: int | None = None
+
+        self._inputs: dict[str, _IOBuffer] = {}
+        self._outputs: dict[str, _IOBuffer] = {}
+        input_specs: list[tuple[str, np.dtype[Any], list[int], list[int]]] = []
+        batch_ranges: list[tuple[int, int]] = []
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            dtype_name = engine.get_tensor_dtype(name).name
+            if dtype_name not in _NP_DTYPES:
+                raise BundleError(f"engine tensor {name!r} has type {dtype_name}, which numpy cannot hold")
+            if engine.get_tensor_mode(name) != trt.TensorIOMode.INPUT:
+                continue
+            shape = _dims(engine.get_tensor_shape(name))
+            if not shape:
+                raise BundleError(f"engine input {name!r} is a scalar; edgeq needs a batch axis on every input")
+            if any(d < 0 for d in shape):
+                lo, _opt, hi = (_dims(d) for d in engine.get_tensor_profile_shape(name, 0))
+                max_shape = hi
+                batch_ranges.append((lo[0], hi[0]))
+            else:
+                max_shape = shape
+                batch_ranges.append((shape[0], shape[0]))
+            input_specs.append((name, np.dtype(_NP_DTYPES[dtype_name]), shape, max_shape))
+        if not input_specs:
+            raise BundleError(f"engine {path} has no input")
+        self._min_batch = max(lo for lo, _ in batch_ranges)
+        self._max_batch = min(hi for _, hi in batch_ranges)
+        for name, np_dtype, shape, max_shape in input_specs:
+            self._inputs[name] = self._alloc(name, np_dtype, shape, max_shape)
+            self._context.set_input_shape(name, tuple(max_shape))
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
+                np_dtype = np.dtype(_NP_DTYPES[engine.get_tensor_dtype(name).name])
+                max_shape = _dims(self._context.get_tensor_shape(name))
+                if any(d < 0 for d in max_shape):
+                    raise BundleError(f"output {name!r} has a data-dependent shape {max_shape}: not supported")
+                self._outputs[name] = self._alloc(name, np_dtype, _dims(engine.get_tensor_shape(name)), max_shape)
+        for buf in (*self._inputs.values(), *self._outputs.values()):
+            if not self._context.set_tensor_address(buf.name, int(buf.device.data_ptr())):
+                raise BundleError(f"TensorRT refused the device buffer of {buf.name!r}")
+        self._shapes_batch = self._max_batch
+        self.input_names = list(self._inputs)
+        self.output_names = list(self._outputs)
+        self._primary = input_name if input_name in self._inputs else self.input_names[0]
+
+    @property
+    def max_batch(self) -> int:
+        """The largest batch the engine's optimization profile accepts."""
+        return self._max_batch
+
+    def _alloc(self, name: str, np_dtype: np.dtype[Any], shape: list[int], max_shape: list[int]) -> _IOBuffer:
+        import torch
+
+        numel = max(1, math.prod(max_shape))
+        torch_dtype = torch.from_numpy(np.empty(0, dtype=np_dtype)).dtype
+        device = torch.empty(numel, dtype=torch_dtype, device=self._device)
+        host = torch.empty(numel, dtype=torch_dtype, pin_memory=True)
+        return _IOBuffer(name, np_dtype, shape, max_shape, device, host)
+
+    def _prepare(self, obs: np.ndarray, state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int, bool]:
+        feeds: dict[str, Any] = {self._primary: obs, **state}
+        missing = [n for n in self._inputs if n not in feeds]
+        unknown = [n for n in feeds if n not in self._inputs]
+        if missing or unknown:
+            raise InputError(
+                f"engine inputs are {self.input_names}; missing {missing}, unknown {unknown}"
+                if missing
+                else f"engine inputs are {self.input_names}; unknown {unknown}"
+            )
+        arrays: dict[str, np.ndarray] = {}
+        batch: int | None = None
+        squeeze = False
+        for name, value in feeds.items():
+            buf = self._inputs[name]
+            arr = np.asarray(value)
+            if arr.dtype != buf.np_dtype:
+                same_kind = arr.dtype.kind == buf.np_dtype.kind
+                if not (same_kind or (buf.np_dtype.kind == "f" and arr.dtype.kind in "iub")):
+                    raise InputError(f"input {name!r} has dtype {arr.dtype}; the engine expects {buf.np_dtype}")
+                arr = arr.astype(buf.np_dtype)
+            feature_shape = buf.shape[1:]
+            if arr.ndim == len(buf.shape) - 1 and list(arr.shape) == feature_shape:
+                arr = arr[None]
+                squeeze = True
+            if arr.ndim != len(buf.shape) or list(arr.shape[1:]) != feature_shape:
+                raise InputError(
+                    f"input {name!r} has shape {list(np.shape(value))}; the engine expects "
+                    f"[batch, {', '.join(map(str, feature_shape))}]"
+                )
+            if batch is not None and arr.shape[0] != batch:
+                raise InputError(f"inputs disagree on the batch size ({batch} vs {arr.shape[0]} for {name!r})")
+            batch = int(arr.shape[0])
+            if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+                raise InputError(f"input {name!r} holds NaN or infinite values")
+            arrays[name] = np.ascontiguousarray(arr)
+        assert batch is not None
+        if not self._min_batch <= batch <= self._max_batch:
+            raise InputError(f"batch {batch} is outside the engine's profile [{self._min_batch}, {self._max_batch}]")
+        return arrays, batch, squeeze
+
+    def _set_shapes(self, arrays: Mapping[str, np.ndarray], batch: int) -> None:
+        if self._shapes_batch == batch:
+            return
+        for name, arr in arrays.items():
+            if not self._context.set_input_shape(name, tuple(int(d) for d in arr.shape)):
+                raise InputError(f"TensorRT rejected shape {list(arr.shape)} for input {name!r}")
+        self._shapes_batch = batch
+
+    def _enqueue(self, arrays: Mapping[str, np.ndarray]) -> list[tuple[_IOBuffer, list[int]]]:
+        """Copies in, engine, copies out, on the private stream (the body of a CUDA graph too)."""
+        for name, arr in arrays.items():
+            buf = self._inputs[name]
+            buf.device[: arr.size].copy_(buf.host[: arr.size], non_blocking=True)
+        if not self._context.execute_async_v3(self._stream.cuda_stream):
+            raise RuntimeError(f"TensorRT execution failed: {'; '.join(self._sink[-3:]) or 'no details'}")
+        results = []
+        for buf in self._outputs.values():
+            shape = _dims(self._context.get_tensor_shape(buf.name))
+            n = math.prod(shape)
+            buf.host[:n].copy_(buf.device[:n], non_blocking=True)
+            results.append((buf, shape))
+        return results
+
+    def _stage(self, arrays: Mapping[str, np.ndarray]) -> None:
+        for name, arr in arrays.items():
+            self._inputs[name].host.numpy()[: arr.size] = arr.ravel()
+
+    def _capture_graph(self, arrays: Mapping[str, np.ndarray]) -> None:
+        import torch
+
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
+                self._enqueue(arrays)
+        except Exception as exc:  # noqa: BLE001 - some engines cannot be captured; run them eagerly
+            warnings.warn(f"CUDA graph capture failed ({exc}); running without CUDA graphs", stacklevel=3)
+            self._graph_failed = True
+            return
+        self._graph = graph
+
+    def run(self, obs: np.ndarray, **state: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
+        """Run the policy on a batch (or one unbatched observation).
+
+        Args:
+            obs: ``[batch, *obs_shape]`` or ``obs_shape`` (then the outputs are unbatched too).
+            **state: further engine inputs by name (recurrent state), batched like ``obs``.
+
+        Returns:
+            The output array for a single-output engine, else ``{output name: array}``.
+
+        Raises:
+            InputError: wrong input names, shapes, dtypes, non-finite values or batch size.
+        """
+        import torch
+
+        arrays, batch, squeeze = self._prepare(obs, state)
+        self._stage(arrays)
+        with torch.cuda.stream(self._stream):
+            self._set_shapes(arrays, batch)
+            if self._use_cuda_graph and batch == 1 and not self._graph_failed:
+                if self._graph is None:
+                    self._enqueue(arrays)  # warm-up after the shape change, as TensorRT requires
+                    self._stream.synchronize()
+                    self._capture_graph(arrays)
+                if self._graph is not None:
+                    self._graph.replay()
+                    results = [(buf, _dims(self._context.get_tensor_shape(buf.name))) for buf in self._outputs.values()]
+                else:
+                    results = self._enqueue(arrays)
+            else:
+                results = self._enqueue(arrays)
+        self._stream.synchronize()
+        out: dict[str, np.ndarray] = {}
+        for buf, shape in results:
+            value = buf.host.numpy()[: math.prod(shape)].reshape(shape).copy()
+            out[buf.name] = value[0] if squeeze and value.ndim > 0 and value.shape[0] == 1 else value
+        if len(out) == 1:
+            return next(iter(out.values()))
+        return out
+
+
+# --- fp16 model for strongly typed builds ------------------------------------------------------------
+
+# Inputs that ONNX requires to be float32 whatever the data type (they are not data).
+_KEEP_FP32_INPUTS: dict[str, tuple[int, ...]] = {"Resize": (1, 2), "Upsample": (1,)}
+_NOT_FLOAT_GRAPH = frozenset(
+    {"QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "QLinearConv", "MatMulInteger", "ConvInteger"}
+)
+_CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
+
+
+def fp16_onnx_with_casts(float_model: onnx.ModelProto) -> onnx.ModelProto:
+    """Cast a float32 ONNX graph to fp16 inside, keeping fp32 inputs and outputs.
+
+    For strongly typed TensorRT engines (TensorRT 11 has no FP16 builder flag): every float32
+    initializer and Constant becomes fp16, every ``Cast(to=FLOAT)`` becomes ``Cast(to=FLOAT16)``, a
+    ``Cast(to=FLOAT16)`` follows each float32 graph input and a ``Cast(to=FLOAT)`` precedes each float32
+    graph output, so callers still feed and read float32.
+
+    Args:
+        float_model: a float32 model (not quantized, no control-flow subgraphs). It is not modified.
+
+    Returns:
+        A new, shape-checked model.
+
+    Raises:
+        ValueError: the model holds Q/DQ or control flow, or a weight is beyond fp16's range (65504).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(float_model)
+    graph = model.graph
+    fp32, fp16 = TensorProto.FLOAT, TensorProto.FLOAT16
+    for node in graph.node:
+        if node.op_type in _NOT_FLOAT_GRAPH:
+            raise ValueError(f"fp16_onnx_with_casts expects a float model; node {node.name!r} is {node.op_type}")
+        if node.op_type in _CONTROL_FLOW:
+            raise ValueError(f"fp16_onnx_with_casts does not convert control flow ({node.op_type} {node.name!r})")
+
+    keep_fp32 = {
+        node.input[i]
+        for node in graph.node
+        for i in _KEEP_FP32_INPUTS.get(node.op_type, ())
+        if i < len(node.input) and node.input[i]
+    }
+
+    def to_fp16(tensor: onnx.TensorProto, name: str) -> onnx.TensorProto:
+        arr = numpy_helper.to_array(tensor)
+        finite = arr[np.isfinite(arr)]
+        if finite.size and float(np.abs(finite).max()) > _FP16_MAX:
+            raise ValueError(
+                f"{name!r} holds values up to {float(np.abs(finite).max()):.3g}, beyond fp16's range "
+                f"({_FP16_MAX:g}): rescale the model or build fp32"
+            )
+        converted: onnx.TensorProto = numpy_helper.from_array(arr.astype(np.float16), tensor.name)
+        return converted
+
+    for init in graph.initializer:
+        if init.data_type == fp32 and init.name not in keep_fp32:
+            init.CopyFrom(to_fp16(init, init.name))
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output and node.output[0] not in keep_fp32:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.t.data_type == fp32:
+                    attr.t.CopyFrom(to_fp16(attr.t, node.output[0]))
+                elif attr.name in ("value_float", "value_floats"):
+                    values = np.asarray(attr.f if attr.name == "value_float" else list(attr.floats), np.float32)
+                    tensor = numpy_helper.from_array(values.astype(np.float16))
+                    attr.CopyFrom(helper.make_attribute("value", tensor))
+        elif node.op_type == "ConstantOfShape":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.t.data_type == fp32:
+                    attr.t.CopyFrom(to_fp16(attr.t, node.name or node.output[0]))
+        elif node.op_type == "Cast":
+            for attr in node.attribute:
+                if attr.name == "to" and attr.i == fp32:
+                    attr.i = fp16
+
+    taken = {name for node in graph.node for name in (*node.input, *node.output)}
+    taken |= {t.name for t in graph.initializer} | {v.name for v in graph.input}
+
+    def fresh(base: str) -> str:
+        name, k = f"{base}_fp16", 1
+        while name in taken:
+            name, k = f"{base}_fp16_{k}", k + 1
+        taken.add(name)
+        return name
+
+    init_names = {t.name for t in graph.initializer}
+    head: list[onnx.NodeProto] = []
+    for inp in graph.input:
+        if inp.name in init_names or inp.type.tensor_type.elem_type != fp32:
+            continue
+        cast_out = fresh(inp.name)
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                if name == inp.name:
+                    node.input[i] = cast_out
+        head.append(helper.make_node("Cast", [inp.name], [cast_out], name=f"{inp.name}_to_fp16", to=fp16))
+    tail: list[onnx.NodeProto] = []
+    producers = {out: node for node in graph.node for out in node.output}
+    for out in graph.output:
+        if out.type.tensor_type.elem_type != fp32 or out.name not in producers:
+            continue
+        internal = fresh(out.name)
+        for node in graph.node:
+            for i, name in enumerate(node.output):
+                if name == out.name:
+                    node.output[i] = internal
+            for i, name in enumerate(node.input):
+                if name == out.name:
+                    node.input[i] = internal
+        tail.append(helper.make_node("Cast", [internal], [out.name], name=f"{out.name}_to_fp32", to=fp32))
+    nodes = [*head, *graph.node, *tail]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]  # stale float32 annotations; re-inferred below
+    try:
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as exc:
+        raise ValueError(f"the fp16 graph does not type-check: {exc}") from exc
+    return model
