@@ -3,7 +3,8 @@
 Compares, on the same SB3 policy and the same calibration observations:
 
 * ``float``      the float ONNX policy edgeq exports;
-* ``edgeq-int8`` edgeq's QDQ INT8 policy, run the way ``edgeq.deploy`` runs it;
+* ``edgeq-int8`` edgeq's INT8 policy as ``edgeq.deploy`` runs it on CPU (``policy.int8.cpu.onnx``);
+* ``edgeq-qdq``  edgeq's portable QDQ file (``policy.int8.onnx``, the TensorRT one) under ORT;
 * ``ort-qdq``    ONNX Runtime's own ``quantize_static`` QDQ output (per-channel, symmetric, int8),
   run with default session options, for reference.
 
@@ -11,7 +12,9 @@ Usage::
 
     python benchmarks/cpu_latency.py tests/fixtures/policies/sac-halfcheetah.zip --env HalfCheetah-v5
 
-Median over ``--calls`` calls after warm-up, per batch size; one intra-op thread.
+Per batch size: ``--rounds`` rounds, each timing ``--calls`` calls of every model in turn (interleaved,
+so machine noise hits all models alike); the figure is the median over rounds of each round's
+median. One intra-op thread.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import onnxruntime as ort
 from edgeq.calibration.collect import ExplorationNoise, calibrate_rollouts
 from edgeq.deploy.runtime import OrtPolicy
 from edgeq.envs import env_factory
+from edgeq.export.ort_cpu import specialize_for_ort_cpu
 from edgeq.export.qdq import apply_plan
 from edgeq.ingest import load_policy
 from edgeq.quantizers.plan import make_plan
@@ -80,7 +84,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("policy")
     ap.add_argument("--env", required=True)
-    ap.add_argument("--calls", type=int, default=5000)
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batches", default="1,32,256")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -92,23 +97,32 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     fpath, qpath = tmp / "policy.fp32.onnx", tmp / "policy.int8.onnx"
     fpath.write_bytes(policy.model.SerializeToString())
-    qpath.write_bytes(apply_plan(policy.model, plan).SerializeToString())
+    qmodel = apply_plan(policy.model, plan)
+    qpath.write_bytes(qmodel.SerializeToString())
+    cpath = tmp / "policy.int8.cpu.onnx"
+    cpath.write_bytes(specialize_for_ort_cpu(qmodel).SerializeToString())
     opath = ort_quantize_static(fpath, tmp / "ort.qdq.onnx", stats.observations[:512])
 
     runners = {
         "float": plain_session(fpath),
-        "edgeq-int8": OrtPolicy(qpath).session,
+        "edgeq-int8": OrtPolicy(cpath).session,
+        "edgeq-qdq": OrtPolicy(qpath).session,
         "ort-qdq": plain_session(opath),
     }
     rows = {}
     rng = np.random.default_rng(0)
     for b in [int(s) for s in args.batches.split(",")]:
         x = stats.observations[rng.integers(0, len(stats.observations), b)].astype(np.float32)
-        for name, sess in runners.items():
-            rows.setdefault(name, {})[b] = time_calls(lambda v, s=sess: s.run(None, {"obs": v}), x, args.calls)
-    sizes = {"float": file_size(fpath), "edgeq-int8": file_size(qpath), "ort-qdq": file_size(opath)}
+        per_round: dict[str, list[dict[str, float]]] = {name: [] for name in runners}
+        for _ in range(args.rounds):
+            for name, sess in runners.items():
+                per_round[name].append(time_calls(lambda v, s=sess: s.run(None, {"obs": v}), x, args.calls))
+        for name, rs in per_round.items():
+            rows.setdefault(name, {})[b] = {k: float(np.median([r[k] for r in rs])) for k in rs[0]}
+    sizes = {"float": file_size(fpath), "edgeq-int8": file_size(cpath), "edgeq-qdq": file_size(qpath),
+             "ort-qdq": file_size(opath)}
     result = {"policy": args.policy, "env": args.env, "ort": ort.__version__, "cpu": platform.processor(),
-              "calls": args.calls, "latency": rows, "sizes": sizes}
+              "calls": args.calls, "rounds": args.rounds, "latency": rows, "sizes": sizes}
     print(f"{'model':12s} " + " ".join(f"{'b=' + str(b) + ' med µs':>14s}" for b in rows["float"])
           + "   ratio to float (median)" + "   size")
     for name, r in rows.items():

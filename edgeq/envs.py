@@ -57,15 +57,11 @@ def env_factory(env: str, env_kwargs: dict[str, Any] | None = None) -> Callable[
 def check_env_matches(env_name: str, observation_space: Any, action_space: Any,
                       obs_spec: BoxSpec, act_spec: BoxSpec) -> None:
     """Raise if the env's spaces do not fit the policy's."""
-    if type(observation_space).__name__ != "Box":
-        raise EnvironmentSpecError(f"env {env_name!r} has a {type(observation_space).__name__} observation "
-                                   "space; expected a Box")
-    if tuple(observation_space.shape) != tuple(obs_spec.shape):
-        raise EnvironmentSpecError(f"env {env_name!r} observations have shape {tuple(observation_space.shape)} "
-                                   f"but the policy expects {tuple(obs_spec.shape)}")
-    if type(action_space).__name__ != "Box":
-        raise EnvironmentSpecError(f"env {env_name!r} has a {type(action_space).__name__} action space; "
-                                   "expected a Box")
-    if tuple(action_space.shape) != tuple(act_spec.shape):
-        raise EnvironmentSpecError(f"env {env_name!r} actions have shape {tuple(action_space.shape)} but the "
-                                   f"policy produces {tuple(act_spec.shape)}")
+    for what, space, spec, verb in (("observation", observation_space, obs_spec, "expects"),
+                                    ("action", action_space, act_spec, "produces")):
+        if type(space).__name__ != "Box":
+            raise EnvironmentSpecError(f"env {env_name!r} has a {type(space).__name__} {what} space; "
+                                       "expected a Box")
+        if tuple(space.shape) != tuple(spec.shape):
+            raise EnvironmentSpecError(f"env {env_name!r} {what}s have shape {tuple(space.shape)} but the "
+                                       f"policy {verb} {tuple(spec.shape)}")

@@ -15,12 +15,12 @@ edgeq keep loading) and refuse newer ones with a clear message.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from edgeq.errors import BundleError
+from edgeq.hashing import sha256_of
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -28,14 +28,6 @@ FLOAT_MODEL = "policy.fp32.onnx"
 INT8_MODEL = "policy.int8.onnx"
 INT8_CPU_MODEL = "policy.int8.cpu.onnx"
 VALIDATION = "validation.json"
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_manifest(bundle: str | Path, *, verify: bool = True) -> dict[str, Any]:

@@ -11,7 +11,6 @@ spaces were pickled with the long-gone ``gym`` package and archives written by S
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import zipfile
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgeq.errors import PolicyFormatError
+from edgeq.hashing import sha256_of
 from edgeq.ingest.safe_pickle import GlobalRef, global_name, inert_loads
 from edgeq.spaces import BoxSpec, parse_numpy_repr, parse_shape
 
@@ -88,14 +88,6 @@ class SB3Archive:
         return str(raw or "")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_archive(path: str | Path) -> SB3Archive:
     """Open an SB3 archive; raise :class:`PolicyFormatError` naming the file and what is wrong."""
     import torch  # the workstation side only
@@ -129,4 +121,4 @@ def read_archive(path: str | Path) -> SB3Archive:
     if not isinstance(state, dict):
         raise PolicyFormatError(f"{p}: policy.pth holds {type(state).__name__}, expected a state dict")
     arrays = {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}
-    return SB3Archive(p, sha256_file(p), data, arrays, version)
+    return SB3Archive(p, sha256_of(p), data, arrays, version)
