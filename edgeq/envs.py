@@ -26,6 +26,30 @@ def parse_env_kwargs(text: str | None) -> dict[str, Any]:
     return value
 
 
+_MUJOCO_WARNINGS: set[str] = set()
+
+
+def _route_mujoco_warnings() -> None:
+    """Send MuJoCo's C-level warnings (printed once per env made) through Python's ``warnings``, once each.
+
+    MuJoCo 4 prints a deprecation warning every time it compiles HalfCheetah's XML; a calibration
+    that makes many envs would bury the summary under identical lines.
+    """
+    try:
+        import mujoco
+    except ImportError:
+        return
+
+    def handler(message: str) -> None:
+        if message not in _MUJOCO_WARNINGS:
+            _MUJOCO_WARNINGS.add(message)
+            import warnings
+
+            warnings.warn(f"MuJoCo: {message}", RuntimeWarning, stacklevel=2)
+
+    mujoco.set_mju_user_warning(handler)
+
+
 def env_factory(env: str, env_kwargs: dict[str, Any] | None = None) -> Callable[[], Any]:
     """A zero-argument function that makes the env.
 
@@ -34,6 +58,7 @@ def env_factory(env: str, env_kwargs: dict[str, Any] | None = None) -> Callable[
     """
     import gymnasium as gym
 
+    _route_mujoco_warnings()
     kwargs = dict(env_kwargs or {})
     if ":" in env and env not in gym.envs.registry:
         module_name, _, attr = env.partition(":")
