@@ -345,7 +345,7 @@ def _check_batch_consistency(model: onnx.ModelProto, origin: str, obs_dim: int) 
         raise PolicyFormatError(f"{origin}: the graph does not run with a batch of 3 after making its batch axis "
                                 f"dynamic (a node hard-codes the exported batch): {exc}") from None
     single = np.concatenate(rows, axis=0)
-    if batched.shape != single.shape or not np.allclose(batched, single, rtol=1e-5, atol=1e-5):
+    if batched.shape != single.shape or not np.allclose(batched, single, rtol=1e-5, atol=1e-5, equal_nan=True):
         raise PolicyFormatError(f"{origin}: with a dynamic batch, rows of a batch of 3 differ from the same "
                                 f"observations run one by one (shapes {batched.shape} vs {single.shape}); a node "
                                 "mixes rows or hard-codes the exported batch")
@@ -421,7 +421,7 @@ def normalize_onnx(model: onnx.ModelProto, *, origin: str = "<onnx model>", inpu
         obs_dim = feat
     elif obs_dim is None:
         raise PolicyFormatError(f"{origin}: input {x.name!r} has a symbolic feature dimension {feat!r}; give the "
-                                "observation dimension (obs_dim / --obs-dim)")
+                                "observation dimension (load_policy(..., obs_dim=N))")
     batch0 = in_dims[0] if isinstance(in_dims[0], int) and in_dims[0] > 0 else None
     report.original_batch = in_dims[0]
     report.reshapes_rewritten = _make_batch_dynamic(m, origin, batch0)
