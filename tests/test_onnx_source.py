@@ -222,3 +222,19 @@ def test_cli_quantize_onnx_end_to_end(tmp_path: Path, visited_obs: np.ndarray) -
     deployed = load_bundle(out, backend="cpu")
     actions = deployed.act(visited_obs[:10])
     assert actions.shape == (10, 1) and np.all(np.isfinite(actions))
+
+
+def test_flatten_over_the_batch_axis_is_named(tmp_path: Path) -> None:
+    """A hand-written graph: Flatten(axis=0) on [1, 4] only works while the batch is 1."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 2), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["x"], ["flat"], name="flatten_all", axis=0),
+         helper.make_node("MatMul", ["flat", "w"], ["y"], name="dense")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], initializer=[w])
+    path = tmp_path / "flatten.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    with pytest.raises(PolicyFormatError, match="node 'flatten_all' is Flatten\\(axis=0\\)"):
+        load_policy(path)
