@@ -24,6 +24,7 @@ from edgeq.ingest.sb3 import load_sb3
 from edgeq.rollout import run_episodes
 
 ISAAC_FIXTURE = Path(__file__).parent / "fixtures" / "onnx" / "sac-pendulum-isaac.onnx"
+CHEETAH_FIXTURE = Path(__file__).parent / "fixtures" / "onnx" / "sac-halfcheetah-isaac.onnx"
 TOL = 1e-5
 
 
@@ -80,6 +81,19 @@ def test_actions_equal_the_trained_source_and_batch_is_dynamic(sac_pendulum: Pat
     assert float(np.abs(batched[:64] - rows).max()) <= 1e-6
     for n in (1, 7, 130):
         assert ours.act(visited_obs[:n]).shape == (n, 1)
+
+
+def test_halfcheetah_file_equals_its_trained_source(sac_halfcheetah: Path) -> None:
+    runtime = OrtPolicy(load_sb3(sac_halfcheetah).model.SerializeToString())
+    seen: list[np.ndarray] = []
+    run_episodes(env_factory("HalfCheetah-v5"), runtime, [710, 711], num_envs=2, max_steps_per_episode=150,
+                 on_step=lambda obs, act, active: seen.append(obs[active]))
+    obs = np.concatenate(seen)
+    fp = load_policy(CHEETAH_FIXTURE)
+    assert fp.obs_space.shape == (17,) and fp.action_space.shape == (6,)
+    ours = OrtPolicy(fp.model.SerializeToString()).act(obs)
+    assert ours.shape == (300, 6)
+    assert float(np.abs(ours - runtime.act(obs)).max()) <= TOL
 
 
 def test_isaac_elu_mlp_with_normalizer_and_hardcoded_reshape(tmp_path: Path) -> None:
