@@ -7,13 +7,14 @@ TensorRT engines, reports) plug in as options without changing this call's shape
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgeq import __version__
-from edgeq.calibration.collect import CalibrationStats, ExplorationNoise, calibrate_rollouts
+from edgeq.calibration.collect import CalibrationStats, ExplorationNoise, calibrate_observations, calibrate_rollouts
+from edgeq.calibration.dataset import ObservationLog, load_observations, split_holdout
 from edgeq.config import CalibrationRecipe, ExportProfile, load_profile, load_recipe
 from edgeq.deploy.bundle_format import FLOAT_MODEL, INT8_CPU_MODEL, INT8_MODEL, VALIDATION
 from edgeq.envs import check_env_matches, env_factory
@@ -23,8 +24,10 @@ from edgeq.export.ort_cpu import specialize_for_ort_cpu
 from edgeq.export.qdq import apply_plan
 from edgeq.export.trt_rules import check_qdq_model, format_report
 from edgeq.ingest import load_policy
+from edgeq.ingest.onnx_policy import bind_env_spaces
 from edgeq.policy import FloatPolicy
 from edgeq.quantizers.plan import QuantPlan, make_plan
+from edgeq.validate.offline import OPEN_LOOP_REASON, validate_offline
 from edgeq.validate.targets import validate_target
 
 #: ``progress(stage, total_steps)`` returns a per-step callback ``advance(n)`` for that stage.
@@ -52,24 +55,41 @@ def _episode_steps(make_env: Callable[[], Any]) -> int | None:
         env.close()
 
 
-def quantize(policy: str | Path | FloatPolicy, env: str, out: str | Path, *, episodes: int = 10, seed: int = 0,
+def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path, *, episodes: int = 10, seed: int = 0,
              recipe: str | CalibrationRecipe | None = None, profile: str | ExportProfile = "cpu-ort",
              calibrator: str | None = None, calibrator_params: dict[str, Any] | None = None,
              weight_method: str | None = None, calib_episodes: int | None = None,
              exploration: ExplorationNoise | None = None, vecnormalize: str | Path | None = None,
              env_kwargs: dict[str, Any] | None = None, targets: tuple[str, ...] = ("cpu",),
              num_envs: int = 8, overwrite: bool = False,
-             progress: ProgressFactory = _no_progress) -> QuantizeResult:
+             progress: ProgressFactory = _no_progress, calib_data: str | Path | None = None,
+             calib_data_key: str | None = None, holdout_fraction: float = 0.2,
+             action_low: float | Sequence[float] | None = None, action_high: float | Sequence[float] | None = None,
+             onnx_input: str | None = None, onnx_output: str | None = None) -> QuantizeResult:
     """Quantize ``policy`` for ``env`` and write a validated bundle to ``out``.
 
     Validation uses seeds ``seed .. seed+episodes-1``; calibration uses the recipe's seeds, which
     are disjoint from them, so the INT8 policy is judged on episodes it was not calibrated on.
+
+    ``calib_data`` (a ``.npz`` of observations, ``minari:ID`` or a Minari dataset directory; see
+    :mod:`edgeq.calibration.dataset`) calibrates on logged observations instead of rollouts. With
+    ``env=None`` it is the only source: its last ``holdout_fraction`` is held out, and validation
+    reports the INT8 action error on it only (``"closed_loop": false`` in ``validation.json``), as no
+    return can be measured without an environment.
+
+    ``action_low``/``action_high`` (a number or one per dimension) and ``onnx_input``/``onnx_output``
+    apply to ONNX policy files, which carry no spaces; with an env, unknown bounds come from it.
     """
+    if env is None and calib_data is None:
+        raise EdgeqError("nothing to calibrate with: give an environment (--env) for rollouts, or logged "
+                         "observations (--calib-data)")
     timings: dict[str, float] = {}
     out = Path(out)
     writer = BundleWriter(out, overwrite=overwrite)  # refuses an existing bundle before any work
     t0 = time.perf_counter()
-    fp = policy if isinstance(policy, FloatPolicy) else load_policy(policy, vecnormalize=vecnormalize)
+    fp = policy if isinstance(policy, FloatPolicy) else load_policy(
+        policy, vecnormalize=vecnormalize, input_name=onnx_input, output_name=onnx_output, action_low=action_low,
+        action_high=action_high)
     timings["ingest_s"] = time.perf_counter() - t0
     rec = recipe if isinstance(recipe, CalibrationRecipe) else load_recipe(recipe, env)
     prof = profile if isinstance(profile, ExportProfile) else load_profile(profile)
@@ -84,20 +104,37 @@ def quantize(policy: str | Path | FloatPolicy, env: str, out: str | Path, *, epi
         rec.episodes = calib_episodes
     noise = exploration or ExplorationNoise(**rec.exploration)
 
-    make_env = env_factory(env, env_kwargs)
-    probe = make_env()
-    try:
-        check_env_matches(env, probe.observation_space, probe.action_space, fp.obs_space, fp.action_space)
-    finally:
-        probe.close()
-    ep_len = _episode_steps(make_env)
+    make_env: Callable[[], Any] | None = None
+    ep_len: int | None = None
+    if env is not None:
+        make_env = env_factory(env, env_kwargs)
+        probe = make_env()
+        try:
+            check_env_matches(env, probe.observation_space, probe.action_space, fp.obs_space, fp.action_space)
+            fp = bind_env_spaces(fp, probe.observation_space, probe.action_space)
+        finally:
+            probe.close()
+        ep_len = _episode_steps(make_env)
 
     calib_seeds = list(range(rec.seed, rec.seed + rec.episodes))
+    log: ObservationLog | None = None
+    held_out = None
     t0 = time.perf_counter()
-    stats: CalibrationStats = calibrate_rollouts(
-        fp, make_env, calib_seeds, noise=noise, num_envs=min(num_envs, rec.num_envs),
-        max_steps_per_episode=rec.max_steps_per_episode,
-        progress=progress("calibrate", rec.episodes * ep_len if ep_len else None))
+    if calib_data is not None:
+        log = load_observations(calib_data, calib_data_key)
+        if log.observations.shape[1] != fp.obs_space.size:
+            raise EdgeqError(f"{log.source}: logged observations have {log.observations.shape[1]} features; the "
+                             f"policy expects {fp.obs_space.size}")
+        calib_obs = log.observations
+        if make_env is None:  # no env: hold out the end of the log for the open-loop validation
+            calib_obs, held_out = split_holdout(calib_obs, holdout_fraction)
+        stats = _calibrate_logged(fp, calib_obs, progress)
+    else:
+        assert make_env is not None
+        stats = calibrate_rollouts(
+            fp, make_env, calib_seeds, noise=noise, num_envs=min(num_envs, rec.num_envs),
+            max_steps_per_episode=rec.max_steps_per_episode,
+            progress=progress("calibrate", rec.episodes * ep_len if ep_len else None))
     timings["calibration_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -117,13 +154,19 @@ def quantize(policy: str | Path | FloatPolicy, env: str, out: str | Path, *, epi
         qpath = w.save_model(qmodel, INT8_MODEL)
         cpath = w.save_model(specialize_for_ort_cpu(qmodel), INT8_CPU_MODEL)
         int8_for = {"cpu": cpath}
-        validation: dict[str, Any] = {"env_id": env, "seeds": val_seeds, "targets": {}}
         t0 = time.perf_counter()
-        for target in targets:
-            validation["targets"][target] = validate_target(
-                target, fpath, int8_for.get(target, qpath), io, make_env, val_seeds,
-                act_dim=fp.action_space.size, num_envs=num_envs,
-                progress=progress(f"validate {target}", 2 * episodes * ep_len if ep_len else None))
+        validation: dict[str, Any]
+        if make_env is None:
+            assert log is not None and held_out is not None
+            validation = _validate_open_loop(fpath, {t: int8_for.get(t, qpath) for t in targets}, io, log,
+                                             held_out, holdout_fraction, targets, fp.action_space.size, progress)
+        else:
+            validation = {"env_id": env, "closed_loop": True, "seeds": val_seeds, "targets": {}}
+            for target in targets:
+                validation["targets"][target] = validate_target(
+                    target, fpath, int8_for.get(target, qpath), io, make_env, val_seeds,
+                    act_dim=fp.action_space.size, num_envs=num_envs,
+                    progress=progress(f"validate {target}", 2 * episodes * ep_len if ep_len else None))
         timings["validation_s"] = time.perf_counter() - t0
         validation["timings"] = {k: round(v, 3) for k, v in timings.items()}
         validation["sizes"] = {p.name: p.stat().st_size for p in (fpath, qpath, cpath)}
@@ -131,7 +174,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str, out: str | Path, *, epi
         w.manifest = {
             "edgeq_version": __version__,
             "source": fp.source.to_json(),
-            "env": {"id": env, "kwargs": env_kwargs or {}},
+            "env": {"id": env, "kwargs": env_kwargs or {}} if env is not None else None,
             "observation_space": fp.obs_space.to_json(),
             "action_space": fp.action_space.to_json(),
             "io": io,
@@ -139,9 +182,35 @@ def quantize(policy: str | Path | FloatPolicy, env: str, out: str | Path, *, epi
             "preprocess": fp.preprocess,
             "postprocess": fp.postprocess,
             "profile": prof.to_json(),
-            "calibration": {"recipe": rec.to_json(), "steps": stats.steps, "episodes": len(calib_seeds),
-                            "seeds": [calib_seeds[0], calib_seeds[-1]], "exploration": noise.to_json()},
+            "calibration": ({"recipe": rec.to_json(), "steps": stats.steps, "episodes": len(calib_seeds),
+                             "seeds": [calib_seeds[0], calib_seeds[-1]], "exploration": noise.to_json()}
+                            if log is None else
+                            {"recipe": rec.to_json(), "steps": stats.steps, "source": "observations",
+                             "data": log.describe(), "held_out": 0 if held_out is None else len(held_out)}),
             "quantization": plan.to_json(),
             "tensorrt_qdq_check": {"errors": 0, "warnings": [f"{v.rule}: {v.node}" for v in conformance]},
         }
     return QuantizeResult(out, w.manifest, validation, timings)
+
+
+def _calibrate_logged(fp: FloatPolicy, observations: Any, progress: ProgressFactory) -> CalibrationStats:
+    if fp.recurrent:
+        raise EdgeqError("calibration from logged observations needs a feed-forward policy; this one is recurrent "
+                         "(its state depends on whole episodes in order)")
+    return calibrate_observations(fp, observations, progress=progress("calibrate", len(observations)))
+
+
+def _validate_open_loop(fpath: Path, qpaths: dict[str, Path], io: dict[str, Any], log: ObservationLog, held_out: Any,
+                        holdout_fraction: float, targets: tuple[str, ...], act_dim: int,
+                        progress: ProgressFactory) -> dict[str, Any]:
+    """``validation.json`` without an env: action error on the held-out logged observations."""
+    n = len(log.observations)
+    validation: dict[str, Any] = {
+        "env_id": None, "closed_loop": False, "reason": OPEN_LOOP_REASON,
+        "held_out": {"source": log.source, "rows": [n - len(held_out), n], "samples": len(held_out),
+                     "fraction": holdout_fraction},
+        "targets": {}}
+    for target in targets:
+        validation["targets"][target] = validate_offline(target, fpath, qpaths[target], io, held_out, act_dim=act_dim,
+                                                         progress=progress(f"validate {target}", len(held_out)))
+    return validation

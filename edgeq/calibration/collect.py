@@ -173,8 +173,12 @@ def calibrate_rollouts(policy: FloatPolicy, make_env: Callable[[], Any], seeds: 
 
 
 def calibrate_observations(policy: FloatPolicy, observations: np.ndarray, *, batch_size: int = 256,
-                           reservoir_size: int = 4096) -> CalibrationStats:
-    """Offline calibration from logged observations [N, obs_dim] (stateless policies)."""
+                           reservoir_size: int = 4096,
+                           progress: Callable[[int], None] | None = None) -> CalibrationStats:
+    """Offline calibration from logged observations [N, obs_dim] (stateless policies).
+
+    ``progress(n)`` is called with the number of observations processed since the last call.
+    """
     obs = np.asarray(observations, np.float32).reshape(len(observations), -1)
     if obs.shape[1] != policy.obs_space.size:
         from edgeq.errors import EdgeqError
@@ -189,5 +193,7 @@ def calibrate_observations(policy: FloatPolicy, observations: np.ndarray, *, bat
     for i in range(0, len(obs), batch_size):
         chunk = obs[i:i + batch_size]
         actor.observe(chunk, actor.act(chunk), np.ones(len(chunk), bool))
+        if progress is not None:
+            progress(len(chunk))
     return CalibrationStats(observers, reservoir.sample(), None, len(obs), time.perf_counter() - t0,
                             {"source": "observations", "samples": len(obs)})

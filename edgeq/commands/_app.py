@@ -38,7 +38,8 @@ def _fmt_size(n: int) -> str:
 
 def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
     """Float vs int8 per target: mean ± std, paired difference, action error, file sizes."""
-    table = Table(title=f"edgeq: {manifest['source']['algorithm']} on {validation['env_id']} "
+    label = manifest["source"]["algorithm"] or manifest["source"]["kind"]
+    table = Table(title=f"edgeq: {label} on {validation['env_id']} "
                         f"({len(validation['seeds'])} paired episodes)")
     for col in ("target", "float return", "int8 return", "int8 - float (95% CI)", "int8/float",
                 "action err mean / max"):

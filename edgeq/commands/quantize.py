@@ -14,9 +14,11 @@ from edgeq.commands._app import app, console, err_console, print_summary, progre
 
 @app.command()
 def quantize(
-    policy: Annotated[Path, typer.Argument(help="Policy file: a Stable-Baselines3 / sb3-contrib .zip.")],
-    env: Annotated[str, typer.Option("--env", help="Gymnasium env id (e.g. HalfCheetah-v5) or module:callable.")],
+    policy: Annotated[Path, typer.Argument(help="Policy file: a Stable-Baselines3 / sb3-contrib .zip or a float "
+                                                "ONNX policy (.onnx, e.g. Isaac Lab's policy.onnx).")],
     out: Annotated[Path, typer.Option("--out", help="Bundle directory to create.")],
+    env: Annotated[str | None, typer.Option("--env", help="Gymnasium env id (e.g. HalfCheetah-v5) or module:callable. "
+                                                          "Optional with --calib-data.")] = None,
     episodes: Annotated[int, typer.Option(help="Paired validation episodes (float vs int8, same seeds).")] = 10,
     seed: Annotated[int, typer.Option(help="First validation seed; episode k uses seed+k.")] = 0,
     recipe: Annotated[str | None, typer.Option(help="Calibration recipe: a YAML path or a name in calibration/.")
@@ -37,6 +39,21 @@ def quantize(
     num_envs: Annotated[int, typer.Option(help="Environments stepped in parallel (vector env).")] = 8,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print validation.json instead of the table.")] = False,
+    calib_data: Annotated[str | None, typer.Option(
+        "--calib-data", help="Calibrate on logged observations: a .npz (array 'obs' or 'observations'), "
+                             "minari:DATASET_ID or a Minari dataset directory. Without --env, validation is the "
+                             "open-loop action error on the held-out end of the data.")] = None,
+    calib_key: Annotated[str | None, typer.Option(help="Array name in the --calib-data .npz.")] = None,
+    holdout: Annotated[float, typer.Option(help="Fraction of --calib-data held out for validation (without --env).")
+                       ] = 0.2,
+    action_low: Annotated[str | None, typer.Option(help="ONNX policies: action lower bound, one number or a comma "
+                                                        "list (default: from --env, else unbounded).")] = None,
+    action_high: Annotated[str | None, typer.Option(help="ONNX policies: action upper bound (see --action-low).")
+                           ] = None,
+    onnx_input: Annotated[str | None, typer.Option(help="ONNX policies: the observation input's name, if several.")
+                          ] = None,
+    onnx_output: Annotated[str | None, typer.Option(help="ONNX policies: the action output's name, if several.")
+                           ] = None,
 ) -> None:
     """Calibrate, export and validate POLICY in one go; writes a bundle to --out."""
     from edgeq.calibration.collect import ExplorationNoise
@@ -52,14 +69,50 @@ def quantize(
                                 calib_episodes=calib_episodes,
                                 exploration=ExplorationNoise(gaussian=noise) if noise is not None else None,
                                 vecnormalize=vecnormalize, env_kwargs=parse_env_kwargs(env_kwargs),
-                                num_envs=num_envs, overwrite=overwrite, progress=progress_factory(prog))
+                                num_envs=num_envs, overwrite=overwrite, progress=progress_factory(prog),
+                                calib_data=calib_data, calib_data_key=calib_key, holdout_fraction=holdout,
+                                action_low=_numbers(action_low, "--action-low"),
+                                action_high=_numbers(action_high, "--action-high"),
+                                onnx_input=onnx_input, onnx_output=onnx_output)
 
     result = run_guarded(go)
     if json_out:
         console.print_json(json.dumps(result.validation))
+    elif result.validation.get("closed_loop") is False:
+        print_open_loop_summary(result.validation, result.manifest)
+        console.print(f"bundle: {result.bundle}")
     else:
         print_summary(result.validation, result.manifest)
         console.print(f"bundle: {result.bundle}")
+
+
+def _numbers(text: str | None, option: str) -> list[float] | None:
+    """``"-1,-1,2"`` or ``"2"`` → floats, with a clear error."""
+    from edgeq.errors import EdgeqError
+
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise EdgeqError(f"{option} {text!r}: expected a number or comma-separated numbers such as '-1,-1,-2'") \
+            from None
+
+
+def print_open_loop_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """The summary without an env: action error on held-out logged observations, no returns."""
+    from rich.table import Table
+
+    held = validation["held_out"]
+    table = Table(title=f"edgeq: {manifest['source'].get('algorithm') or manifest['source']['kind']} policy, "
+                        f"open-loop on {held['samples']} held-out logged observations")
+    for col in ("target", "action err mean", "p99 step max", "max"):
+        table.add_column(col, justify="right")
+    for target, r in validation["targets"].items():
+        ae = r["action_error"]["on_held_out_observations"]
+        table.add_row(target, f"{ae['mean_abs']:.4f}", f"{ae['p99_step_max_abs']:.4f}", f"{ae['max_abs']:.4f}")
+    console.print(table)
+    console.print(f"[yellow]no return measured[/]: {validation['reason']}", highlight=False)
 
 
 @app.command()

@@ -21,10 +21,14 @@ def validate(
     """Roll a bundle's float and int8 policies out on the same seeds and print the comparison."""
     from edgeq.deploy.bundle_format import model_for, read_manifest
     from edgeq.envs import env_factory
+    from edgeq.errors import EdgeqError
     from edgeq.validate.targets import validate_target
 
     def go() -> tuple[dict[str, Any], dict[str, Any]]:
         manifest = read_manifest(bundle)
+        if not manifest.get("env"):
+            raise EdgeqError(f"{bundle}: this bundle was calibrated from logged observations without an environment; "
+                             "closed-loop validation needs one (quantize again with --env)")
         env_id = manifest["env"]["id"]
         make_env = env_factory(env_id, manifest["env"].get("kwargs"))
         seeds = list(range(seed, seed + episodes))

@@ -3,21 +3,58 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeq.errors import PolicyFormatError
 from edgeq.policy import FloatPolicy
 
+if TYPE_CHECKING:
+    from edgeq.ingest.torch_module import from_torch_module as from_torch_module
+
+__all__ = ["from_torch_module", "load_policy"]
+
+_EXPECTED = "a Stable-Baselines3 .zip or a float ONNX policy (.onnx)"
+_ONNX_OPTIONS = ("input_name", "output_name", "obs_dim", "action_low", "action_high")
+
 
 def load_policy(path: str | Path, **options: Any) -> FloatPolicy:
-    """Load a policy file by its kind: an SB3 ``.zip`` (more sources plug in here)."""
+    """Load a policy file by its kind.
+
+    * ``.zip``: a Stable-Baselines3 / sb3-contrib archive (options ``vecnormalize``, ``algorithm``);
+    * ``.onnx``: a float ONNX policy such as Isaac Lab's ``policy.onnx`` (options ``input_name``,
+      ``output_name``, ``obs_dim``, ``action_low``, ``action_high``; see
+      :func:`edgeq.ingest.onnx_policy.load_onnx_policy`).
+
+    Options that do not apply to the file's kind and are None are ignored.
+    """
     p = Path(path)
     if not p.exists():
-        raise PolicyFormatError(f"{p}: no such file (expected a Stable-Baselines3 .zip)")
+        raise PolicyFormatError(f"{p}: no such file (expected {_EXPECTED})")
     suffix = p.suffix.lower()
     if suffix == ".zip":
         from edgeq.ingest.sb3 import load_sb3
 
+        _reject(p, options, ("vecnormalize", "algorithm"))
         return load_sb3(p, vecnormalize=options.get("vecnormalize"), algorithm=options.get("algorithm"))
-    raise PolicyFormatError(f"{p}: unsupported policy file type {suffix or '(none)'}; expected a "
-                            "Stable-Baselines3 .zip")
+    if suffix == ".onnx":
+        from edgeq.ingest.onnx_policy import load_onnx_policy
+
+        _reject(p, options, _ONNX_OPTIONS)
+        return load_onnx_policy(p, **{k: v for k, v in options.items() if k in _ONNX_OPTIONS and v is not None})
+    raise PolicyFormatError(f"{p}: unsupported policy file type {suffix or '(none)'}; expected {_EXPECTED}")
+
+
+def _reject(path: Path, options: dict[str, Any], accepted: tuple[str, ...]) -> None:
+    extra = sorted(k for k, v in options.items() if v is not None and k not in accepted)
+    if extra:
+        raise PolicyFormatError(f"{path}: option(s) {extra} do not apply to a {path.suffix} policy "
+                                f"(it takes {list(accepted)})")
+
+
+def __getattr__(name: str) -> Any:
+    # lazy: torch is imported only when a torch module is actually ingested
+    if name == "from_torch_module":
+        from edgeq.ingest.torch_module import from_torch_module
+
+        return from_torch_module
+    raise AttributeError(f"module 'edgeq.ingest' has no attribute {name!r}")
