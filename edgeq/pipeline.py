@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from edgeq import __version__
 from edgeq.calibration.collect import CalibrationStats, ExplorationNoise, calibrate_rollouts
 from edgeq.config import CalibrationRecipe, ExportProfile, load_profile, load_recipe
-from edgeq.deploy.bundle_format import FLOAT_MODEL, INT8_MODEL, VALIDATION
+from edgeq.deploy.bundle_format import FLOAT_MODEL, INT8_MODEL
 from edgeq.envs import check_env_matches, env_factory
 from edgeq.export.bundle import BundleWriter
 from edgeq.export.qdq import apply_plan
 from edgeq.ingest import load_policy
 from edgeq.policy import FloatPolicy
 from edgeq.quantize.plan import QuantPlan, make_plan
-from edgeq.validate.targets import validate_target
+from edgeq.validate.validator import ValidationOptions, save_validation, validate_models
 
 #: ``progress(stage, total_steps)`` returns a per-step callback ``advance(n)`` for that stage.
 ProgressFactory = Callable[[str, int | None], Callable[[int], None]]
@@ -56,11 +56,15 @@ def quantize(policy: str | Path | FloatPolicy, env: str, out: str | Path, *, epi
              exploration: ExplorationNoise | None = None, vecnormalize: str | Path | None = None,
              env_kwargs: dict[str, Any] | None = None, targets: tuple[str, ...] = ("cpu",),
              num_envs: int = 8, overwrite: bool = False,
-             progress: ProgressFactory = _no_progress) -> QuantizeResult:
+             progress: ProgressFactory = _no_progress, validation: ValidationOptions | None = None,
+             report: bool = True) -> QuantizeResult:
     """Quantize ``policy`` for ``env`` and write a validated bundle to ``out``.
 
     Validation uses seeds ``seed .. seed+episodes-1``; calibration uses the recipe's seeds, which
     are disjoint from them, so the INT8 policy is judged on episodes it was not calibrated on.
+    ``validation`` chooses what the validator measures (default :meth:`ValidationOptions.light` on
+    ``targets``: verdict, noise floor, per-layer error, 2,000-call latency); ``report`` writes
+    report.html and report.md into the bundle.
     """
     timings: dict[str, float] = {}
     out = Path(out)
@@ -109,16 +113,14 @@ def quantize(policy: str | Path | FloatPolicy, env: str, out: str | Path, *, epi
     with writer as w:
         fpath = w.save_model(fp.model, FLOAT_MODEL)
         qpath = w.save_model(qmodel, INT8_MODEL)
-        validation: dict[str, Any] = {"env_id": env, "seeds": val_seeds, "targets": {}}
         t0 = time.perf_counter()
-        for target in targets:
-            validation["targets"][target] = validate_target(
-                target, fpath, qpath, io, make_env, val_seeds, act_dim=fp.action_space.size, num_envs=num_envs,
-                progress=progress(f"validate {target}", 2 * episodes * ep_len if ep_len else None))
+        vopts = validation if validation is not None else ValidationOptions.light(targets=tuple(targets))
+        vopts = replace(vopts, num_envs=num_envs)
+        result: dict[str, Any] = validate_models(
+            fpath, qpath, io, make_env, val_seeds, env_id=env, action_low=fp.action_space.low_array,
+            action_high=fp.action_space.high_array, options=vopts, plan=plan, episode_steps=ep_len, progress=progress)
         timings["validation_s"] = time.perf_counter() - t0
-        validation["timings"] = {k: round(v, 3) for k, v in timings.items()}
-        validation["sizes"] = {FLOAT_MODEL: fpath.stat().st_size, INT8_MODEL: qpath.stat().st_size}
-        w.write_json(VALIDATION, validation)
+        result["timings"] = {k: round(v, 3) for k, v in timings.items()}
         w.manifest = {
             "edgeq_version": __version__,
             "source": fp.source.to_json(),
@@ -134,4 +136,5 @@ def quantize(policy: str | Path | FloatPolicy, env: str, out: str | Path, *, epi
                             "seeds": [calib_seeds[0], calib_seeds[-1]], "exploration": noise.to_json()},
             "quantization": plan.to_json(),
         }
-    return QuantizeResult(out, w.manifest, validation, timings)
+        save_validation(w.path, result, w.manifest, report=report)
+    return QuantizeResult(out, w.manifest, result, timings)
