@@ -52,7 +52,8 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
         ae = r["action_error"]["on_float_trajectory"]
         row = [target, f"{r['float']['mean']:.1f} ± {r['float']['std']:.1f}",
                f"{r['int8']['mean']:.1f} ± {r['int8']['std']:.1f}",
-               f"{d['mean']:+.4g} [{d['ci95'][0]:+.4g}, {d['ci95'][1]:+.4g}]", f"{d['ratio_of_means']:.4f}"]
+               f"{d['mean']:+.4g} [{d['ci95'][0]:+.4g}, {d['ci95'][1]:+.4g}]",
+               "-" if d.get("ratio_of_means") is None else f"{d['ratio_of_means']:.4f}"]
         if has_floor:
             fl = r.get("noise_floor")
             row += ([f"±{max(abs(fl['band'][0]), abs(fl['band'][1])):.2g}", "yes" if fl["distinguishable"] else "no"]

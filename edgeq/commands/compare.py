@@ -101,7 +101,7 @@ def compare(
                                  latency_calls=latency_calls, per_layer=per_layer, episode_steps=ep_len,
                                  progress=progress_factory(prog))
             out.mkdir(parents=True, exist_ok=True)
-            _atomic_write(out / "compare.json", (json.dumps(cmp, indent=2) + "\n").encode())
+            _atomic_write(out / "compare.json", (json.dumps(cmp, indent=2, allow_nan=False) + "\n").encode())
             write_compare_report(out, cmp)
         return cmp
 

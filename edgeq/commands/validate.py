@@ -64,8 +64,9 @@ def print_details(validation: dict[str, Any]) -> None:
             table.add_column(col, justify="right")
         share = {r["node"]: r["share"] for r in (pl.get("ranking") or [])}
         for r in pl["layers"]:
-            table.add_row(r["node"], r["fused"], f"{r.get('sqnr_db', float('nan')):.1f}",
-                          f"{r.get('relative_error', float('nan')):.4f}",
+            sq, rel = r.get("sqnr_db"), r.get("relative_error")
+            table.add_row(r["node"], r["fused"], "-" if "sqnr_db" not in r else "∞" if sq is None else f"{sq:.1f}",
+                          "-" if rel is None else f"{rel:.4f}",
                           f"{share[r['node']]:.1%}" if r["node"] in share else "-")
         console.print(table)
     sens = validation.get("sensitivity")
@@ -78,7 +79,19 @@ def print_details(validation: dict[str, Any]) -> None:
         console.print(text, highlight=False)
 
 
-@app.command()
+VALIDATE_HELP = (
+    "Roll a bundle's float and int8 policies out on the same seeds on each target; PASS/FAIL is the exit code "
+    "(0: PASS on every validated target, 1: FAIL, 2: error such as a bad bundle or no target able to run).\n\n"
+    "Measured: paired returns with a bootstrap 95% CI and the verdict; the noise floor (float re-rolled with 1e-6 "
+    "action noise, --floor-draws draws); action error and trajectory divergence; the sensitivity curve (float "
+    "return under growing action noise, 6 levels x --sensitivity-draws extra rollouts: the most expensive part, "
+    "--no-sensitivity skips it); per-layer SQNR and the one-layer-at-a-time ranking (cheap, on visited states); "
+    "batch-1 latency over --latency-calls calls per model and target plus one large batch. --quick runs what "
+    "'edgeq quantize' runs. Results go to validation.json, report.html and report.md in the bundle (or --out)."
+)
+
+
+@app.command(help=VALIDATE_HELP)
 def validate(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory made by 'edgeq quantize'.")],
     episodes: Annotated[int, typer.Option(help="Paired episodes (seeds seed .. seed+episodes-1).")] = 10,
@@ -110,10 +123,7 @@ def validate(
                                                   "bundle (the bundle is left untouched).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print validation.json instead of the tables.")] = False,
 ) -> None:
-    """Roll a bundle's float and int8 policies out on the same seeds on each target; PASS/FAIL is the exit code.
-
-    Exit code 0: PASS on every validated target; 1: FAIL; 2: error (bad bundle, no target can run).
-    """
+    """Validate a bundle in closed loop (help text: :data:`VALIDATE_HELP`)."""
     from edgeq.validate.targets import parse_targets
     from edgeq.validate.validator import ValidationOptions, save_validation, validate_bundle
     from edgeq.validate.verdict import Tolerance

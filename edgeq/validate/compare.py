@@ -24,6 +24,7 @@ from edgeq.validate.latency import measure_latency, strip_samples
 from edgeq.validate.layers import per_layer_error, plan_from_manifest
 from edgeq.validate.noise import FLOOR_NOISE, noise_floor, perturbed_returns
 from edgeq.validate.paired import action_error_series, run_paired
+from edgeq.validate.stats import json_safe
 from edgeq.validate.targets import make_runtime, unavailable_reason
 from edgeq.validate.verdict import Tolerance, judge
 
@@ -162,4 +163,4 @@ def compare_models(reference: Candidate, candidates: Sequence[Candidate], make_e
                               progress=progress("latency", latency_calls * len(latency_sessions)))
         out["latency"] = strip_samples(lat)
         out["latency_s"] = round(time.perf_counter() - t0, 3)
-    return out
+    return json_safe(out)  # type: ignore[no-any-return]

@@ -32,6 +32,14 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+def _capped_sqnr(row: dict[str, Any], cap: float = 120.0) -> float:
+    """SQNR for a bar: ``None`` with zero error (identical outputs) is drawn at ``cap``; unmeasured is NaN."""
+    if "sqnr_db" not in row:
+        return float("nan")
+    v = row["sqnr_db"]
+    return cap if v is None else min(float(v), cap)
+
+
 def _jitter(n: int, center: float, width: float = 0.12) -> np.ndarray:
     return center + np.linspace(-width, width, n) if n > 1 else np.full(n, center)
 
@@ -140,7 +148,7 @@ def per_layer_plot(per_layer: dict[str, Any]) -> bytes:
                              squeeze=False)
     ax = axes[0][0]
     names = [r["node"] for r in layers]
-    sqnr = [min(r.get("sqnr_db", np.nan), 120.0) for r in layers]
+    sqnr = [_capped_sqnr(r) for r in layers]
     y = np.arange(len(names))
     ax.barh(y, sqnr, color=INT8_COLOR)
     ax.set_yticks(y, names, fontsize=7)
@@ -228,8 +236,8 @@ def per_layer_compare_plot(per_layer: dict[str, dict[str, Any]]) -> bytes:
     width = 0.8 / max(1, len(per_layer))
     x = np.arange(len(nodes))
     for i, (name, pl) in enumerate(per_layer.items()):
-        by = {r["node"]: r.get("sqnr_db", np.nan) for r in pl["layers"]}
-        ax.bar(x + (i - (len(per_layer) - 1) / 2) * width, [min(by.get(n, np.nan), 120.0) for n in nodes], width,
+        by = {r["node"]: _capped_sqnr(r) for r in pl["layers"]}
+        ax.bar(x + (i - (len(per_layer) - 1) / 2) * width, [by.get(n, np.nan) for n in nodes], width,
                label=name, color=PALETTE[i % len(PALETTE)])
     ax.set_xticks(x, nodes, fontsize=7, rotation=15)
     ax.set_ylabel("SQNR vs float (dB)")

@@ -108,3 +108,20 @@ class ActionErrorAccumulator:
                 "per_dim_max_abs": [float(x) for x in self.max],
                 "normalized_rms": float(np.sqrt(np.mean(normalized * normalized))),
                 "normalized_by": "action half-range"}
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (inf, nan) replaced by None, so the JSON is strict.
+
+    Infinite SQNR (no error at all) and undefined ratios become ``null``; readers treat that as
+    "not applicable".
+    """
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return json_safe(value.item())
+    return value

@@ -31,6 +31,7 @@ from edgeq.validate.noise import (
     sensitivity_curve,
 )
 from edgeq.validate.paired import action_error_series, run_paired
+from edgeq.validate.stats import json_safe
 from edgeq.validate.targets import make_runtime, unavailable_reason
 from edgeq.validate.verdict import Tolerance, judge, overall
 
@@ -202,7 +203,7 @@ def validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], mak
     val["sizes"] = {Path(float_model).name: Path(float_model).stat().st_size,
                     Path(int8_model).name: Path(int8_model).stat().st_size}
     val["validation_timings"] = {k: round(v, 3) for k, v in timings.items()}
-    return val
+    return json_safe(val)  # type: ignore[no-any-return]
 
 
 def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: ValidationOptions = ValidationOptions(),
@@ -270,7 +271,7 @@ def save_validation(directory: str | Path, validation: dict[str, Any], manifest:
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     written = [root / VALIDATION]
-    _atomic_write(root / VALIDATION, (json.dumps(validation, indent=2) + "\n").encode())
+    _atomic_write(root / VALIDATION, (json.dumps(json_safe(validation), indent=2, allow_nan=False) + "\n").encode())
     if report:
         written += write_validation_report(root, validation, manifest)
     if update_manifest:
