@@ -193,3 +193,25 @@ def test_compare_bundle_and_plain_onnx_from_another_tool(bundle: Path, tmp_path:
     assert res.exit_code == 0, res.output
     plain = json.loads((tmp_path / "plain" / "compare.json").read_text())
     assert plain["candidates"]["ort_qdq"]["int8"]["returns"] == cmp["candidates"]["ort"]["int8"]["returns"][:2]
+
+
+def test_success_rate_from_env_info(bundle: Path) -> None:
+    import gymnasium as gym
+
+    from edgeq.validate.validator import ValidationOptions, validate_models
+
+    class Upright(gym.Wrapper):
+        """Pendulum that reports success when the pole is up (cos θ > 0.95) at a step."""
+
+        def step(self, action):  # type: ignore[no-untyped-def]
+            obs, reward, term, trunc, info = self.env.step(action)
+            return obs, reward, term, trunc, {**info, "is_success": bool(obs[0] > 0.95)}
+
+    opts = ValidationOptions(targets=("cpu",), floor_draws=0, sensitivity=False, per_layer=False, latency_calls=0,
+                             num_envs=3)
+    val = validate_models(bundle / "policy.fp32.onnx", bundle / "policy.int8.onnx", {},
+                          lambda: Upright(gym.make("Pendulum-v1")), [0, 1, 2], env_id="Pendulum-v1",
+                          action_low=np.array([-2.0]), action_high=np.array([2.0]), options=opts)
+    term = val["targets"]["cpu"]["termination"]
+    assert term["float_success_rate"] == 1.0  # the trained SAC swings up and holds on every seed
+    assert 0.0 <= term["int8_success_rate"] <= 1.0 and term["float_rate"] == 0.0

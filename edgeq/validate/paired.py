@@ -70,7 +70,7 @@ class PairedRun:
 
     def to_json(self) -> dict[str, Any]:
         ref, cand = self.reference, self.candidate
-        out = {
+        out: dict[str, Any] = {
             "float": {**ref.to_json(), **describe(ref.returns), "termination_rate": float(np.mean(ref.terminated))},
             "int8": {**cand.to_json(), **describe(cand.returns), "termination_rate": float(np.mean(cand.terminated))},
             "paired_difference": paired_difference(ref.returns, cand.returns),
@@ -81,6 +81,10 @@ class PairedRun:
         }
         if self.reference_traj is not None and self.candidate_traj is not None:
             out["divergence"] = divergence(self.reference_traj, self.candidate_traj, ref.seeds)
+            fs, cs = self.reference_traj.success, self.candidate_traj.success
+            if fs or cs:  # the env reports success (info["is_success"]): rates over the episodes
+                out["termination"]["float_success_rate"] = float(np.mean([fs.get(int(s), False) for s in ref.seeds]))
+                out["termination"]["int8_success_rate"] = float(np.mean([cs.get(int(s), False) for s in ref.seeds]))
         return out
 
 

@@ -220,12 +220,14 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
         s.img("returns", png, "episode returns float vs int8 per target")
     term_rows = [[t, r["termination"]["float_rate"], r["termination"]["int8_rate"],
                   r["termination"]["float_mean_length"], r["termination"]["int8_mean_length"],
-                  ", ".join(map(str, r["termination"]["only_int8_terminated"])) or "—"]
+                  ", ".join(map(str, r["termination"]["only_int8_terminated"])) or "—",
+                  r["termination"].get("float_success_rate"), r["termination"].get("int8_success_rate")]
                  for t, r in targets.items() if "termination" in r]
     if term_rows:
-        s.p("Early termination (falls, for tasks that end episodes early) on the same seeds:")
+        s.p("Early termination (falls, for tasks that end episodes early) on the same seeds, and the success rate "
+            "where the env reports one (info['is_success']):")
         s.table(["target", "float terminated", "int8 terminated", "float mean length", "int8 mean length",
-                 "seeds only int8 terminated"], term_rows)
+                 "seeds only int8 terminated", "float success", "int8 success"], term_rows)
     sections.append(s)
 
     s = Section("Paired differences and the noise floor")

@@ -27,6 +27,7 @@ class TrajectoryStore:
         self._obs: dict[int, list[np.ndarray]] = {}
         self._act: dict[int, list[np.ndarray]] = {}
         self._rew: dict[int, list[float]] = {}
+        self.success: dict[int, bool] = {}  # from info["is_success"] / info["success"] where the env reports it
 
     def wrap(self, make_env: Callable[[], Any]) -> Callable[[], Any]:
         """A factory whose envs record into this store."""
@@ -90,6 +91,9 @@ class _RecordingEnv(gym.Wrapper):  # type: ignore[misc]
         obs, reward, terminated, truncated, info = self.env.step(action)
         if self._key is not None:
             self._store._step(self._key, action, obs, float(reward))
+            for name in ("is_success", "success"):
+                if name in info:
+                    self._store.success[self._key] = bool(np.asarray(info[name]).any())
         return obs, reward, terminated, truncated, info
 
 
