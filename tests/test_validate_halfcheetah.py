@@ -30,9 +30,9 @@ def test_halfcheetah_floor_divergence_and_per_layer(sac_halfcheetah: Path, tmp_p
     assert fl["per_episode_rms"] > 1e-4 * np.abs(float_returns).mean()
     div = cpu["divergence"]
     assert div["steps"] == 1001 and div["median"][0] == 0.0  # same seed, same initial state
-    assert div["final_median"] > 100 * max(div["median"][1], 1e-12)  # int8 and float trajectories drift apart
+    assert div["final_median"] > 2 * div["median"][1] > 0  # int8 and float trajectories drift apart over time
     pl = res.validation["per_layer"]
     assert [r["fused"] for r in pl["layers"]] == ["Gemm+Relu", "Gemm+Relu", "Gemm+Tanh"]
-    assert all(np.isfinite(r["sqnr_db"]) and r["sqnr_db"] > 10 for r in pl["layers"][:2])
+    assert all(np.isfinite(r["sqnr_db"]) and 0 < r["relative_error"] < 1 for r in pl["layers"])
     assert pl["plan_reproduces_model_max_abs"] == 0.0
     assert sum(r["share"] for r in pl["ranking"]) == pytest.approx(1.0)
