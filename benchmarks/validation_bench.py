@@ -42,8 +42,37 @@ def run_fixture(name: str, work: Path, episodes: int, latency_calls: int) -> dic
     val, manifest = validate_bundle(bundle, seeds=range(episodes), options=opts)
     validate_s = time.perf_counter() - t0
     save_validation(bundle, val, manifest, update_manifest=True)
-    return {"name": name, "env": env, "quantize_s": quantize_s, "quantize_timings": q.timings,
-            "validate_s": validate_s, "validation": val, "bundle": str(bundle)}
+    out = {"name": name, "env": env, "quantize_s": quantize_s, "quantize_timings": q.timings,
+           "validate_s": validate_s, "validation": val, "bundle": str(bundle)}
+    ranking = (val.get("per_layer") or {}).get("ranking") or []
+    if ranking:
+        out["compare"] = compare_top_layer_float(name, policy, env, bundle, ranking[0]["node"], work, episodes)
+    return out
+
+
+def compare_top_layer_float(name: str, policy: Path, env: str, bundle: Path, layer: str, work: Path,
+                            episodes: int) -> dict[str, Any]:
+    """Act on the per-layer ranking: re-quantize with its top layer kept in float, compare both bundles."""
+    from edgeq.config import load_recipe
+    from edgeq.envs import env_factory
+    from edgeq.pipeline import quantize
+    from edgeq.validate.compare import compare_models, load_candidate
+    from edgeq.validate.report import write_compare_report
+
+    recipe = load_recipe(None, env)
+    recipe.keep_float = [*recipe.keep_float, layer]
+    variant = work / f"{name}-keep-{layer.split('/')[0]}"
+    quantize(policy, env, variant, episodes=episodes, recipe=recipe, report=False)
+    make_env = env_factory(env)
+    probe = make_env()
+    low, high = probe.action_space.low, probe.action_space.high
+    steps = probe.spec.max_episode_steps
+    probe.close()
+    cands = [load_candidate(bundle, "all int8"), load_candidate(variant, f"{layer} float")]
+    cmp = compare_models(load_candidate(bundle, "float", precision="fp32"), cands, make_env, list(range(episodes)),
+                         env_id=env, action_low=low, action_high=high, episode_steps=steps)
+    write_compare_report(work / f"{name}-compare", cmp)
+    return {"layer": layer, "result": cmp}
 
 
 def fmt_us(x: float) -> str:
@@ -122,18 +151,40 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
                      f"{ae['normalized_rms']:.3g} | {b if b is None else f'{b:.3g}'} | "
                      f"{s.get('int8_fraction_of_budget', float('nan')):.3g} |")
     lines.append("")
+    lines += ["## Acting on the ranking: top layer kept in float (`edgeq compare`, same seeds)", "",
+              "| fixture | model | return | − float [95% CI] | relative | ≠ noise floor | "
+              "action RMS error / half-range | int8 size | batch-1 median (us) | verdict |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "compare" not in r:
+            continue
+        cmp = r["compare"]["result"]
+        lat = cmp.get("latency", {}).get("models", {})
+        f = cmp["float"]
+        fmed = lat.get("float", {}).get("batch1", {}).get("median_us", float("nan"))
+        lines.append(f"| {r['name']} | float | {f['mean']:.1f} ± {f['std']:.1f} | | | | | {f['size'] / 1024:.1f} KiB | "
+                     f"{fmed:.1f} | |")
+        for n, c in cmp["candidates"].items():
+            d = c["paired_difference"]
+            fl = c.get("noise_floor")
+            lines.append(f"| {r['name']} | {n} | {c['int8']['mean']:.1f} ± {c['int8']['std']:.1f} | "
+                         f"{d['mean']:+.3g} [{d['ci95'][0]:+.3g}, {d['ci95'][1]:+.3g}] | {d['relative_mean']:+.2%} | "
+                         f"{('yes' if fl['distinguishable'] else 'no') if fl else '-'} | "
+                         f"{c['action_error']['on_float_trajectory']['normalized_rms']:.3g} | "
+                         f"{c['size'] / 1024:.1f} KiB | "
+                         f"{lat.get(n, {}).get('batch1', {}).get('median_us', float('nan')):.1f} | "
+                         f"{c['verdict']['status']} |")
+    lines.append("")
     lines += ["## Findings", ""]
     for r in results:
-        val = r["validation"]
-        rank = (val.get("per_layer") or {}).get("ranking") or []
-        c = val["targets"]["cpu"]
-        lat = c["latency"]
-        if rank:
-            top = rank[0]
+        ranked: list[dict[str, Any]] = (r["validation"].get("per_layer") or {}).get("ranking") or []
+        speed: dict[str, Any] = r["validation"]["targets"]["cpu"]["latency"]
+        if ranked:
+            top = ranked[0]
             lines.append(f"- {r['name']}: {top['node']} causes {top['share']:.1%} of the action error when quantized "
                          f"alone (action RMS error {top['action_rms_error']:.3g}); int8 batch-1 median is "
-                         f"{lat['int8_speedup_batch1_median']:.2f}x float's speed, batch "
-                         f"{lat['models']['int8']['large_batch']['batch']} {lat['int8_speedup_large_batch']:.2f}x.")
+                         f"{speed['int8_speedup_batch1_median']:.2f}x float's speed, batch "
+                         f"{speed['models']['int8']['large_batch']['batch']} {speed['int8_speedup_large_batch']:.2f}x.")
     lines.append("")
     lines += ["Validation stage timings (s):", ""]
     for r in results:
