@@ -44,14 +44,15 @@ def _jitter(n: int, center: float, width: float = 0.12) -> np.ndarray:
     return center + np.linspace(-width, width, n) if n > 1 else np.full(n, center)
 
 
-def returns_plot(groups: Sequence[tuple[str, Sequence[float]]], title: str) -> bytes:
-    """Episode returns per group (box + every episode as a dot)."""
+def returns_plot(groups: Sequence[tuple[str, Sequence[float]]], title: str,
+                 colors: Sequence[str] | None = None) -> bytes:
+    """Episode returns per group (box + every episode as a dot, in ``colors[i]``)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(groups) + 2), 3.6))
     data = [np.asarray(v, float) for _, v in groups]
     ax.boxplot(data, widths=0.5, showfliers=False)
-    for i, (label, v) in enumerate(groups):
-        color = FLOAT_COLOR if "float" in label else PALETTE[i % len(PALETTE)] if "int8" not in label else INT8_COLOR
+    for i, (_, v) in enumerate(groups):
+        color = colors[i] if colors is not None else PALETTE[i % len(PALETTE)]
         ax.scatter(_jitter(len(v), i + 1), v, s=14, color=color, alpha=0.8, zorder=3)
     ax.set_xticks(range(1, len(groups) + 1), [g for g, _ in groups], rotation=15)
     ax.set_ylabel("episode return")

@@ -215,7 +215,8 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
     groups = []
     for t, r in targets.items():
         groups += [(f"{t} float", r["float"]["returns"]), (f"{t} int8", r["int8"]["returns"])]
-    png = _maybe(lambda: plots.returns_plot(groups, "episode returns, same seeds"))
+    colors = [plots.FLOAT_COLOR, plots.INT8_COLOR] * len(targets)
+    png = _maybe(lambda: plots.returns_plot(groups, "episode returns, same seeds", colors))
     if png:
         s.img("returns", png, "episode returns float vs int8 per target")
     term_rows = [[t, r["termination"]["float_rate"], r["termination"]["int8_rate"],
@@ -438,7 +439,8 @@ def compare_sections(cmp: dict[str, Any]) -> list[Section]:
 
     s = Section("Returns and paired differences")
     groups = [("float", f["returns"])] + [(name, r["int8"]["returns"]) for name, r in cands.items()]
-    png = _maybe(lambda: plots.returns_plot(groups, "episode returns, same seeds"))
+    colors = [plots.FLOAT_COLOR] + [plots.PALETTE[i % len(plots.PALETTE)] for i in range(len(cands))]
+    png = _maybe(lambda: plots.returns_plot(groups, "episode returns, same seeds", colors))
     if png:
         s.img("returns", png, "returns per model")
     panels = []
