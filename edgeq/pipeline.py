@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from edgeq.ingest.onnx_policy import bind_env_spaces
 from edgeq.policy import FloatPolicy
 from edgeq.quantizers.plan import QuantPlan, make_plan
 from edgeq.validate.offline import OPEN_LOOP_REASON, validate_offline
-from edgeq.validate.targets import validate_target
+from edgeq.validate.validator import ValidationOptions, save_validation, validate_models
 
 #: ``progress(stage, total_steps)`` returns a per-step callback ``advance(n)`` for that stage.
 ProgressFactory = Callable[[str, int | None], Callable[[int], None]]
@@ -65,7 +65,8 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
              progress: ProgressFactory = _no_progress, calib_data: str | Path | None = None,
              calib_data_key: str | None = None, holdout_fraction: float = 0.2,
              action_low: float | Sequence[float] | None = None, action_high: float | Sequence[float] | None = None,
-             onnx_input: str | None = None, onnx_output: str | None = None) -> QuantizeResult:
+             onnx_input: str | None = None, onnx_output: str | None = None,
+             validation: ValidationOptions | None = None, report: bool = True) -> QuantizeResult:
     """Quantize ``policy`` for ``env`` and write a validated bundle to ``out``.
 
     Validation uses seeds ``seed .. seed+episodes-1``; calibration uses the recipe's seeds, which
@@ -79,6 +80,10 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
 
     ``action_low``/``action_high`` (a number or one per dimension) and ``onnx_input``/``onnx_output``
     apply to ONNX policy files, which carry no spaces; with an env, unknown bounds come from it.
+
+    ``validation`` chooses what the validator measures (default :meth:`ValidationOptions.light` on
+    ``targets``: verdict, noise floor, per-layer error, 2,000-call latency); ``report`` writes
+    report.html and report.md into the bundle.
     """
     if env is None and calib_data is None:
         raise EdgeqError("nothing to calibrate with: give an environment (--env) for rollouts, or logged "
@@ -155,22 +160,22 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
         cpath = w.save_model(specialize_for_ort_cpu(qmodel), INT8_CPU_MODEL)
         int8_for = {"cpu": cpath}
         t0 = time.perf_counter()
-        validation: dict[str, Any]
+        result: dict[str, Any]
         if make_env is None:
             assert log is not None and held_out is not None
-            validation = _validate_open_loop(fpath, {t: int8_for.get(t, qpath) for t in targets}, io, log,
-                                             held_out, holdout_fraction, targets, fp.action_space.size, progress)
+            result = _validate_open_loop(fpath, {t: int8_for.get(t, qpath) for t in targets}, io, log,
+                                         held_out, holdout_fraction, targets, fp.action_space.size, progress)
         else:
-            validation = {"env_id": env, "closed_loop": True, "seeds": val_seeds, "targets": {}}
-            for target in targets:
-                validation["targets"][target] = validate_target(
-                    target, fpath, int8_for.get(target, qpath), io, make_env, val_seeds,
-                    act_dim=fp.action_space.size, num_envs=num_envs,
-                    progress=progress(f"validate {target}", 2 * episodes * ep_len if ep_len else None))
+            vopts = validation if validation is not None else ValidationOptions.light(targets=tuple(targets))
+            vopts = replace(vopts, num_envs=num_envs)
+            result = validate_models(
+                fpath, qpath, io, make_env, val_seeds, env_id=env, action_low=fp.action_space.low_array,
+                action_high=fp.action_space.high_array, options=vopts, plan=plan, episode_steps=ep_len,
+                progress=progress, int8_for_target=int8_for)
+            result["closed_loop"] = True
         timings["validation_s"] = time.perf_counter() - t0
-        validation["timings"] = {k: round(v, 3) for k, v in timings.items()}
-        validation["sizes"] = {p.name: p.stat().st_size for p in (fpath, qpath, cpath)}
-        w.write_json(VALIDATION, validation)
+        result["timings"] = {k: round(v, 3) for k, v in timings.items()}
+        result["sizes"] = {p.name: p.stat().st_size for p in (fpath, qpath, cpath)}
         w.manifest = {
             "edgeq_version": __version__,
             "source": fp.source.to_json(),
@@ -190,7 +195,11 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
             "quantization": plan.to_json(),
             "tensorrt_qdq_check": {"errors": 0, "warnings": [f"{v.rule}: {v.node}" for v in conformance]},
         }
-    return QuantizeResult(out, w.manifest, validation, timings)
+        if make_env is None:
+            w.write_json(VALIDATION, result)
+        else:
+            save_validation(w.path, result, w.manifest, report=report)
+    return QuantizeResult(out, w.manifest, result, timings)
 
 
 def _calibrate_logged(fp: FloatPolicy, observations: Any, progress: ProgressFactory) -> CalibrationStats:

@@ -37,21 +37,44 @@ def _fmt_size(n: int) -> str:
 
 
 def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
-    """Float vs int8 per target: mean ± std, paired difference, action error, file sizes."""
+    """Float vs int8 per target: mean ± std, paired difference, noise floor, action error, verdict, file sizes."""
     label = manifest["source"]["algorithm"] or manifest["source"]["kind"]
     table = Table(title=f"edgeq: {label} on {validation['env_id']} "
                         f"({len(validation['seeds'])} paired episodes)")
-    for col in ("target", "float return", "int8 return", "int8 - float (95% CI)", "int8/float",
-                "action err mean / max"):
+    has_floor = any("noise_floor" in r for r in validation["targets"].values())
+    has_verdict = any("verdict" in r for r in validation["targets"].values())
+    cols = ["target", "float return", "int8 return", "int8 - float (95% CI)", "int8/float"]
+    cols += ["noise floor", "≠ floor"] if has_floor else []
+    cols += ["action err mean / max"] + (["verdict"] if has_verdict else [])
+    for col in cols:
         table.add_column(col, justify="right")
     for target, r in validation["targets"].items():
         d = r["paired_difference"]
         ae = r["action_error"]["on_float_trajectory"]
-        table.add_row(target, f"{r['float']['mean']:.1f} ± {r['float']['std']:.1f}",
-                      f"{r['int8']['mean']:.1f} ± {r['int8']['std']:.1f}",
-                      f"{d['mean']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]",
-                      f"{d['ratio_of_means']:.4f}", f"{ae['mean_abs']:.4f} / {ae['max_abs']:.4f}")
+        row = [target, f"{r['float']['mean']:.1f} ± {r['float']['std']:.1f}",
+               f"{r['int8']['mean']:.1f} ± {r['int8']['std']:.1f}",
+               f"{d['mean']:+.4g} [{d['ci95'][0]:+.4g}, {d['ci95'][1]:+.4g}]",
+               "-" if d.get("ratio_of_means") is None else f"{d['ratio_of_means']:.4f}"]
+        if has_floor:
+            fl = r.get("noise_floor")
+            row += ([f"±{max(abs(fl['band'][0]), abs(fl['band'][1])):.2g}", "yes" if fl["distinguishable"] else "no"]
+                    if fl else ["-", "-"])
+        row.append(f"{ae['mean_abs']:.4f} / {ae['max_abs']:.4f}")
+        if has_verdict:
+            v = r.get("verdict", {})
+            row.append("[bold green]PASS[/]" if v.get("passed") else "[bold red]FAIL[/]" if v else "-")
+        table.add_row(*row)
     console.print(table)
+    for target, reason in validation.get("unavailable_targets", {}).items():
+        console.print(f"{target}: unavailable here ({reason})", highlight=False)
+    verdict = validation.get("verdict")
+    if verdict:
+        style = "bold green" if verdict["passed"] else "bold red"
+        console.print(f"verdict: [{style}]{verdict['status']}[/]", highlight=False)
+        for target, r in validation["targets"].items():
+            for line in [*r.get("verdict", {}).get("reasons", []), r.get("verdict", {}).get("floor_text")]:
+                if line:
+                    console.print(f"  {target}: {line}", highlight=False, soft_wrap=True)
     sizes = validation.get("sizes", {})
     if sizes:
         f, q = sizes.get("policy.fp32.onnx", 0), sizes.get("policy.int8.onnx", 0)

@@ -117,9 +117,9 @@ class OrtPolicy:
             t0 = time.perf_counter()
             values = self.session.run(names + state_out, feeds)
             self.latency.add(time.perf_counter() - t0)
-            for spec, value in zip(self.state_specs, values[len(names):]):
+            for spec, value in zip(self.state_specs, values[len(names):], strict=True):
                 self._state[spec["input"]] = np.ascontiguousarray(value)
-        return dict(zip(names, values[: len(names)]))
+        return dict(zip(names, values[: len(names)], strict=True))
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         """Actions for a batch of observations (float32 [batch, obs_dim] → [batch, act_dim])."""

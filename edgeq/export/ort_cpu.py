@@ -11,8 +11,9 @@ exactly the symmetric int8 value plus 128 (same scale, same rounding, same satur
 ``MatMulIntegerToFloat`` subtracts the zero point before its integer GEMM. (Quantizing post-ReLU
 activations to uint8 with zero point 0 would drop the ``Relu`` kernels too, but it changes the
 saturation point, so the CPU file would no longer compute what the TensorRT file computes; measured
-gain ~0.3 µs per call at batch 1, not worth a second arithmetic.) The portable ``policy.int8.onnx`` stays the artifact for TensorRT and other runtimes; the CPU
-target validates this file, since it is the one that runs there.
+gain ~0.3 µs per call at batch 1, not worth a second arithmetic.) The portable ``policy.int8.onnx``
+stays the artifact for TensorRT and other runtimes; the CPU target validates this file, since it is
+the one that runs there.
 """
 
 from __future__ import annotations

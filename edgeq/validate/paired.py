@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from edgeq.rollout import BatchPolicy, EpisodeResults, run_episodes
 from edgeq.validate.stats import ActionErrorAccumulator, describe, paired_difference
+from edgeq.validate.trajectories import TrajectoryStore, divergence
 
 
 class ShadowedPolicy:
@@ -43,32 +45,97 @@ class ShadowedPolicy:
         self.errors.add(ref[rows], cand[rows])
 
 
+def termination_summary(reference: EpisodeResults, candidate: EpisodeResults) -> dict[str, Any]:
+    """Early termination (falls) of both policies on the same seeds, and the seeds where they disagree."""
+    ref_t, cand_t = np.asarray(reference.terminated, bool), np.asarray(candidate.terminated, bool)
+    seeds = np.asarray(reference.seeds)
+    return {"float_rate": float(ref_t.mean()), "int8_rate": float(cand_t.mean()),
+            "float_mean_length": float(np.mean(reference.lengths)),
+            "int8_mean_length": float(np.mean(candidate.lengths)),
+            "only_int8_terminated": [int(s) for s in seeds[cand_t & ~ref_t]],
+            "only_float_terminated": [int(s) for s in seeds[ref_t & ~cand_t]]}
+
+
+@dataclass
+class PairedRun:
+    """Everything measured by :func:`run_paired` (arrays kept; :meth:`to_json` gives the summary)."""
+
+    reference: EpisodeResults
+    candidate: EpisodeResults
+    err_on_reference: ActionErrorAccumulator
+    err_on_candidate: ActionErrorAccumulator
+    reference_traj: TrajectoryStore | None
+    candidate_traj: TrajectoryStore | None
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        ref, cand = self.reference, self.candidate
+        out: dict[str, Any] = {
+            "float": {**ref.to_json(), **describe(ref.returns), "termination_rate": float(np.mean(ref.terminated))},
+            "int8": {**cand.to_json(), **describe(cand.returns), "termination_rate": float(np.mean(cand.terminated))},
+            "paired_difference": paired_difference(ref.returns, cand.returns),
+            "action_error": {"on_float_trajectory": self.err_on_reference.summary(),
+                             "on_int8_trajectory": self.err_on_candidate.summary()},
+            "termination": termination_summary(ref, cand),
+            "seconds": round(self.seconds, 3),
+        }
+        if self.reference_traj is not None and self.candidate_traj is not None:
+            out["divergence"] = divergence(self.reference_traj, self.candidate_traj, ref.seeds)
+            fs, cs = self.reference_traj.success, self.candidate_traj.success
+            if fs or cs:  # the env reports success (info["is_success"]): rates over the episodes
+                out["termination"]["float_success_rate"] = float(np.mean([fs.get(int(s), False) for s in ref.seeds]))
+                out["termination"]["int8_success_rate"] = float(np.mean([cs.get(int(s), False) for s in ref.seeds]))
+        return out
+
+
+def run_paired(make_env: Callable[[], Any], reference: BatchPolicy, candidate: BatchPolicy,
+               shadow_reference: BatchPolicy, shadow_candidate: BatchPolicy, seeds: Sequence[int], *,
+               num_envs: int = 8, act_dim: int, action_scale: np.ndarray | None = None,
+               record: bool = True, progress: Callable[[int], None] | None = None) -> PairedRun:
+    """Roll out ``reference`` (float) and ``candidate`` (quantized) on ``seeds``.
+
+    ``shadow_*`` are second instances of the other policy (with their own state) that measure the
+    action error on the states each policy visits. With ``record`` the trajectories of both are
+    kept (per seed) for the divergence and the per-layer statistics.
+    """
+    err_on_ref = ActionErrorAccumulator(act_dim, scale=action_scale)
+    err_on_cand = ActionErrorAccumulator(act_dim, scale=action_scale)
+    ref_traj = TrajectoryStore() if record else None
+    cand_traj = TrajectoryStore() if record else None
+    t0 = time.perf_counter()
+    ref_pol = ShadowedPolicy(reference, shadow_candidate, err_on_ref, actor_is_reference=True)
+    ref_res: EpisodeResults = run_episodes(ref_traj.wrap(make_env) if ref_traj else make_env, ref_pol, seeds,
+                                           num_envs=num_envs, on_step=ref_pol.observe, progress=progress)
+    cand_pol = ShadowedPolicy(candidate, shadow_reference, err_on_cand, actor_is_reference=False)
+    cand_res = run_episodes(cand_traj.wrap(make_env) if cand_traj else make_env, cand_pol, seeds,
+                            num_envs=num_envs, on_step=cand_pol.observe, progress=progress)
+    return PairedRun(ref_res, cand_res, err_on_ref, err_on_cand, ref_traj, cand_traj, time.perf_counter() - t0)
+
+
 def paired_rollouts(make_env: Callable[[], Any], reference: BatchPolicy, candidate: BatchPolicy,
                     shadow_reference: BatchPolicy, shadow_candidate: BatchPolicy, seeds: Sequence[int], *,
                     num_envs: int = 8, act_dim: int,
                     progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Roll out ``reference`` (float) and ``candidate`` (quantized) on ``seeds``.
+    """:func:`run_paired` summarized as JSON (float, int8, paired_difference, action_error, ...)."""
+    return run_paired(make_env, reference, candidate, shadow_reference, shadow_candidate, seeds,
+                      num_envs=num_envs, act_dim=act_dim, progress=progress).to_json()
 
-    ``shadow_*`` are second instances of the other policy (their own state) used to measure the
-    action error on the states each policy visits.
+
+def action_error_series(reference: Any, candidate: Any, observations: np.ndarray) -> np.ndarray:
+    """|a_candidate - a_reference| [T, act_dim] along one episode's observations (state carried).
+
+    ``reference``/``candidate`` are :class:`~edgeq.deploy.runtime.OrtPolicy`-like (``act``,
+    ``reset``, ``state_specs``); stateless policies run the whole sequence as one batch.
     """
-    err_on_ref = ActionErrorAccumulator(act_dim)
-    err_on_cand = ActionErrorAccumulator(act_dim)
-    t0 = time.perf_counter()
-    ref_pol = ShadowedPolicy(reference, shadow_candidate, err_on_ref, actor_is_reference=True)
-    ref_res: EpisodeResults = run_episodes(make_env, ref_pol, seeds, num_envs=num_envs, on_step=ref_pol.observe,
-                                           progress=progress)
-    cand_pol = ShadowedPolicy(candidate, shadow_reference, err_on_cand, actor_is_reference=False)
-    cand_res = run_episodes(make_env, cand_pol, seeds, num_envs=num_envs, on_step=cand_pol.observe,
-                            progress=progress)
-    seconds = time.perf_counter() - t0
-    return {
-        "float": {**ref_res.to_json(), **describe(ref_res.returns),
-                  "termination_rate": float(np.mean(ref_res.terminated))},
-        "int8": {**cand_res.to_json(), **describe(cand_res.returns),
-                 "termination_rate": float(np.mean(cand_res.terminated))},
-        "paired_difference": paired_difference(ref_res.returns, cand_res.returns),
-        "action_error": {"on_float_trajectory": err_on_ref.summary(),
-                         "on_int8_trajectory": err_on_cand.summary()},
-        "seconds": round(seconds, 3),
-    }
+    obs = np.ascontiguousarray(observations, np.float32)
+    if not getattr(reference, "state_specs", None) and not getattr(candidate, "state_specs", None):
+        reference.reset(None)
+        candidate.reset(None)
+        return np.abs(candidate.act(obs).astype(np.float64) - reference.act(obs).astype(np.float64))
+    reference.reset(None)
+    candidate.reset(None)
+    rows = [np.abs(candidate.act(o[None]).astype(np.float64) - reference.act(o[None]).astype(np.float64))[0]
+            for o in obs]
+    reference.reset(None)
+    candidate.reset(None)
+    return np.stack(rows)

@@ -9,7 +9,10 @@ import numpy as np
 
 def bootstrap_ci(values: np.ndarray, *, confidence: float = 0.95, resamples: int = 10_000,
                  seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of ``values`` (deterministic for a given seed)."""
+    """Percentile bootstrap CI of the mean of ``values`` (deterministic for a given seed).
+
+    Constant ``values`` give the degenerate interval ``(v, v)``; an empty array gives NaNs.
+    """
     v = np.asarray(values, np.float64)
     if v.size == 0:
         return (float("nan"), float("nan"))
@@ -22,6 +25,7 @@ def bootstrap_ci(values: np.ndarray, *, confidence: float = 0.95, resamples: int
 
 
 def describe(returns: np.ndarray) -> dict[str, float]:
+    """Mean, sample std, min, max and count of a set of episode returns."""
     r = np.asarray(returns, np.float64)
     return {"mean": float(r.mean()), "std": float(r.std(ddof=1)) if r.size > 1 else 0.0,
             "min": float(r.min()), "max": float(r.max()), "episodes": int(r.size)}
@@ -39,42 +43,85 @@ def paired_difference(reference: np.ndarray, candidate: np.ndarray, *, seed: int
             "per_episode": [float(x) for x in d]}
 
 
-class ActionErrorAccumulator:
-    """Streaming |a_candidate - a_reference| statistics: mean, max, p99, per action dimension.
+def rms(values: np.ndarray) -> float:
+    v = np.asarray(values, np.float64)
+    return float(np.sqrt(np.mean(v * v))) if v.size else 0.0
 
-    p99 comes from a bounded reservoir of per-step maxima (at most ``capacity`` values kept).
+
+class ActionErrorAccumulator:
+    """Streaming |a_candidate - a_reference| statistics: mean, RMS, max, p99, per action dimension.
+
+    Percentiles come from a bounded uniform reservoir of per-step error rows (at most ``capacity``
+    steps kept), so memory stays bounded on long validations. ``scale`` (e.g. the action
+    half-range) gives the normalized figures used against the sensitivity curve.
     """
 
-    def __init__(self, act_dim: int, capacity: int = 200_000, seed: int = 0) -> None:
+    def __init__(self, act_dim: int, capacity: int = 100_000, seed: int = 0,
+                 scale: np.ndarray | None = None) -> None:
+        self.act_dim = act_dim
         self.sum = np.zeros(act_dim)
+        self.sumsq = np.zeros(act_dim)
         self.max = np.zeros(act_dim)
         self.count = 0
-        self._res = np.zeros(capacity)
+        self._res = np.zeros((capacity, act_dim))
         self._seen = 0
         self._rng = np.random.default_rng(seed)
+        self.scale = np.ones(act_dim) if scale is None else np.asarray(scale, np.float64).reshape(act_dim)
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         err = np.abs(np.asarray(candidate, np.float64) - np.asarray(reference, np.float64))
+        err = err.reshape(len(err), -1) if err.size else err
         if err.size == 0:
             return
         self.sum += err.sum(axis=0)
+        self.sumsq += (err * err).sum(axis=0)
         self.max = np.maximum(self.max, err.max(axis=0))
         self.count += err.shape[0]
-        for v in err.max(axis=1):
-            if self._seen < self._res.size:
-                self._res[self._seen] = v
+        cap = self._res.shape[0]
+        fill = max(0, min(cap - self._seen, len(err)))
+        if fill:
+            self._res[self._seen:self._seen + fill] = err[:fill]
+            self._seen += fill
+        for row in err[fill:]:
+            if self._seen < cap:
+                self._res[self._seen] = row
             else:
                 j = int(self._rng.integers(0, self._seen + 1))
-                if j < self._res.size:
-                    self._res[j] = v
+                if j < cap:
+                    self._res[j] = row
             self._seen += 1
 
     def summary(self) -> dict[str, Any]:
+        """Mean/RMS/max/p99 over all steps and per action dimension (absolute and normalized)."""
         if self.count == 0:
             return {"steps": 0}
         per_dim_mean = self.sum / self.count
-        kept = self._res[: min(self._seen, self._res.size)]
+        per_dim_rms = np.sqrt(self.sumsq / self.count)
+        kept = self._res[: min(self._seen, self._res.shape[0])]
+        normalized = kept / self.scale
         return {"steps": int(self.count), "mean_abs": float(per_dim_mean.mean()), "max_abs": float(self.max.max()),
-                "p99_step_max_abs": float(np.percentile(kept, 99)),
+                "rms": float(np.sqrt(self.sumsq.sum() / (self.count * self.act_dim))),
+                "p99_step_max_abs": float(np.percentile(kept.max(axis=1), 99)),
                 "per_dim_mean_abs": [float(x) for x in per_dim_mean],
-                "per_dim_max_abs": [float(x) for x in self.max]}
+                "per_dim_rms": [float(x) for x in per_dim_rms],
+                "per_dim_p99_abs": [float(x) for x in np.percentile(kept, 99, axis=0)],
+                "per_dim_max_abs": [float(x) for x in self.max],
+                "normalized_rms": float(np.sqrt(np.mean(normalized * normalized))),
+                "normalized_by": "action half-range"}
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (inf, nan) replaced by None, so the JSON is strict.
+
+    Infinite SQNR (no error at all) and undefined ratios become ``null``; readers treat that as
+    "not applicable".
+    """
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return json_safe(value.item())
+    return value

@@ -1,0 +1,194 @@
+"""Per-layer error of a quantized policy at the boundaries that deployment fuses.
+
+A *fused boundary* is the output of a weighted layer after its bias and activation
+(``Gemm``/``MatMul`` [+ ``Add`` bias] [+ activation]): the tensor a TensorRT or ONNX Runtime
+kernel writes, not every small op inside it. On states the float policy visited, this module
+measures
+
+* the SQNR and relative error of the quantized model against the float one at every boundary
+  (errors accumulated through all quantized layers before it), and
+* each layer's share of the final action error, by quantizing **one layer at a time** (every
+  other layer float) and measuring the action error that layer alone causes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgeq.calibration.collect import instrumented
+from edgeq.deploy.runtime import OrtPolicy
+from edgeq.export.qdq import apply_plan
+from edgeq.graph.analysis import constant_value, find_weighted_layers
+from edgeq.quantizers.plan import ActivationQuant, LayerQuant, QuantPlan
+from edgeq.quantizers.weights import quantize_weight
+
+#: Elementwise activations that deployment runtimes fuse into the preceding GEMM's epilogue.
+FUSED_ACTIVATIONS = ("Relu", "Tanh", "Sigmoid", "Elu", "LeakyRelu", "Softplus", "Selu", "HardSigmoid",
+                     "HardSwish", "Gelu", "Mish", "Clip")
+
+
+@dataclass(frozen=True)
+class LayerBoundary:
+    """Weighted layer ``node`` and the tensor after its bias and activation (``ops`` were fused)."""
+
+    node: str
+    tensor: str
+    ops: tuple[str, ...]
+
+
+def fused_boundaries(model: onnx.ModelProto) -> list[LayerBoundary]:
+    """The fused output tensor of every weighted layer of a float graph, in graph order."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    by_name = {n.name: n for n in model.graph.node}
+    out = []
+    for wl in find_weighted_layers(model):
+        node = by_name[wl.node]
+        tensor, ops = node.output[0], [node.op_type]
+        cons = consumers.get(tensor, [])
+        if (len(cons) == 1 and cons[0].op_type == "Add"
+                and any(constant_value(model, i) is not None for i in cons[0].input if i != tensor)):
+            tensor, ops = cons[0].output[0], [*ops, "Add"]
+            cons = consumers.get(tensor, [])
+        if len(cons) == 1 and cons[0].op_type in FUSED_ACTIVATIONS:
+            tensor, ops = cons[0].output[0], [*ops, cons[0].op_type]
+        elif len(cons) == 2 and {c.op_type for c in cons} == {"Sigmoid", "Mul"}:  # SiLU: x * sigmoid(x)
+            sig = next(c for c in cons if c.op_type == "Sigmoid")
+            mul = next(c for c in cons if c.op_type == "Mul")
+            if sig.output[0] in mul.input:
+                tensor, ops = mul.output[0], [*ops, "SiLU"]
+        out.append(LayerBoundary(wl.node, tensor, tuple(ops)))
+    return out
+
+
+def plan_from_manifest(float_model: onnx.ModelProto, quantization: dict[str, Any]) -> QuantPlan:
+    """Rebuild a bundle's :class:`QuantPlan` from its manifest (activation amax + weight method).
+
+    Weights are re-quantized from the float model with the recorded per-channel method, which is
+    deterministic, so applying the plan reproduces the bundle's INT8 model.
+    """
+    acts = {a["tensor"]: ActivationQuant(a["tensor"], float(a["amax"]), a.get("calibrator", "?"),
+                                         dict(a.get("params", {})))
+            for a in quantization.get("activations", [])}
+    layers = []
+    for entry in quantization.get("layers", []):
+        lq = LayerQuant(entry["node"], entry["op_type"], entry["input"], entry["weight"],
+                        int(entry.get("weight_axis", 0)), entry["precision"], reason=entry.get("reason", ""))
+        if lq.precision == "int8":
+            w = constant_value(float_model, lq.weight_name)
+            if w is None:
+                raise ValueError(f"weight {lq.weight_name!r} of layer {lq.node!r} is not in the float model")
+            method = entry.get("weight_method", "absmax")
+            lq = dataclasses.replace(lq, weight=quantize_weight(np.asarray(w, np.float32), axis=lq.weight_axis,
+                                                                 method=method), weight_method=method)
+        layers.append(lq)
+    return QuantPlan(acts, layers, dict(quantization.get("settings", {})))
+
+
+def only_layer(plan: QuantPlan, node: str) -> QuantPlan:
+    """``plan`` with every INT8 layer but ``node`` turned back to float."""
+    layers = [layer if layer.node == node or layer.precision != "int8"
+              else dataclasses.replace(layer, precision="float", reason="per-layer analysis")
+              for layer in plan.layers]
+    return QuantPlan(plan.activations, layers, plan.settings)
+
+
+def _session(model: onnx.ModelProto | bytes | str, io: dict[str, Any], outputs: Sequence[str]) -> OrtPolicy:
+    m = model if isinstance(model, onnx.ModelProto) else onnx.load_model_from_string(
+        model) if isinstance(model, bytes) else onnx.load(model)
+    graph_tensors = {o for n in m.graph.node for o in n.output} | {i.name for i in m.graph.input}
+    names = [t for t in outputs if t in graph_tensors]
+    return OrtPolicy(instrumented(m, names).SerializeToString(), input_name=io.get("input", "obs"),
+                     output_name=io.get("output", "actions"), state=io.get("state", []))
+
+
+def _evaluate(rt: OrtPolicy, episodes: Sequence[np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Run ``rt`` over the states of ``episodes``; recurrent policies step each episode with its state."""
+    available = set(rt.output_names)
+    want = [n for n in names if n in available]
+    if not rt.state_specs:
+        obs = np.ascontiguousarray(np.concatenate(episodes), np.float32)
+        values = rt.run(obs, want)
+        return {k: v.reshape(len(obs), -1).astype(np.float64) for k, v in values.items()}
+    rows: dict[str, list[np.ndarray]] = {n: [] for n in want}
+    for ep in episodes:
+        rt.reset(None)
+        for o in np.asarray(ep, np.float32):
+            values = rt.run(o[None], want)
+            for k, v in values.items():
+                rows[k].append(v.reshape(1, -1).astype(np.float64))
+    rt.reset(None)
+    return {k: np.concatenate(v) for k, v in rows.items()}
+
+
+def _errors(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
+    diff = cand - ref
+    sig, noise = float(np.sum(ref * ref)), float(np.sum(diff * diff))
+    sqnr = float("inf") if noise == 0 else (10 * np.log10(sig / noise) if sig > 0 else float("-inf"))
+    return {"sqnr_db": float(sqnr), "relative_error": float(np.sqrt(noise / sig)) if sig > 0 else float("nan"),
+            "max_abs_error": float(np.abs(diff).max()) if diff.size else 0.0}
+
+
+def per_layer_error(float_model: onnx.ModelProto, int8_model: onnx.ModelProto | bytes | str, io: dict[str, Any],
+                    episodes: Sequence[np.ndarray], *, plan: QuantPlan | None = None) -> dict[str, Any]:
+    """SQNR/relative error at each fused boundary, and (with ``plan``) each layer's share of the action error.
+
+    ``episodes`` are observation sequences the float policy visited (one array per episode; for
+    stateless policies they are simply concatenated). Without ``plan`` (a QDQ model from another
+    tool) only the boundaries whose tensor names exist in both graphs are measured and no ranking
+    is made.
+    """
+    bounds = fused_boundaries(float_model)
+    action = io.get("output", "actions")
+    names = [b.tensor for b in bounds]
+    ref = _evaluate(_session(float_model, io, names), episodes, [*names, action])
+    full = _evaluate(_session(int8_model, io, names), episodes, [*names, action])
+    layers: list[dict[str, Any]] = []
+    precision = {layer.node: layer.precision for layer in plan.layers} if plan is not None else {}
+    for b in bounds:
+        row: dict[str, Any] = {"node": b.node, "tensor": b.tensor, "fused": "+".join(b.ops),
+                               "precision": precision.get(b.node, "int8" if plan is None else "float")}
+        if b.tensor in full and b.tensor in ref:
+            row.update(_errors(ref[b.tensor], full[b.tensor]))
+        layers.append(row)
+    full_err = full[action] - ref[action]
+    result: dict[str, Any] = {"states": int(len(ref[action])), "layers": layers,
+                              "action_rms_error": float(np.sqrt(np.mean(full_err ** 2))),
+                              "action": _errors(ref[action], full[action]), "ranking": None}
+    if plan is None or not plan.int8_layers():
+        return result
+    # check that the plan reproduces the model under test before trusting the one-layer variants
+    rebuilt = _evaluate(_session(apply_plan(float_model, plan), io, []), episodes, [action])[action]
+    mismatch = float(np.abs(rebuilt - full[action]).max())
+    ranking: list[dict[str, Any]] = []
+    for layer in plan.int8_layers():
+        variant = apply_plan(float_model, only_layer(plan, layer.node))
+        bnd = next((b for b in bounds if b.node == layer.node), None)
+        vals = _evaluate(_session(variant, io, [bnd.tensor] if bnd else []), episodes,
+                         [action, *([bnd.tensor] if bnd else [])])
+        err = vals[action] - ref[action]
+        entry: dict[str, Any] = {"node": layer.node, "action_mse": float(np.mean(err ** 2)),
+                 "action_rms_error": float(np.sqrt(np.mean(err ** 2))),
+                 "action_max_abs_error": float(np.abs(err).max())}
+        if bnd is not None and bnd.tensor in vals:
+            entry["own_output_sqnr_db"] = _errors(ref[bnd.tensor], vals[bnd.tensor])["sqnr_db"]
+        ranking.append(entry)
+    total = sum(r["action_mse"] for r in ranking)
+    for r in ranking:
+        r["share"] = r["action_mse"] / total if total > 0 else 0.0
+    ranking.sort(key=lambda r: -r["action_mse"])
+    result["ranking"] = ranking
+    result["ranking_method"] = ("one layer quantized at a time (others float); share = its action MSE / "
+                                "sum over layers")
+    result["sum_single_layer_mse_over_full_mse"] = (total / float(np.mean(full_err ** 2))
+                                                    if np.any(full_err) else None)
+    result["plan_reproduces_model_max_abs"] = mismatch
+    return result

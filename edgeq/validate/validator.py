@@ -1,0 +1,294 @@
+"""The whole validation of a float/INT8 model pair: closed-loop statistics on every available target,
+noise floor, sensitivity, per-layer error and latency, as one JSON-able dict (``validation.json``).
+
+``edgeq validate`` (all parts on) and ``edgeq quantize`` (:meth:`ValidationOptions.light`) both run
+:func:`validate_models`; :func:`validate_bundle` does it for an existing bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgeq.errors import EdgeqError
+from edgeq.quantizers.plan import QuantPlan
+from edgeq.validate.latency import measure_latency, strip_samples
+from edgeq.validate.layers import per_layer_error, plan_from_manifest
+from edgeq.validate.noise import (
+    DEFAULT_SENSITIVITY_LEVELS,
+    FLOOR_NOISE,
+    noise_floor,
+    perturbed_returns,
+    sensitivity_curve,
+)
+from edgeq.validate.paired import action_error_series, run_paired
+from edgeq.validate.stats import json_safe
+from edgeq.validate.targets import make_runtime, unavailable_reason
+from edgeq.validate.verdict import Tolerance, judge, overall
+
+#: ``progress(stage, total)`` returns a per-step ``advance(n)`` callback (see edgeq.pipeline).
+ProgressFactory = Callable[[str, int | None], Callable[[int], None]]
+
+
+def _no_progress(stage: str, total: int | None) -> Callable[[int], None]:
+    return lambda n: None
+
+
+@dataclass(frozen=True)
+class ValidationOptions:
+    """What to measure. The defaults are those of ``edgeq validate``; :meth:`light` is ``edgeq quantize``'s.
+
+    * ``floor_draws``: float re-rolls under ``floor_sigma`` action noise (0 turns the floor off);
+    * ``sensitivity``: float return under action noise ``sensitivity_levels`` × ``sensitivity_draws``;
+    * ``per_layer``: SQNR per fused layer and the one-layer-at-a-time ranking on ``per_layer_states``;
+    * ``latency_calls``: batch-1 calls per model and target (0 turns latency off), plus
+      ``latency_large_batch`` rows per call for throughput.
+    """
+
+    targets: tuple[str, ...] = ("cpu", "cuda", "trt")
+    tolerance: Tolerance = field(default_factory=Tolerance)
+    num_envs: int = 8
+    floor_draws: int = 5
+    floor_sigma: float = FLOOR_NOISE
+    sensitivity: bool = True
+    sensitivity_levels: tuple[float, ...] = DEFAULT_SENSITIVITY_LEVELS
+    sensitivity_draws: int = 3
+    per_layer: bool = True
+    per_layer_states: int = 4096
+    latency_calls: int = 10_000
+    latency_large_batch: int = 4096
+
+    @classmethod
+    def light(cls, **overrides: Any) -> ValidationOptions:
+        """Inside ``edgeq quantize``: 3 floor draws, no sensitivity, 2,000 latency calls, per-layer on."""
+        base = cls(targets=("cpu",), floor_draws=3, sensitivity=False, latency_calls=2000, latency_large_batch=1024)
+        return replace(base, **overrides)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tolerance"] = self.tolerance.to_json()
+        return d
+
+
+def _series_json(seed: int, err: np.ndarray) -> dict[str, Any]:
+    return {"seed": int(seed), "abs_error": [[float(f"{v:.6g}") for v in row] for row in err],
+            "trajectory": "float"}
+
+
+def _per_layer_episodes(traj: Any, seeds: Sequence[int], stateless: bool, max_states: int) -> list[np.ndarray]:
+    if stateless:
+        return [traj.sample_observations(max_states)]
+    out, total = [], 0
+    for s in seeds:
+        obs = traj.observations(s)[:-1]
+        take = obs[: max(0, max_states - total)]
+        if len(take):
+            out.append(take)
+            total += len(take)
+        if total >= max_states:
+            break
+    return out
+
+
+def validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], make_env: Callable[[], Any],
+                    seeds: Sequence[int], *, env_id: str, action_low: np.ndarray, action_high: np.ndarray,
+                    options: ValidationOptions = ValidationOptions(), plan: QuantPlan | None = None,
+                    episode_steps: int | None = None,
+                    progress: ProgressFactory = _no_progress,
+                    int8_for_target: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Validate ``int8_model`` against ``float_model`` in closed loop; returns ``validation.json``'s content.
+
+    ``int8_for_target`` names a target-specialized INT8 file (e.g. ``policy.int8.cpu.onnx`` for
+    ``cpu``): that target validates the file that actually runs there.
+
+    Targets that cannot run here are listed under ``unavailable_targets`` with the reason. Raises
+    :class:`EdgeqError` only when no requested target can run.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise EdgeqError("validation needs at least one episode (--episodes >= 1)")
+    low = np.asarray(action_low, np.float64).ravel()
+    high = np.asarray(action_high, np.float64).ravel()
+    half = np.where(np.isfinite(high - low), (high - low) / 2, 1.0)
+    act_dim = int(low.size)
+    opts = options
+    steps_per_rollout = len(seeds) * episode_steps if episode_steps else None
+    val: dict[str, Any] = {"env_id": env_id, "seeds": seeds, "targets": {}, "unavailable_targets": {},
+                           "tolerance": opts.tolerance.to_json(), "options": opts.to_json()}
+    timings: dict[str, float] = {}
+    float_traj_for_layers = None
+    stateless = not io.get("state")
+    for target in opts.targets:
+        reason = unavailable_reason(target)
+        runtimes = None
+        if reason is None:
+            try:
+                int8_here = (int8_for_target or {}).get(target, int8_model)
+                runtimes = [make_runtime(target, p, io, precision=prec)
+                            for p, prec in ((float_model, "fp32"), (int8_here, "int8"),
+                                            (float_model, "fp32"), (int8_here, "int8"))]
+            except Exception as exc:  # a provider that is listed but cannot start (missing libraries)
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if runtimes is None:
+            val["unavailable_targets"][target] = reason
+            continue
+        f_rt, q_rt, f_shadow, q_shadow = runtimes
+        t0 = time.perf_counter()
+        run = run_paired(make_env, f_rt, q_rt, f_shadow, q_shadow, seeds, num_envs=opts.num_envs, act_dim=act_dim,
+                         action_scale=half, record=True,
+                         progress=progress(f"{target}: float + int8 rollouts",
+                                           2 * steps_per_rollout if steps_per_rollout else None))
+        res = run.to_json()
+        res["providers"] = f_rt.providers[:1]
+        assert run.reference_traj is not None
+        first = seeds[0]
+        res["action_error_series"] = _series_json(
+            first, action_error_series(f_shadow, q_shadow, run.reference_traj.observations(first)[:-1]))
+        timings[f"{target}_rollouts_s"] = time.perf_counter() - t0
+        if opts.floor_draws > 0:
+            t0 = time.perf_counter()
+            fl = perturbed_returns(make_env, f_rt, seeds, sigma=opts.floor_sigma, draws=opts.floor_draws, low=low,
+                                   high=high, num_envs=opts.num_envs, draw_seed=10_000,
+                                   progress=progress(f"{target}: noise floor ({opts.floor_draws} draws)",
+                                                     opts.floor_draws * steps_per_rollout
+                                                     if steps_per_rollout else None))
+            res["noise_floor"] = noise_floor(run.reference.returns, run.candidate.returns, fl, sigma=opts.floor_sigma)
+            timings[f"{target}_noise_floor_s"] = time.perf_counter() - t0
+        res["verdict"] = judge(res, opts.tolerance)
+        if opts.latency_calls > 0:
+            t0 = time.perf_counter()
+            lat = measure_latency({"float": make_runtime(target, float_model, io, precision="fp32"),
+                                   "int8": make_runtime(target, int8_model, io, precision="int8")},
+                                  run.reference_traj.sample_observations(1024), calls=opts.latency_calls,
+                                  large_batch=opts.latency_large_batch,
+                                  progress=progress(f"{target}: latency", 2 * opts.latency_calls))
+            res["latency"] = strip_samples(lat)
+            timings[f"{target}_latency_s"] = time.perf_counter() - t0
+        val["targets"][target] = res
+        if float_traj_for_layers is None:
+            float_traj_for_layers = (target, run, f_rt)
+    if not val["targets"]:
+        raise EdgeqError("none of the requested targets can run here: " + "; ".join(
+            f"{t}: {r}" for t, r in val["unavailable_targets"].items()))
+    val["verdict"] = overall({t: r["verdict"] for t, r in val["targets"].items()})
+    assert float_traj_for_layers is not None
+    target, run, f_rt = float_traj_for_layers
+    if opts.sensitivity and opts.sensitivity_levels:
+        t0 = time.perf_counter()
+        levels = sorted(float(s) for s in opts.sensitivity_levels)
+        adv = progress("sensitivity (float + action noise)",
+                       len(levels) * opts.sensitivity_draws * steps_per_rollout if steps_per_rollout else None)
+        by_level = {s: perturbed_returns(make_env, f_rt, seeds, sigma=s, draws=opts.sensitivity_draws, low=low,
+                                         high=high, num_envs=opts.num_envs, draw_seed=20_000 + 100 * i, progress=adv)
+                    for i, s in enumerate(levels)}
+        tr = val["targets"][target]
+        val["sensitivity"] = sensitivity_curve(
+            run.reference.returns, by_level, tolerance=opts.tolerance.relative,
+            int8_normalized_rms=tr["action_error"]["on_float_trajectory"].get("normalized_rms"))
+        val["sensitivity"]["target"] = target
+        val["sensitivity"]["int8_mean"] = tr["int8"]["mean"]
+        timings["sensitivity_s"] = time.perf_counter() - t0
+    if opts.per_layer:
+        t0 = time.perf_counter()
+        progress("per-layer error", None)
+        assert run.reference_traj is not None
+        episodes = _per_layer_episodes(run.reference_traj, seeds, stateless, opts.per_layer_states)
+        val["per_layer"] = per_layer_error(onnx.load(str(float_model)), str(int8_model), io, episodes, plan=plan)
+        val["per_layer"]["target"] = "cpu"
+        timings["per_layer_s"] = time.perf_counter() - t0
+    val["sizes"] = {Path(float_model).name: Path(float_model).stat().st_size,
+                    Path(int8_model).name: Path(int8_model).stat().st_size}
+    val["validation_timings"] = {k: round(v, 3) for k, v in timings.items()}
+    return json_safe(val)  # type: ignore[no-any-return]
+
+
+def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: ValidationOptions = ValidationOptions(),
+                    progress: ProgressFactory = _no_progress) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Validate an existing bundle (files checked against the manifest first); returns (validation, manifest)."""
+    from edgeq.deploy.bundle_format import read_manifest
+    from edgeq.envs import env_factory
+
+    root = Path(bundle)
+    manifest = read_manifest(root, verify=False)
+    from edgeq.deploy.bundle_format import verify_files
+
+    models = manifest.get("models", {})
+    if "fp32" not in models or "int8" not in models:
+        raise EdgeqError(f"{root}: manifest lists models {sorted(models)}; expected both 'fp32' and 'int8'")
+    verify_files(root, manifest, sorted(set(models.values())))
+    env = manifest.get("env") or {}
+    if not env.get("id"):
+        raise EdgeqError(f"{root}: this bundle has no environment (it was calibrated from logged observations, or "
+                         "env.id is missing); closed-loop validation needs one: quantize again with --env")
+    make_env = env_factory(env["id"], env.get("kwargs"))
+    fpath, qpath = root / models["fp32"], root / models["int8"]
+    plan = None
+    quant = manifest.get("quantization")
+    if quant:
+        try:
+            plan = plan_from_manifest(onnx.load(str(fpath)), quant)
+        except (KeyError, ValueError):
+            plan = None
+    act = manifest["action_space"]
+    probe = make_env()
+    try:
+        spec = getattr(probe, "spec", None)
+        ep_len = getattr(spec, "max_episode_steps", None)
+    finally:
+        probe.close()
+    val = validate_models(fpath, qpath, manifest.get("io", {}), make_env, seeds, env_id=env["id"],
+                          action_low=np.asarray(act["low"], np.float64),
+                          action_high=np.asarray(act["high"], np.float64), options=options, plan=plan,
+                          episode_steps=ep_len, progress=progress,
+                          int8_for_target={t: root / models[f"int8-{t}"] for t in ("cpu", "cuda", "trt")
+                                           if f"int8-{t}" in models})
+    return val, manifest
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_validation(directory: str | Path, validation: dict[str, Any], manifest: dict[str, Any] | None = None, *,
+                    report: bool = True, update_manifest: bool = False) -> list[Path]:
+    """Write ``validation.json`` (and report.html, report.md, report/*.png) into ``directory``.
+
+    With ``update_manifest`` (``directory`` is the bundle) the manifest's SHA-256 entries of the
+    files written are refreshed, so the bundle still verifies; the model entries are untouched.
+    Every file is written to a temporary name and renamed into place.
+    """
+    from edgeq.deploy.bundle_format import MANIFEST, VALIDATION, sha256_of
+    from edgeq.validate.report import write_validation_report
+
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    written = [root / VALIDATION]
+    _atomic_write(root / VALIDATION, (json.dumps(json_safe(validation), indent=2, allow_nan=False) + "\n").encode())
+    if report:
+        written += write_validation_report(root, validation, manifest)
+    if update_manifest:
+        mpath = root / MANIFEST
+        current = json.loads(mpath.read_text())
+        files = dict(current.get("files", {}))
+        for p in written:
+            if p.is_file() and p.parent == root:
+                files[p.name] = sha256_of(p)
+        current["files"] = files
+        _atomic_write(mpath, (json.dumps(current, indent=2) + "\n").encode())
+    return written

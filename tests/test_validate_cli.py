@@ -1,0 +1,217 @@
+"""``edgeq validate`` / ``edgeq compare`` on real Pendulum rollouts of the trained SAC fixture.
+
+Known cases: a bundle whose "int8" model is the float model itself must give a paired difference of
+exactly 0 and PASS (exit 0); one whose int8 model adds a constant to every action must FAIL (exit
+1); a broken bundle is an error (exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+from typer.testing import CliRunner
+
+from edgeq.cli import app
+from edgeq.deploy.bundle_format import MANIFEST, sha256_of
+
+FAST = ["--episodes", "4", "--floor-draws", "2", "--no-sensitivity", "--latency-calls", "200", "--large-batch", "64",
+        "--targets", "cpu", "--num-envs", "4"]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory, sac_pendulum: Path) -> Path:
+    from edgeq.pipeline import quantize
+
+    out = tmp_path_factory.mktemp("validate") / "bundle"
+    quantize(sac_pendulum, "Pendulum-v1", out, episodes=3, calib_episodes=4, num_envs=4)
+    return out
+
+
+def _replace_model(src: Path, dst: Path, model: onnx.ModelProto) -> Path:
+    """A copy of bundle ``src`` whose int8 model is ``model`` (manifest hashes refreshed)."""
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / MANIFEST).read_text())
+    target = dst / manifest["models"]["int8"]
+    target.write_bytes(model.SerializeToString())
+    manifest["files"][target.name] = sha256_of(target)
+    (dst / MANIFEST).write_text(json.dumps(manifest))
+    return dst
+
+
+def action_offset(model: onnx.ModelProto, offset: float) -> onnx.ModelProto:
+    """``model`` with ``offset`` added to every action (a graph edit on the output)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    out = m.graph.output[0].name
+    for node in m.graph.node:
+        for i, name in enumerate(node.output):
+            if name == out:
+                node.output[i] = f"{out}_before_offset"
+    act_dim = m.graph.output[0].type.tensor_type.shape.dim[-1].dim_value or 1
+    m.graph.initializer.append(numpy_helper.from_array(np.full(act_dim, offset, np.float32), "edgeq_test_offset"))
+    m.graph.node.append(helper.make_node("Add", [f"{out}_before_offset", "edgeq_test_offset"], [out],
+                                         name="edgeq_test_offset/Add"))
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_quantize_writes_verdict_floor_per_layer_and_reports(bundle: Path) -> None:
+    val = json.loads((bundle / "validation.json").read_text())
+    cpu = val["targets"]["cpu"]
+    assert cpu["verdict"]["status"] in ("PASS", "FAIL") and val["verdict"]["exit_code"] in (0, 1)
+    assert cpu["noise_floor"]["draws"] == 3 and len(cpu["noise_floor"]["returns"]) == 3
+    assert cpu["latency"]["models"]["int8"]["batch1"]["calls"] == 2000
+    assert "sensitivity" not in val  # the light validation inside quantize
+    pl = val["per_layer"]
+    assert [r["fused"] for r in pl["layers"]] == ["Gemm+Relu", "Gemm+Relu", "Gemm+Tanh"]
+    assert pl["plan_reproduces_model_max_abs"] == 0.0  # the manifest's plan rebuilds the int8 model exactly
+    assert sum(r["share"] for r in pl["ranking"]) == pytest.approx(1.0)
+    for name in ("report.html", "report.md", "report/returns.png", "report/per_layer.png"):
+        assert (bundle / name).is_file(), name
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    assert manifest["files"]["report.html"] == sha256_of(bundle / "report.html")
+
+
+def test_identical_policies_differ_by_exactly_zero_and_pass(bundle: Path, tmp_path: Path) -> None:
+    same = _replace_model(bundle, tmp_path / "same", onnx.load(str(bundle / "policy.fp32.onnx")))
+    res = CliRunner().invoke(app, ["validate", str(same), *FAST, "--no-report"])
+    assert res.exit_code == 0, res.output
+    val = json.loads((same / "validation.json").read_text())
+    cpu = val["targets"]["cpu"]
+    assert cpu["paired_difference"]["per_episode"] == [0.0] * 4
+    assert cpu["paired_difference"]["ci95"] == [0.0, 0.0]
+    assert cpu["float"]["returns"] == cpu["int8"]["returns"]
+    assert cpu["action_error"]["on_float_trajectory"]["max_abs"] == 0.0
+    assert cpu["divergence"]["final_median"] == 0.0
+    assert cpu["verdict"]["passed"] and not cpu["verdict"]["distinguishable_from_floor"]
+    # no error at all: SQNR is infinite, written as null (strict JSON), relative error exactly 0
+    assert all(r["sqnr_db"] is None and r["relative_error"] == 0.0 for r in val["per_layer"]["layers"])
+    assert "PASS" in res.output
+    # the bundle still verifies after validate rewrote validation.json
+    assert CliRunner().invoke(app, ["info", str(same)]).exit_code == 0
+
+
+def test_constant_action_offset_fails(bundle: Path, tmp_path: Path) -> None:
+    bad = _replace_model(bundle, tmp_path / "offset", action_offset(onnx.load(str(bundle / "policy.fp32.onnx")), 1.5))
+    res = CliRunner().invoke(app, ["validate", str(bad), *FAST, "--no-per-layer", "--no-report"])
+    assert res.exit_code == 1, res.output
+    val = json.loads((bad / "validation.json").read_text())
+    cpu = val["targets"]["cpu"]
+    d = cpu["paired_difference"]
+    assert d["ci95"][1] < 0 and d["relative_mean"] < -0.01  # consistently worse by more than 1 %
+    assert cpu["verdict"]["status"] == "FAIL" and cpu["verdict"]["distinguishable_from_floor"]
+    # 1.5 added to every action the policy outputs (the env clips what it receives, not what we measure)
+    err = cpu["action_error"]["on_float_trajectory"]
+    assert err["max_abs"] == pytest.approx(1.5, abs=1e-5) and err["mean_abs"] == pytest.approx(1.5, abs=1e-5)
+    assert "FAIL" in res.output
+    # a looser tolerance turns it into a PASS: the exit code follows the user's tolerance
+    loose = CliRunner().invoke(app, ["validate", str(bad), *FAST, "--no-per-layer", "--no-report", "--latency-calls",
+                                     "0", "--rel-tol", "10"])
+    assert loose.exit_code == 0, loose.output
+
+
+def test_errors_exit_2_and_unavailable_targets_are_reported(bundle: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["validate", str(tmp_path / "missing")])
+    assert res.exit_code == 2 and "manifest.json" in res.output
+    res = CliRunner().invoke(app, ["validate", str(bundle), "--targets", "tpu"])
+    assert res.exit_code == 2 and "unknown target" in res.output
+    res = CliRunner().invoke(app, ["validate", str(bundle), "--seeds", "3-1"])
+    assert res.exit_code == 2 and "--seeds" in res.output
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        res = CliRunner().invoke(app, ["validate", str(bundle), "--targets", "cuda"])
+        assert res.exit_code == 2 and "none of the requested targets" in res.output
+        out = tmp_path / "elsewhere"
+        res = CliRunner().invoke(app, ["validate", str(bundle), *FAST[:-4], "--targets", "cpu,cuda", "--no-per-layer",
+                                       "--out", str(out), "--no-report"])
+        assert res.exit_code in (0, 1), res.output
+        val = json.loads((out / "validation.json").read_text())
+        assert list(val["targets"]) == ["cpu"] and "cuda" in val["unavailable_targets"]
+
+
+def test_full_validation_sensitivity_and_seeds(bundle: Path, tmp_path: Path) -> None:
+    from edgeq.validate.validator import ValidationOptions, validate_bundle
+
+    opts = ValidationOptions(targets=("cpu",), floor_draws=2, sensitivity_levels=(1e-3, 0.3, 1.0),
+                             sensitivity_draws=2, latency_calls=300, latency_large_batch=128, num_envs=3)
+    val, _ = validate_bundle(bundle, seeds=[5, 7, 11], options=opts)
+    assert val["seeds"] == [5, 7, 11] and val["targets"]["cpu"]["float"]["seeds"] == [5, 7, 11]
+    sens = val["sensitivity"]
+    assert [r["sigma"] for r in sens["levels"]] == [1e-3, 0.3, 1.0]
+    # full-scale action noise ruins Pendulum; tiny noise does not
+    assert sens["levels"][2]["relative_drop"] > 0.05 > abs(sens["levels"][0]["relative_drop"])
+    assert sens["budget_sigma"] is not None and 1e-3 < sens["budget_sigma"] <= 1.0
+    assert sens["int8_normalized_rms"] == val["targets"]["cpu"]["action_error"]["on_float_trajectory"]["normalized_rms"]
+    series = val["targets"]["cpu"]["action_error_series"]
+    assert series["seed"] == 5 and len(series["abs_error"]) == 200
+
+
+def test_compare_bundle_and_plain_onnx_from_another_tool(bundle: Path, tmp_path: Path) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            rng = np.random.default_rng(0)
+            th = rng.uniform(-np.pi, np.pi, 256)
+            obs = np.stack([np.cos(th), np.sin(th), rng.uniform(-8, 8, 256)], 1).astype(np.float32)
+            self.batches = iter([{"obs": obs[i:i + 64]} for i in range(0, 256, 64)])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    other = tmp_path / "ort_qdq.onnx"
+    quantize_static(str(bundle / "policy.fp32.onnx"), str(other), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True)
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(app, ["compare", str(bundle), str(other), "--names", "edgeq,ort", "--episodes", "3",
+                                   "--floor-draws", "2", "--latency-calls", "100", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    cmp = json.loads((out / "compare.json").read_text())
+    assert list(cmp["candidates"]) == ["edgeq", "ort"]
+    f = cmp["float"]["returns"]
+    for r in cmp["candidates"].values():
+        assert r["float"]["returns"] == f  # one reference, same seeds for every candidate
+        assert len(r["int8"]["returns"]) == 3 and r["verdict"]["status"] in ("PASS", "FAIL")
+    assert cmp["candidates"]["edgeq"]["per_layer"]["ranking"]  # edgeq bundle: plan known, ranking made
+    assert cmp["candidates"]["ort"]["per_layer"]["ranking"] is None  # foreign model: SQNR only
+    assert any(np.isfinite(r.get("sqnr_db", np.nan)) for r in cmp["candidates"]["ort"]["per_layer"]["layers"])
+    assert set(cmp["latency"]["models"]) == {"float", "edgeq", "ort"}
+    assert (out / "compare.html").is_file() and (out / "compare.md").is_file()
+    res = CliRunner().invoke(app, ["compare", str(other), "--env", "Pendulum-v1"])
+    assert res.exit_code == 2 and "--reference" in res.output
+    # without any bundle: a plain float ONNX reference and a plain QDQ candidate
+    res = CliRunner().invoke(app, ["compare", str(other), "--env", "Pendulum-v1", "--reference",
+                                   str(bundle / "policy.fp32.onnx"), "--episodes", "2", "--floor-draws", "0",
+                                   "--latency-calls", "0", "--no-per-layer", "--out", str(tmp_path / "plain")])
+    assert res.exit_code == 0, res.output
+    plain = json.loads((tmp_path / "plain" / "compare.json").read_text())
+    assert plain["candidates"]["ort_qdq"]["int8"]["returns"] == cmp["candidates"]["ort"]["int8"]["returns"][:2]
+
+
+def test_success_rate_from_env_info(bundle: Path) -> None:
+    import gymnasium as gym
+
+    from edgeq.validate.validator import ValidationOptions, validate_models
+
+    class Upright(gym.Wrapper):
+        """Pendulum that reports success when the pole is up (cos θ > 0.95) at a step."""
+
+        def step(self, action):  # type: ignore[no-untyped-def]
+            obs, reward, term, trunc, info = self.env.step(action)
+            return obs, reward, term, trunc, {**info, "is_success": bool(obs[0] > 0.95)}
+
+    opts = ValidationOptions(targets=("cpu",), floor_draws=0, sensitivity=False, per_layer=False, latency_calls=0,
+                             num_envs=3)
+    val = validate_models(bundle / "policy.fp32.onnx", bundle / "policy.int8.onnx", {},
+                          lambda: Upright(gym.make("Pendulum-v1")), [0, 1, 2], env_id="Pendulum-v1",
+                          action_low=np.array([-2.0]), action_high=np.array([2.0]), options=opts)
+    term = val["targets"]["cpu"]["termination"]
+    assert term["float_success_rate"] == 1.0  # the trained SAC swings up and holds on every seed
+    assert 0.0 <= term["int8_success_rate"] <= 1.0 and term["float_rate"] == 0.0
