@@ -7,8 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeq.calibration.collect import (ExplorationNoise, ObservationReservoir, calibrate_observations,
-                                       calibrate_rollouts, calibration_tensors)
+from edgeq.calibration.collect import (
+    ExplorationNoise,
+    ObservationReservoir,
+    calibrate_observations,
+    calibrate_rollouts,
+    calibration_tensors,
+)
 from edgeq.envs import env_factory
 from edgeq.ingest.sb3 import load_sb3
 

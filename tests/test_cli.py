@@ -39,7 +39,8 @@ def test_bundle_layout_and_manifest(pendulum_bundle: tuple[Path, str], sac_pendu
     assert m["observation_space"]["shape"] == [3] and m["action_space"]["low"] == [-2.0]
     assert m["io"] == {"input": "obs", "output": "actions", "state": []}
     assert m["quantization"]["settings"]["symmetric"] is True
-    assert set(m["files"]) == {n for n in names if n != "manifest.json"}
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert set(m["files"]) == on_disk - {"manifest.json"}  # every file, report images included
     for name, digest in m["files"].items():
         assert sha256_of(out / name) == digest
 
@@ -139,10 +140,10 @@ def test_observation_shape_mismatch(sac_pendulum: Path, tmp_path: Path) -> None:
 
 def test_existing_bundle_not_overwritten(pendulum_bundle: tuple[Path, str], sac_pendulum: Path) -> None:
     out, _ = pendulum_bundle
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     res = run_cli("quantize", str(sac_pendulum), "--env", "Pendulum-v1", "--out", str(out))
     assert res.returncode == 2 and "already exists" in res.stderr
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_debug_shows_traceback(tmp_path: Path) -> None:

@@ -202,7 +202,7 @@ def test_crossq_batchrenorm_folding_matches_sb3(tmp_path: Path) -> None:
                 buf.copy_(torch.randn_like(buf) * 2.0)
             elif name.endswith("ra_var"):
                 buf.copy_(torch.rand_like(buf) * 3.0 + 0.01)
-        for name, p in model.actor.named_parameters():
+        for p in model.actor.parameters():
             p.add_(0.1 * torch.randn_like(p))
     path = tmp_path / "crossq.zip"
     model.save(path)

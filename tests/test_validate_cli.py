@@ -34,9 +34,13 @@ def bundle(tmp_path_factory: pytest.TempPathFactory, sac_pendulum: Path) -> Path
 
 
 def _replace_model(src: Path, dst: Path, model: onnx.ModelProto) -> Path:
-    """A copy of bundle ``src`` whose int8 model is ``model`` (manifest hashes refreshed)."""
+    """A copy of bundle ``src`` whose int8 model is ``model`` (manifest hashes refreshed).
+
+    The CPU-specialized copy is dropped from the manifest so every target runs ``model``.
+    """
     shutil.copytree(src, dst)
     manifest = json.loads((dst / MANIFEST).read_text())
+    manifest["models"].pop("int8-cpu", None)
     target = dst / manifest["models"]["int8"]
     target.write_bytes(model.SerializeToString())
     manifest["files"][target.name] = sha256_of(target)

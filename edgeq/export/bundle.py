@@ -68,7 +68,8 @@ class BundleWriter:
         return p
 
     def _finish(self) -> None:
-        files = {p.name: sha256_of(p) for p in sorted(self.path.iterdir()) if p.is_file() and p.name != MANIFEST}
+        files = {p.relative_to(self.path).as_posix(): sha256_of(p) for p in sorted(self.path.rglob("*"))
+                 if p.is_file() and p.name != MANIFEST}
         manifest = {"format_version": FORMAT_VERSION, **self.manifest, "files": files}
         (self.path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         os.chmod(self.path, 0o755)

@@ -227,8 +227,9 @@ def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: Valida
     verify_files(root, manifest, sorted(set(models.values())))
     env = manifest.get("env") or {}
     if not env.get("id"):
-        raise EdgeqError(f"{root}: this bundle has no environment (it was calibrated from logged observations, or "
-                         "env.id is missing); closed-loop validation needs one: quantize again with --env")
+        raise EdgeqError(f"{root}: this bundle was made without an environment (calibrated from logged "
+                         "observations, or env.id is missing); closed-loop validation needs one: quantize again "
+                         "with --env")
     make_env = env_factory(env["id"], env.get("kwargs"))
     fpath, qpath = root / models["fp32"], root / models["int8"]
     plan = None
@@ -287,8 +288,8 @@ def save_validation(directory: str | Path, validation: dict[str, Any], manifest:
         current = json.loads(mpath.read_text())
         files = dict(current.get("files", {}))
         for p in written:
-            if p.is_file() and p.parent == root:
-                files[p.name] = sha256_of(p)
+            if p.is_file():
+                files[p.relative_to(root).as_posix()] = sha256_of(p)
         current["files"] = files
         _atomic_write(mpath, (json.dumps(current, indent=2) + "\n").encode())
     return written
