@@ -15,11 +15,12 @@ from typing import Any
 from edgeq import __version__
 from edgeq.calibration.collect import CalibrationStats, ExplorationNoise, calibrate_rollouts
 from edgeq.config import CalibrationRecipe, ExportProfile, load_profile, load_recipe
-from edgeq.deploy.bundle_format import FLOAT_MODEL, INT8_CPU_MODEL, INT8_MODEL, VALIDATION
+from edgeq.deploy.bundle_format import FLOAT_MODEL, INT8_CPU_MODEL, INT8_CUDA_MODEL, INT8_MODEL, VALIDATION
 from edgeq.envs import check_env_matches, env_factory
 from edgeq.errors import EdgeqError
 from edgeq.export.bundle import BundleWriter
 from edgeq.export.ort_cpu import specialize_for_ort_cpu
+from edgeq.export.ort_cuda import specialize_for_ort_cuda
 from edgeq.export.qdq import apply_plan
 from edgeq.export.trt_rules import check_qdq_model, format_report
 from edgeq.ingest import load_policy
@@ -116,6 +117,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str, out: str | Path, *, epi
         fpath = w.save_model(fp.model, FLOAT_MODEL)
         qpath = w.save_model(qmodel, INT8_MODEL)
         cpath = w.save_model(specialize_for_ort_cpu(qmodel), INT8_CPU_MODEL)
+        gpath = w.save_model(specialize_for_ort_cuda(qmodel), INT8_CUDA_MODEL)
         int8_for = {"cpu": cpath}
         validation: dict[str, Any] = {"env_id": env, "seeds": val_seeds, "targets": {}}
         t0 = time.perf_counter()
@@ -123,10 +125,11 @@ def quantize(policy: str | Path | FloatPolicy, env: str, out: str | Path, *, epi
             validation["targets"][target] = validate_target(
                 target, fpath, int8_for.get(target, qpath), io, make_env, val_seeds,
                 act_dim=fp.action_space.size, num_envs=num_envs,
-                progress=progress(f"validate {target}", 2 * episodes * ep_len if ep_len else None))
+                progress=progress(f"validate {target}", 2 * episodes * ep_len if ep_len else None),
+                cuda_int8_model=gpath)
         timings["validation_s"] = time.perf_counter() - t0
         validation["timings"] = {k: round(v, 3) for k, v in timings.items()}
-        validation["sizes"] = {p.name: p.stat().st_size for p in (fpath, qpath, cpath)}
+        validation["sizes"] = {p.name: p.stat().st_size for p in (fpath, qpath, cpath, gpath)}
         w.write_json(VALIDATION, validation)
         w.manifest = {
             "edgeq_version": __version__,
@@ -135,7 +138,8 @@ def quantize(policy: str | Path | FloatPolicy, env: str, out: str | Path, *, epi
             "observation_space": fp.obs_space.to_json(),
             "action_space": fp.action_space.to_json(),
             "io": io,
-            "models": {"fp32": FLOAT_MODEL, "int8": INT8_MODEL, "int8-cpu": INT8_CPU_MODEL},
+            "models": {"fp32": FLOAT_MODEL, "int8": INT8_MODEL, "int8-cpu": INT8_CPU_MODEL,
+                       "int8-cuda": INT8_CUDA_MODEL},
             "preprocess": fp.preprocess,
             "postprocess": fp.postprocess,
             "profile": prof.to_json(),
