@@ -2,8 +2,8 @@
 # The GPU run of issue 4 (CUDA target): returns on cpu and cuda, the GPU tests, the latency table.
 # Runs on the GPU machine from the repository root, with this project's code copied to .gpu/ (code,
 # benchmarks, tests, prebuilt bundles in .gpu/bundles) and ONNX Runtime GPU installed by gpu_env.sh.
-#   bash .gpu/benchmarks/gpu_device.sh [returns] [tests] [latency]      (default: all three)
-# Writes to $OUT: returns-<bundle>.json, pytest.txt, latency.json, latency.txt.
+#   bash .gpu/benchmarks/gpu_device.sh [returns] [tests] [latency] [breakdown]   (default: all four)
+# Writes to $OUT: returns-<bundle>.json, pytest.txt, latency.json, latency.txt, breakdown.txt.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 ROOT=$PWD
@@ -11,7 +11,8 @@ OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 source "$ROOT/.gpu/benchmarks/gpu_env.sh" || exit 1
 export PYTHONPATH=$ROOT/.gpu:$PYTHONPATH
 cd "$ROOT/.gpu"   # so that `python -m` finds this copy of edgeq first, not the checkout's
-stages=${*:-returns tests latency}
+for d in calibration export; do [ -e "$d" ] || ln -s "$ROOT/$d" "$d"; done   # recipes and profiles
+stages=${*:-returns tests latency breakdown}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c 'import onnxruntime as o, torch, gymnasium; print("onnxruntime", o.__version__, o.get_available_providers(), "torch", torch.__version__, "gymnasium", gymnasium.__version__)'
 for stage in $stages; do
@@ -40,5 +41,8 @@ PY
     python3 benchmarks/gpu_latency.py run bundles/halfcheetah="SAC HalfCheetah-v5 [256,256] ReLU (trained)" \
       bundles/elu512="random-weight [512,256,128] ELU (latency only)" --batches 1 4096 \
       --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency.txt" | grep -v '^\[' ;;
+  breakdown)
+    for b in halfcheetah elu512; do python3 benchmarks/gpu_ort_breakdown.py bundles/$b/policy.int8.cuda.onnx; done \
+      2>&1 | grep -v "plugin EP" | tee "$OUT/breakdown.txt" ;;
   esac
 done

@@ -243,9 +243,13 @@ def ort_quantize_static_model(float_path: Path, out: Path, obs_dim: int) -> Path
 
 
 def cpu_reference(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """ONNX Runtime on the CPU running the graph's operators as written (no graph rewrites: its CPU-only
+    QDQ fusions, e.g. MatMulAddFusion's int32 bias, change the int8 arithmetic)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda obs: session.run(None, {name: obs})[0]
 

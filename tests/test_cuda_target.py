@@ -179,6 +179,31 @@ def test_node_placement_names_every_kernel_and_its_provider(qdq_and_cuda) -> Non
     assert summary["all_on_gpu"] is False and len(summary["not_on_gpu"]) == len(cuda.graph.node)
 
 
+def _optimized_ops(model: Path, tmp: Path, disabled: list[str]) -> list[tuple[str, int]]:
+    """(op type, element type of input 0 when it is an initializer) of ORT's optimized graph."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp / "opt.onnx")
+    ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+    opt = onnx.load(str(tmp / "opt.onnx"))
+    inits = {t.name: t.data_type for t in opt.graph.initializer}
+    return [(n.op_type, inits.get(n.input[0], 0)) for n in opt.graph.node]
+
+
+def test_runner_keeps_ort_from_adding_int32_bias_dequantize(pendulum_bundle: Path, tmp_path: Path) -> None:
+    """ORT's QDQ-aware MatMulAddFusion turns ``DQ → MatMul → Add(bias)`` into a Gemm with an int32 bias
+    DequantizeLinear, which the CUDA EP has no kernel for (CPU fallback + copies: no CUDA graph), and on the
+    CUDA file it re-quantizes the float weights. The CUDA runner disables that rewrite."""
+    from edgeq.deploy.ort_cuda import DISABLED_ORT_OPTIMIZERS
+
+    int32_dq = ("DequantizeLinear", TensorProto.INT32)
+    for name in ("policy.int8.onnx", INT8_CUDA_MODEL):
+        default = _optimized_ops(pendulum_bundle / name, tmp_path, [])
+        assert int32_dq in default and any(op.endswith("Gemm") for op, _ in default)
+        ours = _optimized_ops(pendulum_bundle / name, tmp_path, list(DISABLED_ORT_OPTIMIZERS))
+        assert int32_dq not in ours and not any(op.endswith("Gemm") for op, _ in ours)
+
+
 def test_cuda_provider_options() -> None:
     assert cuda_provider_options(1, cuda_graph=True) == {"device_id": "1", "enable_cuda_graph": "1", "use_tf32": "0"}
     assert cuda_provider_options()["enable_cuda_graph"] == "0"
@@ -241,18 +266,27 @@ gpu = pytest.mark.skipif(not HAS_CUDA_EP, reason=NO_CUDA_REASON)
 @gpu
 @pytest.mark.parametrize("io_binding,cuda_graph", [(False, False), (True, False), (True, True)])
 def test_ort_cuda_policy_matches_cpu(pendulum_bundle: Path, io_binding: bool, cuda_graph: bool) -> None:
-    for name in ("policy.fp32.onnx", INT8_CUDA_MODEL):
-        ref = _cpu_session(onnx.load(str(pendulum_bundle / name)), optimization="all")
+    # reference: ONNX Runtime on the CPU running the graph's operators literally (its CPU-only QDQ rewrites
+    # change int8 arithmetic); int8 allows rare one-step activation rounding flips from GEMM summation order
+    for name, int8 in (("policy.fp32.onnx", False), (INT8_CUDA_MODEL, True), ("policy.int8.onnx", True)):
+        ref = _cpu_session(onnx.load(str(pendulum_bundle / name)), optimization="none")
         pol = OrtCudaPolicy(pendulum_bundle / name, io_binding=io_binding, cuda_graph=cuda_graph)
         assert pol.providers[0] == CUDA_EP
+        diffs = []
         for batch in (1, 8, 1, 8, 1, 8, 300):  # repeated: CUDA graph capture, then replays with new inputs
             obs = (RNG.standard_normal((batch, 3)) * 2).astype(np.float32)
-            np.testing.assert_allclose(pol.act(obs), ref.run(None, {"obs": obs})[0], rtol=0, atol=1e-4)
+            diffs.append(np.abs(pol.act(obs) - ref.run(None, {"obs": obs})[0]).ravel())
+        d = np.concatenate(diffs)
+        if int8:
+            assert np.mean(d <= 1e-4) >= 0.97 and d.max() <= 0.05, (name, d.max(), np.mean(d <= 1e-4))
+        else:
+            assert d.max() <= 1e-4, (name, d.max())
 
 
 @gpu
-def test_cuda_file_runs_entirely_on_the_gpu(pendulum_bundle: Path) -> None:
-    summary = summarize_placement(node_placement(pendulum_bundle / INT8_CUDA_MODEL, batch=8))
+@pytest.mark.parametrize("name", [INT8_CUDA_MODEL, "policy.int8.onnx"])
+def test_int8_files_run_entirely_on_the_gpu(pendulum_bundle: Path, name: str) -> None:
+    summary = summarize_placement(node_placement(pendulum_bundle / name, batch=8))
     assert summary["all_on_gpu"], summary["not_on_gpu"]
 
 

@@ -5,7 +5,9 @@ with the inputs and outputs bound to device buffers (IO binding: one host→devi
 device→host copy out per call, no allocation) and, optionally, the whole policy captured once per
 batch size as a CUDA graph and replayed (``enable_cuda_graph``; for batch-1 latency the launches
 dominate, and a replay costs about one launch). CUDA graphs need every node on the GPU and fixed
-device addresses; this class keeps one set of device buffers per batch size for that.
+device addresses; this class keeps one set of device buffers per batch size for that, and turns off
+ONNX Runtime's ``MatMulAddFusion``, whose int32 bias ``DequantizeLinear`` has no CUDA kernel and would
+put nodes of edgeq's INT8 graphs on the CPU (see :mod:`edgeq.export.ort_cuda`).
 
 :func:`node_placement` answers "which execution provider ran each node": it profiles one run and
 reads the provider of every kernel, including the ``Memcpy`` nodes ONNX Runtime inserts between
@@ -28,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.deploy.runtime import LatencyStats
+from edgeq.deploy.runtime import DISABLED_ORT_OPTIMIZERS, LatencyStats
 from edgeq.errors import EdgeqError, InputError
 
 CUDA_EP = "CUDAExecutionProvider"
@@ -136,7 +138,8 @@ def node_placement(model: str | Path | bytes, providers: Sequence[Any] | None = 
         opts = _session_options(optimization)
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(_model_source(model), sess_options=opts, providers=list(providers))
+        session = ort.InferenceSession(_model_source(model), sess_options=opts, providers=list(providers),
+                                       disabled_optimizers=list(DISABLED_ORT_OPTIMIZERS))
         session.run(None, _random_feeds(session, batch))
         profile = Path(session.end_profiling())
         if not profile.is_absolute():
@@ -223,7 +226,7 @@ class OrtCudaPolicy:
         providers = [(CUDA_EP, cuda_provider_options(device_id, cuda_graph=cuda_graph, tf32=tf32)), CPU_EP]
         try:
             self.session = ort.InferenceSession(self.model_source, sess_options=_session_options(optimization),
-                                                providers=providers)
+                                                providers=providers, disabled_optimizers=list(DISABLED_ORT_OPTIMIZERS))
         except Exception as exc:  # ORT raises its own Fail/RuntimeException types
             if cuda_graph:
                 off = summarize_placement(node_placement(self.model_source, optimization=optimization))["not_on_gpu"]
@@ -338,4 +341,15 @@ class OrtCudaPolicy:
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         """Actions for a batch of observations (float32 [batch, obs_dim] → [batch, act_dim])."""
-        return self.run(obs)[self.output_name]
+        if self.state_specs or not self.io_binding:
+            return self.run(obs)[self.output_name]
+        # the batch-1 hot path: one copy in, one run (a graph replay), one copy out
+        obs = np.ascontiguousarray(obs, dtype=np.float32)
+        with self._lock:
+            t0 = time.perf_counter()
+            bound = self._bound.get(obs.shape[0]) or self._binding({self.input_name: obs}, obs.shape[0])
+            bound.inputs[self.input_name].update_inplace(obs)
+            self.session.run_with_iobinding(bound.binding, bound.run_options)
+            actions = bound.outputs[self.output_name].numpy()
+            self.latency.add(time.perf_counter() - t0)
+        return actions

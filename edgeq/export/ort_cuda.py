@@ -6,13 +6,24 @@ own kernel and the ``MatMul`` in float32 on the dequantized values. So edgeq's p
 ``Q(s8) → DQ, DQ(int8 W) → MatMul → Add(bias)`` costs, on every call, a kernel that dequantizes the
 whole weight matrix again, and ``policy.int8.onnx`` needs ~2x the kernels of the float graph.
 
+Which nodes left the GPU, and why (measured with ONNX Runtime 1.31.1 on an H100; see
+``benchmarks/results/gpu.md``): none of edgeq's own Q/DQ nodes lack a CUDA kernel (the CUDA EP
+registers QuantizeLinear/DequantizeLinear for int8/uint8 at opsets 10-21, per-tensor and per-axis).
+The CPU nodes come from ONNX Runtime's QDQ-aware ``MatMulAddFusion``, which rewrites
+``DQ → MatMul → Add(bias)`` into a ``Gemm`` whose bias is an int32 initializer behind a new
+``DequantizeLinear`` (``<layer>/Gemm/MatMulAddFusion_bias_dq``): the CUDA EP has no int32
+DequantizeLinear, so ONNX Runtime runs it on the CPU, inserts ``MemcpyFromHost`` and refuses CUDA
+graphs, exactly as for the int32 bias DequantizeLinear that ``quantize_static`` writes. On this file the
+same rewrite would also re-quantize the folded float weights. :class:`edgeq.deploy.ort_cuda.OrtCudaPolicy`
+therefore disables ``MatMulAddFusion`` (as edgeq's CPU runtime already does); with it off, both this
+file and ``policy.int8.onnx`` run entirely on the GPU and are captured as CUDA graphs.
+
 This module writes the form the CUDA EP should run: each weight ``DequantizeLinear`` of a constant
 int8 initializer is folded into a float32 initializer, computed exactly as the CUDA kernel computes it
 (``float(q - zero_point) * scale``, one float32 multiply per element: the same bits), the activation
 ``QuantizeLinear → DequantizeLinear`` pairs stay (int8 rounding and saturation of the activations are
-the int8 arithmetic), and the ``Identity`` before the graph output is dropped. Every remaining node
-type has a CUDA kernel for float32 and int8 at the graph's opset (Q/DQ int8/uint8 are registered for
-opsets 10-21 on the CUDA EP), so nothing falls back to the CPU and CUDA graphs can be captured.
+the int8 arithmetic), and the ``Identity`` before the graph output is dropped: 3 kernels fewer for a
+3-layer policy (HalfCheetah: 15 instead of 18; batch-1 latency with a CUDA graph 62.7 µs instead of 68.0).
 
 The result computes what ``policy.int8.onnx`` computes in ONNX Runtime (bit for bit up to the GEMM's
 float32 summation order). ``policy.int8.onnx`` stays the artifact for TensorRT, which does run int8
