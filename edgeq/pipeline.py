@@ -16,11 +16,12 @@ from edgeq import __version__
 from edgeq.calibration.collect import CalibrationStats, ExplorationNoise, calibrate_observations, calibrate_rollouts
 from edgeq.calibration.dataset import ObservationLog, load_observations, split_holdout
 from edgeq.config import CalibrationRecipe, ExportProfile, load_profile, load_recipe
-from edgeq.deploy.bundle_format import FLOAT_MODEL, INT8_CPU_MODEL, INT8_MODEL, VALIDATION
+from edgeq.deploy.bundle_format import FLOAT_MODEL, INT8_CPU_MODEL, INT8_CUDA_MODEL, INT8_MODEL, VALIDATION
 from edgeq.envs import check_env_matches, env_factory
 from edgeq.errors import EdgeqError
 from edgeq.export.bundle import BundleWriter
 from edgeq.export.ort_cpu import specialize_for_ort_cpu
+from edgeq.export.ort_cuda import specialize_for_ort_cuda
 from edgeq.export.qdq import apply_plan
 from edgeq.export.trt_rules import check_qdq_model, format_report
 from edgeq.ingest import load_policy
@@ -158,7 +159,8 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
         fpath = w.save_model(fp.model, FLOAT_MODEL)
         qpath = w.save_model(qmodel, INT8_MODEL)
         cpath = w.save_model(specialize_for_ort_cpu(qmodel), INT8_CPU_MODEL)
-        int8_for = {"cpu": cpath}
+        gpath = w.save_model(specialize_for_ort_cuda(qmodel), INT8_CUDA_MODEL)
+        int8_for = {"cpu": cpath, "cuda": gpath}
         t0 = time.perf_counter()
         result: dict[str, Any]
         if make_env is None:
@@ -175,7 +177,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
             result["closed_loop"] = True
         timings["validation_s"] = time.perf_counter() - t0
         result["timings"] = {k: round(v, 3) for k, v in timings.items()}
-        result["sizes"] = {p.name: p.stat().st_size for p in (fpath, qpath, cpath)}
+        result["sizes"] = {p.name: p.stat().st_size for p in (fpath, qpath, cpath, gpath)}
         w.manifest = {
             "edgeq_version": __version__,
             "source": fp.source.to_json(),
@@ -183,7 +185,8 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
             "observation_space": fp.obs_space.to_json(),
             "action_space": fp.action_space.to_json(),
             "io": io,
-            "models": {"fp32": FLOAT_MODEL, "int8": INT8_MODEL, "int8-cpu": INT8_CPU_MODEL},
+            "models": {"fp32": FLOAT_MODEL, "int8": INT8_MODEL, "int8-cpu": INT8_CPU_MODEL,
+                       "int8-cuda": INT8_CUDA_MODEL},
             "preprocess": fp.preprocess,
             "postprocess": fp.postprocess,
             "profile": prof.to_json(),

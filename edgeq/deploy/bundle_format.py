@@ -7,6 +7,7 @@ A bundle is a directory::
     policy.fp32.onnx    the float policy (self-contained, no external data)
     policy.int8.onnx    the INT8 QDQ policy (int8 weight initializers): TensorRT, CUDA, any runtime
     policy.int8.cpu.onnx  the same arithmetic specialized for ONNX Runtime's CPU provider
+    policy.int8.cuda.onnx the same arithmetic specialized for ONNX Runtime's CUDA provider
     validation.json     paired float/int8 rollouts (written by the validator)
 
 Readers must accept any ``format_version`` up to :data:`FORMAT_VERSION` (bundles made by an older
@@ -27,6 +28,7 @@ MANIFEST = "manifest.json"
 FLOAT_MODEL = "policy.fp32.onnx"
 INT8_MODEL = "policy.int8.onnx"
 INT8_CPU_MODEL = "policy.int8.cpu.onnx"
+INT8_CUDA_MODEL = "policy.int8.cuda.onnx"
 VALIDATION = "validation.json"
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from edgeq.deploy.bundle_format import model_for, read_manifest, verify_files
+from edgeq.deploy.ort_cuda import OrtCudaPolicy
 from edgeq.deploy.runtime import NAN_POLICIES, OrtPolicy
 from edgeq.errors import BundleError, InputError
 
@@ -55,7 +56,7 @@ class DeployedPolicy:
     (``nan_policy="error"``); ``"zero"`` replaces them with 0, ``"pass"`` hands them on unchanged.
     """
 
-    def __init__(self, runtime: OrtPolicy, manifest: dict[str, Any], *, precision: str, backend: str,
+    def __init__(self, runtime: OrtPolicy | OrtCudaPolicy, manifest: dict[str, Any], *, precision: str, backend: str,
                  nan_policy: str = "error") -> None:
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy {nan_policy!r}; expected one of {NAN_POLICIES}")
@@ -100,8 +101,12 @@ class DeployedPolicy:
 
 
 def load(bundle: str | Path, backend: str = "auto", *, precision: str = "int8", nan_policy: str = "error",
-         intra_op_threads: int = 1, verify: bool = True) -> DeployedPolicy:
-    """Load ``bundle`` after checking every file against the manifest's SHA-256."""
+         intra_op_threads: int = 1, verify: bool = True, cuda_graph: bool = True) -> DeployedPolicy:
+    """Load ``bundle`` after checking every file against the manifest's SHA-256.
+
+    On ``cuda`` (ONNX Runtime's CUDA EP) inputs and outputs are bound to device buffers and, with
+    ``cuda_graph``, each batch size's run is captured once as a CUDA graph and replayed.
+    """
     root = Path(bundle)
     manifest = read_manifest(root, verify=False)
     chosen = resolve_backend(backend)
@@ -115,6 +120,11 @@ def load(bundle: str | Path, backend: str = "auto", *, precision: str = "int8", 
         raise BundleError(f"{root}: backend 'trt' needs an engine in the bundle; build one with "
                           "'edgeq build-engine' on the target GPU")
     io = manifest.get("io", {})
+    if chosen == "cuda":
+        gpu = OrtCudaPolicy(root / model_file, input_name=io.get("input", "obs"),
+                            output_name=io.get("output", "actions"), state=io.get("state", []), io_binding=True,
+                            cuda_graph=cuda_graph)
+        return DeployedPolicy(gpu, manifest, precision=precision, backend=chosen, nan_policy=nan_policy)
     runtime = OrtPolicy(root / model_file, input_name=io.get("input", "obs"),
                         output_name=io.get("output", "actions"), state=io.get("state", []),
                         providers=_ort_providers(chosen), intra_op_threads=intra_op_threads)
