@@ -150,7 +150,9 @@ def validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], mak
                          progress=progress(f"{target}: float + int8 rollouts",
                                            2 * steps_per_rollout if steps_per_rollout else None))
         res = run.to_json()
-        res["providers"] = f_rt.providers[:1]
+        res["runtime"] = target_runtime(target)
+        res["providers"] = list(getattr(f_rt, "providers", []))[:1]
+        res["int8_model"] = Path(int8_here).name if isinstance(int8_here, (str, Path)) else "(in memory)"
         assert run.reference_traj is not None
         first = seeds[0]
         res["action_error_series"] = _series_json(
