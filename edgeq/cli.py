@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 from edgeq.commands import quantize as _quantize  # noqa: F401  (registers quantize, info)
+from edgeq.commands import serve as _serve  # noqa: F401  (registers serve)
 from edgeq.commands import validate as _validate  # noqa: F401  (registers validate)
 from edgeq.commands._app import app
 
