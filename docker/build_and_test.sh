@@ -273,7 +273,9 @@ for arch in "${ARCHES[@]}"; do
       || { tail -40 "$WORK/build-$flavor-$arch.log"; exit 1; }
     CREATED_IMAGES+=("$image")
     took=$(since "$t")
-    echo "  built in $took s, $(image_mb "$image") MB (base $(image_mb "$base") MB)"
+    echo "  built in $took s, $(image_mb "$image") MB (base $(image_mb "$base") MB); largest layers:"
+    docker history --format '{{.Size}}\t{{.CreatedBy}}' "$image" > "$WORK/history"
+    sort -h -r "$WORK/history" | sed -n '1,4s/^/    /p' | cut -c1-110
     t=$(now)
     test_image "$image" "$platform"
     RESULTS+=("| $image: build | $took s | $(image_mb "$image") MB |" "| $image: in-container tests | $(since "$t") s | |")

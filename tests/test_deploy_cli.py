@@ -32,7 +32,7 @@ def test_selftest_healthy_and_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert report["ok"]
     assert [c["name"] for c in report["checks"]] == ["runtime", "bundle", "load", "actions", "input_checks",
                                                       "reference", "latency"]
-    assert report["reference"]["max_abs_diff"] <= 1e-2
+    assert report["reference"]["max_abs_diff"] <= report["reference"]["atol"] == 0.02  # 1% of Pendulum's 2.0
     assert report["latency_us"]["act"]["calls"] == 50
 
 

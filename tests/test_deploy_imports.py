@@ -67,7 +67,8 @@ def test_load_and_act_with_workstation_modules_blocked() -> None:
         mods = sorted(m.split(".")[0] for m in sys.modules)
         import os
         import onnxruntime
-        print(json.dumps({{"backend": policy.backend, "ort_providers": onnxruntime.get_available_providers(), "single": single.tolist(), "batch": list(batch.shape),
+        print(json.dumps({{"backend": policy.backend, "ort_providers": onnxruntime.get_available_providers(),
+                           "single": single.tolist(), "batch": list(batch.shape),
                            "telemetry_off": os.environ.get("ORT_DISABLE_TELEMETRY"),
                            "latency_calls": policy.latency["calls"], "modules": sorted(set(mods))}}))
     """)

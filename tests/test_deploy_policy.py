@@ -111,6 +111,21 @@ def test_backends() -> None:
             edgeq.deploy.load(V1, backend="cuda")
 
 
+@pytest.mark.skipif("CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
+                    reason="needs onnxruntime-gpu and a GPU (run on the GPU machine)")
+def test_cuda_matches_cpu() -> None:
+    obs = np.asarray(REFERENCE["observations"], np.float32)
+    # measured on an H100 with TF32 off: 1e-5 (fp32), 2e-6 (int8); int8 leaves room for one activation
+    # that lands on the other side of a rounding boundary
+    for precision, atol in (("fp32", 1e-4), ("int8", 0.05)):
+        cpu = edgeq.deploy.load(V1, backend="cpu", precision=precision).act(obs)
+        cuda = edgeq.deploy.load(V1, backend="cuda", precision=precision)
+        assert cuda.providers[0] == "CUDAExecutionProvider"
+        np.testing.assert_allclose(cuda.act(obs), cpu, atol=atol)
+        for row, want in zip(obs, cpu, strict=True):
+            np.testing.assert_allclose(cuda.act(row), want, atol=atol)
+
+
 def test_latency_statistics(policy: edgeq.deploy.DeployedPolicy) -> None:
     policy.reset_latency()
     assert policy.latency == {"calls": 0}
@@ -134,7 +149,7 @@ def _recurrent_bundle(out: Path) -> Path:
     graph = helper.make_graph([helper.make_node("Add", ["h_in", "obs"], ["h_out"]),
                                helper.make_node("Mul", ["h_out", "two"], ["actions"])],
                               "recurrent", [obs, h_in], [acts, h_out], [two])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(model)
     box = {"type": "Box", "shape": [2], "dtype": "float32", "low": ["-inf", "-inf"], "high": ["inf", "inf"]}
     with BundleWriter(out) as w:

@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-calls", type=int, default=200)
     p.add_argument("--max-p99-us", type=float, default=None, help="fail if the p99 act latency is above this")
     p.add_argument("--reference", default=None, help="JSON file of observations and expected actions")
-    p.add_argument("--reference-atol", type=float, default=1e-2)
+    p.add_argument("--reference-atol", type=float, default=None,
+                   help="largest allowed difference (default: 1%% of the action scale)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p = command("act", "Print the policy's actions for observations given as JSON.")
     p.add_argument("--obs", default=None, help="one observation or a batch, as JSON")

@@ -43,8 +43,9 @@ class DeployedPolicy:
     and converted to float32. Non-finite observations raise :class:`InputError` by default
     (``nan_policy="error"``); ``"zero"`` replaces them with 0, ``"pass"`` hands them on unchanged.
 
-    Calls from several threads are serialized; a recurrent policy's state is shared by all callers,
-    so give each robot (or episode stream) its own policy.
+    One policy may be shared by threads (ONNX Runtime calls of feed-forward policies run
+    concurrently; recurrent policies and TensorRT engines are serialized). A recurrent policy's
+    state is shared by all callers, so give each robot (or episode stream) its own policy.
     """
 
     def __init__(self, runtime: PolicyRuntime, manifest: dict[str, Any], *, precision: str, backend: str,

@@ -32,8 +32,19 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 DISABLED_ORT_OPTIMIZERS = ("MatMulAddFusion",)
 
 #: ONNX Runtime execution providers per edgeq backend name (the CPU provider is the fallback for
-#: nodes a GPU provider does not take).
-ORT_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+#: nodes a GPU provider does not take). TF32 is off on the CUDA provider: with it (ONNX Runtime's
+#: default on Ampere and newer) float matrix products keep 10 mantissa bits; on an H100 that moved
+#: batched actions away from the CPU's by up to 0.02 (fp32) and 0.1 (int8, through activation
+#: rounding) for SAC HalfCheetah (actions in [-1, 1]), against 1e-5 and 2e-6 with it off. A policy
+#: this small gains nothing from TF32, and its actions should be those that were validated.
+ORT_PROVIDERS: dict[str, list[Any]] = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"],
+}
+
+
+def _provider_name(provider: Any) -> str:
+    return provider if isinstance(provider, str) else str(provider[0])
 
 
 class LatencyStats:
@@ -71,11 +82,15 @@ class PolicyRuntime:
 
     ``state`` lists recurrent state tensors as ``{"input", "output", "shape"}`` dicts; their values
     are kept per batch row and zeroed by :meth:`reset`. Subclasses implement :meth:`_infer`.
-    Calls are serialized by a lock, so one runtime may be shared by threads (they share its state).
+    One runtime may be shared by threads: calls are serialized by a lock when the policy has
+    recurrent state (which all callers share) or the backend is not thread-safe
+    (``concurrent_calls = False``); otherwise they run concurrently.
     """
 
     input_name: str
     output_name: str
+    #: Whether :meth:`_infer` may run in several threads at once (ONNX Runtime's ``run`` may).
+    concurrent_calls = False
 
     def __init__(self, *, input_name: str, output_name: str, state: Sequence[dict[str, Any]]) -> None:
         self.input_name, self.output_name = input_name, output_name
@@ -114,6 +129,11 @@ class PolicyRuntime:
     def run(self, obs: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Run one step for a batch ``obs`` [batch, obs_dim]; returns the requested outputs by name."""
         names = list(outputs) if outputs is not None else [self.output_name]
+        if self.concurrent_calls and not self.state_specs:
+            t0 = time.perf_counter()
+            values = self._infer({self.input_name: obs}, names)
+            self.latency.add(time.perf_counter() - t0)
+            return dict(zip(names, values, strict=True))
         with self._lock:
             feeds = {self.input_name: obs, **self._state_feeds(obs.shape[0])}
             state_out = [s["output"] for s in self.state_specs]
@@ -137,6 +157,8 @@ class OrtPolicy(PolicyRuntime):
     fell back from the first requested provider (e.g. CUDA failed to start) to the CPU.
     """
 
+    concurrent_calls = True  # InferenceSession.run may be called from several threads at once
+
     def __init__(self, model: str | Path | bytes, *, input_name: str = "obs", output_name: str = "actions",
                  state: Sequence[dict[str, Any]] = (), providers: Sequence[Any] = ("CPUExecutionProvider",),
                  intra_op_threads: int = 1, optimization: str = "all",
@@ -159,7 +181,7 @@ class OrtPolicy(PolicyRuntime):
         src = model if isinstance(model, bytes) else str(model)
         self.session = ort.InferenceSession(src, sess_options=opts, providers=list(providers),
                                             disabled_optimizers=list(DISABLED_ORT_OPTIMIZERS))
-        wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        wanted = _provider_name(providers[0])
         if require_provider and self.session.get_providers()[0] != wanted:
             raise BundleError(f"ONNX Runtime could not start {wanted} (it fell back to "
                               f"{self.session.get_providers()}); check the GPU driver and CUDA libraries")
@@ -177,14 +199,16 @@ class OrtPolicy(PolicyRuntime):
         return list(self.session.run(outputs, feeds))
 
 
-def ort_providers(backend: str) -> list[str]:
-    """ONNX Runtime providers for ``backend`` ("cpu" or "cuda"); raises if that provider is not installed."""
+def ort_providers(backend: str) -> list[Any]:
+    """ONNX Runtime providers (with their options) for ``backend`` ("cpu" or "cuda"); raises if that
+    provider is not installed. Validation should use the same list, so that what it measured ships."""
     import onnxruntime as ort
 
     if backend not in ORT_PROVIDERS:
         raise BundleError(f"backend {backend!r} does not run on ONNX Runtime; expected one of {sorted(ORT_PROVIDERS)}")
     available = ort.get_available_providers()
-    if ORT_PROVIDERS[backend][0] not in available:
-        raise BundleError(f"backend {backend!r} needs onnxruntime-gpu with {ORT_PROVIDERS[backend][0]} "
+    wanted = _provider_name(ORT_PROVIDERS[backend][0])
+    if wanted not in available:
+        raise BundleError(f"backend {backend!r} needs onnxruntime-gpu with {wanted} "
                           f"(this onnxruntime {ort.__version__} has: {', '.join(available)})")
     return list(ORT_PROVIDERS[backend])

@@ -52,6 +52,25 @@ def sample_observations(manifest: dict[str, Any], n: int, seed: int = 0) -> np.n
     return np.where(finite, uniform, normal).astype(np.float32)
 
 
+def action_scale(manifest: dict[str, Any]) -> float:
+    """The largest finite action bound's magnitude, at least 1: tolerances are fractions of it."""
+    space = manifest["action_space"]
+    bounds = np.abs([float(v) for v in (*space["low"], *space["high"])])
+    finite = bounds[np.isfinite(bounds)]
+    return float(max(1.0, finite.max())) if finite.size else 1.0
+
+
+def batch_tolerance(precision: str, backend: str, scale: float) -> float:
+    """How far one-by-one actions may be from batched ones. On the CPU, edgeq's ONNX Runtime
+    sessions give identical results (1e-5 for safety). GPU kernels accumulate in another order for
+    another batch size (1e-4 in fp32), and in an int8 graph such a tiny float difference can move an
+    activation across a rounding boundary, one quantization step, which moves the action by up to a
+    few percent: allow 5% of the action scale there."""
+    if backend == "cpu":
+        return 1e-5 * scale
+    return (0.05 if precision == "int8" else 1e-4) * scale
+
+
 def write_reference(policy: Any, path: Path, *, n: int = 8, seed: int = 0) -> dict[str, Any]:
     """Store ``n`` sampled observations and ``policy``'s actions for them (for ``--reference``)."""
     obs = sample_observations(policy.manifest, n, seed)
@@ -83,8 +102,12 @@ class _Report:
 
 def run_selftest(bundle: str | Path | None = None, *, backend: str = "auto", precision: str = "int8",
                  samples: int = 64, seed: int = 0, latency_calls: int = 200, max_p99_us: float | None = None,
-                 reference: str | Path | None = None, reference_atol: float = 1e-2) -> dict[str, Any]:
-    """Run the checks listed in the module docstring; returns ``{"ok", "checks", "runtime", ...}``."""
+                 reference: str | Path | None = None, reference_atol: float | None = None) -> dict[str, Any]:
+    """Run the checks listed in the module docstring; returns ``{"ok", "checks", "runtime", ...}``.
+
+    ``reference_atol`` defaults to 1% of the action scale (:func:`action_scale`): stored int8 actions
+    from another machine or backend may differ by a quantization step here and there.
+    """
     from edgeq.deploy.bundle_format import read_manifest
     from edgeq.deploy.policy import load
     from edgeq.deploy.trt_backend import tensorrt_available
@@ -146,7 +169,8 @@ def run_selftest(bundle: str | Path | None = None, *, backend: str = "auto", pre
             singles.append(policy.act(row))
         single = np.stack(singles)
         diff = float(np.max(np.abs(single - batch)))
-        assert diff <= 1e-5, f"one-by-one actions differ from batch actions by up to {diff:g}"
+        tol = batch_tolerance(policy.precision, policy.backend, action_scale(manifest))
+        assert diff <= tol, f"one-by-one actions differ from batch actions by up to {diff:g} (> {tol:g})"
         policy.reset()
         again = policy.act(obs)
         assert np.array_equal(again, batch), "a repeated call gave different actions"
@@ -184,8 +208,9 @@ def run_selftest(bundle: str | Path | None = None, *, backend: str = "auto", pre
             policy.reset()
             got = policy.act(obs)
             diff = float(np.max(np.abs(got - want)))
-            rep.info["reference"] = {"max_abs_diff": diff, "atol": reference_atol, "observations": len(obs)}
-            assert diff <= reference_atol, f"actions differ from the reference by up to {diff:g} (> {reference_atol})"
+            atol = reference_atol if reference_atol is not None else 0.01 * action_scale(manifest)
+            rep.info["reference"] = {"max_abs_diff": diff, "atol": atol, "observations": len(obs)}
+            assert diff <= atol, f"actions differ from the reference by up to {diff:g} (> {atol:g})"
             return f"{len(obs)} stored observations: actions within {diff:.2e} of the reference"
 
         rep.check("reference", ref_check)
