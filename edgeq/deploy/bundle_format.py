@@ -80,11 +80,18 @@ def _check_name(name: Any, where: str, path: Path) -> None:
         raise BundleError(f"{path}: {where} is {name!r}, expected a plain file name inside the bundle")
 
 
+def _check_relpath(name: Any, where: str, path: Path) -> None:
+    """A file inside the bundle: a relative POSIX path (``report/plot.png``) that cannot leave it."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if not parts or name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts):
+        raise BundleError(f"{path}: {where} is {name!r}, expected a relative path inside the bundle")
+
+
 def check_manifest(manifest: dict[str, Any], path: Path = Path(MANIFEST)) -> None:
     """Raise :class:`BundleError` naming the first field a reader needs that is missing or malformed."""
     files = _field(manifest, "files", dict, path)
     for name, digest in files.items():
-        _check_name(name, f"files key {name!r}", path)
+        _check_relpath(name, f"files key {name!r}", path)
         if not isinstance(digest, str) or len(digest) != 64:
             raise BundleError(f"{path}: files[{name!r}] is {digest!r}, expected a 64-digit SHA-256 hex string")
     for space in ("observation_space", "action_space"):
