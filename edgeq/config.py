@@ -31,9 +31,38 @@ class CalibrationRecipe:
     calibrator_params: dict[str, Any] = field(default_factory=lambda: {"percentile": 99.99})
     weight_method: str = "absmax"
     keep_float: list[str] = field(default_factory=list)
+    # held-out episodes (after the calibration seeds) whose states score per-layer decisions
+    holdout_episodes: int = 2
+    # the quantization stages of edgeq.quantize.build.QuantOptions (same names and meaning)
+    transform: str = "none"
+    transform_layers: str = "first"
+    alpha: float | None = None
+    dynamic: bool = False
+    auto: bool = False
+    auto_sweeps: int = 1
+    rounding: str = "nearest"
+    adaround_iters: int = 0
+    bias_correction: bool = False
+    fp16_fallback: int = 0
+    max_action_error: float = 0.01
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def quant_options(self) -> Any:
+        """The :class:`~edgeq.quantize.build.QuantOptions` this recipe asks for (clear error if invalid)."""
+        from edgeq.quantize.build import QuantOptions
+
+        try:
+            return QuantOptions(
+                calibrator=self.calibrator, calibrator_params=dict(self.calibrator_params),
+                weight_method=self.weight_method, transform=self.transform, transform_layers=self.transform_layers,
+                alpha=self.alpha, dynamic=bool(self.dynamic), auto=bool(self.auto), auto_sweeps=int(self.auto_sweeps),
+                rounding=self.rounding, adaround_iters=int(self.adaround_iters),
+                bias_correction=bool(self.bias_correction), fp16_fallback=int(self.fp16_fallback),
+                max_action_error=float(self.max_action_error), keep_float=list(self.keep_float))
+        except (TypeError, ValueError) as exc:
+            raise EdgeqError(f"calibration recipe {self.name!r}: {exc}") from None
 
 
 @dataclass

@@ -17,11 +17,14 @@ from edgeq.calibration.collect import CalibrationStats, ExplorationNoise, calibr
 from edgeq.config import CalibrationRecipe, ExportProfile, load_profile, load_recipe
 from edgeq.deploy.bundle_format import FLOAT_MODEL, INT8_MODEL, VALIDATION
 from edgeq.envs import check_env_matches, env_factory
+from edgeq.errors import EdgeqError
 from edgeq.export.bundle import BundleWriter
 from edgeq.export.qdq import apply_plan
 from edgeq.ingest import load_policy
 from edgeq.policy import FloatPolicy
-from edgeq.quantize.plan import QuantPlan, make_plan
+from edgeq.quantize.build import build_plan
+from edgeq.quantize.evaluate import action_half_range
+from edgeq.quantize.plan import QuantPlan
 from edgeq.validate.targets import validate_target
 
 #: ``progress(stage, total_steps)`` returns a per-step callback ``advance(n)`` for that stage.
@@ -56,11 +59,16 @@ def quantize(policy: str | Path | FloatPolicy, env: str, out: str | Path, *, epi
              exploration: ExplorationNoise | None = None, vecnormalize: str | Path | None = None,
              env_kwargs: dict[str, Any] | None = None, targets: tuple[str, ...] = ("cpu",),
              num_envs: int = 8, overwrite: bool = False,
+             recipe_overrides: dict[str, Any] | None = None,
              progress: ProgressFactory = _no_progress) -> QuantizeResult:
     """Quantize ``policy`` for ``env`` and write a validated bundle to ``out``.
 
     Validation uses seeds ``seed .. seed+episodes-1``; calibration uses the recipe's seeds, which
     are disjoint from them, so the INT8 policy is judged on episodes it was not calibrated on.
+
+    ``recipe_overrides`` sets any :class:`~edgeq.config.CalibrationRecipe` field by name (e.g.
+    ``{"transform": "crossquant", "alpha": 0.0, "auto": True, "rounding": "adaround",
+    "bias_correction": True, "fp16_fallback": 1, "dynamic": True}``) after the recipe is loaded.
     """
     timings: dict[str, float] = {}
     out = Path(out)
@@ -79,7 +87,16 @@ def quantize(policy: str | Path | FloatPolicy, env: str, out: str | Path, *, epi
         rec.weight_method = weight_method
     if calib_episodes:
         rec.episodes = calib_episodes
+    for key, value in (recipe_overrides or {}).items():
+        if not hasattr(rec, key) or key == "name":
+            raise EdgeqError(f"unknown recipe field {key!r} in recipe_overrides; expected some of "
+                             f"{sorted(k for k in rec.to_json() if k != 'name')}")
+        setattr(rec, key, value)
+    options = rec.quant_options()
     noise = exploration or ExplorationNoise(**rec.exploration)
+    if options.dynamic and prof.runtime == "tensorrt":
+        raise EdgeqError(f"profile {prof.name!r} targets TensorRT, which cannot run CrossQuant's dynamic form; "
+                         "use the static form (transform: crossquant) or an onnxruntime profile")
 
     make_env = env_factory(env, env_kwargs)
     probe = make_env()
@@ -90,17 +107,18 @@ def quantize(policy: str | Path | FloatPolicy, env: str, out: str | Path, *, epi
     ep_len = _episode_steps(make_env)
 
     calib_seeds = list(range(rec.seed, rec.seed + rec.episodes))
+    holdout_seeds = list(range(rec.seed + rec.episodes, rec.seed + rec.episodes + max(0, rec.holdout_episodes)))
     t0 = time.perf_counter()
+    n_episodes = rec.episodes + len(holdout_seeds)
     stats: CalibrationStats = calibrate_rollouts(
         fp, make_env, calib_seeds, noise=noise, num_envs=min(num_envs, rec.num_envs),
-        max_steps_per_episode=rec.max_steps_per_episode,
-        progress=progress("calibrate", rec.episodes * ep_len if ep_len else None))
+        max_steps_per_episode=rec.max_steps_per_episode, holdout_seeds=holdout_seeds,
+        progress=progress("calibrate", n_episodes * ep_len if ep_len else None))
     timings["calibration_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    plan: QuantPlan = make_plan(fp.model, stats.observers, calibrator=rec.calibrator,
-                                calibrator_params=rec.calibrator_params, weight_method=rec.weight_method,
-                                keep_float=rec.keep_float)
+    plan: QuantPlan = build_plan(fp.model, stats, options, recurrent=fp.recurrent,
+                                 half_range=action_half_range(fp.action_space.low_array, fp.action_space.high_array))
     qmodel = apply_plan(fp.model, plan)
     timings["quantize_s"] = time.perf_counter() - t0
 
@@ -131,7 +149,8 @@ def quantize(policy: str | Path | FloatPolicy, env: str, out: str | Path, *, epi
             "postprocess": fp.postprocess,
             "profile": prof.to_json(),
             "calibration": {"recipe": rec.to_json(), "steps": stats.steps, "episodes": len(calib_seeds),
-                            "seeds": [calib_seeds[0], calib_seeds[-1]], "exploration": noise.to_json()},
+                            "seeds": [calib_seeds[0], calib_seeds[-1]], "exploration": noise.to_json(),
+                            "holdout_seeds": [holdout_seeds[0], holdout_seeds[-1]] if holdout_seeds else []},
             "quantization": plan.to_json(),
         }
     return QuantizeResult(out, w.manifest, validation, timings)
