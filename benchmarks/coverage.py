@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=20)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "coverage.md"))
     args = ap.parse_args()
-    import edgeq
+    from edgeq.pipeline import quantize
 
     name, env = args.fixture.split(":", 1)
     policy = str(ROOT / "tests" / "fixtures" / "policies" / f"{name}.zip")
@@ -54,7 +54,7 @@ def main() -> None:
             overrides = {**CONFIGS[args.config], "seed": base, "exploration": {"gaussian": g, "epsilon": e}}
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()
-                res = edgeq.quantize(policy, env, Path(tmp) / "b", episodes=args.episodes, seed=0,
+                res = quantize(policy, env, Path(tmp) / "b", episodes=args.episodes, seed=0,
                                      recipe_overrides=overrides)
                 sec = time.perf_counter() - t0
             cpu = res.validation["targets"]["cpu"]

@@ -25,34 +25,31 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-#: name -> recipe overrides. ``baseline`` is the settings edgeq shipped with before this study
-#: (percentile 99.99, per-tensor observation input, nearest rounding, nothing else).
+#: Every stage off: the settings edgeq shipped with before this study (percentile 99.99 per-tensor
+#: activations, per-tensor observation input, per-channel absmax weights, nearest rounding).
+PLAIN: dict[str, Any] = {"transform": "none", "alpha": None, "dynamic": False, "auto": False, "rounding": "nearest",
+                         "bias_correction": False, "fp16_fallback": 0, "tail_weight": 0.0,
+                         "tail_on_calibration_states": False}
+TAIL = {"tail_weight": 0.1, "tail_fraction": 0.01, "tail_on_calibration_states": True}
+CQ0 = {"transform": "crossquant", "alpha": 0.0}
+
+#: name -> recipe overrides (on top of the env's recipe).
 CONFIGS: dict[str, dict[str, Any]] = {
-    "baseline": {"transform": "none", "auto": False, "rounding": "nearest", "bias_correction": False,
-                 "fp16_fallback": 0, "dynamic": False},
-    "keep-first-float": {"transform": "none", "auto": False, "rounding": "nearest", "bias_correction": False,
-                         "fp16_fallback": 0, "keep_float": ["actor.latent_pi.0/Gemm"]},
-    "crossquant-a0": {"transform": "crossquant", "alpha": 0.0, "auto": False, "rounding": "nearest",
-                      "bias_correction": False, "fp16_fallback": 0},
-    "crossquant-a0.15": {"transform": "crossquant", "alpha": 0.15, "auto": False, "rounding": "nearest",
-                         "bias_correction": False, "fp16_fallback": 0},
-    "equalize-a0.5": {"transform": "equalize", "alpha": 0.5, "auto": False, "rounding": "nearest",
-                      "bias_correction": False, "fp16_fallback": 0},
-    "dynamic-first": {"dynamic": True, "transform": "crossquant", "alpha": 0.15, "auto": False,
-                      "rounding": "nearest", "bias_correction": False, "fp16_fallback": 0},
-    "dynamic-all": {"dynamic": True, "transform": "crossquant", "transform_layers": "all", "alpha": 0.15,
-                    "auto": False, "rounding": "nearest", "bias_correction": False, "fp16_fallback": 0},
-    "auto": {"transform": "none", "auto": True, "rounding": "nearest", "bias_correction": False,
-             "fp16_fallback": 0},
-    "auto+adaround": {"transform": "none", "auto": True, "rounding": "adaround", "bias_correction": False,
-                      "fp16_fallback": 0},
-    "auto+adaround+bc": {"transform": "none", "auto": True, "rounding": "adaround", "bias_correction": True,
-                         "fp16_fallback": 0},
-    "cq0+adaround+bc": {"transform": "crossquant", "alpha": 0.0, "auto": False, "rounding": "adaround",
-                        "bias_correction": True, "fp16_fallback": 0},
-    "auto+adaround+bc+fp16": {"transform": "none", "auto": True, "rounding": "adaround", "bias_correction": True,
-                              "fp16_fallback": 1},
-    "default": {},  # whatever the recipe for the env says
+    "baseline": dict(PLAIN),
+    "keep-first-float": {**PLAIN, "keep_float": ["actor.latent_pi.0/Gemm"]},
+    "crossquant-a0": {**PLAIN, **CQ0},
+    "crossquant-a0.15": {**PLAIN, "transform": "crossquant", "alpha": 0.15},
+    "equalize-a0.5": {**PLAIN, "transform": "equalize", "alpha": 0.5},
+    "dynamic-first": {**PLAIN, "dynamic": True, "transform": "crossquant", "alpha": 0.15},
+    "dynamic-all": {**PLAIN, "dynamic": True, "transform": "crossquant", "alpha": 0.15, "transform_layers": "all"},
+    "cq0+adaround": {**PLAIN, **CQ0, "rounding": "adaround"},
+    "cq0+adaround+bc": {**PLAIN, **CQ0, "rounding": "adaround", "bias_correction": True},
+    "auto(mean)": {**PLAIN, **CQ0, "auto": True},
+    "auto(mean)+adaround+bc": {**PLAIN, **CQ0, "auto": True, "rounding": "adaround", "bias_correction": True},
+    "auto(mean+tail)": {**PLAIN, **CQ0, **TAIL, "auto": True},
+    "auto(mean+tail)+adaround+bc": {**PLAIN, **CQ0, **TAIL, "auto": True, "rounding": "adaround",
+                                    "bias_correction": True},
+    "default": {},  # whatever the env's recipe says (calibration/<env>.yaml, else default.yaml)
 }
 
 
@@ -61,20 +58,28 @@ def kept(float_mean: float, int8_mean: float) -> float:
 
 
 def run_one(policy: str, env: str, name: str, overrides: dict[str, Any], episodes: int,
-            noise: tuple[float, float] | None) -> dict[str, Any]:
-    import edgeq
-    from edgeq.calibration.collect import ExplorationNoise
+            noise: tuple[float, float] | None, calib_seed: int | None = None) -> dict[str, Any]:
+    import numpy as np
 
+    from edgeq.calibration.collect import ExplorationNoise
+    from edgeq.pipeline import quantize
+
+    if calib_seed is not None:
+        overrides = {**overrides, "seed": calib_seed}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        res = edgeq.quantize(policy, env, Path(tmp) / "b", episodes=episodes, seed=0, recipe_overrides=overrides,
+        res = quantize(policy, env, Path(tmp) / "b", episodes=episodes, seed=0, recipe_overrides=overrides,
                              exploration=ExplorationNoise(*noise) if noise else None)
         seconds = time.perf_counter() - t0
     cpu = res.validation["targets"]["cpu"]
     q = res.manifest["quantization"]
     layers = q["layers"]
+    f, i8 = np.array(cpu["float"]["returns"]), np.array(cpu["int8"]["returns"])
     return {
-        "config": name, "float_mean": cpu["float"]["mean"], "float_std": cpu["float"]["std"],
+        "config": name, "calib_seed": res.manifest["calibration"]["seeds"][0],
+        "failures": int(np.sum(i8 - f < -0.1 * abs(float(f.mean())))),
+        "float_returns": f.tolist(), "int8_returns": i8.tolist(),
+        "float_mean": cpu["float"]["mean"], "float_std": cpu["float"]["std"],
         "int8_mean": cpu["int8"]["mean"], "int8_std": cpu["int8"]["std"],
         "kept": kept(cpu["float"]["mean"], cpu["int8"]["mean"]),
         "ratio_of_means": cpu["paired_difference"]["ratio_of_means"],
@@ -92,17 +97,48 @@ def run_one(policy: str, env: str, name: str, overrides: dict[str, Any], episode
 def to_markdown(fixture: str, env: str, rows: list[dict[str, Any]], command: str, episodes: int) -> str:
     out = [f"### {fixture} on {env} ({episodes} paired episodes, seeds 0..{episodes - 1})", "",
            f"Command: `{command}`", "",
-           "| config | float mean ± std | int8 mean ± std | kept | paired diff 95% CI | action err mean / max "
-           "(float traj.) | held-out err | TRT | layers (precision:input quantizer) | time |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "kept = 1 + mean(int8 - float) / |mean(float)|; failures = episodes where int8 lost more than 10% "
+           "of the mean float return against the same seed's float episode; action error in action units on the "
+           "float trajectory; held-out err = mean |a_int8 - a_float| / half-range on held-out calibration states "
+           "(what the planner saw).", "",
+           "| config | calib. seeds | float mean ± std | int8 mean ± std | kept | failures | paired diff 95% CI | "
+           "action err mean / max | held-out err | TRT | layers (precision:input quantizer) | time |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['config']} | {r['float_mean']:.1f} ± {r['float_std']:.1f} | "
-                   f"{r['int8_mean']:.1f} ± {r['int8_std']:.1f} | {100 * r['kept']:.2f}% | "
+        out.append(f"| {r['config']} | {r['calib_seed']} | {r['float_mean']:.1f} ± {r['float_std']:.1f} | "
+                   f"{r['int8_mean']:.1f} ± {r['int8_std']:.1f} | {100 * r['kept']:.2f}% | {r['failures']} | "
                    f"[{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}] | "
                    f"{r['action_err_mean']:.4f} / {r['action_err_max']:.3f} | "
                    f"{r['heldout_err']:.4f} | {'yes' if r['trt'] else 'no'} | {r['layers']} | "
                    f"{r['seconds']:.0f}s |")
+    by_cfg: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_cfg.setdefault(r["config"], []).append(r)
+    if any(len(v) > 1 for v in by_cfg.values()):
+        out += ["", "Over calibration seed sets:", "",
+                "| config | seed sets | kept, mean | kept, worst | failures / episodes | action err mean |",
+                "|---|---|---|---|---|---|"]
+        for cfg, rs in by_cfg.items():
+            ks = [r["kept"] for r in rs]
+            out.append(f"| {cfg} | {len(rs)} | {100 * sum(ks) / len(ks):.2f}% | {100 * min(ks):.2f}% | "
+                       f"{sum(r['failures'] for r in rs)} / {episodes * len(rs)} | "
+                       f"{sum(r['action_err_mean'] for r in rs) / len(rs):.4f} |")
     return "\n".join(out) + "\n"
+
+
+def render_json(path: str, command: str, episodes: int) -> str:
+    """Markdown of a ``--json`` file written by an earlier run (failures recounted from the returns)."""
+    import numpy as np
+
+    data = json.loads(Path(path).read_text())
+    text = []
+    for name, rows in data.items():
+        for r in rows:
+            f, i8 = np.array(r["float_returns"]), np.array(r["int8_returns"])
+            r["failures"] = int(np.sum(i8 - f < -0.1 * abs(float(f.mean()))))
+        env = rows[0].get("env", "")
+        text.append(to_markdown(name, env, rows, command, episodes))
+    return "\n".join(text)
 
 
 def main() -> None:
@@ -112,6 +148,8 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {list(CONFIGS)}")
     ap.add_argument("--episodes", type=int, default=20)
     ap.add_argument("--noise", default=None, help="GAUSSIAN,EPSILON exploration for calibration (default: recipe)")
+    ap.add_argument("--calib-seeds", default=None,
+                    help="comma list of calibration seed bases; each config runs once per base (default: recipe)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "defaults.md"))
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = ap.parse_args()
@@ -122,11 +160,15 @@ def main() -> None:
     for spec in args.fixture:
         name, env = spec.split(":", 1)
         policy = str(ROOT / "tests" / "fixtures" / "policies" / f"{name}.zip")
-        rows = []
+        rows: list[dict[str, Any]] = []
+        bases = [int(b) for b in args.calib_seeds.split(",")] if args.calib_seeds else [None]
         for cfg in args.configs.split(","):
-            row = run_one(policy, env, cfg, CONFIGS[cfg], args.episodes, noise)  # type: ignore[arg-type]
-            print(json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
-            rows.append(row)
+            for base in bases:
+                row = run_one(policy, env, cfg, CONFIGS[cfg], args.episodes, noise, base)  # type: ignore[arg-type]
+                row["env"] = env
+                print(json.dumps({k: v for k, v in row.items() if k not in ("layers", "float_returns",
+                                                                            "int8_returns")}), flush=True)
+                rows.append(row)
         all_rows[name] = rows
         text.append(to_markdown(name, env, rows, command, args.episodes))
     out = Path(args.out)

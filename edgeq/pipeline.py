@@ -113,6 +113,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str, out: str | Path, *, epi
     stats: CalibrationStats = calibrate_rollouts(
         fp, make_env, calib_seeds, noise=noise, num_envs=min(num_envs, rec.num_envs),
         max_steps_per_episode=rec.max_steps_per_episode, holdout_seeds=holdout_seeds,
+        holdout_noise=None if rec.holdout_exploration is None else ExplorationNoise(**rec.holdout_exploration),
         progress=progress("calibrate", n_episodes * ep_len if ep_len else None))
     timings["calibration_s"] = time.perf_counter() - t0
 

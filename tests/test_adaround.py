@@ -87,7 +87,7 @@ def test_plan_records_rounding_and_bias_correction(sac_pendulum: Path) -> None:
     assert set(stages) == {"adaround", "bias_correction"}
     for name, rep in stages.items():
         # a stage is kept exactly when it lowered the held-out action error
-        before = plan.metrics["heldout_action_error_by_stage"]["initial"]
+        before = plan.metrics["heldout_score_by_stage"]["initial"]
         if name == "bias_correction" and stages["adaround"]["kept"]:
             before = stages["adaround"]["heldout_action_error"]
         assert rep["kept"] == (rep["heldout_action_error"] < before)

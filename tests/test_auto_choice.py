@@ -40,7 +40,7 @@ def test_auto_picks_the_candidate_with_least_heldout_action_error() -> None:
     model, calib, held = _case()
     stats = stats_for(model, calib, held)
     auto = build_plan(model, stats, QuantOptions(auto=True, auto_calibrators=CALIBRATORS,
-                                                 auto_transforms=TRANSFORMS))
+                                                 auto_transforms=TRANSFORMS, auto_weight_methods=[]))
     errors: dict[str, float] = {}
     for cand in candidate_choices(CALIBRATORS, TRANSFORMS):
         plan = build_plan(model, stats, QuantOptions(calibrator=cand.calibrator, calibrator_params=dict(cand.params),
@@ -65,8 +65,22 @@ def test_auto_picks_the_candidate_with_least_heldout_action_error() -> None:
     # recorded for the manifest
     j = json.loads(json.dumps(auto.to_json()))
     assert j["layers"][0]["choice"]["label"] == chosen
-    assert j["metrics"]["heldout_action_error_by_stage"]["auto"] <= j["metrics"]["heldout_action_error_by_stage"][
+    assert j["metrics"]["heldout_score_by_stage"]["auto"] <= j["metrics"]["heldout_score_by_stage"][
         "initial"]
+
+
+def test_weight_quantizer_choice_never_raises_the_heldout_error() -> None:
+    model, calib, held = _case(1)
+    stats = stats_for(model, calib, held)
+    acts = build_plan(model, stats, QuantOptions(auto=True, auto_calibrators=CALIBRATORS[:2],
+                                                 auto_transforms=TRANSFORMS[:2], auto_weight_methods=[]))
+    both = build_plan(model, stats, QuantOptions(auto=True, auto_calibrators=CALIBRATORS[:2],
+                                                 auto_transforms=TRANSFORMS[:2]))
+    rec = both.layers[0].choice["search"]["weights"]
+    assert set(rec["candidates"]) == {acts.layers[0].choice["label"] + " w:absmax",
+                                      acts.layers[0].choice["label"] + " w:mse"}
+    assert both.layers[0].weight_method == both.layers[0].choice["weight_method"]
+    assert both.metrics["heldout_action_error"]["mean"] <= acts.metrics["heldout_action_error"]["mean"] + 1e-12
 
 
 def test_coordinate_descent_finds_per_layer_minima_of_a_separable_score() -> None:
@@ -90,3 +104,17 @@ def test_layer_choice_validation() -> None:
         LayerChoice("max", {}, "equalize", 0.5, dynamic=True)
     assert LayerChoice("percentile", {"percentile": 99.9}, "crossquant", 0.15).label == \
         "percentile(99.9)+crossquant(alpha=0.15)"
+
+
+def test_score_adds_the_tail_of_per_state_errors() -> None:
+    from edgeq.quantize.evaluate import ActionErrorScorer
+
+    model, calib, held = _case(2)
+    sc = ActionErrorScorer(model, held[:200], np.ones(3), tail_weight=0.5, tail_fraction=0.05,
+                           tail_states=calib[:100])
+    e = np.abs(np.random.default_rng(0).normal(0, 0.01, (300, 3)))
+    e[250, 1] = 2.0  # a calibration state with a large error: in the tail, not in the mean
+    worst = np.sort(e.max(axis=1))[::-1][:15]
+    assert sc.score_errors(e) == pytest.approx(e[:200].mean() + 0.5 * worst.mean())
+    plain = ActionErrorScorer(model, held[:200], np.ones(3))
+    assert plain.score_errors(e[:200]) == pytest.approx(e[:200].mean())

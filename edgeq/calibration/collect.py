@@ -179,12 +179,14 @@ def calibrate_rollouts(policy: FloatPolicy, make_env: Callable[[], Any], seeds: 
                        noise: ExplorationNoise = ExplorationNoise(), num_envs: int = 8,
                        reservoir_size: int = DEFAULT_RESERVOIR, max_steps_per_episode: int | None = None,
                        holdout_seeds: Sequence[int] = (), holdout_size: int = DEFAULT_HOLDOUT_RESERVOIR,
+                       holdout_noise: ExplorationNoise | None = None,
                        progress: Callable[[int], None] | None = None) -> CalibrationStats:
     """Roll ``policy`` out on ``seeds`` and observe every tensor INT8 will quantize.
 
-    ``holdout_seeds`` are further episodes (same exploration noise, another noise stream) whose
-    states are only sampled into ``CalibrationStats.holdout``: the observers never see them, so
-    choices scored on them are scored on states the statistics did not come from.
+    ``holdout_seeds`` are further episodes (exploration ``holdout_noise``, default the same as
+    ``noise``, on another noise stream) whose states are only sampled into
+    ``CalibrationStats.holdout``: the observers never see them, so choices scored on them are
+    scored on states the statistics did not come from.
     """
     tensors = calibration_tensors(policy.model)
     observers = {t: TensorObserver(t) for t in tensors}
@@ -202,13 +204,15 @@ def calibrate_rollouts(policy: FloatPolicy, make_env: Callable[[], Any], seeds: 
         held = ObservationReservoir(holdout_size, policy.obs_space.size, seed=int(holdout_seeds[0]))
         plain = OrtPolicy(policy.model.SerializeToString(), state=[s.to_json() for s in policy.state])
         run_episodes(make_env, plain, holdout_seeds, num_envs=num_envs, on_step=_ReservoirHook(held),
-                     perturb=noise.make(low, high), noise_seed=int(holdout_seeds[0]) + 1,
+                     perturb=(noise if holdout_noise is None else holdout_noise).make(low, high),
+                     noise_seed=int(holdout_seeds[0]) + 1,
                      max_steps_per_episode=max_steps_per_episode, progress=progress)
         holdout = held.sample()
     seconds = time.perf_counter() - t0
     return CalibrationStats(observers, reservoir.sample(), results, results.steps, seconds,
                             {"source": "rollout", "episodes": len(seeds), "seeds": [int(s) for s in seeds],
                              "holdout_episodes": len(holdout_seeds),
+                             "holdout_noise": (noise if holdout_noise is None else holdout_noise).to_json(),
                              "noise": noise.to_json(), "num_envs": num_envs}, holdout)
 
 

@@ -92,9 +92,9 @@ def print_layer_choices(quantization: dict[str, Any]) -> None:
                       "not TensorRT", highlight=False)
     err = quantization.get("metrics", {}).get("heldout_action_error")
     if err:
-        stages = quantization["metrics"].get("heldout_action_error_by_stage", {})
+        stages = quantization["metrics"].get("heldout_score_by_stage", {})
         console.print("held-out action error (fraction of action half-range): "
-                      f"mean {err['mean']:.4f}, p99 {err['p99']:.4f}, max {err['max']:.4f}; by stage: "
+                      f"mean {err['mean']:.4f}, p99 {err['p99']:.4f}, max {err['max']:.4f}; score by stage: "
                       + ", ".join(f"{k} {v:.4f}" for k, v in stages.items()), highlight=False)
 
 

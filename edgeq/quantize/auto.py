@@ -55,6 +55,7 @@ class LayerChoice:
     transform: str = "none"
     alpha: float | None = None
     dynamic: bool = False
+    weight_method: str | None = None  # None: the plan's default weight quantizer
 
     def __post_init__(self) -> None:
         if self.transform not in TRANSFORMS:
@@ -66,19 +67,22 @@ class LayerChoice:
 
     @property
     def key(self) -> tuple[Any, ...]:
-        return (self.calibrator, tuple(sorted(self.params.items())), self.transform, self.alpha, self.dynamic)
+        return (self.calibrator, tuple(sorted(self.params.items())), self.transform, self.alpha, self.dynamic,
+                self.weight_method)
 
     @property
     def label(self) -> str:
+        wm = f" w:{self.weight_method}" if self.weight_method else ""
         if self.dynamic:
-            return f"crossquant-dynamic(alpha={self.alpha:g})"
+            return f"crossquant-dynamic(alpha={self.alpha:g}){wm}"
         p = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for _, v in sorted(self.params.items()))
         cal = f"{self.calibrator}({p})" if p else self.calibrator
-        return cal if self.transform == "none" else f"{cal}+{self.transform}(alpha={self.alpha:g})"
+        return (cal if self.transform == "none" else f"{cal}+{self.transform}(alpha={self.alpha:g})") + wm
 
     def to_json(self) -> dict[str, Any]:
         return {"calibrator": self.calibrator, "params": dict(self.params), "transform": self.transform,
-                "alpha": self.alpha, "dynamic": self.dynamic, "label": self.label}
+                "alpha": self.alpha, "dynamic": self.dynamic, "weight_method": self.weight_method,
+                "label": self.label}
 
 
 def candidate_choices(calibrators: Sequence[tuple[str, Mapping[str, Any]]] = DEFAULT_CALIBRATOR_CANDIDATES,

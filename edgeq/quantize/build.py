@@ -76,12 +76,19 @@ class QuantOptions:
         auto_calibrators, auto_transforms: The candidates (default:
             :data:`~edgeq.quantize.auto.DEFAULT_CALIBRATOR_CANDIDATES` / ``..._TRANSFORM_...``).
         auto_sweeps: Coordinate-descent sweeps.
+        auto_weight_methods: After the activation search, each layer's weight quantizer is chosen
+            among these the same way (default ``["absmax", "mse"]``; ``[]`` skips it).
         rounding: ``nearest`` or ``adaround``; adaround_iters: Adam steps of AdaRound's soft-rounding
             stage per layer (0: only the exact flip descent on the same objective).
         bias_correction: Empirical bias correction per layer.
         fp16_fallback: At most this many layers go to fp16 when the held-out action error stays
             above ``max_action_error`` (mean ``|a_int8 - a_float|`` in units of the action
             half-range); 0 turns the fallback off.
+        tail_weight, tail_fraction: The score every decision minimizes is the held-out mean action
+            error plus ``tail_weight`` times the mean of the worst ``tail_fraction`` of the states'
+            largest errors (:class:`~edgeq.quantize.evaluate.ActionErrorScorer`); the fp16 target
+            ``max_action_error`` applies to this score. tail_on_calibration_states: take the tail
+            over the held-out and the calibration states (whose extremes set the ranges).
         keep_float: Layers (node names) left in float by request.
         seed: Seed of AdaRound's mini-batches.
     """
@@ -97,11 +104,15 @@ class QuantOptions:
     auto_calibrators: list[tuple[str, dict[str, Any]]] | None = None
     auto_transforms: list[tuple[str, float | None]] | None = None
     auto_sweeps: int = 1
+    auto_weight_methods: list[str] | None = None
     rounding: str = "nearest"
     adaround_iters: int = 0
     bias_correction: bool = False
     fp16_fallback: int = 0
     max_action_error: float = 0.01
+    tail_weight: float = 0.0
+    tail_fraction: float = 0.01
+    tail_on_calibration_states: bool = False
     keep_float: list[str] = field(default_factory=list)
     seed: int = 0
 
@@ -159,7 +170,9 @@ class _Builder:
         self.calib, self.held = calib, np.asarray(held, np.float32)
         inputs = list(dict.fromkeys(wl.input for wl in self.layers))
         self.inputs = tensor_values(model, self.calib, inputs)  # original layer inputs on calibration states
-        self.scorer = ActionErrorScorer(model, self.held, half_range)
+        self.scorer = ActionErrorScorer(model, self.held, half_range, tail_weight=options.tail_weight,
+                                        tail_fraction=options.tail_fraction,
+                                        tail_states=self.calib if options.tail_on_calibration_states else None)
         self._obs_cache: dict[tuple[Any, ...], TensorObserver] = {}
         self._factor_cache: dict[tuple[Any, ...], np.ndarray] = {}
         self._weight_cache: dict[tuple[str, int, str], QuantizedWeight] = {}
@@ -189,10 +202,10 @@ class _Builder:
             self._obs_cache[key] = obs
         return self._obs_cache[key]
 
-    def quantize_weight(self, w: np.ndarray, axis: int) -> QuantizedWeight:
-        key = _weight_key(w, axis, self.opt.weight_method)
+    def quantize_weight(self, w: np.ndarray, axis: int, method: str) -> QuantizedWeight:
+        key = _weight_key(w, axis, method)
         if key not in self._weight_cache:
-            self._weight_cache[key] = quantize_weight(w, axis=axis, method=self.opt.weight_method)
+            self._weight_cache[key] = quantize_weight(w, axis=axis, method=method)
         return self._weight_cache[key]
 
     def materialize(self, choices: Mapping[str, LayerChoice]) -> QuantPlan:
@@ -212,8 +225,8 @@ class _Builder:
             per_tensor.setdefault(wl.input, (ch.calibrator, dict(ch.params)))
         plan = make_plan(self.model, observers, calibrator=self.opt.calibrator,
                          calibrator_params=self.opt.calibrator_params, weight_method=self.opt.weight_method,
-                         keep_float=self.opt.keep_float, per_tensor_calibrator=per_tensor, transforms=transforms)
-        # make_plan quantized every weight; reuse cached ones for identical weights (speed only)
+                         keep_float=self.opt.keep_float, per_tensor_calibrator=per_tensor, transforms=transforms,
+                         per_layer_weight_method={n: c.weight_method for n, c in choices.items() if c.weight_method})
         layers: list[LayerQuant] = []
         for layer in plan.layers:
             ch = choices[layer.node]
@@ -221,7 +234,8 @@ class _Builder:
                 d = self.factors(layer.node, replace(ch, transform="crossquant"))
                 w = np.asarray(constant_value(work, layer.weight_name), np.float64)
                 shape = (1, -1) if layer.weight_axis == 0 else (-1, 1)
-                qw = self.quantize_weight((w * d.reshape(shape)).astype(np.float32), layer.weight_axis)
+                qw = self.quantize_weight((w * d.reshape(shape)).astype(np.float32), layer.weight_axis,
+                                          ch.weight_method or self.opt.weight_method)
                 layer = replace(layer, scheme="crossquant-dynamic", dynamic_alpha=float(ch.alpha or 0.0),
                                 dynamic_factors=d, weight=qw)
             layers.append(replace(layer, choice={"label": ch.label, **ch.to_json()}))
@@ -366,8 +380,19 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
             cands += [LayerChoice(opt.calibrator, dict(opt.calibrator_params), "crossquant", a, dynamic=True)
                       for a in sorted({opt.default_alpha() or crossquant.DEFAULT_ALPHA, 1.0})]
         int8_nodes = [wl.node for wl in b.layers if wl.node not in opt.keep_float]
-        choices, records = choose_per_layer(int8_nodes, choices, {n: cands for n in int8_nodes},
-                                            lambda ch: b.scorer(b.materialize(ch)), sweeps=opt.auto_sweeps)
+        score = lambda ch: b.scorer(b.materialize(ch))  # noqa: E731
+        choices, records = choose_per_layer(int8_nodes, choices, {n: cands for n in int8_nodes}, score,
+                                            sweeps=opt.auto_sweeps)
+        methods = ["absmax", "mse"] if opt.auto_weight_methods is None else list(opt.auto_weight_methods)
+        if methods:
+            choices = {n: replace(c, weight_method=c.weight_method or opt.weight_method) if n in int8_nodes else c
+                       for n, c in choices.items()}
+            wcands = {n: [replace(choices[n], weight_method=m) for m in methods] for n in int8_nodes}
+            choices, wrec = choose_per_layer(int8_nodes, choices, wcands, score)
+            for n in int8_nodes:
+                records[n]["weights"] = wrec[n]
+                records[n]["chosen"] = wrec[n]["chosen"]
+                records[n]["heldout_action_error"] = wrec[n]["heldout_action_error"]
         plan = b.materialize(choices)
         for la in plan.layers:
             if la.node in records and la.choice is not None:
@@ -395,9 +420,10 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
     plan.settings.update({"options": opt.to_json(), "tensorrt_compatible": plan.tensorrt_compatible})
     plan.metrics.update({
         "heldout_states": int(len(b.held)), "calibration_states": int(len(b.calib)),
-        "heldout_action_error_by_stage": {k: round(float(v), 6) for k, v in errors.items()},
+        "heldout_score_by_stage": {k: round(float(v), 6) for k, v in errors.items()},
         "heldout_action_error": {k: round(v, 6) for k, v in final.items()},
-        "action_error_units": "mean |a_int8 - a_float| / action half-range",
+        "action_error_units": "|a_int8 - a_float| / action half-range; score = mean + tail_weight * cvar "
+                              "(mean of the worst tail_fraction of per-state max errors)",
         "stages": stage_reports, "graph_evaluations": b.scorer.evaluations,
         "seconds": round(time.perf_counter() - t0, 3)})
     return plan

@@ -28,18 +28,31 @@ def action_half_range(low: np.ndarray, high: np.ndarray) -> np.ndarray:
 
 @dataclass
 class ActionErrorScorer:
-    """Mean ``|a_quant - a_float| / half_range`` over ``states`` (and the max, on request).
+    """The score of a plan: its action error on ``states`` (lower is better).
 
-    ``model`` is the original float graph; the float actions are computed once.
+    ``score = mean(e) + tail_weight * CVaR(tail_fraction)``, where ``e`` is
+    ``|a_quant - a_float| / half_range`` per state and action dimension, and the CVaR is the mean,
+    over the worst ``tail_fraction`` of the states, of each state's largest error. The tail term
+    keeps a choice from buying a lower average with rare large errors (a clipping calibrator on
+    a tensor whose extremes matter), which is how a policy falls over. ``model`` is the original
+    float graph; the float actions are computed once.
     """
 
     model: onnx.ModelProto
     states: np.ndarray
     half_range: np.ndarray
+    tail_weight: float = 0.0
+    tail_fraction: float = 0.01
+    tail_states: np.ndarray | None = None
     evaluations: int = 0
 
     def __post_init__(self) -> None:
         self.states = np.ascontiguousarray(self.states, np.float32)
+        if self.tail_states is not None and self.tail_weight > 0:
+            self.states = np.ascontiguousarray(np.concatenate([self.states, self.tail_states]), np.float32)
+            self._n_mean = len(self.states) - len(self.tail_states)
+        else:
+            self._n_mean = len(self.states)
         self.reference = OrtPolicy(self.model.SerializeToString()).act(self.states)
 
     def actions(self, plan: QuantPlan) -> np.ndarray:
@@ -51,9 +64,21 @@ class ActionErrorScorer:
         """Per-state, per-dimension normalized absolute errors."""
         return np.abs(self.actions(plan).astype(np.float64) - self.reference) / self.half_range
 
+    def _cvar(self, e: np.ndarray) -> float:
+        worst = np.sort(e.max(axis=1))[::-1]
+        k = max(1, int(np.ceil(self.tail_fraction * len(worst))))
+        return float(worst[:k].mean())
+
+    def score_errors(self, e: np.ndarray) -> float:
+        """The score of per-state, per-dimension errors ``e`` (rows as in ``states``)."""
+        mean = float(e[: self._n_mean].mean())
+        return mean if self.tail_weight <= 0 else mean + self.tail_weight * self._cvar(e)
+
     def __call__(self, plan: QuantPlan) -> float:
-        return float(self.errors(plan).mean())
+        return self.score_errors(self.errors(plan))
 
     def summary(self, plan: QuantPlan) -> dict[str, float]:
         e = self.errors(plan)
-        return {"mean": float(e.mean()), "p99": float(np.percentile(e.max(axis=1), 99)), "max": float(e.max())}
+        h = e[: self._n_mean]
+        return {"mean": float(h.mean()), "p99": float(np.percentile(h.max(axis=1), 99)), "max": float(h.max()),
+                "cvar": self._cvar(e), "score": self.score_errors(e)}

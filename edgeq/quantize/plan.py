@@ -165,13 +165,15 @@ def make_plan(model: onnx.ModelProto, observers: Mapping[str, TensorObserver], *
               calibrator: str = "percentile", calibrator_params: dict[str, Any] | None = None,
               weight_method: str = "absmax", keep_float: Sequence[str] = (),
               per_tensor_calibrator: Mapping[str, CalibratorSpec] | None = None,
-              transforms: Sequence[InputScaling] = ()) -> QuantPlan:
+              transforms: Sequence[InputScaling] = (),
+              per_layer_weight_method: Mapping[str, str] | None = None) -> QuantPlan:
     """Choose static int8 scales for every weighted layer of ``model`` (after ``transforms``).
 
     ``observers`` describe the tensors of the transformed graph (the same as ``model``'s when there
     are no transforms). ``keep_float`` names layers (node names) to leave in float;
     ``per_tensor_calibrator`` overrides the activation calibrator for named tensors (a method, or
-    ``(method, params)``; a bare method other than ``calibrator`` gets its default parameters).
+    ``(method, params)``; a bare method other than ``calibrator`` gets its default parameters);
+    ``per_layer_weight_method`` overrides ``weight_method`` for named layers.
     """
     params = dict(calibrator_params or {})
     overrides = dict(per_tensor_calibrator or {})
@@ -194,9 +196,10 @@ def make_plan(model: onnx.ModelProto, observers: Mapping[str, TensorObserver], *
             activations[wl.input] = ActivationQuant(wl.input, float(compute_amax(obs, method, **p)), method, p)
         w = constant_value(work, wl.weight)
         assert w is not None
-        qw = quantize_weight(np.asarray(w, np.float32), axis=wl.weight_axis, method=weight_method)
+        wm = (per_layer_weight_method or {}).get(wl.node, weight_method)
+        qw = quantize_weight(np.asarray(w, np.float32), axis=wl.weight_axis, method=wm)
         layers.append(LayerQuant(wl.node, wl.op_type, wl.input, wl.weight, wl.weight_axis, "int8", qw,
-                                 weight_method, bias_name=wl.bias))
+                                 wm, bias_name=wl.bias))
     settings = {"activation_calibrator": calibrator, "calibrator_params": params, "weight_method": weight_method,
                 "activation_granularity": "per-tensor", "weight_granularity": "per-output-channel",
                 "symmetric": True, "zero_point": 0, "weight_range": [-127, 127]}
