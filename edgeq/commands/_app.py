@@ -59,8 +59,12 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
     layers = manifest.get("quantization", {}).get("layers", [])
     n8 = sum(1 for layer in layers if layer["precision"] == "int8")
     settings = manifest.get("quantization", {}).get("settings", {})
-    console.print(f"int8 layers: {n8}/{len(layers)}; activations: {settings.get('activation_calibrator')} "
-                  f"{settings.get('calibrator_params', {})}; weights: per-channel {settings.get('weight_method')}")
+    n16 = sum(1 for layer in layers if layer["precision"] == "fp16")
+    auto = settings.get("options", {}).get("auto", False)
+    console.print(f"int8 layers: {n8}/{len(layers)}" + (f" (fp16: {n16})" if n16 else "") + "; activations: "
+                  + ("chosen per layer (search started at " if auto else "")
+                  + f"{settings.get('activation_calibrator')} {settings.get('calibrator_params', {})}"
+                  + (")" if auto else "") + f"; weights: per-channel {settings.get('weight_method')}")
     print_layer_choices(manifest.get("quantization", {}))
     t = validation.get("timings", {})
     if t:
