@@ -73,8 +73,18 @@ def plan_from_manifest(float_model: onnx.ModelProto, quantization: dict[str, Any
     """Rebuild a bundle's :class:`QuantPlan` from its manifest (activation amax + weight method).
 
     Weights are re-quantized from the float model with the recorded per-channel method, which is
-    deterministic, so applying the plan reproduces the bundle's INT8 model.
+    deterministic, so applying the plan reproduces the bundle's INT8 model. Plans that cannot be
+    rebuilt from those fields alone (input scalings such as CrossQuant/equalization, data-dependent
+    rounding, run-time scales) raise ``ValueError``: the caller then reports per-layer SQNR without
+    the one-layer-at-a-time ranking.
     """
+    if quantization.get("transforms"):
+        raise ValueError("the plan rescales layer inputs (CrossQuant/equalization); not rebuilt from the manifest")
+    for entry in quantization.get("layers", []):
+        if entry.get("rounding", "nearest") != "nearest" or entry.get("scheme", "static") != "static" \
+                or entry.get("precision") not in ("int8", "float"):
+            raise ValueError(f"layer {entry.get('node')!r} uses {entry.get('rounding')}/{entry.get('scheme')}/"
+                             f"{entry.get('precision')}; not rebuilt from the manifest")
     acts = {a["tensor"]: ActivationQuant(a["tensor"], float(a["amax"]), a.get("calibrator", "?"),
                                          dict(a.get("params", {})))
             for a in quantization.get("activations", [])}
@@ -98,7 +108,7 @@ def only_layer(plan: QuantPlan, node: str) -> QuantPlan:
     layers = [layer if layer.node == node or layer.precision != "int8"
               else dataclasses.replace(layer, precision="float", reason="per-layer analysis")
               for layer in plan.layers]
-    return QuantPlan(plan.activations, layers, plan.settings)
+    return dataclasses.replace(plan, layers=layers)  # keeps transforms (input scalings) and metrics
 
 
 def _session(model: onnx.ModelProto | bytes | str, io: dict[str, Any], outputs: Sequence[str]) -> OrtPolicy:
@@ -151,6 +161,16 @@ def per_layer_error(float_model: onnx.ModelProto, int8_model: onnx.ModelProto | 
     names = [b.tensor for b in bounds]
     ref = _evaluate(_session(float_model, io, names), episodes, [*names, action])
     full = _evaluate(_session(int8_model, io, names), episodes, [*names, action])
+    # An input scaling folded into the previous layer's weight rows (CrossQuant/equalization) leaves
+    # that boundary tensor divided by the factors d in the INT8 graph: compare it with d undone.
+    if plan is not None and plan.transforms:
+        inputs = {wl.node: wl.input for wl in find_weighted_layers(float_model)}
+        for t in plan.transforms:
+            tensor = inputs.get(t.layer)
+            if tensor in full and tensor in ref and full[tensor].shape[1] == len(t.factors):
+                undone = full[tensor] * np.asarray(t.factors, np.float64)[None, :]
+                if np.abs(undone - ref[tensor]).mean() < np.abs(full[tensor] - ref[tensor]).mean():
+                    full[tensor] = undone
     layers: list[dict[str, Any]] = []
     precision = {layer.node: layer.precision for layer in plan.layers} if plan is not None else {}
     for b in bounds:
