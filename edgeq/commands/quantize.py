@@ -14,7 +14,9 @@ from edgeq.commands._app import app, console, err_console, print_summary, progre
 
 @app.command()
 def quantize(
-    policy: Annotated[Path, typer.Argument(help="Policy file: a Stable-Baselines3 / sb3-contrib .zip.")],
+    policy: Annotated[Path, typer.Argument(help="Policy file: a Stable-Baselines3 / sb3-contrib .zip (incl. "
+                                                "RecurrentPPO), or a TorchScript policy.pt (legged_gym / rsl_rl / "
+                                                "Isaac Lab export). TorchScript is code: pass only files you trust.")],
     env: Annotated[str, typer.Option("--env", help="Gymnasium env id (e.g. HalfCheetah-v5) or module:callable.")],
     out: Annotated[Path, typer.Option("--out", help="Bundle directory to create.")],
     episodes: Annotated[int, typer.Option(help="Paired validation episodes (float vs int8, same seeds).")] = 10,
@@ -34,6 +36,20 @@ def quantize(
     vecnormalize: Annotated[Path | None, typer.Option(help="vecnormalize.pkl (default: NAME/vecnormalize.pkl "
                                                            "beside NAME.zip if present).")] = None,
     env_kwargs: Annotated[str | None, typer.Option(help="JSON object of keyword arguments for the env.")] = None,
+    calib_env: Annotated[str | None, typer.Option(help="Calibrate in this env (gymnasium id or module:callable; "
+                                                       "default: --env), e.g. one with disturbances.")] = None,
+    calib_env_kwargs: Annotated[str | None, typer.Option(help="JSON keyword arguments for --calib-env (default: "
+                                                              "--env-kwargs when it is the same env).")] = None,
+    calib_perturb: Annotated[list[str] | None, typer.Option(
+        help="Disturbance during calibration, repeatable: 'push:speed=1.5,interval=40-120' (MuJoCo root-velocity "
+             "kicks) or 'action_noise:std=0.2'.")] = None,
+    perturb: Annotated[list[str] | None, typer.Option(
+        help="Also validate float and int8 under this disturbance schedule (same syntax, repeatable); reports "
+             "termination/fall rates with 95% CIs.")] = None,
+    cell_precision: Annotated[str, typer.Option(help="Recurrent policies: LSTM/GRU gate MatMuls in 'int8' or kept "
+                                                     "in 'fp32' (the MLP is int8 either way).")] = "int8",
+    saturation_warn: Annotated[float, typer.Option(help="Warn when a quantized tensor's values fall outside its "
+                                                        "calibrated range more often than this fraction.")] = 1e-3,
     num_envs: Annotated[int, typer.Option(help="Environments stepped in parallel (vector env).")] = 8,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print validation.json instead of the table.")] = False,
@@ -52,7 +68,11 @@ def quantize(
                                 calib_episodes=calib_episodes,
                                 exploration=ExplorationNoise(gaussian=noise) if noise is not None else None,
                                 vecnormalize=vecnormalize, env_kwargs=parse_env_kwargs(env_kwargs),
-                                num_envs=num_envs, overwrite=overwrite, progress=progress_factory(prog))
+                                num_envs=num_envs, overwrite=overwrite, calib_env=calib_env,
+                                calib_env_kwargs=parse_env_kwargs(calib_env_kwargs) if calib_env_kwargs else None,
+                                calib_perturb=calib_perturb or (), perturb=perturb or (),
+                                cell_precision=cell_precision, saturation_warn=saturation_warn,
+                                progress=progress_factory(prog))
 
     result = run_guarded(go)
     if json_out:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from edgeq.rollout import BatchPolicy, EpisodeResults, run_episodes
+from edgeq.validate.rates import paired_rate_difference, termination_stats
 from edgeq.validate.stats import ActionErrorAccumulator, describe, paired_difference
 
 
@@ -41,6 +42,10 @@ class ShadowedPolicy:
         rows = np.asarray(active, bool)
         ref, cand = (a, b) if self.actor_is_reference else (b, a)
         self.errors.add(ref[rows], cand[rows])
+        for policy in (self.actor, self.shadow):  # e.g. a SaturationMonitor counting quantized tensors
+            hook = getattr(policy, "observe_rows", None)
+            if hook is not None:
+                hook(rows)
 
 
 def paired_rollouts(make_env: Callable[[], Any], reference: BatchPolicy, candidate: BatchPolicy,
@@ -50,7 +55,9 @@ def paired_rollouts(make_env: Callable[[], Any], reference: BatchPolicy, candida
     """Roll out ``reference`` (float) and ``candidate`` (quantized) on ``seeds``.
 
     ``shadow_*`` are second instances of the other policy (their own state) used to measure the
-    action error on the states each policy visits.
+    action error on the states each policy visits. Each precision reports per-episode ``terminated``
+    flags and its ``termination_rate`` with a Wilson 95% interval; ``termination_difference`` is the
+    paired int8 - float difference of those rates.
     """
     err_on_ref = ActionErrorAccumulator(act_dim)
     err_on_cand = ActionErrorAccumulator(act_dim)
@@ -63,11 +70,10 @@ def paired_rollouts(make_env: Callable[[], Any], reference: BatchPolicy, candida
                             progress=progress)
     seconds = time.perf_counter() - t0
     return {
-        "float": {**ref_res.to_json(), **describe(ref_res.returns),
-                  "termination_rate": float(np.mean(ref_res.terminated))},
-        "int8": {**cand_res.to_json(), **describe(cand_res.returns),
-                 "termination_rate": float(np.mean(cand_res.terminated))},
+        "float": {**ref_res.to_json(), **describe(ref_res.returns), **termination_stats(ref_res.terminated)},
+        "int8": {**cand_res.to_json(), **describe(cand_res.returns), **termination_stats(cand_res.terminated)},
         "paired_difference": paired_difference(ref_res.returns, cand_res.returns),
+        "termination_difference": paired_rate_difference(ref_res.terminated, cand_res.terminated),
         "action_error": {"on_float_trajectory": err_on_ref.summary(),
                          "on_int8_trajectory": err_on_cand.summary()},
         "seconds": round(seconds, 3),
