@@ -55,10 +55,13 @@ def _fmt_rate(r: dict[str, Any]) -> str:
 
 def condition_row(config: str, cond: str, r: dict[str, Any]) -> str:
     d = r["paired_difference"]
+    t = r["termination_difference"]
     sat = r.get("saturation", {})
     return (f"| {config} | {cond} | {r['float']['mean']:.1f} ± {r['float']['std']:.1f} | "
             f"{r['int8']['mean']:.1f} ± {r['int8']['std']:.1f} | {d['mean']:+.1f} [{d['ci95'][0]:+.1f}, "
             f"{d['ci95'][1]:+.1f}] | {_fmt_rate(r['float'])} | {_fmt_rate(r['int8'])} | "
+            f"{100 * t['mean']:+.0f} [{100 * t['ci95'][0]:+.0f}, {100 * t['ci95'][1]:+.0f}] "
+            f"({t['only_int8']}/{t['only_float']}) | "
             f"{100 * sat.get('max_rate', 0):.3f}% ({sat.get('max_tensor')}) | "
             f"{r['action_error']['on_float_trajectory']['mean_abs']:.4f} |")
 
@@ -145,13 +148,14 @@ def main() -> None:
             f"{args.episodes} paired validation episodes per condition (seeds 0..{args.episodes - 1}); perturbed: "
             f"`{args.perturb}` (float and int8 meet the same disturbances on each seed). Calibration: the recipe's "
             f"seeds (disjoint), nominal or under `{args.calib_perturb or args.perturb}`. Terminated = the env "
-            "ended the episode before its time limit (a fall). Intervals: 95% (bootstrap for the return "
-            "difference, Wilson for rates). Saturation: largest fraction of a quantized tensor's values "
+            "ended the episode before its time limit (a fall). Intervals: 95% (paired bootstrap for the "
+            "differences, Wilson for rates). Saturation: largest fraction of a quantized tensor's values "
             "outside its calibrated range, on the int8 policy's own trajectory.",
             "",
             "| configuration | condition | float return | int8 return | int8 - float [95% CI] | "
-            "terminated float | terminated int8 | int8 saturation max (tensor) | action err (mean abs) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "terminated float | terminated int8 | int8 - float terminated, pts [95% CI] (only int8 / only float) | "
+            "int8 saturation max (tensor) | action err (mean abs) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
             *rows,
             "",
             "Saturation per tensor (int8 trajectory), nominal / perturbed:",
