@@ -26,12 +26,19 @@ from edgeq.export.qdq import apply_plan
 from edgeq.export.trt_rules import check_qdq_model, format_report
 from edgeq.ingest import load_policy
 from edgeq.ingest.onnx_policy import bind_env_spaces
+from edgeq.perturb import PerturbationSpec, parse_perturbation, perturbed_factory
 from edgeq.policy import FloatPolicy
 from edgeq.quantizers.build import build_plan
 from edgeq.quantizers.evaluate import action_half_range
 from edgeq.quantizers.plan import QuantPlan
+from edgeq.spaces import BoxSpec
 from edgeq.validate.offline import OPEN_LOOP_REASON, validate_offline
+from edgeq.validate.robustness import validate_target_robustness
+from edgeq.validate.saturation import DEFAULT_SATURATION_WARN, quantized_ranges
 from edgeq.validate.validator import ValidationOptions, save_validation, validate_models
+
+#: ``cell_precision`` values: the recurrent cell's gate MatMuls in int8, or kept in fp32.
+CELL_PRECISIONS = ("int8", "fp32")
 
 #: ``progress(stage, total_steps)`` returns a per-step callback ``advance(n)`` for that stage.
 ProgressFactory = Callable[[str, int | None], Callable[[int], None]]
@@ -70,7 +77,10 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
              action_low: float | Sequence[float] | None = None, action_high: float | Sequence[float] | None = None,
              onnx_input: str | None = None, onnx_output: str | None = None,
              validation: ValidationOptions | None = None, report: bool = True,
-             recipe_overrides: dict[str, Any] | None = None) -> QuantizeResult:
+             recipe_overrides: dict[str, Any] | None = None,
+             calib_env: str | None = None, calib_env_kwargs: dict[str, Any] | None = None,
+             calib_perturb: Sequence[str | PerturbationSpec] = (), perturb: Sequence[str | PerturbationSpec] = (),
+             cell_precision: str = "int8", saturation_warn: float = DEFAULT_SATURATION_WARN) -> QuantizeResult:
     """Quantize ``policy`` for ``env`` and write a validated bundle to ``out``.
 
     Validation uses seeds ``seed .. seed+episodes-1``; calibration uses the recipe's seeds, which
@@ -92,6 +102,13 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
     ``recipe_overrides`` sets any :class:`~edgeq.config.CalibrationRecipe` field by name (e.g.
     ``{"transform": "crossquant", "alpha": 0.0, "auto": True, "rounding": "adaround",
     "bias_correction": True, "fp16_fallback": 1, "dynamic": True}``) after the recipe is loaded.
+
+    ``env`` / ``calib_env`` are gymnasium ids or ``module:callable`` entry points. Calibration runs
+    in ``calib_env`` (default: ``env``; its kwargs default to ``env_kwargs`` when it is the same
+    env) with the disturbances ``calib_perturb`` (e.g. ``"push:speed=1"``). Validation runs in
+    ``env`` nominally and, with ``perturb``, also under those disturbances; it reports each INT8
+    tensor's saturation rate and warns above ``saturation_warn``. ``cell_precision="fp32"`` keeps a
+    recurrent policy's LSTM/GRU gate MatMuls in float (the MLP stays int8).
     """
     if env is None and calib_data is None:
         raise EdgeqError("nothing to calibrate with: give an environment (--env) for rollouts, or logged "
@@ -125,18 +142,43 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
     if options.dynamic and prof.runtime == "tensorrt":
         raise EdgeqError(f"profile {prof.name!r} targets TensorRT, which cannot run CrossQuant's dynamic form; "
                          "use the static form (transform: crossquant) or an onnxruntime profile")
+    if cell_precision not in CELL_PRECISIONS:
+        raise EdgeqError(f"cell precision {cell_precision!r}; expected one of {', '.join(CELL_PRECISIONS)}")
+    gate_nodes: list[str] = list(fp.source.details.get("recurrent", {}).get("gate_nodes", []))
+    if gate_nodes and cell_precision == "fp32":
+        options = replace(options, keep_float=list(options.keep_float) + gate_nodes)
+    calib_specs = [parse_perturbation(p) for p in calib_perturb]
+    val_specs = [parse_perturbation(p) for p in perturb]
 
     make_env: Callable[[], Any] | None = None
+    make_calib_env: Callable[[], Any] | None = None
+    make_perturbed_env: Callable[[], Any] | None = None
     ep_len: int | None = None
+    calib_id, calib_kwargs = calib_env or env, calib_env_kwargs
     if env is not None:
         make_env = env_factory(env, env_kwargs)
+        if calib_kwargs is None and calib_id == env:
+            calib_kwargs = env_kwargs
+        make_calib_env = perturbed_factory(env_factory(calib_id, calib_kwargs), calib_specs)
+        make_perturbed_env = perturbed_factory(make_env, val_specs) if val_specs else None
         probe = make_env()
         try:
+            fp = _adopt_env_spaces(fp, probe)
             check_env_matches(env, probe.observation_space, probe.action_space, fp.obs_space, fp.action_space)
             fp = bind_env_spaces(fp, probe.observation_space, probe.action_space)
         finally:
             probe.close()
+        for name, factory in ((calib_id, make_calib_env), (env, make_perturbed_env)):
+            if factory is None or factory is make_env:
+                continue
+            extra = factory()  # also checks that the disturbances fit the env (e.g. push needs MuJoCo)
+            try:
+                check_env_matches(name, extra.observation_space, extra.action_space, fp.obs_space, fp.action_space)
+            finally:
+                extra.close()
         ep_len = _episode_steps(make_env)
+    elif calib_env or calib_perturb or perturb:
+        raise EdgeqError("--calib-env, --calib-perturb and --perturb need an environment (--env)")
 
     calib_seeds = list(range(rec.seed, rec.seed + rec.episodes))
     log: ObservationLog | None = None
@@ -154,10 +196,10 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
             calib_obs, held_out = split_holdout(calib_obs, holdout_fraction)
         stats = _calibrate_logged(fp, calib_obs, progress)
     else:
-        assert make_env is not None
+        assert make_calib_env is not None
         n_episodes = rec.episodes + len(holdout_seeds)
         stats = calibrate_rollouts(
-            fp, make_env, calib_seeds, noise=noise, num_envs=min(num_envs, rec.num_envs),
+            fp, make_calib_env, calib_seeds, noise=noise, num_envs=min(num_envs, rec.num_envs),
             max_steps_per_episode=rec.max_steps_per_episode, holdout_seeds=holdout_seeds,
             holdout_noise=None if rec.holdout_exploration is None else ExplorationNoise(**rec.holdout_exploration),
             progress=progress("calibrate", n_episodes * ep_len if ep_len else None))
@@ -166,6 +208,8 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
     t0 = time.perf_counter()
     plan: QuantPlan = build_plan(fp.model, stats, options, recurrent=fp.recurrent,
                                  half_range=action_half_range(fp.action_space.low_array, fp.action_space.high_array))
+    if gate_nodes:
+        plan.settings["recurrent_cell"] = {"precision": cell_precision, "gate_nodes": gate_nodes}
     qmodel = apply_plan(fp.model, plan)
     conformance = check_qdq_model(qmodel)
     trt_errors = [v for v in conformance if v.severity == "error"]
@@ -195,6 +239,21 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
                 action_high=fp.action_space.high_array, options=vopts, plan=plan, episode_steps=ep_len,
                 progress=progress, int8_for_target=int8_for)
             result["closed_loop"] = True
+            # saturation of every INT8 tensor on the validation rollouts (and robustness under disturbances)
+            ranges = quantized_ranges(plan.to_json())
+            result["robustness"] = {}
+            for target in [t for t in targets if t == "cpu"]:
+                def stage(cond: str, target: str = target) -> Callable[[int], None]:
+                    return progress(f"saturation {target} {cond}", 2 * episodes * ep_len if ep_len else None)
+
+                result["robustness"][target] = validate_target_robustness(
+                    target, fpath, int8_for.get(target, qpath), io, make_env, val_seeds,
+                    act_dim=fp.action_space.size, ranges=ranges, perturbed_env=make_perturbed_env,
+                    perturbation=[p.to_json() for p in val_specs], saturation_warn=saturation_warn,
+                    num_envs=num_envs, progress=stage)
+            if val_specs:
+                result["perturbation"] = [p.to_json() for p in val_specs]
+            result["warnings"] = _saturation_warnings(result["robustness"])
         timings["validation_s"] = time.perf_counter() - t0
         result["timings"] = {k: round(v, 3) for k, v in timings.items()}
         result["sizes"] = {p.name: p.stat().st_size for p in (fpath, qpath, cpath, gpath)}
@@ -212,7 +271,9 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
             "profile": prof.to_json(),
             "calibration": ({"recipe": rec.to_json(), "steps": stats.steps, "episodes": len(calib_seeds),
                              "seeds": [calib_seeds[0], calib_seeds[-1]], "exploration": noise.to_json(),
-                             "holdout_seeds": [holdout_seeds[0], holdout_seeds[-1]] if holdout_seeds else []}
+                             "holdout_seeds": [holdout_seeds[0], holdout_seeds[-1]] if holdout_seeds else [],
+                             "env": {"id": calib_id, "kwargs": calib_kwargs or {}},
+                             "perturbations": [p.to_json() for p in calib_specs]}
                             if log is None else
                             {"recipe": rec.to_json(), "steps": stats.steps, "source": "observations",
                              "data": log.describe(), "held_out": 0 if held_out is None else len(held_out)}),
@@ -249,3 +310,25 @@ def _validate_open_loop(fpath: Path, qpaths: dict[str, Path], io: dict[str, Any]
         validation["targets"][target] = validate_offline(target, fpath, qpaths[target], io, held_out, act_dim=act_dim,
                                                          progress=progress(f"validate {target}", len(held_out)))
     return validation
+
+
+def _adopt_env_spaces(fp: FloatPolicy, env: Any) -> FloatPolicy:
+    """TorchScript files store no spaces: give the policy the env's boxes when their shapes agree."""
+    if fp.source.kind != "torchscript":
+        return fp
+    try:
+        env_obs, env_act = BoxSpec.from_gym(env.observation_space), BoxSpec.from_gym(env.action_space)
+    except EdgeqError:
+        return fp  # check_env_matches names the problem
+    if env_obs.shape != fp.obs_space.shape or env_act.shape != fp.action_space.shape:
+        return fp
+    return replace(fp, obs_space=env_obs, action_space=env_act)
+
+
+def _saturation_warnings(targets: dict[str, Any]) -> list[str]:
+    out = []
+    for target, r in targets.items():
+        for cond, res in (("nominal", r), ("perturbed", r.get("perturbed"))):
+            for w in ((res or {}).get("saturation") or {}).get("warnings", []):
+                out.append(f"{target} {cond}: {w}")
+    return out

@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -77,6 +77,14 @@ SPECS: dict[str, FixtureSpec] = {
                          use_sde=True, sde_sample_freq=4, ent_coef=0.0, clip_range=0.2,
                          policy_kwargs=dict(lstm_hidden_size=32, net_arch=dict(pi=[64], vf=[64]))),
                     n_envs=4, chunk=50_000),
+        # A balance task with falls (termination when the pole tips over) for the TorchScript LSTM
+        # fixture and push-robustness validation: 64-unit LSTM + ELU MLP as legged_gym policies use.
+        FixtureSpec("recurrentppo-invertedpendulum", "RecurrentPPO", "InvertedPendulum-v5", 40_000, 300_000, 1000.0,
+                    dict(n_steps=256, batch_size=256, gamma=0.99, gae_lambda=0.95, learning_rate=3e-4, n_epochs=10,
+                         ent_coef=0.0, clip_range=0.2,
+                         policy_kwargs=dict(lstm_hidden_size=64, activation_fn="elu",
+                                            net_arch=dict(pi=[64, 64], vf=[64, 64]))),
+                    n_envs=4, chunk=20_000),
     ]
 }
 
@@ -92,7 +100,7 @@ def _resolve_kwargs(hp: dict[str, Any]) -> dict[str, Any]:
     hp = json.loads(json.dumps(hp))
     pk = hp.get("policy_kwargs")
     if pk and isinstance(pk.get("activation_fn"), str):
-        pk["activation_fn"] = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh}[pk["activation_fn"]]
+        pk["activation_fn"] = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "elu": torch.nn.ELU}[pk["activation_fn"]]
     return hp
 
 

@@ -36,6 +36,14 @@ def _fmt_size(n: int) -> str:
     return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.2f} MiB"
 
 
+def _falls(r: dict[str, Any]) -> str:
+    ci = r.get("termination_ci95")
+    rate = r.get("termination_rate")
+    if rate is None:
+        return "-"
+    return f"{100 * rate:.0f}%" + (f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]" if ci else "")
+
+
 def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
     """Float vs int8 per target: mean ± std, paired difference, noise floor, action error, verdict, file sizes."""
     label = manifest["source"]["algorithm"] or manifest["source"]["kind"]
@@ -48,7 +56,12 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
     cols += ["action err mean / max"] + (["verdict"] if has_verdict else [])
     for col in cols:
         table.add_column(col, justify="right")
+    rows: list[tuple[str, dict[str, Any]]] = []
     for target, r in validation["targets"].items():
+        rows.append((target, r))
+        if r.get("perturbed"):
+            rows.append((f"{target} perturbed", r["perturbed"]))
+    for name, r in rows:
         d = r["paired_difference"]
         ae = r["action_error"]["on_float_trajectory"]
         row = [target, f"{r['float']['mean']:.1f} ± {r['float']['std']:.1f}",
@@ -75,6 +88,25 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
             for line in [*r.get("verdict", {}).get("reasons", []), r.get("verdict", {}).get("floor_text")]:
                 if line:
                     console.print(f"  {target}: {line}", highlight=False, soft_wrap=True)
+    robust = validation.get("robustness") or {}
+    for target, r in robust.items():
+        parts = []
+        sat = r.get("saturation")
+        if sat:
+            parts.append(f"int8 saturation max {100 * sat['max_rate']:.3g}% ({sat['max_tensor']})")
+        parts.append(f"terminated float {_falls(r['float'])} / int8 {_falls(r['int8'])}")
+        pert = r.get("perturbed")
+        if pert:
+            d = pert["paired_difference"]
+            psat = pert.get("saturation")
+            parts.append(f"under {', '.join(p.get('kind', '?') for p in pert.get('perturbation', []))}: "
+                         f"float {pert['float']['mean']:.1f} / int8 {pert['int8']['mean']:.1f} "
+                         f"(diff {d['mean']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]), terminated "
+                         f"{_falls(pert['float'])} / {_falls(pert['int8'])}"
+                         + (f", saturation max {100 * psat['max_rate']:.3g}%" if psat else ""))
+        console.print(f"{target}: " + "; ".join(parts), highlight=False, soft_wrap=True)
+    for warning in validation.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     sizes = validation.get("sizes", {})
     if sizes:
         f, q = sizes.get("policy.fp32.onnx", 0), sizes.get("policy.int8.onnx", 0)
@@ -89,10 +121,15 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
                   + ("chosen per layer (search started at " if auto else "")
                   + f"{settings.get('activation_calibrator')} {settings.get('calibrator_params', {})}"
                   + (")" if auto else "") + f"; weights: per-channel {settings.get('weight_method')}")
+    cell = settings.get("recurrent_cell")
+    if cell:
+        console.print(f"recurrent cell: {cell['precision']} ({len(cell.get('gate_nodes', []))} gate MatMuls)")
     print_layer_choices(manifest.get("quantization", {}))
     t = validation.get("timings", {})
     if t:
         console.print("time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in t.items()))
+    for w in validation.get("warnings", []):
+        console.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
 
 
 def print_layer_choices(quantization: dict[str, Any]) -> None:

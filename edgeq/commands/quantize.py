@@ -14,8 +14,10 @@ from edgeq.commands._app import app, console, err_console, print_summary, progre
 
 @app.command()
 def quantize(
-    policy: Annotated[Path, typer.Argument(help="Policy file: a Stable-Baselines3 / sb3-contrib .zip or a float "
-                                                "ONNX policy (.onnx, e.g. Isaac Lab's policy.onnx).")],
+    policy: Annotated[Path, typer.Argument(help="Policy file: a Stable-Baselines3 / sb3-contrib .zip (incl. "
+                                                "RecurrentPPO), a float ONNX policy (.onnx, e.g. Isaac Lab's "
+                                                "policy.onnx), or a TorchScript policy.pt (legged_gym / rsl_rl / "
+                                                "Isaac Lab export). TorchScript is code: pass only files you trust.")],
     out: Annotated[Path, typer.Option("--out", help="Bundle directory to create.")],
     env: Annotated[str | None, typer.Option("--env", help="Gymnasium env id (e.g. HalfCheetah-v5) or module:callable. "
                                                           "Optional with --calib-data.")] = None,
@@ -58,6 +60,20 @@ def quantize(
     vecnormalize: Annotated[Path | None, typer.Option(help="vecnormalize.pkl (default: NAME/vecnormalize.pkl "
                                                            "beside NAME.zip if present).")] = None,
     env_kwargs: Annotated[str | None, typer.Option(help="JSON object of keyword arguments for the env.")] = None,
+    calib_env: Annotated[str | None, typer.Option(help="Calibrate in this env (gymnasium id or module:callable; "
+                                                       "default: --env), e.g. one with disturbances.")] = None,
+    calib_env_kwargs: Annotated[str | None, typer.Option(help="JSON keyword arguments for --calib-env (default: "
+                                                              "--env-kwargs when it is the same env).")] = None,
+    calib_perturb: Annotated[list[str] | None, typer.Option(
+        help="Disturbance during calibration, repeatable: 'push:speed=1.5,interval=40-120' (MuJoCo root-velocity "
+             "kicks) or 'action_noise:std=0.2'.")] = None,
+    perturb: Annotated[list[str] | None, typer.Option(
+        help="Also validate float and int8 under this disturbance schedule (same syntax, repeatable); reports "
+             "termination/fall rates with 95% CIs.")] = None,
+    cell_precision: Annotated[str, typer.Option(help="Recurrent policies: LSTM/GRU gate MatMuls in 'int8' or kept "
+                                                     "in 'fp32' (the MLP is int8 either way).")] = "int8",
+    saturation_warn: Annotated[float, typer.Option(help="Warn when a quantized tensor's values fall outside its "
+                                                        "calibrated range more often than this fraction.")] = 1e-3,
     num_envs: Annotated[int, typer.Option(help="Environments stepped in parallel (vector env).")] = 8,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print validation.json instead of the table.")] = False,
@@ -107,7 +123,11 @@ def quantize(
                                 calib_data=calib_data, calib_data_key=calib_key, holdout_fraction=holdout,
                                 action_low=_numbers(action_low, "--action-low"),
                                 action_high=_numbers(action_high, "--action-high"),
-                                onnx_input=onnx_input, onnx_output=onnx_output)
+                                onnx_input=onnx_input, onnx_output=onnx_output,
+                                calib_env=calib_env,
+                                calib_env_kwargs=parse_env_kwargs(calib_env_kwargs) if calib_env_kwargs else None,
+                                calib_perturb=calib_perturb or (), perturb=perturb or (),
+                                cell_precision=cell_precision, saturation_warn=saturation_warn)
 
     result = run_guarded(go)
     if json_out:

@@ -8,6 +8,7 @@ so the same weights always give byte-identical files.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -56,6 +57,14 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=self.unique(f"{base}/{op_type}"),
                                            **attrs))
         return out
+
+    def op_multi(self, op_type: str, inputs: Sequence[str], bases: Sequence[str], name: str,
+                 **attrs: Any) -> list[str]:
+        """A node with several outputs (``Split``); returns the output names in order."""
+        outs = [self.unique(b) for b in bases]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self.unique(f"{name}/{op_type}"),
+                                           **attrs))
+        return outs
 
     # -- layers -------------------------------------------------------------------------------
     def linear(self, x: str, weight: np.ndarray, bias: np.ndarray | None, base: str) -> str:

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 __all__ = ["from_torch_module", "load_policy"]
 
-_EXPECTED = "a Stable-Baselines3 .zip or a float ONNX policy (.onnx)"
+_EXPECTED = "a Stable-Baselines3 / sb3-contrib .zip, a float ONNX policy (.onnx) or a TorchScript policy.pt"
 _ONNX_OPTIONS = ("input_name", "output_name", "obs_dim", "action_low", "action_high")
 
 
@@ -25,6 +25,10 @@ def load_policy(path: str | Path, **options: Any) -> FloatPolicy:
       ``output_name``, ``obs_dim``, ``action_low``, ``action_high``; see
       :func:`edgeq.ingest.onnx_policy.load_onnx_policy`).
 
+      ``RecurrentPPO`` archives go to :func:`edgeq.ingest.sb3_recurrent.load_sb3_recurrent`;
+    * ``.pt`` / ``.jit`` / ``.pth`` / ``.ts``: a TorchScript module (:mod:`edgeq.ingest.torchscript`).
+      TorchScript is code: pass only files you trust.
+
     Options that do not apply to the file's kind and are None are ignored.
     """
     p = Path(path)
@@ -32,6 +36,12 @@ def load_policy(path: str | Path, **options: Any) -> FloatPolicy:
         raise PolicyFormatError(f"{p}: no such file (expected {_EXPECTED})")
     suffix = p.suffix.lower()
     if suffix == ".zip":
+        from edgeq.ingest.sb3_recurrent import is_recurrent_archive
+
+        if is_recurrent_archive(p):
+            from edgeq.ingest.sb3_recurrent import load_sb3_recurrent
+
+            return load_sb3_recurrent(p, vecnormalize=options.get("vecnormalize"))
         from edgeq.ingest.sb3 import load_sb3
 
         _reject(p, options, ("vecnormalize", "algorithm"))
@@ -41,6 +51,11 @@ def load_policy(path: str | Path, **options: Any) -> FloatPolicy:
 
         _reject(p, options, _ONNX_OPTIONS)
         return load_onnx_policy(p, **{k: v for k, v in options.items() if k in _ONNX_OPTIONS and v is not None})
+    from edgeq.ingest.torchscript import TORCHSCRIPT_SUFFIXES, load_torchscript
+
+    if suffix in TORCHSCRIPT_SUFFIXES:
+        _reject(p, options, ())
+        return load_torchscript(p)
     raise PolicyFormatError(f"{p}: unsupported policy file type {suffix or '(none)'}; expected {_EXPECTED}")
 
 

@@ -108,18 +108,15 @@ def fold_affines(layers: list[Layer], keep_leading: bool = True) -> tuple[list[L
     return out, folded
 
 
-def layers_to_onnx(layers: list[Layer], obs_dim: int, act_dim: int, graph_name: str,
-                   metadata: dict[str, str] | None = None) -> onnx.ModelProto:
-    """Build ``obs [batch, obs_dim] → actions [batch, act_dim]`` from ``layers``."""
-    g = GraphBuilder(graph_name)
-    x = OBS_INPUT
+def emit_layers(g: GraphBuilder, x: str, layers: list[Layer], act_prefix: str = "act") -> str:
+    """Append ``layers`` to ``g`` starting from tensor ``x``; returns the last tensor's name."""
     n_act = 0
     for layer in layers:
         if isinstance(layer, Linear):
             x = g.linear(x, layer.weight, layer.bias, layer.name)
         elif isinstance(layer, Activation):
             n_act += 1
-            x = g.activation(x, layer.kind, f"act{n_act}", layer.alpha)
+            x = g.activation(x, layer.kind, f"{act_prefix}{n_act}", layer.alpha)
         elif isinstance(layer, Affine):
             y = g.op("Mul", [x, g.const(f"{layer.name}.scale", layer.scale)], f"{layer.name}_scaled")
             x = g.op("Add", [y, g.const(f"{layer.name}.shift", layer.shift)], layer.name)
@@ -133,6 +130,14 @@ def layers_to_onnx(layers: list[Layer], obs_dim: int, act_dim: int, graph_name: 
             x = g.rescale_from_unit(x, layer.low, layer.high, layer.name)
         else:  # pragma: no cover - the Layer union is closed
             raise TypeError(f"unknown layer {layer!r}")
+    return x
+
+
+def layers_to_onnx(layers: list[Layer], obs_dim: int, act_dim: int, graph_name: str,
+                   metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+    """Build ``obs [batch, obs_dim] → actions [batch, act_dim]`` from ``layers``."""
+    g = GraphBuilder(graph_name)
+    x = emit_layers(g, OBS_INPUT, layers)
     g.output(x, ACTIONS_OUTPUT)
     return g.make_model([(OBS_INPUT, ["batch", obs_dim])], [(ACTIONS_OUTPUT, ["batch", act_dim])],
                         metadata=metadata)

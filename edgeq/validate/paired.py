@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from edgeq.rollout import BatchPolicy, EpisodeResults, run_episodes
+from edgeq.validate.rates import paired_rate_difference, termination_stats
 from edgeq.validate.stats import ActionErrorAccumulator, describe, paired_difference
 from edgeq.validate.trajectories import TrajectoryStore, divergence
 
@@ -43,6 +44,10 @@ class ShadowedPolicy:
         rows = np.asarray(active, bool)
         ref, cand = (a, b) if self.actor_is_reference else (b, a)
         self.errors.add(ref[rows], cand[rows])
+        for policy in (self.actor, self.shadow):  # e.g. a SaturationMonitor counting quantized tensors
+            hook = getattr(policy, "observe_rows", None)
+            if hook is not None:
+                hook(rows)
 
 
 def termination_summary(reference: EpisodeResults, candidate: EpisodeResults) -> dict[str, Any]:
@@ -71,9 +76,10 @@ class PairedRun:
     def to_json(self) -> dict[str, Any]:
         ref, cand = self.reference, self.candidate
         out: dict[str, Any] = {
-            "float": {**ref.to_json(), **describe(ref.returns), "termination_rate": float(np.mean(ref.terminated))},
-            "int8": {**cand.to_json(), **describe(cand.returns), "termination_rate": float(np.mean(cand.terminated))},
+            "float": {**ref.to_json(), **describe(ref.returns), **termination_stats(ref.terminated)},
+            "int8": {**cand.to_json(), **describe(cand.returns), **termination_stats(cand.terminated)},
             "paired_difference": paired_difference(ref.returns, cand.returns),
+            "termination_difference": paired_rate_difference(ref.terminated, cand.terminated),
             "action_error": {"on_float_trajectory": self.err_on_reference.summary(),
                              "on_int8_trajectory": self.err_on_candidate.summary()},
             "termination": termination_summary(ref, cand),

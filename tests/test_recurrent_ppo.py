@@ -1,0 +1,105 @@
+"""sb3-contrib RecurrentPPO archives: same actions as SB3 with state, quantized end to end with state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from edgeq.deploy import policy as deploy
+from edgeq.deploy.runtime import OrtPolicy
+from edgeq.ingest import load_policy
+from edgeq.pipeline import quantize
+
+POLICIES = Path(__file__).parent / "fixtures" / "policies"
+
+
+@pytest.fixture(scope="module")
+def rppo_pendulum() -> Path:
+    path = POLICIES / "recurrentppo-pendulum.zip"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: train it with scripts/train_fixtures.py recurrentppo-pendulum")
+    return path
+
+
+def test_archive_is_routed_to_the_recurrent_loader(rppo_pendulum: Path) -> None:
+    policy = load_policy(rppo_pendulum)
+    assert policy.source.algorithm == "RecurrentPPO"
+    assert [(s.input_name, s.output_name) for s in policy.state] == [("h_in", "h_out"), ("c_in", "c_out")]
+    rec = policy.source.details["recurrent"]
+    assert rec["kind"] == "lstm" and rec["hidden_size"] == 32 and len(rec["gate_nodes"]) == 2
+
+
+def test_same_actions_as_sb3_over_full_episodes_with_state(rppo_pendulum: Path) -> None:
+    """4 envs, 2 episodes each (400 steps), states reset per env at episode starts: max diff <= 1e-5."""
+    from sb3_contrib import RecurrentPPO
+
+    model = RecurrentPPO.load(rppo_pendulum, device="cpu")  # the reference (our own trusted fixture)
+    policy = load_policy(rppo_pendulum)
+    ours = OrtPolicy(policy.model.SerializeToString(), state=[s.to_json() for s in policy.state])
+    envs = [gym.make("Pendulum-v1") for _ in range(4)]
+    obs = np.stack([e.reset(seed=100 + i)[0] for i, e in enumerate(envs)])
+    state, starts = None, np.ones(4, bool)
+    max_diff, steps = 0.0, 0
+    for _ in range(400):
+        theirs, state = model.predict(obs, state=state, episode_start=starts, deterministic=True)
+        mine = ours.act(obs)
+        max_diff = max(max_diff, float(np.abs(mine - theirs).max()))
+        starts = np.zeros(4, bool)
+        for i, e in enumerate(envs):
+            o, _, term, trunc, _ = e.step(mine[i])
+            if term or trunc:
+                o, _ = e.reset(seed=200 + i)
+                starts[i] = True
+            obs[i] = o
+        if starts.any():
+            ours.reset(starts)
+        steps += 1
+    assert steps == 400 and max_diff <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def bundles(rppo_pendulum: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("rppo")
+    out = {}
+    for cell in ("int8", "fp32"):
+        out[cell] = quantize(rppo_pendulum, "Pendulum-v1", root / cell, episodes=6, calib_episodes=8, num_envs=6,
+                             cell_precision=cell).bundle
+    return out
+
+
+def test_quantizes_end_to_end_with_state_in_the_manifest(bundles: dict[str, Path]) -> None:
+    for cell, bundle in bundles.items():
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        assert manifest["io"]["state"] == [{"input": "h_in", "output": "h_out", "shape": [1, 32]},
+                                           {"input": "c_in", "output": "c_out", "shape": [1, 32]}]
+        layers = {layer["node"]: layer["precision"] for layer in manifest["quantization"]["layers"]}
+        gates = manifest["source"]["details"]["recurrent"]["gate_nodes"]
+        assert all(layers[g] == cell.replace("fp32", "float") for g in gates)
+        assert sum(p == "int8" for n, p in layers.items() if n not in gates) == 2  # policy_net.0 and action_net
+        assert manifest["quantization"]["settings"]["recurrent_cell"]["precision"] == cell
+        val = json.loads((bundle / "validation.json").read_text())["targets"]["cpu"]
+        assert val["float"]["lengths"] == [200] * 6 and val["int8"]["lengths"] == [200] * 6
+        # the recurrent policy is competent and int8 keeps its return (within 10% + 20 of the float mean)
+        assert val["float"]["mean"] > -400
+        assert abs(val["paired_difference"]["mean"]) <= 0.1 * abs(val["float"]["mean"]) + 20
+        assert "lstm_actor.l0.h_prev" in val["saturation"]["on_int8_trajectory"]["tensors"] or cell == "fp32"
+
+
+def test_cell_in_fp32_has_no_more_action_error_than_int8_cell(bundles: dict[str, Path]) -> None:
+    err = {cell: json.loads((b / "validation.json").read_text())["targets"]["cpu"]["action_error"]
+           ["on_float_trajectory"]["mean_abs"] for cell, b in bundles.items()}
+    assert 0 < err["fp32"] <= err["int8"]
+
+
+def test_deployed_recurrent_policy_carries_and_resets_state(bundles: dict[str, Path]) -> None:
+    pol = deploy.load(bundles["int8"], backend="cpu")
+    obs = np.array([1.0, 0.0, 0.5], np.float32)
+    first = pol.act(obs)
+    later = [pol.act(obs) for _ in range(20)][-1]
+    assert not np.allclose(first, later)  # the same observation, a different state
+    pol.reset()
+    assert np.array_equal(pol.act(obs), first)
