@@ -241,19 +241,21 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
             result["closed_loop"] = True
             # saturation of every INT8 tensor on the validation rollouts (and robustness under disturbances)
             ranges = quantized_ranges(plan.to_json())
-            result["robustness"] = {}
-            for target in [t for t in targets if t == "cpu"]:
+            for target in [t for t in targets if t == "cpu" and t in result["targets"]]:
                 def stage(cond: str, target: str = target) -> Callable[[int], None]:
                     return progress(f"saturation {target} {cond}", 2 * episodes * ep_len if ep_len else None)
 
-                result["robustness"][target] = validate_target_robustness(
+                rob = validate_target_robustness(
                     target, fpath, int8_for.get(target, qpath), io, make_env, val_seeds,
                     act_dim=fp.action_space.size, ranges=ranges, perturbed_env=make_perturbed_env,
                     perturbation=[p.to_json() for p in val_specs], saturation_warn=saturation_warn,
                     num_envs=num_envs, progress=stage)
+                for key in ("saturation", "perturbed"):
+                    if rob.get(key) is not None:
+                        result["targets"][target][key] = rob[key]
             if val_specs:
                 result["perturbation"] = [p.to_json() for p in val_specs]
-            result["warnings"] = _saturation_warnings(result["robustness"])
+            result["warnings"] = _saturation_warnings(result["targets"])
         timings["validation_s"] = time.perf_counter() - t0
         result["timings"] = {k: round(v, 3) for k, v in timings.items()}
         result["sizes"] = {p.name: p.stat().st_size for p in (fpath, qpath, cpath, gpath)}

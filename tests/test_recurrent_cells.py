@@ -6,7 +6,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from edgeq.quantize.plan import make_plan
 
 from edgeq.calibration.observers import TensorObserver
 from edgeq.deploy.runtime import OrtPolicy
@@ -15,6 +14,7 @@ from edgeq.export.qdq import apply_plan
 from edgeq.graph.analysis import find_weighted_layers
 from edgeq.graph.recurrent import RecurrentCell, recurrent_policy_to_onnx
 from edgeq.ingest.layers import Activation, Linear
+from edgeq.quantizers.plan import make_plan
 
 OBS, HIDDEN, ACT = 5, 16, 2
 

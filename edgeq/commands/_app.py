@@ -56,12 +56,7 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
     cols += ["action err mean / max"] + (["verdict"] if has_verdict else [])
     for col in cols:
         table.add_column(col, justify="right")
-    rows: list[tuple[str, dict[str, Any]]] = []
     for target, r in validation["targets"].items():
-        rows.append((target, r))
-        if r.get("perturbed"):
-            rows.append((f"{target} perturbed", r["perturbed"]))
-    for name, r in rows:
         d = r["paired_difference"]
         ae = r["action_error"]["on_float_trajectory"]
         row = [target, f"{r['float']['mean']:.1f} ± {r['float']['std']:.1f}",
@@ -88,8 +83,9 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
             for line in [*r.get("verdict", {}).get("reasons", []), r.get("verdict", {}).get("floor_text")]:
                 if line:
                     console.print(f"  {target}: {line}", highlight=False, soft_wrap=True)
-    robust = validation.get("robustness") or {}
-    for target, r in robust.items():
+    for target, r in validation["targets"].items():
+        if "saturation" not in r and "perturbed" not in r:
+            continue
         parts = []
         sat = r.get("saturation")
         if sat:
