@@ -101,8 +101,6 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
                          f"{_falls(pert['float'])} / {_falls(pert['int8'])}"
                          + (f", saturation max {100 * psat['max_rate']:.3g}%" if psat else ""))
         console.print(f"{target}: " + "; ".join(parts), highlight=False, soft_wrap=True)
-    for warning in validation.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     sizes = validation.get("sizes", {})
     if sizes:
         f, q = sizes.get("policy.fp32.onnx", 0), sizes.get("policy.int8.onnx", 0)
