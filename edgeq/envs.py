@@ -45,7 +45,8 @@ def _route_mujoco_warnings() -> None:
             _MUJOCO_WARNINGS.add(message)
             import warnings
 
-            warnings.warn(f"MuJoCo: {message}", RuntimeWarning, stacklevel=2)
+            category = DeprecationWarning if "deprecated" in message else RuntimeWarning
+            warnings.warn(f"MuJoCo: {message}", category, stacklevel=2)
 
     mujoco.set_mju_user_warning(handler)
 
