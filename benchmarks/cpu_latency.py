@@ -10,7 +10,12 @@ Compares, on the same SB3 policy and the same calibration observations:
 
 Usage::
 
-    python benchmarks/cpu_latency.py tests/fixtures/policies/sac-halfcheetah.zip --env HalfCheetah-v5
+    edgeq quantize tests/fixtures/policies/sac-halfcheetah.zip --env HalfCheetah-v5 --out /tmp/hc
+    python benchmarks/cpu_latency.py tests/fixtures/policies/sac-halfcheetah.zip --env HalfCheetah-v5 \
+        --bundle /tmp/hc
+
+With ``--bundle`` the edgeq models are the bundle's own files (the default quantization settings);
+without it a plain percentile plan is made here.
 
 Per batch size: ``--rounds`` rounds, each timing ``--calls`` calls of every model in turn (interleaved,
 so machine noise hits all models alike); the figure is the median over rounds of each round's
@@ -88,6 +93,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batches", default="1,32,256")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--bundle", type=Path, help="use this edgeq bundle's fp32/int8 files")
     args = ap.parse_args()
 
     policy = load_policy(args.policy)
@@ -101,6 +107,9 @@ def main() -> None:
     qpath.write_bytes(qmodel.SerializeToString())
     cpath = tmp / "policy.int8.cpu.onnx"
     cpath.write_bytes(specialize_for_ort_cpu(qmodel).SerializeToString())
+    if args.bundle is not None:
+        fpath, qpath, cpath = (args.bundle / n for n in ("policy.fp32.onnx", "policy.int8.onnx",
+                                                         "policy.int8.cpu.onnx"))
     opath = ort_quantize_static(fpath, tmp / "ort.qdq.onnx", stats.observations[:512])
 
     runners = {
@@ -121,7 +130,7 @@ def main() -> None:
             rows.setdefault(name, {})[b] = {k: float(np.median([r[k] for r in rs])) for k in rs[0]}
     sizes = {"float": file_size(fpath), "edgeq-int8": file_size(cpath), "edgeq-qdq": file_size(qpath),
              "ort-qdq": file_size(opath)}
-    result = {"policy": args.policy, "env": args.env, "ort": ort.__version__, "cpu": platform.processor(),
+    result = {"policy": args.policy, "bundle": str(args.bundle) if args.bundle else None, "env": args.env, "ort": ort.__version__, "cpu": platform.processor(),
               "calls": args.calls, "rounds": args.rounds, "latency": rows, "sizes": sizes}
     print(f"{'model':12s} " + " ".join(f"{'b=' + str(b) + ' med µs':>14s}" for b in rows["float"])
           + "   ratio to float (median)" + "   size")
