@@ -77,3 +77,15 @@ def test_report_renders_in_headless_chromium(validated: Path, tmp_path: Path) ->
     # plots rendered: the float-policy blue of the matplotlib figures appears on the page
     blue = np.array([0x4C, 0x72, 0xB0])
     assert (np.abs(pixels - blue).sum(axis=2) <= 30).sum() > 200
+
+
+def test_report_has_saturation_section(tmp_path) -> None:
+    from edgeq.validate.report import saturation_section
+
+    targets = {"cpu": {"saturation": {"on_int8_trajectory": {"tensors": {"obs": {"rate": 0.0123}}},
+                                      "warnings": ["tensor 'obs': 1.23% outside"]}}}
+    sec = saturation_section(targets)
+    assert sec is not None and sec.title == "Saturation and robustness"
+    tables = [b for kind, b in sec.blocks if kind == "table"]
+    assert tables and tables[0][1][0][3:] == ["obs", "1.230%"]
+    assert saturation_section({"cpu": {}}) is None

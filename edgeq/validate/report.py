@@ -173,6 +173,42 @@ def _maybe(fn: Callable[[], bytes]) -> bytes | None:
         return None
 
 
+def saturation_section(targets: dict[str, Any]) -> Section | None:
+    """Saturation of every INT8 tensor on the validation rollouts, and results under disturbances."""
+    rows, pert_rows, warnings = [], [], []
+    for t, r in targets.items():
+        for cond, res in (("nominal", r), ("perturbed", r.get("perturbed"))):
+            sat = (res or {}).get("saturation")
+            if not sat:
+                continue
+            for traj in ("on_int8_trajectory", "on_float_trajectory"):
+                for name, st in sorted((sat.get(traj) or {}).get("tensors", {}).items()):
+                    rows.append([t, cond, traj.removeprefix("on_").replace("_", " "), name, f"{st['rate']:.3%}"])
+            warnings += [f"{t} {cond}: {w}" for w in sat.get("warnings", [])]
+        pert = r.get("perturbed")
+        if pert:
+            d = pert["paired_difference"]
+            pert_rows.append([t, ", ".join(str(p) for p in pert.get("perturbation", [])),
+                              pm(pert["float"]["mean"], pert["float"]["std"]),
+                              pm(pert["int8"]["mean"], pert["int8"]["std"]), ci(d),
+                              f"{pert['float'].get('termination_rate', 0):.0%} / "
+                              f"{pert['int8'].get('termination_rate', 0):.0%}"])
+    if not rows and not pert_rows:
+        return None
+    sec = Section("Saturation and robustness")
+    sec.p("Fraction of each INT8 tensor's values outside its calibrated range on the validation rollouts "
+          "(values there are clipped). A high rate under disturbances means calibration did not cover the "
+          "states recovery needs: calibrate under disturbances (--calib-perturb).")
+    if rows:
+        sec.table(["target", "condition", "trajectory", "tensor", "saturation"], rows)
+    for w in warnings:
+        sec.p("Warning: " + w)
+    if pert_rows:
+        sec.table(["target", "disturbance", "float return", "int8 return", "int8 − float [95% CI]",
+                   "terminated float / int8"], pert_rows)
+    return sec
+
+
 def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = None) -> list[Section]:
     """The sections of a bundle's validation report (verdict first, then each measurement)."""
     targets = val["targets"]
@@ -210,6 +246,9 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
     head.table(["target", "float return", "int8 return", "int8 − float [95% CI]", "relative",
                 "noise floor (draw means)", "int8 ≠ floor", "action err mean / max", "verdict"], rows)
     sections.append(head)
+    sat_section = saturation_section(targets)
+    if sat_section is not None:
+        sections.append(sat_section)
 
     s = Section("Returns")
     groups = []
