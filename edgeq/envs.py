@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import importlib
 import json
 from collections.abc import Callable
@@ -45,8 +46,10 @@ def _route_mujoco_warnings() -> None:
             _MUJOCO_WARNINGS.add(message)
             import warnings
 
-            category = DeprecationWarning if "deprecated" in message else RuntimeWarning
-            warnings.warn(f"MuJoCo: {message}", category, stacklevel=2)
+            if "deprecated" in message:  # MuJoCo's notes on its own XML attributes: not the user's concern
+                logging.getLogger("edgeq").info("MuJoCo: %s", message)
+            else:
+                warnings.warn(f"MuJoCo: {message}", RuntimeWarning, stacklevel=2)
 
     mujoco.set_mju_user_warning(handler)
 
