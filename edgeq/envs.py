@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import difflib
-import logging
 import importlib
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 

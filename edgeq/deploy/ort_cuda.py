@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.deploy.runtime import DISABLED_ORT_OPTIMIZERS, LatencyStats
+from edgeq.deploy.runtime import DISABLED_ORT_OPTIMIZERS, LatencyStats, RecurrentStateMixin
 from edgeq.errors import EdgeqError, InputError
 
 CUDA_EP = "CUDAExecutionProvider"
@@ -191,7 +191,7 @@ class _Bound:
             self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
 
 
-class OrtCudaPolicy:
+class OrtCudaPolicy(RecurrentStateMixin):
     """An ONNX policy on the GPU through ONNX Runtime's CUDA EP; the same interface as ``OrtPolicy``.
 
     Args:
@@ -266,24 +266,6 @@ class OrtCudaPolicy:
                 "providers": self.providers, "io_binding": self.io_binding, "cuda_graph": self.cuda_graph,
                 "device_id": self.device_id}
 
-    def reset(self, mask: np.ndarray | None = None) -> None:
-        """Zero the recurrent state of the rows where ``mask`` is True (all rows if None)."""
-        with self._lock:
-            if mask is None:
-                self._state.clear()
-                return
-            for value in self._state.values():
-                value[np.asarray(mask, bool)] = 0.0
-
-    def _state_feeds(self, batch: int) -> dict[str, np.ndarray]:
-        feeds = {}
-        for spec in self.state_specs:
-            cur = self._state.get(spec["input"])
-            if cur is None or cur.shape[0] != batch:
-                cur = np.zeros((batch, *spec["shape"]), np.float32)
-                self._state[spec["input"]] = cur
-            feeds[spec["input"]] = cur
-        return feeds
 
     def _shape(self, arg: Any, batch: int) -> tuple[int, ...]:
         dims = list(arg.shape)

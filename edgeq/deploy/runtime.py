@@ -77,7 +77,34 @@ class LatencyStats:
                 "p99_us": float(p99), "p999_us": float(p999), "max_us": float(x.max())}
 
 
-class PolicyRuntime:
+class RecurrentStateMixin:
+    """Recurrent state per batch row (``state_specs``, ``_state``, guarded by ``_lock``)."""
+
+    state_specs: list[dict[str, Any]]
+    _state: dict[str, np.ndarray]
+    _lock: Any
+
+    def reset(self, mask: np.ndarray | None = None) -> None:
+        """Zero the recurrent state of the rows where ``mask`` is True (all rows if None)."""
+        with self._lock:
+            if mask is None:
+                self._state.clear()
+                return
+            for value in self._state.values():
+                value[np.asarray(mask, bool)] = 0.0
+
+    def _state_feeds(self, batch: int) -> dict[str, np.ndarray]:
+        feeds = {}
+        for spec in self.state_specs:
+            cur = self._state.get(spec["input"])
+            if cur is None or cur.shape[0] != batch:
+                cur = np.zeros((batch, *spec["shape"]), np.float32)
+                self._state[spec["input"]] = cur
+            feeds[spec["input"]] = cur
+        return feeds
+
+
+class PolicyRuntime(RecurrentStateMixin):
     """What every backend shares: recurrent state per batch row, a lock, latency statistics.
 
     ``state`` lists recurrent state tensors as ``{"input", "output", "shape"}`` dicts; their values
@@ -107,24 +134,6 @@ class PolicyRuntime:
     def _infer(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         raise NotImplementedError
 
-    def reset(self, mask: np.ndarray | None = None) -> None:
-        """Zero the recurrent state of the rows where ``mask`` is True (all rows if None)."""
-        with self._lock:
-            if mask is None:
-                self._state.clear()
-                return
-            for value in self._state.values():
-                value[np.asarray(mask, bool)] = 0.0
-
-    def _state_feeds(self, batch: int) -> dict[str, np.ndarray]:
-        feeds = {}
-        for spec in self.state_specs:
-            cur = self._state.get(spec["input"])
-            if cur is None or cur.shape[0] != batch:
-                cur = np.zeros((batch, *spec["shape"]), np.float32)
-                self._state[spec["input"]] = cur
-            feeds[spec["input"]] = cur
-        return feeds
 
     def run(self, obs: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Run one step for a batch ``obs`` [batch, obs_dim]; returns the requested outputs by name."""
