@@ -99,11 +99,18 @@ def _edgeq(name: str, describe: str, headline: bool = False, **overrides: Any) -
     return Config(name, "edgeq", overrides, describe, headline)
 
 
+#: Recipe fields that turn the later quantization stages off. Every edgeq row but "edgeq default"
+#: starts from these (where this checkout's recipe has the field), so a row measures its own
+#: setting, not whatever else the shipped recipe turns on.
+PLAIN_STAGES: dict[str, Any] = {"transform": "none", "dynamic": False, "auto": False, "rounding": "nearest",
+                                "bias_correction": False, "fp16_fallback": 0}
+
+
 #: edgeq rows: overrides of the fixture's calibration recipe (``edgeq.config.CalibrationRecipe``
 #: fields). A row whose fields this checkout's recipe does not have is skipped and listed.
 EDGEQ_CONFIGS: list[Config] = [
     _edgeq("edgeq default", "the recipe as shipped (calibration/<env>.yaml or default.yaml)", headline=True),
-    *[_edgeq(f"{cal} / w-{wm}", f"activations {cal}, weights per-channel {wm}",
+    *[_edgeq(f"{cal} / w-{wm}", f"activations {cal} (per tensor), weights per-channel {wm}, later stages off",
              calibrator=c, calibrator_params=p, weight_method=wm)
       for c, p, cal in (("max", {}, "max"),
                         ("percentile", {"percentile": 99.9}, "p99.9"),
@@ -116,7 +123,25 @@ EDGEQ_CONFIGS: list[Config] = [
 
 #: Rows for the quantization stages of the wt-quant work (CrossQuant, equalization, per-layer
 #: automatic choice, AdaRound, bias correction, fp16 fallback); used when the recipe has the fields.
-EDGEQ_STAGE_CONFIGS: list[Config] = []
+EDGEQ_STAGE_CONFIGS: list[Config] = [
+    _edgeq("CrossQuant static (first layer)", "static CrossQuant (alpha 0.15) on the layer reading the observation",
+           transform="crossquant", transform_layers="first"),
+    _edgeq("CrossQuant static (all layers)", "static CrossQuant (alpha 0.15) on every layer",
+           transform="crossquant", transform_layers="all"),
+    _edgeq("CrossQuant dynamic (first layer)", "CrossQuant's dynamic form (run-time row scales; ORT CPU only)",
+           dynamic=True, transform_layers="first"),
+    _edgeq("equalization (first layer)", "SmoothQuant-style equalization (alpha 0.5) on the first layer",
+           transform="equalize", transform_layers="first"),
+    _edgeq("equalization (all layers)", "SmoothQuant-style equalization (alpha 0.5) on every layer",
+           transform="equalize", transform_layers="all"),
+    _edgeq("per-layer auto", "each layer's calibrator and rewrite chosen by held-out action error", auto=True),
+    _edgeq("AdaRound", "AdaRound-style weight rounding", rounding="adaround"),
+    _edgeq("bias correction", "empirical bias correction", bias_correction=True),
+    _edgeq("fp16 fallback (<= 1 layer)", "the most sensitive layer in fp16 if the held-out error stays high",
+           fp16_fallback=1),
+    _edgeq("auto + AdaRound + bias corr.", "per-layer auto choice, AdaRound and bias correction together",
+           auto=True, rounding="adaround", bias_correction=True),
+]
 
 _TRT_STYLE = {"quant_format": "QDQ", "per_channel": True, "activation_type": "QInt8", "weight_type": "QInt8",
               "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}}
@@ -138,7 +163,9 @@ ORT_CONFIGS: list[Config] = [
 
 
 def all_configs() -> list[Config]:
-    return [*EDGEQ_CONFIGS, *EDGEQ_STAGE_CONFIGS, *ORT_CONFIGS]
+    configs = [*EDGEQ_CONFIGS, *EDGEQ_STAGE_CONFIGS, *ORT_CONFIGS]
+    assert not any("," in c.name for c in configs), "configuration names are picked by comma lists"
+    return configs
 
 
 def recipe_fields() -> set[str]:
@@ -234,18 +261,23 @@ def summarize_validation(val: dict[str, Any]) -> dict[str, Any]:
             "int8_returns": c["int8"]["returns"]}
 
 
-def _recipe_for(fixture: Fixture, overrides: dict[str, Any]) -> Any:
+def _recipe_for(fixture: Fixture, config: Config | None) -> Any:
+    """The fixture's shipped recipe; for any edgeq row but "edgeq default", stages off, then the row's settings."""
     from edgeq.config import load_recipe
 
     recipe = load_recipe(None, fixture.env)
-    return dataclasses.replace(recipe, **overrides) if overrides else recipe
+    if config is None or config.name == "edgeq default":
+        return recipe
+    known = recipe_fields()
+    plain = {k: v for k, v in PLAIN_STAGES.items() if k in known}
+    return dataclasses.replace(recipe, **{**plain, **config.settings})
 
 
 def run_edgeq_row(fixture: Fixture, config: Config, episodes: int, work: Path, num_envs: int = 8) -> dict[str, Any]:
     """``edgeq.pipeline.quantize`` with ``config``'s recipe; times and memory of calibration + quantization."""
     from edgeq.pipeline import quantize
 
-    recipe = _recipe_for(fixture, config.settings)
+    recipe = _recipe_for(fixture, config)
     mem = PeakRss()
 
     def progress(stage: str, total: int | None) -> Callable[[int], None]:
@@ -361,7 +393,7 @@ def run_ort_row(fixture: Fixture, config: Config, episodes: int, work: Path, num
     from edgeq.validate.validator import validate_models
 
     fp, make_env, ep_len = bound_policy(fixture)
-    recipe = _recipe_for(fixture, {})
+    recipe = _recipe_for(fixture, None)
     work.mkdir(parents=True, exist_ok=True)
     fp32 = work / "policy.fp32.onnx"
     fp32.write_bytes(fp.model.SerializeToString(deterministic=True))  # what the bundle stores
@@ -479,12 +511,28 @@ def memory_section(memory: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+NOTES_BEGIN, NOTES_END = "<!-- notes: kept when the file is regenerated -->", "<!-- /notes -->"
+
+
+def existing_notes(path: Path) -> str | None:
+    """The hand-written notes section of a previous results file, if any."""
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    if NOTES_BEGIN not in text or NOTES_END not in text:
+        return None
+    return text.split(NOTES_BEGIN, 1)[1].split(NOTES_END, 1)[0].strip() or None
+
+
 def markdown(rows: list[dict[str, Any]], command: str, episodes: int, memory: dict[str, Any] | None = None,
-             started: float | None = None) -> str:
+             started: float | None = None, notes: str | None = None) -> str:
     import onnxruntime as ort
 
     import edgeq
 
+    f_order = {name: i for i, name in enumerate(FIXTURES)}
+    c_order = {c.name: i for i, c in enumerate(all_configs())}
+    rows = sorted(rows, key=lambda r: (f_order.get(r["fixture"], len(f_order)), c_order.get(r["config"], len(c_order))))
     fixtures = list(dict.fromkeys(r["fixture"] for r in rows))
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     lines = ["# Calibration benchmark: edgeq vs ONNX Runtime's quantize_static", "",
@@ -505,6 +553,21 @@ def markdown(rows: list[dict[str, Any]], command: str, episodes: int, memory: di
     head_rows = [[r["fixture"], *row_cells(r, full=False)] for f in fixtures for r in rows
                  if r["fixture"] == f and r.get("headline")]
     lines += _table(["fixture", *HEAD_SHORT], head_rows) + [""]
+    if notes:
+        lines += [NOTES_BEGIN, notes.strip(), NOTES_END, ""]
+    lines += ["## Overview: return kept (int8 vs float, paired), every configuration × fixture", "",
+              "† = the INT8 graph breaks TensorRT rules (`edgeq check` errors); — = failed or not available.", ""]
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    by = {(r["fixture"], r["config"]): r for r in rows}
+    matrix = []
+    for c in configs:
+        cells = [c]
+        for f in fixtures:
+            r = by.get((f, c))
+            ok = r is not None and "kept" in r
+            cells.append(f"{r['kept']:.1%}{' †' if r['check']['errors'] else ''}" if ok else "—")
+        matrix.append(cells)
+    lines += _table(["config", *fixtures], matrix) + [""]
     lines += ["## Configurations", ""]
     seen: dict[str, str] = {}
     for r in rows:
@@ -571,6 +634,7 @@ def main(argv: list[str] | None = None) -> int:
         row = run_row(FIXTURES[args.fixture], {c.name: c for c in all_configs()}[args.config], args.episodes,
                       args.work, args.num_envs)
         row["process_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MiB
+        args.row_json.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.row_json.with_suffix(".tmp")
         tmp.write_text(json.dumps(row, indent=1))
         tmp.replace(args.row_json)
@@ -604,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=1))
     memory = json.loads(args.memory_json.read_text()) if args.memory_json and args.memory_json.is_file() else None
-    text = markdown(rows, command, args.episodes, memory, started)
+    text = markdown(rows, command, args.episodes, memory, started, existing_notes(args.out))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(text + "\n")
