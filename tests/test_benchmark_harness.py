@@ -77,7 +77,7 @@ def test_rows_share_float_rollouts_and_count_trt_errors(bench: ModuleType, tmp_p
 
     text = bench.markdown(list(rows.values()), "cmd", 2)
     headline = text.index("## Headline")
-    assert headline < text.index("## Configurations") < text.index("## sac-pendulum")
-    head_block = text[headline:text.index("## Configurations")]
+    assert headline < text.index("## Overview") < text.index("## Configurations") < text.index("## sac-pendulum")
+    head_block = text[headline:text.index("## Overview")]
     assert "ORT default" in head_block and "ORT TensorRT-style" in head_block
     assert "max / w-absmax" not in head_block  # not a headline configuration
