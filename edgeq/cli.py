@@ -10,6 +10,7 @@ import sys
 from edgeq.commands import check as _check  # noqa: F401  (registers check)
 from edgeq.commands import compare as _compare  # noqa: F401  (registers compare)
 from edgeq.commands import quantize as _quantize  # noqa: F401  (registers quantize, info)
+from edgeq.commands import serve as _serve  # noqa: F401  (registers serve)
 from edgeq.commands import validate as _validate  # noqa: F401  (registers validate)
 from edgeq.commands._app import app
 

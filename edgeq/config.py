@@ -26,14 +26,50 @@ class CalibrationRecipe:
     seed: int = 1_000_000
     num_envs: int = 8
     max_steps_per_episode: int | None = None
-    exploration: dict[str, float] = field(default_factory=lambda: {"gaussian": 0.1, "epsilon": 0.0})
+    exploration: dict[str, float] = field(default_factory=lambda: {"gaussian": 0.1, "epsilon": 0.1})
     calibrator: str = "percentile"
     calibrator_params: dict[str, Any] = field(default_factory=lambda: {"percentile": 99.99})
     weight_method: str = "absmax"
     keep_float: list[str] = field(default_factory=list)
+    # held-out episodes (after the calibration seeds) whose states score per-layer decisions
+    holdout_episodes: int = 2
+    holdout_exploration: dict[str, float] | None = None  # None: the same as ``exploration``
+    # the quantization stages of edgeq.quantizers.build.QuantOptions (same names and meaning); the
+    # defaults are the settings benchmarks/results/defaults.md measured to keep the return
+    transform: str = "crossquant"
+    transform_layers: str = "first"
+    alpha: float | None = 0.0
+    dynamic: bool = False
+    auto: bool = True
+    auto_sweeps: int = 1
+    rounding: str = "adaround"
+    adaround_iters: int = 0
+    bias_correction: bool = True
+    fp16_fallback: int = 1
+    max_action_error: float = 0.1
+    tail_weight: float = 0.1
+    tail_fraction: float = 0.01
+    tail_on_calibration_states: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def quant_options(self) -> Any:
+        """The :class:`~edgeq.quantizers.build.QuantOptions` this recipe asks for (clear error if invalid)."""
+        from edgeq.quantizers.build import QuantOptions
+
+        try:
+            return QuantOptions(
+                calibrator=self.calibrator, calibrator_params=dict(self.calibrator_params),
+                weight_method=self.weight_method, transform=self.transform, transform_layers=self.transform_layers,
+                alpha=self.alpha, dynamic=bool(self.dynamic), auto=bool(self.auto), auto_sweeps=int(self.auto_sweeps),
+                rounding=self.rounding, adaround_iters=int(self.adaround_iters),
+                bias_correction=bool(self.bias_correction), fp16_fallback=int(self.fp16_fallback),
+                max_action_error=float(self.max_action_error), tail_weight=float(self.tail_weight),
+                tail_fraction=float(self.tail_fraction),
+                tail_on_calibration_states=bool(self.tail_on_calibration_states), keep_float=list(self.keep_float))
+        except (TypeError, ValueError) as exc:
+            raise EdgeqError(f"calibration recipe {self.name!r}: {exc}") from None
 
 
 @dataclass

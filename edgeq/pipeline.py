@@ -16,17 +16,20 @@ from edgeq import __version__
 from edgeq.calibration.collect import CalibrationStats, ExplorationNoise, calibrate_observations, calibrate_rollouts
 from edgeq.calibration.dataset import ObservationLog, load_observations, split_holdout
 from edgeq.config import CalibrationRecipe, ExportProfile, load_profile, load_recipe
-from edgeq.deploy.bundle_format import FLOAT_MODEL, INT8_CPU_MODEL, INT8_MODEL, VALIDATION
+from edgeq.deploy.bundle_format import FLOAT_MODEL, INT8_CPU_MODEL, INT8_CUDA_MODEL, INT8_MODEL, VALIDATION
 from edgeq.envs import check_env_matches, env_factory
 from edgeq.errors import EdgeqError
 from edgeq.export.bundle import BundleWriter
 from edgeq.export.ort_cpu import specialize_for_ort_cpu
+from edgeq.export.ort_cuda import specialize_for_ort_cuda
 from edgeq.export.qdq import apply_plan
 from edgeq.export.trt_rules import check_qdq_model, format_report
 from edgeq.ingest import load_policy
 from edgeq.ingest.onnx_policy import bind_env_spaces
 from edgeq.policy import FloatPolicy
-from edgeq.quantizers.plan import QuantPlan, make_plan
+from edgeq.quantizers.build import build_plan
+from edgeq.quantizers.evaluate import action_half_range
+from edgeq.quantizers.plan import QuantPlan
 from edgeq.validate.offline import OPEN_LOOP_REASON, validate_offline
 from edgeq.validate.validator import ValidationOptions, save_validation, validate_models
 
@@ -66,7 +69,8 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
              calib_data_key: str | None = None, holdout_fraction: float = 0.2,
              action_low: float | Sequence[float] | None = None, action_high: float | Sequence[float] | None = None,
              onnx_input: str | None = None, onnx_output: str | None = None,
-             validation: ValidationOptions | None = None, report: bool = True) -> QuantizeResult:
+             validation: ValidationOptions | None = None, report: bool = True,
+             recipe_overrides: dict[str, Any] | None = None) -> QuantizeResult:
     """Quantize ``policy`` for ``env`` and write a validated bundle to ``out``.
 
     Validation uses seeds ``seed .. seed+episodes-1``; calibration uses the recipe's seeds, which
@@ -84,6 +88,10 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
     ``validation`` chooses what the validator measures (default :meth:`ValidationOptions.light` on
     ``targets``: verdict, noise floor, per-layer error, 2,000-call latency); ``report`` writes
     report.html and report.md into the bundle.
+
+    ``recipe_overrides`` sets any :class:`~edgeq.config.CalibrationRecipe` field by name (e.g.
+    ``{"transform": "crossquant", "alpha": 0.0, "auto": True, "rounding": "adaround",
+    "bias_correction": True, "fp16_fallback": 1, "dynamic": True}``) after the recipe is loaded.
     """
     if env is None and calib_data is None:
         raise EdgeqError("nothing to calibrate with: give an environment (--env) for rollouts, or logged "
@@ -107,7 +115,16 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
         rec.weight_method = weight_method
     if calib_episodes:
         rec.episodes = calib_episodes
+    for key, value in (recipe_overrides or {}).items():
+        if not hasattr(rec, key) or key == "name":
+            raise EdgeqError(f"unknown recipe field {key!r} in recipe_overrides; expected some of "
+                             f"{sorted(k for k in rec.to_json() if k != 'name')}")
+        setattr(rec, key, value)
+    options = rec.quant_options()
     noise = exploration or ExplorationNoise(**rec.exploration)
+    if options.dynamic and prof.runtime == "tensorrt":
+        raise EdgeqError(f"profile {prof.name!r} targets TensorRT, which cannot run CrossQuant's dynamic form; "
+                         "use the static form (transform: crossquant) or an onnxruntime profile")
 
     make_env: Callable[[], Any] | None = None
     ep_len: int | None = None
@@ -123,6 +140,8 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
 
     calib_seeds = list(range(rec.seed, rec.seed + rec.episodes))
     log: ObservationLog | None = None
+    holdout_seeds = (list(range(rec.seed + rec.episodes, rec.seed + rec.episodes + max(0, rec.holdout_episodes)))
+                     if calib_data is None else [])
     held_out = None
     t0 = time.perf_counter()
     if calib_data is not None:
@@ -136,19 +155,21 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
         stats = _calibrate_logged(fp, calib_obs, progress)
     else:
         assert make_env is not None
+        n_episodes = rec.episodes + len(holdout_seeds)
         stats = calibrate_rollouts(
             fp, make_env, calib_seeds, noise=noise, num_envs=min(num_envs, rec.num_envs),
-            max_steps_per_episode=rec.max_steps_per_episode,
-            progress=progress("calibrate", rec.episodes * ep_len if ep_len else None))
+            max_steps_per_episode=rec.max_steps_per_episode, holdout_seeds=holdout_seeds,
+            holdout_noise=None if rec.holdout_exploration is None else ExplorationNoise(**rec.holdout_exploration),
+            progress=progress("calibrate", n_episodes * ep_len if ep_len else None))
     timings["calibration_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    plan: QuantPlan = make_plan(fp.model, stats.observers, calibrator=rec.calibrator,
-                                calibrator_params=rec.calibrator_params, weight_method=rec.weight_method,
-                                keep_float=rec.keep_float)
+    plan: QuantPlan = build_plan(fp.model, stats, options, recurrent=fp.recurrent,
+                                 half_range=action_half_range(fp.action_space.low_array, fp.action_space.high_array))
     qmodel = apply_plan(fp.model, plan)
     conformance = check_qdq_model(qmodel)
-    if any(v.severity == "error" for v in conformance):  # an exporter bug, never the user's input
+    trt_errors = [v for v in conformance if v.severity == "error"]
+    if trt_errors and not options.dynamic:  # an exporter bug, never the user's input
         raise EdgeqError("the exported INT8 graph breaks TensorRT QDQ rules:\n" + format_report(conformance))
     timings["quantize_s"] = time.perf_counter() - t0
 
@@ -158,7 +179,8 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
         fpath = w.save_model(fp.model, FLOAT_MODEL)
         qpath = w.save_model(qmodel, INT8_MODEL)
         cpath = w.save_model(specialize_for_ort_cpu(qmodel), INT8_CPU_MODEL)
-        int8_for = {"cpu": cpath}
+        gpath = w.save_model(specialize_for_ort_cuda(qmodel), INT8_CUDA_MODEL)
+        int8_for = {"cpu": cpath, "cuda": gpath}
         t0 = time.perf_counter()
         result: dict[str, Any]
         if make_env is None:
@@ -175,7 +197,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
             result["closed_loop"] = True
         timings["validation_s"] = time.perf_counter() - t0
         result["timings"] = {k: round(v, 3) for k, v in timings.items()}
-        result["sizes"] = {p.name: p.stat().st_size for p in (fpath, qpath, cpath)}
+        result["sizes"] = {p.name: p.stat().st_size for p in (fpath, qpath, cpath, gpath)}
         w.manifest = {
             "edgeq_version": __version__,
             "source": fp.source.to_json(),
@@ -183,17 +205,21 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
             "observation_space": fp.obs_space.to_json(),
             "action_space": fp.action_space.to_json(),
             "io": io,
-            "models": {"fp32": FLOAT_MODEL, "int8": INT8_MODEL, "int8-cpu": INT8_CPU_MODEL},
+            "models": {"fp32": FLOAT_MODEL, "int8": INT8_MODEL, "int8-cpu": INT8_CPU_MODEL,
+                       "int8-cuda": INT8_CUDA_MODEL},
             "preprocess": fp.preprocess,
             "postprocess": fp.postprocess,
             "profile": prof.to_json(),
             "calibration": ({"recipe": rec.to_json(), "steps": stats.steps, "episodes": len(calib_seeds),
-                             "seeds": [calib_seeds[0], calib_seeds[-1]], "exploration": noise.to_json()}
+                             "seeds": [calib_seeds[0], calib_seeds[-1]], "exploration": noise.to_json(),
+                             "holdout_seeds": [holdout_seeds[0], holdout_seeds[-1]] if holdout_seeds else []}
                             if log is None else
                             {"recipe": rec.to_json(), "steps": stats.steps, "source": "observations",
                              "data": log.describe(), "held_out": 0 if held_out is None else len(held_out)}),
             "quantization": plan.to_json(),
-            "tensorrt_qdq_check": {"errors": 0, "warnings": [f"{v.rule}: {v.node}" for v in conformance]},
+            "tensorrt_qdq_check": {"errors": len(trt_errors),
+                                   "tensorrt_compatible": not trt_errors,
+                                   "findings": [f"{v.severity} {v.rule}: {v.node}" for v in conformance]},
         }
         if make_env is None:
             w.write_json(VALIDATION, result)

@@ -48,7 +48,7 @@ class ExplorationNoise:
             if self.gaussian > 0:
                 out = out + rng.normal(0.0, self.gaussian, size=out.shape).astype(np.float32) * half
             if self.epsilon > 0:
-                rows = rng.random(out.shape[0]) < self.epsilon
+                rows = np.asarray(rng.random(out.shape[0]) < self.epsilon)
                 if rows.any():
                     rand = rng.uniform(np.where(bounded, lo, -1), np.where(bounded, hi, 1),
                                        size=(int(rows.sum()), out.shape[1]))
@@ -84,9 +84,21 @@ class ObservationReservoir:
         return self.data[: min(self.seen, self.capacity)].copy()
 
 
+#: States kept from calibration rollouts for the stages that need states, not statistics
+#: (second-pass statistics of rewritten tensors, AdaRound, bias correction). 16k states of a
+#: 376-dim observation are 24 MiB; HalfCheetah's 17 dims take 1.1 MiB.
+DEFAULT_RESERVOIR = 16384
+#: Held-out states (from episodes the observers never saw) used to score per-layer choices.
+DEFAULT_HOLDOUT_RESERVOIR = 4096
+
+
 @dataclass
 class CalibrationStats:
-    """What calibration produced: one observer per quantizable tensor, plus provenance."""
+    """What calibration produced: one observer per quantizable tensor, plus provenance.
+
+    ``observations`` is a uniform sample of the calibration states; ``holdout`` (possibly empty)
+    a sample of states from held-out episodes that no observer saw.
+    """
 
     observers: dict[str, TensorObserver]
     observations: np.ndarray
@@ -94,6 +106,7 @@ class CalibrationStats:
     steps: int
     seconds: float
     settings: dict[str, Any] = field(default_factory=dict)
+    holdout: np.ndarray | None = None
 
     def summary(self) -> dict[str, Any]:
         return {"steps": self.steps, "seconds": round(self.seconds, 3), **self.settings,
@@ -150,30 +163,93 @@ class _ObservingPolicy:
         self.reservoir.add(obs[rows])
 
 
+class _ReservoirHook:
+    """Rollout hook that only keeps a sample of the visited states (held-out episodes)."""
+
+    def __init__(self, reservoir: ObservationReservoir) -> None:
+        self.reservoir = reservoir
+
+    def __call__(self, obs: np.ndarray, actions: np.ndarray, active: np.ndarray) -> None:
+        rows = np.asarray(active, bool)
+        if rows.any():
+            self.reservoir.add(obs[rows])
+
+
 def calibrate_rollouts(policy: FloatPolicy, make_env: Callable[[], Any], seeds: Sequence[int], *,
                        noise: ExplorationNoise = ExplorationNoise(), num_envs: int = 8,
-                       reservoir_size: int = 4096, max_steps_per_episode: int | None = None,
+                       reservoir_size: int = DEFAULT_RESERVOIR, max_steps_per_episode: int | None = None,
+                       holdout_seeds: Sequence[int] = (), holdout_size: int = DEFAULT_HOLDOUT_RESERVOIR,
+                       holdout_noise: ExplorationNoise | None = None,
                        progress: Callable[[int], None] | None = None) -> CalibrationStats:
-    """Roll ``policy`` out on ``seeds`` and observe every tensor INT8 will quantize."""
+    """Roll ``policy`` out on ``seeds`` and observe every tensor INT8 will quantize.
+
+    ``holdout_seeds`` are further episodes (exploration ``holdout_noise``, default the same as
+    ``noise``, on another noise stream) whose states are only sampled into
+    ``CalibrationStats.holdout``: the observers never see them, so choices scored on them are
+    scored on states the statistics did not come from.
+    """
     tensors = calibration_tensors(policy.model)
     observers = {t: TensorObserver(t) for t in tensors}
     reservoir = ObservationReservoir(reservoir_size, policy.obs_space.size, seed=int(seeds[0]) if seeds else 0)
     actor = _ObservingPolicy(policy, tensors, observers, reservoir)
+    low, high = policy.action_space.low_array.ravel(), policy.action_space.high_array.ravel()
 
     t0 = time.perf_counter()
     results = run_episodes(make_env, actor, seeds, num_envs=num_envs, on_step=actor.observe,
-                           perturb=noise.make(policy.action_space.low_array.ravel(),
-                                              policy.action_space.high_array.ravel()),
+                           perturb=noise.make(low, high),
                            noise_seed=int(seeds[0]) if seeds else 0,
                            max_steps_per_episode=max_steps_per_episode, progress=progress)
+    holdout: np.ndarray | None = None
+    if holdout_seeds:
+        held = ObservationReservoir(holdout_size, policy.obs_space.size, seed=int(holdout_seeds[0]))
+        plain = OrtPolicy(policy.model.SerializeToString(), state=[s.to_json() for s in policy.state])
+        run_episodes(make_env, plain, holdout_seeds, num_envs=num_envs, on_step=_ReservoirHook(held),
+                     perturb=(noise if holdout_noise is None else holdout_noise).make(low, high),
+                     noise_seed=int(holdout_seeds[0]) + 1,
+                     max_steps_per_episode=max_steps_per_episode, progress=progress)
+        holdout = held.sample()
     seconds = time.perf_counter() - t0
     return CalibrationStats(observers, reservoir.sample(), results, results.steps, seconds,
                             {"source": "rollout", "episodes": len(seeds), "seeds": [int(s) for s in seeds],
-                             "noise": noise.to_json(), "num_envs": num_envs})
+                             "holdout_episodes": len(holdout_seeds),
+                             "holdout_noise": (noise if holdout_noise is None else holdout_noise).to_json(),
+                             "noise": noise.to_json(), "num_envs": num_envs}, holdout)
+
+
+def tensor_values(model: onnx.ModelProto, states: np.ndarray, tensors: Sequence[str], *,
+                  batch_size: int = 4096) -> dict[str, np.ndarray]:
+    """Run ``model`` on ``states`` and return the named tensors, ``[len(states), ...]`` each."""
+    runtime = OrtPolicy(instrumented(model, tensors).SerializeToString())
+    chunks: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
+    x = np.ascontiguousarray(states, np.float32)
+    for i in range(0, len(x), batch_size):
+        out = runtime.run(x[i:i + batch_size], list(tensors))
+        for t in tensors:
+            chunks[t].append(out[t])
+    return {t: np.concatenate(v, axis=0) if v else np.zeros((0,), np.float32) for t, v in chunks.items()}
+
+
+def observe_states(model: onnx.ModelProto, states: np.ndarray, tensors: Sequence[str] | None = None, *,
+                   batch_size: int = 4096) -> dict[str, TensorObserver]:
+    """Second-pass statistics: observers of ``tensors`` (default: every calibration tensor) on ``states``.
+
+    Used for tensors that a float rewrite changed (static CrossQuant, equalization): the stored
+    calibration states are run through the rewritten float graph.
+    """
+    names = list(tensors) if tensors is not None else calibration_tensors(model)
+    observers = {t: TensorObserver(t) for t in names}
+    x = np.ascontiguousarray(states, np.float32)
+    runtime = OrtPolicy(instrumented(model, names).SerializeToString())
+    for i in range(0, len(x), batch_size):
+        out = runtime.run(x[i:i + batch_size], names)
+        for t in names:
+            v = out[t]
+            observers[t].update(v.reshape(v.shape[0], -1))
+    return observers
 
 
 def calibrate_observations(policy: FloatPolicy, observations: np.ndarray, *, batch_size: int = 256,
-                           reservoir_size: int = 4096,
+                           reservoir_size: int = DEFAULT_RESERVOIR,
                            progress: Callable[[int], None] | None = None) -> CalibrationStats:
     """Offline calibration from logged observations [N, obs_dim] (stateless policies).
 

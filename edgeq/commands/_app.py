@@ -83,11 +83,47 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
     layers = manifest.get("quantization", {}).get("layers", [])
     n8 = sum(1 for layer in layers if layer["precision"] == "int8")
     settings = manifest.get("quantization", {}).get("settings", {})
-    console.print(f"int8 layers: {n8}/{len(layers)}; activations: {settings.get('activation_calibrator')} "
-                  f"{settings.get('calibrator_params', {})}; weights: per-channel {settings.get('weight_method')}")
+    n16 = sum(1 for layer in layers if layer["precision"] == "fp16")
+    auto = settings.get("options", {}).get("auto", False)
+    console.print(f"int8 layers: {n8}/{len(layers)}" + (f" (fp16: {n16})" if n16 else "") + "; activations: "
+                  + ("chosen per layer (search started at " if auto else "")
+                  + f"{settings.get('activation_calibrator')} {settings.get('calibrator_params', {})}"
+                  + (")" if auto else "") + f"; weights: per-channel {settings.get('weight_method')}")
+    print_layer_choices(manifest.get("quantization", {}))
     t = validation.get("timings", {})
     if t:
         console.print("time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in t.items()))
+
+
+def print_layer_choices(quantization: dict[str, Any]) -> None:
+    """Per layer: precision, the input quantizer chosen, rounding, bias correction, quantization kernel."""
+    layers = quantization.get("layers", [])
+    if not layers:
+        return
+    table = Table(title="per-layer quantization", title_justify="left")
+    for col in ("layer", "precision", "input quantizer", "weights", "bias corr.", "kernel (per-tensor)"):
+        table.add_column(col)
+    for la in layers:
+        choice = (la.get("choice") or {}).get("label", "")
+        if la["precision"] == "int8" and not choice:
+            choice = la.get("scheme", "static")
+        kernel = f"{la['kernel']:.3f} ({la['kernel_per_tensor']:.3f})" if "kernel" in la else ""
+        weights = f"{la.get('weight_method', '')} {la.get('rounding', '')}".strip() if la["precision"] == "int8" else ""
+        table.add_row(la["node"], la["precision"], choice, weights, "yes" if la.get("bias_corrected") else "",
+                      kernel)
+    console.print(table)
+    for la in layers:
+        if la["precision"] != "int8" and la.get("reason"):
+            console.print(f"[bold yellow]{la['precision']}[/]: {la['node']}: {la['reason']}", highlight=False)
+    if quantization.get("tensorrt_compatible") is False:
+        console.print("[bold yellow]note[/]: CrossQuant dynamic layers: this INT8 model runs on ONNX Runtime only, "
+                      "not TensorRT", highlight=False)
+    err = quantization.get("metrics", {}).get("heldout_action_error")
+    if err:
+        stages = quantization["metrics"].get("heldout_score_by_stage", {})
+        console.print("held-out action error (fraction of action half-range): "
+                      f"mean {err['mean']:.4f}, p99 {err['p99']:.4f}, max {err['max']:.4f}; score by stage: "
+                      + ", ".join(f"{k} {v:.4f}" for k, v in stages.items()), highlight=False)
 
 
 def run_guarded(fn: Callable[[], Any]) -> Any:

@@ -33,6 +33,28 @@ def quantize(
                               ] = None,
     noise: Annotated[float | None, typer.Option(help="Gaussian exploration noise during calibration "
                                                      "(fraction of the action half-range).")] = None,
+    noise_epsilon: Annotated[float | None, typer.Option(help="Probability that a calibration step takes a uniform "
+                                                             "random action instead.")] = None,
+    holdout_episodes: Annotated[int | None, typer.Option(help="Held-out calibration episodes that score "
+                                                              "per-layer choices.")] = None,
+    transform: Annotated[str | None, typer.Option(help="Input rewrite before int8: none, crossquant (static "
+                                                       "CrossQuant) or equalize (SmoothQuant-style).")] = None,
+    alpha: Annotated[float | None, typer.Option(help="Strength of the rewrite (CrossQuant's row exponent, "
+                                                     "equalization's migration strength), in [0, 1].")] = None,
+    transform_layers: Annotated[str | None, typer.Option(help="Layers the rewrite applies to: first or all.")
+                                ] = None,
+    dynamic: Annotated[bool | None, typer.Option("--dynamic/--static", help="CrossQuant's dynamic form (run-time "
+                                                 "row scales; ONNX Runtime CPU only, not TensorRT).")] = None,
+    auto: Annotated[bool | None, typer.Option("--auto/--no-auto", help="Choose each layer's calibrator and rewrite "
+                                              "by the action error on held-out states.")] = None,
+    rounding: Annotated[str | None, typer.Option(help="Weight rounding: nearest or adaround.")] = None,
+    bias_correction: Annotated[bool | None, typer.Option("--bias-correction/--no-bias-correction",
+                                                         help="Empirical bias correction per layer.")] = None,
+    fp16_fallback: Annotated[int | None, typer.Option(help="At most this many layers go to fp16 when int8 "
+                                                           "cannot reach --max-action-error (0: never).")] = None,
+    max_action_error: Annotated[float | None, typer.Option(help="Held-out mean action error (fraction of the "
+                                                                "action half-range) the fp16 fallback aims for.")
+                                ] = None,
     vecnormalize: Annotated[Path | None, typer.Option(help="vecnormalize.pkl (default: NAME/vecnormalize.pkl "
                                                            "beside NAME.zip if present).")] = None,
     env_kwargs: Annotated[str | None, typer.Option(help="JSON object of keyword arguments for the env.")] = None,
@@ -62,14 +84,26 @@ def quantize(
 
     def go() -> Any:
         params = {"percentile": percentile} if percentile is not None else None
+        given = {"holdout_episodes": holdout_episodes, "transform": transform, "alpha": alpha,
+                 "transform_layers": transform_layers, "dynamic": dynamic, "auto": auto, "rounding": rounding,
+                 "bias_correction": bias_correction, "fp16_fallback": fp16_fallback,
+                 "max_action_error": max_action_error}
+        overrides = {k: v for k, v in given.items() if v is not None}
+        exploration = None
+        if noise is not None or noise_epsilon is not None:
+            from edgeq.config import load_recipe
+
+            base = load_recipe(recipe, env).exploration
+            exploration = ExplorationNoise(gaussian=base.get("gaussian", 0.0) if noise is None else noise,
+                                           epsilon=base.get("epsilon", 0.0) if noise_epsilon is None else noise_epsilon)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err_console, transient=True, disable=json_out or not err_console.is_terminal) as prog:
             return run_quantize(policy, env, out, episodes=episodes, seed=seed, recipe=recipe, profile=profile,
                                 calibrator=calibrator, calibrator_params=params, weight_method=weight_method,
-                                calib_episodes=calib_episodes,
-                                exploration=ExplorationNoise(gaussian=noise) if noise is not None else None,
+                                calib_episodes=calib_episodes, exploration=exploration,
                                 vecnormalize=vecnormalize, env_kwargs=parse_env_kwargs(env_kwargs),
-                                num_envs=num_envs, overwrite=overwrite, progress=progress_factory(prog),
+                                num_envs=num_envs, overwrite=overwrite, recipe_overrides=overrides,
+                                progress=progress_factory(prog),
                                 calib_data=calib_data, calib_data_key=calib_key, holdout_fraction=holdout,
                                 action_low=_numbers(action_low, "--action-low"),
                                 action_high=_numbers(action_high, "--action-high"),

@@ -5,10 +5,16 @@
     import edgeq.deploy
     policy = edgeq.deploy.load("bundle/", backend="auto")   # trt > cuda > cpu, or named
     action = policy.act(obs)                                # numpy in, numpy out, batch or single
+    policy.latency                                          # {"calls", "median_us", "p99_us", ...}
+
+Never imports torch, gymnasium, Stable-Baselines3 or onnx (tests/test_deploy_imports.py checks it);
+TensorRT is imported only for the ``trt`` backend. ``python -m edgeq.deploy`` (``edgeq-deploy``) is
+the matching command line: verify, selftest, act, bench, serve.
 """
 
 from __future__ import annotations
 
-from edgeq.deploy.policy import BACKENDS, DeployedPolicy, load
+from edgeq.deploy.bundle_format import FORMAT_VERSION, read_manifest
+from edgeq.deploy.policy import BACKENDS, DeployedPolicy, load, resolve_backend
 
-__all__ = ["BACKENDS", "DeployedPolicy", "load"]
+__all__ = ["BACKENDS", "FORMAT_VERSION", "DeployedPolicy", "load", "read_manifest", "resolve_backend"]

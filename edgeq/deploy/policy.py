@@ -2,120 +2,215 @@
 
 from __future__ import annotations
 
-import threading
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgeq.deploy.bundle_format import model_for, read_manifest, verify_files
-from edgeq.deploy.runtime import NAN_POLICIES, OrtPolicy
+from edgeq.deploy.bundle_format import PRECISIONS, model_for, read_manifest
+from edgeq.deploy.ort_cuda import OrtCudaPolicy
+from edgeq.deploy.runtime import NAN_POLICIES, LatencyStats, OrtPolicy, PolicyRuntime, ort_providers
+from edgeq.deploy.trt_backend import engines_for, load_trt_runtime, tensorrt_available
 from edgeq.errors import BundleError, InputError
 
 BACKENDS = ("auto", "cpu", "cuda", "trt")
 
 
-def _ort_providers(backend: str) -> list[Any]:
+def _ort_has_cuda() -> bool:
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
-    if backend == "cpu":
-        return ["CPUExecutionProvider"]
-    if backend == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise BundleError("backend 'cuda' needs onnxruntime-gpu with CUDAExecutionProvider "
-                              f"(available: {available})")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    raise BundleError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def resolve_backend(backend: str) -> str:
-    """``auto`` → ``trt`` if TensorRT imports, else ``cuda`` if ORT has CUDA, else ``cpu``."""
+def resolve_backend(backend: str, manifest: dict[str, Any] | None = None, precision: str = "int8") -> str:
+    """``auto`` → ``trt`` if TensorRT imports and the bundle has an engine of ``precision``, else
+    ``cuda`` if ONNX Runtime has the CUDA provider, else ``cpu``. Named backends are returned as is."""
     if backend not in BACKENDS:
-        raise BundleError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        raise BundleError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    try:
-        import tensorrt
-
-        if hasattr(tensorrt, "Builder"):  # type-checking stubs alone import as an empty package
-            return "trt"
-    except ImportError:
-        pass
-    import onnxruntime as ort
-
-    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    if (manifest is None or engines_for(manifest, precision)) and tensorrt_available():
+        return "trt"
+    return "cuda" if _ort_has_cuda() else "cpu"
 
 
 class DeployedPolicy:
     """A bundle's policy: checks inputs, carries recurrent state, records latency; thread-safe.
 
-    ``act(obs)`` takes one observation ``[obs_dim]`` (returns ``[act_dim]``) or a batch
-    ``[batch, obs_dim]`` (returns ``[batch, act_dim]``). Non-finite observations raise by default
+    ``act(obs)`` takes one observation of the observation space's shape (returns one action) or a
+    batch ``[batch, *obs_shape]`` (returns ``[batch, *action_shape]``); any real dtype is accepted
+    and converted to float32. Non-finite observations raise :class:`InputError` by default
     (``nan_policy="error"``); ``"zero"`` replaces them with 0, ``"pass"`` hands them on unchanged.
+
+    One policy may be shared by threads (ONNX Runtime calls of feed-forward policies run
+    concurrently; recurrent policies and TensorRT engines are serialized). A recurrent policy's
+    state is shared by all callers, so give each robot (or episode stream) its own policy.
     """
 
-    def __init__(self, runtime: OrtPolicy, manifest: dict[str, Any], *, precision: str, backend: str,
-                 nan_policy: str = "error") -> None:
+    def __init__(self, runtime: PolicyRuntime | OrtCudaPolicy, manifest: dict[str, Any], *, precision: str,
+                 backend: str, nan_policy: str = "error", bundle: Path | None = None) -> None:
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy {nan_policy!r}; expected one of {NAN_POLICIES}")
-        self.runtime, self.manifest = runtime, manifest
+        self.runtime, self.manifest, self.bundle = runtime, manifest, bundle
         self.precision, self.backend, self.nan_policy = precision, backend, nan_policy
-        self.obs_shape = tuple(manifest["observation_space"]["shape"])
-        self.action_shape = tuple(manifest["action_space"]["shape"])
-        self._lock = threading.Lock()
+        self.obs_shape = tuple(int(s) for s in manifest["observation_space"]["shape"])
+        self.action_shape = tuple(int(s) for s in manifest["action_space"]["shape"])
+        self.max_batch = int(manifest.get("profile", {}).get("max_batch", 0)) or None
+        self._act_latency = LatencyStats()
+
+    def __repr__(self) -> str:
+        return (f"DeployedPolicy({str(self.bundle)!r}, precision={self.precision!r}, backend={self.backend!r}, "
+                f"obs_shape={self.obs_shape}, action_shape={self.action_shape})")
+
+    @property
+    def providers(self) -> list[str]:
+        """What runs the graph: ONNX Runtime execution providers, or the TensorRT version."""
+        return self.runtime.providers
+
+    @property
+    def recurrent(self) -> bool:
+        return bool(self.runtime.state_specs)
 
     @property
     def latency(self) -> dict[str, float]:
-        """Median/p99/p99.9/max latency of the backend calls so far, in microseconds."""
+        """Latency of whole ``act`` calls (checks and conversion included) in microseconds: calls,
+        mean, median, p90, p99, p99.9, max (the last 100 000 calls)."""
+        return self._act_latency.summary()
+
+    @property
+    def backend_latency(self) -> dict[str, float]:
+        """The same statistics for the backend call alone (ONNX Runtime ``run`` / TensorRT execute)."""
         return self.runtime.latency.summary()
+
+    def reset_latency(self) -> None:
+        """Forget the recorded latencies (e.g. after warm-up)."""
+        self._act_latency.clear()
+        self.runtime.latency.clear()
 
     def reset(self, mask: np.ndarray | None = None) -> None:
         """Start new episodes: zero the recurrent state (of the rows in ``mask``)."""
         self.runtime.reset(mask)
 
-    def _check(self, obs: Any) -> tuple[np.ndarray, bool]:
-        arr = np.asarray(obs)
+    def _expected(self) -> str:
+        dims = ", ".join(map(str, self.obs_shape))
+        return f"shape {self.obs_shape} for one observation or (batch, {dims}) for a batch"
+
+    def check_obs(self, obs: Any) -> tuple[np.ndarray, bool]:
+        """``obs`` as a contiguous float32 batch, and whether it was a single observation.
+
+        Raises :class:`InputError` for a wrong shape, a non-real dtype, an empty or too large batch,
+        or (with ``nan_policy="error"``) a non-finite value.
+        """
+        try:
+            arr = np.asarray(obs)
+        except (ValueError, TypeError) as exc:  # ragged nested lists
+            raise InputError(f"observation is not an array ({exc}); expected float32 {self._expected()}") from None
         if arr.dtype.kind not in "fiu":
-            raise InputError(f"observation dtype {arr.dtype} is not numeric; expected float32 of shape "
-                             f"{self.obs_shape} or [batch, *{self.obs_shape}]")
-        single = arr.shape == self.obs_shape
-        if not single and arr.shape[1:] != self.obs_shape:
-            raise InputError(f"observation shape {arr.shape}; expected {self.obs_shape} or "
-                             f"[batch, {', '.join(map(str, self.obs_shape))}]")
-        batch = arr.reshape(1, -1) if single else arr.reshape(arr.shape[0], -1)
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if self.nan_policy != "pass" and not np.all(np.isfinite(batch)):
-            if self.nan_policy == "error":
-                bad = np.argwhere(~np.isfinite(batch))[0]
-                raise InputError(f"observation has a non-finite value at index {tuple(int(i) for i in bad)}; "
-                                 "pass nan_policy='zero' or 'pass' to accept such input")
-            batch = np.where(np.isfinite(batch), batch, 0.0).astype(np.float32)
+            raise InputError(f"observation dtype {arr.dtype} is not a real number type; expected float32 "
+                             f"{self._expected()}")
+        if arr.shape == self.obs_shape:
+            single = True
+            arr = arr[None]
+        elif arr.ndim == len(self.obs_shape) + 1 and arr.shape[1:] == self.obs_shape:
+            single = False
+            if arr.shape[0] == 0:
+                raise InputError(f"observation batch is empty (shape {arr.shape}); expected {self._expected()}")
+            if self.max_batch and arr.shape[0] > self.max_batch:
+                raise InputError(f"observation batch of {arr.shape[0]} is larger than the bundle's max_batch "
+                                 f"{self.max_batch}; split it")
+        else:
+            raise InputError(f"observation shape {arr.shape}; expected {self._expected()}")
+        batch = np.ascontiguousarray(arr, dtype=np.float32)
+        if self.nan_policy != "pass":
+            finite = np.isfinite(batch)
+            if not finite.all():
+                if self.nan_policy == "error":
+                    bad = tuple(int(i) for i in np.argwhere(~finite)[0])
+                    where = bad[1:] if single else bad
+                    raise InputError(f"observation has a non-finite value ({batch[bad]}) at index {where}; "
+                                     "pass nan_policy='zero' or 'pass' to accept such input")
+                batch = np.where(finite, batch, np.float32(0.0))
         return batch, single
 
     def act(self, obs: Any) -> np.ndarray:
-        batch, single = self._check(obs)
+        """Actions for one observation or a batch (numpy in, float32 numpy out)."""
+        t0 = time.perf_counter()
+        batch, single = self.check_obs(obs)
         actions = self.runtime.act(batch)
-        return actions[0] if single else actions
+        out = actions[0] if single else actions
+        self._act_latency.add(time.perf_counter() - t0)
+        return out
+
+    __call__ = act
 
 
 def load(bundle: str | Path, backend: str = "auto", *, precision: str = "int8", nan_policy: str = "error",
-         intra_op_threads: int = 1, verify: bool = True) -> DeployedPolicy:
-    """Load ``bundle`` after checking every file against the manifest's SHA-256."""
+         intra_op_threads: int = 1, verify: bool = True, warmup: int = 3,
+         cuda_graph: bool = True) -> DeployedPolicy:
+    """Load ``bundle`` after checking its format version and every file against the manifest's SHA-256.
+
+    ``backend``: ``"auto"`` (TensorRT if it is installed and the bundle has an engine for
+    ``precision``, else ONNX Runtime's CUDA provider if installed, else the CPU), or one of
+    ``"trt"``, ``"cuda"``, ``"cpu"``. A named backend that cannot run here raises
+    :class:`BundleError`; so does a TensorRT engine built for another GPU or TensorRT version.
+    ``precision``: ``"int8"`` (default) or ``"fp32"``. A bundle's backend-specialized copy of the
+    model (``policy.int8.cpu.onnx``, ``policy.int8.cuda.onnx``: same arithmetic, fewer kernels) is
+    used where there is one. On ``cuda`` inputs and outputs are bound to device buffers and, with
+    ``cuda_graph``, each batch size's run is captured once as a CUDA graph and replayed. ``warmup``
+    calls on a zero observation are made (and then forgotten: state and latency statistics) so the
+    first real call is not slow.
+    """
     root = Path(bundle)
-    manifest = read_manifest(root, verify=False)
-    chosen = resolve_backend(backend)
-    try:
-        model_file = model_for(manifest, precision, chosen)
-    except BundleError as exc:
-        raise BundleError(f"{root}: {exc}") from None
-    if verify:
-        verify_files(root, manifest, [model_file])
+    if precision not in PRECISIONS:
+        raise BundleError(f"precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    manifest = read_manifest(root, verify=verify)
+    models = manifest["models"]
+    chosen = resolve_backend(backend, manifest, precision)
+    io = manifest["io"]
+    runtime: PolicyRuntime | OrtCudaPolicy
     if chosen == "trt":
-        raise BundleError(f"{root}: backend 'trt' needs an engine in the bundle; build one with "
-                          "'edgeq build-engine' on the target GPU")
-    io = manifest.get("io", {})
-    runtime = OrtPolicy(root / model_file, input_name=io.get("input", "obs"),
-                        output_name=io.get("output", "actions"), state=io.get("state", []),
-                        providers=_ort_providers(chosen), intra_op_threads=intra_op_threads)
-    return DeployedPolicy(runtime, manifest, precision=precision, backend=chosen, nan_policy=nan_policy)
+        if not engines_for(manifest, precision):
+            raise BundleError(f"{root}: backend 'trt' needs a TensorRT engine of precision {precision!r} in the "
+                              "bundle (it has none); build one on the target GPU, or use backend 'cuda' or 'cpu'")
+        if not tensorrt_available():
+            raise BundleError("backend 'trt' needs TensorRT's Python package (JetPack's python3-libnvinfer, or "
+                              "`pip install tensorrt` on x86-64); it does not import here")
+        runtime = load_trt_runtime(root, manifest, precision)
+    else:
+        if precision not in models:
+            raise BundleError(f"{root}: no {precision!r} model in this bundle (it has {', '.join(sorted(models))})")
+        model_file = model_for(manifest, precision, chosen)
+        if model_file not in manifest["files"]:
+            raise BundleError(f"{root}: {model_file} is not listed in the manifest's files, so it "
+                              "cannot be verified")
+        kwargs: dict[str, Any] = dict(input_name=io["input"], output_name=io["output"], state=io.get("state", []),
+                                      intra_op_threads=intra_op_threads)
+        try:
+            if chosen == "cuda":
+                runtime = OrtCudaPolicy(root / model_file, input_name=io["input"], output_name=io["output"],
+                                        state=io.get("state", []), io_binding=True, cuda_graph=cuda_graph)
+            else:
+                runtime = OrtPolicy(root / model_file, providers=ort_providers(chosen), require_provider=True,
+                                    **kwargs)
+        except Exception as exc:  # noqa: BLE001 - a GPU provider that cannot start, for any reason
+            if backend != "auto" or chosen == "cpu":
+                raise BundleError(f"{root}: backend {chosen!r} cannot start: {str(exc).splitlines()[0]}") from None
+            warnings.warn(f"edgeq.deploy: falling back to the CPU: {exc}", RuntimeWarning, stacklevel=2)
+            chosen = "cpu"
+            model_file = model_for(manifest, precision, "cpu")
+            runtime = OrtPolicy(root / model_file, providers=ort_providers("cpu"), **kwargs)
+        if io["output"] not in runtime.output_names:
+            raise BundleError(f"{root / model_file}: the model has no output {io['output']!r} named by the "
+                              f"manifest's io.output (outputs: {', '.join(runtime.output_names)})")
+    policy = DeployedPolicy(runtime, manifest, precision=precision, backend=chosen, nan_policy=nan_policy,
+                            bundle=root)
+    if warmup > 0:
+        zero = np.zeros((1, *policy.obs_shape), np.float32)
+        for _ in range(warmup):
+            runtime.act(zero)
+        policy.reset()
+        policy.reset_latency()
+    return policy
+

@@ -1,10 +1,14 @@
-"""Running a policy graph with ONNX Runtime: numpy in, numpy out, recurrent state carried.
+"""Running a policy graph: numpy in, numpy out, recurrent state carried, latency recorded.
 
-Only numpy and onnxruntime are imported here; this is what runs on the robot.
+Only numpy and onnxruntime are imported here (onnxruntime lazily, inside :class:`OrtPolicy`); this
+is what runs on the robot. :class:`PolicyRuntime` holds what every backend shares (recurrent state
+per batch row, a lock, latency statistics); :class:`OrtPolicy` runs an ONNX Runtime session and
+:class:`edgeq.deploy.trt_backend.TrtRuntime` a TensorRT engine.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -13,9 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.errors import InputError
+from edgeq.errors import BundleError, InputError
 
 NAN_POLICIES = ("error", "zero", "pass")
+
+# ONNX Runtime >= 1.29 sends usage telemetry on Linux (and keeps a device-ID file in $HOME) unless this is
+# set before it initializes. A robot should make no outbound connections: off unless the user set it.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 #: ONNX Runtime graph rewrites that edgeq turns off. ``MatMulAddFusion`` merges ``MatMul + Add``
 #: into a float ``Gemm`` *before* the QDQ fusions run, which hides edgeq's ``DQ, DQ → MatMul``
@@ -23,71 +31,81 @@ NAN_POLICIES = ("error", "zero", "pass")
 #: dequantizes the weights and runs float GEMMs (about 10x slower at batch 1).
 DISABLED_ORT_OPTIMIZERS = ("MatMulAddFusion",)
 
+#: ONNX Runtime execution providers per edgeq backend name (the CPU provider is the fallback for
+#: nodes a GPU provider does not take). TF32 is off on the CUDA provider: with it (ONNX Runtime's
+#: default on Ampere and newer) float matrix products keep 10 mantissa bits; on an H100 that moved
+#: batched actions away from the CPU's by up to 0.02 (fp32) and 0.1 (int8, through activation
+#: rounding) for SAC HalfCheetah (actions in [-1, 1]), against 1e-5 and 2e-6 with it off. A policy
+#: this small gains nothing from TF32, and its actions should be those that were validated.
+ORT_PROVIDERS: dict[str, list[Any]] = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"],
+}
+
+
+def _provider_name(provider: Any) -> str:
+    return provider if isinstance(provider, str) else str(provider[0])
+
 
 class LatencyStats:
-    """Bounded record of call latencies (the last ``capacity`` calls)."""
+    """Thread-safe, bounded record of call latencies (the last ``capacity`` calls)."""
 
     def __init__(self, capacity: int = 100_000) -> None:
         self._buf = np.zeros(capacity, dtype=np.float64)
         self._n = 0
+        self._lock = threading.Lock()
 
     def add(self, seconds: float) -> None:
-        self._buf[self._n % len(self._buf)] = seconds
-        self._n += 1
+        with self._lock:
+            self._buf[self._n % len(self._buf)] = seconds
+            self._n += 1
+
+    def clear(self) -> None:
+        with self._lock:
+            self._n = 0
 
     def summary(self) -> dict[str, float]:
-        """Median, p99, p99.9 and max in microseconds over the recorded calls."""
-        n = min(self._n, len(self._buf))
+        """Call count, then mean, median, p90, p99, p99.9 and max in microseconds over the recorded calls."""
+        with self._lock:
+            n = min(self._n, len(self._buf))
+            calls = self._n
+            x = self._buf[:n] * 1e6
         if n == 0:
             return {"calls": 0}
-        x = self._buf[:n] * 1e6
-        return {"calls": int(self._n), "median_us": float(np.median(x)), "p99_us": float(np.percentile(x, 99)),
-                "p999_us": float(np.percentile(x, 99.9)), "max_us": float(x.max()), "mean_us": float(x.mean())}
+        p50, p90, p99, p999 = np.percentile(x, [50, 90, 99, 99.9])
+        return {"calls": int(calls), "mean_us": float(x.mean()), "median_us": float(p50), "p90_us": float(p90),
+                "p99_us": float(p99), "p999_us": float(p999), "max_us": float(x.max())}
 
 
-class OrtPolicy:
-    """An ONNX policy in an ONNX Runtime session.
+class PolicyRuntime:
+    """What every backend shares: recurrent state per batch row, a lock, latency statistics.
 
     ``state`` lists recurrent state tensors as ``{"input", "output", "shape"}`` dicts; their values
-    are kept per batch row and zeroed by :meth:`reset`. ``extra_outputs`` names intermediate
-    tensors to return as well (calibration uses this).
+    are kept per batch row and zeroed by :meth:`reset`. Subclasses implement :meth:`_infer`.
+    One runtime may be shared by threads: calls are serialized by a lock when the policy has
+    recurrent state (which all callers share) or the backend is not thread-safe
+    (``concurrent_calls = False``); otherwise they run concurrently.
     """
 
-    def __init__(self, model: str | Path | bytes, *, input_name: str = "obs", output_name: str = "actions",
-                 state: Sequence[dict[str, Any]] = (), providers: Sequence[Any] = ("CPUExecutionProvider",),
-                 intra_op_threads: int = 1, optimization: str = "all",
-                 optimized_model_path: str | Path | None = None) -> None:
-        import onnxruntime as ort
+    input_name: str
+    output_name: str
+    #: Whether :meth:`_infer` may run in several threads at once (ONNX Runtime's ``run`` may).
+    concurrent_calls = False
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = intra_op_threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = {
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        }[optimization]
-        if optimized_model_path is not None:
-            opts.optimized_model_filepath = str(optimized_model_path)
-        src = model if isinstance(model, bytes) else str(model)
-        self.session = ort.InferenceSession(src, sess_options=opts, providers=list(providers),
-                                            disabled_optimizers=list(DISABLED_ORT_OPTIMIZERS))
+    def __init__(self, *, input_name: str, output_name: str, state: Sequence[dict[str, Any]]) -> None:
         self.input_name, self.output_name = input_name, output_name
         self.state_specs = [dict(s) for s in state]
         self._state: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
         self.latency = LatencyStats()
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        if input_name not in inputs:
-            raise InputError(f"model has no input {input_name!r} (inputs: {sorted(inputs)})")
-        self.obs_dim = inputs[input_name].shape[-1]
-        self.output_names = [o.name for o in self.session.get_outputs()]
 
     @property
     def providers(self) -> list[str]:
-        return list(self.session.get_providers())
+        """What runs the graph (ONNX Runtime providers, or ``["TensorRT"]``)."""
+        raise NotImplementedError
+
+    def _infer(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        raise NotImplementedError
 
     def reset(self, mask: np.ndarray | None = None) -> None:
         """Zero the recurrent state of the rows where ``mask`` is True (all rows if None)."""
@@ -111,11 +129,16 @@ class OrtPolicy:
     def run(self, obs: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Run one step for a batch ``obs`` [batch, obs_dim]; returns the requested outputs by name."""
         names = list(outputs) if outputs is not None else [self.output_name]
+        if self.concurrent_calls and not self.state_specs:
+            t0 = time.perf_counter()
+            values = self._infer({self.input_name: obs}, names)
+            self.latency.add(time.perf_counter() - t0)
+            return dict(zip(names, values, strict=True))
         with self._lock:
             feeds = {self.input_name: obs, **self._state_feeds(obs.shape[0])}
             state_out = [s["output"] for s in self.state_specs]
             t0 = time.perf_counter()
-            values = self.session.run(names + state_out, feeds)
+            values = self._infer(feeds, names + state_out)
             self.latency.add(time.perf_counter() - t0)
             for spec, value in zip(self.state_specs, values[len(names):], strict=True):
                 self._state[spec["input"]] = np.ascontiguousarray(value)
@@ -124,3 +147,68 @@ class OrtPolicy:
     def act(self, obs: np.ndarray) -> np.ndarray:
         """Actions for a batch of observations (float32 [batch, obs_dim] → [batch, act_dim])."""
         return self.run(np.ascontiguousarray(obs, dtype=np.float32))[self.output_name]
+
+
+class OrtPolicy(PolicyRuntime):
+    """An ONNX policy in an ONNX Runtime session.
+
+    ``extra`` outputs: :meth:`run` returns any tensors named in ``outputs`` (calibration uses this
+    on instrumented models). ``require_provider`` makes construction fail if ONNX Runtime silently
+    fell back from the first requested provider (e.g. CUDA failed to start) to the CPU.
+    """
+
+    concurrent_calls = True  # InferenceSession.run may be called from several threads at once
+
+    def __init__(self, model: str | Path | bytes, *, input_name: str = "obs", output_name: str = "actions",
+                 state: Sequence[dict[str, Any]] = (), providers: Sequence[Any] = ("CPUExecutionProvider",),
+                 intra_op_threads: int = 1, optimization: str = "all",
+                 optimized_model_path: str | Path | None = None, require_provider: bool = False) -> None:
+        import onnxruntime as ort
+
+        super().__init__(input_name=input_name, output_name=output_name, state=state)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }[optimization]
+        if optimized_model_path is not None:
+            opts.optimized_model_filepath = str(optimized_model_path)
+        src = model if isinstance(model, bytes) else str(model)
+        self.session = ort.InferenceSession(src, sess_options=opts, providers=list(providers),
+                                            disabled_optimizers=list(DISABLED_ORT_OPTIMIZERS))
+        wanted = _provider_name(providers[0])
+        if require_provider and self.session.get_providers()[0] != wanted:
+            raise BundleError(f"ONNX Runtime could not start {wanted} (it fell back to "
+                              f"{self.session.get_providers()}); check the GPU driver and CUDA libraries")
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if input_name not in inputs:
+            raise InputError(f"model has no input {input_name!r} (inputs: {sorted(inputs)})")
+        self.obs_dim = inputs[input_name].shape[-1]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers())
+
+    def _infer(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        return list(self.session.run(outputs, feeds))
+
+
+def ort_providers(backend: str) -> list[Any]:
+    """ONNX Runtime providers (with their options) for ``backend`` ("cpu" or "cuda"); raises if that
+    provider is not installed. Validation should use the same list, so that what it measured ships."""
+    import onnxruntime as ort
+
+    if backend not in ORT_PROVIDERS:
+        raise BundleError(f"backend {backend!r} does not run on ONNX Runtime; expected one of {sorted(ORT_PROVIDERS)}")
+    available = ort.get_available_providers()
+    wanted = _provider_name(ORT_PROVIDERS[backend][0])
+    if wanted not in available:
+        raise BundleError(f"backend {backend!r} needs onnxruntime-gpu with {wanted} "
+                          f"(this onnxruntime {ort.__version__} has: {', '.join(available)})")
+    return list(ORT_PROVIDERS[backend])

@@ -15,15 +15,31 @@ int8 GEMM), but ONNX Runtime's CPU QDQ fusion only turns ``DQ → Gemm`` into an
 the bias is an int32 DequantizeLinear (which TensorRT rejects), whereas ``DQ, DQ → MatMul``
 becomes ``MatMulIntegerToFloat`` (int8 GEMM with the float rescale inside). So this form is the
 one both runtimes execute in int8.
+
+Beyond plain int8 layers a plan may hold:
+
+* exact float rewrites (:class:`~edgeq.quantizers.transforms.InputScaling`: static CrossQuant and
+  equalization), applied to the float graph first; their ``Mul`` pre-ops stay fp32;
+* a corrected float bias for an int8 layer (bias correction): a new float initializer;
+* **fp16** layers (the most sensitive ones, when int8 cannot keep the actions): ``Cast(x → fp16)
+  → MatMul(x16, W16) [→ Add(b16)] → Cast(→ fp32)`` with the weight and bias stored as fp16
+  initializers, so TensorRT's strongly typed builder runs the layer in fp16 and ONNX Runtime's CPU
+  provider (which has fp16 MatMul/Add kernels) runs the same graph; no Q/DQ touches them;
+* **CrossQuant-dynamic** layers (:mod:`edgeq.quantizers.crossquant`): run-time per-row scales with
+  ``MatMulInteger``; ONNX Runtime CPU only, and the plan says ``tensorrt_compatible: false``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgeq.quantizers.plan import QuantPlan
+from edgeq.quantizers.crossquant import dynamic_layer_nodes
+from edgeq.quantizers.plan import LayerQuant, QuantPlan
+from edgeq.quantizers.transforms import apply_input_scalings
 
 MIN_OPSET = 13
 
@@ -34,12 +50,43 @@ def _set_opset(model: onnx.ModelProto, minimum: int) -> None:
             op.version = minimum
 
 
-def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
-    """Return a new QDQ model; ``model`` is left untouched."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+def _opset(model: onnx.ModelProto) -> int:
+    return max((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), default=MIN_OPSET)
+
+
+def _fp16_layer(node: onnx.NodeProto, layer: LayerQuant, w: np.ndarray, bias: np.ndarray | None,
+                add_init: Any) -> list[onnx.NodeProto]:
+    """``Cast → MatMul [→ Add] → Cast`` with fp16 weight/bias initializers (weight stored [K, N])."""
+    x = node.input[0]
+    base = layer.node.replace("/", "_")
+    wt = np.ascontiguousarray(w.T) if layer.weight_axis == 0 else w
+    w16 = add_init(wt.astype(np.float16), f"{layer.weight_name}.fp16")
+    x16 = f"{base}.input_fp16"
+    mm = f"{base}.matmul_fp16"
+    nodes = [helper.make_node("Cast", [x], [x16], name=f"{base}/cast_fp16", to=onnx.TensorProto.FLOAT16),
+             helper.make_node("MatMul", [x16, w16], [mm], name=node.name)]
+    y16 = mm
+    if bias is not None:
+        b16 = add_init(bias.astype(np.float16), f"{layer.bias_name or base}.fp16")
+        y16 = f"{base}.out_fp16"
+        nodes.append(helper.make_node("Add", [mm, b16], [y16], name=f"{node.name}/bias"))
+    nodes.append(helper.make_node("Cast", [y16], [node.output[0]], name=f"{base}/cast_fp32",
+                                  to=onnx.TensorProto.FLOAT))
+    return nodes
+
+
+def apply_plan(model: onnx.ModelProto, plan: QuantPlan, *, check: bool = True) -> onnx.ModelProto:
+    """Return a new quantized model; ``model`` (the original float graph) is left untouched.
+
+    ``check=False`` skips ONNX's full model check (for the many candidate graphs of a search).
+    """
+    m = apply_input_scalings(model, plan.transforms) if plan.transforms else onnx.ModelProto()
+    if not plan.transforms:
+        m.CopyFrom(model)
     graph = m.graph
+    opset = max(_opset(m), MIN_OPSET)
     int8 = {layer.node: layer for layer in plan.int8_layers()}
+    fp16 = {layer.node: layer for layer in plan.layers if layer.precision == "fp16"}
     inits = {t.name: t for t in graph.initializer}
     consumers: dict[str, int] = {}
     for node in graph.node:
@@ -55,21 +102,58 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
         new_inits.append(numpy_helper.from_array(array, name))
         return name
 
+    def bias_value(layer: LayerQuant, node: onnx.NodeProto) -> np.ndarray | None:
+        if layer.bias is not None:
+            return np.asarray(layer.bias, np.float32).reshape(-1)
+        if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+            return np.asarray(numpy_helper.to_array(inits[node.input[2]]), np.float32).reshape(-1)
+        return None
+
     for node in graph.node:
+        if node.name in fp16:
+            half = fp16[node.name]
+            if node.op_type == "Gemm":
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+                if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
+                    raise ValueError(f"layer {node.name}: fp16 export supports Gemm with alpha=beta=1, transA=0")
+            w = numpy_helper.to_array(inits[half.weight_name])
+            new_nodes.extend(_fp16_layer(node, half, w, bias_value(half, node), add_init))
+            if consumers.get(half.weight_name, 0) == 1:
+                removed_weights.add(half.weight_name)
+            if node.op_type == "Gemm" and len(node.input) > 2 and consumers.get(node.input[2], 0) == 1:
+                removed_weights.add(node.input[2])
+            continue
         layer = int8.get(node.name)
         if layer is None:
             new_nodes.append(node)
             continue
         x = layer.input
+        if layer.scheme == "crossquant-dynamic":
+            qw = layer.weight
+            assert qw is not None and layer.dynamic_factors is not None and layer.dynamic_alpha is not None
+            q_kn = qw.q.T if layer.weight_axis == 0 else qw.q
+            b = bias_value(layer, node)
+            bname = add_init(b, f"{layer.node.replace('/', '_')}.bias_f32") if b is not None else None
+            nodes, dyn_inits = dynamic_layer_nodes(x, node.output[0], layer.node.replace("/", "_") + ".cq",
+                                                   np.ascontiguousarray(q_kn), qw.scale, bname,
+                                                   layer.dynamic_factors, layer.dynamic_alpha, opset)
+            new_nodes.extend(nodes)
+            new_inits.extend(dyn_inits)
+            if consumers.get(layer.weight_name, 0) == 1 and layer.weight_name in inits:
+                removed_weights.add(layer.weight_name)
+            if node.op_type == "Gemm" and len(node.input) > 2 and consumers.get(node.input[2], 0) == 1:
+                removed_weights.add(node.input[2])
+            continue
         if x not in dq_of_tensor:
             act = plan.activations[x]
             base = x.replace("/", "_")
             scale = add_init(np.array(act.scale, np.float32), f"{base}.act_scale")
             zp = add_init(np.array(0, np.int8), f"{base}.act_zero_point")
-            q = f"{base}.q"
+            q_name = f"{base}.q"
             dq = f"{base}.dq"
-            new_nodes.append(helper.make_node("QuantizeLinear", [x, scale, zp], [q], name=f"{base}/QuantizeLinear"))
-            new_nodes.append(helper.make_node("DequantizeLinear", [q, scale, zp], [dq],
+            new_nodes.append(helper.make_node("QuantizeLinear", [x, scale, zp], [q_name],
+                                              name=f"{base}/QuantizeLinear"))
+            new_nodes.append(helper.make_node("DequantizeLinear", [q_name, scale, zp], [dq],
                                               name=f"{base}/DequantizeLinear"))
             dq_of_tensor[x] = dq
         qw = layer.weight
@@ -90,6 +174,11 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
         if consumers.get(layer.weight_name, 0) == 1 and layer.weight_name in inits:
             removed_weights.add(layer.weight_name)
         bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+        if bias and layer.bias is not None:
+            if consumers.get(bias, 0) == 1:
+                removed_weights.add(bias)
+            bias = add_init(np.asarray(layer.bias, np.float32).reshape(inits[bias].dims),
+                            f"{bias}.corrected")
         if as_matmul:
             out = node.output[0]
             mm_out = f"{out}.matmul" if bias else out
@@ -100,7 +189,7 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
             q_node = onnx.NodeProto()
             q_node.CopyFrom(node)
             del q_node.input[:]
-            q_node.input.extend([dq_of_tensor[x], w_dq, *node.input[2:]])
+            q_node.input.extend([dq_of_tensor[x], w_dq, *([bias] if bias else node.input[2:])])
             new_nodes.append(q_node)
 
     del graph.node[:]
@@ -109,6 +198,8 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
     _set_opset(m, MIN_OPSET)
-    m.doc_string = "edgeq INT8 QDQ policy"
-    onnx.checker.check_model(m, full_check=True)
+    m.doc_string = "edgeq INT8 QDQ policy" if plan.tensorrt_compatible else \
+        "edgeq INT8 policy (CrossQuant dynamic layers: ONNX Runtime only, not TensorRT-compatible)"
+    if check:
+        onnx.checker.check_model(m, full_check=True)
     return m

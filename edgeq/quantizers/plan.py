@@ -1,7 +1,20 @@
-"""The quantization plan: which tensors and weights are INT8, with what scales (data, no graphs).
+"""The quantization plan: which layers run in int8 (and how), fp16 or float, with what scales.
 
-A :class:`QuantPlan` is made from calibration statistics by :func:`make_plan`, printed in the
-summary, saved in the manifest, and applied to the float graph by :mod:`edgeq.export.qdq`.
+A :class:`QuantPlan` is data, not a graph: exact float rewrites to apply first
+(:class:`~edgeq.quantizers.transforms.InputScaling`), then per layer the precision, the activation
+quantizer of its input, the int8 weight and (optionally) a corrected float bias. It is made from
+calibration statistics by :func:`make_plan` (one calibrator for every tensor) or by
+:func:`edgeq.quantizers.build.build_plan` (transforms, per-layer choice, AdaRound, bias correction,
+fp16 fallback), printed in the summary, saved in the manifest, and applied to the float graph by
+:func:`edgeq.export.qdq.apply_plan`.
+
+Layer schemes:
+
+``static``
+    per-tensor static int8 input (Q/DQ), per-output-channel int8 weight: what TensorRT runs.
+``crossquant-dynamic``
+    CrossQuant's per-row scale computed at run time (:mod:`edgeq.quantizers.crossquant`): ONNX
+    Runtime CPU only; a plan holding one is marked ``tensorrt_compatible: false``.
 """
 
 from __future__ import annotations
@@ -16,9 +29,15 @@ import onnx
 from edgeq.calibration.calibrators import compute_amax
 from edgeq.calibration.observers import TensorObserver
 from edgeq.graph.analysis import constant_value, find_weighted_layers
+from edgeq.quantizers.transforms import InputScaling, apply_input_scalings
 from edgeq.quantizers.weights import QuantizedWeight, quantize_weight
 
 INT8_MAX = 127
+PRECISIONS = ("int8", "fp16", "float")
+SCHEMES = ("static", "crossquant-dynamic")
+
+#: A calibrator for one tensor: a method name, or ``(method, params)``.
+CalibratorSpec = str | tuple[str, Mapping[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -41,25 +60,63 @@ class ActivationQuant:
 
 @dataclass
 class LayerQuant:
-    """One weighted layer: INT8 (input + per-output-channel weight) or left in float."""
+    """One weighted layer: int8 (static or CrossQuant-dynamic input, per-channel weight), fp16 or float.
+
+    ``bias`` replaces the layer's float bias in the int8 graph (bias correction); ``kernel`` is the
+    fraction of the layer's int8 input elements that quantize to zero on the calibration states
+    (CrossQuant's "quantization kernel"), and ``kernel_per_tensor`` the same for a plain per-tensor
+    quantizer of the untransformed input, for comparison. ``choice`` records the per-layer
+    automatic choice (candidates and their held-out action errors).
+    """
 
     node: str
     op_type: str
     input: str
     weight_name: str
     weight_axis: int
-    precision: str  # "int8" | "float"
+    precision: str  # "int8" | "fp16" | "float"
     weight: QuantizedWeight | None = None
     weight_method: str = "absmax"
     reason: str = ""
+    scheme: str = "static"
+    dynamic_alpha: float | None = None
+    dynamic_factors: np.ndarray | None = None
+    rounding: str = "nearest"
+    bias: np.ndarray | None = None
+    bias_name: str | None = None
+    kernel: float | None = None
+    kernel_per_tensor: float | None = None
+    choice: dict[str, Any] | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"layer {self.node}: precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"layer {self.node}: scheme must be one of {SCHEMES}, got {self.scheme!r}")
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"node": self.node, "op_type": self.op_type, "input": self.input,
                              "weight": self.weight_name, "precision": self.precision}
-        if self.weight is not None:
+        if self.precision == "int8":
+            d["scheme"] = self.scheme
+            if self.dynamic_alpha is not None:
+                d["dynamic_alpha"] = self.dynamic_alpha
+        if self.weight is not None and self.precision == "int8":
             s = self.weight.scale
             d.update({"weight_axis": self.weight_axis, "weight_method": self.weight_method,
+                      "rounding": self.rounding,
                       "weight_scale_min": float(s.min()), "weight_scale_max": float(s.max())})
+        if self.bias is not None and self.precision == "int8":
+            d["bias_corrected"] = True
+        for key in ("kernel", "kernel_per_tensor"):
+            v = getattr(self, key)
+            if v is not None:
+                d[key] = round(float(v), 6)
+        if self.choice is not None:
+            d["choice"] = self.choice
+        if self.notes:
+            d["notes"] = self.notes
         if self.reason:
             d["reason"] = self.reason
         return d
@@ -67,33 +124,63 @@ class LayerQuant:
 
 @dataclass
 class QuantPlan:
+    """Everything :func:`edgeq.export.qdq.apply_plan` needs, plus what the manifest reports."""
+
     activations: dict[str, ActivationQuant]
     layers: list[LayerQuant]
     settings: dict[str, Any] = field(default_factory=dict)
+    transforms: list[InputScaling] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     def int8_layers(self) -> list[LayerQuant]:
         return [layer for layer in self.layers if layer.precision == "int8"]
 
+    def layer(self, node: str) -> LayerQuant:
+        for layer in self.layers:
+            if layer.node == node:
+                return layer
+        raise KeyError(node)
+
+    @property
+    def tensorrt_compatible(self) -> bool:
+        """False when a layer needs run-time row scales (CrossQuant dynamic), which TensorRT cannot run."""
+        return all(layer.scheme == "static" for layer in self.int8_layers())
+
     def to_json(self) -> dict[str, Any]:
-        return {"settings": self.settings,
+        return {"settings": self.settings, "tensorrt_compatible": self.tensorrt_compatible,
+                "transforms": [t.to_json() for t in self.transforms],
                 "activations": [a.to_json() for a in self.activations.values()],
-                "layers": [layer.to_json() for layer in self.layers]}
+                "layers": [layer.to_json() for layer in self.layers],
+                "metrics": self.metrics}
+
+
+def _spec(spec: CalibratorSpec, default_params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    if isinstance(spec, str):
+        return spec, dict(default_params)
+    method, params = spec
+    return method, dict(params)
 
 
 def make_plan(model: onnx.ModelProto, observers: Mapping[str, TensorObserver], *,
               calibrator: str = "percentile", calibrator_params: dict[str, Any] | None = None,
               weight_method: str = "absmax", keep_float: Sequence[str] = (),
-              per_tensor_calibrator: Mapping[str, str] | None = None) -> QuantPlan:
-    """Choose scales for every weighted layer of ``model``.
+              per_tensor_calibrator: Mapping[str, CalibratorSpec] | None = None,
+              transforms: Sequence[InputScaling] = (),
+              per_layer_weight_method: Mapping[str, str] | None = None) -> QuantPlan:
+    """Choose static int8 scales for every weighted layer of ``model`` (after ``transforms``).
 
-    ``keep_float`` names layers (node names) to leave in float; ``per_tensor_calibrator`` overrides
-    the activation calibrator for named tensors.
+    ``observers`` describe the tensors of the transformed graph (the same as ``model``'s when there
+    are no transforms). ``keep_float`` names layers (node names) to leave in float;
+    ``per_tensor_calibrator`` overrides the activation calibrator for named tensors (a method, or
+    ``(method, params)``; a bare method other than ``calibrator`` gets its default parameters);
+    ``per_layer_weight_method`` overrides ``weight_method`` for named layers.
     """
     params = dict(calibrator_params or {})
     overrides = dict(per_tensor_calibrator or {})
+    work = apply_input_scalings(model, transforms) if transforms else model
     activations: dict[str, ActivationQuant] = {}
     layers: list[LayerQuant] = []
-    for wl in find_weighted_layers(model):
+    for wl in find_weighted_layers(work):
         if wl.node in keep_float:
             layers.append(LayerQuant(wl.node, wl.op_type, wl.input, wl.weight, wl.weight_axis, "float",
                                      reason="kept in float by request"))
@@ -104,15 +191,16 @@ def make_plan(model: onnx.ModelProto, observers: Mapping[str, TensorObserver], *
                                      reason="no calibration statistics for its input"))
             continue
         if wl.input not in activations:
-            method = overrides.get(wl.input, calibrator)
-            p = params if method == calibrator else {}
+            spec = overrides.get(wl.input, calibrator)
+            method, p = _spec(spec, params if spec == calibrator else {})
             activations[wl.input] = ActivationQuant(wl.input, float(compute_amax(obs, method, **p)), method, p)
-        w = constant_value(model, wl.weight)
+        w = constant_value(work, wl.weight)
         assert w is not None
-        qw = quantize_weight(np.asarray(w, np.float32), axis=wl.weight_axis, method=weight_method)
+        wm = (per_layer_weight_method or {}).get(wl.node, weight_method)
+        qw = quantize_weight(np.asarray(w, np.float32), axis=wl.weight_axis, method=wm)
         layers.append(LayerQuant(wl.node, wl.op_type, wl.input, wl.weight, wl.weight_axis, "int8", qw,
-                                 weight_method))
+                                 wm, bias_name=wl.bias))
     settings = {"activation_calibrator": calibrator, "calibrator_params": params, "weight_method": weight_method,
                 "activation_granularity": "per-tensor", "weight_granularity": "per-output-channel",
                 "symmetric": True, "zero_point": 0, "weight_range": [-127, 127]}
-    return QuantPlan(activations, layers, settings)
+    return QuantPlan(activations, layers, settings, list(transforms))

@@ -1,23 +1,196 @@
-"""Validation targets: which runtime runs the bundle's models (cpu, cuda, trt), and whether it can here.
+"""Validation targets: which runtime runs the bundle's models (cpu, cuda, trt).
 
-``cpu`` is ONNX Runtime's CPU provider; ``cuda`` its CUDA provider (needs onnxruntime-gpu);
-``trt`` its TensorRT provider (needs the ``tensorrt`` package and an onnxruntime build with the
-TensorRT provider). A target that cannot run here is reported as unavailable with the reason;
-it never fails a validation.
+* ``cpu``: ONNX Runtime's CPU provider.
+* ``cuda``: an NVIDIA GPU. TensorRT when its Python package (with its runtime, not only type stubs)
+  imports, else ONNX Runtime's CUDA EP (:class:`edgeq.deploy.ort_cuda.OrtCudaPolicy`, IO binding and
+  CUDA graphs) running the CUDA-specialized INT8 graph. The result says which (``runtime``).
+* ``trt``: TensorRT only: engines are built from the float and the QDQ ONNX in a temporary folder and
+  run with :class:`edgeq.export.tensorrt_engine.TrtPolicyRunner`.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from edgeq.deploy.runtime import OrtPolicy
 from edgeq.errors import EdgeqError
 from edgeq.validate.paired import paired_rollouts
 
 TARGETS = ("cpu", "cuda", "trt")
-_ORT_NAME = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "trt": "TensorrtExecutionProvider"}
+RUNTIME_ORT_CPU = "onnxruntime-cpu"
+RUNTIME_ORT_CUDA = "onnxruntime-cuda"
+RUNTIME_TENSORRT = "tensorrt"
+
+
+def tensorrt_available() -> bool:
+    """True if TensorRT itself imports (``tensorrt-stubs`` alone import as an empty package: False)."""
+    from edgeq.export.tensorrt_engine import TENSORRT_AVAILABLE
+
+    return bool(TENSORRT_AVAILABLE)
+
+
+def target_runtime(target: str) -> str:
+    """The runtime that ``target`` uses here: onnxruntime-cpu, onnxruntime-cuda or tensorrt.
+
+    Raises :class:`EdgeqError` (one line, with the fix) if the target cannot run on this machine.
+    """
+    if target == "cpu":
+        return RUNTIME_ORT_CPU
+    if target == "trt":
+        if not tensorrt_available():
+            from edgeq.export.tensorrt_engine import _TRT_IMPORT_ERROR
+
+            raise EdgeqError(f"target 'trt' needs TensorRT with its runtime libraries ({_TRT_IMPORT_ERROR}); "
+                             "install it on the GPU machine, or use target 'cuda' (ONNX Runtime's CUDA EP)")
+        return RUNTIME_TENSORRT
+    if target == "cuda":
+        if tensorrt_available():
+            return RUNTIME_TENSORRT
+        from edgeq.deploy.ort_cuda import require_cuda_ep
+
+        require_cuda_ep()
+        return RUNTIME_ORT_CUDA
+    raise EdgeqError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
+
+
+def target_providers(target: str, *, precision: str = "int8") -> list[str]:
+    """ONNX Runtime providers for a target; raises if the target cannot run here through ONNX Runtime."""
+    runtime = target_runtime(target)
+    if runtime == RUNTIME_ORT_CPU:
+        return ["CPUExecutionProvider"]
+    if runtime == RUNTIME_ORT_CUDA:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise EdgeqError(f"target {target!r} runs through TensorRT here, not ONNX Runtime")
+
+
+def available_targets() -> list[str]:
+    """The targets that can run on this machine."""
+    found = ["cpu"]
+    for target in ("cuda", "trt"):
+        try:
+            target_runtime(target)
+        except EdgeqError:
+            continue
+        found.append(target)
+    return found
+
+
+def cuda_int8_bytes(int8_model: Path) -> bytes:
+    """The CUDA-specialized INT8 graph of a QDQ file (:func:`edgeq.export.ort_cuda.specialize_for_ort_cuda`)."""
+    import onnx
+
+    from edgeq.export.ort_cuda import specialize_for_ort_cuda
+
+    return specialize_for_ort_cuda(onnx.load(str(int8_model))).SerializeToString(deterministic=True)
+
+
+class TrtBatchPolicy:
+    """:class:`TrtPolicyRunner` as a rollout policy (``act``/``reset``), carrying recurrent state on the host."""
+
+    def __init__(self, runner: Any, io: dict[str, Any]) -> None:
+        self.runner = runner
+        self.output_name = io.get("output", "actions")
+        self.state_specs = [dict(s) for s in io.get("state", [])]
+        self._state: dict[str, np.ndarray] = {}
+
+    def reset(self, mask: np.ndarray | None = None) -> None:
+        if mask is None:
+            self._state.clear()
+            return
+        for value in self._state.values():
+            value[np.asarray(mask, bool)] = 0.0
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        obs = np.ascontiguousarray(obs, dtype=np.float32)
+        state = {}
+        for spec in self.state_specs:
+            cur = self._state.get(spec["input"])
+            if cur is None or cur.shape[0] != obs.shape[0]:
+                cur = np.zeros((obs.shape[0], *spec["shape"]), np.float32)
+            state[spec["input"]] = cur
+        out = self.runner.run(obs, **state)
+        if not isinstance(out, dict):
+            return np.asarray(out)
+        for spec in self.state_specs:
+            self._state[spec["input"]] = np.ascontiguousarray(out[spec["output"]])
+        return np.asarray(out[self.output_name])
+
+
+def _tensorrt_runtimes(float_model: Path, int8_model: Path, io: dict[str, Any], num_envs: int,
+                       workdir: Path) -> tuple[Callable[[str], TrtBatchPolicy], dict[str, Any]]:
+    from edgeq.export.tensorrt_engine import EngineBuildConfig, Precision, TrtPolicyRunner, build_engine
+
+    input_name = io.get("input", "obs")
+    infos: dict[str, Any] = {}
+    builds: tuple[tuple[Precision, Path], ...] = (("fp32", float_model), ("int8", int8_model))
+    for precision, src in builds:
+        config = EngineBuildConfig(precision=precision, min_batch=1, opt_batch=num_envs, max_batch=num_envs,
+                                   timing_cache=workdir / "timing.cache")
+        infos[precision] = build_engine(src, workdir / f"policy.{precision}.engine", config, input_name=input_name)
+
+    def make(precision: str) -> TrtBatchPolicy:
+        info = infos[precision]
+        return TrtBatchPolicy(TrtPolicyRunner(info.engine_path, expected=info.to_dict(), input_name=input_name), io)
+
+    first = infos["int8"]
+    described = {"runtime": RUNTIME_TENSORRT, "tensorrt_version": first.tensorrt_version, "gpu": first.gpu_name,
+                 "compute_capability": first.compute_capability,
+                 "engines": {p: {"precision_counts": i.precision_counts, "int8_layers": i.int8_layers,
+                                 "reformat_layers": i.reformat_layers} for p, i in infos.items()}}
+    return make, described
+
+
+def validate_target(target: str, float_model: Path, int8_model: Path, io: dict[str, Any],
+                    make_env: Callable[[], Any], seeds: Sequence[int], *, act_dim: int, num_envs: int = 8,
+                    progress: Callable[[int], None] | None = None, cuda_int8_model: Path | None = None,
+                    cuda_graph: bool = True) -> dict[str, Any]:
+    """Paired float/int8 rollouts of the two model files on ``target``.
+
+    ``int8_model`` is the portable QDQ file (for ``cpu``, its CPU-specialized copy). On the ``cuda``
+    target through ONNX Runtime the INT8 policy runs ``cuda_int8_model`` (the bundle's
+    ``policy.int8.cuda.onnx``) or, if None, the CUDA specialization of ``int8_model`` made here; with
+    ``cuda_graph`` each policy is captured as a CUDA graph (what ``edgeq.deploy`` runs). The result
+    names the runtime, and for ONNX Runtime's CUDA EP where each kernel ran.
+    """
+    runtime = target_runtime(target)
+    inp, out, state = io.get("input", "obs"), io.get("output", "actions"), io.get("state", [])
+    if runtime == RUNTIME_ORT_CPU:
+        providers = target_providers(target)
+
+        def cpu(path: Path) -> OrtPolicy:
+            return OrtPolicy(path, input_name=inp, output_name=out, state=state, providers=providers)
+
+        result = paired_rollouts(make_env, cpu(float_model), cpu(int8_model), cpu(float_model), cpu(int8_model),
+                                 seeds, num_envs=num_envs, act_dim=act_dim, progress=progress)
+        return {"runtime": runtime, "providers": providers, **result}
+
+    if runtime == RUNTIME_ORT_CUDA:
+        from edgeq.deploy.ort_cuda import OrtCudaPolicy, node_placement, summarize_placement
+
+        int8_src: Path | bytes = cuda_int8_model if cuda_int8_model is not None else cuda_int8_bytes(int8_model)
+
+        def gpu(src: Path | bytes) -> OrtCudaPolicy:
+            return OrtCudaPolicy(src, input_name=inp, output_name=out, state=state, io_binding=True,
+                                 cuda_graph=cuda_graph)
+
+        ref, cand = gpu(float_model), gpu(int8_src)
+        result = paired_rollouts(make_env, ref, cand, gpu(float_model), gpu(int8_src), seeds, num_envs=num_envs,
+                                 act_dim=act_dim, progress=progress)
+        placement = {name: summarize_placement(node_placement(src, batch=num_envs))
+                     for name, src in (("float", float_model), ("int8", int8_src))}
+        return {**ref.describe(), "int8_model": cuda_int8_model.name if cuda_int8_model is not None
+                else f"{int8_model.name} (CUDA-specialized at validation)", "placement": placement, **result}
+
+    with tempfile.TemporaryDirectory(prefix="edgeq-trt-") as tmp:
+        make, described = _tensorrt_runtimes(float_model, int8_model, io, num_envs, Path(tmp))
+        result = paired_rollouts(make_env, make("fp32"), make("int8"), make("fp32"), make("int8"), seeds,
+                                 num_envs=num_envs, act_dim=act_dim, progress=progress)
+    return {**described, **result}
 
 
 def parse_targets(text: str) -> list[str]:
@@ -33,65 +206,48 @@ def parse_targets(text: str) -> list[str]:
 
 
 def unavailable_reason(target: str) -> str | None:
-    """Why ``target`` cannot run on this machine, or None when it can."""
-    import onnxruntime as ort
-
+    """Why ``target`` cannot run on this machine (one line), or None when it can."""
     if target not in TARGETS:
         return f"unknown target {target!r}; expected one of {TARGETS}"
-    have = ort.get_available_providers()
-    if target == "cpu":
-        return None
-    if target == "cuda":
-        if _ORT_NAME["cuda"] in have:
-            return None
-        return "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)"
     try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "the tensorrt Python package is not installed"
-    if _ORT_NAME["trt"] not in have:
-        return "onnxruntime has no TensorrtExecutionProvider"
+        target_runtime(target)
+    except (EdgeqError, ImportError) as exc:
+        return str(exc).splitlines()[0]
     return None
 
 
-def target_providers(target: str, *, precision: str = "int8") -> list[Any]:
-    """ONNX Runtime providers for a target; raises :class:`EdgeqError` if the target cannot run here."""
-    reason = unavailable_reason(target)
-    if reason is not None:
-        raise EdgeqError(f"target {target!r} is not available: {reason}")
-    if target == "cpu":
-        return ["CPUExecutionProvider"]
-    if target == "cuda":
-        return ["CUDAExecutionProvider"]
-    opts = {"trt_int8_enable": precision == "int8", "trt_fp16_enable": False}
-    return [("TensorrtExecutionProvider", opts)]
-
-
-def available_targets() -> list[str]:
-    return [t for t in TARGETS if unavailable_reason(t) is None]
+_TRT_BUILDS: dict[tuple[str, str], Any] = {}
 
 
 def make_runtime(target: str, path: str | Path | bytes, io: dict[str, Any], *, precision: str = "int8",
-                 intra_op_threads: int = 1) -> OrtPolicy:
-    """A session for ``path`` on ``target``; raises if ONNX Runtime silently fell back to another provider."""
-    providers = target_providers(target, precision=precision)
-    rt = OrtPolicy(path, input_name=io.get("input", "obs"), output_name=io.get("output", "actions"),
-                   state=io.get("state", []), providers=providers, intra_op_threads=intra_op_threads)
-    want = _ORT_NAME[target]
-    if not rt.providers or rt.providers[0] != want:
-        raise EdgeqError(f"target {target!r}: ONNX Runtime could not start {want} (session uses {rt.providers})")
-    return rt
+                 intra_op_threads: int = 1, num_envs: int = 8) -> Any:
+    """A rollout policy (``act``/``reset``) running ``path`` on ``target`` the way deployment runs it.
 
+    ``cpu``: :class:`OrtPolicy` on the CPU provider. ``cuda`` through ONNX Runtime:
+    :class:`~edgeq.deploy.ort_cuda.OrtCudaPolicy` with IO binding and CUDA graphs (pass the
+    CUDA-specialized INT8 file for int8). TensorRT (``trt``, or ``cuda`` where TensorRT is installed):
+    an engine built once per model file and precision in a temporary folder.
+    """
+    runtime = target_runtime(target)
+    inp, out, state = io.get("input", "obs"), io.get("output", "actions"), io.get("state", [])
+    if runtime == RUNTIME_ORT_CPU:
+        return OrtPolicy(path, input_name=inp, output_name=out, state=state, providers=target_providers(target),
+                         intra_op_threads=intra_op_threads)
+    if runtime == RUNTIME_ORT_CUDA:
+        from edgeq.deploy.ort_cuda import OrtCudaPolicy
 
-def validate_target(target: str, float_model: Path, int8_model: Path, io: dict[str, Any],
-                    make_env: Callable[[], Any], seeds: Sequence[int], *, act_dim: int, num_envs: int = 8,
-                    progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Paired float/int8 rollouts of the two model files on ``target`` (summary dict)."""
+        return OrtCudaPolicy(path, input_name=inp, output_name=out, state=state, io_binding=True, cuda_graph=True)
+    if isinstance(path, bytes):
+        raise EdgeqError("TensorRT targets build engines from model files, not bytes")
+    key = (str(path), precision)
+    if key not in _TRT_BUILDS:
+        from edgeq.export.tensorrt_engine import EngineBuildConfig, TrtPolicyRunner, build_engine
 
-    def runtime(path: Path, precision: str) -> OrtPolicy:
-        return make_runtime(target, path, io, precision=precision)
-
-    result = paired_rollouts(make_env, runtime(float_model, "fp32"), runtime(int8_model, "int8"),
-                             runtime(float_model, "fp32"), runtime(int8_model, "int8"), seeds, num_envs=num_envs,
-                             act_dim=act_dim, progress=progress)
-    return {"providers": target_providers(target), **result}
+        workdir = Path(tempfile.mkdtemp(prefix="edgeq-trt-"))
+        config = EngineBuildConfig(precision="int8" if precision == "int8" else "fp32", min_batch=1,
+                                   opt_batch=num_envs, max_batch=max(num_envs, 1),
+                                   timing_cache=workdir / "timing.cache")
+        info = build_engine(Path(path), workdir / f"policy.{precision}.engine", config, input_name=inp)
+        _TRT_BUILDS[key] = (info, TrtPolicyRunner)
+    info, runner_cls = _TRT_BUILDS[key]
+    return TrtBatchPolicy(runner_cls(info.engine_path, expected=info.to_dict(), input_name=inp), io)

@@ -32,7 +32,7 @@ from edgeq.validate.noise import (
 )
 from edgeq.validate.paired import action_error_series, run_paired
 from edgeq.validate.stats import json_safe
-from edgeq.validate.targets import make_runtime, unavailable_reason
+from edgeq.validate.targets import RUNTIME_TENSORRT, make_runtime, target_runtime, unavailable_reason
 from edgeq.validate.verdict import Tolerance, judge, overall
 
 #: ``progress(stage, total)`` returns a per-step ``advance(n)`` callback (see edgeq.pipeline).
@@ -132,7 +132,9 @@ def validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], mak
         runtimes = None
         if reason is None:
             try:
-                int8_here = (int8_for_target or {}).get(target, int8_model)
+                # TensorRT builds from the portable QDQ file; ONNX Runtime targets run their specialized copy
+                int8_here = (int8_model if target_runtime(target) == RUNTIME_TENSORRT
+                             else (int8_for_target or {}).get(target, int8_model))
                 runtimes = [make_runtime(target, p, io, precision=prec)
                             for p, prec in ((float_model, "fp32"), (int8_here, "int8"),
                                             (float_model, "fp32"), (int8_here, "int8"))]
@@ -148,7 +150,9 @@ def validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], mak
                          progress=progress(f"{target}: float + int8 rollouts",
                                            2 * steps_per_rollout if steps_per_rollout else None))
         res = run.to_json()
-        res["providers"] = f_rt.providers[:1]
+        res["runtime"] = target_runtime(target)
+        res["providers"] = list(getattr(f_rt, "providers", []))[:1]
+        res["int8_model"] = Path(int8_here).name if isinstance(int8_here, (str, Path)) else "(in memory)"
         assert run.reference_traj is not None
         first = seeds[0]
         res["action_error_series"] = _series_json(
@@ -167,7 +171,7 @@ def validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], mak
         if opts.latency_calls > 0:
             t0 = time.perf_counter()
             lat = measure_latency({"float": make_runtime(target, float_model, io, precision="fp32"),
-                                   "int8": make_runtime(target, int8_model, io, precision="int8")},
+                                   "int8": make_runtime(target, int8_here, io, precision="int8")},
                                   run.reference_traj.sample_observations(1024), calls=opts.latency_calls,
                                   large_batch=opts.latency_large_batch,
                                   progress=progress(f"{target}: latency", 2 * opts.latency_calls))

@@ -1,0 +1,36 @@
+"""``edgeq serve``: a bundle's ``act`` on a loopback TCP socket (see :mod:`edgeq.deploy.serve`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgeq.commands._app import app, run_guarded
+
+
+@app.command()
+def serve(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    port: Annotated[int, typer.Option(help="TCP port on 127.0.0.1 (0 picks a free one).")] = 7878,
+    backend: Annotated[str, typer.Option(help="auto, cpu, cuda or trt.")] = "auto",
+    precision: Annotated[str, typer.Option(help="int8 or fp32.")] = "int8",
+    max_clients: Annotated[int, typer.Option(help="Connections served at once (1 for recurrent policies).")] = 4,
+    idle_timeout: Annotated[float, typer.Option(help="Close a connection idle this many seconds.")] = 600.0,
+) -> None:
+    """Serve BUNDLE's act() on 127.0.0.1 for controllers not written in Python (binary protocol in
+    edgeq.deploy.serve); the robot-only equivalent is `edgeq-deploy serve`."""
+    from edgeq.deploy.policy import load
+    from edgeq.deploy.serve import PolicyServer
+
+    policy = run_guarded(lambda: load(bundle, backend=backend, precision=precision))
+    server = PolicyServer(policy, port, max_clients=max_clients, idle_timeout=idle_timeout)
+    print(json.dumps({"serving": f"127.0.0.1:{server.port}", **server.info()}), flush=True)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

@@ -1,0 +1,114 @@
+"""A CUDA-specialized copy of the INT8 QDQ graph for ONNX Runtime's CUDA execution provider.
+
+ONNX Runtime's CUDA EP has no integer GEMM for QDQ graphs (its QDQ fusions into integer kernels are
+registered for the CPU EP only): it runs every ``QuantizeLinear`` / ``DequantizeLinear`` node as its
+own kernel and the ``MatMul`` in float32 on the dequantized values. So edgeq's portable layer
+``Q(s8) → DQ, DQ(int8 W) → MatMul → Add(bias)`` costs, on every call, a kernel that dequantizes the
+whole weight matrix again, and ``policy.int8.onnx`` needs ~2x the kernels of the float graph.
+
+Which nodes left the GPU, and why (measured with ONNX Runtime 1.31.1 on an H100; see
+``benchmarks/results/gpu.md``): none of edgeq's own Q/DQ nodes lack a CUDA kernel (the CUDA EP
+registers QuantizeLinear/DequantizeLinear for int8/uint8 at opsets 10-21, per-tensor and per-axis).
+The CPU nodes come from ONNX Runtime's QDQ-aware ``MatMulAddFusion``, which rewrites
+``DQ → MatMul → Add(bias)`` into a ``Gemm`` whose bias is an int32 initializer behind a new
+``DequantizeLinear`` (``<layer>/Gemm/MatMulAddFusion_bias_dq``): the CUDA EP has no int32
+DequantizeLinear, so ONNX Runtime runs it on the CPU, inserts ``MemcpyFromHost`` and refuses CUDA
+graphs, exactly as for the int32 bias DequantizeLinear that ``quantize_static`` writes. On this file the
+same rewrite would also re-quantize the folded float weights. :class:`edgeq.deploy.ort_cuda.OrtCudaPolicy`
+therefore disables ``MatMulAddFusion`` (as edgeq's CPU runtime already does); with it off, both this
+file and ``policy.int8.onnx`` run entirely on the GPU and are captured as CUDA graphs.
+
+This module writes the form the CUDA EP should run: each weight ``DequantizeLinear`` of a constant
+int8 initializer is folded into a float32 initializer, computed exactly as the CUDA kernel computes it
+(``float(q - zero_point) * scale``, one float32 multiply per element: the same bits), the activation
+``QuantizeLinear → DequantizeLinear`` pairs stay (int8 rounding and saturation of the activations are
+the int8 arithmetic), and the ``Identity`` before the graph output is dropped: 3 kernels fewer for a
+3-layer policy (HalfCheetah: 15 instead of 18; batch-1 latency with a CUDA graph 62.7 µs instead of 68.0).
+
+The result computes what ``policy.int8.onnx`` computes in ONNX Runtime (bit for bit up to the GEMM's
+float32 summation order). ``policy.int8.onnx`` stays the artifact for TensorRT, which does run int8
+kernels and must see the int8 weight initializers; this file is for ``CUDAExecutionProvider`` only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edgeq.export.ort_cpu import _bypass_output_identities
+
+DOC = "edgeq INT8 policy specialized for ONNX Runtime's CUDA EP (weights dequantized at export; same arithmetic)"
+
+
+def dequantize_initializer(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int) -> np.ndarray:
+    """``DequantizeLinear`` of a constant, in float32 as ONNX Runtime's kernels compute it.
+
+    ``(int32(q) - int32(zero_point))`` converted to float32, times ``scale`` in float32; per-tensor when
+    ``scale`` has one element, else per-axis along ``axis``.
+    """
+    q32 = q.astype(np.int32)
+    zp = np.zeros((), np.int32) if zero_point is None else zero_point.astype(np.int32)
+    sc = scale.astype(np.float32)
+    if sc.size > 1:
+        ax = axis % q.ndim
+        shape = [1] * q.ndim
+        shape[ax] = -1
+        sc = sc.reshape(shape)
+        zp = zp.reshape(shape) if zp.size > 1 else zp.reshape(())
+    else:
+        sc, zp = sc.reshape(()), zp.reshape(())
+    return ((q32 - zp).astype(np.float32) * sc).astype(np.float32)
+
+
+def specialize_for_ort_cuda(qdq: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold every constant-weight ``DequantizeLinear`` of ``qdq`` into float32; keep activation Q/DQ.
+
+    Returns a new model; ``qdq`` is left untouched. A graph without weight ``DequantizeLinear`` nodes
+    comes back with only its output ``Identity`` bypassed.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(qdq)
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    folded: dict[str, np.ndarray] = {}
+    keep: list[onnx.NodeProto] = []
+    for node in g.node:
+        if node.op_type == "DequantizeLinear" and all(i in inits for i in node.input if i):
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            if any(a.name == "block_size" and a.i for a in node.attribute):
+                keep.append(node)  # blocked quantization: leave to the runtime
+                continue
+            q = numpy_helper.to_array(inits[node.input[0]])
+            scale = numpy_helper.to_array(inits[node.input[1]])
+            zp = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] else None
+            if scale.dtype != np.float32:
+                keep.append(node)  # fp16/bf16 scales: the runtime's arithmetic differs; not edgeq's form
+                continue
+            folded[node.output[0]] = dequantize_initializer(q, scale, zp, axis)
+        else:
+            keep.append(node)
+    nodes = _bypass_output_identities(keep, {o.name for o in g.output})
+    used = {i for n in nodes for i in n.input} | {o.name for o in g.output}
+    new_inits = [t for t in g.initializer if t.name in used] + [
+        numpy_helper.from_array(v, name) for name, v in folded.items() if name in used
+    ]
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.initializer[:]
+    g.initializer.extend(new_inits)
+    del g.value_info[:]
+    m.doc_string = DOC
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def kernel_count(model: onnx.ModelProto) -> dict[str, int]:
+    """Nodes per op type (each is at least one CUDA kernel launch on the CUDA EP)."""
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+__all__ = ["DOC", "dequantize_initializer", "kernel_count", "specialize_for_ort_cuda"]

@@ -1,0 +1,429 @@
+"""From calibration statistics to a plan: rewrites, per-layer choice, rounding, bias correction, fp16.
+
+:func:`build_plan` runs, in order, the stages :class:`QuantOptions` turns on:
+
+1. **Per-layer activation quantizer** (:class:`~edgeq.quantizers.auto.LayerChoice`): a calibrator and
+   an exact rewrite of the layer's input (static CrossQuant or equalization, applied by
+   :mod:`edgeq.quantizers.transforms`), or CrossQuant's dynamic form. Without ``auto`` every layer in
+   ``transform_layers`` gets ``transform``/``alpha`` and every tensor the calibrator; with ``auto``
+   each layer's choice is searched (:func:`edgeq.quantizers.auto.choose_per_layer`). A rewritten
+   tensor is exactly ``X / d`` of the original input ``X``, so its statistics (the "second pass")
+   are computed from the original input's values on the stored calibration states divided by
+   ``d``; untouched tensors keep the streamed first-pass statistics.
+2. **AdaRound** per layer in graph order (inputs as the partially quantized graph feeds the layer).
+3. **Bias correction** per layer in graph order.
+4. **fp16 fallback** for the most sensitive layers while the held-out action error is above
+   ``max_action_error``.
+
+Every stage after the first is kept only if it lowers the held-out action error of the whole
+policy (:class:`~edgeq.quantizers.evaluate.ActionErrorScorer`), and the plan's metrics record the
+error after each stage. Stages 1 (auto), 2 and 3 need states; recurrent policies (whose layer
+inputs depend on carried state) get the plain static plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgeq.calibration.calibrators import compute_amax, quantization_kernel_fraction
+from edgeq.calibration.collect import CalibrationStats, tensor_values
+from edgeq.calibration.observers import TensorObserver
+from edgeq.export.qdq import apply_plan
+from edgeq.graph.analysis import WeightedLayer, constant_value, find_weighted_layers
+from edgeq.quantizers import crossquant, equalize
+from edgeq.quantizers.adaround import adaround
+from edgeq.quantizers.auto import (
+    DEFAULT_CALIBRATOR_CANDIDATES,
+    DEFAULT_TRANSFORM_CANDIDATES,
+    LayerChoice,
+    candidate_choices,
+    choose_per_layer,
+)
+from edgeq.quantizers.bias_correction import bias_correction_delta, corrected_bias
+from edgeq.quantizers.evaluate import ActionErrorScorer
+from edgeq.quantizers.plan import LayerQuant, QuantPlan, make_plan
+from edgeq.quantizers.precision import fp16_fallback
+from edgeq.quantizers.transforms import InputScaling, apply_input_scalings, weight_in_view
+from edgeq.quantizers.weights import QuantizedWeight, quantize_weight
+
+__all__ = ["QuantOptions", "build_plan"]
+
+ROUNDINGS = ("nearest", "adaround")
+TRANSFORM_LAYERS = ("first", "all")
+
+
+@dataclass
+class QuantOptions:
+    """What :func:`build_plan` does; every field is a recipe field of the same name.
+
+    Attributes:
+        calibrator, calibrator_params: Activation calibrator for every tensor (without ``auto``),
+            and the starting point of the search (with it).
+        weight_method: Per-output-channel weight quantizer (``absmax`` or ``mse``).
+        transform: ``none``, ``crossquant`` or ``equalize``, applied to ``transform_layers``.
+        transform_layers: ``first`` (the layer reading the observation) or ``all``.
+        alpha: The rewrite's strength (default: 0.15 for CrossQuant, 0.5 for equalization).
+        dynamic: CrossQuant's dynamic form on ``transform_layers`` (ONNX Runtime CPU only: the plan
+            is marked not TensorRT-compatible).
+        auto: Search each layer's calibrator and rewrite by held-out action error.
+        auto_calibrators, auto_transforms: The candidates (default:
+            :data:`~edgeq.quantizers.auto.DEFAULT_CALIBRATOR_CANDIDATES` / ``..._TRANSFORM_...``).
+        auto_sweeps: Coordinate-descent sweeps.
+        auto_weight_methods: After the activation search, each layer's weight quantizer is chosen
+            among these the same way (default ``["absmax", "mse"]``; ``[]`` skips it).
+        rounding: ``nearest`` or ``adaround``; adaround_iters: Adam steps of AdaRound's soft-rounding
+            stage per layer (0: only the exact flip descent on the same objective).
+        bias_correction: Empirical bias correction per layer.
+        fp16_fallback: At most this many layers go to fp16 when the held-out action error stays
+            above ``max_action_error`` (mean ``|a_int8 - a_float|`` in units of the action
+            half-range); 0 turns the fallback off.
+        tail_weight, tail_fraction: The score every decision minimizes is the held-out mean action
+            error plus ``tail_weight`` times the mean of the worst ``tail_fraction`` of the states'
+            largest errors (:class:`~edgeq.quantizers.evaluate.ActionErrorScorer`); the fp16 target
+            ``max_action_error`` applies to this score. tail_on_calibration_states: take the tail
+            over the held-out and the calibration states (whose extremes set the ranges).
+        keep_float: Layers (node names) left in float by request.
+        seed: Seed of AdaRound's mini-batches.
+    """
+
+    calibrator: str = "percentile"
+    calibrator_params: dict[str, Any] = field(default_factory=lambda: {"percentile": 99.99})
+    weight_method: str = "absmax"
+    transform: str = "none"
+    transform_layers: str = "first"
+    alpha: float | None = None
+    dynamic: bool = False
+    auto: bool = False
+    auto_calibrators: list[tuple[str, dict[str, Any]]] | None = None
+    auto_transforms: list[tuple[str, float | None]] | None = None
+    auto_sweeps: int = 1
+    auto_weight_methods: list[str] | None = None
+    rounding: str = "nearest"
+    adaround_iters: int = 0
+    bias_correction: bool = False
+    fp16_fallback: int = 0
+    max_action_error: float = 0.01
+    tail_weight: float = 0.0
+    tail_fraction: float = 0.01
+    tail_on_calibration_states: bool = False
+    keep_float: list[str] = field(default_factory=list)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.transform not in ("none", "crossquant", "equalize"):
+            raise ValueError(f"transform must be none, crossquant or equalize, got {self.transform!r}")
+        if self.transform_layers not in TRANSFORM_LAYERS:
+            raise ValueError(f"transform_layers must be one of {TRANSFORM_LAYERS}, got {self.transform_layers!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.dynamic and self.transform not in ("none", "crossquant"):
+            raise ValueError("dynamic is CrossQuant's run-time form; it cannot combine with equalization")
+        if self.alpha is not None and not 0.0 <= float(self.alpha) <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if int(self.fp16_fallback) < 0:
+            raise ValueError(f"fp16_fallback must be >= 0, got {self.fp16_fallback}")
+
+    def default_alpha(self) -> float | None:
+        if self.alpha is not None:
+            return float(self.alpha)
+        if self.transform == "crossquant" or self.dynamic:
+            return crossquant.DEFAULT_ALPHA
+        if self.transform == "equalize":
+            return equalize.DEFAULT_ALPHA
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _fake_quant_static(x: np.ndarray, amax: float) -> np.ndarray:
+    s = np.float32(amax / 127.0)
+    return (np.clip(np.rint(x / s), -127, 127) * s).astype(np.float32)
+
+
+def _weight_key(w: np.ndarray, axis: int, method: str) -> tuple[str, int, str]:
+    return hashlib.blake2b(np.ascontiguousarray(w).tobytes(), digest_size=16).hexdigest(), axis, method
+
+
+class _Builder:
+    """State shared by the stages: the float model, the states, caches and the scorer."""
+
+    def __init__(self, model: onnx.ModelProto, stats: CalibrationStats, options: QuantOptions,
+                 half_range: np.ndarray) -> None:
+        self.model, self.stats, self.opt = model, stats, options
+        self.layers: list[WeightedLayer] = find_weighted_layers(model)
+        self.by_node = {wl.node: wl for wl in self.layers}
+        calib = np.asarray(stats.observations, np.float32)
+        held = stats.holdout
+        if held is None or len(held) == 0:  # no held-out episodes: hold out a quarter of the sample
+            rng = np.random.default_rng(options.seed)
+            order = rng.permutation(len(calib))
+            n = max(1, len(calib) // 4)
+            held, calib = calib[order[:n]], calib[order[n:]]
+        self.calib, self.held = calib, np.asarray(held, np.float32)
+        inputs = list(dict.fromkeys(wl.input for wl in self.layers))
+        self.inputs = tensor_values(model, self.calib, inputs)  # original layer inputs on calibration states
+        self.scorer = ActionErrorScorer(model, self.held, half_range, tail_weight=options.tail_weight,
+                                        tail_fraction=options.tail_fraction,
+                                        tail_states=self.calib if options.tail_on_calibration_states else None)
+        self._obs_cache: dict[tuple[Any, ...], TensorObserver] = {}
+        self._factor_cache: dict[tuple[Any, ...], np.ndarray] = {}
+        self._weight_cache: dict[tuple[str, int, str], QuantizedWeight] = {}
+
+    # -- per-layer choices → plan -------------------------------------------------------------
+    def factors(self, node: str, choice: LayerChoice) -> np.ndarray:
+        key = (node, choice.transform, choice.alpha)
+        if key not in self._factor_cache:
+            wl = self.by_node[node]
+            c = self.stats.observers[wl.input].channel_absmax
+            if choice.transform == "crossquant":
+                d = crossquant.crossquant_static_factors(c, float(choice.alpha or 0.0))
+            else:
+                w = constant_value(self.model, wl.weight)
+                assert w is not None
+                wcol = np.abs(weight_in_view(np.asarray(w, np.float64), wl)).max(axis=0)
+                d = equalize.equalization_factors(c, wcol, float(choice.alpha or 0.0))
+            self._factor_cache[key] = d
+        return self._factor_cache[key]
+
+    def scaled_observer(self, node: str, choice: LayerChoice, name: str) -> TensorObserver:
+        key = (node, choice.transform, choice.alpha)
+        if key not in self._obs_cache:
+            obs = TensorObserver(name)
+            x = self.inputs[self.by_node[node].input]
+            obs.update((x / self.factors(node, choice)[None, :]).astype(np.float32))
+            self._obs_cache[key] = obs
+        return self._obs_cache[key]
+
+    def quantize_weight(self, w: np.ndarray, axis: int, method: str) -> QuantizedWeight:
+        key = _weight_key(w, axis, method)
+        if key not in self._weight_cache:
+            self._weight_cache[key] = quantize_weight(w, axis=axis, method=method)
+        return self._weight_cache[key]
+
+    def materialize(self, choices: Mapping[str, LayerChoice]) -> QuantPlan:
+        """The nearest-rounding plan of ``choices`` (no bias correction, no fp16)."""
+        transforms = [InputScaling(node, self.factors(node, ch), ch.transform, float(ch.alpha or 0.0))
+                      for node, ch in choices.items() if ch.transform != "none" and not ch.dynamic]
+        work = apply_input_scalings(self.model, transforms) if transforms else self.model
+        observers: dict[str, TensorObserver] = {}
+        per_tensor: dict[str, tuple[str, dict[str, Any]]] = {}
+        for wl in find_weighted_layers(work):
+            ch = choices[wl.node]
+            orig = self.by_node[wl.node].input
+            if ch.transform != "none" and not ch.dynamic:
+                observers[wl.input] = self.scaled_observer(wl.node, ch, wl.input)
+            else:
+                observers[wl.input] = self.stats.observers[orig]
+            per_tensor.setdefault(wl.input, (ch.calibrator, dict(ch.params)))
+        plan = make_plan(self.model, observers, calibrator=self.opt.calibrator,
+                         calibrator_params=self.opt.calibrator_params, weight_method=self.opt.weight_method,
+                         keep_float=self.opt.keep_float, per_tensor_calibrator=per_tensor, transforms=transforms,
+                         per_layer_weight_method={n: c.weight_method for n, c in choices.items() if c.weight_method})
+        layers: list[LayerQuant] = []
+        for layer in plan.layers:
+            ch = choices[layer.node]
+            if layer.precision == "int8" and ch.dynamic:
+                d = self.factors(layer.node, replace(ch, transform="crossquant"))
+                w = np.asarray(constant_value(work, layer.weight_name), np.float64)
+                shape = (1, -1) if layer.weight_axis == 0 else (-1, 1)
+                qw = self.quantize_weight((w * d.reshape(shape)).astype(np.float32), layer.weight_axis,
+                                          ch.weight_method or self.opt.weight_method)
+                layer = replace(layer, scheme="crossquant-dynamic", dynamic_alpha=float(ch.alpha or 0.0),
+                                dynamic_factors=d, weight=qw)
+            layers.append(replace(layer, choice={"label": ch.label, **ch.to_json()}))
+        plan.layers = layers
+        # drop activation entries no static layer uses (dynamic layers quantize at run time)
+        used = {la.input for la in plan.int8_layers() if la.scheme == "static"}
+        plan.activations = {k: v for k, v in plan.activations.items() if k in used}
+        return plan
+
+    # -- stages --------------------------------------------------------------------------------
+    def initial_choices(self) -> dict[str, LayerChoice]:
+        o = self.opt
+        alpha = o.default_alpha()
+        out: dict[str, LayerChoice] = {}
+        for i, wl in enumerate(self.layers):
+            targeted = o.transform_layers == "all" or i == 0
+            if targeted and o.dynamic:
+                out[wl.node] = LayerChoice(o.calibrator, dict(o.calibrator_params), "crossquant", alpha, dynamic=True)
+            elif targeted and o.transform != "none":
+                out[wl.node] = LayerChoice(o.calibrator, dict(o.calibrator_params), o.transform, alpha)
+            else:
+                out[wl.node] = LayerChoice(o.calibrator, dict(o.calibrator_params))
+        return out
+
+    def layer_io(self, plan: QuantPlan, node: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(x_hat, x_float, w_float, w_quant)`` of one int8 layer, all in the ``[out, in]``/primed view.
+
+        ``x_hat``: the layer's int8 input (dequantized) as the graph quantized up to the layer
+        feeds it; ``x_float``: the float input of the rewritten float model; ``w_*`` ``[out, in]``.
+        """
+        layer = plan.layer(node)
+        idx = [la.node for la in plan.layers].index(node)
+        prefix = replace(plan, layers=[la if i < idx else replace(la, precision="float")
+                                       for i, la in enumerate(plan.layers)])
+        work = apply_input_scalings(self.model, plan.transforms) if plan.transforms else self.model
+        x_q = tensor_values(apply_plan(self.model, prefix, check=False), self.calib, [layer.input])[layer.input]
+        x_f = tensor_values(work, self.calib, [layer.input])[layer.input]
+        wl = next(w for w in find_weighted_layers(work) if w.node == node)
+        w = weight_in_view(np.asarray(constant_value(work, wl.weight), np.float64), wl)
+        if layer.scheme == "crossquant-dynamic":
+            assert layer.dynamic_factors is not None and layer.dynamic_alpha is not None
+            d = layer.dynamic_factors
+            q, r = crossquant.dynamic_quantize_reference(x_q, d, layer.dynamic_alpha)
+            x_hat = q.astype(np.float32) * r
+            x_f = (x_f / d[None, :]).astype(np.float32)
+            w = w * d[None, :]
+        else:
+            x_hat = _fake_quant_static(x_q, plan.activations[layer.input].amax)
+        assert layer.weight is not None
+        wq = layer.weight.dequantize()
+        wq = wq if layer.weight_axis == 0 else wq.T
+        return x_hat, x_f, w.astype(np.float32), wq
+
+    def refine(self, plan: QuantPlan, stage: str) -> tuple[QuantPlan, dict[str, Any]]:
+        """AdaRound or bias correction on every int8 layer, in graph order."""
+        report: dict[str, Any] = {}
+        work = apply_input_scalings(self.model, plan.transforms) if plan.transforms else self.model
+        for layer in list(plan.int8_layers()):
+            x_hat, x_f, w, wq = self.layer_io(plan, layer.node)
+            if stage == "adaround":
+                assert layer.weight is not None
+                near = layer.weight if layer.weight_axis == 0 else QuantizedWeight(
+                    np.ascontiguousarray(layer.weight.q.T), layer.weight.scale, 0)
+                res = adaround(w, near, x_hat, x_f, iters=self.opt.adaround_iters, seed=self.opt.seed)
+                qw = res.weight if layer.weight_axis == 0 else QuantizedWeight(
+                    np.ascontiguousarray(res.weight.q.T), res.weight.scale, 1)
+                new = replace(layer, weight=qw, rounding="adaround" if res.used else "nearest",
+                              notes={**layer.notes, "adaround": res.to_json()})
+                report[layer.node] = res.to_json()
+            else:
+                delta = bias_correction_delta(x_hat, wq, x_f, w)
+                b = constant_value(work, layer.bias_name) if layer.bias_name else None
+                new = replace(layer, bias=corrected_bias(b, delta),
+                              notes={**layer.notes, "bias_correction_max_abs_shift": float(np.abs(delta).max())})
+                report[layer.node] = {"max_abs_shift": float(np.abs(delta).max())}
+            plan = replace(plan, layers=[new if la.node == layer.node else la for la in plan.layers])
+        return plan, report
+
+    def kernels(self, plan: QuantPlan) -> None:
+        """Fill each int8 layer's quantization kernel (and the plain per-tensor one) on calibration states."""
+        work = apply_input_scalings(self.model, plan.transforms) if plan.transforms else self.model
+        names = list(dict.fromkeys(la.input for la in plan.int8_layers()))
+        vals = tensor_values(work, self.calib, names) if names else {}
+        layers = []
+        for la in plan.layers:
+            if la.precision == "int8":
+                x = vals[la.input]
+                orig = self.by_node[la.node].input
+                ch = la.choice or {}
+                method = ch.get("calibrator", self.opt.calibrator)
+                params = ch.get("params", self.opt.calibrator_params)
+                base = quantization_kernel_fraction(self.inputs[orig],
+                                                    compute_amax(self.stats.observers[orig], method, **params))
+                if la.scheme == "crossquant-dynamic":
+                    assert la.dynamic_factors is not None and la.dynamic_alpha is not None
+                    q, _ = crossquant.dynamic_quantize_reference(x, la.dynamic_factors, la.dynamic_alpha)
+                    k = float(np.mean(q == 0))
+                else:
+                    k = quantization_kernel_fraction(x, plan.activations[la.input].amax)
+                la = replace(la, kernel=k, kernel_per_tensor=base)
+            layers.append(la)
+        plan.layers = layers
+
+
+def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOptions | None = None, *,
+               half_range: Sequence[float] | np.ndarray | None = None, recurrent: bool = False) -> QuantPlan:
+    """Make the quantization plan of ``model`` from calibration ``stats`` (see the module docstring).
+
+    Args:
+        model: The float policy graph (``obs -> actions``).
+        stats: Calibration statistics with the stored states (and held-out states, if any).
+        options: The stages to run (default: :class:`QuantOptions` defaults).
+        half_range: Action half-ranges, the units of the action error (default 1 per dimension).
+        recurrent: The policy carries state between calls: only the plain static plan is made.
+    """
+    opt = options or QuantOptions()
+    t0 = time.perf_counter()
+    if recurrent or len(stats.observations) == 0:
+        plan = make_plan(model, stats.observers, calibrator=opt.calibrator,
+                         calibrator_params=opt.calibrator_params, weight_method=opt.weight_method,
+                         keep_float=opt.keep_float)
+        plan.settings["options"] = opt.to_json()
+        plan.metrics["note"] = ("recurrent policy: per-layer choice, rewrites, AdaRound, bias correction and "
+                                "fp16 fallback need stateless layer inputs and were skipped") if recurrent else \
+            "no stored calibration states: plain static plan"
+        return plan
+    out_dim = None
+    for o in model.graph.output:
+        dims = o.type.tensor_type.shape.dim
+        out_dim = dims[-1].dim_value if dims and dims[-1].dim_value else None
+    hr = np.ones(out_dim or 1) if half_range is None else np.asarray(half_range, np.float64)
+    b = _Builder(model, stats, opt, hr)
+    errors: dict[str, Any] = {}
+    choices = b.initial_choices()
+    plan = b.materialize(choices)
+    errors["initial"] = b.scorer(plan)
+    records: dict[str, Any] = {}
+    if opt.auto:
+        cands = candidate_choices(opt.auto_calibrators or DEFAULT_CALIBRATOR_CANDIDATES,
+                                  opt.auto_transforms or DEFAULT_TRANSFORM_CANDIDATES)
+        if opt.dynamic:
+            cands += [LayerChoice(opt.calibrator, dict(opt.calibrator_params), "crossquant", a, dynamic=True)
+                      for a in sorted({opt.default_alpha() or crossquant.DEFAULT_ALPHA, 1.0})]
+        int8_nodes = [wl.node for wl in b.layers if wl.node not in opt.keep_float]
+        score = lambda ch: b.scorer(b.materialize(ch))  # noqa: E731
+        choices, records = choose_per_layer(int8_nodes, choices, {n: cands for n in int8_nodes}, score,
+                                            sweeps=opt.auto_sweeps)
+        methods = ["absmax", "mse"] if opt.auto_weight_methods is None else list(opt.auto_weight_methods)
+        if methods:
+            choices = {n: replace(c, weight_method=c.weight_method or opt.weight_method) if n in int8_nodes else c
+                       for n, c in choices.items()}
+            wcands = {n: [replace(choices[n], weight_method=m) for m in methods] for n in int8_nodes}
+            choices, wrec = choose_per_layer(int8_nodes, choices, wcands, score)
+            for n in int8_nodes:
+                records[n]["weights"] = wrec[n]
+                records[n]["chosen"] = wrec[n]["chosen"]
+                records[n]["heldout_action_error"] = wrec[n]["heldout_action_error"]
+        plan = b.materialize(choices)
+        for la in plan.layers:
+            if la.node in records and la.choice is not None:
+                la.choice = {**la.choice, "search": records[la.node]}
+        errors["auto"] = b.scorer(plan)
+    current = b.scorer(plan) if not opt.auto else errors["auto"]
+    stage_reports: dict[str, Any] = {}
+    for stage, on in (("adaround", opt.rounding == "adaround"), ("bias_correction", opt.bias_correction)):
+        if not on or not plan.int8_layers():
+            continue
+        cand, rep = b.refine(plan, stage)
+        e = b.scorer(cand)
+        kept = e < current
+        stage_reports[stage] = {"kept": kept, "heldout_action_error": e, "layers": rep}
+        errors[stage] = e
+        if kept:
+            plan, current = cand, e
+    if opt.fp16_fallback > 0:
+        plan, rep = fp16_fallback(plan, b.scorer, max_layers=opt.fp16_fallback, target=opt.max_action_error)
+        stage_reports["fp16_fallback"] = rep
+        current = rep["error_after"]
+        errors["fp16_fallback"] = current
+    b.kernels(plan)
+    final = b.scorer.summary(plan)
+    plan.settings.update({"options": opt.to_json(), "tensorrt_compatible": plan.tensorrt_compatible})
+    plan.metrics.update({
+        "heldout_states": int(len(b.held)), "calibration_states": int(len(b.calib)),
+        "heldout_score_by_stage": {k: round(float(v), 6) for k, v in errors.items()},
+        "heldout_action_error": {k: round(v, 6) for k, v in final.items()},
+        "action_error_units": "|a_int8 - a_float| / action half-range; score = mean + tail_weight * cvar "
+                              "(mean of the worst tail_fraction of per-state max errors)",
+        "stages": stage_reports, "graph_evaluations": b.scorer.evaluations,
+        "seconds": round(time.perf_counter() - t0, 3)})
+    return plan

@@ -1,0 +1,84 @@
+"""The policy's action error of a plan on fixed states, measured with the real ONNX Runtime graph.
+
+Every per-layer decision (automatic choice, AdaRound/bias-correction acceptance, fp16 fallback) is
+scored by the error of the **actions** the quantized graph produces on held-out calibration
+states, not by any tensor's own error: what matters to the return is the action.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from edgeq.deploy.runtime import OrtPolicy
+from edgeq.export.qdq import apply_plan
+from edgeq.quantizers.plan import QuantPlan
+
+__all__ = ["ActionErrorScorer", "action_half_range"]
+
+
+def action_half_range(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Half the width of each action bound (1 where unbounded): errors are reported in these units."""
+    lo, hi = np.asarray(low, np.float64).ravel(), np.asarray(high, np.float64).ravel()
+    half = (hi - lo) / 2.0
+    return np.where(np.isfinite(half) & (half > 0), half, 1.0)
+
+
+@dataclass
+class ActionErrorScorer:
+    """The score of a plan: its action error on ``states`` (lower is better).
+
+    ``score = mean(e) + tail_weight * CVaR(tail_fraction)``, where ``e`` is
+    ``|a_quant - a_float| / half_range`` per state and action dimension, and the CVaR is the mean,
+    over the worst ``tail_fraction`` of the states, of each state's largest error. The tail term
+    keeps a choice from buying a lower average with rare large errors (a clipping calibrator on
+    a tensor whose extremes matter), which is how a policy falls over. ``model`` is the original
+    float graph; the float actions are computed once.
+    """
+
+    model: onnx.ModelProto
+    states: np.ndarray
+    half_range: np.ndarray
+    tail_weight: float = 0.0
+    tail_fraction: float = 0.01
+    tail_states: np.ndarray | None = None
+    evaluations: int = 0
+
+    def __post_init__(self) -> None:
+        self.states = np.ascontiguousarray(self.states, np.float32)
+        if self.tail_states is not None and self.tail_weight > 0:
+            self.states = np.ascontiguousarray(np.concatenate([self.states, self.tail_states]), np.float32)
+            self._n_mean = len(self.states) - len(self.tail_states)
+        else:
+            self._n_mean = len(self.states)
+        self.reference = OrtPolicy(self.model.SerializeToString()).act(self.states)
+
+    def actions(self, plan: QuantPlan) -> np.ndarray:
+        q = apply_plan(self.model, plan, check=False)
+        self.evaluations += 1
+        return OrtPolicy(q.SerializeToString()).act(self.states)
+
+    def errors(self, plan: QuantPlan) -> np.ndarray:
+        """Per-state, per-dimension normalized absolute errors."""
+        return np.abs(self.actions(plan).astype(np.float64) - self.reference) / self.half_range
+
+    def _cvar(self, e: np.ndarray) -> float:
+        worst = np.sort(e.max(axis=1))[::-1]
+        k = max(1, int(np.ceil(self.tail_fraction * len(worst))))
+        return float(worst[:k].mean())
+
+    def score_errors(self, e: np.ndarray) -> float:
+        """The score of per-state, per-dimension errors ``e`` (rows as in ``states``)."""
+        mean = float(e[: self._n_mean].mean())
+        return mean if self.tail_weight <= 0 else mean + self.tail_weight * self._cvar(e)
+
+    def __call__(self, plan: QuantPlan) -> float:
+        return self.score_errors(self.errors(plan))
+
+    def summary(self, plan: QuantPlan) -> dict[str, float]:
+        e = self.errors(plan)
+        h = e[: self._n_mean]
+        return {"mean": float(h.mean()), "p99": float(np.percentile(h.max(axis=1), 99)), "max": float(h.max()),
+                "cvar": self._cvar(e), "score": self.score_errors(e)}

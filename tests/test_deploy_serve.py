@@ -1,0 +1,133 @@
+"""``edgeq serve`` / ``edgeq-deploy serve``: act over 127.0.0.1, checked against in-process act."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FIXTURES
+
+import edgeq.deploy
+from edgeq.deploy.serve import HOST, PolicyClient, PolicyServer, ServerError
+
+V1 = FIXTURES / "bundles" / "v1" / "sac-pendulum"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def policy() -> edgeq.deploy.DeployedPolicy:
+    return edgeq.deploy.load(V1, backend="cpu")
+
+
+@pytest.fixture
+def server(policy: edgeq.deploy.DeployedPolicy) -> Iterator[PolicyServer]:
+    srv = PolicyServer(policy, 0, max_clients=3, idle_timeout=5.0)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=5)
+
+
+def _wait_until_idle(server: PolicyServer, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        taken = [server.slots.acquire(blocking=False) for _ in range(server.max_clients)]
+        for ok in taken:
+            if ok:
+                server.slots.release()
+        if all(taken):
+            return
+        time.sleep(0.01)
+    raise AssertionError("server connections did not close")
+
+
+def test_binds_loopback_only(server: PolicyServer) -> None:
+    assert server.server_address[0] == HOST == "127.0.0.1"
+
+
+def test_act_single_and_batch_equal_in_process(server: PolicyServer, policy: edgeq.deploy.DeployedPolicy) -> None:
+    obs = np.random.default_rng(1).uniform([-1, -1, -8], [1, 1, 8], (32, 3)).astype(np.float32)
+    with PolicyClient(server.port) as c:
+        info = c.info()
+        assert info["obs_shape"] == [3] and info["action_shape"] == [1] and info["format_version"] == 1
+        np.testing.assert_array_equal(c.act(obs), policy.act(obs))
+        for row in obs[:5]:
+            got = c.act(row)
+            assert got.shape == (1,)
+            np.testing.assert_array_equal(got, policy.act(row))
+        c.reset()
+
+
+def test_bad_input_is_an_error_reply_and_the_connection_survives(server: PolicyServer) -> None:
+    with PolicyClient(server.port) as c:
+        with pytest.raises(ServerError, match="non-finite value"):
+            c.act([0.0, np.nan, 0.0])
+        assert c.act([0.0, 1.0, 0.0]).shape == (1,)
+
+
+def test_raw_protocol_oversized_batch_closes(server: PolicyServer) -> None:
+    with socket.create_connection((HOST, server.port), timeout=5) as s:
+        s.sendall(struct.pack("<I", server.max_batch + 1))
+        status, n = struct.unpack("<II", s.recv(8))
+        assert status == 1 and b"larger than max_batch" in s.recv(n)
+        assert s.recv(1) == b""  # closed: the payload was never read
+
+
+def test_concurrent_clients_and_the_client_limit(server: PolicyServer, policy: edgeq.deploy.DeployedPolicy) -> None:
+    rng = np.random.default_rng(2)
+    batches = [rng.uniform(-1, 1, (4, 3)).astype(np.float32) for _ in range(3)]
+
+    def run(b: np.ndarray) -> np.ndarray:
+        with PolicyClient(server.port) as c:
+            return np.stack([c.act(b) for _ in range(20)])
+
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(run, batches))
+    for b, r in zip(batches, results, strict=True):
+        np.testing.assert_array_equal(r, np.broadcast_to(policy.act(b), r.shape))
+    _wait_until_idle(server)  # the handlers of the closed connections release their slots
+    clients = [PolicyClient(server.port) for _ in range(3)]
+    try:
+        for c in clients:
+            c.info()  # all three slots taken
+        with PolicyClient(server.port) as fourth, pytest.raises(ServerError, match="busy: 3 client"):
+            fourth.info()
+    finally:
+        for c in clients:
+            c.close()
+
+
+@pytest.mark.parametrize("command, stop", [
+    (["-m", "edgeq.deploy", "serve", str(V1), "--port", "0"], signal.SIGTERM),  # the containers' entrypoint
+    (["-m", "edgeq.cli", "serve", str(V1), "--port", "0"], signal.SIGINT),  # the workstation CLI
+])
+def test_serve_commands(command: list[str], stop: signal.Signals, policy: edgeq.deploy.DeployedPolicy) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        assert proc.stdout is not None
+        first = json.loads(proc.stdout.readline())
+        host, port = first["serving"].split(":")
+        assert host == "127.0.0.1" and first["backend"] in ("cpu", "cuda")
+        with PolicyClient(int(port)) as c:
+            np.testing.assert_array_equal(c.act([0.3, -0.2, 1.5]), policy.act([0.3, -0.2, 1.5]))
+        proc.send_signal(stop)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        proc.kill()
+        proc.wait()
