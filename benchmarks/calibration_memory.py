@@ -2,10 +2,12 @@
 
 Each size runs in a fresh Python process: real rollouts of a trained policy (default: the SAC
 Pendulum fixture, 200-step episodes) through ``edgeq.calibration.collect.calibrate_rollouts``, with
-the recipe's exploration noise, on ``--num-envs`` environments stepped together. The child resets
-the kernel's RSS high-water mark (``/proc/self/clear_refs``) right before calibration, reads
-``VmHWM`` after it and after the quantization plan is made from the observers, and reports the
-plan's activation thresholds (so one can see that more steps change the statistics, not the memory).
+the recipe's exploration noise and held-out episodes, on ``--num-envs`` environments stepped
+together. The child resets the kernel's RSS high-water mark (``/proc/self/clear_refs``) right before
+calibration and reads ``VmHWM`` after it; then it builds the quantization plan the recipe asks for
+(``build_plan``: per-layer auto choice, AdaRound, ... on the bounded reservoir of stored states) and
+measures its peak the same way. The plan's activation thresholds are reported too (more steps change
+the statistics, not the memory).
 
     PYTHONPATH=. python benchmarks/calibration_memory.py --steps 10000,100000,1000000 \\
         --json /tmp/calib-bench/memory.json
@@ -35,14 +37,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from calibration_table import PeakRss  # noqa: E402  (benchmarks/ is not a package)
 
 
-def measure(policy: Path, env: str, steps: int, num_envs: int, calibrator: str = "percentile") -> dict[str, Any]:
-    """Calibrate ``policy`` for about ``steps`` env steps (whole episodes) in this process; peak RSS and timings."""
+def measure(policy: Path, env: str, steps: int, num_envs: int) -> dict[str, Any]:
+    """Calibrate ``policy`` for about ``steps`` env steps (whole episodes) in this process, as ``edgeq quantize``
+    does (the recipe's exploration noise and held-out episodes), then build the recipe's quantization plan;
+    peak RSS of each part and timings."""
     from edgeq.calibration.collect import ExplorationNoise, calibrate_rollouts
     from edgeq.config import load_recipe
     from edgeq.envs import env_factory
     from edgeq.ingest import load_policy
     from edgeq.ingest.onnx_policy import bind_env_spaces
-    from edgeq.quantizers.plan import make_plan
+    from edgeq.quantizers.build import build_plan
+    from edgeq.quantizers.evaluate import action_half_range
 
     fp = load_policy(policy)
     make_env = env_factory(env)
@@ -55,23 +60,27 @@ def measure(policy: Path, env: str, steps: int, num_envs: int, calibrator: str =
     recipe = load_recipe(None, env)
     episodes = max(1, round(steps / ep_len))
     seeds = list(range(recipe.seed, recipe.seed + episodes))
+    held = list(range(recipe.seed + episodes, recipe.seed + episodes + recipe.holdout_episodes))
+    hold_noise = None if recipe.holdout_exploration is None else ExplorationNoise(**recipe.holdout_exploration)
     mem = PeakRss()
     mem.start()
     t0 = time.perf_counter()
-    stats = calibrate_rollouts(fp, make_env, seeds, noise=ExplorationNoise(**recipe.exploration), num_envs=num_envs)
+    stats = calibrate_rollouts(fp, make_env, seeds, noise=ExplorationNoise(**recipe.exploration), num_envs=num_envs,
+                               holdout_seeds=held, holdout_noise=hold_noise)
     seconds = time.perf_counter() - t0
     mem.stop()
-    after_calibration = mem.to_json()
+    calib_mem = mem.to_json()
+    mem.start()
     t0 = time.perf_counter()
-    plan = make_plan(fp.model, stats.observers, calibrator=calibrator,
-                     calibrator_params=recipe.calibrator_params if calibrator == recipe.calibrator else {})
+    plan = build_plan(fp.model, stats, recipe.quant_options(), recurrent=fp.recurrent,
+                      half_range=action_half_range(fp.action_space.low_array, fp.action_space.high_array))
     plan_s = time.perf_counter() - t0
-    mem.peak_bytes = None
     mem.stop()
-    return {"policy": str(policy), "env": env, "steps": int(stats.steps), "episodes": episodes, "num_envs": num_envs,
-            "seconds": seconds, "plan_s": plan_s, "rss_before_mib": after_calibration["rss_at_start_mib"],
-            "peak_rss_mib": after_calibration["peak_rss_mib"],
-            "peak_rss_with_plan_mib": mem.to_json()["peak_rss_mib"],
+    plan_mem = mem.to_json()
+    return {"policy": str(policy), "env": env, "steps": int(stats.steps), "episodes": episodes,
+            "holdout_episodes": len(held), "num_envs": num_envs, "seconds": seconds, "plan_s": plan_s,
+            "rss_before_mib": calib_mem["rss_at_start_mib"], "peak_rss_mib": calib_mem["peak_rss_mib"],
+            "plan_rss_before_mib": plan_mem["rss_at_start_mib"], "plan_peak_rss_mib": plan_mem["peak_rss_mib"],
             "reservoir_rows": int(len(stats.observations)),
             "observer_bytes": int(sum(o.nbytes for o in stats.observers.values())),
             "activation_floats_per_step": int(sum(o.channels or 0 for o in stats.observers.values())),
@@ -124,10 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     shown = policy.relative_to(ROOT) if policy.is_relative_to(ROOT) else policy
     out = {"command": "PYTHONPATH=. python " + " ".join(shlex.quote(a) for a in
                                                         ["benchmarks/calibration_memory.py", *(argv or sys.argv[1:])]),
-           "description": (f"`calibrate_rollouts` of `{shown}` in `{args.env}` (real rollouts, the recipe's "
-                           f"exploration noise), {args.num_envs} envs stepped together, one fresh process per "
-                           "length; peak RSS = the kernel's high-water mark during calibration (reset just before "
-                           "it), child max RSS = the whole process's."),
+           "description": (f"`calibrate_rollouts` of `{shown}` in `{args.env}` (real rollouts with the recipe's "
+                           f"exploration noise and held-out episodes), {args.num_envs} envs stepped together, one "
+                           "fresh process per length; peak RSS = the kernel's high-water mark during calibration "
+                           "(reset just before it); plan = `build_plan` with the recipe's stages (default: per-layer "
+                           "auto choice, AdaRound, bias correction, ...) on the stored states, its peak measured the "
+                           "same way right after; child max RSS = the whole process's."),
            "runs": runs, "finding": finding}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -93,10 +93,11 @@ class Config:
     settings: dict[str, Any] = field(default_factory=dict)
     describe: str = ""
     headline: bool = False
+    plain: bool = True  # edgeq rows: start from PLAIN_STAGES (False: from the shipped recipe)
 
 
-def _edgeq(name: str, describe: str, headline: bool = False, **overrides: Any) -> Config:
-    return Config(name, "edgeq", overrides, describe, headline)
+def _edgeq(name: str, describe: str, headline: bool = False, plain: bool = True, **overrides: Any) -> Config:
+    return Config(name, "edgeq", overrides, describe, headline, plain)
 
 
 #: Recipe fields that turn the later quantization stages off. Every edgeq row but "edgeq default"
@@ -109,7 +110,10 @@ PLAIN_STAGES: dict[str, Any] = {"transform": "none", "dynamic": False, "auto": F
 #: edgeq rows: overrides of the fixture's calibration recipe (``edgeq.config.CalibrationRecipe``
 #: fields). A row whose fields this checkout's recipe does not have is skipped and listed.
 EDGEQ_CONFIGS: list[Config] = [
-    _edgeq("edgeq default", "the recipe as shipped (calibration/<env>.yaml or default.yaml)", headline=True),
+    _edgeq("edgeq default", "the recipe as shipped (calibration/<env>.yaml, else default.yaml, over the "
+           "CalibrationRecipe defaults)", headline=True, plain=False),
+    _edgeq("edgeq default without fp16", "the shipped recipe with fp16_fallback 0 (all layers int8)", plain=False,
+           fp16_fallback=0),
     *[_edgeq(f"{cal} / w-{wm}", f"activations {cal} (per tensor), weights per-channel {wm}, later stages off",
              calibrator=c, calibrator_params=p, weight_method=wm)
       for c, p, cal in (("max", {}, "max"),
@@ -121,25 +125,30 @@ EDGEQ_CONFIGS: list[Config] = [
       for wm in ("absmax", "mse")],
 ]
 
-#: Rows for the quantization stages of the wt-quant work (CrossQuant, equalization, per-layer
-#: automatic choice, AdaRound, bias correction, fp16 fallback); used when the recipe has the fields.
+#: One quantization stage at a time (CrossQuant, equalization, per-layer automatic choice, AdaRound,
+#: bias correction, fp16 fallback) on top of PLAIN_STAGES and the recipe's calibrator; skipped where
+#: this checkout's recipe lacks the fields.
 EDGEQ_STAGE_CONFIGS: list[Config] = [
-    _edgeq("CrossQuant static (first layer)", "static CrossQuant (alpha 0.15) on the layer reading the observation",
-           transform="crossquant", transform_layers="first"),
-    _edgeq("CrossQuant static (all layers)", "static CrossQuant (alpha 0.15) on every layer",
-           transform="crossquant", transform_layers="all"),
-    _edgeq("CrossQuant dynamic (first layer)", "CrossQuant's dynamic form (run-time row scales; ORT CPU only)",
-           dynamic=True, transform_layers="first"),
-    _edgeq("equalization (first layer)", "SmoothQuant-style equalization (alpha 0.5) on the first layer",
-           transform="equalize", transform_layers="first"),
-    _edgeq("equalization (all layers)", "SmoothQuant-style equalization (alpha 0.5) on every layer",
-           transform="equalize", transform_layers="all"),
-    _edgeq("per-layer auto", "each layer's calibrator and rewrite chosen by held-out action error", auto=True),
-    _edgeq("AdaRound", "AdaRound-style weight rounding", rounding="adaround"),
-    _edgeq("bias correction", "empirical bias correction", bias_correction=True),
-    _edgeq("fp16 fallback (<= 1 layer)", "the most sensitive layer in fp16 if the held-out error stays high",
-           fp16_fallback=1),
-    _edgeq("auto + AdaRound + bias corr.", "per-layer auto choice, AdaRound and bias correction together",
+    _edgeq("CrossQuant static a=0.15 (first layer)", "static CrossQuant, alpha 0.15 (the paper's), on the layer "
+           "reading the observation", transform="crossquant", transform_layers="first", alpha=0.15),
+    _edgeq("CrossQuant static a=0 (first layer)", "static CrossQuant, alpha 0 (per-column scales folded into the "
+           "weights), first layer", transform="crossquant", transform_layers="first", alpha=0.0),
+    _edgeq("CrossQuant static a=0.15 (all layers)", "static CrossQuant, alpha 0.15, every layer",
+           transform="crossquant", transform_layers="all", alpha=0.15),
+    _edgeq("CrossQuant dynamic a=0.15 (first layer)", "CrossQuant's dynamic form (run-time row scales; ORT CPU "
+           "only, not TensorRT), first layer", dynamic=True, transform_layers="first", alpha=0.15),
+    _edgeq("equalization a=0.5 (first layer)", "SmoothQuant-style equalization, alpha 0.5, first layer",
+           transform="equalize", transform_layers="first", alpha=0.5),
+    _edgeq("equalization a=0.5 (all layers)", "SmoothQuant-style equalization, alpha 0.5, every layer",
+           transform="equalize", transform_layers="all", alpha=0.5),
+    _edgeq("per-layer auto", "each layer's calibrator and rewrite chosen by the held-out action error", auto=True),
+    _edgeq("AdaRound", "AdaRound-style weight rounding (kept where it lowers the held-out error)",
+           rounding="adaround"),
+    _edgeq("bias correction", "empirical bias correction (kept where it lowers the held-out error)",
+           bias_correction=True),
+    _edgeq("fp16 fallback (<= 1 layer)", "at most one layer in fp16 while the held-out error stays above "
+           "max_action_error", fp16_fallback=1),
+    _edgeq("auto + AdaRound + bias corr.", "per-layer auto choice, AdaRound and bias correction, no fp16",
            auto=True, rounding="adaround", bias_correction=True),
 ]
 
@@ -262,14 +271,14 @@ def summarize_validation(val: dict[str, Any]) -> dict[str, Any]:
 
 
 def _recipe_for(fixture: Fixture, config: Config | None) -> Any:
-    """The fixture's shipped recipe; for any edgeq row but "edgeq default", stages off, then the row's settings."""
+    """The fixture's shipped recipe; for ``plain`` rows with the later stages off; then the row's settings."""
     from edgeq.config import load_recipe
 
     recipe = load_recipe(None, fixture.env)
-    if config is None or config.name == "edgeq default":
+    if config is None:
         return recipe
     known = recipe_fields()
-    plain = {k: v for k, v in PLAIN_STAGES.items() if k in known}
+    plain = {k: v for k, v in PLAIN_STAGES.items() if k in known} if config.plain else {}
     return dataclasses.replace(recipe, **{**plain, **config.settings})
 
 
@@ -321,11 +330,14 @@ def bound_policy(fixture: Fixture) -> tuple[Any, Callable[[], Any], int | None]:
     return fp, make_env, steps
 
 
-def calibration_states(fp: Any, make_env: Callable[[], Any], recipe: Any, num_envs: int = 8) -> Any:
-    """Every state edgeq's calibration rollouts visit (same seeds, exploration noise and noise seed).
+def calibration_states(fp: Any, make_env: Callable[[], Any], recipe: Any, num_envs: int = 8,
+                       holdout: bool = True) -> Any:
+    """Every state edgeq's calibration rollouts visit: the calibration episodes, then (``holdout``) the
+    held-out episodes, with the same seeds, exploration noise and noise streams as
+    :func:`edgeq.calibration.collect.calibrate_rollouts` called by the pipeline.
 
-    The float policy acts; the actions sent to the env are perturbed exactly as in
-    :func:`edgeq.calibration.collect.calibrate_rollouts`, so the states are the ones edgeq calibrates on.
+    edgeq's observers see the first part; its per-layer decisions are scored on the second. ONNX
+    Runtime's calibrator gets both: every state edgeq's calibration looked at.
     """
     import numpy as np
 
@@ -334,17 +346,25 @@ def calibration_states(fp: Any, make_env: Callable[[], Any], recipe: Any, num_en
     from edgeq.rollout import run_episodes
 
     seeds = list(range(recipe.seed, recipe.seed + recipe.episodes))
+    n_hold = max(0, int(getattr(recipe, "holdout_episodes", 0))) if holdout else 0
+    held = list(range(recipe.seed + recipe.episodes, recipe.seed + recipe.episodes + n_hold))
     noise = ExplorationNoise(**recipe.exploration)
-    actor = OrtPolicy(fp.model.SerializeToString(), input_name=fp.input_name, output_name=fp.output_name,
-                      state=[s.to_json() for s in fp.state])
+    hold_cfg = getattr(recipe, "holdout_exploration", None)
+    hold_noise = noise if hold_cfg is None else ExplorationNoise(**hold_cfg)
+    low, high = fp.action_space.low_array.ravel(), fp.action_space.high_array.ravel()
     rows: list[np.ndarray] = []
 
     def record(obs: np.ndarray, actions: np.ndarray, active: np.ndarray) -> None:
         rows.append(obs[np.asarray(active, bool)].copy())
 
-    run_episodes(make_env, actor, seeds, num_envs=min(num_envs, recipe.num_envs), on_step=record,
-                 perturb=noise.make(fp.action_space.low_array.ravel(), fp.action_space.high_array.ravel()),
-                 noise_seed=int(seeds[0]), max_steps_per_episode=recipe.max_steps_per_episode)
+    for ep_seeds, ep_noise, noise_seed in ((seeds, noise, seeds[0]), (held, hold_noise, held[0] + 1 if held else 0)):
+        if not ep_seeds:
+            continue
+        actor = OrtPolicy(fp.model.SerializeToString(), input_name=fp.input_name, output_name=fp.output_name,
+                          state=[s.to_json() for s in fp.state])
+        run_episodes(make_env, actor, ep_seeds, num_envs=min(num_envs, recipe.num_envs), on_step=record,
+                     perturb=ep_noise.make(low, high), noise_seed=int(noise_seed),
+                     max_steps_per_episode=recipe.max_steps_per_episode)
     return np.concatenate(rows).astype(np.float32)
 
 
@@ -500,12 +520,15 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
 def memory_section(memory: dict[str, Any]) -> list[str]:
     lines = ["## Calibration peak memory vs calibration steps", "",
              f"Command: `{memory.get('command', '')}`", "", memory.get("description", ""), "",
-             "| calibration steps | episodes | envs | calibration (s) | steps/s | peak RSS MiB | RSS before MiB | "
-             "peak − before MiB | child max RSS MiB |", "|---|---|---|---|---|---|---|---|---|"]
+             "| calibration steps | episodes (+ held out) | envs | calibration (s) | steps/s | RSS before MiB | "
+             "calibration peak RSS MiB | peak − before MiB | plan (s) | plan peak RSS MiB | child max RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in memory["runs"]:
-        lines.append(f"| {r['steps']:,} | {r['episodes']} | {r['num_envs']} | {r['seconds']:.1f} | "
-                     f"{r['steps'] / r['seconds']:,.0f} | {r['peak_rss_mib']:.1f} | {r['rss_before_mib']:.1f} | "
-                     f"{r['peak_rss_mib'] - r['rss_before_mib']:.1f} | {r['child_maxrss_mib']:.1f} |")
+        plan_peak = r.get("plan_peak_rss_mib")
+        lines.append(f"| {r['steps']:,} | {r['episodes']} (+{r.get('holdout_episodes', 0)}) | {r['num_envs']} | "
+                     f"{r['seconds']:.1f} | {r['steps'] / r['seconds']:,.0f} | {r['rss_before_mib']:.1f} | "
+                     f"{r['peak_rss_mib']:.1f} | {r['peak_rss_mib'] - r['rss_before_mib']:.1f} | "
+                     f"{r.get('plan_s', 0):.1f} | {_f(plan_peak, '.1f')} | {r['child_maxrss_mib']:.1f} |")
     if memory.get("finding"):
         lines += ["", memory["finding"]]
     return lines + [""]

@@ -47,14 +47,17 @@ def test_ort_calibrates_on_the_states_edgeq_calibrates_on(bench: ModuleType) -> 
 
     fx = bench.FIXTURES["sac-pendulum"]
     fp, make_env, ep_len = bench.bound_policy(fx)
-    recipe = dataclasses.replace(load_recipe(None, fx.env), episodes=3)
+    recipe = dataclasses.replace(load_recipe(None, fx.env), episodes=3, holdout_episodes=2)
     states = bench.calibration_states(fp, make_env, recipe)
     seeds = list(range(recipe.seed, recipe.seed + recipe.episodes))
+    held = list(range(recipe.seed + 3, recipe.seed + 5))
+    big = 10 * ep_len * recipe.episodes
     stats = calibrate_rollouts(fp, make_env, seeds, noise=ExplorationNoise(**recipe.exploration),
-                               num_envs=recipe.num_envs, reservoir_size=10 * ep_len * recipe.episodes)
-    assert states.shape == (recipe.episodes * ep_len, fp.obs_space.size)
-    # the reservoir keeps every row when it is larger than the stream: the same states, in the same order
-    np.testing.assert_array_equal(states, stats.observations)
+                               num_envs=recipe.num_envs, reservoir_size=big, holdout_seeds=held, holdout_size=big)
+    assert states.shape == (5 * ep_len, fp.obs_space.size)
+    # reservoirs larger than the stream keep every row in order: the same states, calibration then held-out
+    assert stats.holdout is not None
+    np.testing.assert_array_equal(states, np.concatenate([stats.observations, stats.holdout]))
 
 
 def test_rows_share_float_rollouts_and_count_trt_errors(bench: ModuleType, tmp_path: Path) -> None:
@@ -66,7 +69,8 @@ def test_rows_share_float_rollouts_and_count_trt_errors(bench: ModuleType, tmp_p
         assert "error" not in r and "skipped" not in r, (name, r.get("error") or r.get("skipped"))
         assert r["episodes"] == 2 and len(r["int8_returns"]) == 2
         assert r["kept"] == pytest.approx(1 + (r["int8_mean"] - r["float_mean"]) / abs(r["float_mean"]))
-        assert r["calibration_steps"] == 20 * 200  # calibration/Pendulum-v1.yaml: 20 episodes of 200 steps
+        # calibration/Pendulum-v1.yaml: 20 calibration + 5 held-out episodes of 200 steps (ORT calibrates on both)
+        assert r["calibration_steps"] == (20 if r["kind"] == "edgeq" else 25) * 200
         m = r["memory"]
         assert m["peak_rss_mib"] >= m["rss_at_start_mib"] > 0
     floats = {name: r["float_returns"] for name, r in rows.items()}
