@@ -171,8 +171,19 @@ ORT_CONFIGS: list[Config] = [
 ]
 
 
+#: Reference rows, no quantization: the float policy itself with i.i.d. Gaussian action noise
+#: (``sigma`` × the action half-range, ``draws`` draws averaged per seed). On chaotic tasks a
+#: return moves under any perturbation; these rows show how much for errors of the size int8 makes.
+NOISE_CONFIGS: list[Config] = [
+    Config(f"float + noise {sigma:g}", "noise", {"sigma": sigma, "draws": 3},
+           f"reference, no quantization: the float policy with Gaussian action noise of std {sigma:g} × the action "
+           "half-range (3 draws, returns averaged per seed)", headline=sigma == 0.01)
+    for sigma in (0.003, 0.01)
+]
+
+
 def all_configs() -> list[Config]:
-    configs = [*EDGEQ_CONFIGS, *EDGEQ_STAGE_CONFIGS, *ORT_CONFIGS]
+    configs = [*EDGEQ_CONFIGS, *EDGEQ_STAGE_CONFIGS, *ORT_CONFIGS, *NOISE_CONFIGS]
     assert not any("," in c.name for c in configs), "configuration names are picked by comma lists"
     return configs
 
@@ -437,6 +448,38 @@ def run_ort_row(fixture: Fixture, config: Config, episodes: int, work: Path, num
             **summarize_validation(val)}
 
 
+def run_noise_row(fixture: Fixture, config: Config, episodes: int, work: Path, num_envs: int = 8) -> dict[str, Any]:
+    """The float policy with Gaussian action noise vs itself without, paired on the same seeds."""
+    import numpy as np
+
+    from edgeq.rollout import run_episodes
+    from edgeq.validate.noise import perturbed_returns
+    from edgeq.validate.stats import describe, paired_difference
+    from edgeq.validate.targets import make_runtime
+
+    fp, make_env, _ = bound_policy(fixture)
+    io = {"input": fp.input_name, "output": fp.output_name, "state": [s.to_json() for s in fp.state]}
+    rt = make_runtime("cpu", fp.model.SerializeToString(), io, precision="fp32")
+    seeds = list(range(episodes))
+    low, high = fp.action_space.low_array.ravel(), fp.action_space.high_array.ravel()
+    sigma, draws = float(config.settings["sigma"]), int(config.settings["draws"])
+    ref = run_episodes(make_env, rt, seeds, num_envs=num_envs).returns
+    noisy = perturbed_returns(make_env, rt, seeds, sigma=sigma, draws=draws, low=low, high=high, num_envs=num_envs,
+                              draw_seed=30_000)
+    cand = noisy.mean(axis=0)
+    d = paired_difference(ref, cand)
+    f, q = describe(ref), describe(cand)
+    half = np.where(np.isfinite(high - low), (high - low) / 2, 1.0)
+    per_draw_kept = [1.0 + float((row - ref).mean()) / (abs(float(ref.mean())) or 1.0) for row in noisy]
+    return {"episodes": len(seeds), "float_mean": f["mean"], "float_std": f["std"], "int8_mean": q["mean"],
+            "int8_std": q["std"], "diff_mean": d["mean"], "diff_ci95": d["ci95"], "kept": 1.0 + d["relative_mean"],
+            "ratio_of_means": d["ratio_of_means"], "kept_per_draw": per_draw_kept,
+            # E|N(0, s)| = s * sqrt(2 / pi), before clipping to the bounds
+            "action_err_mean": float(sigma * half.mean() * np.sqrt(2 / np.pi)), "action_err_max": None,
+            "float_returns": [float(x) for x in ref], "int8_returns": [float(x) for x in cand],
+            "draw_returns": [[float(x) for x in row] for row in noisy]}
+
+
 def run_row(fixture: Fixture, config: Config, episodes: int, work: Path, num_envs: int = 8) -> dict[str, Any]:
     """One row, in this process. Failures become a row with ``error`` (the table shows them)."""
     base = {"fixture": fixture.name, "env": fixture.env, "config": config.name, "kind": config.kind,
@@ -445,7 +488,7 @@ def run_row(fixture: Fixture, config: Config, episodes: int, work: Path, num_env
     if missing:
         return {**base, "skipped": f"this checkout's CalibrationRecipe has no field(s) {missing}"}
     try:
-        fn = run_edgeq_row if config.kind == "edgeq" else run_ort_row
+        fn = {"edgeq": run_edgeq_row, "ort": run_ort_row, "noise": run_noise_row}[config.kind]
         return {**base, **fn(fixture, config, episodes, work, num_envs)}
     except Exception as exc:  # noqa: BLE001 - a failing configuration is a result, not a crash
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -490,27 +533,60 @@ def _return(mean: float | None, std: float | None) -> str:
     return "—" if mean is None else f"{mean:.1f} ± {std:.1f}"
 
 
+def worst_episode(r: dict[str, Any]) -> float | None:
+    """The worst paired episode: min over seeds of (int8 − float), as a fraction of |mean float return|."""
+    f, q = r.get("float_returns"), r.get("int8_returns")
+    if not f or not q:
+        return None
+    denom = abs(sum(f) / len(f)) or 1.0
+    return min(b - a for a, b in zip(f, q, strict=True)) / denom
+
+
+#: An episode counts as "lost" when its return falls below the float one on the same seed by more
+#: than this fraction of |mean float return| (HalfCheetah flipping over, Pendulum failing to swing up).
+LOST = 0.10
+
+
+def lost_episodes(r: dict[str, Any]) -> str:
+    """``k/n`` episodes lost (see :data:`LOST`); noise rows count over all their draws."""
+    f = r.get("float_returns")
+    if not f:
+        return "—"
+    denom = abs(sum(f) / len(f)) or 1.0
+    runs = r.get("draw_returns") or [r["int8_returns"]]
+    lost = sum(1 for q in runs for a, b in zip(f, q, strict=True) if b - a < -LOST * denom)
+    return f"{lost}/{len(f) * len(runs)}"
+
+
 def row_cells(r: dict[str, Any], full: bool) -> list[str]:
+    n = len(HEAD_FULL if full else HEAD_SHORT)
     if "skipped" in r or "error" in r:
         msg = r.get("skipped") or r.get("error", "")
-        return [r["config"], f"**{'skipped' if 'skipped' in r else 'failed'}**: {msg}"] + [""] * (10 if full else 6)
-    t, m, c = r["timings"], r["memory"], r["check"]
+        return [r["config"], f"**{'skipped' if 'skipped' in r else 'failed'}**: {msg}"] + [""] * (n - 2)
     lo, hi = r["diff_ci95"]
-    cells = [r["config"], _return(r["float_mean"], r["float_std"]), _return(r["int8_mean"], r["int8_std"]),
-             f"{r['kept']:.2%}", f"{r['diff_mean']:+.3g} [{lo:+.3g}, {hi:+.3g}]",
-             f"{r['action_err_mean']:.4f}", f"{r['action_err_max']:.3f}",
-             f"{c['errors']}" + (f" ({c['warnings']} warn)" if c["warnings"] else "")]
+    noise = r.get("kind") == "noise"
+    kept = f"{r['kept']:.2%}"
+    if noise:
+        kept += " (draws " + ", ".join(f"{k:.1%}" for k in r.get("kept_per_draw", [])) + ")"
+    c = r.get("check", {})
+    cells = [r["config"], _return(r["float_mean"], r["float_std"]), _return(r["int8_mean"], r["int8_std"]), kept,
+             f"{r['diff_mean']:+.3g} [{lo:+.3g}, {hi:+.3g}]", f"{_f(worst_episode(r), '+.1%')}", lost_episodes(r),
+             ("≈" if noise else "") + f"{r['action_err_mean']:.4f}", _f(r.get("action_err_max"), ".3f"),
+             "n/a" if noise else f"{c['errors']}" + (f" ({c['warnings']} warn)" if c["warnings"] else "")]
     if full:
+        if noise:
+            return cells + [""] * (n - len(cells))
+        t, m = r["timings"], r["memory"]
         cells += [f"{t.get('calibration_s', 0):.1f}", f"{t.get('quantize_s', 0):.2f}",
                   f"{_f(m.get('peak_rss_mib'), '.0f')} (+{_f(m.get('peak_increase_mib'), '.0f')})",
                   f"{r.get('int8_size', 0) / 1024:.0f}"]
     return cells
 
 
-HEAD_FULL = ["config", "float return", "int8 return", "kept", "int8 − float [95% CI]", "act err mean",
-             "act err max", "TRT errors", "calib rollouts (s)", "quantize (s)", "peak RSS MiB (+ over start)",
-             "int8 KiB"]
-HEAD_SHORT = HEAD_FULL[:8]
+HEAD_FULL = ["config", "float return", "int8 return", "kept", "int8 − float [95% CI]", "worst episode",
+             "episodes lost", "act err mean", "act err max", "TRT errors", "calib rollouts (s)", "quantize (s)",
+             "peak RSS MiB (+ over start)", "int8 KiB"]
+HEAD_SHORT = HEAD_FULL[:10]
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -563,16 +639,28 @@ def markdown(rows: list[dict[str, Any]], command: str, episodes: int, memory: di
              f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs shared with other jobs (load average "
              f"{load} at the end), Python {platform.python_version()}, onnxruntime {ort.__version__}, edgeq "
              f"{edgeq.__version__} (git {_git_head()}). One process at a time, one ORT thread."
-             + (f" Total wall time {(time.time() - started) / 60:.0f} min." if started else ""), "",
+             + (f" Wall time of this invocation {(time.time() - started) / 60:.0f} min." if started else ""), "",
              f"Every row: {episodes} paired episodes on seeds 0..{episodes - 1} (float and int8 from the same "
              "initial states), the INT8 model run by ONNX Runtime's CPU provider. **kept** = "
              "1 + mean(int8 − float) / |mean(float)| (= int8/float for positive returns; for Pendulum's negative "
              "returns it is still \"higher is better\", 100% = no loss). Action error = |a_int8 − a_float| on the "
              "states the float policy visits (env action units). **TRT errors** = error-severity violations of "
              "`edgeq check` (TensorRT explicit-quantization rules) on the INT8 graph (edgeq: `policy.int8.onnx`). "
-             "ONNX Runtime rows quantize the bundle's `policy.fp32.onnx` and calibrate on every state of edgeq's "
-             "calibration rollouts (same seeds and exploration noise).", ""]
-    lines += ["## Headline: edgeq default vs ONNX Runtime (defaults, TensorRT-style)", ""]
+             "**worst episode** = the most negative per-seed int8 − float, over |mean float return| (HalfCheetah "
+             "can flip over: one such episode costs ~5% of a 20-episode mean); **episodes lost** = how many "
+             "seeds' int8 return is below float's by more than 10% of |mean float return| (noise rows: over all "
+             "draws). ONNX Runtime rows quantize the "
+             "bundle's `policy.fp32.onnx` and calibrate on every state of edgeq's calibration rollouts (the same "
+             "calibration and held-out episodes, seeds and exploration noise). **float + noise σ** rows are a "
+             "reference, no quantization: the float policy with i.i.d. Gaussian action noise of std σ × the action "
+             "half-range (3 draws averaged per seed; their act err column is E|noise|), i.e. what an action error "
+             "of that size does to the return on its own. Times and memory (full tables): calibration rollouts "
+             "(calibration + held-out episodes; ORT rows: recording the same states), quantize = the plan's "
+             "stages + export + check (ORT: `quantize_static`), peak RSS of the row's process from the start of "
+             "calibration to the start of validation (kernel high-water mark, reset at calibration start).", ""]
+    lines += ["## Headline: edgeq default vs ONNX Runtime (defaults, TensorRT-style)", "",
+              "Per fixture: edgeq's default, ONNX Runtime's `quantize_static` with its defaults and with "
+              "TensorRT-style settings, and the reference float + noise 0.01 row.", ""]
     head_rows = [[r["fixture"], *row_cells(r, full=False)] for f in fixtures for r in rows
                  if r["fixture"] == f and r.get("headline")]
     lines += _table(["fixture", *HEAD_SHORT], head_rows) + [""]
@@ -588,7 +676,8 @@ def markdown(rows: list[dict[str, Any]], command: str, episodes: int, memory: di
         for f in fixtures:
             r = by.get((f, c))
             ok = r is not None and "kept" in r
-            cells.append(f"{r['kept']:.1%}{' †' if r['check']['errors'] else ''}" if ok else "—")
+            broken = r is not None and r.get("check", {}).get("errors")
+            cells.append(f"{r['kept']:.1%}{' †' if broken else ''}" if ok else "—")
         matrix.append(cells)
     lines += _table(["config", *fixtures], matrix) + [""]
     lines += ["## Configurations", ""]
@@ -648,6 +737,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write all rows as JSON here")
     ap.add_argument("--memory-json", type=Path, help="calibration_memory.py's JSON, shown as a section")
     ap.add_argument("--row-timeout", type=float, default=1800.0)
+    ap.add_argument("--reuse", type=Path, action="append",
+                    help="rows JSON of an earlier run (--json): its successful rows with the same --episodes are "
+                         "taken as they are instead of being run again")
     ap.add_argument("--list", action="store_true", help="print fixture and configuration names and exit")
     args = ap.parse_args(argv)
 
@@ -680,13 +772,22 @@ def main(argv: list[str] | None = None) -> int:
                                                ["benchmarks/calibration_table.py", *(argv or sys.argv[1:])])
     started = time.time()
     rows: list[dict[str, Any]] = []
+    reuse: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in args.reuse or []:
+        for r in json.loads(path.read_text()):
+            if "error" not in r and "skipped" not in r and r.get("episodes") == args.episodes:
+                reuse[(r["fixture"], r["config"])] = r
     for f in fixtures:
         for c in configs:
             slug = "".join(ch if ch.isalnum() else "-" for ch in c).strip("-")
+            if (f, c) in reuse:
+                rows.append(reuse[(f, c)])
+                continue
             row = run_row_subprocess(f, c, args.episodes, work / f / slug, args.num_envs, args.row_timeout)
             rows.append(row)
             status = row.get("error") or row.get("skipped") or (
-                f"kept {row['kept']:.2%}, act err {row['action_err_mean']:.4f}, TRT errors {row['check']['errors']}")
+                f"kept {row['kept']:.2%}, act err {row['action_err_mean']:.4f}, "
+                f"TRT errors {row.get('check', {}).get('errors', 'n/a')}")
             print(f"[{time.time() - started:7.0f}s] {f} / {c}: {status}", file=sys.stderr, flush=True)
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=1))
