@@ -3,7 +3,9 @@
 Compares, on the same SB3 policy and the same calibration observations:
 
 * ``float``      the float ONNX policy edgeq exports;
-* ``edgeq-int8`` edgeq's INT8 policy as ``edgeq.deploy`` runs it on CPU (``policy.int8.cpu.onnx``);
+* ``edgeq-int8`` edgeq's INT8 policy as ``edgeq.deploy`` runs it on CPU (``policy.int8.cpu.onnx``:
+  integer kernels, the layers narrower than ``cpu_float_below`` in float on their int8 weights);
+* ``edgeq-allint8`` the same CPU file with every layer in int8 (``cpu_float_below: 0``);
 * ``edgeq-qdq``  edgeq's portable QDQ file (``policy.int8.onnx``, the TensorRT one) under ORT;
 * ``ort-qdq``    ONNX Runtime's own ``quantize_static`` QDQ output (per-channel, symmetric, int8),
   run with default session options, for reference.
@@ -38,7 +40,7 @@ import onnxruntime as ort
 from edgeq.calibration.collect import ExplorationNoise, calibrate_rollouts
 from edgeq.deploy.runtime import OrtPolicy
 from edgeq.envs import env_factory
-from edgeq.export.ort_cpu import specialize_for_ort_cpu
+from edgeq.export.ort_cpu import DEFAULT_CPU_FLOAT_BELOW, specialize_for_ort_cpu
 from edgeq.export.qdq import apply_plan
 from edgeq.ingest import load_policy
 from edgeq.quantizers.plan import make_plan
@@ -106,15 +108,20 @@ def main() -> None:
     qmodel = apply_plan(policy.model, plan)
     qpath.write_bytes(qmodel.SerializeToString())
     cpath = tmp / "policy.int8.cpu.onnx"
-    cpath.write_bytes(specialize_for_ort_cpu(qmodel).SerializeToString())
+    cpath.write_bytes(specialize_for_ort_cpu(qmodel, min_int8_width=DEFAULT_CPU_FLOAT_BELOW).SerializeToString())
     if args.bundle is not None:
         fpath, qpath, cpath = (args.bundle / n for n in ("policy.fp32.onnx", "policy.int8.onnx",
                                                          "policy.int8.cpu.onnx"))
+        qmodel = onnx.load(str(qpath))
+    # the CPU file with every layer in int8 (profile cpu_float_below: 0): same arithmetic as the QDQ file
+    apath = tmp / "policy.int8.cpu.all-int8.onnx"
+    apath.write_bytes(specialize_for_ort_cpu(qmodel, min_int8_width=0).SerializeToString())
     opath = ort_quantize_static(fpath, tmp / "ort.qdq.onnx", stats.observations[:512])
 
     runners = {
         "float": plain_session(fpath),
         "edgeq-int8": OrtPolicy(cpath).session,
+        "edgeq-allint8": OrtPolicy(apath).session,
         "edgeq-qdq": OrtPolicy(qpath).session,
         "ort-qdq": plain_session(opath),
     }
@@ -128,16 +135,17 @@ def main() -> None:
                 per_round[name].append(time_calls(lambda v, s=sess: s.run(None, {"obs": v}), x, args.calls))
         for name, rs in per_round.items():
             rows.setdefault(name, {})[b] = {k: float(np.median([r[k] for r in rs])) for k in rs[0]}
-    sizes = {"float": file_size(fpath), "edgeq-int8": file_size(cpath), "edgeq-qdq": file_size(qpath),
+    sizes = {"float": file_size(fpath), "edgeq-int8": file_size(cpath), "edgeq-allint8": file_size(apath),
+             "edgeq-qdq": file_size(qpath),
              "ort-qdq": file_size(opath)}
     result = {"policy": args.policy, "bundle": str(args.bundle) if args.bundle else None, "env": args.env, "ort": ort.__version__, "cpu": platform.processor(),
               "calls": args.calls, "rounds": args.rounds, "latency": rows, "sizes": sizes}
-    print(f"{'model':12s} " + " ".join(f"{'b=' + str(b) + ' med µs':>14s}" for b in rows["float"])
+    print(f"{'model':13s} " + " ".join(f"{'b=' + str(b) + ' med µs':>14s}" for b in rows["float"])
           + "   ratio to float (median)" + "   size")
     for name, r in rows.items():
         meds = [r[b]["median_us"] for b in r]
         ratios = [r[b]["median_us"] / rows["float"][b]["median_us"] for b in r]
-        print(f"{name:12s} " + " ".join(f"{m:14.1f}" for m in meds) + "   "
+        print(f"{name:13s} " + " ".join(f"{m:14.1f}" for m in meds) + "   "
               + " ".join(f"{x:5.2f}" for x in ratios) + f"   {sizes[name] / 1024:.1f} KiB")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

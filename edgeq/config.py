@@ -83,6 +83,10 @@ class ExportProfile:
     min_batch: int = 1
     opt_batch: int = 1
     max_batch: int = 4096
+    #: ONNX Runtime CPU file only: layers whose input or output width is below this run in float on
+    #: their int8 weights (ORT's integer GEMM costs more per call than such a layer's arithmetic);
+    #: 0 quantizes every layer there too. The TensorRT/CUDA files are not affected.
+    cpu_float_below: int = 32
     tensorrt: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:

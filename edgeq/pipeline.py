@@ -20,7 +20,7 @@ from edgeq.deploy.bundle_format import FLOAT_MODEL, INT8_CPU_MODEL, INT8_CUDA_MO
 from edgeq.envs import check_env_matches, env_factory
 from edgeq.errors import EdgeqError
 from edgeq.export.bundle import BundleWriter
-from edgeq.export.ort_cpu import specialize_for_ort_cpu
+from edgeq.export.ort_cpu import cpu_float_layers, specialize_for_ort_cpu
 from edgeq.export.ort_cuda import specialize_for_ort_cuda
 from edgeq.export.qdq import apply_plan
 from edgeq.export.trt_rules import check_qdq_model, format_report
@@ -34,7 +34,7 @@ from edgeq.quantizers.plan import QuantPlan
 from edgeq.spaces import BoxSpec
 from edgeq.validate.offline import OPEN_LOOP_REASON, validate_offline
 from edgeq.validate.robustness import validate_target_robustness
-from edgeq.validate.saturation import DEFAULT_SATURATION_WARN, quantized_ranges
+from edgeq.validate.saturation import DEFAULT_SATURATION_WARN, quantized_ranges, restrict_to_quantized
 from edgeq.validate.validator import ValidationOptions, save_validation, validate_models
 
 #: ``cell_precision`` values: the recurrent cell's gate MatMuls in int8, or kept in fp32.
@@ -222,7 +222,8 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
     with writer as w:
         fpath = w.save_model(fp.model, FLOAT_MODEL)
         qpath = w.save_model(qmodel, INT8_MODEL)
-        cpath = w.save_model(specialize_for_ort_cpu(qmodel), INT8_CPU_MODEL)
+        cmodel = specialize_for_ort_cpu(qmodel, min_int8_width=prof.cpu_float_below)
+        cpath = w.save_model(cmodel, INT8_CPU_MODEL)
         gpath = w.save_model(specialize_for_ort_cuda(qmodel), INT8_CUDA_MODEL)
         int8_for = {"cpu": cpath, "cuda": gpath}
         t0 = time.perf_counter()
@@ -240,7 +241,8 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
                 progress=progress, int8_for_target=int8_for)
             result["closed_loop"] = True
             # saturation of every INT8 tensor on the validation rollouts (and robustness under disturbances)
-            ranges = quantized_ranges(plan.to_json())
+            # the tensors the CPU file really quantizes (its tiny layers run in float there)
+            ranges = restrict_to_quantized(quantized_ranges(plan.to_json()), cmodel)
             for target in [t for t in targets if t == "cpu" and t in result["targets"]]:
                 def stage(cond: str, target: str = target) -> Callable[[int], None]:
                     return progress(f"saturation {target} {cond}", 2 * episodes * ep_len if ep_len else None)
@@ -268,6 +270,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
             "io": io,
             "models": {"fp32": FLOAT_MODEL, "int8": INT8_MODEL, "int8-cpu": INT8_CPU_MODEL,
                        "int8-cuda": INT8_CUDA_MODEL},
+            "cpu_float_layers": cpu_float_layers(cmodel),
             "preprocess": fp.preprocess,
             "postprocess": fp.postprocess,
             "profile": prof.to_json(),

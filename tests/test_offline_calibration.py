@@ -87,10 +87,11 @@ def test_quantize_without_env_reports_open_loop_action_error(sac_pendulum: Path,
     assert "float" not in validation["targets"]["cpu"]  # no returns without an env
     assert result.validation == validation
 
-    # the reported error is the bundle's own int8-vs-float error on exactly the held-out rows
+    # the reported error is the bundle's own int8-vs-float error on exactly the held-out rows, for the
+    # file the CPU target runs (policy.int8.cpu.onnx)
     held = load_observations(logged).observations[750:]
     f = OrtPolicy(out / "policy.fp32.onnx").act(held).astype(np.float64)
-    q = OrtPolicy(out / "policy.int8.onnx").act(held).astype(np.float64)
+    q = OrtPolicy(out / manifest["models"]["int8-cpu"]).act(held).astype(np.float64)
     err = validation["targets"]["cpu"]["action_error"]["on_held_out_observations"]
     assert err["steps"] == 250
     assert err["mean_abs"] == pytest.approx(float(np.abs(q - f).mean()), rel=1e-9)

@@ -115,6 +115,12 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
                   + ("chosen per layer (search started at " if auto else "")
                   + f"{settings.get('activation_calibrator')} {settings.get('calibrator_params', {})}"
                   + (")" if auto else "") + f"; weights: per-channel {settings.get('weight_method')}")
+    cpu_float = manifest.get("cpu_float_layers") or []
+    if cpu_float:
+        below = manifest.get("profile", {}).get("cpu_float_below")
+        console.print(f"ONNX Runtime CPU file: {len(cpu_float)} layer(s) narrower than {below} run in float on their "
+                      f"int8 weights ({', '.join(cpu_float)}): faster than ORT's int8 kernel at that size; "
+                      "the TensorRT file quantizes every layer", highlight=False, soft_wrap=True)
     cell = settings.get("recurrent_cell")
     if cell:
         console.print(f"recurrent cell: {cell['precision']} ({len(cell.get('gate_nodes', []))} gate MatMuls)")

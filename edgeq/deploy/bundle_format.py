@@ -7,7 +7,9 @@ A bundle is a directory::
                         SHA-256 of every other file
     policy.fp32.onnx    the float policy (self-contained, no external data)
     policy.int8.onnx    the INT8 QDQ policy (int8 weight initializers): TensorRT, CUDA, any runtime
-    policy.int8.cpu.onnx  the same arithmetic specialized for ONNX Runtime's CPU provider
+    policy.int8.cpu.onnx  specialized for ONNX Runtime's CPU provider (integer kernels; layers narrower
+                          than the profile's ``cpu_float_below`` run in float on their int8 weights,
+                          listed in the manifest's ``cpu_float_layers``)
     policy.int8.cuda.onnx the same arithmetic specialized for ONNX Runtime's CUDA provider
     validation.json     paired float/int8 rollouts (written by the validator)
     *.engine            optional TensorRT engines, each described in ``manifest["engines"]``

@@ -14,6 +14,24 @@ saturation point, so the CPU file would no longer compute what the TensorRT file
 gain ~0.3 µs per call at batch 1, not worth a second arithmetic.) The portable ``policy.int8.onnx``
 stays the artifact for TensorRT and other runtimes; the CPU target validates this file, since it is
 the one that runs there.
+
+**Tiny layers run in float on the CPU** (``min_int8_width``, the ``cpu-ort`` profile's
+``cpu_float_below``). ONNX Runtime's integer GEMM (``MatMulIntegerToFloat``) costs ~1.5-2 µs per
+call on top of the arithmetic (it rebuilds the per-channel ``a_scale × b_scale`` multipliers and
+packs A each call), while a float ``FusedGemm`` of a [17 → 256] or [256 → 6] layer takes ~0.4 µs:
+for the observation and action layers of a policy the INT8 kernel never earns its overhead back
+(measured in ``benchmarks/results/cpu.md``; NVIDIA's Model Optimizer leaves such GEMMs unquantized
+for the same reason). A layer whose input or output width is below ``min_int8_width`` is written
+as a float ``Gemm`` whose weight is ``Cast(int8 W) × scale`` (× the CrossQuant / equalization
+column factors of its input, if any): the file still stores int8 weights, ONNX Runtime
+constant-folds the expression into a float weight once at session load, and the layer's
+activation is not quantized (so this layer is more precise on the CPU than in the TensorRT file).
+An INT8 layer whose output (through a ``Relu``) feeds only such float layers hands its per-channel
+weight scales to them: ``relu(a·w_j·acc_j + b_j) = w_j · relu(a·acc_j + b_j / w_j)`` for w_j > 0,
+so ``MatMulIntegerToFloat`` gets a scalar weight scale (its cheap path: no per-call multiplier
+vector) and the float layer's weight rows absorb w_j at load (exact up to float rounding).
+The layers kept in float are listed in the model's ``edgeq.cpu_float_layers`` metadata and in the
+manifest; the CPU target's validation runs this very file.
 """
 
 from __future__ import annotations
@@ -25,8 +43,27 @@ from onnx import helper, numpy_helper
 MS_DOMAIN = "com.microsoft"
 
 
-def specialize_for_ort_cpu(qdq: onnx.ModelProto) -> onnx.ModelProto:
-    """Rewrite every INT8 MatMul(+bias Add) of an edgeq QDQ graph into MatMulIntegerToFloat."""
+#: Default ``min_int8_width``: layers with fewer inputs or outputs than this run in float on the CPU.
+DEFAULT_CPU_FLOAT_BELOW = 32
+CPU_FLOAT_LAYERS_KEY = "edgeq.cpu_float_layers"
+
+
+def cpu_float_layers(model: onnx.ModelProto) -> list[str]:
+    """The layers that a CPU-specialized file runs in float (from its metadata; [] if none)."""
+    import json
+
+    for prop in model.metadata_props:
+        if prop.key == CPU_FLOAT_LAYERS_KEY:
+            return [str(x) for x in json.loads(prop.value)]
+    return []
+
+
+def specialize_for_ort_cpu(qdq: onnx.ModelProto, min_int8_width: int = 0) -> onnx.ModelProto:
+    """Rewrite every INT8 MatMul(+bias Add) of an edgeq QDQ graph into MatMulIntegerToFloat.
+
+    With ``min_int8_width`` > 0, layers whose input or output width is below it become float
+    ``Gemm``s on their dequantized int8 weights instead (see the module docstring).
+    """
     m = onnx.ModelProto()
     m.CopyFrom(qdq)
     g = m.graph
@@ -42,6 +79,8 @@ def specialize_for_ort_cpu(qdq: onnx.ModelProto) -> onnx.ModelProto:
     replace: dict[int, list[onnx.NodeProto]] = {}
     new_inits: list[onnx.TensorProto] = []
     u8_of_q: dict[str, str] = {}
+    float_layers: list[str] = []
+    float_weights: set[str] = set()
     for node in g.node:
         if node.op_type != "MatMul":
             continue
@@ -50,6 +89,14 @@ def specialize_for_ort_cpu(qdq: onnx.ModelProto) -> onnx.ModelProto:
             continue
         q = producer.get(a_dq.input[0])
         if q is None or q.op_type != "QuantizeLinear" or w_dq.input[0] not in inits:
+            continue
+        add = _bias_add(node, consumers, inits)
+        k_in, n_out = (int(d) for d in inits[w_dq.input[0]].dims)
+        if min(k_in, n_out) < min_int8_width and q.input[1] in inits:  # static input quantizer only
+            replace[id(node)] = _float_layer(node, q, w_dq, add, producer, consumers, inits, new_inits)
+            float_weights.add(replace[id(node)][-1].input[1])
+            drop.update({id(a_dq), id(w_dq)} | ({id(add[0])} if add is not None else set()))
+            float_layers.append(node.name or node.output[0])
             continue
         # activation: Q(int8, zp 0) → Q(uint8, zp 128), shared by every layer reading it
         if q.output[0] not in u8_of_q:
@@ -60,13 +107,6 @@ def specialize_for_ort_cpu(qdq: onnx.ModelProto) -> onnx.ModelProto:
             replace[id(q)] = [helper.make_node("QuantizeLinear", [src, q.input[1], zp_name], [u8],
                                                name=f"{q.name}.u8")]
             u8_of_q[q.output[0]] = u8
-        add = None
-        users = consumers.get(node.output[0], [])
-        if len(users) == 1 and users[0].op_type == "Add":
-            cand = users[0]
-            other = cand.input[1] if cand.input[0] == node.output[0] else cand.input[0]
-            if other in inits and numpy_helper.to_array(inits[other]).ndim == 1:
-                add = (cand, other)
         inputs = [u8_of_q[q.output[0]], w_dq.input[0], a_dq.input[1], w_dq.input[1],
                   f"{q.output[0]}.u8_zero_point", w_dq.input[2] if len(w_dq.input) > 2 else ""]
         outputs = [node.output[0]]
@@ -84,7 +124,9 @@ def specialize_for_ort_cpu(qdq: onnx.ModelProto) -> onnx.ModelProto:
             nodes.extend(replace[id(n)])
         elif id(n) not in drop:
             nodes.append(n)
-    nodes = _bypass_output_identities(nodes, graph_outputs)
+    nodes = _drop_dead_nodes(_bypass_output_identities(nodes, graph_outputs), graph_outputs)
+    if float_layers:
+        nodes = _move_weight_scales_into_float_layers(nodes, inits, new_inits, graph_outputs, float_weights)
     used = {i for n in nodes for i in n.input}
     kept = [t for t in g.initializer if t.name in used]
     del g.node[:]
@@ -93,7 +135,15 @@ def specialize_for_ort_cpu(qdq: onnx.ModelProto) -> onnx.ModelProto:
     g.initializer.extend(kept + [t for t in new_inits if t.name in used])
     if not any(op.domain == MS_DOMAIN for op in m.opset_import):
         m.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    m.doc_string = "edgeq INT8 policy specialized for ONNX Runtime CPU (same arithmetic as the QDQ graph)"
+    if float_layers:
+        import json
+
+        helper.set_model_props(m, {**{p.key: p.value for p in m.metadata_props},
+                                   CPU_FLOAT_LAYERS_KEY: json.dumps(float_layers)})
+        m.doc_string = ("edgeq INT8 policy specialized for ONNX Runtime CPU (the QDQ graph's arithmetic; layers "
+                        f"narrower than {min_int8_width} run in float on their int8 weights: {', '.join(float_layers)})")
+    else:
+        m.doc_string = "edgeq INT8 policy specialized for ONNX Runtime CPU (same arithmetic as the QDQ graph)"
     onnx.checker.check_model(m)
     return m
 
@@ -110,4 +160,118 @@ def _bypass_output_identities(nodes: list[onnx.NodeProto], outputs: set[str]) ->
         p = producers[0]
         p.output[list(p.output).index(src)] = ident.output[0]
         out.remove(ident)
+    return out
+
+
+def _bias_add(node: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]],
+              inits: dict[str, onnx.TensorProto]) -> tuple[onnx.NodeProto, str] | None:
+    """The ``Add`` of a 1-D constant bias that alone consumes ``node``'s output, with the bias name."""
+    users = consumers.get(node.output[0], [])
+    if len(users) == 1 and users[0].op_type == "Add":
+        cand = users[0]
+        other = cand.input[1] if cand.input[0] == node.output[0] else cand.input[0]
+        if other in inits and len(inits[other].dims) == 1:
+            return cand, other
+    return None
+
+
+def _float_layer(node: onnx.NodeProto, q: onnx.NodeProto, w_dq: onnx.NodeProto,
+                 add: tuple[onnx.NodeProto, str] | None, producer: dict[str, onnx.NodeProto],
+                 consumers: dict[str, list[onnx.NodeProto]], inits: dict[str, onnx.TensorProto],
+                 new_inits: list[onnx.TensorProto]) -> list[onnx.NodeProto]:
+    """``Gemm(x, Cast(W_int8) × w_scale [× column factors], bias)`` in place of an INT8 layer.
+
+    ``x`` is the float tensor the layer's activation quantizer read. If that tensor is a ``Mul``
+    by a per-column constant (CrossQuant's static column factors, an equalization scale) read by
+    nothing else, the factors move into the weight rows: (x · f) W = x (diag(f) W).
+    """
+    base = node.name or node.output[0]
+    w_int8, w_scale = w_dq.input[0], w_dq.input[1]
+    zp = w_dq.input[2] if len(w_dq.input) > 2 else ""
+    if zp and np.any(numpy_helper.to_array(inits[zp]) != 0):
+        raise ValueError(f"{w_dq.name}: edgeq weights are symmetric (zero point 0)")
+    k_in = int(inits[w_int8].dims[0])
+    x = q.input[0]
+    nodes = [helper.make_node("Cast", [w_int8], [f"{base}/w.f32"], to=onnx.TensorProto.FLOAT, name=f"{base}/w.cast"),
+             helper.make_node("Mul", [f"{base}/w.f32", w_scale], [f"{base}/w.dequantized"], name=f"{base}/w.scale")]
+    weight = f"{base}/w.dequantized"
+    pre = producer.get(x)
+    if pre is not None and pre.op_type == "Mul" and len(consumers.get(x, [])) == 1:
+        factor = next((i for i in pre.input if i in inits and list(inits[i].dims) == [k_in]), None)
+        if factor is not None:
+            f = numpy_helper.to_array(inits[factor]).astype(np.float32).reshape(k_in, 1)
+            new_inits.append(numpy_helper.from_array(f, f"{base}/w.row_factors"))
+            nodes.append(helper.make_node("Mul", [weight, f"{base}/w.row_factors"], [f"{base}/w.folded"],
+                                          name=f"{base}/w.fold_input_scale"))
+            weight = f"{base}/w.folded"
+            x = pre.input[0] if pre.input[1] == factor else pre.input[1]
+    if add is not None:
+        nodes.append(helper.make_node("Gemm", [x, weight, add[1]], [add[0].output[0]], name=base))
+    else:
+        nodes.append(helper.make_node("MatMul", [x, weight], [node.output[0]], name=base))
+    return nodes
+
+
+def _drop_dead_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """Remove nodes none of whose outputs is read (e.g. an activation quantizer of a float layer)."""
+    out = list(nodes)
+    while True:
+        used = {i for n in out for i in n.input} | outputs
+        keep = [n for n in out if any(o in used for o in n.output)]
+        if len(keep) == len(out):
+            return out
+        out = keep
+
+
+def _move_weight_scales_into_float_layers(nodes: list[onnx.NodeProto], inits: dict[str, onnx.TensorProto],
+                                          new_inits: list[onnx.TensorProto], outputs: set[str],
+                                          float_weights: set[str]) -> list[onnx.NodeProto]:
+    """Give an INT8 layer feeding only float layers a scalar weight scale (see the module docstring).
+
+    ``float_weights``: the (load-time folded) weight tensors of the layers written in float.
+    """
+    new_by_name = {t.name: t for t in new_inits}
+
+    def const(name: str) -> np.ndarray | None:
+        t = inits.get(name) or new_by_name.get(name)
+        return None if t is None else numpy_helper.to_array(t)
+
+    out = list(nodes)
+    for mm in [n for n in out if n.op_type == "MatMulIntegerToFloat" and n.domain == MS_DOMAIN]:
+        w_scale = const(mm.input[3])
+        bias = const(mm.input[6]) if len(mm.input) > 6 and mm.input[6] else None
+        if w_scale is None or w_scale.ndim != 1 or w_scale.size < 2 or np.any(w_scale <= 0):
+            continue
+        users = [n for n in out if mm.output[0] in n.input]
+        relu = users[0] if len(users) == 1 and users[0].op_type == "Relu" else None
+        act = relu.output[0] if relu is not None else mm.output[0]
+        readers = [n for n in out if act in n.input]
+        if act in outputs or mm.output[0] in outputs or not readers or not all(
+                n.op_type in ("Gemm", "MatMul") and n.input[0] == act and n.input[1] in float_weights
+                and act not in n.input[1:] for n in readers):
+            continue
+        base = mm.name or mm.output[0]
+        one, factors = f"{base}/unit_weight_scale", f"{base}/weight_scale_rows"
+        new_inits.append(numpy_helper.from_array(np.array(1.0, np.float32), one))
+        new_inits.append(numpy_helper.from_array(w_scale.astype(np.float32).reshape(-1, 1), factors))
+        mm.input[3] = one
+        if bias is not None:
+            name = f"{base}/bias_over_weight_scale"
+            new_inits.append(numpy_helper.from_array((bias / w_scale).astype(np.float32), name))
+            mm.input[6] = name
+        # the tensors now hold act / w_j per channel: rename them so nothing reads them as the originals
+        renamed = f"{act}/over_weight_scale"
+        if relu is not None:
+            mid = f"{mm.output[0]}/over_weight_scale"
+            mm.output[0] = mid
+            relu.input[0], relu.output[0] = mid, renamed
+        else:
+            mm.output[0] = renamed
+        for reader in readers:
+            reader.input[0] = renamed
+            scaled = f"{reader.name or reader.output[0]}/w.rows_times_input_scale"
+            idx = out.index(reader)
+            out.insert(idx, helper.make_node("Mul", [reader.input[1], factors], [scaled],
+                                             name=f"{reader.name or reader.output[0]}/w.absorb_input_scale"))
+            reader.input[1] = scaled
     return out

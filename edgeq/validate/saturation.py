@@ -59,6 +59,16 @@ def quantized_ranges(quantization: Mapping[str, Any]) -> dict[str, float]:
     return {str(a["tensor"]): float(a["amax"]) for a in quantization.get("activations", [])}
 
 
+def restrict_to_quantized(ranges: Mapping[str, float], model: onnx.ModelProto) -> dict[str, float]:
+    """The entries of ``ranges`` whose tensor ``model`` quantizes (feeds to a ``QuantizeLinear``).
+
+    A target-specialized file may run some layers in float (the CPU file's tiny layers); their
+    activations cannot saturate there.
+    """
+    quantized = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    return {t: a for t, a in ranges.items() if t in quantized}
+
+
 def instrument_model(model: str | Path | onnx.ModelProto, tensors: Sequence[str]) -> bytes:
     """The model (a path or proto) with ``tensors`` added as graph outputs, serialized."""
     from edgeq.calibration.collect import instrumented
