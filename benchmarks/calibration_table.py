@@ -94,6 +94,7 @@ class Config:
     describe: str = ""
     headline: bool = False
     plain: bool = True  # edgeq rows: start from PLAIN_STAGES (False: from the shipped recipe)
+    shipped_cpu_file: bool = False  # edgeq rows: the shipped cpu-ort profile (else every layer int8 on the CPU)
 
 
 def _edgeq(name: str, describe: str, headline: bool = False, plain: bool = True, **overrides: Any) -> Config:
@@ -112,6 +113,10 @@ PLAIN_STAGES: dict[str, Any] = {"transform": "none", "dynamic": False, "auto": F
 EDGEQ_CONFIGS: list[Config] = [
     _edgeq("edgeq default", "the recipe as shipped (calibration/<env>.yaml, else default.yaml, over the "
            "CalibrationRecipe defaults)", headline=True, plain=False),
+    Config("edgeq default (shipped CPU file)", "edgeq", {},
+           "the shipped recipe and the shipped cpu-ort profile: policy.int8.cpu.onnx as edgeq.deploy runs it on a "
+           "CPU (layers narrower than cpu_float_below = 32, i.e. the observation and action layers, in float on "
+           "their int8 weights)", headline=True, plain=False, shipped_cpu_file=True),
     _edgeq("edgeq default without fp16", "the shipped recipe with fp16_fallback 0 (all layers int8)", plain=False,
            fp16_fallback=0),
     *[_edgeq(f"{cal} / w-{wm}", f"activations {cal} (per tensor), weights per-channel {wm}, later stages off",
@@ -281,6 +286,17 @@ def summarize_validation(val: dict[str, Any]) -> dict[str, Any]:
             "int8_returns": c["int8"]["returns"]}
 
 
+def _profile_for(config: Config) -> Any:
+    """The export profile of an edgeq row: ``cpu-ort`` with every layer INT8 on the CPU too (the arithmetic of
+    ``policy.int8.onnx`` / TensorRT, so rows compare quantizers), or as shipped for ``shipped_cpu_file`` rows."""
+    from dataclasses import replace
+
+    from edgeq.config import load_profile
+
+    shipped = load_profile("cpu-ort")
+    return shipped if config.shipped_cpu_file else replace(shipped, cpu_float_below=0)
+
+
 def _recipe_for(fixture: Fixture, config: Config | None) -> Any:
     """The fixture's shipped recipe; for ``plain`` rows with the later stages off; then the row's settings."""
     from edgeq.config import load_recipe
@@ -310,7 +326,8 @@ def run_edgeq_row(fixture: Fixture, config: Config, episodes: int, work: Path, n
     bundle = work / "bundle"
     t0 = time.perf_counter()
     result = quantize(fixture.path, fixture.env, bundle, episodes=episodes, seed=0, recipe=recipe, num_envs=num_envs,
-                      validation=light_validation(num_envs), report=False, overwrite=True, progress=progress)
+                      profile=_profile_for(config), validation=light_validation(num_envs), report=False,
+                      overwrite=True, progress=progress)
     wall = time.perf_counter() - t0
     mem.stop()
     q = result.manifest.get("quantization", {})
@@ -641,7 +658,10 @@ def markdown(rows: list[dict[str, Any]], command: str, episodes: int, memory: di
              f"{edgeq.__version__} (git {_git_head()}). One process at a time, one ORT thread."
              + (f" Wall time of this invocation {(time.time() - started) / 60:.0f} min." if started else ""), "",
              f"Every row: {episodes} paired episodes on seeds 0..{episodes - 1} (float and int8 from the same "
-             "initial states), the INT8 model run by ONNX Runtime's CPU provider. **kept** = "
+             "initial states), the INT8 model run by ONNX Runtime's CPU provider; edgeq rows run every layer in "
+             "INT8 there too (export profile `cpu_float_below: 0`: the arithmetic of `policy.int8.onnx`, i.e. of a "
+             "TensorRT engine), except **edgeq default (shipped CPU file)**: `policy.int8.cpu.onnx` as edgeq ships "
+             "it, with the observation and action layers in float on their int8 weights. **kept** = "
              "1 + mean(int8 − float) / |mean(float)| (= int8/float for positive returns; for Pendulum's negative "
              "returns it is still \"higher is better\", 100% = no loss). Action error = |a_int8 − a_float| on the "
              "states the float policy visits (env action units). **TRT errors** = error-severity violations of "
