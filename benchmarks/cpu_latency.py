@@ -138,7 +138,8 @@ def main() -> None:
     sizes = {"float": file_size(fpath), "edgeq-int8": file_size(cpath), "edgeq-allint8": file_size(apath),
              "edgeq-qdq": file_size(qpath),
              "ort-qdq": file_size(opath)}
-    result = {"policy": args.policy, "bundle": str(args.bundle) if args.bundle else None, "env": args.env, "ort": ort.__version__, "cpu": platform.processor(),
+    result = {"policy": args.policy, "bundle": str(args.bundle) if args.bundle else None, "env": args.env,
+              "ort": ort.__version__, "cpu": platform.processor(),
               "calls": args.calls, "rounds": args.rounds, "latency": rows, "sizes": sizes}
     print(f"{'model':13s} " + " ".join(f"{'b=' + str(b) + ' med µs':>14s}" for b in rows["float"])
           + "   ratio to float (median)" + "   size")

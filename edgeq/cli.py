@@ -5,8 +5,6 @@ Commands live in :mod:`edgeq.commands` (one module per group); importing them re
 
 from __future__ import annotations
 
-import sys
-
 from edgeq.commands import check as _check  # noqa: F401  (registers check)
 from edgeq.commands import compare as _compare  # noqa: F401  (registers compare)
 from edgeq.commands import quantize as _quantize  # noqa: F401  (registers quantize, info)
@@ -20,4 +18,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

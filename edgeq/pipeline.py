@@ -159,7 +159,8 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
         make_env = env_factory(env, env_kwargs)
         if calib_kwargs is None and calib_id == env:
             calib_kwargs = env_kwargs
-        make_calib_env = perturbed_factory(env_factory(calib_id, calib_kwargs), calib_specs)
+        calib_name = calib_env or env
+        make_calib_env = perturbed_factory(env_factory(calib_name, calib_kwargs), calib_specs)
         make_perturbed_env = perturbed_factory(make_env, val_specs) if val_specs else None
         probe = make_env()
         try:
@@ -168,7 +169,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
             fp = bind_env_spaces(fp, probe.observation_space, probe.action_space)
         finally:
             probe.close()
-        for name, factory in ((calib_id, make_calib_env), (env, make_perturbed_env)):
+        for name, factory in ((calib_name, make_calib_env), (env, make_perturbed_env)):
             if factory is None or factory is make_env:
                 continue
             extra = factory()  # also checks that the disturbances fit the env (e.g. push needs MuJoCo)
@@ -222,7 +223,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
     with writer as w:
         fpath = w.save_model(fp.model, FLOAT_MODEL)
         qpath = w.save_model(qmodel, INT8_MODEL)
-        cmodel = specialize_for_ort_cpu(qmodel, min_int8_width=prof.cpu_float_below)
+        cmodel = specialize_for_ort_cpu(qmodel, min_int8_width=prof.cpu_float_below, keep_int8=gate_nodes)
         cpath = w.save_model(cmodel, INT8_CPU_MODEL)
         gpath = w.save_model(specialize_for_ort_cuda(qmodel), INT8_CUDA_MODEL)
         int8_for = {"cpu": cpath, "cuda": gpath}
@@ -233,6 +234,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
             result = _validate_open_loop(fpath, {t: int8_for.get(t, qpath) for t in targets}, io, log,
                                          held_out, holdout_fraction, targets, fp.action_space.size, progress)
         else:
+            assert env is not None  # make_env exists only with an env
             vopts = validation if validation is not None else ValidationOptions.light(targets=tuple(targets))
             vopts = replace(vopts, num_envs=num_envs)
             result = validate_models(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
+import onnx
 import pytest
 
 from edgeq.deploy import policy as deploy
@@ -87,6 +88,13 @@ def test_quantizes_end_to_end_with_state_in_the_manifest(bundles: dict[str, Path
         assert val["float"]["mean"] > -400
         assert abs(val["paired_difference"]["mean"]) <= 0.1 * abs(val["float"]["mean"]) + 20
         assert "lstm_actor.l0.h_prev" in val["saturation"]["on_int8_trajectory"]["tensors"] or cell == "fp32"
+        # the CPU file runs the tiny action layer (32 → 1) in float but keeps an int8 cell's gates in int8,
+        # even the input gate (3 → 128, narrower than cpu_float_below)
+        cpu = onnx.load(str(bundle / manifest["models"]["int8-cpu"]))
+        integer = {n.name for n in cpu.graph.node if n.op_type == "MatMulIntegerToFloat"}
+        assert set(gates) <= integer if cell == "int8" else not set(gates) & integer
+        assert not set(gates) & set(manifest["cpu_float_layers"])
+        assert any("action_net" in n for n in manifest["cpu_float_layers"])
 
 
 def test_cell_in_fp32_has_no_more_action_error_than_int8_cell(bundles: dict[str, Path]) -> None:

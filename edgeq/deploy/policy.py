@@ -157,7 +157,8 @@ def load(bundle: str | Path, backend: str = "auto", *, precision: str = "int8", 
     :class:`BundleError`; so does a TensorRT engine built for another GPU or TensorRT version.
     ``precision``: ``"int8"`` (default) or ``"fp32"``. A bundle's backend-specialized copy of the
     model (``policy.int8.cpu.onnx``, ``policy.int8.cuda.onnx``: fewer kernels; the CPU file runs the
-    manifest's ``cpu_float_layers`` in float) is used where there is one; validation measured that file. On ``cuda`` inputs and outputs are bound to device buffers and, with
+    manifest's ``cpu_float_layers`` in float) is used where there is one; validation measured that file.
+    On ``cuda`` inputs and outputs are bound to device buffers and, with
     ``cuda_graph``, each batch size's run is captured once as a CUDA graph and replayed. ``warmup``
     calls on a zero observation are made (and then forgotten: state and latency statistics) so the
     first real call is not slow.

@@ -36,6 +36,8 @@ manifest; the CPU target's validation runs this very file.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -58,11 +60,14 @@ def cpu_float_layers(model: onnx.ModelProto) -> list[str]:
     return []
 
 
-def specialize_for_ort_cpu(qdq: onnx.ModelProto, min_int8_width: int = 0) -> onnx.ModelProto:
+def specialize_for_ort_cpu(qdq: onnx.ModelProto, min_int8_width: int = 0,
+                           keep_int8: Collection[str] = ()) -> onnx.ModelProto:
     """Rewrite every INT8 MatMul(+bias Add) of an edgeq QDQ graph into MatMulIntegerToFloat.
 
     With ``min_int8_width`` > 0, layers whose input or output width is below it become float
-    ``Gemm``s on their dequantized int8 weights instead (see the module docstring).
+    ``Gemm``s on their dequantized int8 weights instead (see the module docstring), except the
+    nodes named in ``keep_int8`` (a recurrent cell's gate MatMuls: their int8 arithmetic is what
+    the recurrent validation is about, so every target runs it).
     """
     m = onnx.ModelProto()
     m.CopyFrom(qdq)
@@ -92,7 +97,7 @@ def specialize_for_ort_cpu(qdq: onnx.ModelProto, min_int8_width: int = 0) -> onn
             continue
         add = _bias_add(node, consumers, inits)
         k_in, n_out = (int(d) for d in inits[w_dq.input[0]].dims)
-        if min(k_in, n_out) < min_int8_width and q.input[1] in inits:  # static input quantizer only
+        if min(k_in, n_out) < min_int8_width and q.input[1] in inits and node.name not in keep_int8:
             replace[id(node)] = _float_layer(node, q, w_dq, add, producer, consumers, inits, new_inits)
             float_weights.add(replace[id(node)][-1].input[1])
             drop.update({id(a_dq), id(w_dq)} | ({id(add[0])} if add is not None else set()))
@@ -141,7 +146,8 @@ def specialize_for_ort_cpu(qdq: onnx.ModelProto, min_int8_width: int = 0) -> onn
         helper.set_model_props(m, {**{p.key: p.value for p in m.metadata_props},
                                    CPU_FLOAT_LAYERS_KEY: json.dumps(float_layers)})
         m.doc_string = ("edgeq INT8 policy specialized for ONNX Runtime CPU (the QDQ graph's arithmetic; layers "
-                        f"narrower than {min_int8_width} run in float on their int8 weights: {', '.join(float_layers)})")
+                        f"narrower than {min_int8_width} run in float on their int8 weights: "
+                        f"{', '.join(float_layers)})")
     else:
         m.doc_string = "edgeq INT8 policy specialized for ONNX Runtime CPU (same arithmetic as the QDQ graph)"
     onnx.checker.check_model(m)

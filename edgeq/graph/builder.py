@@ -52,7 +52,7 @@ class GraphBuilder:
         self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
-    def op(self, op_type: str, inputs: Sequence[str], base: str, **attrs: object) -> str:
+    def op(self, op_type: str, inputs: Sequence[str], base: str, **attrs: Any) -> str:
         out = self.unique(base)
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=self.unique(f"{base}/{op_type}"),
                                            **attrs))

@@ -111,8 +111,8 @@ def _sequential(sd: dict[str, np.ndarray], prefix: str, activation: str, *, trai
             layers.append(Linear(name, params["weight"].astype(np.float32),
                                  params["bias"].astype(np.float32) if "bias" in params else None))
         elif "ra_mean" in params or "running_mean" in params:
-            mean = params.get("ra_mean", params.get("running_mean")).astype(np.float64)
-            var = params.get("ra_var", params.get("running_var")).astype(np.float64)
+            mean = (params["ra_mean"] if "ra_mean" in params else params["running_mean"]).astype(np.float64)
+            var = (params["ra_var"] if "ra_var" in params else params["running_var"]).astype(np.float64)
             gamma = params.get("scale", params.get("weight", np.ones_like(mean))).astype(np.float64)
             beta = params.get("bias", np.zeros_like(mean)).astype(np.float64)
             scale = gamma / np.sqrt(var + bn_eps)
