@@ -223,3 +223,64 @@ def test_success_rate_from_env_info(bundle: Path) -> None:
     term = val["targets"]["cpu"]["termination"]
     assert term["float_success_rate"] == 1.0  # the trained SAC swings up and holds on every seed
     assert 0.0 <= term["int8_success_rate"] <= 1.0 and term["float_rate"] == 0.0
+
+
+def test_revalidation_ranks_layers_of_a_crossquant_bundle(sac_pendulum: Path, tmp_path: Path) -> None:
+    """The manifest stores the input scalings' factors, so ``edgeq validate`` rebuilds the plan and
+    ranks the layers one at a time for a bundle made with CrossQuant on every layer."""
+    from dataclasses import replace
+
+    from edgeq.config import load_recipe
+    from edgeq.pipeline import quantize
+
+    recipe = replace(load_recipe(None, "Pendulum-v1"), auto=False, transform="crossquant", transform_layers="all",
+                     alpha=0.15, fp16_fallback=0)
+    out = tmp_path / "bundle"
+    quantize(sac_pendulum, "Pendulum-v1", out, episodes=2, calib_episodes=4, num_envs=4, recipe=recipe)
+    quant = json.loads((out / MANIFEST).read_text())["quantization"]
+    assert len(quant["transforms"]) == 3 and all(len(t["factors"]) > 0 for t in quant["transforms"])
+    res = CliRunner().invoke(app, ["validate", str(out), *FAST, "--no-report", "--json"])
+    assert res.exit_code in (0, 1), res.output
+    pl = json.loads((out / "validation.json").read_text())["per_layer"]
+    assert pl["plan_reproduces_model_max_abs"] == 0.0
+    assert len(pl["ranking"]) == 3 and sum(r["share"] for r in pl["ranking"]) == pytest.approx(1.0)
+
+
+def test_plan_rebuild_takes_rounding_and_corrected_bias_from_the_int8_model(sac_pendulum: Path) -> None:
+    """AdaRound's rounding and bias correction cannot be recomputed from the manifest: the rebuilt plan
+    takes the stored int8 weights and corrected biases, and reproduces the INT8 model exactly."""
+    import dataclasses
+
+    from edgeq.calibration.collect import calibrate_observations
+    from edgeq.deploy.runtime import OrtPolicy
+    from edgeq.export.qdq import apply_plan
+    from edgeq.ingest.sb3 import load_sb3
+    from edgeq.quantizers.build import QuantOptions, build_plan
+    from edgeq.quantizers.weights import QuantizedWeight
+    from edgeq.validate.layers import plan_from_manifest
+
+    policy = load_sb3(sac_pendulum)
+    obs = np.random.default_rng(5).uniform([-1, -1, -8], [1, 1, 8], (1024, 3)).astype(np.float32)
+    plan = build_plan(policy.model, calibrate_observations(policy, obs[:512]),
+                      QuantOptions(transform="crossquant", alpha=0.15))
+    # what AdaRound and bias correction leave behind: weights rounded the other way, a shifted bias
+    mid = plan.layers[1]
+    assert mid.weight is not None
+    q = mid.weight.q.copy()
+    flip = np.random.default_rng(6).random(q.shape) < 0.2
+    q[flip] = np.clip(q[flip].astype(np.int16) + np.where(q[flip] >= 0, -1, 1), -127, 127).astype(np.int8)
+    bias = np.asarray(constant_value_of(policy.model, "actor.latent_pi.2.bias"), np.float32) + 0.01
+    plan.layers[1] = dataclasses.replace(mid, weight=QuantizedWeight(q, mid.weight.scale, mid.weight.axis),
+                                         rounding="adaround", bias=bias)
+    int8_model = apply_plan(policy.model, plan)
+    quant = json.loads(json.dumps(plan.to_json()))
+    with pytest.raises(ValueError, match="needs the bundle's INT8 model"):
+        plan_from_manifest(policy.model, quant)
+    rebuilt = plan_from_manifest(policy.model, quant, int8_model)
+    np.testing.assert_array_equal(rebuilt.layers[1].weight.q, q)
+    np.testing.assert_array_equal(OrtPolicy(apply_plan(policy.model, rebuilt).SerializeToString()).act(obs),
+                                  OrtPolicy(int8_model.SerializeToString()).act(obs))
+
+
+def constant_value_of(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)

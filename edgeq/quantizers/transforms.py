@@ -75,10 +75,20 @@ class InputScaling:
         object.__setattr__(self, "factors", d)
 
     def to_json(self) -> dict[str, Any]:
+        """Summary for the manifest, with the exact ``factors`` (so a bundle's plan can be rebuilt)."""
         d = self.factors
         return {"layer": self.layer, "method": self.method, "alpha": self.alpha, "placement": self.placement,
                 "factor_min": float(d.min()), "factor_max": float(d.max()),
-                "factor_geomean": float(np.exp(np.mean(np.log(d)))), **self.details}
+                "factor_geomean": float(np.exp(np.mean(np.log(d)))), **self.details,
+                "factors": [float(x) for x in d]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> InputScaling:
+        """The scaling a manifest entry describes; ``KeyError`` if it predates stored ``factors``."""
+        summary = {"layer", "method", "alpha", "placement", "factor_min", "factor_max", "factor_geomean", "factors"}
+        return cls(str(data["layer"]), np.asarray(data["factors"], np.float64), str(data["method"]),
+                   float(data["alpha"]), str(data.get("placement", "auto")),
+                   {k: v for k, v in data.items() if k not in summary})
 
 
 def weight_in_view(w: np.ndarray, layer: WeightedLayer) -> np.ndarray:

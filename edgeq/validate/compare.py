@@ -53,7 +53,9 @@ class Candidate:
         if sha256_of(self.float_model) != sha256_of(reference):
             return None
         try:
-            return plan_from_manifest(onnx.load(str(self.float_model)), self.manifest["quantization"])
+            int8 = self.float_model.parent / self.manifest.get("models", {}).get("int8", "policy.int8.onnx")
+            return plan_from_manifest(onnx.load(str(self.float_model)), self.manifest["quantization"],
+                                      onnx.load(str(int8)) if int8.is_file() else None)
         except (KeyError, ValueError):
             return None
 

@@ -20,13 +20,15 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
 from edgeq.calibration.collect import instrumented
 from edgeq.deploy.runtime import OrtPolicy
 from edgeq.export.qdq import apply_plan
 from edgeq.graph.analysis import constant_value, find_weighted_layers
 from edgeq.quantizers.plan import ActivationQuant, LayerQuant, QuantPlan
-from edgeq.quantizers.weights import quantize_weight
+from edgeq.quantizers.transforms import InputScaling, apply_input_scalings
+from edgeq.quantizers.weights import QuantizedWeight, quantize_weight
 
 #: Elementwise activations that deployment runtimes fuse into the preceding GEMM's epilogue.
 FUSED_ACTIVATIONS = ("Relu", "Tanh", "Sigmoid", "Elu", "LeakyRelu", "Softplus", "Selu", "HardSigmoid",
@@ -69,38 +71,84 @@ def fused_boundaries(model: onnx.ModelProto) -> list[LayerBoundary]:
     return out
 
 
-def plan_from_manifest(float_model: onnx.ModelProto, quantization: dict[str, Any]) -> QuantPlan:
-    """Rebuild a bundle's :class:`QuantPlan` from its manifest (activation amax + weight method).
+def plan_from_manifest(float_model: onnx.ModelProto, quantization: dict[str, Any],
+                       int8_model: onnx.ModelProto | None = None) -> QuantPlan:
+    """Rebuild a bundle's :class:`QuantPlan` from its manifest (and its INT8 QDQ model).
 
-    Weights are re-quantized from the float model with the recorded per-channel method, which is
-    deterministic, so applying the plan reproduces the bundle's INT8 model. Plans that cannot be
-    rebuilt from those fields alone (input scalings such as CrossQuant/equalization, data-dependent
-    rounding, run-time scales) raise ``ValueError``: the caller then reports per-layer SQNR without
-    the one-layer-at-a-time ranking.
+    Input scalings (CrossQuant static, equalization) come back from their stored factors. Weights
+    are re-quantized from the (scaled) float model with the recorded per-channel method, which is
+    deterministic; with ``int8_model`` (the bundle's ``policy.int8.onnx``) every int8 layer takes
+    the stored int8 weights, scales and corrected biases instead, so data-dependent rounding
+    (AdaRound) and bias correction are reproduced exactly. Plans that cannot be rebuilt raise
+    ``ValueError`` (CrossQuant's dynamic form; AdaRound or bias correction without ``int8_model``;
+    manifests written before the factors were stored): the caller then reports per-layer SQNR
+    without the one-layer-at-a-time ranking.
     """
-    if quantization.get("transforms"):
-        raise ValueError("the plan rescales layer inputs (CrossQuant/equalization); not rebuilt from the manifest")
+    try:
+        transforms = [InputScaling.from_json(t) for t in quantization.get("transforms", [])]
+    except KeyError:
+        raise ValueError("the manifest's input scalings lack their factors (written by an older edgeq)") from None
+    stored = {t.name: t for t in int8_model.graph.initializer} if int8_model is not None else {}
     for entry in quantization.get("layers", []):
-        if entry.get("rounding", "nearest") != "nearest" or entry.get("scheme", "static") != "static" \
-                or entry.get("precision") not in ("int8", "float"):
-            raise ValueError(f"layer {entry.get('node')!r} uses {entry.get('rounding')}/{entry.get('scheme')}/"
-                             f"{entry.get('precision')}; not rebuilt from the manifest")
+        if entry.get("precision") not in ("int8", "float", "fp16"):
+            raise ValueError(f"layer {entry.get('node')!r}: unknown precision {entry.get('precision')!r}")
+        if entry.get("precision") == "int8" and entry.get("scheme", "static") != "static":
+            raise ValueError(f"layer {entry.get('node')!r} uses {entry.get('scheme')}; not rebuilt from the manifest")
+        exact = entry.get("rounding", "nearest") != "nearest" or entry.get("bias_corrected")
+        if entry.get("precision") == "int8" and exact and int8_model is None:
+            raise ValueError(f"layer {entry.get('node')!r} uses {entry.get('rounding')} rounding / bias correction: "
+                             "rebuilding it needs the bundle's INT8 model")
+    work = apply_input_scalings(float_model, transforms) if transforms else float_model
+    nodes = {n.name: n for n in work.graph.node}
     acts = {a["tensor"]: ActivationQuant(a["tensor"], float(a["amax"]), a.get("calibrator", "?"),
                                          dict(a.get("params", {})))
             for a in quantization.get("activations", [])}
     layers = []
     for entry in quantization.get("layers", []):
         lq = LayerQuant(entry["node"], entry["op_type"], entry["input"], entry["weight"],
-                        int(entry.get("weight_axis", 0)), entry["precision"], reason=entry.get("reason", ""))
+                        int(entry.get("weight_axis", 0)), entry["precision"], reason=entry.get("reason", ""),
+                        rounding=entry.get("rounding", "nearest"))
         if lq.precision == "int8":
-            w = constant_value(float_model, lq.weight_name)
+            w = constant_value(work, lq.weight_name)
             if w is None:
                 raise ValueError(f"weight {lq.weight_name!r} of layer {lq.node!r} is not in the float model")
             method = entry.get("weight_method", "absmax")
-            lq = dataclasses.replace(lq, weight=quantize_weight(np.asarray(w, np.float32), axis=lq.weight_axis,
-                                                                 method=method), weight_method=method)
+            qw = quantize_weight(np.asarray(w, np.float32), axis=lq.weight_axis, method=method)
+            if int8_model is not None:
+                qw = _stored_weight(int8_model, stored, lq.weight_name, qw)
+            bias = None
+            node = nodes.get(lq.node)
+            if entry.get("bias_corrected") and node is not None and len(node.input) > 2:
+                t = stored.get(f"{node.input[2]}.corrected")
+                if t is None:
+                    raise ValueError(f"layer {lq.node!r}: corrected bias {node.input[2]}.corrected is not in the "
+                                     "INT8 model")
+                bias = numpy_helper.to_array(t).astype(np.float32).reshape(-1)
+            lq = dataclasses.replace(lq, weight=qw, weight_method=method, bias=bias)
         layers.append(lq)
-    return QuantPlan(acts, layers, dict(quantization.get("settings", {})))
+    return QuantPlan(acts, layers, dict(quantization.get("settings", {})), transforms=transforms)
+
+
+def _stored_weight(int8_model: onnx.ModelProto, stored: dict[str, onnx.TensorProto], name: str,
+                   like: QuantizedWeight) -> QuantizedWeight:
+    """The int8 weight ``name`` as the bundle stores it (``name.int8``/``name.scale``), in ``like``'s layout.
+
+    The exporter stores a Gemm weight ``[N, K]`` (channel axis 0) as MatMul's ``[K, N]`` (axis 1); the
+    DequantizeLinear's ``axis`` says which layout the file holds.
+    """
+    if f"{name}.int8" not in stored or f"{name}.scale" not in stored:
+        raise ValueError(f"weight {name!r} has no {name}.int8 / {name}.scale in the INT8 model")
+    q = numpy_helper.to_array(stored[f"{name}.int8"])
+    scale = numpy_helper.to_array(stored[f"{name}.scale"]).astype(np.float32)
+    dq = next((n for n in int8_model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == f"{name}.int8"),
+              None)
+    axis = next((int(helper.get_attribute_value(a)) for a in dq.attribute if a.name == "axis"), 1) if dq else like.axis
+    if q.ndim == 2 and axis != like.axis:
+        q = q.T
+    if q.shape != like.q.shape or scale.shape != like.scale.shape:
+        raise ValueError(f"weight {name!r}: stored int8 {q.shape} / scale {scale.shape} do not match "
+                         f"the model's {like.q.shape} / {like.scale.shape}")
+    return QuantizedWeight(np.ascontiguousarray(q, np.int8), scale, like.axis)
 
 
 def only_layer(plan: QuantPlan, node: str) -> QuantPlan:

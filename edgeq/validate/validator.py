@@ -240,7 +240,7 @@ def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: Valida
     quant = manifest.get("quantization")
     if quant:
         try:
-            plan = plan_from_manifest(onnx.load(str(fpath)), quant)
+            plan = plan_from_manifest(onnx.load(str(fpath)), quant, onnx.load(str(qpath)))
         except (KeyError, ValueError):
             plan = None
     act = manifest["action_space"]
