@@ -305,3 +305,19 @@ def test_validate_cuda_target_keeps_return(pendulum_bundle: Path) -> None:
     assert res["placement"]["int8"]["all_on_gpu"] and res["placement"]["float"]["all_on_gpu"]
     f, q = res["float"]["mean"], res["int8"]["mean"]
     assert abs(q - f) <= 0.05 * abs(f)
+
+
+def test_validation_uses_the_deploy_providers_tf32_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every validation path on ``cuda`` (closed loop, open loop, robustness) gets the providers
+    ``edgeq.deploy`` uses, TF32 off, so it measures the float32 arithmetic that ships."""
+    import onnxruntime as ort
+
+    from edgeq.deploy.runtime import ORT_PROVIDERS, provider_names
+    from edgeq.validate import targets
+
+    assert targets.target_providers("cpu") == ["CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(targets, "tensorrt_available", lambda: False)
+    got = targets.target_providers("cuda")
+    assert got == ORT_PROVIDERS["cuda"] and got[0] == ("CUDAExecutionProvider", {"use_tf32": "0"})
+    assert provider_names(got) == ["CUDAExecutionProvider", "CPUExecutionProvider"]

@@ -47,6 +47,11 @@ def _provider_name(provider: Any) -> str:
     return provider if isinstance(provider, str) else str(provider[0])
 
 
+def provider_names(providers: Sequence[Any]) -> list[str]:
+    """The names of an ONNX Runtime provider list whose entries may be ``(name, options)`` pairs."""
+    return [_provider_name(p) for p in providers]
+
+
 class LatencyStats:
     """Thread-safe, bounded record of call latencies (the last ``capacity`` calls)."""
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.deploy.runtime import OrtPolicy
+from edgeq.deploy.runtime import OrtPolicy, provider_names
 from edgeq.validate.stats import ActionErrorAccumulator
 from edgeq.validate.targets import target_providers
 
@@ -39,5 +39,5 @@ def validate_offline(target: str, float_model: Path, int8_model: Path, io: dict[
         errors.add(ref.act(chunk), cand.act(chunk))
         if progress is not None:
             progress(len(chunk))
-    return {"providers": providers, "closed_loop": False,
+    return {"providers": provider_names(providers), "closed_loop": False,
             "action_error": {"on_held_out_observations": errors.summary()}}

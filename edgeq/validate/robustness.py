@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgeq.deploy.runtime import OrtPolicy
+from edgeq.deploy.runtime import OrtPolicy, provider_names
 from edgeq.validate.paired import paired_rollouts
 from edgeq.validate.saturation import (
     DEFAULT_SATURATION_WARN,
@@ -29,13 +29,13 @@ from edgeq.validate.saturation import (
 from edgeq.validate.targets import target_providers
 
 
-def _runtime(model: Path | bytes, io: Mapping[str, Any], providers: list[str]) -> OrtPolicy:
+def _runtime(model: Path | bytes, io: Mapping[str, Any], providers: list[Any]) -> OrtPolicy:
     return OrtPolicy(model, input_name=io.get("input", "obs"), output_name=io.get("output", "actions"),
                      state=io.get("state", []), providers=providers)
 
 
 def validate_condition(make_env: Callable[[], Any], float_model: Path, int8_model: Path, io: Mapping[str, Any],
-                       seeds: Sequence[int], *, providers: list[str], act_dim: int, ranges: Mapping[str, float],
+                       seeds: Sequence[int], *, providers: list[Any], act_dim: int, ranges: Mapping[str, float],
                        saturation_warn: float = DEFAULT_SATURATION_WARN, num_envs: int = 8,
                        progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Paired float/int8 rollouts in one env, with saturation counted on both trajectories."""
@@ -69,7 +69,7 @@ def validate_target_robustness(target: str, float_model: Path, int8_model: Path,
     def prog(stage: str) -> Callable[[int], None] | None:
         return progress(stage) if progress is not None else None
 
-    result: dict[str, Any] = {"providers": providers}
+    result: dict[str, Any] = {"providers": provider_names(providers)}
     result.update(validate_condition(make_env, float_model, int8_model, io, seeds, providers=providers,
                                      act_dim=act_dim, ranges=ranges, saturation_warn=saturation_warn,
                                      num_envs=num_envs, progress=prog("nominal")))

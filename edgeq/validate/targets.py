@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.deploy.runtime import OrtPolicy
+from edgeq.deploy.runtime import OrtPolicy, ort_providers, provider_names
 from edgeq.errors import EdgeqError
 from edgeq.validate.paired import paired_rollouts
 
@@ -58,13 +58,14 @@ def target_runtime(target: str) -> str:
     raise EdgeqError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
 
 
-def target_providers(target: str, *, precision: str = "int8") -> list[str]:
-    """ONNX Runtime providers for a target; raises if the target cannot run here through ONNX Runtime."""
+def target_providers(target: str, *, precision: str = "int8") -> list[Any]:
+    """ONNX Runtime providers (with their options) for a target, exactly as ``edgeq.deploy`` sets them
+    (CUDA: TF32 off); raises if the target cannot run here through ONNX Runtime."""
     runtime = target_runtime(target)
     if runtime == RUNTIME_ORT_CPU:
-        return ["CPUExecutionProvider"]
+        return ort_providers("cpu")
     if runtime == RUNTIME_ORT_CUDA:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return ort_providers("cuda")
     raise EdgeqError(f"target {target!r} runs through TensorRT here, not ONNX Runtime")
 
 
@@ -167,7 +168,7 @@ def validate_target(target: str, float_model: Path, int8_model: Path, io: dict[s
 
         result = paired_rollouts(make_env, cpu(float_model), cpu(int8_model), cpu(float_model), cpu(int8_model),
                                  seeds, num_envs=num_envs, act_dim=act_dim, progress=progress)
-        return {"runtime": runtime, "providers": providers, **result}
+        return {"runtime": runtime, "providers": provider_names(providers), **result}
 
     if runtime == RUNTIME_ORT_CUDA:
         from edgeq.deploy.ort_cuda import OrtCudaPolicy, node_placement, summarize_placement
