@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _results import append_section  # noqa: E402
 from defaults import CONFIGS, kept  # noqa: E402
 
 
@@ -83,12 +84,7 @@ def main() -> None:
         lines.append(f"| {r['gaussian']:g} | {r['epsilon']:g} | {100 * r['kept_mean']:.2f}% | "
                      f"{100 * r['kept_min']:.2f}% | {', '.join(f'{100 * x:.2f}%' for x in r['kept_all'])} | "
                      f"{r['err_float']:.4f} | {r['err_int8']:.4f} / {r['max_err_int8']:.3f} |")
-    text = "\n".join(lines) + "\n"
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        f.write(text + "\n")
-    print(text)
+    append_section(args.out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

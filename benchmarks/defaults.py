@@ -24,6 +24,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import append_section  # noqa: E402
 
 #: Every stage off: the settings edgeq shipped with before this study (percentile 99.99 per-tensor
 #: activations, per-tensor observation input, per-channel absmax weights, nearest rounding).
@@ -171,13 +174,9 @@ def main() -> None:
                 rows.append(row)
         all_rows[name] = rows
         text.append(to_markdown(name, env, rows, command, args.episodes))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        f.write("\n".join(text) + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(all_rows, indent=1))
-    print("\n".join(text))
+    append_section(args.out, "\n".join(text))
 
 
 if __name__ == "__main__":

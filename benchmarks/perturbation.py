@@ -18,6 +18,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import append_section  # noqa: E402
 
 
 def main() -> None:
@@ -56,12 +59,7 @@ def main() -> None:
         lines.append(f"| {sigma:g} | {noisy.mean():.1f} ± {noisy.std(ddof=1):.1f} | {100 * kept:.2f}% | "
                      f"{fails} / {args.episodes} |")
         print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        f.write(text + "\n")
-    print(text)
+    append_section(args.out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

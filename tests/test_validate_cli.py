@@ -254,6 +254,7 @@ def test_plan_rebuild_takes_rounding_and_corrected_bias_from_the_int8_model(sac_
     from edgeq.calibration.collect import calibrate_observations
     from edgeq.deploy.runtime import OrtPolicy
     from edgeq.export.qdq import apply_plan
+    from edgeq.graph.analysis import constant_value
     from edgeq.ingest.sb3 import load_sb3
     from edgeq.quantizers.build import QuantOptions, build_plan
     from edgeq.quantizers.weights import QuantizedWeight
@@ -269,7 +270,7 @@ def test_plan_rebuild_takes_rounding_and_corrected_bias_from_the_int8_model(sac_
     q = mid.weight.q.copy()
     flip = np.random.default_rng(6).random(q.shape) < 0.2
     q[flip] = np.clip(q[flip].astype(np.int16) + np.where(q[flip] >= 0, -1, 1), -127, 127).astype(np.int8)
-    bias = np.asarray(constant_value_of(policy.model, "actor.latent_pi.2.bias"), np.float32) + 0.01
+    bias = np.asarray(constant_value(policy.model, "actor.latent_pi.2.bias"), np.float32) + 0.01
     plan.layers[1] = dataclasses.replace(mid, weight=QuantizedWeight(q, mid.weight.scale, mid.weight.axis),
                                          rounding="adaround", bias=bias)
     int8_model = apply_plan(policy.model, plan)
@@ -280,7 +281,3 @@ def test_plan_rebuild_takes_rounding_and_corrected_bias_from_the_int8_model(sac_
     np.testing.assert_array_equal(rebuilt.layers[1].weight.q, q)
     np.testing.assert_array_equal(OrtPolicy(apply_plan(policy.model, rebuilt).SerializeToString()).act(obs),
                                   OrtPolicy(int8_model.SerializeToString()).act(obs))
-
-
-def constant_value_of(model: onnx.ModelProto, name: str) -> np.ndarray:
-    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -26,11 +25,4 @@ def serve(
     from edgeq.deploy.serve import PolicyServer
 
     policy = run_guarded(lambda: load(bundle, backend=backend, precision=precision))
-    server = PolicyServer(policy, port, max_clients=max_clients, idle_timeout=idle_timeout)
-    print(json.dumps({"serving": f"127.0.0.1:{server.port}", **server.info()}), flush=True)
-    try:
-        server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    PolicyServer(policy, port, max_clients=max_clients, idle_timeout=idle_timeout).serve_until_interrupted()

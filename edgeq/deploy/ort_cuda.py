@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.deploy.runtime import DISABLED_ORT_OPTIMIZERS, LatencyStats, RecurrentStateMixin
+from edgeq.deploy.runtime import DISABLED_ORT_OPTIMIZERS, LatencyStats, RecurrentStateMixin, session_options
 from edgeq.errors import EdgeqError, InputError
 
 CUDA_EP = "CUDAExecutionProvider"
@@ -87,17 +87,8 @@ class NodePlacement:
 
 
 def _session_options(optimization: str = "all") -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    }[optimization]
+    opts = session_options(optimization)
+    opts.log_severity_level = 3  # the CUDA EP's per-session notices are not the user's business
     return opts
 
 

@@ -43,6 +43,25 @@ ORT_PROVIDERS: dict[str, list[Any]] = {
 }
 
 
+_OPTIMIZATION_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
+                        "none": "ORT_DISABLE_ALL"}
+
+
+def session_options(optimization: str = "all", intra_op_threads: int | None = None) -> Any:
+    """ONNX Runtime session options as edgeq runs policies: sequential execution, the graph
+    optimization level ``optimization`` (all | extended | basic | none) and, if given, that many
+    intra-op threads (one inter-op thread)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPTIMIZATION_LEVELS[optimization])
+    if intra_op_threads is not None:
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = 1
+    return opts
+
+
 def _provider_name(provider: Any) -> str:
     return provider if isinstance(provider, str) else str(provider[0])
 
@@ -180,16 +199,7 @@ class OrtPolicy(PolicyRuntime):
         import onnxruntime as ort
 
         super().__init__(input_name=input_name, output_name=output_name, state=state)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = intra_op_threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = {
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        }[optimization]
+        opts = session_options(optimization, intra_op_threads)
         if optimized_model_path is not None:
             opts.optimized_model_filepath = str(optimized_model_path)
         src = model if isinstance(model, bytes) else str(model)

@@ -121,6 +121,17 @@ class PolicyServer(socketserver.ThreadingTCPServer):
     def port(self) -> int:
         return int(self.server_address[1])
 
+    def serve_until_interrupted(self, poll_interval: float = 0.2) -> None:
+        """Print the ``{"serving": "127.0.0.1:PORT", ...}`` line (clients read the port from it), then
+        serve until ``KeyboardInterrupt``, and close the socket."""
+        print(json.dumps({"serving": f"{HOST}:{self.port}", **self.info()}), flush=True)
+        try:
+            self.serve_forever(poll_interval=poll_interval)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.server_close()
+
     def info(self) -> dict[str, Any]:
         p = self.policy
         return {"obs_shape": list(p.obs_shape), "action_shape": list(p.action_shape), "dtype": "float32",

@@ -36,6 +36,7 @@ manifest; the CPU target's validation runs this very file.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection
 
 import numpy as np
@@ -52,8 +53,6 @@ CPU_FLOAT_LAYERS_KEY = "edgeq.cpu_float_layers"
 
 def cpu_float_layers(model: onnx.ModelProto) -> list[str]:
     """The layers that a CPU-specialized file runs in float (from its metadata; [] if none)."""
-    import json
-
     for prop in model.metadata_props:
         if prop.key == CPU_FLOAT_LAYERS_KEY:
             return [str(x) for x in json.loads(prop.value)]
@@ -141,8 +140,6 @@ def specialize_for_ort_cpu(qdq: onnx.ModelProto, min_int8_width: int = 0,
     if not any(op.domain == MS_DOMAIN for op in m.opset_import):
         m.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     if float_layers:
-        import json
-
         helper.set_model_props(m, {**{p.key: p.value for p in m.metadata_props},
                                    CPU_FLOAT_LAYERS_KEY: json.dumps(float_layers)})
         m.doc_string = ("edgeq INT8 policy specialized for ONNX Runtime CPU (the QDQ graph's arithmetic; layers "

@@ -204,17 +204,21 @@ def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
 
 
 # -- inputs / outputs ---------------------------------------------------------------------------
+def _named(values: list[onnx.ValueInfoProto], name: str, kind: str, origin: str) -> onnx.ValueInfoProto:
+    """The graph input/output (``kind``) called ``name``, or an error listing the ones there are."""
+    for v in values:
+        if v.name == name:
+            return v
+    raise PolicyFormatError(f"{origin}: no graph {kind} named {name!r} ({kind}s: {[v.name for v in values]})")
+
+
 def _choose_io(graph: onnx.GraphProto, origin: str, input_name: str | None,
                output_name: str | None) -> tuple[onnx.ValueInfoProto, onnx.ValueInfoProto]:
     inits = {t.name for t in graph.initializer}
     inputs = [v for v in graph.input if v.name not in inits]
     outputs = list(graph.output)
     if input_name is not None:
-        chosen_in = [v for v in inputs if v.name == input_name]
-        if not chosen_in:
-            raise PolicyFormatError(f"{origin}: no graph input named {input_name!r} "
-                                    f"(inputs: {[v.name for v in inputs]})")
-        x = chosen_in[0]
+        x = _named(inputs, input_name, "input", origin)
     elif len(inputs) == 1:
         x = inputs[0]
     else:
@@ -223,11 +227,7 @@ def _choose_io(graph: onnx.GraphProto, origin: str, input_name: str | None,
                                 "with state inputs are not supported); name the observation input explicitly "
                                 "(--onnx-input) if the others are unused")
     if output_name is not None:
-        chosen_out = [v for v in outputs if v.name == output_name]
-        if not chosen_out:
-            raise PolicyFormatError(f"{origin}: no graph output named {output_name!r} "
-                                    f"(outputs: {[v.name for v in outputs]})")
-        y = chosen_out[0]
+        y = _named(outputs, output_name, "output", origin)
     elif len(outputs) == 1:
         y = outputs[0]
     elif any(v.name == ACTIONS_OUTPUT for v in outputs):
