@@ -59,6 +59,15 @@ SPECS: dict[str, FixtureSpec] = {
                     dict(learning_starts=10_000)),
         FixtureSpec("td3-hopper", "TD3", "Hopper-v5", 150_000, 300_000, 1500.0,
                     dict(learning_starts=10_000)),
+        # A hopping robot that falls (termination) now and then: the fixture for failure-aware verdicts.
+        # RL Zoo's PPO Hopper hyperparameters (VecNormalize, [256, 256] ReLU).
+        FixtureSpec("ppo-hopper-vecnorm", "PPO", "Hopper-v5", 300_000, 1_000_000, 1800.0,
+                    dict(batch_size=32, n_steps=512, gamma=0.999, learning_rate=9.80828e-05,
+                         ent_coef=0.00229519, clip_range=0.2, n_epochs=5, gae_lambda=0.99,
+                         max_grad_norm=0.7, vf_coef=0.835671,
+                         policy_kwargs=dict(log_std_init=-2, ortho_init=False, activation_fn="relu",
+                                            net_arch=dict(pi=[256, 256], vf=[256, 256]))),
+                    n_envs=1, vecnormalize=True, chunk=50_000),
         FixtureSpec("crossq-pendulum", "CrossQ", "Pendulum-v1", 6_000, 30_000, -200.0,
                     # a [256, 256] critic instead of CrossQ's default 2048-wide one keeps the archive ~3 MB
                     dict(learning_starts=1000, policy_kwargs=dict(net_arch=dict(pi=[256, 256], qf=[256, 256]))),
