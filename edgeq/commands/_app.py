@@ -2,25 +2,55 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
+from typer.core import TyperOption
 
 from edgeq.errors import EdgeqError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
                   help="edgeq: INT8 quantization for robot-control policies that keeps their return.")
-console = Console()
-err_console = Console(stderr=True)
+
+#: Width of the output when it is not a terminal (a log, a pipe, CI): wide enough that no table is cut.
+LOG_WIDTH = 400
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A rich console; off a terminal (and without ``COLUMNS``) wide, so tables are never truncated."""
+    stream = sys.stderr if stderr else sys.stdout
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    return Console(stderr=stderr, width=None if tty or os.environ.get("COLUMNS") else LOG_WIDTH)
+
+
+console = make_console()
+err_console = make_console(stderr=True)
 _state = {"debug": False}
+
+# Boolean flags are flags: typer's rich help would show them as "--json <bool>" as if they took a value.
+_display_type_rich = TyperOption.display_type_rich
+TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _display_type_rich(self, ctx)  # type: ignore[method-assign]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from edgeq import __version__
+
+        print(f"edgeq {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+          version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print the edgeq version and exit.")] = False) -> None:
     _state["debug"] = debug
 
 
@@ -74,7 +104,7 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
         table.add_row(*row)
     console.print(table)
     for target, reason in validation.get("unavailable_targets", {}).items():
-        console.print(f"{target}: unavailable here ({reason})", highlight=False)
+        console.print(f"{target}: unavailable here ({reason})", highlight=False, markup=False)
     verdict = validation.get("verdict")
     if verdict:
         style = "bold green" if verdict["passed"] else "bold red"
@@ -82,7 +112,7 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
         for target, r in validation["targets"].items():
             for line in [*r.get("verdict", {}).get("reasons", []), r.get("verdict", {}).get("floor_text")]:
                 if line:
-                    console.print(f"  {target}: {line}", highlight=False, soft_wrap=True)
+                    console.print(f"  {target}: {line}", highlight=False, soft_wrap=True, markup=False)
     for target, r in validation["targets"].items():
         if "saturation" not in r and "perturbed" not in r:
             continue
@@ -100,7 +130,7 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
                          f"(diff {d['mean']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]), terminated "
                          f"{_falls(pert['float'])} / {_falls(pert['int8'])}"
                          + (f", saturation max {100 * psat['max_rate']:.3g}%" if psat else ""))
-        console.print(f"{target}: " + "; ".join(parts), highlight=False, soft_wrap=True)
+        console.print(f"{target}: " + "; ".join(parts), highlight=False, soft_wrap=True, markup=False)
     sizes = validation.get("sizes", {})
     if sizes:
         f, q = sizes.get("policy.fp32.onnx", 0), sizes.get("policy.int8.onnx", 0)
@@ -129,7 +159,7 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
     if t:
         console.print("time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in t.items()))
     for w in validation.get("warnings", []):
-        console.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        console.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
 
 
 def print_layer_choices(quantization: dict[str, Any]) -> None:
@@ -151,7 +181,8 @@ def print_layer_choices(quantization: dict[str, Any]) -> None:
     console.print(table)
     for la in layers:
         if la["precision"] != "int8" and la.get("reason"):
-            console.print(f"[bold yellow]{la['precision']}[/]: {la['node']}: {la['reason']}", highlight=False)
+            console.print(f"[bold yellow]{la['precision']}[/]: {escape(la['node'])}: {escape(la['reason'])}",
+                          highlight=False)
     if quantization.get("tensorrt_compatible") is False:
         console.print("[bold yellow]note[/]: CrossQuant dynamic layers: this INT8 model runs on ONNX Runtime only, "
                       "not TensorRT", highlight=False)
@@ -163,13 +194,25 @@ def print_layer_choices(quantization: dict[str, Any]) -> None:
                       + ", ".join(f"{k} {v:.4f}" for k, v in stages.items()), highlight=False)
 
 
+def print_quiet(validation: dict[str, Any], where: Any = None) -> None:
+    """``--quiet``: one verdict line (with each target's status) and where the results are."""
+    verdict = validation.get("verdict") or {}
+    per_target = [f"{t} {'PASS' if r['verdict'].get('passed') else 'FAIL'}"
+                  for t, r in validation.get("targets", {}).items() if r.get("verdict")]
+    status = verdict.get("status", "no verdict (open loop)" if validation.get("closed_loop") is False else "-")
+    console.print(f"verdict: {status}" + (f" ({', '.join(per_target)})" if per_target else ""),
+                  highlight=False, markup=False)
+    if where is not None:
+        console.print(f"results: {where}", highlight=False, markup=False)
+
+
 def run_guarded(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except EdgeqError as exc:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 

@@ -7,20 +7,34 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from edgeq.commands._app import app, console, err_console, print_summary, progress_factory, run_guarded
+from edgeq.commands._app import app, console, err_console, print_quiet, print_summary, run_guarded
+from edgeq.commands._progress import progress_reporter
 
 
 @app.command()
 def quantize(
-    policy: Annotated[Path, typer.Argument(help="Policy file: a Stable-Baselines3 / sb3-contrib .zip (incl. "
-                                                "RecurrentPPO), a float ONNX policy (.onnx, e.g. Isaac Lab's "
-                                                "policy.onnx), or a TorchScript policy.pt (legged_gym / rsl_rl / "
-                                                "Isaac Lab export). TorchScript is code: pass only files you trust.")],
-    out: Annotated[Path, typer.Option("--out", help="Bundle directory to create.")],
-    env: Annotated[str | None, typer.Option("--env", help="Gymnasium env id (e.g. HalfCheetah-v5) or module:callable. "
-                                                          "Optional with --calib-data.")] = None,
+    policy: Annotated[Path | None, typer.Argument(
+        help="Policy file: a Stable-Baselines3 / sb3-contrib .zip (incl. RecurrentPPO), an RL Zoo run folder "
+             "(logs/sac/HalfCheetah-v3_1/: archive, vecnormalize.pkl, config.yml, args.yml), a float ONNX policy "
+             "(.onnx, e.g. Isaac Lab's policy.onnx), or a TorchScript policy.pt (legged_gym / rsl_rl / Isaac Lab "
+             "export). TorchScript is code: pass only files you trust. Omit it with -f/--algo/--env.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Bundle directory to create.")] = None,
+    env: Annotated[str | None, typer.Option("--env", help="Gymnasium env id (e.g. HalfCheetah-v5) or module:callable "
+                                                          "(imported from the current directory too). Optional "
+                                                          "with --calib-data and RL Zoo folders; with -f, the "
+                                                          "RL Zoo run's env id.")] = None,
+    folder: Annotated[Path | None, typer.Option("-f", "--folder", help="RL Zoo log folder (rl_zoo3's -f): with "
+                                                                       "--algo, --env and --exp-id it names the run "
+                                                                       "FOLDER/ALGO/ENV_EXPID.")] = None,
+    algo: Annotated[str | None, typer.Option(help="RL Zoo algorithm folder name (sac, ppo, ...), with -f.")] = None,
+    exp_id: Annotated[int, typer.Option(help="RL Zoo experiment id, with -f (0: the latest).")] = 0,
+    env_wrapper: Annotated[list[str] | None, typer.Option(
+        help="Gymnasium wrapper the policy was trained with, repeatable: a class path from sb3_contrib.common."
+             "wrappers or gymnasium.wrappers (TimeFeatureWrapper for short), optionally ':{JSON kwargs}'. "
+             "Read from config.yml for RL Zoo folders.")] = None,
+    frame_stack: Annotated[int | None, typer.Option(help="Observations stacked as SB3's VecFrameStack in training "
+                                                         "(RL Zoo's frame_stack).")] = None,
     episodes: Annotated[int, typer.Option(help="Paired validation episodes (float vs int8, same seeds).")] = 10,
     seed: Annotated[int, typer.Option(help="First validation seed; episode k uses seed+k.")] = 0,
     recipe: Annotated[str | None, typer.Option(help="Calibration recipe: a YAML path or a name in calibration/.")
@@ -77,6 +91,8 @@ def quantize(
     num_envs: Annotated[int, typer.Option(help="Environments stepped in parallel (vector env).")] = 8,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print validation.json instead of the table.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines; print only the verdict and "
+                                                         "where the results are.")] = False,
     calib_data: Annotated[str | None, typer.Option(
         "--calib-data", help="Calibrate on logged observations: a .npz (array 'obs' or 'observations'), "
                              "minari:DATASET_ID or a Minari dataset directory. Without --env, validation is the "
@@ -99,6 +115,21 @@ def quantize(
     from edgeq.pipeline import quantize as run_quantize
 
     def go() -> Any:
+        from edgeq.errors import EdgeqError
+
+        nonlocal policy, env
+        if folder is not None:
+            from edgeq.ingest.rl_zoo import find_zoo_run
+
+            if policy is not None or not algo or not env:
+                raise EdgeqError("-f/--folder names an RL Zoo run with --algo and --env (and --exp-id); give those "
+                                 "instead of POLICY, e.g. -f logs/ --algo sac --env HalfCheetah-v3 --exp-id 1")
+            policy, env = find_zoo_run(folder, algo, env, exp_id), None
+        if policy is None:
+            raise EdgeqError("no policy given: pass POLICY (a .zip, RL Zoo run folder, .onnx or .pt) or an RL Zoo run "
+                             "with -f FOLDER --algo ALGO --env ENV_ID")
+        if out is None:
+            raise EdgeqError("--out is required: the bundle directory to create, e.g. --out bundles/my-policy")
         params = {"percentile": percentile} if percentile is not None else None
         given = {"holdout_episodes": holdout_episodes, "transform": transform, "alpha": alpha,
                  "transform_layers": transform_layers, "dynamic": dynamic, "auto": auto, "rounding": rounding,
@@ -112,14 +143,13 @@ def quantize(
             base = load_recipe(recipe, env).exploration
             exploration = ExplorationNoise(gaussian=base.get("gaussian", 0.0) if noise is None else noise,
                                            epsilon=base.get("epsilon", 0.0) if noise_epsilon is None else noise_epsilon)
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err_console, transient=True, disable=json_out or not err_console.is_terminal) as prog:
+        with progress_reporter(err_console, quiet=quiet or json_out) as prog:
             return run_quantize(policy, env, out, episodes=episodes, seed=seed, recipe=recipe, profile=profile,
                                 calibrator=calibrator, calibrator_params=params, weight_method=weight_method,
                                 calib_episodes=calib_episodes, exploration=exploration,
                                 vecnormalize=vecnormalize, env_kwargs=parse_env_kwargs(env_kwargs),
                                 num_envs=num_envs, overwrite=overwrite, recipe_overrides=overrides,
-                                progress=progress_factory(prog),
+                                progress=prog,
                                 calib_data=calib_data, calib_data_key=calib_key, holdout_fraction=holdout,
                                 action_low=_numbers(action_low, "--action-low"),
                                 action_high=_numbers(action_high, "--action-high"),
@@ -127,17 +157,20 @@ def quantize(
                                 calib_env=calib_env,
                                 calib_env_kwargs=parse_env_kwargs(calib_env_kwargs) if calib_env_kwargs else None,
                                 calib_perturb=calib_perturb or (), perturb=perturb or (),
-                                cell_precision=cell_precision, saturation_warn=saturation_warn)
+                                cell_precision=cell_precision, saturation_warn=saturation_warn,
+                                env_wrappers=env_wrapper or None, frame_stack=frame_stack)
 
     result = run_guarded(go)
     if json_out:
         console.print_json(json.dumps(result.validation))
+    elif quiet:
+        print_quiet(result.validation, result.bundle)
     elif result.validation.get("closed_loop") is False:
         print_open_loop_summary(result.validation, result.manifest)
-        console.print(f"bundle: {result.bundle}")
+        console.print(f"bundle: {result.bundle}", highlight=False, markup=False)
     else:
         print_summary(result.validation, result.manifest)
-        console.print(f"bundle: {result.bundle}")
+        console.print(f"bundle: {result.bundle}", highlight=False, markup=False)
 
 
 def _numbers(text: str | None, option: str) -> list[float] | None:

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edgeq.commands._app import app, console, err_console, print_summary, progress_factory, run_guarded
+from edgeq.commands._app import app, console, err_console, print_quiet, print_summary, run_guarded
+from edgeq.commands._progress import progress_reporter
 from edgeq.errors import EdgeqError
 
 
@@ -122,6 +122,8 @@ def validate(
     out: Annotated[Path | None, typer.Option(help="Write validation.json and the report here instead of into the "
                                                   "bundle (the bundle is left untouched).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print validation.json instead of the tables.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines; print only the verdict and "
+                                                         "where the results are.")] = False,
 ) -> None:
     """Validate a bundle in closed loop (help text: :data:`VALIDATE_HELP`)."""
     from edgeq.validate.targets import parse_targets
@@ -137,10 +139,9 @@ def validate(
         from dataclasses import replace
 
         opts = replace(base, targets=tuple(parse_targets(targets)), tolerance=tol, num_envs=num_envs)
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err_console, transient=True, disable=json_out or not err_console.is_terminal) as prog:
-            val, manifest = validate_bundle(bundle, seeds=seed_list, options=opts, progress=progress_factory(prog))
-            prog.add_task("writing report", total=None)
+        with progress_reporter(err_console, quiet=quiet or json_out) as prog:
+            val, manifest = validate_bundle(bundle, seeds=seed_list, options=opts, progress=prog)
+            prog("writing report", None)
             dest = out if out is not None else bundle
             save_validation(dest, val, manifest, report=report, update_manifest=out is None)
         return val, manifest
@@ -148,10 +149,12 @@ def validate(
     val, manifest = run_guarded(go)
     if json_out:
         console.print_json(json.dumps(val))
+    elif quiet:
+        print_quiet(val, (out if out is not None else bundle) / "report.html" if report else None)
     else:
         print_summary(val, manifest)
         print_details(val)
         where = out if out is not None else bundle
         if report:
-            console.print(f"report: {where / 'report.html'}", highlight=False)
+            console.print(f"report: {where / 'report.html'}", highlight=False, markup=False)
     raise typer.Exit(int(val["verdict"]["exit_code"]))

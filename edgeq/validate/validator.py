@@ -219,7 +219,7 @@ def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: Valida
                     progress: ProgressFactory = _no_progress) -> tuple[dict[str, Any], dict[str, Any]]:
     """Validate an existing bundle (files checked against the manifest first); returns (validation, manifest)."""
     from edgeq.deploy.bundle_format import read_manifest
-    from edgeq.envs import env_factory
+    from edgeq.envs import env_factory_for
 
     root = Path(bundle)
     manifest = read_manifest(root, verify=False)
@@ -234,7 +234,7 @@ def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: Valida
         raise EdgeqError(f"{root}: this bundle was made without an environment (calibrated from logged "
                          "observations, or env.id is missing); closed-loop validation needs one: quantize again "
                          "with --env")
-    make_env = env_factory(env["id"], env.get("kwargs"))
+    make_env = env_factory_for(env)  # with the wrappers / frame stack the policy was trained with
     fpath, qpath = root / models["fp32"], root / models["int8"]
     plan = None
     quant = manifest.get("quantization")
