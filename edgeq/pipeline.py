@@ -147,7 +147,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
                          "use the static form (transform: crossquant) or an onnxruntime profile")
     if cell_precision not in CELL_PRECISIONS:
         raise EdgeqError(f"cell precision {cell_precision!r}; expected one of {', '.join(CELL_PRECISIONS)}")
-    gate_nodes: list[str] = list(fp.source.details.get("recurrent", {}).get("gate_nodes", []))
+    gate_nodes: list[str] = list(fp.gate_nodes)
     if gate_nodes and cell_precision == "fp32":
         options = replace(options, keep_float=list(options.keep_float) + gate_nodes)
     calib_specs = [parse_perturbation(p) for p in calib_perturb]
@@ -210,7 +210,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
     timings["calibration_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    plan: QuantPlan = build_plan(fp.model, stats, options, recurrent=fp.recurrent,
+    plan: QuantPlan = build_plan(fp.model, stats, options, lower=apply_plan, recurrent=fp.recurrent,
                                  half_range=action_half_range(fp.action_space.low_array, fp.action_space.high_array))
     if gate_nodes:
         plan.settings["recurrent_cell"] = {"precision": cell_precision, "gate_nodes": gate_nodes}

@@ -5,7 +5,7 @@
   imports, else ONNX Runtime's CUDA EP (:class:`edgeq.deploy.ort_cuda.OrtCudaPolicy`, IO binding and
   CUDA graphs) running the CUDA-specialized INT8 graph. The result says which (``runtime``).
 * ``trt``: TensorRT only: engines are built from the float and the QDQ ONNX in a temporary folder and
-  run with :class:`edgeq.export.tensorrt_engine.TrtPolicyRunner`.
+  run with :class:`edgeq.deploy.tensorrt_runner.TrtPolicyRunner`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ RUNTIME_TENSORRT = "tensorrt"
 
 def tensorrt_available() -> bool:
     """True if TensorRT itself imports (``tensorrt-stubs`` alone import as an empty package: False)."""
-    from edgeq.export.tensorrt_engine import TENSORRT_AVAILABLE
+    from edgeq.deploy.tensorrt_runner import TENSORRT_AVAILABLE
 
     return bool(TENSORRT_AVAILABLE)
 
@@ -46,9 +46,9 @@ def target_runtime(target: str) -> str:
         return RUNTIME_ORT_CPU
     if target == "trt":
         if not tensorrt_available():
-            from edgeq.export.tensorrt_engine import _TRT_IMPORT_ERROR
+            from edgeq.deploy.tensorrt_runner import TENSORRT_IMPORT_ERROR
 
-            raise EdgeqError(f"target 'trt' needs TensorRT with its runtime libraries ({_TRT_IMPORT_ERROR}); "
+            raise EdgeqError(f"target 'trt' needs TensorRT with its runtime libraries ({TENSORRT_IMPORT_ERROR}); "
                              "install it on the GPU machine, or use target 'cuda' (ONNX Runtime's CUDA EP)")
         return RUNTIME_TENSORRT
     if target == "cuda":
@@ -127,7 +127,8 @@ class TrtBatchPolicy:
 
 def _tensorrt_runtimes(float_model: Path, int8_model: Path, io: dict[str, Any], num_envs: int,
                        workdir: Path) -> tuple[Callable[[str], TrtBatchPolicy], dict[str, Any]]:
-    from edgeq.export.tensorrt_engine import EngineBuildConfig, Precision, TrtPolicyRunner, build_engine
+    from edgeq.deploy.tensorrt_runner import TrtPolicyRunner
+    from edgeq.export.tensorrt_engine import EngineBuildConfig, Precision, build_engine
 
     input_name = io.get("input", "obs")
     infos: dict[str, Any] = {}
@@ -245,7 +246,8 @@ def make_runtime(target: str, path: str | Path | bytes, io: dict[str, Any], *, p
         raise EdgeqError("TensorRT targets build engines from model files, not bytes")
     key = (str(path), precision)
     if key not in _TRT_BUILDS:
-        from edgeq.export.tensorrt_engine import EngineBuildConfig, TrtPolicyRunner, build_engine
+        from edgeq.deploy.tensorrt_runner import TrtPolicyRunner
+        from edgeq.export.tensorrt_engine import EngineBuildConfig, build_engine
 
         workdir = Path(tempfile.mkdtemp(prefix="edgeq-trt-"))
         config = EngineBuildConfig(precision="int8" if precision == "int8" else "fp32", min_batch=1,

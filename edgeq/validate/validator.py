@@ -287,7 +287,8 @@ def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: Valida
     return val, manifest
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -312,7 +313,7 @@ def save_validation(directory: str | Path, validation: dict[str, Any], manifest:
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     written = [root / VALIDATION]
-    _atomic_write(root / VALIDATION, (json.dumps(json_safe(validation), indent=2, allow_nan=False) + "\n").encode())
+    atomic_write(root / VALIDATION, (json.dumps(json_safe(validation), indent=2, allow_nan=False) + "\n").encode())
     if report:
         written += write_validation_report(root, validation, manifest)
     if update_manifest:
@@ -323,5 +324,5 @@ def save_validation(directory: str | Path, validation: dict[str, Any], manifest:
             if p.is_file():
                 files[p.relative_to(root).as_posix()] = sha256_of(p)
         current["files"] = files
-        _atomic_write(mpath, (json.dumps(current, indent=2) + "\n").encode())
+        atomic_write(mpath, (json.dumps(current, indent=2) + "\n").encode())
     return written
