@@ -47,9 +47,8 @@ def loaded_lines(manifest: dict[str, Any]) -> list[str]:
     src = manifest.get("source", {})
     det = src.get("details", {})
     name = Path(str(src.get("path", "?"))).name
-    what = " ".join(x for x in (src.get("algorithm"), {"sb3": "Stable-Baselines3 archive", "onnx": "ONNX file",
-                                                        "torchscript": "TorchScript module"}.get(src.get("kind", ""),
-                                                                                                  src.get("kind"))) if x)
+    kinds = {"sb3": "Stable-Baselines3 archive", "onnx": "ONNX file", "torchscript": "TorchScript module"}
+    what = " ".join(x for x in (src.get("algorithm"), kinds.get(src.get("kind", ""), src.get("kind"))) if x)
     lines = [f"policy: {what} {name} (SHA-256 {src.get('sha256', '?')})"]
     zoo = det.get("rl_zoo")
     if zoo:

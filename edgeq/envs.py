@@ -200,9 +200,48 @@ def _legacy_message(env: str) -> str:
             "version of the same robot (edgeq checks that its observations have the policy's shape)")
 
 
+@dataclass(frozen=True)
+class EnvFactory:
+    """Makes the env ``env`` (a gymnasium id or ``module:callable``) with ``kwargs``, ``wrappers`` and a frame stack.
+
+    A plain, picklable value (unlike a lambda), so worker processes and Ray tasks can make the
+    same env (:mod:`edgeq.validate.executor`). Build it with :func:`env_factory`, which checks the id.
+    """
+
+    env: str
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    wrappers: tuple[WrapperSpec, ...] = ()
+    frame_stack: int = 0
+    frame_pad: tuple[float, ...] | None = None
+
+    def __call__(self) -> Any:
+        import gymnasium as gym
+
+        kwargs = dict(self.kwargs)
+        if ":" in self.env and self.env not in gym.envs.registry:
+            return self._wrap(_import_entry_point(self.env)(**kwargs))
+        _route_mujoco_warnings()
+        try:
+            return self._wrap(gym.make(self.env, **kwargs))
+        except (ImportError, gym.error.DependencyNotInstalled) as exc:  # name the missing package
+            raise EnvironmentSpecError(f"env {self.env!r} cannot be made here: {str(exc).splitlines()[0]}") from None
+        except TypeError as exc:
+            if "argument" not in str(exc):
+                raise
+            raise EnvironmentSpecError(f"env {self.env!r} rejects --env-kwargs {json.dumps(kwargs)}: {exc}") from None
+
+    def _wrap(self, env: Any) -> Any:
+        for w in self.wrappers:
+            env = w.resolve()(env, **w.kwargs)
+        if self.frame_stack > 1:
+            pad = None if self.frame_pad is None else np.asarray(self.frame_pad, dtype=np.float64)
+            env = _stack_frames(env, self.frame_stack, pad)
+        return env
+
+
 def env_factory(env: str, env_kwargs: dict[str, Any] | None = None, wrappers: Sequence[WrapperSpec] = (),
-                frame_stack: int = 0, frame_pad: Sequence[float] | None = None) -> Callable[[], Any]:
-    """A zero-argument function that makes the env.
+                frame_stack: int = 0, frame_pad: Sequence[float] | None = None) -> EnvFactory:
+    """A zero-argument, picklable function that makes the env.
 
     ``env`` is a registered gymnasium id (``HalfCheetah-v5``) or ``module:callable``, a Python entry
     point returning a ``gymnasium.Env`` (the way to bring a user's own simulator; the module is
@@ -213,18 +252,13 @@ def env_factory(env: str, env_kwargs: dict[str, Any] | None = None, wrappers: Se
     import gymnasium as gym
 
     _route_mujoco_warnings()
-    kwargs = dict(env_kwargs or {})
-    classes = [(w.resolve(), dict(w.kwargs)) for w in wrappers]
-    pad = None if frame_pad is None else np.asarray(frame_pad, dtype=np.float64)
-
-    def wrap(e: Any) -> Any:
-        for cls, kw in classes:
-            e = cls(e, **kw)
-        return _stack_frames(e, frame_stack, pad) if frame_stack > 1 else e
-
+    for w in wrappers:
+        w.resolve()  # a wrapper that cannot be imported fails here, once, with the fix
+    factory = EnvFactory(env, tuple(sorted((env_kwargs or {}).items())), tuple(wrappers), int(frame_stack),
+                         None if frame_pad is None else tuple(float(v) for v in frame_pad))
     if ":" in env and env not in gym.envs.registry:
-        fn = _import_entry_point(env)
-        return lambda: wrap(fn(**kwargs))
+        _import_entry_point(env)
+        return factory
     if env not in gym.envs.registry:
         close = difflib.get_close_matches(env, list(gym.envs.registry), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -232,18 +266,7 @@ def env_factory(env: str, env_kwargs: dict[str, Any] | None = None, wrappers: Se
                                    "(expected a gymnasium id such as 'HalfCheetah-v5' or module:callable)")
     if is_legacy_mujoco(env):
         raise EnvironmentSpecError(_legacy_message(env))
-
-    def make() -> Any:
-        try:
-            return wrap(gym.make(env, **kwargs))
-        except (ImportError, gym.error.DependencyNotInstalled) as exc:  # name the missing package
-            raise EnvironmentSpecError(f"env {env!r} cannot be made here: {str(exc).splitlines()[0]}") from None
-        except TypeError as exc:
-            if "argument" not in str(exc):
-                raise
-            raise EnvironmentSpecError(f"env {env!r} rejects --env-kwargs {json.dumps(kwargs)}: {exc}") from None
-
-    return make
+    return factory
 
 
 def env_factory_for(record: dict[str, Any]) -> Callable[[], Any]:
