@@ -8,6 +8,7 @@ env), what each layer really runs as in each file, and which software made the b
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 from collections.abc import Iterable
 from importlib import metadata
@@ -35,10 +36,20 @@ def software_versions(names: Iterable[str] = VERSIONED) -> dict[str, str]:
     return out
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def build_environment() -> dict[str, Any]:
     """Where and when a bundle was made: versions, machine, Python, UTC date."""
     return {"versions": software_versions(), "python": platform.python_version(),
-            "machine": f"{platform.system()} {platform.machine()}, {platform.processor() or 'cpu'}".rstrip(", "),
+            "machine": f"{platform.system()} {platform.machine()}, {_cpu_model()}, {os.cpu_count()} logical CPUs",
             "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
@@ -106,6 +117,22 @@ def precision_counts(manifest: dict[str, Any]) -> str:
     if c8 != q:
         text += f"; policy.int8.cpu.onnx: {c8} int8, {q - c8} float on int8 weights"
     return text
+
+
+def cpu_float_text(manifest: dict[str, Any]) -> str:
+    """Which layers policy.int8.cpu.onnx runs in float (on int8 weights) and why (measured or by width)."""
+    cpu_float = manifest.get("cpu_float_layers") or []
+    if not cpu_float:
+        return ""
+    sel = manifest.get("cpu_layer_selection") or {}
+    if sel.get("method") == "measured":
+        why = f"measured faster at batch 1 at export: {sel.get('summary', '')}".rstrip(": ")
+    elif sel.get("method") == "replayed":
+        why = "replayed from an earlier measurement"
+    else:
+        why = f"narrower than {manifest.get('profile', {}).get('cpu_float_below')}: faster than ORT's int8 kernel"
+    return (f"policy.int8.cpu.onnx runs {len(cpu_float)} layer(s) in float on their int8-stored weights, not int8: "
+            f"{', '.join(cpu_float)} ({why}); policy.int8.onnx (TensorRT/CUDA) quantizes them")
 
 
 def activation_choices(manifest: dict[str, Any]) -> str:

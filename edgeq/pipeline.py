@@ -19,6 +19,7 @@ from edgeq.calibration.collect import CalibrationStats, ExplorationNoise, calibr
 from edgeq.calibration.dataset import ObservationLog, load_observations, split_holdout
 from edgeq.config import CalibrationRecipe, ExportProfile, load_profile, load_recipe
 from edgeq.deploy.bundle_format import FLOAT_MODEL, INT8_CPU_MODEL, INT8_CUDA_MODEL, INT8_MODEL, VALIDATION
+from edgeq.describe import build_environment
 from edgeq.envs import WrapperSpec, check_env_matches, env_factory, parse_wrapper, resolve_env_id
 from edgeq.errors import EdgeqError
 from edgeq.export.bundle import BundleWriter
@@ -301,6 +302,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
         result["sizes"] = {p.name: p.stat().st_size for p in (fpath, qpath, cpath, gpath)}
         w.manifest = {
             "edgeq_version": __version__,
+            "environment": build_environment(),
             "source": fp.source.to_json(),
             "env": _env_record(env, env_kwargs, wrappers, stack, frame_pad, zoo, env_note),
             "observation_space": fp.obs_space.to_json(),

@@ -24,10 +24,11 @@ LOG_WIDTH = 400
 
 
 def make_console(stderr: bool = False) -> Console:
-    """A rich console; off a terminal (and without ``COLUMNS``) wide, so tables are never truncated."""
+    """A rich console; off a terminal (a log, a pipe, CI) wide, so tables are never truncated."""
     stream = sys.stderr if stderr else sys.stdout
     tty = hasattr(stream, "isatty") and stream.isatty()
-    return Console(stderr=stderr, width=None if tty or os.environ.get("COLUMNS") else LOG_WIDTH)
+    columns = os.environ.get("COLUMNS", "")
+    return Console(stderr=stderr, width=None if tty else max(LOG_WIDTH, int(columns) if columns.isdigit() else 0))
 
 
 console = make_console()
@@ -76,6 +77,10 @@ def _falls(r: dict[str, Any]) -> str:
 
 def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
     """Float vs int8 per target: mean ± std, paired difference, noise floor, action error, verdict, file sizes."""
+    from edgeq.describe import loaded_lines
+
+    for line in loaded_lines(manifest):
+        console.print(f"loaded: {line}", highlight=False, markup=False, soft_wrap=True)
     label = manifest["source"]["algorithm"] or manifest["source"]["kind"]
     table = Table(title=f"edgeq: {label} on {validation['env_id']} "
                         f"({len(validation['seeds'])} paired episodes)")
@@ -103,6 +108,7 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
             row.append("[bold green]PASS[/]" if v.get("passed") else "[bold red]FAIL[/]" if v else "-")
         table.add_row(*row)
     console.print(table)
+    console.print(SUMMARY_LEGEND.format(n=len(validation["seeds"])), highlight=False, markup=False, soft_wrap=True)
     for target, reason in validation.get("unavailable_targets", {}).items():
         console.print(f"{target}: unavailable here ({reason})", highlight=False, markup=False)
     verdict = validation.get("verdict")
@@ -136,25 +142,18 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
         f, q = sizes.get("policy.fp32.onnx", 0), sizes.get("policy.int8.onnx", 0)
         console.print(f"files: policy.fp32.onnx {_fmt_size(f)}, policy.int8.onnx {_fmt_size(q)} "
                       f"({f / max(q, 1):.2f}x smaller)")
-    layers = manifest.get("quantization", {}).get("layers", [])
-    n8 = sum(1 for layer in layers if layer["precision"] == "int8")
+    from edgeq.describe import cpu_float_text, precision_counts
+
     settings = manifest.get("quantization", {}).get("settings", {})
-    n16 = sum(1 for layer in layers if layer["precision"] == "fp16")
-    auto = settings.get("options", {}).get("auto", False)
-    console.print(f"int8 layers: {n8}/{len(layers)}" + (f" (fp16: {n16})" if n16 else "") + "; activations: "
-                  + ("chosen per layer (search started at " if auto else "")
-                  + f"{settings.get('activation_calibrator')} {settings.get('calibrator_params', {})}"
-                  + (")" if auto else "") + f"; weights: per-channel {settings.get('weight_method')}")
-    cpu_float = manifest.get("cpu_float_layers") or []
-    if cpu_float:
-        below = manifest.get("profile", {}).get("cpu_float_below")
-        console.print(f"ONNX Runtime CPU file: {len(cpu_float)} layer(s) narrower than {below} run in float on their "
-                      f"int8 weights ({', '.join(cpu_float)}): faster than ORT's int8 kernel at that size; "
-                      "the TensorRT file quantizes every layer", highlight=False, soft_wrap=True)
+    console.print(f"layers: {precision_counts(manifest)}; weights: per-channel int8 (per-layer method in the table)",
+                  highlight=False, markup=False, soft_wrap=True)
+    cpu_text = cpu_float_text(manifest)
+    if cpu_text:
+        console.print(cpu_text, highlight=False, markup=False, soft_wrap=True)
     cell = settings.get("recurrent_cell")
     if cell:
         console.print(f"recurrent cell: {cell['precision']} ({len(cell.get('gate_nodes', []))} gate MatMuls)")
-    print_layer_choices(manifest.get("quantization", {}))
+    print_layer_choices(manifest.get("quantization", {}), manifest.get("cpu_float_layers") or [])
     t = validation.get("timings", {})
     if t:
         console.print("time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in t.items()))
@@ -162,13 +161,31 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
         console.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
 
 
-def print_layer_choices(quantization: dict[str, Any]) -> None:
-    """Per layer: precision, the input quantizer chosen, rounding, bias correction, quantization kernel."""
+#: What each column of the summary table means ({n}: paired episodes).
+SUMMARY_LEGEND = (
+    "columns: float / int8 return = mean ± std of the episode return over the {n} paired episodes (same seeds); "
+    "int8 - float = mean paired difference with its bootstrap 95% CI; int8/float = ratio of the mean returns; "
+    "noise floor = largest paired difference of the float policy re-run with 1e-6 action noise (what rounding "
+    "alone moves); ≠ floor = whether int8's difference is distinguishable from that floor; action err = "
+    "|int8 action - float action| on the float policy's states, mean / max, in action units; verdict = PASS/FAIL "
+    "against the tolerance (reasons below)")
+#: What each column of the per-layer table means.
+LAYER_LEGEND = (
+    "columns: policy.int8.onnx / cpu file = what the layer runs as in the TensorRT/CUDA QDQ file and in "
+    "policy.int8.cpu.onnx (float (int8 weights): int8-stored weights dequantized, float arithmetic); input "
+    "quantizer = the activation calibrator (+ input rewrite) the per-layer search chose; weights = per-channel "
+    "weight quantizer and rounding; bias corr. = empirical bias correction applied; kernel (per-tensor) = fraction "
+    "of the layer's int8 inputs that round to zero with the chosen quantizer (with a plain per-tensor one)")
+
+
+def print_layer_choices(quantization: dict[str, Any], cpu_float_layers: list[str] | tuple[str, ...] = ()) -> None:
+    """Per layer: what it runs as in each file, the input quantizer chosen, rounding, bias correction, kernel."""
     layers = quantization.get("layers", [])
     if not layers:
         return
     table = Table(title="per-layer quantization", title_justify="left")
-    for col in ("layer", "precision", "input quantizer", "weights", "bias corr.", "kernel (per-tensor)"):
+    for col in ("layer", "policy.int8.onnx", "cpu file", "input quantizer", "weights", "bias corr.",
+                "kernel (per-tensor)"):
         table.add_column(col)
     for la in layers:
         choice = (la.get("choice") or {}).get("label", "")
@@ -176,9 +193,12 @@ def print_layer_choices(quantization: dict[str, Any]) -> None:
             choice = la.get("scheme", "static")
         kernel = f"{la['kernel']:.3f} ({la['kernel_per_tensor']:.3f})" if "kernel" in la else ""
         weights = f"{la.get('weight_method', '')} {la.get('rounding', '')}".strip() if la["precision"] == "int8" else ""
-        table.add_row(la["node"], la["precision"], choice, weights, "yes" if la.get("bias_corrected") else "",
-                      kernel)
+        cpu = "float (int8 weights)" if la["precision"] == "int8" and la["node"] in cpu_float_layers \
+            else la["precision"]
+        table.add_row(escape(la["node"]), la["precision"], cpu, escape(choice), weights,
+                      "yes" if la.get("bias_corrected") else "", kernel)
     console.print(table)
+    console.print(LAYER_LEGEND, highlight=False, markup=False, soft_wrap=True)
     for la in layers:
         if la["precision"] != "int8" and la.get("reason"):
             console.print(f"[bold yellow]{la['precision']}[/]: {escape(la['node'])}: {escape(la['reason'])}",
@@ -190,8 +210,11 @@ def print_layer_choices(quantization: dict[str, Any]) -> None:
     if err:
         stages = quantization["metrics"].get("heldout_score_by_stage", {})
         console.print("held-out action error (fraction of action half-range): "
-                      f"mean {err['mean']:.4f}, p99 {err['p99']:.4f}, max {err['max']:.4f}; score by stage: "
-                      + ", ".join(f"{k} {v:.4f}" for k, v in stages.items()), highlight=False)
+                      f"mean {err['mean']:.4f}, p99 {err['p99']:.4f}, max {err['max']:.4f}; score by stage "
+                      "(held-out score = mean + tail weight x worst-1% mean, after each step of the search: the "
+                      "recipe's start, the per-layer choice, AdaRound, bias correction, fp16 fallback; a step is "
+                      "kept only if it lowers the score): "
+                      + ", ".join(f"{k} {v:.4f}" for k, v in stages.items()), highlight=False, soft_wrap=True)
 
 
 def print_quiet(validation: dict[str, Any], where: Any = None) -> None:

@@ -218,9 +218,24 @@ def print_open_loop_summary(validation: dict[str, Any], manifest: dict[str, Any]
 
 
 @app.command()
-def info(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) -> None:
-    """Print a bundle's manifest (after checking every file's SHA-256)."""
-    from edgeq.deploy.bundle_format import read_manifest
+def info(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+         json_out: Annotated[bool, typer.Option("--json", help="Print the whole manifest.json instead.")] = False
+         ) -> None:
+    """Summarize a bundle (after checking every file's SHA-256): policy, normalization, env, layers, versions,
+    validation; --json prints the manifest."""
+    from edgeq.deploy.bundle_format import VALIDATION, read_manifest
+    from edgeq.describe import info_lines
 
     manifest = run_guarded(lambda: read_manifest(bundle))
-    console.print_json(json.dumps(manifest))
+    if json_out:
+        console.print_json(json.dumps(manifest))
+        return
+    validation = None
+    if (bundle / VALIDATION).is_file():
+        try:
+            validation = json.loads((bundle / VALIDATION).read_text())
+        except json.JSONDecodeError:
+            validation = None
+    console.print(f"bundle: {bundle} (format {manifest.get('format_version')})", highlight=False, markup=False)
+    for line in info_lines(manifest, validation):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
