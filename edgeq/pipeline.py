@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edgeq import __version__
+from edgeq._version import __version__
 from edgeq.calibration.collect import CalibrationStats, ExplorationNoise, calibrate_observations, calibrate_rollouts
 from edgeq.calibration.dataset import ObservationLog, load_observations, split_holdout
 from edgeq.config import CalibrationRecipe, ExportProfile, load_profile, load_recipe
