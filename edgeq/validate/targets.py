@@ -10,8 +10,11 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -254,3 +257,45 @@ def make_runtime(target: str, path: str | Path | bytes, io: dict[str, Any], *, p
         _TRT_BUILDS[key] = (info, TrtPolicyRunner)
     info, runner_cls = _TRT_BUILDS[key]
     return TrtBatchPolicy(runner_cls(info.engine_path, expected=info.to_dict(), input_name=inp), io)
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """A picklable recipe for a rollout policy: ``target`` runs model ``path`` (a file or bytes).
+
+    Worker processes and Ray tasks build the runtime from it with
+    :func:`edgeq.validate.targets.make_runtime`; instances are cached per process (:func:`runtime_for`).
+    """
+
+    target: str
+    path: str | bytes
+    io: tuple[tuple[str, Any], ...]
+    precision: str = "int8"
+
+    @classmethod
+    def of(cls, target: str, path: str | Path | bytes, io: dict[str, Any], precision: str = "int8") -> RuntimeSpec:
+        frozen_io = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in io.items()))
+        return cls(target, path if isinstance(path, bytes) else str(path), frozen_io, precision)
+
+    def io_dict(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self.io}
+
+    def build(self) -> Any:
+        return make_runtime(self.target, self.path, self.io_dict(), precision=self.precision)
+
+
+_RUNTIMES: OrderedDict[tuple[RuntimeSpec, int], Any] = OrderedDict()
+_RUNTIME_CACHE_SIZE = 8
+
+
+def runtime_for(spec: RuntimeSpec, slot: int = 0) -> Any:
+    """A built runtime for ``spec`` (``slot`` tells apart instances that must keep separate state),
+    cached in this process (at most 8, least recently used dropped)."""
+    key = (spec, slot)
+    rt = _RUNTIMES.pop(key, None)
+    if rt is None:
+        rt = spec.build()
+    _RUNTIMES[key] = rt
+    while len(_RUNTIMES) > _RUNTIME_CACHE_SIZE:
+        _RUNTIMES.popitem(last=False)
+    return rt
