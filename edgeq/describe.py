@@ -25,7 +25,7 @@ def software_versions(names: Iterable[str] = VERSIONED) -> dict[str, str]:
     out: dict[str, str] = {}
     for name in names:
         if name == "edgeq":
-            from edgeq import __version__
+            from edgeq._version import __version__
 
             out[name] = __version__
             continue
