@@ -18,7 +18,14 @@ from edgeq._version import __version__
 from edgeq.calibration.collect import CalibrationStats, ExplorationNoise, calibrate_observations, calibrate_rollouts
 from edgeq.calibration.dataset import ObservationLog, load_observations, split_holdout
 from edgeq.config import CalibrationRecipe, ExportProfile, load_profile, load_recipe
-from edgeq.deploy.bundle_format import FLOAT_MODEL, INT8_CPU_MODEL, INT8_CUDA_MODEL, INT8_MODEL, VALIDATION
+from edgeq.deploy.bundle_format import (
+    FLOAT_MODEL,
+    INT8_CPU_MODEL,
+    INT8_CUDA_MODEL,
+    INT8_MODEL,
+    PLAN,
+    VALIDATION,
+)
 from edgeq.describe import build_environment
 from edgeq.envs import WrapperSpec, check_env_matches, env_factory, parse_wrapper, resolve_env_id
 from edgeq.errors import EdgeqError
@@ -263,6 +270,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
         cmodel = specialize_for_ort_cpu(qmodel, min_int8_width=prof.cpu_float_below, keep_int8=gate_nodes)
         cpath = w.save_model(cmodel, INT8_CPU_MODEL)
         gpath = w.save_model(specialize_for_ort_cuda(qmodel), INT8_CUDA_MODEL)
+        w.write_json(PLAN, plan.to_dict())  # the plan as data: QuantPlan.from_bundle reads it back
         int8_for = {"cpu": cpath, "cuda": gpath}
         t0 = time.perf_counter()
         result: dict[str, Any]
