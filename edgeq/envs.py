@@ -74,13 +74,40 @@ def env_factory(env: str, env_kwargs: dict[str, Any] | None = None) -> Callable[
         if not callable(fn):
             raise EnvironmentSpecError(f"--env {env!r}: {module_name} has no callable {attr!r} "
                                        "(expected module:callable returning a gymnasium.Env)")
-        return lambda: fn(**kwargs)
+        return _checked_factory(lambda: fn(**kwargs), env, kwargs)
     if env not in gym.envs.registry:
         close = difflib.get_close_matches(env, list(gym.envs.registry), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise EnvironmentSpecError(f"environment id {env!r} is not registered in gymnasium{hint} "
                                    "(expected a gymnasium id such as 'HalfCheetah-v5' or module:callable)")
-    return lambda: gym.make(env, **kwargs)
+    return _checked_factory(lambda: gym.make(env, **kwargs), env, kwargs)
+
+
+def _checked_factory(make: Callable[[], Any], env: str, kwargs: dict[str, Any]) -> Callable[[], Any]:
+    """``make`` whose failures (an exception, unknown ``--env-kwargs``, something that is not an env) become
+    :class:`EnvironmentSpecError` naming the env."""
+
+    def checked() -> Any:
+        try:
+            made = make()
+        except EnvironmentSpecError:
+            raise
+        except TypeError as exc:
+            if kwargs and "keyword argument" in str(exc):
+                raise EnvironmentSpecError(f"--env {env!r} does not take these --env-kwargs {sorted(kwargs)}: "
+                                           f"{str(exc).splitlines()[0]}; remove or rename them") from None
+            raise EnvironmentSpecError(f"--env {env!r}: making the env raised TypeError: "
+                                       f"{str(exc).splitlines()[0] if str(exc) else ''}; fix the env factory") from None
+        except Exception as exc:  # noqa: BLE001 - a user's env factory may raise anything
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise EnvironmentSpecError(f"--env {env!r}: making the env raised {type(exc).__name__}: {first}; "
+                                       "fix the env (or its --env-kwargs)") from None
+        if not all(hasattr(made, a) for a in ("reset", "step", "observation_space", "action_space")):
+            raise EnvironmentSpecError(f"--env {env!r} returned {type(made).__name__} {str(made)[:60]!r}; expected a "
+                                       "gymnasium.Env (with reset, step, observation_space and action_space)")
+        return made
+
+    return checked
 
 
 def check_env_matches(env_name: str, observation_space: Any, action_space: Any,
