@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from edgeq.errors import EnvironmentSpecError
@@ -54,6 +55,51 @@ def _route_mujoco_warnings() -> None:
     mujoco.set_mju_user_warning(handler)
 
 
+@dataclass(frozen=True)
+class EnvFactory:
+    """Makes the env ``env`` (a gymnasium id or ``module:callable``) with ``kwargs``.
+
+    A plain, picklable value (unlike a lambda), so worker processes and Ray tasks can make the
+    same env (:mod:`edgeq.validate.executor`). Build it with :func:`env_factory`, which checks the id.
+    """
+
+    env: str
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def __call__(self) -> Any:
+        """The env; a failure to make it (an exception, unknown kwargs, a value that is not an env) is an
+        :class:`EnvironmentSpecError` naming the env."""
+        env, kwargs = self.env, dict(self.kwargs)
+        try:
+            made = self._make(kwargs)
+        except EnvironmentSpecError:
+            raise
+        except TypeError as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            if kwargs and "keyword argument" in first:
+                raise EnvironmentSpecError(f"--env {env!r} does not take these --env-kwargs {sorted(kwargs)}: "
+                                           f"{first}; remove or rename them") from None
+            raise EnvironmentSpecError(f"--env {env!r}: making the env raised TypeError: {first}; fix the env "
+                                       "factory") from None
+        except Exception as exc:  # noqa: BLE001 - a user's env factory may raise anything
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise EnvironmentSpecError(f"--env {env!r}: making the env raised {type(exc).__name__}: {first}; "
+                                       "fix the env (or its --env-kwargs)") from None
+        if not all(hasattr(made, a) for a in ("reset", "step", "observation_space", "action_space")):
+            raise EnvironmentSpecError(f"--env {env!r} returned {type(made).__name__} {str(made)[:60]!r}; expected a "
+                                       "gymnasium.Env (with reset, step, observation_space and action_space)")
+        return made
+
+    def _make(self, kwargs: dict[str, Any]) -> Any:
+        import gymnasium as gym
+
+        if ":" in self.env and self.env not in gym.envs.registry:
+            module_name, _, attr = self.env.partition(":")
+            return getattr(importlib.import_module(module_name), attr)(**kwargs)
+        _route_mujoco_warnings()
+        return gym.make(self.env, **kwargs)
+
+
 def env_factory(env: str, env_kwargs: dict[str, Any] | None = None) -> Callable[[], Any]:
     """A zero-argument function that makes the env.
 
@@ -74,40 +120,13 @@ def env_factory(env: str, env_kwargs: dict[str, Any] | None = None) -> Callable[
         if not callable(fn):
             raise EnvironmentSpecError(f"--env {env!r}: {module_name} has no callable {attr!r} "
                                        "(expected module:callable returning a gymnasium.Env)")
-        return _checked_factory(lambda: fn(**kwargs), env, kwargs)
+        return EnvFactory(env, tuple(sorted(kwargs.items())))
     if env not in gym.envs.registry:
         close = difflib.get_close_matches(env, list(gym.envs.registry), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise EnvironmentSpecError(f"environment id {env!r} is not registered in gymnasium{hint} "
                                    "(expected a gymnasium id such as 'HalfCheetah-v5' or module:callable)")
-    return _checked_factory(lambda: gym.make(env, **kwargs), env, kwargs)
-
-
-def _checked_factory(make: Callable[[], Any], env: str, kwargs: dict[str, Any]) -> Callable[[], Any]:
-    """``make`` whose failures (an exception, unknown ``--env-kwargs``, something that is not an env) become
-    :class:`EnvironmentSpecError` naming the env."""
-
-    def checked() -> Any:
-        try:
-            made = make()
-        except EnvironmentSpecError:
-            raise
-        except TypeError as exc:
-            if kwargs and "keyword argument" in str(exc):
-                raise EnvironmentSpecError(f"--env {env!r} does not take these --env-kwargs {sorted(kwargs)}: "
-                                           f"{str(exc).splitlines()[0]}; remove or rename them") from None
-            raise EnvironmentSpecError(f"--env {env!r}: making the env raised TypeError: "
-                                       f"{str(exc).splitlines()[0] if str(exc) else ''}; fix the env factory") from None
-        except Exception as exc:  # noqa: BLE001 - a user's env factory may raise anything
-            first = (str(exc).strip().splitlines() or [""])[0]
-            raise EnvironmentSpecError(f"--env {env!r}: making the env raised {type(exc).__name__}: {first}; "
-                                       "fix the env (or its --env-kwargs)") from None
-        if not all(hasattr(made, a) for a in ("reset", "step", "observation_space", "action_space")):
-            raise EnvironmentSpecError(f"--env {env!r} returned {type(made).__name__} {str(made)[:60]!r}; expected a "
-                                       "gymnasium.Env (with reset, step, observation_space and action_space)")
-        return made
-
-    return checked
+    return EnvFactory(env, tuple(sorted(kwargs.items())))
 
 
 def check_env_matches(env_name: str, observation_space: Any, action_space: Any,
