@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeq.errors import PolicyFormatError
+import numpy as np
+
+from edgeq.errors import BrokenFloatPolicyError, PolicyFormatError
+from edgeq.graph.layers import Affine, Clip, Layer, Linear, Normalize, RescaleFromUnit
 
 #: Largest policy file edgeq reads (a .zip, .onnx, .pt or vecnormalize.pkl).
 MAX_FILE_BYTES = 512 << 20
@@ -53,3 +56,61 @@ def check_elements(shape: tuple[int, ...] | list[int], where: str) -> None:
     if n > MAX_TENSOR_ELEMENTS:
         raise PolicyFormatError(f"{where} has shape {tuple(shape)} ({n} elements), above edgeq's limit of "
                                 f"{MAX_TENSOR_ELEMENTS} elements per tensor (a corrupt or hostile file)")
+
+
+def check_layers(layers: list[Layer], obs_dim: int, act_dim: int, origin: str) -> None:
+    """Raise :class:`PolicyFormatError` naming the first layer whose shapes do not chain from ``obs_dim`` to
+    ``act_dim``, whose values are NaN/inf, or that is above edgeq's size limits (checked before the graph
+    is built, so a bad state dict is one clear message rather than an ONNX shape-inference error)."""
+    if len(layers) > MAX_LAYERS:
+        raise PolicyFormatError(f"{origin}: {len(layers)} layers, above edgeq's limit of {MAX_LAYERS}")
+    check_dim(obs_dim, f"{origin}: observation size")
+    check_dim(act_dim, f"{origin}: action size")
+    width = obs_dim
+
+    def vector(name: str, what: str, value: np.ndarray | float, n: int, *, allow_inf: bool = False) -> None:
+        arr = np.asarray(value)
+        if arr.ndim and arr.shape != (n,):
+            raise PolicyFormatError(f"{origin}: {name} {what} has shape {arr.shape}, expected ({n},) to match the "
+                                    "layer before it")
+        bad = np.isnan(arr) if allow_inf else ~np.isfinite(arr)
+        if np.any(bad):
+            raise BrokenFloatPolicyError(f"{origin}: {name} {what} holds NaN/inf values; the policy is broken in float "
+                                    "(retrain it or load an earlier checkpoint)")
+
+    for layer in layers:
+        if isinstance(layer, Linear):
+            w = layer.weight
+            if w.ndim != 2:
+                raise PolicyFormatError(f"{origin}: {layer.name}.weight has shape {w.shape}, expected [out, in]")
+            check_dim(int(w.shape[0]), f"{origin}: {layer.name}.weight output size")
+            if w.shape[1] != width:
+                raise PolicyFormatError(f"{origin}: {layer.name}.weight has shape {tuple(w.shape)}: it takes "
+                                        f"{w.shape[1]} inputs but the layer before it gives {width}")
+            if not np.all(np.isfinite(w)):
+                raise BrokenFloatPolicyError(f"{origin}: {layer.name}.weight holds NaN/inf values; the policy is "
+                                             "broken in float (retrain it or load an earlier checkpoint)")
+            if w.size and float(np.abs(w).max()) > MAX_ABS_WEIGHT:
+                raise BrokenFloatPolicyError(f"{origin}: {layer.name}.weight reaches {float(np.abs(w).max()):.3g}, "
+                                             f"above {MAX_ABS_WEIGHT:g}; no trained policy has such weights, so it "
+                                             "is broken in float (retrain it or load an earlier checkpoint)")
+            width = int(w.shape[0])
+            if layer.bias is not None:
+                vector(layer.name, "bias", layer.bias, width)
+        elif isinstance(layer, Affine):
+            vector(layer.name, "scale", layer.scale, width)
+            vector(layer.name, "shift", layer.shift, width)
+        elif isinstance(layer, Normalize):
+            vector(layer.name, "mean", layer.mean, width)
+            vector(layer.name, "std", layer.std, width)
+            if np.any(np.asarray(layer.std) <= 0):
+                raise PolicyFormatError(f"{origin}: {layer.name} std has values <= 0; expected positive")
+        elif isinstance(layer, RescaleFromUnit):
+            vector(layer.name, "low", layer.low, width)
+            vector(layer.name, "high", layer.high, width)
+        elif isinstance(layer, Clip):
+            vector(layer.name, "low", layer.low, width, allow_inf=True)
+            vector(layer.name, "high", layer.high, width, allow_inf=True)
+    if width != act_dim:
+        raise PolicyFormatError(f"{origin}: the last layer gives {width} values but the action space has "
+                                f"{act_dim}")

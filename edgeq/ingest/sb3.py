@@ -31,11 +31,10 @@ from edgeq.graph.layers import (
     Normalize,
     RescaleFromUnit,
     Tanh,
-    check_layers,
     fold_affines,
     layers_to_onnx,
 )
-from edgeq.ingest.limits import MAX_LAYERS
+from edgeq.ingest.limits import MAX_LAYERS, check_layers
 from edgeq.ingest.safe_pickle import global_name
 from edgeq.ingest.sb3_archive import SB3Archive, read_archive
 from edgeq.ingest.vecnormalize import ObsNormalization, default_vecnormalize_path, read_vecnormalize
