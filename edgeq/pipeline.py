@@ -153,17 +153,6 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
     timings: dict[str, float] = {}
     out = Path(out)
     writer = BundleWriter(out, overwrite=overwrite)  # refuses an existing bundle before any work
-    t0 = time.perf_counter()
-    fp = policy if isinstance(policy, FloatPolicy) else load_policy(
-        policy, vecnormalize=vecnormalize, input_name=onnx_input, output_name=onnx_output, action_low=action_low,
-        action_high=action_high, frame_stack=stack or None)
-    if zoo is not None:
-        fp.source.details["rl_zoo"] = zoo.describe()
-    if zoo is not None and env == zoo.env_id:
-        env, env_note = resolve_env_id(env, fp.obs_space.shape, env_kwargs, wrappers, stack)
-    frame_pad = (list(np.asarray(fp.preprocess["normalize"]["pad"]).tolist())
-                 if stack > 1 and "pad" in fp.preprocess.get("normalize", {}) else None)
-    timings["ingest_s"] = time.perf_counter() - t0
     rec = recipe if isinstance(recipe, CalibrationRecipe) else load_recipe(recipe, env)
     prof = profile if isinstance(profile, ExportProfile) else load_profile(profile)
     if calibrator:
@@ -187,6 +176,17 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
                          "use the static form (transform: crossquant) or an onnxruntime profile")
     if cell_precision not in CELL_PRECISIONS:
         raise EdgeqError(f"cell precision {cell_precision!r}; expected one of {', '.join(CELL_PRECISIONS)}")
+    t0 = time.perf_counter()
+    fp = policy if isinstance(policy, FloatPolicy) else load_policy(
+        policy, vecnormalize=vecnormalize, input_name=onnx_input, output_name=onnx_output, action_low=action_low,
+        action_high=action_high, frame_stack=stack or None)
+    if zoo is not None:
+        fp.source.details["rl_zoo"] = zoo.describe()
+    if zoo is not None and env == zoo.env_id:
+        env, env_note = resolve_env_id(env, fp.obs_space.shape, env_kwargs, wrappers, stack)
+    frame_pad = (list(np.asarray(fp.preprocess["normalize"]["pad"]).tolist())
+                 if stack > 1 and "pad" in fp.preprocess.get("normalize", {}) else None)
+    timings["ingest_s"] = time.perf_counter() - t0
     gate_nodes: list[str] = list(fp.gate_nodes)
     if gate_nodes and cell_precision == "fp32":
         options = replace(options, keep_float=list(options.keep_float) + gate_nodes)

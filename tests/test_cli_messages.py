@@ -25,7 +25,7 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 def one_line_error(res: subprocess.CompletedProcess, *needles: str) -> str:
     assert res.returncode == 2, (res.stdout, res.stderr)
-    err = res.stderr.strip()
+    err = "\n".join(line for line in res.stderr.splitlines() if not line.startswith("[edgeq] ")).strip()
     assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
     for needle in needles:
         assert needle in err, err
@@ -158,10 +158,19 @@ def test_check_bundle_per_runtime(piped_run: tuple[Path, subprocess.CompletedPro
 
 
 def test_check_catches_a_broken_ort_file(piped_run: tuple[Path, subprocess.CompletedProcess], tmp_path: Path) -> None:
+    out, _ = piped_run
     bad = tmp_path / "policy.int8.cpu.onnx"
     bad.write_bytes(b"not onnx")
     res = run_cli("check", str(bad))
-    assert res.returncode == 1 and "[onnx-checker]" in res.stdout
+    one_line_error(res, "policy.int8.cpu.onnx", "not an ONNX model")
+    # inside a bundle each file is checked for its runtime: a damaged ORT file is a violation (exit 1)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    for name in ("manifest.json", "policy.int8.onnx"):
+        (bundle / name).write_bytes((out / name).read_bytes())
+    (bundle / "policy.int8.cpu.onnx").write_bytes(b"not onnx")
+    res = run_cli("check", str(bundle))
+    assert res.returncode == 1 and "policy.int8.cpu.onnx [onnxruntime-cpu]: ERROR [onnx-checker]" in res.stdout
 
 
 def test_info_is_a_summary(piped_run: tuple[Path, subprocess.CompletedProcess]) -> None:

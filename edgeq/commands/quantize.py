@@ -140,10 +140,11 @@ def quantize(
                                  "instead of POLICY, e.g. -f logs/ --algo sac --env HalfCheetah-v3 --exp-id 1")
             policy, env = find_zoo_run(folder, algo, env, exp_id), None
         if policy is None:
-            raise EdgeqError("no policy given: pass POLICY (a .zip, RL Zoo run folder, .onnx or .pt) or an RL Zoo run "
-                             "with -f FOLDER --algo ALGO --env ENV_ID")
+            raise EdgeqError("Missing argument 'POLICY': pass a .zip, an RL Zoo run folder, an .onnx or a .pt, or name "
+                             "an RL Zoo run with -f FOLDER --algo ALGO --env ENV_ID (see edgeq quantize --help)")
         if out is None:
-            raise EdgeqError("--out is required: the bundle directory to create, e.g. --out bundles/my-policy")
+            raise EdgeqError("Missing option '--out': the bundle directory to create, e.g. --out bundles/my-policy (see "
+                             "edgeq quantize --help)")
         params = {"percentile": percentile} if percentile is not None else None
         given = {"holdout_episodes": holdout_episodes, "transform": transform, "alpha": alpha,
                  "transform_layers": transform_layers, "dynamic": dynamic, "auto": auto, "rounding": rounding,

@@ -21,7 +21,8 @@ import numpy as np
 
 from edgeq.deploy.bundle_format import FLOAT_MODEL, INT8_CPU_MODEL, INT8_CUDA_MODEL, INT8_MODEL, MANIFEST
 from edgeq.errors import EdgeqError
-from edgeq.export.trt_rules import ERROR, Violation, check_qdq_model
+from edgeq.export import trt_rules
+from edgeq.export.trt_rules import ERROR, Violation
 
 #: Which runtime each bundle file is for (check order).
 BUNDLE_RUNTIMES = {INT8_MODEL: "tensorrt", INT8_CPU_MODEL: "onnxruntime-cpu", INT8_CUDA_MODEL: "onnxruntime-cuda",
@@ -112,7 +113,7 @@ def check_file(path: Path, runtime: str | None = None) -> FileCheck:
 
         import onnx
 
-        violations = check_qdq_model(path)
+        violations = trt_rules.check_qdq_model(path)
         model = onnx.load(str(path), load_external_data=False)
         if model.producer_name == "edgeq" and path.name in (INT8_CPU_MODEL, INT8_CUDA_MODEL):
             # edgeq's own ONNX Runtime file: the fix is the bundle's TensorRT file, never a re-quantization
