@@ -110,23 +110,18 @@ def run_paired(make_env: Callable[[], Any], reference: BatchPolicy, candidate: B
                shadow_reference: BatchPolicy, shadow_candidate: BatchPolicy, seeds: Sequence[int], *,
                num_envs: int = 8, act_dim: int, action_scale: np.ndarray | None = None,
                record: bool = True, progress: Callable[[int], None] | None = None,
-               outcome: EpisodeOutcome | None = None, into: PairedRun | None = None) -> PairedRun:
+               outcome: EpisodeOutcome | None = None) -> PairedRun:
     """Roll out ``reference`` (float) and ``candidate`` (quantized) on ``seeds``.
 
     ``shadow_*`` are second instances of the other policy (with their own state) that measure the
     action error on the states each policy visits. With ``record`` the trajectories of both are
     kept (per seed) for the divergence and the per-layer statistics. ``outcome`` classifies each
-    episode's end (success / failure / time-out). With ``into`` (a previous batch's run) these
-    episodes are appended to it: its accumulators and trajectory stores keep filling.
+    episode's end (success / failure / time-out).
     """
-    if into is not None:
-        err_on_ref, err_on_cand = into.err_on_reference, into.err_on_candidate
-        ref_traj, cand_traj = into.reference_traj, into.candidate_traj
-    else:
-        err_on_ref = ActionErrorAccumulator(act_dim, scale=action_scale)
-        err_on_cand = ActionErrorAccumulator(act_dim, scale=action_scale)
-        ref_traj = TrajectoryStore() if record else None
-        cand_traj = TrajectoryStore() if record else None
+    err_on_ref = ActionErrorAccumulator(act_dim, scale=action_scale)
+    err_on_cand = ActionErrorAccumulator(act_dim, scale=action_scale)
+    ref_traj = TrajectoryStore() if record else None
+    cand_traj = TrajectoryStore() if record else None
     t0 = time.perf_counter()
     ref_pol = ShadowedPolicy(reference, shadow_candidate, err_on_ref, actor_is_reference=True)
     ref_res: EpisodeResults = run_episodes(ref_traj.wrap(make_env) if ref_traj else make_env, ref_pol, seeds,
@@ -135,11 +130,26 @@ def run_paired(make_env: Callable[[], Any], reference: BatchPolicy, candidate: B
     cand_pol = ShadowedPolicy(candidate, shadow_reference, err_on_cand, actor_is_reference=False)
     cand_res = run_episodes(cand_traj.wrap(make_env) if cand_traj else make_env, cand_pol, seeds,
                             num_envs=num_envs, on_step=cand_pol.observe, progress=progress, outcome=outcome)
-    seconds = time.perf_counter() - t0
-    if into is not None:
-        return PairedRun(into.reference.extend(ref_res), into.candidate.extend(cand_res), err_on_ref, err_on_cand,
-                         ref_traj, cand_traj, into.seconds + seconds)
-    return PairedRun(ref_res, cand_res, err_on_ref, err_on_cand, ref_traj, cand_traj, seconds)
+    return PairedRun(ref_res, cand_res, err_on_ref, err_on_cand, ref_traj, cand_traj, time.perf_counter() - t0)
+
+
+def merge_paired(runs: Sequence[PairedRun]) -> PairedRun:
+    """One :class:`PairedRun` from runs on disjoint seed shards, in the given (shard) order."""
+    if not runs:
+        raise ValueError("merge_paired needs at least one run")
+    if len(runs) == 1:
+        return runs[0]
+    ref_traj = cand_traj = None
+    if all(r.reference_traj is not None and r.candidate_traj is not None for r in runs):
+        from edgeq.validate.trajectories import TrajectoryStore
+
+        ref_traj = TrajectoryStore.merge([r.reference_traj for r in runs if r.reference_traj is not None])
+        cand_traj = TrajectoryStore.merge([r.candidate_traj for r in runs if r.candidate_traj is not None])
+    return PairedRun(EpisodeResults.concat([r.reference for r in runs]),
+                     EpisodeResults.concat([r.candidate for r in runs]),
+                     ActionErrorAccumulator.merge([r.err_on_reference for r in runs]),
+                     ActionErrorAccumulator.merge([r.err_on_candidate for r in runs]),
+                     ref_traj, cand_traj, float(sum(r.seconds for r in runs)))
 
 
 def paired_rollouts(make_env: Callable[[], Any], reference: BatchPolicy, candidate: BatchPolicy,

@@ -21,20 +21,28 @@ import onnx
 
 from edgeq.errors import EdgeqError
 from edgeq.quantizers.plan import QuantPlan
+from edgeq.validate.executor import Executor, ExecutorConfig
 from edgeq.validate.latency import measure_latency, strip_samples
 from edgeq.validate.layers import per_layer_error, plan_from_manifest
 from edgeq.validate.noise import (
     DEFAULT_SENSITIVITY_LEVELS,
     FLOOR_NOISE,
     noise_floor,
-    perturbed_returns,
     sensitivity_curve,
 )
 from edgeq.validate.outcomes import FailureRule, parse_failure
-from edgeq.validate.paired import PairedRun, action_error_series, run_paired
+from edgeq.validate.paired import PairedRun, action_error_series, merge_paired
 from edgeq.validate.sequential import SequentialDesign, run_until_decided
+from edgeq.validate.spread import perturbed_returns_spread, run_paired_spread
 from edgeq.validate.stats import json_safe
-from edgeq.validate.targets import RUNTIME_TENSORRT, make_runtime, target_runtime, unavailable_reason
+from edgeq.validate.targets import (
+    RUNTIME_TENSORRT,
+    RuntimeSpec,
+    make_runtime,
+    runtime_for,
+    target_runtime,
+    unavailable_reason,
+)
 from edgeq.validate.verdict import Tolerance, add_floor_text, decide, overall
 
 #: ``progress(stage, total)`` returns a per-step ``advance(n)`` callback (see edgeq.pipeline).
@@ -58,6 +66,8 @@ class ValidationOptions:
       :mod:`edgeq.validate.sequential`; ``fixed``: every seed given);
     * ``failure``: which episode ends are failures (:mod:`edgeq.validate.outcomes`);
     * ``detail_episodes``: the noise floor runs on the first this-many validation seeds only.
+    * ``executor``: where the rollouts run (this process, worker processes, a Ray cluster); the
+      results are the same for every executor (:mod:`edgeq.validate.spread`).
     """
 
     targets: tuple[str, ...] = ("cpu", "cuda", "trt")
@@ -75,6 +85,7 @@ class ValidationOptions:
     per_layer_states: int = 4096
     latency_calls: int = 10_000
     latency_large_batch: int = 4096
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     @classmethod
     def light(cls, **overrides: Any) -> ValidationOptions:
@@ -87,6 +98,7 @@ class ValidationOptions:
         d["tolerance"] = self.tolerance.to_json()
         d["design"] = self.design.to_json()
         d["failure"] = self.failure.to_json()
+        d["executor"] = self.executor.to_json()
         return d
 
 
@@ -140,6 +152,17 @@ def validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], mak
     Targets that cannot run here are listed under ``unavailable_targets`` with the reason. Raises
     :class:`EdgeqError` only when no requested target can run.
     """
+    with options.executor.make() as executor:
+        return _validate_models(float_model, int8_model, io, make_env, seeds, env_id=env_id, action_low=action_low,
+                                action_high=action_high, options=options, plan=plan, episode_steps=episode_steps,
+                                progress=progress, int8_for_target=int8_for_target, executor=executor)
+
+
+def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], make_env: Callable[[], Any],
+                     seeds: Sequence[int], *, env_id: str, action_low: np.ndarray, action_high: np.ndarray,
+                     options: ValidationOptions, plan: QuantPlan | None, episode_steps: int | None,
+                     progress: ProgressFactory, int8_for_target: dict[str, Path] | None,
+                     executor: Executor) -> dict[str, Any]:
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise EdgeqError("validation needs at least one episode (--episodes >= 1)")
@@ -164,9 +187,11 @@ def validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], mak
                 # TensorRT builds from the portable QDQ file; ONNX Runtime targets run their specialized copy
                 int8_here = (int8_model if target_runtime(target) == RUNTIME_TENSORRT
                              else (int8_for_target or {}).get(target, int8_model))
-                runtimes = [make_runtime(target, p, io, precision=prec)
-                            for p, prec in ((float_model, "fp32"), (int8_here, "int8"),
-                                            (float_model, "fp32"), (int8_here, "int8"))]
+                f_spec = RuntimeSpec.of(target, float_model, io, "fp32")
+                q_spec = RuntimeSpec.of(target, int8_here, io, "int8")
+                # built here (and cached for the serial executor) so a target that cannot start is reported
+                runtimes = [runtime_for(f_spec, 0), runtime_for(q_spec, 0), runtime_for(f_spec, 1),
+                            runtime_for(q_spec, 1)]
             except Exception as exc:  # a provider that is listed but cannot start (missing libraries)
                 reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if runtimes is None:
@@ -179,9 +204,12 @@ def validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], mak
         box: dict[str, PairedRun] = {}
 
         def run_batch(batch: list[int]) -> None:
-            box["run"] = run_paired(make_env, f_rt, q_rt, f_shadow, q_shadow, batch,  # noqa: B023
-                                    num_envs=opts.num_envs, act_dim=act_dim, action_scale=half, record=True,
-                                    progress=stage, outcome=opts.failure, into=box.get("run"))  # noqa: B023
+            more = run_paired_spread(make_env, f_spec, q_spec, batch, num_envs=opts.num_envs,  # noqa: B023
+                                     act_dim=act_dim, action_scale=half, record=True, executor=executor,
+                                     shard_size=opts.executor.shard_size, progress=stage,  # noqa: B023
+                                     outcome=opts.failure)
+            prev = box.get("run")  # noqa: B023
+            box["run"] = more if prev is None else merge_paired([prev, more])  # noqa: B023
 
         def look(n: int, failure_alpha: float) -> dict[str, Any]:
             r = box["run"]  # noqa: B023
@@ -205,10 +233,11 @@ def validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], mak
         if opts.floor_draws > 0:
             t0 = time.perf_counter()
             k = max(1, min(len(used), opts.detail_episodes))
-            fl = perturbed_returns(make_env, f_rt, used[:k], sigma=opts.floor_sigma, draws=opts.floor_draws, low=low,
-                                   high=high, num_envs=opts.num_envs, draw_seed=10_000,
-                                   progress=progress(f"{target}: noise floor ({opts.floor_draws} draws)",
-                                                     opts.floor_draws * k * episode_steps if episode_steps else None))
+            fl = perturbed_returns_spread(make_env, f_spec, used[:k], sigma=opts.floor_sigma, draws=opts.floor_draws,
+                                          low=low, high=high, num_envs=opts.num_envs, draw_seed=10_000,
+                                          executor=executor, shard_size=opts.executor.shard_size,
+                                          progress=progress(f"{target}: noise floor ({opts.floor_draws} draws)",
+                                                            opts.floor_draws * k))
             res["noise_floor"] = noise_floor(run.reference.returns[:k], run.candidate.returns[:k], fl,
                                              sigma=opts.floor_sigma)
             res["noise_floor"]["episodes"] = k
@@ -247,10 +276,12 @@ def validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], mak
         levels = sorted(float(s) for s in opts.sensitivity_levels)
         k = max(1, min(len(run.reference.seeds), opts.detail_episodes))
         sens_seeds = [int(s) for s in run.reference.seeds[:k]]
-        adv = progress("sensitivity (float + action noise)",
-                       len(levels) * opts.sensitivity_draws * k * episode_steps if episode_steps else None)
-        by_level = {s: perturbed_returns(make_env, f_rt, sens_seeds, sigma=s, draws=opts.sensitivity_draws, low=low,
-                                         high=high, num_envs=opts.num_envs, draw_seed=20_000 + 100 * i, progress=adv)
+        adv = progress("sensitivity (float + action noise)", len(levels) * opts.sensitivity_draws * k)
+        f_spec = RuntimeSpec.of(target, float_model, io, "fp32")
+        by_level = {s: perturbed_returns_spread(make_env, f_spec, sens_seeds, sigma=s, draws=opts.sensitivity_draws,
+                                                low=low, high=high, num_envs=opts.num_envs,
+                                                draw_seed=20_000 + 100 * i, executor=executor,
+                                                shard_size=opts.executor.shard_size, progress=adv)
                     for i, s in enumerate(levels)}
         tr = val["targets"][target]
         val["sensitivity"] = sensitivity_curve(
@@ -353,7 +384,8 @@ def decision_record(validation: dict[str, Any]) -> dict[str, Any]:
             "tolerance": validation.get("tolerance"), "failure_rule": opts.get("failure"), "targets": targets}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -379,7 +411,7 @@ def save_validation(directory: str | Path, validation: dict[str, Any], manifest:
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     written = [root / VALIDATION]
-    _atomic_write(root / VALIDATION, (json.dumps(json_safe(validation), indent=2, allow_nan=False) + "\n").encode())
+    atomic_write(root / VALIDATION, (json.dumps(json_safe(validation), indent=2, allow_nan=False) + "\n").encode())
     if report:
         written += write_validation_report(root, validation, manifest)
     if update_manifest:
@@ -392,5 +424,5 @@ def save_validation(directory: str | Path, validation: dict[str, Any], manifest:
         current["files"] = files
         if validation.get("verdict") and validation.get("targets"):
             current["decision"] = decision_record(validation)
-        _atomic_write(mpath, (json.dumps(current, indent=2) + "\n").encode())
+        atomic_write(mpath, (json.dumps(current, indent=2) + "\n").encode())
     return written
