@@ -16,7 +16,14 @@ from edgeq._version import __version__
 from edgeq.calibration.collect import CalibrationStats, ExplorationNoise, calibrate_observations, calibrate_rollouts
 from edgeq.calibration.dataset import ObservationLog, load_observations, split_holdout
 from edgeq.config import CalibrationRecipe, ExportProfile, load_profile, load_recipe
-from edgeq.deploy.bundle_format import FLOAT_MODEL, INT8_CPU_MODEL, INT8_CUDA_MODEL, INT8_MODEL, VALIDATION
+from edgeq.deploy.bundle_format import (
+    FLOAT_MODEL,
+    INT8_CPU_MODEL,
+    INT8_CUDA_MODEL,
+    INT8_MODEL,
+    PLAN,
+    VALIDATION,
+)
 from edgeq.envs import check_env_matches, env_factory
 from edgeq.errors import EdgeqError
 from edgeq.export.bundle import BundleWriter
@@ -132,11 +139,6 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
     out = Path(out)
     writer = BundleWriter(out, overwrite=overwrite)  # refuses an existing bundle before any work
     design = episode_design(episodes, max_episodes=max_episodes, time_budget=time_budget)
-    t0 = time.perf_counter()
-    fp = policy if isinstance(policy, FloatPolicy) else load_policy(
-        policy, vecnormalize=vecnormalize, input_name=onnx_input, output_name=onnx_output, action_low=action_low,
-        action_high=action_high)
-    timings["ingest_s"] = time.perf_counter() - t0
     rec = recipe if isinstance(recipe, CalibrationRecipe) else load_recipe(recipe, env)
     prof = profile if isinstance(profile, ExportProfile) else load_profile(profile)
     if calibrator:
@@ -161,6 +163,11 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
                          "use the static form (transform: crossquant) or an onnxruntime profile")
     if cell_precision not in CELL_PRECISIONS:
         raise EdgeqError(f"cell precision {cell_precision!r}; expected one of {', '.join(CELL_PRECISIONS)}")
+    t0 = time.perf_counter()
+    fp = policy if isinstance(policy, FloatPolicy) else load_policy(
+        policy, vecnormalize=vecnormalize, input_name=onnx_input, output_name=onnx_output, action_low=action_low,
+        action_high=action_high)
+    timings["ingest_s"] = time.perf_counter() - t0
     gate_nodes: list[str] = list(fp.gate_nodes)
     if gate_nodes and cell_precision == "fp32":
         options = replace(options, keep_float=list(options.keep_float) + gate_nodes)
@@ -243,6 +250,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
         cmodel = specialize_for_ort_cpu(qmodel, min_int8_width=prof.cpu_float_below, keep_int8=gate_nodes)
         cpath = w.save_model(cmodel, INT8_CPU_MODEL)
         gpath = w.save_model(specialize_for_ort_cuda(qmodel), INT8_CUDA_MODEL)
+        w.write_json(PLAN, plan.to_dict())  # the plan as data: QuantPlan.from_bundle reads it back
         int8_for = {"cpu": cpath, "cuda": gpath}
         t0 = time.perf_counter()
         result: dict[str, Any]

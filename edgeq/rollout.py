@@ -82,6 +82,22 @@ class EpisodeResults:
         }
 
 
+def _check_finite(what: str, values: np.ndarray, active: np.ndarray, slot: np.ndarray, seeds: Sequence[int],
+                  lengths: np.ndarray) -> None:
+    """Raise :class:`EnvironmentSpecError` naming the episode if an active env gave a NaN/inf ``what``."""
+    rows = values.reshape(len(active), -1)
+    bad = active & ~np.isfinite(rows).all(axis=1)
+    if np.any(bad):
+        from edgeq.errors import EnvironmentSpecError
+
+        i = int(np.flatnonzero(bad)[0])
+        value = rows[i][~np.isfinite(rows[i])][0]
+        raise EnvironmentSpecError(
+            f"the env returned a non-finite {what} ({value}) at step {int(lengths[slot[i]])} of the episode with "
+            f"seed {seeds[slot[i]]}; fix the env so that every {what} is finite (returns cannot be compared "
+            "otherwise)")
+
+
 def _join(values: list[Any], name: str) -> Any:
     first = values[0]
     if isinstance(first, np.ndarray):
@@ -133,11 +149,13 @@ def run_episodes(make_env: Callable[[], Any], policy: BatchPolicy, seeds: Sequen
         while np.any(slot >= 0):
             active = slot >= 0
             obs32 = np.asarray(obs, dtype=np.float32)
+            _check_finite("observation", obs32, active, slot, seeds, lengths)
             actions = np.asarray(policy.act(obs32), dtype=np.float32)
             if on_step is not None:
                 on_step(obs32, actions, active)
             sent = perturb(actions, rng) if perturb is not None else actions
             obs, reward, term, trunc, infos = venv.step(sent.astype(venv.single_action_space.dtype))
+            _check_finite("reward", np.asarray(reward, dtype=np.float64), active, slot, seeds, lengths)
             total_steps += int(active.sum())
             if progress is not None:
                 progress(int(active.sum()))

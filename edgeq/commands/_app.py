@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
+from typer.exceptions import TyperException
 
 from edgeq.errors import EdgeqError
 
@@ -207,13 +209,74 @@ def print_layer_choices(quantization: dict[str, Any]) -> None:
                       + ", ".join(f"{k} {v:.4f}" for k, v in stages.items()), highlight=False)
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line for any failure: the :class:`EdgeqError` message as written, an OS error with the file
+    and the fix, and anything else as an internal error that names its type (``--debug`` shows where)."""
+    if isinstance(exc, EdgeqError):
+        text = str(exc)
+    elif isinstance(exc, RecursionError):
+        text = ("input nested too deeply to read (Python's recursion limit): the file is corrupt or hostile; "
+                "pass a file written by its own tool")
+    elif isinstance(exc, MemoryError):
+        text = "out of memory: an input is larger than this machine can hold; pass a smaller file"
+    elif isinstance(exc, OSError):
+        text = describe_os_error(exc)
+    else:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        text = (f"unexpected {type(exc).__name__}: {first}; edgeq did not recognise this input (rerun with "
+                "--debug for the traceback and report it)")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return "; ".join(lines) or type(exc).__name__
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``PATH: reason (ERRNO)`` plus what to do about it."""
+    import errno
+
+    where = exc.filename if exc.filename is not None else "a file"
+    reason = exc.strerror or str(exc)
+    code = errno.errorcode.get(exc.errno or 0, "")
+    fix = {
+        errno.ENOSPC: "free disk space or choose another --out",
+        errno.EFBIG: "the file size limit (ulimit -f) is too low; raise it or choose another --out",
+        errno.EROFS: "the file system is read-only; choose a writable --out",
+        errno.EACCES: "no permission; choose a location you can write (or read) or fix its permissions",
+        errno.EPERM: "not permitted; choose a location you can write (or read)",
+        errno.ENOENT: "check the path",
+        errno.ENOTDIR: "a part of the path is a file, not a directory; choose another path",
+        errno.EISDIR: "expected a file, found a directory",
+        errno.EDQUOT: "disk quota exceeded; free space or choose another --out",
+    }.get(exc.errno or 0, "check the path and the file system")
+    return f"{where}: {reason}{f' ({code})' if code else ''}; {fix}"
+
+
+def is_debug() -> bool:
+    return bool(_state["debug"])
+
+
+def fail_one_line(message: str, code: int = 2) -> NoReturn:
+    """Print ``error: message`` (one line) on stderr and exit with ``code``."""
+    import sys
+
+    text = "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def run_guarded(fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; any failure becomes one line ``error: ...`` on stderr and exit status 2.
+
+    Exit statuses of every command: 0 success, 1 a verdict of FAIL (or rule violations in ``check``),
+    2 any error (bad input, unwritable output, a crash). ``--debug`` re-raises with the traceback.
+    """
     try:
         return fn()
-    except EdgeqError as exc:
+    except (typer.Exit, typer.Abort, TyperException):
+        raise
+    except Exception as exc:  # noqa: BLE001 - one error path for every failure
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(describe_error(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 

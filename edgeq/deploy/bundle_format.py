@@ -14,6 +14,8 @@ A bundle is a directory::
     validation.json     paired float/int8 rollouts (written by the validator)
     (manifest "decision")  format 2: the verdict (PASS / FAIL / INCONCLUSIVE), the procedure that
                         reached it and its parameters, episodes used, failure counts per target
+    plan.json           the quantization plan (choices and int8 weights, scales, biases, input
+                        scalings; no metrics): ``edgeq.quantizers.plan.QuantPlan.from_bundle``
     *.engine            optional TensorRT engines, each described in ``manifest["engines"]``
 
 Readers must accept any ``format_version`` up to :data:`FORMAT_VERSION` (bundles made by an older
@@ -41,6 +43,7 @@ INT8_MODEL = "policy.int8.onnx"
 INT8_CPU_MODEL = "policy.int8.cpu.onnx"
 INT8_CUDA_MODEL = "policy.int8.cuda.onnx"
 VALIDATION = "validation.json"
+PLAN = "plan.json"
 #: Precisions a bundle may hold an ONNX model for (``manifest["models"]`` keys).
 PRECISIONS = ("int8", "fp32")
 

@@ -314,7 +314,7 @@ def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: Valida
     validated with (``manifest["decision"]["failure_rule"]``, else its recipe's ``failure``);
     without either, ``options.failure`` applies.
     """
-    from edgeq.deploy.bundle_format import read_manifest
+    from edgeq.deploy.bundle_format import PLAN, read_manifest
     from edgeq.envs import env_factory
 
     root = Path(bundle)
@@ -339,8 +339,9 @@ def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: Valida
     plan = None
     quant = manifest.get("quantization")
     if quant:
-        try:
-            plan = plan_from_manifest(onnx.load(str(fpath)), quant, onnx.load(str(qpath)))
+        try:  # the stored plan; bundles made before plan.json existed: rebuilt from the manifest
+            plan = (QuantPlan.from_bundle(root) if PLAN in manifest.get("files", {})
+                    else plan_from_manifest(onnx.load(str(fpath)), quant, onnx.load(str(qpath))))
         except (KeyError, ValueError):
             plan = None
     act = manifest["action_space"]
