@@ -55,38 +55,26 @@ def with_state(src: Path, out: Path, edit: Callable[[dict[str, Any]], None]) -> 
     return write_zip(out, entries)
 
 
-class _Ref:
-    """Pickled as a global reference to a module-level name (inert for edgeq's reader)."""
+class VecNormalize:
+    """Stands in for SB3's class while pickling; the stream then names SB3's module."""
+
+
+class RunningMeanStd:
+    """Stands in for SB3's class while pickling."""
 
 
 def vecnorm_pickle(mean: Any, var: Any, epsilon: Any = 1e-8, clip_obs: Any = 10.0) -> bytes:
-    """A pickle shaped like SB3's VecNormalize (made with a hand-built stream, not SB3)."""
-    import types
-
-    mod = types.ModuleType("stable_baselines3.common.running_mean_std")
-    vn_mod = types.ModuleType("stable_baselines3.common.vec_env.vec_normalize")
-
-    class RunningMeanStd:
-        pass
-
-    class VecNormalize:
-        pass
-
-    RunningMeanStd.__module__, RunningMeanStd.__qualname__ = mod.__name__, "RunningMeanStd"
-    VecNormalize.__module__, VecNormalize.__qualname__ = vn_mod.__name__, "VecNormalize"
-    mod.RunningMeanStd = RunningMeanStd  # type: ignore[attr-defined]
-    vn_mod.VecNormalize = VecNormalize  # type: ignore[attr-defined]
-    import sys
-
-    sys.modules[mod.__name__], sys.modules[vn_mod.__name__] = mod, vn_mod
-    try:
-        rms = RunningMeanStd()
-        rms.__dict__.update(mean=mean, var=var, count=1.0)
-        vn = VecNormalize()
-        vn.__dict__.update(obs_rms=rms, norm_obs=True, epsilon=epsilon, clip_obs=clip_obs)
-        return pickle.dumps(vn, protocol=4)
-    finally:
-        del sys.modules[mod.__name__], sys.modules[vn_mod.__name__]
+    """A pickle shaped like SB3's VecNormalize (protocol 0, so the class references can be renamed to SB3's
+    modules in the byte stream; nothing of SB3 is imported or touched)."""
+    rms = RunningMeanStd()
+    rms.__dict__.update(mean=mean, var=var, count=1.0)
+    vn = VecNormalize()
+    vn.__dict__.update(obs_rms=rms, norm_obs=True, epsilon=epsilon, clip_obs=clip_obs)
+    data = pickle.dumps(vn, protocol=0)
+    return (data.replace(b"chostile_inputs\nVecNormalize\n",
+                         b"cstable_baselines3.common.vec_env.vec_normalize\nVecNormalize\n")
+            .replace(b"chostile_inputs\nRunningMeanStd\n",
+                     b"cstable_baselines3.common.running_mean_std\nRunningMeanStd\n"))
 
 
 def data_json(src: Path = SAC_PENDULUM) -> dict[str, Any]:

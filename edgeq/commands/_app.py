@@ -76,50 +76,94 @@ def _falls(r: dict[str, Any]) -> str:
     return f"{100 * rate:.0f}%" + (f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]" if ci else "")
 
 
+_STATUS_STYLE = {"PASS": "bold green", "FAIL": "bold red", "INCONCLUSIVE": "bold yellow"}
+
+
+def _status(status: str | None) -> str:
+    return f"[{_STATUS_STYLE.get(status or '', 'bold')}]{status}[/]" if status else "-"
+
+
+def _outcomes(r: dict[str, Any], side: str) -> str:
+    o = (r.get("outcomes") or {}).get(side)
+    return f"{o['success']}/{o['failure']}/{o['timeout']}" if o else "-"
+
+
+def _interval(lo: float | None, hi: float | None) -> str:
+    def one(x: float | None, inf: str) -> str:
+        return inf if x is None else f"{x:+.4g}"
+
+    return f"[{one(lo, '-inf')}, {one(hi, '+inf')}]"
+
+
 def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
-    """Float vs int8 per target: mean ± std, paired difference, noise floor, action error, verdict, file sizes."""
+    """Float vs int8 per target, each row naming the files and runtime that produced it: returns, the
+    verdict's interval and band, success/failure/time-out counts, action error, verdict; then the
+    reasons (generated from the numbers), noise floor, latency notes and file sizes."""
     from edgeq.describe import loaded_lines
 
     for line in loaded_lines(manifest):
         console.print(f"loaded: {line}", highlight=False, markup=False, soft_wrap=True)
     label = manifest["source"]["algorithm"] or manifest["source"]["kind"]
+    eps = sorted({len(r["float"]["returns"]) for r in validation["targets"].values()})
     table = Table(title=f"edgeq: {label} on {validation['env_id']} "
-                        f"({len(validation['seeds'])} paired episodes)")
+                        f"({'/'.join(map(str, eps))} paired episodes)")
     has_floor = any("noise_floor" in r for r in validation["targets"].values())
     has_verdict = any("verdict" in r for r in validation["targets"].values())
-    cols = ["target", "float return", "int8 return", "int8 - float (95% CI)", "int8/float"]
-    cols += ["noise floor", "≠ floor"] if has_floor else []
+    cols = ["target (runtime)", "files: float / int8", "episodes", "float return", "int8 return",
+            "int8 - float (interval)", "band", "succ/fail/timeout float | int8"]
+    cols += ["≠ floor"] if has_floor else []
     cols += ["action err mean / max"] + (["verdict"] if has_verdict else [])
     for col in cols:
         table.add_column(col, justify="right")
     for target, r in validation["targets"].items():
         d = r["paired_difference"]
         ae = r["action_error"]["on_float_trajectory"]
-        row = [target, f"{r['float']['mean']:.1f} ± {r['float']['std']:.1f}",
+        v = r.get("verdict", {})
+        ret = v.get("returns", {})
+        iv = ret.get("interval", d["ci95"])
+        band = ret.get("band")
+        row = [f"{target} ({r.get('runtime', '?')})", f"{r.get('float_model', '?')} / {r.get('int8_model', '?')}",
+               str(len(r["float"]["returns"])),
+               f"{r['float']['mean']:.1f} ± {r['float']['std']:.1f}",
                f"{r['int8']['mean']:.1f} ± {r['int8']['std']:.1f}",
-               f"{d['mean']:+.4g} [{d['ci95'][0]:+.4g}, {d['ci95'][1]:+.4g}]",
-               "-" if d.get("ratio_of_means") is None else f"{d['ratio_of_means']:.4f}"]
+               f"{d['mean']:+.4g} {_interval(*iv)}", _interval(*band) if band else "-",
+               f"{_outcomes(r, 'float')} | {_outcomes(r, 'int8')}"]
         if has_floor:
             fl = r.get("noise_floor")
-            row += ([f"±{max(abs(fl['band'][0]), abs(fl['band'][1])):.2g}", "yes" if fl["distinguishable"] else "no"]
-                    if fl else ["-", "-"])
+            row += ["yes" if fl["distinguishable"] else "no"] if fl else ["-"]
         row.append(f"{ae['mean_abs']:.4f} / {ae['max_abs']:.4f}")
         if has_verdict:
-            v = r.get("verdict", {})
-            row.append("[bold green]PASS[/]" if v.get("passed") else "[bold red]FAIL[/]" if v else "-")
+            row.append(_status(v.get("status")))
         table.add_row(*row)
     console.print(table)
-    console.print(SUMMARY_LEGEND.format(n=len(validation["seeds"])), highlight=False, markup=False, soft_wrap=True)
+    console.print(SUMMARY_LEGEND, highlight=False, markup=False, soft_wrap=True)
     for target, reason in validation.get("unavailable_targets", {}).items():
         console.print(f"{target}: unavailable here ({reason})", highlight=False, markup=False)
     verdict = validation.get("verdict")
     if verdict:
-        style = "bold green" if verdict["passed"] else "bold red"
-        console.print(f"verdict: [{style}]{verdict['status']}[/]", highlight=False)
+        console.print(f"verdict: {_status(verdict['status'])} (exit code {verdict.get('exit_code')})", highlight=False)
         for target, r in validation["targets"].items():
-            for line in [*r.get("verdict", {}).get("reasons", []), r.get("verdict", {}).get("floor_text")]:
+            vd = r.get("verdict", {})
+            files = f"{target}, {r.get('float_model', '?')} vs {r.get('int8_model', '?')}"
+            for line in [*vd.get("reasons", []), vd.get("floor_text")]:
                 if line:
-                    console.print(f"  {target}: {line}", highlight=False, soft_wrap=True, markup=False)
+                    console.print(f"  {files}: {line}", highlight=False, soft_wrap=True, markup=False)
+            if vd.get("stop_reason"):
+                design = (r.get("episodes") or {}).get("design", {})
+                proc = design.get("returns_procedure", "")
+                console.print(f"  {target}: episodes: {vd['stop_reason']}" + (f"; returns judged by the {proc}"
+                                                                               if proc else ""),
+                              highlight=False, soft_wrap=True)
+            if vd.get("status") == "INCONCLUSIVE":
+                need = vd.get("needed_episodes")
+                console.print(f"  {target}: INCONCLUSIVE is not a pass: "
+                              + (f"about {need} paired episodes would decide at the observed spread "
+                                 f"(--max-episodes {need})" if need else
+                                 "more episodes are not expected to decide at the observed means; "
+                                 "reconsider the tolerance"), highlight=False, soft_wrap=True)
+        for r in validation["targets"].values():
+            for note in r.get("notes", []):
+                console.print(f"[bold yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     for target, r in validation["targets"].items():
         if "saturation" not in r and "perturbed" not in r:
             continue
@@ -162,14 +206,16 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
         console.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
 
 
-#: What each column of the summary table means ({n}: paired episodes).
+#: What each column of the summary table means.
 SUMMARY_LEGEND = (
-    "columns: float / int8 return = mean ± std of the episode return over the {n} paired episodes (same seeds); "
-    "int8 - float = mean paired difference with its bootstrap 95% CI; int8/float = ratio of the mean returns; "
-    "noise floor = largest paired difference of the float policy re-run with 1e-6 action noise (what rounding "
-    "alone moves); ≠ floor = whether int8's difference is distinguishable from that floor; action err = "
-    "|int8 action - float action| on the float policy's states, mean / max, in action units; verdict = PASS/FAIL "
-    "against the tolerance (reasons below)")
+    "columns: target (runtime) = where the int8 file ran; files = the float and int8 files that produced the "
+    "row; episodes = paired episodes (same seeds for float and int8); float / int8 return = mean ± std of the "
+    "episode return; int8 - float (interval) = mean paired difference and the interval the verdict uses; band = "
+    "the tolerance band it is judged against; succ/fail/timeout = episodes that reached success / terminated "
+    "early (fell) / ran to the time limit, float | int8; ≠ floor = whether int8's difference is distinguishable "
+    "from the float policy re-run with 1e-6 action noise (what rounding alone moves); action err = |int8 action - "
+    "float action| on the float policy's states, mean / max, in action units; verdict = PASS / FAIL / "
+    "INCONCLUSIVE (reasons below)")
 #: What each column of the per-layer table means.
 LAYER_LEGEND = (
     "columns: policy.int8.onnx / cpu file = what the layer runs as in the TensorRT/CUDA QDQ file and in "
@@ -221,7 +267,7 @@ def print_layer_choices(quantization: dict[str, Any], cpu_float_layers: list[str
 def print_quiet(validation: dict[str, Any], where: Any = None) -> None:
     """``--quiet``: one verdict line (with each target's status) and where the results are."""
     verdict = validation.get("verdict") or {}
-    per_target = [f"{t} {'PASS' if r['verdict'].get('passed') else 'FAIL'}"
+    per_target = [f"{t} {r['verdict'].get('status') or ('PASS' if r['verdict'].get('passed') else 'FAIL')}"
                   for t, r in validation.get("targets", {}).items() if r.get("verdict")]
     status = verdict.get("status", "no verdict (open loop)" if validation.get("closed_loop") is False else "-")
     console.print(f"verdict: {status}" + (f" ({', '.join(per_target)})" if per_target else ""),

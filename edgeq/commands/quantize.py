@@ -46,7 +46,21 @@ def quantize(
              "Read from config.yml for RL Zoo folders.")] = None,
     frame_stack: Annotated[int | None, typer.Option(help="Observations stacked as SB3's VecFrameStack in training "
                                                          "(RL Zoo's frame_stack).")] = None,
-    episodes: Annotated[int, typer.Option(help="Paired validation episodes (float vs int8, same seeds).")] = 10,
+    episodes: Annotated[str, typer.Option(help="Paired validation episodes (float vs int8, same seeds): 'auto' "
+                                               "(batches until PASS or FAIL, at most --max-episodes) or a number.")
+                        ] = "auto",
+    max_episodes: Annotated[int, typer.Option(help="--episodes auto: at most this many paired episodes (then "
+                                                   "INCONCLUSIVE).")] = 200,
+    time_budget: Annotated[float | None, typer.Option(help="--episodes auto: stop adding batches after this many "
+                                                           "seconds of validation rollouts.")] = None,
+    rel_tol: Annotated[float, typer.Option(help="The band: int8 may lose at most rel_tol x |float mean| of return.")
+                       ] = 0.01,
+    abs_tol: Annotated[float | None, typer.Option(help="The band in return units instead of --rel-tol.")] = None,
+    fail_tol: Annotated[float, typer.Option(help="int8's failure rate may exceed float's by at most this (0.02 = 2 "
+                                                 "percentage points).")] = 0.02,
+    failure: Annotated[str | None, typer.Option(help="Which episode ends are failures: 'terminated' (default, or the "
+                                                     "recipe's 'failure'), 'none', or a predicate on the last step "
+                                                     "such as 'reward<=-100' or 'info.fell'.")] = None,
     seed: Annotated[int, typer.Option(help="First validation seed; episode k uses seed+k.")] = 0,
     recipe: Annotated[str | None, typer.Option(help="Calibration recipe: a YAML path or a name in calibration/.")
                       ] = None,
@@ -125,8 +139,10 @@ def quantize(
 ) -> None:
     """Calibrate, export and validate POLICY in one go; writes a bundle to --out."""
     from edgeq.calibration.collect import ExplorationNoise
+    from edgeq.commands.validate import parse_episodes
     from edgeq.envs import parse_env_kwargs
     from edgeq.pipeline import quantize as run_quantize
+    from edgeq.validate.verdict import Tolerance
 
     def go() -> Any:
         from edgeq.errors import EdgeqError
@@ -143,8 +159,9 @@ def quantize(
             raise EdgeqError("Missing argument 'POLICY': pass a .zip, an RL Zoo run folder, an .onnx or a .pt, or name "
                              "an RL Zoo run with -f FOLDER --algo ALGO --env ENV_ID (see edgeq quantize --help)")
         if out is None:
-            raise EdgeqError("Missing option '--out': the bundle directory to create, e.g. --out bundles/my-policy (see "
-                             "edgeq quantize --help)")
+            raise EdgeqError("Missing option '--out': the bundle directory to create, e.g. --out bundles/my-policy "
+                             "(see edgeq quantize --help)")
+        tolerance = Tolerance(relative=rel_tol, absolute=abs_tol, fail_tol=fail_tol)
         params = {"percentile": percentile} if percentile is not None else None
         given = {"holdout_episodes": holdout_episodes, "transform": transform, "alpha": alpha,
                  "transform_layers": transform_layers, "dynamic": dynamic, "auto": auto, "rounding": rounding,
@@ -159,7 +176,9 @@ def quantize(
             exploration = ExplorationNoise(gaussian=base.get("gaussian", 0.0) if noise is None else noise,
                                            epsilon=base.get("epsilon", 0.0) if noise_epsilon is None else noise_epsilon)
         with progress_reporter(err_console, quiet=quiet or json_out) as prog:
-            return run_quantize(policy, env, out, episodes=episodes, seed=seed, recipe=recipe, profile=profile,
+            return run_quantize(policy, env, out, episodes=parse_episodes(episodes), seed=seed,
+                                max_episodes=max_episodes, time_budget=time_budget, failure=failure,
+                                tolerance=tolerance, recipe=recipe, profile=profile,
                                 calibrator=calibrator, calibrator_params=params, weight_method=weight_method,
                                 calib_episodes=calib_episodes, exploration=exploration,
                                 vecnormalize=vecnormalize, env_kwargs=parse_env_kwargs(env_kwargs),
