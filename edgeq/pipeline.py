@@ -221,7 +221,9 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
         raise EdgeqError("the exported INT8 graph breaks TensorRT QDQ rules:\n" + format_report(conformance))
     timings["quantize_s"] = time.perf_counter() - t0
 
-    io = {"input": fp.input_name, "output": fp.output_name, "state": [s.to_json() for s in fp.state]}
+    io: dict[str, Any] = {"input": fp.input_name, "output": fp.output_name, "state": [s.to_json() for s in fp.state]}
+    if fp.history is not None:
+        io["history"] = fp.history.to_json()
     val_seeds = list(range(seed, seed + episodes))
     with writer as w:
         fpath = w.save_model(fp.model, FLOAT_MODEL)
@@ -300,6 +302,9 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
 
 
 def _calibrate_logged(fp: FloatPolicy, observations: Any, progress: ProgressFactory) -> CalibrationStats:
+    if fp.history is not None:
+        raise EdgeqError(f"calibration from logged observations needs a policy of one observation; this one reads the "
+                         f"last {fp.history.length} (calibrate with rollouts: --env)")
     if fp.recurrent:
         raise EdgeqError("calibration from logged observations needs a feed-forward policy; this one is recurrent "
                          "(its state depends on whole episodes in order)")

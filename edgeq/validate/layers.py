@@ -23,6 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgeq.calibration.collect import instrumented
+from edgeq.deploy.history import ObservationHistory, episode_windows, with_history
 from edgeq.deploy.runtime import OrtPolicy
 from edgeq.export.qdq import apply_plan
 from edgeq.graph.analysis import constant_value, find_weighted_layers
@@ -159,19 +160,23 @@ def only_layer(plan: QuantPlan, node: str) -> QuantPlan:
     return dataclasses.replace(plan, layers=layers)  # keeps transforms (input scalings) and metrics
 
 
-def _session(model: onnx.ModelProto | bytes | str, io: dict[str, Any], outputs: Sequence[str]) -> OrtPolicy:
+def _session(model: onnx.ModelProto | bytes | str, io: dict[str, Any], outputs: Sequence[str]) -> Any:
     m = model if isinstance(model, onnx.ModelProto) else onnx.load_model_from_string(
         model) if isinstance(model, bytes) else onnx.load(model)
     graph_tensors = {o for n in m.graph.node for o in n.output} | {i.name for i in m.graph.input}
     names = [t for t in outputs if t in graph_tensors]
-    return OrtPolicy(instrumented(m, names).SerializeToString(), input_name=io.get("input", "obs"),
-                     output_name=io.get("output", "actions"), state=io.get("state", []))
+    return with_history(OrtPolicy(instrumented(m, names).SerializeToString(), input_name=io.get("input", "obs"),
+                                  output_name=io.get("output", "actions"), state=io.get("state", [])), io)
 
 
-def _evaluate(rt: OrtPolicy, episodes: Sequence[np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+def _evaluate(rt: Any, episodes: Sequence[np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
     """Run ``rt`` over the states of ``episodes``; recurrent policies step each episode with its state."""
     available = set(rt.output_names)
     want = [n for n in names if n in available]
+    if isinstance(rt, ObservationHistory) and not rt.runtime.state_specs:  # windows of each episode, one batch
+        obs = np.concatenate([episode_windows(ep, rt.history.length) for ep in episodes])
+        values = rt.runtime.run(obs, want)
+        return {k: v.reshape(len(obs), -1).astype(np.float64) for k, v in values.items()}
     if not rt.state_specs:
         obs = np.ascontiguousarray(np.concatenate(episodes), np.float32)
         values = rt.run(obs, want)
