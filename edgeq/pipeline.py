@@ -66,7 +66,8 @@ def _episode_steps(make_env: Callable[[], Any]) -> int | None:
         env.close()
 
 
-def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path, *, episodes: int = 10, seed: int = 0,
+def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str | None, out: str | Path, *,
+             episodes: int = 10, seed: int = 0,
              recipe: str | CalibrationRecipe | None = None, profile: str | ExportProfile = "cpu-ort",
              calibrator: str | None = None, calibrator_params: dict[str, Any] | None = None,
              weight_method: str | None = None, calib_episodes: int | None = None,
@@ -76,7 +77,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
              progress: ProgressFactory = _no_progress, calib_data: str | Path | None = None,
              calib_data_key: str | None = None, holdout_fraction: float = 0.2,
              action_low: float | Sequence[float] | None = None, action_high: float | Sequence[float] | None = None,
-             onnx_input: str | None = None, onnx_output: str | None = None,
+             onnx_input: str | None = None, onnx_output: str | None = None, history: int | None = None,
              validation: ValidationOptions | None = None, report: bool = True,
              recipe_overrides: dict[str, Any] | None = None,
              calib_env: str | None = None, calib_env_kwargs: dict[str, Any] | None = None,
@@ -96,6 +97,9 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
 
     ``action_low``/``action_high`` (a number or one per dimension) and ``onnx_input``/``onnx_output``
     apply to ONNX policy files, which carry no spaces; with an env, unknown bounds come from it.
+    ``policy`` may be two ONNX files (an encoder and a body, joined into one graph); a policy that
+    reads an observation history (a ``[batch, K, obs_dim]`` input, or a flat one with ``history=K``)
+    gets ``io.history`` in the manifest and its window kept by the runtime (:mod:`edgeq.deploy.history`).
 
     ``validation`` chooses what the validator measures (default :meth:`ValidationOptions.light` on
     ``targets``: verdict, noise floor, per-layer error, 2,000-call latency); ``report`` writes
@@ -122,7 +126,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
     t0 = time.perf_counter()
     fp = policy if isinstance(policy, FloatPolicy) else load_policy(
         policy, vecnormalize=vecnormalize, input_name=onnx_input, output_name=onnx_output, action_low=action_low,
-        action_high=action_high)
+        action_high=action_high, history=history)
     timings["ingest_s"] = time.perf_counter() - t0
     rec = recipe if isinstance(recipe, CalibrationRecipe) else load_recipe(recipe, env)
     prof = profile if isinstance(profile, ExportProfile) else load_profile(profile)
