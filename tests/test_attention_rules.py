@@ -31,7 +31,8 @@ def attention(*, q_int8: bool = True, k_int8: bool = True, p_int8: bool = True, 
     rng = np.random.default_rng(0)
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = [
-        numpy_helper.from_array(np.ones(D, np.float32), "ln.g"), numpy_helper.from_array(np.zeros(D, np.float32), "ln.b"),
+        numpy_helper.from_array(np.ones(D, np.float32), "ln.g"),
+        numpy_helper.from_array(np.zeros(D, np.float32), "ln.b"),
         numpy_helper.from_array(np.triu(np.full((T, T), -1e4, np.float32), 1), "mask"),
         numpy_helper.from_array(np.array(0.25, np.float32), "scale")]
     ln_in = _qdq("x", 0.05, nodes, inits) if ln_input_int8 else "x"

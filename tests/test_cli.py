@@ -31,7 +31,7 @@ def pendulum_bundle(sac_pendulum: Path, tmp_path_factory: pytest.TempPathFactory
 def test_bundle_layout_and_manifest(pendulum_bundle: tuple[Path, str], sac_pendulum: Path) -> None:
     out, _ = pendulum_bundle
     names = sorted(p.name for p in out.iterdir())
-    assert {"manifest.json", "policy.fp32.onnx", "policy.int8.onnx", "validation.json"} <= set(names)
+    assert {"manifest.json", "policy.fp32.onnx", "policy.int8.onnx", "validation.json", "plan.json"} <= set(names)
     m = read_manifest(out)  # verifies every SHA-256
     assert m["format_version"] == 1 and m["edgeq_version"]
     assert m["source"]["sha256"] == sha256_of(sac_pendulum) and m["source"]["algorithm"] == "SAC"

@@ -12,6 +12,8 @@ A bundle is a directory::
                           listed in the manifest's ``cpu_float_layers``)
     policy.int8.cuda.onnx the same arithmetic specialized for ONNX Runtime's CUDA provider
     validation.json     paired float/int8 rollouts (written by the validator)
+    plan.json           the quantization plan (choices and int8 weights, scales, biases, input
+                        scalings; no metrics): ``edgeq.quantizers.plan.QuantPlan.from_bundle``
     *.engine            optional TensorRT engines, each described in ``manifest["engines"]``
 
 Readers must accept any ``format_version`` up to :data:`FORMAT_VERSION` (bundles made by an older
@@ -35,6 +37,7 @@ INT8_MODEL = "policy.int8.onnx"
 INT8_CPU_MODEL = "policy.int8.cpu.onnx"
 INT8_CUDA_MODEL = "policy.int8.cuda.onnx"
 VALIDATION = "validation.json"
+PLAN = "plan.json"
 #: Precisions a bundle may hold an ONNX model for (``manifest["models"]`` keys).
 PRECISIONS = ("int8", "fp32")
 

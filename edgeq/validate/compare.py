@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edgeq.deploy.bundle_format import read_manifest, sha256_of, verify_files
+from edgeq.deploy.bundle_format import PLAN, read_manifest, sha256_of, verify_files
 from edgeq.errors import EdgeqError
 from edgeq.quantizers.plan import QuantPlan
 from edgeq.validate.latency import measure_latency, strip_samples
@@ -53,7 +53,10 @@ class Candidate:
         if sha256_of(self.float_model) != sha256_of(reference):
             return None
         try:
-            int8 = self.float_model.parent / self.manifest.get("models", {}).get("int8", "policy.int8.onnx")
+            root = self.float_model.parent
+            if PLAN in self.manifest.get("files", {}):
+                return QuantPlan.from_bundle(root)
+            int8 = root / self.manifest.get("models", {}).get("int8", "policy.int8.onnx")  # before plan.json
             return plan_from_manifest(onnx.load(str(self.float_model)), self.manifest["quantization"],
                                       onnx.load(str(int8)) if int8.is_file() else None)
         except (KeyError, ValueError):

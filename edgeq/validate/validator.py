@@ -246,7 +246,7 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
 def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: ValidationOptions = ValidationOptions(),
                     progress: ProgressFactory = _no_progress) -> tuple[dict[str, Any], dict[str, Any]]:
     """Validate an existing bundle (files checked against the manifest first); returns (validation, manifest)."""
-    from edgeq.deploy.bundle_format import read_manifest
+    from edgeq.deploy.bundle_format import PLAN, read_manifest
     from edgeq.envs import env_factory
 
     root = Path(bundle)
@@ -267,8 +267,9 @@ def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: Valida
     plan = None
     quant = manifest.get("quantization")
     if quant:
-        try:
-            plan = plan_from_manifest(onnx.load(str(fpath)), quant, onnx.load(str(qpath)))
+        try:  # the stored plan; bundles made before plan.json existed: rebuilt from the manifest
+            plan = (QuantPlan.from_bundle(root) if PLAN in manifest.get("files", {})
+                    else plan_from_manifest(onnx.load(str(fpath)), quant, onnx.load(str(qpath))))
         except (KeyError, ValueError):
             plan = None
     act = manifest["action_space"]
