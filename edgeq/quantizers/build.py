@@ -116,6 +116,20 @@ class QuantOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        import math
+
+        from edgeq.calibration.calibrators import CALIBRATORS
+        from edgeq.quantizers.weights import WEIGHT_QUANTIZERS
+
+        if self.calibrator not in CALIBRATORS:
+            raise ValueError(f"calibrator {self.calibrator!r} is unknown; expected one of {', '.join(CALIBRATORS)}")
+        pct = dict(self.calibrator_params).get("percentile")
+        pct_ok = isinstance(pct, (int, float)) and math.isfinite(pct) and 0.0 < pct <= 100.0
+        if self.calibrator == "percentile" and pct is not None and not pct_ok:
+            raise ValueError(f"percentile {pct!r} is out of range; expected a number in (0, 100], e.g. 99.99")
+        if self.weight_method not in WEIGHT_QUANTIZERS:
+            raise ValueError(f"weight method {self.weight_method!r} is unknown; expected one of "
+                             f"{', '.join(sorted(WEIGHT_QUANTIZERS))}")
         if self.transform not in ("none", "crossquant", "equalize"):
             raise ValueError(f"transform must be none, crossquant or equalize, got {self.transform!r}")
         if self.transform_layers not in TRANSFORM_LAYERS:
