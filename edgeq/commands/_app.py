@@ -162,6 +162,20 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
                   + ("chosen per layer (search started at " if auto else "")
                   + f"{settings.get('activation_calibrator')} {settings.get('calibrator_params', {})}"
                   + (")" if auto else "") + f"; weights: per-channel {settings.get('weight_method')}")
+    matmuls = manifest.get("quantization", {}).get("activation_matmuls", [])
+    if matmuls:
+        roles: dict[str, list[int]] = {}
+        for m in matmuls:
+            r = roles.setdefault(m.get("role", "matmul"), [0, 0])
+            r[0] += m["precision"] == "int8"
+            r[1] += 1
+        console.print("activation x activation MatMuls (both inputs per-tensor int8): "
+                      + ", ".join(f"{role} {a}/{b} int8" for role, (a, b) in roles.items())
+                      + "; Softmax, LayerNorm and residual Adds in float", highlight=False, soft_wrap=True)
+    history = manifest.get("io", {}).get("history")
+    if history:
+        console.print(f"observation history: the runtime keeps the last {history['length']} observations "
+                      f"(reset: {history['reset']}); act(obs) takes one", highlight=False, soft_wrap=True)
     cpu_float = manifest.get("cpu_float_layers") or []
     if cpu_float:
         below = manifest.get("profile", {}).get("cpu_float_below")
