@@ -83,8 +83,8 @@ def _episode_steps(make_env: Callable[[], Any]) -> int | None:
         env.close()
 
 
-def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path, *, episodes: int | str = "auto",
-             seed: int = 0,
+def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str | None, out: str | Path, *,
+             episodes: int | str = "auto", seed: int = 0,
              recipe: str | CalibrationRecipe | None = None, profile: str | ExportProfile = "cpu-ort",
              calibrator: str | None = None, calibrator_params: dict[str, Any] | None = None,
              weight_method: str | None = None, calib_episodes: int | None = None,
@@ -94,7 +94,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
              progress: ProgressFactory = _no_progress, calib_data: str | Path | None = None,
              calib_data_key: str | None = None, holdout_fraction: float = 0.2,
              action_low: float | Sequence[float] | None = None, action_high: float | Sequence[float] | None = None,
-             onnx_input: str | None = None, onnx_output: str | None = None,
+             onnx_input: str | None = None, onnx_output: str | None = None, history: int | None = None,
              validation: ValidationOptions | None = None, report: bool = True,
              recipe_overrides: dict[str, Any] | None = None,
              calib_env: str | None = None, calib_env_kwargs: dict[str, Any] | None = None,
@@ -122,6 +122,9 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
 
     ``action_low``/``action_high`` (a number or one per dimension) and ``onnx_input``/``onnx_output``
     apply to ONNX policy files, which carry no spaces; with an env, unknown bounds come from it.
+    ``policy`` may be two ONNX files (an encoder and a body, joined into one graph); a policy that
+    reads an observation history (a ``[batch, K, obs_dim]`` input, or a flat one with ``history=K``)
+    gets ``io.history`` in the manifest and its window kept by the runtime (:mod:`edgeq.deploy.history`).
 
     ``validation`` chooses what the validator measures (default :meth:`ValidationOptions.light` on
     ``targets``: verdict, noise floor, per-layer error, 2,000-call latency); ``report`` writes
@@ -173,7 +176,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
     t0 = time.perf_counter()
     fp = policy if isinstance(policy, FloatPolicy) else load_policy(
         policy, vecnormalize=vecnormalize, input_name=onnx_input, output_name=onnx_output, action_low=action_low,
-        action_high=action_high)
+        action_high=action_high, history=history)
     timings["ingest_s"] = time.perf_counter() - t0
     gate_nodes: list[str] = list(fp.gate_nodes)
     if gate_nodes and cell_precision == "fp32":
@@ -249,7 +252,9 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
         raise EdgeqError("the exported INT8 graph breaks TensorRT QDQ rules:\n" + format_report(conformance))
     timings["quantize_s"] = time.perf_counter() - t0
 
-    io = {"input": fp.input_name, "output": fp.output_name, "state": [s.to_json() for s in fp.state]}
+    io: dict[str, Any] = {"input": fp.input_name, "output": fp.output_name, "state": [s.to_json() for s in fp.state]}
+    if fp.history is not None:
+        io["history"] = fp.history.to_json()
     val_seeds = list(range(seed, seed + (design.max_episodes if design.sequential else int(episodes))))
     with writer as w:
         fpath = w.save_model(fp.model, FLOAT_MODEL)
@@ -345,6 +350,9 @@ def _without_seconds(quantization: dict[str, Any], result: dict[str, Any]) -> di
 
 
 def _calibrate_logged(fp: FloatPolicy, observations: Any, progress: ProgressFactory) -> CalibrationStats:
+    if fp.history is not None:
+        raise EdgeqError(f"calibration from logged observations needs a policy of one observation; this one reads the "
+                         f"last {fp.history.length} (calibrate with rollouts: --env)")
     if fp.recurrent:
         raise EdgeqError("calibration from logged observations needs a feed-forward policy; this one is recurrent "
                          "(its state depends on whole episodes in order)")

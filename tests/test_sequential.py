@@ -91,6 +91,9 @@ def test_failure_comparison_error_rates_by_simulation() -> None:
     assert worse["pass"] <= 0.05
     much_worse = simulate_failures(u < 0.20, np.zeros_like(u, bool), 0.02, design)  # int8 +20 points
     assert much_worse["fail"] > 0.95 and much_worse["mean_episodes"] < 80
+    none = np.zeros_like(u, bool)  # no seed where only one fails: PASS, at the last look only
+    assert simulate_failures(none, none, 0.02, design) == {"pass": 1.0, "fail": 0.0, "inconclusive": 0.0,
+                                                         "mean_episodes": 200.0, "replicates": REPS}
 
 
 def test_confidence_sequence_formula_and_intervals() -> None:
@@ -142,11 +145,11 @@ def test_batches_spending_and_the_loop() -> None:
     ran: list[list[int]] = []
     clock = iter(range(0, 1000, 4))
     verdict, rec = run_until_decided(list(range(200)), SequentialDesign(time_budget_s=10.0), ran.append,
-                                     lambda n, a: {"status": "INCONCLUSIVE", "alpha": a},
+                                     lambda n, a, last: {"status": "INCONCLUSIVE", "alpha": a},
                                      clock=lambda: float(next(clock)))
     assert rec.stop_reason.startswith("reached --time-budget 10 s") and [len(b) for b in ran] == [30, 10]
     verdict, rec = run_until_decided(list(range(200)), SequentialDesign(), ran.append,
-                                     lambda n, a: {"status": "PASS" if n >= 50 else "INCONCLUSIVE"})
+                                     lambda n, a, last: {"status": "PASS" if n >= 50 else "INCONCLUSIVE"})
     assert rec.episodes == 50 and rec.stop_reason == "decided (PASS) after 50 episodes"
     with pytest.raises(EdgeqError, match="--max-episodes"):
         SequentialDesign(max_episodes=0)
@@ -170,3 +173,12 @@ def test_failure_rules() -> None:
     for bad in ("reward", "reward <= lots", "height<0", "info."):
         with pytest.raises(EdgeqError, match="--failure"):
             parse_failure(bad)
+
+
+def test_bipedalwalker_recipe_declares_its_failures() -> None:
+    from edgeq.config import load_recipe
+
+    rule = parse_failure(load_recipe(None, "BipedalWalker-v3").failure)
+    assert rule.declared and rule.outcome(True, False, -100.0, None) == "failure"
+    assert rule.outcome(True, False, 0.3, None) == "success"  # the end of the course
+    assert load_recipe(None, "HalfCheetah-v5").failure is None  # default: a termination is a failure

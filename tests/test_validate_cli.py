@@ -141,6 +141,19 @@ def test_constant_action_offset_fails(bundle: Path, tmp_path: Path) -> None:
     assert loose.exit_code == 0, loose.output
 
 
+def test_too_few_episodes_exit_3_inconclusive(bundle: Path, tmp_path: Path) -> None:
+    """With a zero-width band (--rel-tol 0) two episodes of the real quantized policy cannot show "no loss at all":
+    the interval reaches below 0, and it is not wholly below it either."""
+    out = tmp_path / "v"
+    res = CliRunner().invoke(app, ["validate", str(bundle), *FAST[2:], "--episodes", "2", "--rel-tol", "0",
+                                   "--no-per-layer", "--latency-calls", "0", "--no-report", "--out", str(out)])
+    assert res.exit_code == 3, res.output
+    v = json.loads((out / "validation.json").read_text())["targets"]["cpu"]["verdict"]
+    lo, hi = v["returns"]["interval"]
+    assert v["status"] == "INCONCLUSIVE" and lo < 0 < hi and v["returns"]["band_size"] == 0.0
+    assert "INCONCLUSIVE is not a pass" in " ".join(res.output.split())
+
+
 def test_errors_exit_2_and_unavailable_targets_are_reported(bundle: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["validate", str(tmp_path / "missing")])
     assert res.exit_code == 2 and "manifest.json" in res.output

@@ -15,11 +15,15 @@ procedures here stay valid under any number of looks:
   probability ≥ 1 − α (asymptotically: it needs only a finite variance, no normality). ``ρ`` sets
   the episode count where the boundary is tightest (their eq. (12): ρ² = (−2 log α +
   log(−2 log α + 1)) / t*); edgeq tunes it at :attr:`SequentialDesign.tune_at`.
-* **Failure rates**: the exact McNemar test (Clopper–Pearson interval of the share of discordant
-  seeds where only int8 failed, :func:`scipy.stats.binomtest`) at a per-look level taken from a
-  Lan–DeMets alpha-spending function of Pocock type, α·log(1 + (e − 1)·n/N) (Lan and DeMets,
-  "Discrete sequential boundaries for clinical trials", Biometrika 70(3), 1983): the levels of all
-  looks sum to at most α (a union bound), so any number of looks up to N episodes is covered.
+* **Failure rates**: FAIL by the exact McNemar test (Clopper–Pearson limit of the share of
+  discordant seeds where only int8 failed, :func:`scipy.stats.binomtest`) at a per-look level
+  taken from a Lan–DeMets alpha-spending function of Pocock type, α·log(1 + (e − 1)·n/N) (Lan and
+  DeMets, "Discrete sequential boundaries for clinical trials", Biometrika 70(3), 1983): the
+  levels of all looks sum to at most α (a union bound), so a failure-rate increase can stop the
+  loop at any look. PASS ("at most ``fail_tol`` more failures") is checked once, at the last look
+  (the cap, the seeds or the time budget), with exact limits at α: showing it needs about
+  150-200 episodes whatever the procedure (0 failures in n seeds bound a rate only below ~3.7/n),
+  and spending α over 17 looks would push that past the 200-episode cap.
 
 A fixed number of episodes (``--episodes N``) is one look: a Student-t 95% interval of the mean
 paired difference and the exact McNemar interval at α.
@@ -318,14 +322,16 @@ def batches(seeds: Sequence[int], design: SequentialDesign) -> list[list[int]]:
 
 def run_until_decided(seeds: Sequence[int], design: SequentialDesign,
                       run_batch: Callable[[list[int]], None],
-                      decide: Callable[[int, float], dict[str, Any]],
+                      decide: Callable[[int, float, bool], dict[str, Any]],
                       clock: Callable[[], float] = time.perf_counter) -> tuple[dict[str, Any], LoopRecord]:
     """Run ``run_batch`` on successive seed batches, calling ``decide`` after each, until it is decided.
 
     ``run_batch(seeds)`` produces (and keeps, wherever the caller wants) the paired episodes of
     those seeds; any ``run_episodes``-like function works, serial or spread over workers.
-    ``decide(episodes_so_far, failure_alpha)`` returns a verdict dict with ``status``; it is called
-    with the failure comparison's level for this look (the alpha spent since the previous look).
+    ``decide(episodes_so_far, failure_alpha, final)`` returns a verdict dict with ``status``; it is
+    called with the level of this look's failure FAIL test (the alpha spent since the previous look)
+    and ``final``, true at the last look (cap, seeds or time budget reached; always for a fixed
+    design), the one look where the failure comparison may PASS.
     Returns the last verdict and the :class:`LoopRecord`.
     """
     plan = batches(seeds, design)
@@ -340,12 +346,14 @@ def run_until_decided(seeds: Sequence[int], design: SequentialDesign,
     for i, batch in enumerate(plan):
         run_batch(batch)
         n += len(batch)
+        over_budget = design.time_budget_s is not None and clock() - t0 >= design.time_budget_s
+        final = not design.sequential or i == len(plan) - 1 or over_budget
         if design.sequential:
             total = spent_alpha(n, n_max, design.alpha)
             fail_alpha, spent = max(total - spent, 1e-300), total
         else:
             fail_alpha = design.alpha
-        verdict = decide(n, fail_alpha)
+        verdict = decide(n, fail_alpha, final)
         look = {"episodes": n, "status": verdict["status"], "seconds": round(clock() - t0, 3)}
         if "interval" in verdict.get("returns", {}):
             look["interval"] = verdict["returns"]["interval"]
@@ -359,7 +367,7 @@ def run_until_decided(seeds: Sequence[int], design: SequentialDesign,
             reason = (f"reached --max-episodes {design.max_episodes}" if n >= design.max_episodes
                       else f"ran out of seeds ({n} given)")
             break
-        if design.time_budget_s is not None and clock() - t0 >= design.time_budget_s:
+        if over_budget:
             reason = f"reached --time-budget {design.time_budget_s:g} s after {n} episodes"
             break
     return verdict, LoopRecord(looks, reason, n, clock() - t0)
@@ -421,10 +429,15 @@ def simulate_failures(only_int8: np.ndarray, only_float: np.ndarray, fail_tol: f
     al = np.broadcast_to(alphas, m.shape)
     with np.errstate(invalid="ignore", divide="ignore"):
         q_lo = np.where(ca > 0, beta.ppf(al / 2, np.maximum(ca, 1), np.maximum(m - ca + 1, 1)), 0.0)
-        a_hi = np.where(ca < ns, beta.ppf(1 - al / 2, ca + 1, np.maximum(ns - ca, 1)), 1.0)
-        b_lo = np.where(cb > 0, beta.ppf(al / 2, np.maximum(cb, 1), ns - cb + 1), 0.0)
     lo = np.where(m > 0, m / ns * (2 * q_lo - 1), 0.0)
-    hi = a_hi - b_lo
+    # PASS is checked once, at the last look, with the full alpha
+    n_last, a_last, b_last = ns[-1], ca[:, -1], cb[:, -1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        up = np.where(a_last < n_last, beta.ppf(1 - design.alpha / 2, a_last + 1, np.maximum(n_last - a_last, 1)),
+                      1.0)
+        dn = np.where(b_last > 0, beta.ppf(design.alpha / 2, np.maximum(b_last, 1), n_last - b_last + 1), 0.0)
+    hi = np.full(m.shape, np.inf)
+    hi[:, -1] = up - dn
     passed, failed = hi <= fail_tol, lo > fail_tol
     decided = passed | failed
     first = np.where(decided.any(axis=1), decided.argmax(axis=1), len(ns) - 1)

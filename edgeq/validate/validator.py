@@ -211,10 +211,10 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
             prev = box.get("run")  # noqa: B023
             box["run"] = more if prev is None else merge_paired([prev, more])  # noqa: B023
 
-        def look(n: int, failure_alpha: float) -> dict[str, Any]:
+        def look(n: int, failure_alpha: float, final: bool) -> dict[str, Any]:
             r = box["run"]  # noqa: B023
             return decide(r.reference.returns, r.candidate.returns, r.reference.failed, r.candidate.failed,
-                          opts.tolerance, opts.design, opts.failure, failure_alpha=failure_alpha)
+                          opts.tolerance, opts.design, opts.failure, failure_alpha=failure_alpha, final=final)
 
         verdict, record = run_until_decided(seeds, opts.design, run_batch, look)
         run = box["run"]

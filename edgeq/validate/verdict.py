@@ -141,8 +141,13 @@ def judge_returns(float_returns: np.ndarray, int8_returns: np.ndarray, tolerance
 
 
 def judge_failures(float_failed: np.ndarray, int8_failed: np.ndarray, tolerance: Tolerance,
-                   design: SequentialDesign, rule: FailureRule, *, alpha: float | None = None) -> dict[str, Any]:
-    """The failure-rate part of the verdict (exact McNemar on the discordant seeds)."""
+                   design: SequentialDesign, rule: FailureRule, *, alpha: float | None = None,
+                   final: bool = True) -> dict[str, Any]:
+    """The failure-rate part of the verdict (exact McNemar on the discordant seeds).
+
+    ``alpha`` is the level of this look's FAIL test (default the design's α); the PASS test runs
+    only when ``final`` (the last look), at the design's α (see :mod:`edgeq.validate.sequential`).
+    """
     ff = np.asarray(float_failed, bool)
     qf = np.asarray(int8_failed, bool)
     n = int(ff.size)
@@ -157,28 +162,33 @@ def judge_failures(float_failed: np.ndarray, int8_failed: np.ndarray, tolerance:
                f"neither policy failed in {n} episodes, so failure rates are not compared (a rate below about "
                f"{min(1.0, 3.0 / max(n, 1)):.1%} may not show in {n} episodes)")
         return {**counts, "status": NOT_APPLICABLE, "applies": False, "reason": f"{observed}; {why}"}
-    lo, hi = failure_interval(only_int8, only_float, n, a)
+    lo = failure_interval(only_int8, only_float, n, a)[0]
+    hi = failure_interval(only_int8, only_float, n, design.alpha)[1]
     diff = (only_int8 - only_float) / max(n, 1)
     if lo > tolerance.fail_tol:
         status = FAIL
-    elif hi <= tolerance.fail_tol:
+    elif hi <= tolerance.fail_tol and final:
         status = PASS
     else:
         status = INCONCLUSIVE
     p = mcnemar_p_value(only_int8, only_float)
+    levels = f"level {1 - a:.4g}" if a == design.alpha else f"levels {1 - a:.4g} (this look) / {1 - design.alpha:.4g}"
     head = (f"{observed}; int8 alone failed on {only_int8} seed(s), float alone on {only_float}: rate difference "
-            f"{100 * diff:+.1f} points, interval [{100 * lo:+.1f}, {100 * hi:+.1f}] at level {1 - a:.4g} "
+            f"{100 * diff:+.1f} points, interval [{100 * lo:+.1f}, {100 * hi:+.1f}] at {levels} "
             f"(one-sided McNemar p = {p:.3g})")
     tol = f"{100 * tolerance.fail_tol:+.1f} points"
     if status == PASS:
         reason = f"{head}: the upper end is within {tol}"
     elif status == FAIL:
         reason = f"{head}: int8 fails more often than float by more than {tol}"
+    elif hi <= tolerance.fail_tol:
+        reason = (f"{head}: the upper end is within {tol}, but 'at most {tol}' is tested once, at the last look "
+                  "(episode cap or time budget), to keep its level")
     else:
         reason = f"{head}: the interval crosses {tol}"
     need = None
     if status == INCONCLUSIVE:
-        need = failure_needed_episodes(only_int8, only_float, n, tolerance.fail_tol, a)
+        need = failure_needed_episodes(only_int8, only_float, n, tolerance.fail_tol, design.alpha)
         reason += (f"; about {need} episodes would decide at the observed failure rates" if need is not None else
                    "; no number of episodes is expected to decide at the observed rates")
     return {**counts, "status": status, "applies": True, "interval": [lo, hi], "rate_difference": diff,
@@ -187,16 +197,17 @@ def judge_failures(float_failed: np.ndarray, int8_failed: np.ndarray, tolerance:
 
 def decide(float_returns: np.ndarray, int8_returns: np.ndarray, float_failed: np.ndarray, int8_failed: np.ndarray,
            tolerance: Tolerance, design: SequentialDesign | None = None, rule: FailureRule | None = None, *,
-           failure_alpha: float | None = None) -> dict[str, Any]:
+           failure_alpha: float | None = None, final: bool = True) -> dict[str, Any]:
     """The verdict for one target from per-seed returns and failures (same seeds, same order).
 
     FAIL if either part FAILs; PASS if the returns PASS and the failures PASS (or do not apply);
-    otherwise INCONCLUSIVE. ``failure_alpha`` is the level of this look in a sequential run.
+    otherwise INCONCLUSIVE. ``failure_alpha`` is the level of this look's failure FAIL test in a
+    sequential run; ``final`` says whether this is its last look (the failure PASS test runs only then).
     """
     design = design or fixed_design()
     rule = rule or FailureRule()
     ret = judge_returns(float_returns, int8_returns, tolerance, design)
-    fail = judge_failures(float_failed, int8_failed, tolerance, design, rule, alpha=failure_alpha)
+    fail = judge_failures(float_failed, int8_failed, tolerance, design, rule, alpha=failure_alpha, final=final)
     parts = [ret["status"], fail["status"]]
     if FAIL in parts:
         status = FAIL
