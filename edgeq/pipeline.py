@@ -21,6 +21,7 @@ from edgeq.deploy.bundle_format import (
     INT8_CPU_MODEL,
     INT8_CUDA_MODEL,
     INT8_MODEL,
+    MEASUREMENTS,
     PLAN,
     VALIDATION,
 )
@@ -45,7 +46,13 @@ from edgeq.validate.outcomes import parse_failure
 from edgeq.validate.robustness import validate_target_robustness
 from edgeq.validate.saturation import DEFAULT_SATURATION_WARN, quantized_ranges, restrict_to_quantized
 from edgeq.validate.sequential import episode_design
-from edgeq.validate.validator import ValidationOptions, decision_record, save_validation, validate_models
+from edgeq.validate.validator import (
+    ValidationOptions,
+    decision_record,
+    save_validation,
+    split_measurements,
+    validate_models,
+)
 from edgeq.validate.verdict import Tolerance
 
 #: ``cell_precision`` values: the recurrent cell's gate MatMuls in int8, or kept in fp32.
@@ -318,17 +325,28 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
                             if log is None else
                             {"recipe": rec.to_json(), "steps": stats.steps, "source": "observations",
                              "data": log.describe(), "held_out": 0 if held_out is None else len(held_out)}),
-            "quantization": plan.to_json(),
+            "quantization": _without_seconds(plan.to_json(), result),
             **({"decision": decision_record(result)} if make_env is not None else {}),
             "tensorrt_qdq_check": {"errors": len(trt_errors),
                                    "tensorrt_compatible": not trt_errors,
                                    "findings": [f"{v.severity} {v.rule}: {v.node}" for v in conformance]},
         }
         if make_env is None:
-            w.write_json(VALIDATION, result)
+            deterministic, measured = split_measurements(result)
+            w.write_json(VALIDATION, deterministic)
+            w.write_json(MEASUREMENTS, measured)
         else:
             save_validation(w.path, result, w.manifest, report=report)
     return QuantizeResult(out, w.manifest, result, timings)
+
+
+def _without_seconds(quantization: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """The plan for the manifest without its wall-clock time (moved to the measured ``timings``), so that the
+    manifest is the same for the same inputs and seeds."""
+    seconds = quantization.get("metrics", {}).pop("seconds", None)
+    if seconds is not None:
+        result.setdefault("timings", {})["quantize_search_s"] = seconds
+    return quantization
 
 
 def _calibrate_logged(fp: FloatPolicy, observations: Any, progress: ProgressFactory) -> CalibrationStats:

@@ -128,7 +128,7 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
                                  "more episodes are not expected to decide at the observed means; "
                                  "reconsider the tolerance"), highlight=False, soft_wrap=True)
         for r in validation["targets"].values():
-            for note in r.get("notes", []):
+            for note in [*r.get("notes", []), *r.get("latency_notes", [])]:
                 console.print(f"[bold yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     for target, r in validation["targets"].items():
         if "saturation" not in r and "perturbed" not in r:

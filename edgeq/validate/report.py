@@ -257,7 +257,7 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
                    + (f" About {vd['needed_episodes']} episodes would decide." if vd.get("needed_episodes") else ""))
         if vd.get("floor_text"):
             head.p(f"{t}: {vd['floor_text']}.")
-        for note in r.get("notes", []):
+        for note in [*r.get("notes", []), *r.get("latency_notes", [])]:
             head.p(f"Note: {note}.")
     for t, reason in val.get("unavailable_targets", {}).items():
         head.p(f"{t}: not validated — unavailable here ({reason}).")
