@@ -454,7 +454,7 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
         s.table(["target", "model (file)", "calls", "median (us)", "p99 (us)", "p99.9 (us)", "max (us)",
                  "large batch", "us / call", "samples / s"], rows)
         for t in targets:
-            for note in targets[t].get("notes", []):
+            for note in targets[t].get("latency_notes", []):
                 s.p("Note: " + note + ".")
         sizes = val.get("sizes", {})
         if sizes:
