@@ -80,7 +80,9 @@ def test_quantize_writes_verdict_floor_per_layer_and_reports(bundle: Path) -> No
     assert decision["targets"]["cpu"]["int8_model"] == "policy.int8.cpu.onnx"
     assert decision["targets"]["cpu"]["episodes"] == 3 and decision["failure_rule"]["rule"] == "terminated"
     assert cpu["noise_floor"]["draws"] == 3 and len(cpu["noise_floor"]["returns"]) == 3
-    assert cpu["latency"]["models"]["int8"]["batch1"]["calls"] == 2000
+    assert "latency" not in cpu  # measured values live in measurements.json (unhashed), not validation.json
+    measured = json.loads((bundle / "measurements.json").read_text())["targets"]["cpu"]
+    assert measured["latency"]["models"]["int8"]["batch1"]["calls"] == 2000
     assert "sensitivity" not in val  # the light validation inside quantize
     pl = val["per_layer"]
     assert [r["fused"] for r in pl["layers"]] == ["Gemm+Relu", "Gemm+Relu", "Gemm+Tanh"]
@@ -89,7 +91,8 @@ def test_quantize_writes_verdict_floor_per_layer_and_reports(bundle: Path) -> No
     for name in ("report.html", "report.md", "report/returns.png", "report/per_layer.png"):
         assert (bundle / name).is_file(), name
     manifest = json.loads((bundle / MANIFEST).read_text())
-    assert manifest["files"]["report.html"] == sha256_of(bundle / "report.html")
+    assert "report.html" in manifest["unhashed"] and "report.html" not in manifest["files"]  # shows latency
+    assert manifest["files"]["validation.json"] == sha256_of(bundle / "validation.json")
 
 
 def test_identical_policies_differ_by_exactly_zero_and_pass(bundle: Path, tmp_path: Path) -> None:
@@ -136,6 +139,19 @@ def test_constant_action_offset_fails(bundle: Path, tmp_path: Path) -> None:
     loose = CliRunner().invoke(app, ["validate", str(bad), *FAST, "--no-per-layer", "--no-report", "--latency-calls",
                                      "0", "--rel-tol", "10"])
     assert loose.exit_code == 0, loose.output
+
+
+def test_too_few_episodes_exit_3_inconclusive(bundle: Path, tmp_path: Path) -> None:
+    """With a zero-width band (--rel-tol 0) two episodes of the real quantized policy cannot show "no loss at all":
+    the interval reaches below 0, and it is not wholly below it either."""
+    out = tmp_path / "v"
+    res = CliRunner().invoke(app, ["validate", str(bundle), *FAST[2:], "--episodes", "2", "--rel-tol", "0",
+                                   "--no-per-layer", "--latency-calls", "0", "--no-report", "--out", str(out)])
+    assert res.exit_code == 3, res.output
+    v = json.loads((out / "validation.json").read_text())["targets"]["cpu"]["verdict"]
+    lo, hi = v["returns"]["interval"]
+    assert v["status"] == "INCONCLUSIVE" and lo < 0 < hi and v["returns"]["band_size"] == 0.0
+    assert "INCONCLUSIVE is not a pass" in " ".join(res.output.split())
 
 
 def test_errors_exit_2_and_unavailable_targets_are_reported(bundle: Path, tmp_path: Path) -> None:

@@ -139,3 +139,15 @@ def test_failure_pass_is_tested_once_at_the_cap(tmp_path: Path) -> None:
     capped = _validate(tmp_path, noise=0.1, failure="reward<=-100", design=SequentialDesign(max_episodes=100))
     fails = capped["targets"]["cpu"]["verdict"]["failures"]
     assert fails["status"] == "INCONCLUSIVE" and fails["needed_episodes"] is not None and fails["needed_episodes"] > 100
+
+
+def test_summary_says_when_the_int8_file_is_slower_at_batch_1() -> None:
+    from edgeq.validate.validator import slower_int8_note
+
+    lat = {"latency": {"models": {"float": {"batch1": {"median_us": 10.0}}, "int8": {"batch1": {"median_us": 12.5}}}},
+           "float_model": "policy.fp32.onnx", "int8_model": "policy.int8.cpu.onnx"}
+    note = slower_int8_note("cpu", lat)
+    assert note == ("cpu: policy.int8.cpu.onnx is slower than policy.fp32.onnx at batch 1 (median 12.5 us vs "
+                    "10.0 us, 1.25x)")
+    lat["latency"]["models"]["int8"]["batch1"]["median_us"] = 9.0
+    assert slower_int8_note("cpu", lat) is None

@@ -25,12 +25,19 @@ from edgeq.commands._progress import progress_reporter
 
 @app.command()
 def quantize(
-    policy: Annotated[Path | None, typer.Argument(
+    out: Annotated[Path, typer.Option("--out", help="Bundle directory to create.")],
+    policy: Annotated[list[Path] | None, typer.Argument(
         help="Policy file: a Stable-Baselines3 / sb3-contrib .zip (incl. RecurrentPPO), an RL Zoo run folder "
              "(logs/sac/HalfCheetah-v3_1/: archive, vecnormalize.pkl, config.yml, args.yml), a float ONNX policy "
              "(.onnx, e.g. Isaac Lab's policy.onnx), or a TorchScript policy.pt (legged_gym / rsl_rl / Isaac Lab "
-             "export). TorchScript is code: pass only files you trust. Omit it with -f/--algo/--env.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Bundle directory to create.")] = None,
+             "export). TorchScript is code: pass only files you trust. Two .onnx files are an encoder and a body. "
+             "Omit it with -f/--algo/--env.")] = None,
+    policy_files: Annotated[list[Path] | None, typer.Option(
+        "--policy", help="Policy file, repeatable: --policy encoder.onnx --policy body.onnx joins a history encoder "
+                         "and a body into one policy (the same as giving them as arguments).")] = None,
+    history: Annotated[int | None, typer.Option(
+        help="ONNX policies whose one flat input stacks this many observations (oldest first); a [batch, K, "
+             "obs_dim] input needs no option.")] = None,
     env: Annotated[str | None, typer.Option("--env", help="Gymnasium env id (e.g. HalfCheetah-v5) or module:callable "
                                                           "(imported from the current directory too). Optional "
                                                           "with --calib-data and RL Zoo folders; with -f, the "
@@ -147,20 +154,19 @@ def quantize(
     def go() -> Any:
         from edgeq.errors import EdgeqError
 
-        nonlocal policy, env
+        nonlocal env
+        paths = [*(policy or []), *(policy_files or [])]
         if folder is not None:
             from edgeq.ingest.rl_zoo import find_zoo_run
 
-            if policy is not None or not algo or not env:
+            if paths or not algo or not env:
                 raise EdgeqError("-f/--folder names an RL Zoo run with --algo and --env (and --exp-id); give those "
                                  "instead of POLICY, e.g. -f logs/ --algo sac --env HalfCheetah-v3 --exp-id 1")
-            policy, env = find_zoo_run(folder, algo, env, exp_id), None
-        if policy is None:
-            raise EdgeqError("Missing argument 'POLICY': pass a .zip, an RL Zoo run folder, an .onnx or a .pt, or name "
-                             "an RL Zoo run with -f FOLDER --algo ALGO --env ENV_ID (see edgeq quantize --help)")
-        if out is None:
-            raise EdgeqError("Missing option '--out': the bundle directory to create, e.g. --out bundles/my-policy "
-                             "(see edgeq quantize --help)")
+            paths, env = [find_zoo_run(folder, algo, env, exp_id)], None
+        if not paths:
+            raise EdgeqError("Missing argument 'POLICY': pass a .zip, an RL Zoo run folder, an .onnx or a .pt (or "
+                             "--policy FILE, twice for an encoder and a body), or name an RL Zoo run with -f FOLDER "
+                             "--algo ALGO --env ENV_ID (see edgeq quantize --help)")
         tolerance = Tolerance(relative=rel_tol, absolute=abs_tol, fail_tol=fail_tol)
         params = {"percentile": percentile} if percentile is not None else None
         given = {"holdout_episodes": holdout_episodes, "transform": transform, "alpha": alpha,
@@ -176,7 +182,8 @@ def quantize(
             exploration = ExplorationNoise(gaussian=base.get("gaussian", 0.0) if noise is None else noise,
                                            epsilon=base.get("epsilon", 0.0) if noise_epsilon is None else noise_epsilon)
         with progress_reporter(err_console, quiet=quiet or json_out) as prog:
-            return run_quantize(policy, env, out, episodes=parse_episodes(episodes), seed=seed,
+            return run_quantize(paths[0] if len(paths) == 1 else paths, env, out,
+                                episodes=parse_episodes(episodes), seed=seed,
                                 max_episodes=max_episodes, time_budget=time_budget, failure=failure,
                                 tolerance=tolerance, recipe=recipe, profile=profile,
                                 calibrator=calibrator, calibrator_params=params, weight_method=weight_method,
@@ -187,7 +194,7 @@ def quantize(
                                 calib_data=calib_data, calib_data_key=calib_key, holdout_fraction=holdout,
                                 action_low=_numbers(action_low, "--action-low"),
                                 action_high=_numbers(action_high, "--action-high"),
-                                onnx_input=onnx_input, onnx_output=onnx_output,
+                                onnx_input=onnx_input, onnx_output=onnx_output, history=history,
                                 calib_env=calib_env,
                                 calib_env_kwargs=parse_env_kwargs(calib_env_kwargs) if calib_env_kwargs else None,
                                 calib_perturb=calib_perturb or (), perturb=perturb or (),

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from edgeq.deploy.bundle_format import PRECISIONS, model_for, read_manifest
+from edgeq.deploy.history import ObservationHistory, with_history
 from edgeq.deploy.ort_cuda import OrtCudaPolicy
 from edgeq.deploy.runtime import NAN_POLICIES, LatencyStats, OrtPolicy, PolicyRuntime, ort_providers
 from edgeq.deploy.trt_backend import engines_for, load_trt_runtime, tensorrt_available
@@ -49,8 +50,8 @@ class DeployedPolicy:
     state is shared by all callers, so give each robot (or episode stream) its own policy.
     """
 
-    def __init__(self, runtime: PolicyRuntime | OrtCudaPolicy, manifest: dict[str, Any], *, precision: str,
-                 backend: str, nan_policy: str = "error", bundle: Path | None = None) -> None:
+    def __init__(self, runtime: PolicyRuntime | OrtCudaPolicy | ObservationHistory, manifest: dict[str, Any], *,
+                 precision: str, backend: str, nan_policy: str = "error", bundle: Path | None = None) -> None:
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy {nan_policy!r}; expected one of {NAN_POLICIES}")
         self.runtime, self.manifest, self.bundle = runtime, manifest, bundle
@@ -90,7 +91,7 @@ class DeployedPolicy:
         self.runtime.latency.clear()
 
     def reset(self, mask: np.ndarray | None = None) -> None:
-        """Start new episodes: zero the recurrent state (of the rows in ``mask``)."""
+        """Start new episodes: zero the recurrent state and observation history (of the rows in ``mask``)."""
         self.runtime.reset(mask)
 
     def _expected(self) -> str:
@@ -205,12 +206,12 @@ def load(bundle: str | Path, backend: str = "auto", *, precision: str = "int8", 
         if io["output"] not in runtime.output_names:
             raise BundleError(f"{root / model_file}: the model has no output {io['output']!r} named by the "
                               f"manifest's io.output (outputs: {', '.join(runtime.output_names)})")
-    policy = DeployedPolicy(runtime, manifest, precision=precision, backend=chosen, nan_policy=nan_policy,
-                            bundle=root)
+    policy = DeployedPolicy(with_history(runtime, io), manifest, precision=precision, backend=chosen,
+                            nan_policy=nan_policy, bundle=root)
     if warmup > 0:
         zero = np.zeros((1, *policy.obs_shape), np.float32)
         for _ in range(warmup):
-            runtime.act(zero)
+            policy.runtime.act(zero)
         policy.reset()
         policy.reset_latency()
     return policy

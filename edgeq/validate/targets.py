@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeq.deploy.history import with_history
 from edgeq.deploy.runtime import OrtPolicy, ort_providers, provider_names
 from edgeq.errors import EdgeqError
 from edgeq.validate.paired import paired_rollouts
@@ -138,9 +139,10 @@ def _tensorrt_runtimes(float_model: Path, int8_model: Path, io: dict[str, Any], 
                                    timing_cache=workdir / "timing.cache")
         infos[precision] = build_engine(src, workdir / f"policy.{precision}.engine", config, input_name=input_name)
 
-    def make(precision: str) -> TrtBatchPolicy:
+    def make(precision: str) -> Any:
         info = infos[precision]
-        return TrtBatchPolicy(TrtPolicyRunner(info.engine_path, expected=info.to_dict(), input_name=input_name), io)
+        return with_history(TrtBatchPolicy(TrtPolicyRunner(info.engine_path, expected=info.to_dict(),
+                                                           input_name=input_name), io), io)
 
     first = infos["int8"]
     described = {"runtime": RUNTIME_TENSORRT, "tensorrt_version": first.tensorrt_version, "gpu": first.gpu_name,
@@ -167,8 +169,8 @@ def validate_target(target: str, float_model: Path, int8_model: Path, io: dict[s
     if runtime == RUNTIME_ORT_CPU:
         providers = target_providers(target)
 
-        def cpu(path: Path) -> OrtPolicy:
-            return OrtPolicy(path, input_name=inp, output_name=out, state=state, providers=providers)
+        def cpu(path: Path) -> Any:
+            return with_history(OrtPolicy(path, input_name=inp, output_name=out, state=state, providers=providers), io)
 
         result = paired_rollouts(make_env, cpu(float_model), cpu(int8_model), cpu(float_model), cpu(int8_model),
                                  seeds, num_envs=num_envs, act_dim=act_dim, progress=progress)
@@ -179,9 +181,9 @@ def validate_target(target: str, float_model: Path, int8_model: Path, io: dict[s
 
         int8_src: Path | bytes = cuda_int8_model if cuda_int8_model is not None else cuda_int8_bytes(int8_model)
 
-        def gpu(src: Path | bytes) -> OrtCudaPolicy:
-            return OrtCudaPolicy(src, input_name=inp, output_name=out, state=state, io_binding=True,
-                                 cuda_graph=cuda_graph)
+        def gpu(src: Path | bytes) -> Any:
+            return with_history(OrtCudaPolicy(src, input_name=inp, output_name=out, state=state, io_binding=True,
+                                              cuda_graph=cuda_graph), io)
 
         ref, cand = gpu(float_model), gpu(int8_src)
         result = paired_rollouts(make_env, ref, cand, gpu(float_model), gpu(int8_src), seeds, num_envs=num_envs,
@@ -231,8 +233,15 @@ def make_runtime(target: str, path: str | Path | bytes, io: dict[str, Any], *, p
     ``cpu``: :class:`OrtPolicy` on the CPU provider. ``cuda`` through ONNX Runtime:
     :class:`~edgeq.deploy.ort_cuda.OrtCudaPolicy` with IO binding and CUDA graphs (pass the
     CUDA-specialized INT8 file for int8). TensorRT (``trt``, or ``cuda`` where TensorRT is installed):
-    an engine built once per model file and precision in a temporary folder.
+    an engine built once per model file and precision in a temporary folder. A history policy
+    (``io.history``) gets its observation window kept by :class:`~edgeq.deploy.history.ObservationHistory`.
     """
+    return with_history(_make_runtime(target, path, io, precision=precision, intra_op_threads=intra_op_threads,
+                                      num_envs=num_envs), io)
+
+
+def _make_runtime(target: str, path: str | Path | bytes, io: dict[str, Any], *, precision: str,
+                  intra_op_threads: int, num_envs: int) -> Any:
     runtime = target_runtime(target)
     inp, out, state = io.get("input", "obs"), io.get("output", "actions"), io.get("state", [])
     if runtime == RUNTIME_ORT_CPU:
