@@ -126,7 +126,7 @@ def test_log_output_is_not_truncated(piped_run: tuple[Path, subprocess.Completed
     _, res = piped_run
     # stdout is a pipe: every column header and layer name in full, no ellipsis
     assert "…" not in res.stdout
-    for text in ("verdict", "files: float / int8", "succ/fail/timeout float | int8", "action err mean / max",
+    for text in ("verdict", "int8 - float [interval]", "succ/fail/timeout float | int8", "action err mean / max",
                  "policy.int8.cpu.onnx", "actor.latent_pi.0/Gemm", "input quantizer"):
         assert text in res.stdout
     # progress comes as plain lines on stderr

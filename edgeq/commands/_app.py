@@ -223,14 +223,13 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
 
 #: What each column of the summary table means.
 SUMMARY_LEGEND = (
-    "columns: target (runtime) = where the int8 file ran; files = the float and int8 files that produced the "
-    "row; episodes = paired episodes (same seeds for float and int8); float / int8 return = mean ± std of the "
-    "episode return; int8 - float (interval) = mean paired difference and the interval the verdict uses; band = "
-    "the tolerance band it is judged against; succ/fail/timeout = episodes that reached success / terminated "
-    "early (fell) / ran to the time limit, float | int8; ≠ floor = whether int8's difference is distinguishable "
-    "from the float policy re-run with 1e-6 action noise (what rounding alone moves); action err = |int8 action - "
-    "float action| on the float policy's states, mean / max, in action units; verdict = PASS / FAIL / "
-    "INCONCLUSIVE (reasons below)")
+    "columns: target = where the int8 file ran (the line below the table names the files); float / int8 return "
+    "= mean ± std of the episode return over the paired episodes (same seeds); int8 - float [interval] = mean "
+    "paired difference and the interval the verdict uses; band = the tolerance band it is judged against; "
+    "succ/fail/timeout = episodes that reached success / failed (e.g. fell: terminated early) / ran to the time "
+    "limit, float | int8; ≠ floor = whether int8's difference is distinguishable from the float policy re-run with "
+    "1e-6 action noise (what rounding alone moves); action err = |int8 action - float action| on the float "
+    "policy's states, mean / max, in action units; verdict = PASS / FAIL / INCONCLUSIVE (reasons below)")
 #: What each column of the per-layer table means.
 LAYER_LEGEND = (
     "columns: policy.int8.onnx / cpu file = what the layer runs as in the TensorRT/CUDA QDQ file and in "
