@@ -141,6 +141,20 @@ def test_constant_action_offset_fails(bundle: Path, tmp_path: Path) -> None:
     assert loose.exit_code == 0, loose.output
 
 
+def test_validate_defaults_to_episodes_auto(bundle: Path, tmp_path: Path) -> None:
+    """No --episodes: the sequential loop (small caps here), its design and looks recorded."""
+    out = tmp_path / "auto"
+    res = CliRunner().invoke(app, ["validate", str(bundle), *FAST[2:], "--min-episodes", "10", "--max-episodes", "20",
+                                   "--no-per-layer", "--latency-calls", "0", "--no-report", "--out", str(out)])
+    assert res.exit_code in (0, 1, 3), res.output
+    cpu = json.loads((out / "validation.json").read_text())["targets"]["cpu"]
+    eps = cpu["episodes"]
+    assert eps["design"]["mode"] == "auto" and eps["design"]["max_episodes"] == 20
+    assert eps["episodes"] in (10, 20) and [x["episodes"] for x in eps["looks"]] == [10, 20][: len(eps["looks"])]
+    assert cpu["verdict"]["status"] == eps["looks"][-1]["status"]
+    assert "asymptotic confidence sequence" in cpu["verdict"]["returns"]["method"]
+
+
 def test_too_few_episodes_exit_3_inconclusive(bundle: Path, tmp_path: Path) -> None:
     """With a zero-width band (--rel-tol 0) two episodes of the real quantized policy cannot show "no loss at all":
     the interval reaches below 0, and it is not wholly below it either."""
