@@ -80,7 +80,9 @@ def test_quantize_writes_verdict_floor_per_layer_and_reports(bundle: Path) -> No
     assert decision["targets"]["cpu"]["int8_model"] == "policy.int8.cpu.onnx"
     assert decision["targets"]["cpu"]["episodes"] == 3 and decision["failure_rule"]["rule"] == "terminated"
     assert cpu["noise_floor"]["draws"] == 3 and len(cpu["noise_floor"]["returns"]) == 3
-    assert cpu["latency"]["models"]["int8"]["batch1"]["calls"] == 2000
+    assert "latency" not in cpu  # measured values live in measurements.json (unhashed), not validation.json
+    measured = json.loads((bundle / "measurements.json").read_text())["targets"]["cpu"]
+    assert measured["latency"]["models"]["int8"]["batch1"]["calls"] == 2000
     assert "sensitivity" not in val  # the light validation inside quantize
     pl = val["per_layer"]
     assert [r["fused"] for r in pl["layers"]] == ["Gemm+Relu", "Gemm+Relu", "Gemm+Tanh"]
@@ -89,7 +91,8 @@ def test_quantize_writes_verdict_floor_per_layer_and_reports(bundle: Path) -> No
     for name in ("report.html", "report.md", "report/returns.png", "report/per_layer.png"):
         assert (bundle / name).is_file(), name
     manifest = json.loads((bundle / MANIFEST).read_text())
-    assert manifest["files"]["report.html"] == sha256_of(bundle / "report.html")
+    assert "report.html" in manifest["unhashed"] and "report.html" not in manifest["files"]  # shows latency
+    assert manifest["files"]["validation.json"] == sha256_of(bundle / "validation.json")
 
 
 def test_identical_policies_differ_by_exactly_zero_and_pass(bundle: Path, tmp_path: Path) -> None:
@@ -136,6 +139,38 @@ def test_constant_action_offset_fails(bundle: Path, tmp_path: Path) -> None:
     loose = CliRunner().invoke(app, ["validate", str(bad), *FAST, "--no-per-layer", "--no-report", "--latency-calls",
                                      "0", "--rel-tol", "10"])
     assert loose.exit_code == 0, loose.output
+
+
+def test_validate_defaults_to_episodes_auto(bundle: Path, tmp_path: Path) -> None:
+    """No --episodes: the sequential loop (small caps here), its design and looks recorded."""
+    out = tmp_path / "auto"
+    res = CliRunner().invoke(app, ["validate", str(bundle), *FAST[2:], "--min-episodes", "10", "--max-episodes", "20",
+                                   "--no-per-layer", "--latency-calls", "0", "--no-report", "--out", str(out)])
+    assert res.exit_code in (0, 1, 3), res.output
+    cpu = json.loads((out / "validation.json").read_text())["targets"]["cpu"]
+    eps = cpu["episodes"]
+    assert eps["design"]["mode"] == "auto" and eps["design"]["max_episodes"] == 20
+    assert eps["episodes"] in (10, 20) and [x["episodes"] for x in eps["looks"]] == [10, 20][: len(eps["looks"])]
+    assert cpu["verdict"]["status"] == eps["looks"][-1]["status"]
+    assert "asymptotic confidence sequence" in cpu["verdict"]["returns"]["method"]
+
+
+def test_validate_keeps_the_bundles_failure_rule(bundle: Path, tmp_path: Path) -> None:
+    """The failure rule recorded in the manifest's decision applies on re-validation unless --failure overrides it."""
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["decision"]["failure_rule"] = {"rule": "reward<=-100"}
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    args = ["validate", str(copy), *FAST[2:], "--episodes", "3", "--no-per-layer", "--latency-calls", "0",
+            "--no-report", "--floor-draws", "0"]
+    CliRunner().invoke(app, [*args, "--out", str(tmp_path / "kept")])
+    kept = json.loads((tmp_path / "kept" / "validation.json").read_text())
+    assert kept["options"]["failure"]["rule"] == "reward<=-100"
+    assert kept["targets"]["cpu"]["verdict"]["failures"]["applies"]  # a declared predicate: failures possible
+    CliRunner().invoke(app, [*args, "--failure", "none", "--out", str(tmp_path / "none")])
+    none = json.loads((tmp_path / "none" / "validation.json").read_text())
+    assert none["options"]["failure"]["rule"] == "none" and not none["targets"]["cpu"]["verdict"]["failures"]["applies"]
 
 
 def test_too_few_episodes_exit_3_inconclusive(bundle: Path, tmp_path: Path) -> None:

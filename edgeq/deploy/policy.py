@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.deploy.bundle_format import PRECISIONS, model_for, read_manifest
-from edgeq.deploy.history import ObservationHistory, with_history
+from edgeq.deploy.bundle_format import PRECISIONS, inside_path, model_for, read_manifest, read_verified
+from edgeq.deploy.history import ObservationHistory, history_spec, with_history
 from edgeq.deploy.ort_cuda import OrtCudaPolicy
 from edgeq.deploy.runtime import NAN_POLICIES, LatencyStats, OrtPolicy, PolicyRuntime, ort_providers
 from edgeq.deploy.trt_backend import engines_for, load_trt_runtime, tensorrt_available
@@ -147,10 +147,34 @@ class DeployedPolicy:
     __call__ = act
 
 
+def _check_input_shape(path: Path, runtime: Any, manifest: dict[str, Any]) -> None:
+    """The graph's observation input must take ``[batch, *observation_space.shape]`` (a manifest edited to
+    another shape would otherwise fail inside ONNX Runtime on the first call)."""
+    io = manifest["io"]
+    session = getattr(runtime, "session", None)
+    if session is None or history_spec(io) is not None:
+        return
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    dims = list(inputs.get(io["input"], []))[1:]
+    expected = [int(s) for s in manifest["observation_space"]["shape"]]
+    if dims and all(isinstance(d, int) for d in dims) and dims != expected:
+        raise BundleError(f"{path}: the model's input {io['input']!r} takes [batch, {', '.join(map(str, dims))}] "
+                          f"but the manifest's observation_space.shape is {expected}; the manifest does not "
+                          "describe this model")
+
+
 def load(bundle: str | Path, backend: str = "auto", *, precision: str = "int8", nan_policy: str = "error",
          intra_op_threads: int = 1, verify: bool = True, warmup: int = 3,
-         cuda_graph: bool = True) -> DeployedPolicy:
-    """Load ``bundle`` after checking its format version and every file against the manifest's SHA-256.
+         cuda_graph: bool = True, trusted_keys: Any = None, allow_unsigned: bool = False) -> DeployedPolicy:
+    """Load ``bundle`` after checking its signature, format version and every file against the manifest's
+    SHA-256.
+
+    ``trusted_keys``: the Ed25519 public keys (``.pub`` files from ``edgeq keygen``, PEM bytes or key
+    objects) one of which must have signed the manifest (``manifest.sig``); the manifest hashes every
+    file the robot runs, so the signature covers them. Without trusted keys the bundle loads only with
+    ``allow_unsigned=True``, and then with a ``UserWarning`` (nothing proves who made it).
+    The model is read once, checked against its SHA-256 and handed to the runtime as those bytes (no
+    external data files, no symbolic links; a file swapped after the check is never run).
 
     ``backend``: ``"auto"`` (TensorRT if it is installed and the bundle has an engine for
     ``precision``, else ONNX Runtime's CUDA provider if installed, else the CPU), or one of
@@ -167,7 +191,7 @@ def load(bundle: str | Path, backend: str = "auto", *, precision: str = "int8", 
     root = Path(bundle)
     if precision not in PRECISIONS:
         raise BundleError(f"precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    manifest = read_manifest(root, verify=verify)
+    manifest = read_manifest(root, verify=verify, trusted_keys=trusted_keys, allow_unsigned=allow_unsigned)
     models = manifest["models"]
     chosen = resolve_backend(backend, manifest, precision)
     io = manifest["io"]
@@ -189,23 +213,28 @@ def load(bundle: str | Path, backend: str = "auto", *, precision: str = "int8", 
                               "cannot be verified")
         kwargs: dict[str, Any] = dict(input_name=io["input"], output_name=io["output"], state=io.get("state", []),
                                       intra_op_threads=intra_op_threads)
+
+        def model_bytes(name: str) -> bytes:
+            return read_verified(root, manifest, name) if verify else inside_path(root, name).read_bytes()
+
+        data = model_bytes(model_file)
         try:
             if chosen == "cuda":
-                runtime = OrtCudaPolicy(root / model_file, input_name=io["input"], output_name=io["output"],
+                runtime = OrtCudaPolicy(data, input_name=io["input"], output_name=io["output"],
                                         state=io.get("state", []), io_binding=True, cuda_graph=cuda_graph)
             else:
-                runtime = OrtPolicy(root / model_file, providers=ort_providers(chosen), require_provider=True,
-                                    **kwargs)
+                runtime = OrtPolicy(data, providers=ort_providers(chosen), require_provider=True, **kwargs)
         except Exception as exc:  # noqa: BLE001 - a GPU provider that cannot start, for any reason
             if backend != "auto" or chosen == "cpu":
                 raise BundleError(f"{root}: backend {chosen!r} cannot start: {str(exc).splitlines()[0]}") from None
             warnings.warn(f"edgeq.deploy: falling back to the CPU: {exc}", RuntimeWarning, stacklevel=2)
             chosen = "cpu"
             model_file = model_for(manifest, precision, "cpu")
-            runtime = OrtPolicy(root / model_file, providers=ort_providers("cpu"), **kwargs)
+            runtime = OrtPolicy(model_bytes(model_file), providers=ort_providers("cpu"), **kwargs)
         if io["output"] not in runtime.output_names:
             raise BundleError(f"{root / model_file}: the model has no output {io['output']!r} named by the "
                               f"manifest's io.output (outputs: {', '.join(runtime.output_names)})")
+        _check_input_shape(root / model_file, runtime, manifest)
     policy = DeployedPolicy(with_history(runtime, io), manifest, precision=precision, backend=chosen,
                             nan_policy=nan_policy, bundle=root)
     if warmup > 0:
