@@ -266,6 +266,11 @@ class PolicyServer(socketserver.ThreadingTCPServer):
                 victim = min(idle, key=lambda c: (c.authenticated, c.last))
                 victim.evicted = True
                 self.conns.remove(victim)
+                msg = b"busy: this idle connection's slot was given to a new client; reconnect"
+                try:  # not mid-request, so its handler is not writing: tell it why, then wake its handler
+                    victim.sock.send(_REPLY.pack(ERROR, len(msg)) + msg, socket.MSG_DONTWAIT)
+                except OSError:
+                    pass
                 try:
                     victim.sock.shutdown(socket.SHUT_RDWR)  # wakes its handler, which then ends
                 except OSError:
