@@ -49,6 +49,31 @@ def test_transformer_fixture_is_a_causal_attention_policy() -> None:
     assert record["eval"]["mean_return"] > -250  # Pendulum: a random policy scores about -1200
 
 
+#: Float return a competent policy reaches (Pendulum: a random policy scores about -1200; the SAC expert
+#: -109 ± 65; HalfCheetah: the SAC expert 6718 ± 72).
+COMPETENT = {"Pendulum-v1": -250.0, "HalfCheetah-v5": 6000.0}
+
+
+HISTORY_RECORDS = sorted(p for p in FIXTURES.glob("*.json")
+                         if isinstance(json.loads(p.read_text()).get("history"), dict))
+
+
+def test_every_history_fixture_has_a_record() -> None:
+    assert {p.stem for p in HISTORY_RECORDS} >= {"framestack-mlp-pendulum", "transformer-pendulum",
+                                                 "encoder-body-pendulum"}
+
+
+@pytest.mark.parametrize("record", HISTORY_RECORDS, ids=lambda p: p.stem)
+def test_history_fixture_records_a_competent_float_return(record: Path) -> None:
+    d = json.loads(record.read_text())
+    assert all((FIXTURES / f).is_file() for f in d["files"])
+    ev = d["eval"]
+    assert ev["episodes"] == len(ev["returns"]) >= 10
+    assert ev["mean_return"] == pytest.approx(float(np.mean(ev["returns"])), abs=1e-2)
+    assert ev["mean_return"] > COMPETENT[d["env_id"]], (record.name, ev["mean_return"])
+    assert d["onnx_vs_torch_max_abs_diff"] < 1e-4
+
+
 def test_framestack_bundle_carries_history_and_deploy_keeps_the_window(tmp_path: Path) -> None:
     out = tmp_path / "b"
     res = edgeq.quantize(FRAMESTACK, "Pendulum-v1", out, episodes=2, recipe_overrides=QUICK)
