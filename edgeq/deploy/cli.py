@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("bundle", nargs="?", default=_default_bundle(),
                        help=f"bundle directory (default: $EDGEQ_BUNDLE or {DEFAULT_BUNDLE})")
         if policy:
-            p.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda", "trt"])
+            p.add_argument("--backend", default="auto",
+                           choices=["auto", "cpu", "cuda", "cuda-fused", "cuda-ort", "trt"])
             p.add_argument("--precision", default="int8", choices=["int8", "fp32"])
             p.add_argument("--nan-policy", default="error", choices=["error", "zero", "pass"])
         return p

@@ -10,16 +10,18 @@ Three parts:
   strong typing only and refuses it with a clear error. The result, :class:`EngineInfo`, records the
   TensorRT version, GPU and compute capability the engine is tied to, and the per-layer precision
   report of TensorRT's engine inspector (rule 16 of the QDQ notes: check that int8 really ran).
-* :class:`TrtPolicyRunner` loads an engine on the robot, refuses one built for another GPU or TensorRT
-  version (:func:`check_engine_compat`, a pure function), and runs batches from numpy with buffers
-  allocated once, ``execute_async_v3`` on a CUDA stream and, optionally, a CUDA graph for batch 1.
+* :class:`TrtPolicyRunner` (defined in :mod:`edgeq.deploy.trt_runner`, re-exported here) loads an
+  engine on the robot, refuses one built for another GPU or TensorRT version
+  (:func:`check_engine_compat`, a pure function), and runs batches from numpy with buffers allocated
+  once, ``execute_async_v3`` on a CUDA stream and, optionally, a CUDA graph per batch size; its CUDA
+  side is cuda-python (:mod:`edgeq.deploy.cuda`), no torch.
 * :func:`fp16_onnx_with_casts` (needs only onnx and numpy) makes the fp16 model for strongly typed
   builds: weights in fp16, a Cast after each float input and before each float output.
 
-Dependencies: ``tensorrt`` (10.x or 11.x) for building and running; the runner additionally needs a
-CUDA build of ``torch`` for device buffers, streams and CUDA graphs (``torch.cuda``); the GPU name
-and compute capability come from ``torch.cuda`` or, without torch, from ``cuda-python``
-(``cuda.bindings.runtime``) when installed. Importing this module never fails for lack of TensorRT:
+Dependencies: ``tensorrt`` (10.x or 11.x) for building and running; the runner additionally needs
+NVIDIA's ``cuda-python`` (device buffers, pinned buffers, streams, CUDA graphs); the GPU name and
+compute capability come from ``cuda-python`` (:func:`edgeq.deploy.cuda.device_info`), else from
+``torch.cuda`` where a CUDA build of torch is installed. Importing this module never fails for lack of TensorRT:
 :data:`TENSORRT_AVAILABLE` says whether it can be used, and every function that needs it raises
 :class:`TensorRTUnavailableError` (an ``ImportError``) with the install hint.
 """
@@ -30,10 +32,8 @@ import hashlib
 import importlib
 import json
 import logging
-import math
 import os
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,11 +41,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from edgeq.errors import BundleError, EdgeqError, InputError
+from edgeq.errors import BundleError, EdgeqError
 
 if TYPE_CHECKING:
     import onnx
-    import torch
+
+    from edgeq.deploy.trt_runner import TrtPolicyRunner
 
 _TRT_IMPORT_ERROR: str | None
 try:
@@ -271,35 +272,29 @@ def check_engine_compat(expected: Mapping[str, Any], actual: Mapping[str, Any]) 
 def current_platform(device: int = 0) -> dict[str, Any]:
     """TensorRT version, GPU name and compute capability of this machine (None where unknown).
 
-    The GPU facts come from ``torch.cuda`` if a CUDA build of torch is installed, else from
-    ``cuda-python`` (``cuda.bindings.runtime`` or the older ``cuda.cudart``) if installed.
+    The GPU facts come from cuda-python (:func:`edgeq.deploy.cuda.device_info`) where it can reach
+    a GPU, else from ``torch.cuda`` if a CUDA build of torch is installed.
     """
     info: dict[str, Any] = {
         "tensorrt_version": str(trt.__version__) if TENSORRT_AVAILABLE else None,
         "gpu_name": None,
         "compute_capability": None,
     }
-    try:
-        import torch
+    from edgeq.deploy import cuda
 
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(device)
-            info["gpu_name"] = torch.cuda.get_device_name(device)
-            info["compute_capability"] = f"{major}.{minor}"
-            return info
+    if cuda.available(device) is None:
+        facts = cuda.device_info(device)
+        info["gpu_name"] = facts["gpu_name"]
+        info["compute_capability"] = facts["compute_capability"]
+        return info
+    try:
+        torch: Any = importlib.import_module("torch")
     except ImportError:
-        pass
-    for module in ("cuda.bindings.runtime", "cuda.cudart"):
-        try:
-            cudart: Any = importlib.import_module(module)
-        except ImportError:
-            continue
-        err, props = cudart.cudaGetDeviceProperties(device)
-        if int(err) == 0:
-            name = props.name
-            info["gpu_name"] = (name.split(b"\0")[0].decode() if isinstance(name, bytes) else str(name)).strip()
-            info["compute_capability"] = f"{int(props.major)}.{int(props.minor)}"
-        break
+        return info
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(device)
+        info["gpu_name"] = torch.cuda.get_device_name(device)
+        info["compute_capability"] = f"{major}.{minor}"
     return info
 
 
@@ -662,275 +657,13 @@ _NP_DTYPES: dict[str, type[np.generic]] = {
 }
 
 
-def _require_torch_cuda() -> None:
-    try:
-        import torch
-    except ImportError as exc:
-        raise TensorRTUnavailableError(
-            "TrtPolicyRunner needs a CUDA build of torch for device buffers and streams (pip install torch)"
-        ) from exc
-    if not torch.cuda.is_available():
-        raise TensorRTUnavailableError("TrtPolicyRunner needs a CUDA GPU, and torch.cuda sees none")
+def __getattr__(name: str) -> Any:
+    # The runner lives on the robot side (torch-free, edgeq.deploy.trt_runner) and is re-exported here.
+    if name == "TrtPolicyRunner":
+        from edgeq.deploy.trt_runner import TrtPolicyRunner
 
-
-@dataclass
-class _IOBuffer:
-    name: str
-    np_dtype: np.dtype[Any]
-    shape: list[int]  # engine shape, -1 for the batch axis
-    max_shape: list[int]
-    device: torch.Tensor  # flat, max size
-    host: torch.Tensor  # flat, pinned, max size
-
-
-class TrtPolicyRunner:
-    """Run a TensorRT policy engine from numpy: ``actions = runner.run(obs)``.
-
-    Device buffers (for ``max_batch``) and pinned host buffers are allocated once; each call copies
-    the inputs in, sets the input shapes if the batch changed, enqueues ``execute_async_v3`` on a
-    private CUDA stream, copies the outputs back and waits. With ``use_cuda_graph=True`` the batch-1
-    path (copies in, engine, copies out) is captured once as a CUDA graph and replayed, which removes
-    most launch overhead (rule 18 of the QDQ notes).
-
-    Needs ``tensorrt`` and a CUDA build of ``torch``. Returns one array for a single-output engine,
-    else a dict of arrays by output name (recurrent policies: pass the state inputs as keywords).
-    """
-
-    def __init__(
-        self,
-        engine_path: str | Path,
-        expected: Mapping[str, Any] | None = None,
-        use_cuda_graph: bool = False,
-        device: int = 0,
-        input_name: str = "obs",
-    ) -> None:
-        """Load an engine and allocate its buffers.
-
-        Args:
-            engine_path: the serialized engine.
-            expected: the engine's manifest record (:meth:`EngineInfo.to_dict`); if given, the TensorRT
-                version, compute capability and file hash are checked first (:func:`check_engine_compat`).
-            use_cuda_graph: capture and replay batch-1 calls as a CUDA graph.
-            device: the CUDA device index.
-            input_name: the input that ``run``'s first argument feeds.
-
-        Raises:
-            BundleError: the file is missing, was built for another GPU/TensorRT, or does not load.
-            TensorRTUnavailableError: TensorRT or torch.cuda is missing.
-        """
-        _require_trt()
-        _require_torch_cuda()
-        import torch
-
-        path = Path(engine_path)
-        if not path.is_file():
-            raise BundleError(f"TensorRT engine not found: {path}")
-        data = path.read_bytes()
-        self.platform = current_platform(device)
-        self.platform["engine_sha256"] = hashlib.sha256(data).hexdigest()
-        if expected is not None:
-            check_engine_compat(expected, self.platform)
-        torch.cuda.set_device(device)
-        self._device = torch.device("cuda", device)
-        self._sink: list[str] = []
-        self._logger = _make_logger(self._sink)
-        self._runtime = trt.Runtime(self._logger)
-        engine = self._runtime.deserialize_cuda_engine(data)
-        if engine is None:
-            raise BundleError(
-                f"TensorRT {trt.__version__} could not load {path} (built with another TensorRT version, for "
-                f"another GPU, or corrupt): {'; '.join(self._sink[-3:]) or 'no details'}"
-            )
-        self._engine = engine
-        context = engine.create_execution_context()
-        if context is None:
-            raise BundleError(f"could not create an execution context for {path} (out of GPU memory?)")
-        self._context = context
-        self._stream = torch.cuda.Stream(device=self._device)
-        self._use_cuda_graph = use_cuda_graph
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._graph_failed = False
-        self._shapes_batch: int | None = None
-
-        self._inputs: dict[str, _IOBuffer] = {}
-        self._outputs: dict[str, _IOBuffer] = {}
-        input_specs: list[tuple[str, np.dtype[Any], list[int], list[int]]] = []
-        batch_ranges: list[tuple[int, int]] = []
-        for i in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(i)
-            dtype_name = engine.get_tensor_dtype(name).name
-            if dtype_name not in _NP_DTYPES:
-                raise BundleError(f"engine tensor {name!r} has type {dtype_name}, which numpy cannot hold")
-            if engine.get_tensor_mode(name) != trt.TensorIOMode.INPUT:
-                continue
-            shape = _dims(engine.get_tensor_shape(name))
-            if not shape:
-                raise BundleError(f"engine input {name!r} is a scalar; edgeq needs a batch axis on every input")
-            if any(d < 0 for d in shape):
-                lo, _opt, hi = (_dims(d) for d in engine.get_tensor_profile_shape(name, 0))
-                max_shape = hi
-                batch_ranges.append((lo[0], hi[0]))
-            else:
-                max_shape = shape
-                batch_ranges.append((shape[0], shape[0]))
-            input_specs.append((name, np.dtype(_NP_DTYPES[dtype_name]), shape, max_shape))
-        if not input_specs:
-            raise BundleError(f"engine {path} has no input")
-        self._min_batch = max(lo for lo, _ in batch_ranges)
-        self._max_batch = min(hi for _, hi in batch_ranges)
-        for name, np_dtype, shape, max_shape in input_specs:
-            self._inputs[name] = self._alloc(name, np_dtype, shape, max_shape)
-            self._context.set_input_shape(name, tuple(max_shape))
-        for i in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(i)
-            if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
-                np_dtype = np.dtype(_NP_DTYPES[engine.get_tensor_dtype(name).name])
-                max_shape = _dims(self._context.get_tensor_shape(name))
-                if any(d < 0 for d in max_shape):
-                    raise BundleError(f"output {name!r} has a data-dependent shape {max_shape}: not supported")
-                self._outputs[name] = self._alloc(name, np_dtype, _dims(engine.get_tensor_shape(name)), max_shape)
-        for buf in (*self._inputs.values(), *self._outputs.values()):
-            if not self._context.set_tensor_address(buf.name, int(buf.device.data_ptr())):
-                raise BundleError(f"TensorRT refused the device buffer of {buf.name!r}")
-        self._shapes_batch = self._max_batch
-        self.input_names = list(self._inputs)
-        self.output_names = list(self._outputs)
-        self._primary = input_name if input_name in self._inputs else self.input_names[0]
-
-    @property
-    def max_batch(self) -> int:
-        """The largest batch the engine's optimization profile accepts."""
-        return self._max_batch
-
-    def _alloc(self, name: str, np_dtype: np.dtype[Any], shape: list[int], max_shape: list[int]) -> _IOBuffer:
-        import torch
-
-        numel = max(1, math.prod(max_shape))
-        torch_dtype = torch.from_numpy(np.empty(0, dtype=np_dtype)).dtype
-        device = torch.empty(numel, dtype=torch_dtype, device=self._device)
-        host = torch.empty(numel, dtype=torch_dtype, pin_memory=True)
-        return _IOBuffer(name, np_dtype, shape, max_shape, device, host)
-
-    def _prepare(self, obs: np.ndarray, state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int, bool]:
-        feeds: dict[str, Any] = {self._primary: obs, **state}
-        missing = [n for n in self._inputs if n not in feeds]
-        unknown = [n for n in feeds if n not in self._inputs]
-        if missing or unknown:
-            raise InputError(
-                f"engine inputs are {self.input_names}; missing {missing}, unknown {unknown}"
-                if missing
-                else f"engine inputs are {self.input_names}; unknown {unknown}"
-            )
-        arrays: dict[str, np.ndarray] = {}
-        batch: int | None = None
-        squeeze = False
-        for name, value in feeds.items():
-            buf = self._inputs[name]
-            arr = np.asarray(value)
-            if arr.dtype != buf.np_dtype:
-                same_kind = arr.dtype.kind == buf.np_dtype.kind
-                if not (same_kind or (buf.np_dtype.kind == "f" and arr.dtype.kind in "iub")):
-                    raise InputError(f"input {name!r} has dtype {arr.dtype}; the engine expects {buf.np_dtype}")
-                arr = arr.astype(buf.np_dtype)
-            feature_shape = buf.shape[1:]
-            if arr.ndim == len(buf.shape) - 1 and list(arr.shape) == feature_shape:
-                arr = arr[None]
-                squeeze = True
-            if arr.ndim != len(buf.shape) or list(arr.shape[1:]) != feature_shape:
-                raise InputError(
-                    f"input {name!r} has shape {list(np.shape(value))}; the engine expects "
-                    f"[batch, {', '.join(map(str, feature_shape))}]"
-                )
-            if batch is not None and arr.shape[0] != batch:
-                raise InputError(f"inputs disagree on the batch size ({batch} vs {arr.shape[0]} for {name!r})")
-            batch = int(arr.shape[0])
-            if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-                raise InputError(f"input {name!r} holds NaN or infinite values")
-            arrays[name] = np.ascontiguousarray(arr)
-        assert batch is not None
-        if not self._min_batch <= batch <= self._max_batch:
-            raise InputError(f"batch {batch} is outside the engine's profile [{self._min_batch}, {self._max_batch}]")
-        return arrays, batch, squeeze
-
-    def _set_shapes(self, arrays: Mapping[str, np.ndarray], batch: int) -> None:
-        if self._shapes_batch == batch:
-            return
-        for name, arr in arrays.items():
-            if not self._context.set_input_shape(name, tuple(int(d) for d in arr.shape)):
-                raise InputError(f"TensorRT rejected shape {list(arr.shape)} for input {name!r}")
-        self._shapes_batch = batch
-
-    def _enqueue(self, arrays: Mapping[str, np.ndarray]) -> list[tuple[_IOBuffer, list[int]]]:
-        """Copies in, engine, copies out, on the private stream (the body of a CUDA graph too)."""
-        for name, arr in arrays.items():
-            buf = self._inputs[name]
-            buf.device[: arr.size].copy_(buf.host[: arr.size], non_blocking=True)
-        if not self._context.execute_async_v3(self._stream.cuda_stream):
-            raise RuntimeError(f"TensorRT execution failed: {'; '.join(self._sink[-3:]) or 'no details'}")
-        results = []
-        for buf in self._outputs.values():
-            shape = _dims(self._context.get_tensor_shape(buf.name))
-            n = math.prod(shape)
-            buf.host[:n].copy_(buf.device[:n], non_blocking=True)
-            results.append((buf, shape))
-        return results
-
-    def _stage(self, arrays: Mapping[str, np.ndarray]) -> None:
-        for name, arr in arrays.items():
-            self._inputs[name].host.numpy()[: arr.size] = arr.ravel()
-
-    def _capture_graph(self, arrays: Mapping[str, np.ndarray]) -> None:
-        import torch
-
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
-                self._enqueue(arrays)
-        except Exception as exc:  # noqa: BLE001 - some engines cannot be captured; run them eagerly
-            warnings.warn(f"CUDA graph capture failed ({exc}); running without CUDA graphs", stacklevel=3)
-            self._graph_failed = True
-            return
-        self._graph = graph
-
-    def run(self, obs: np.ndarray, **state: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
-        """Run the policy on a batch (or one unbatched observation).
-
-        Args:
-            obs: ``[batch, *obs_shape]`` or ``obs_shape`` (then the outputs are unbatched too).
-            **state: further engine inputs by name (recurrent state), batched like ``obs``.
-
-        Returns:
-            The output array for a single-output engine, else ``{output name: array}``.
-
-        Raises:
-            InputError: wrong input names, shapes, dtypes, non-finite values or batch size.
-        """
-        import torch
-
-        arrays, batch, squeeze = self._prepare(obs, state)
-        self._stage(arrays)
-        with torch.cuda.stream(self._stream):
-            self._set_shapes(arrays, batch)
-            if self._use_cuda_graph and batch == 1 and not self._graph_failed:
-                if self._graph is None:
-                    self._enqueue(arrays)  # warm-up after the shape change, as TensorRT requires
-                    self._stream.synchronize()
-                    self._capture_graph(arrays)
-                if self._graph is not None:
-                    self._graph.replay()
-                    results = [(buf, _dims(self._context.get_tensor_shape(buf.name))) for buf in self._outputs.values()]
-                else:
-                    results = self._enqueue(arrays)
-            else:
-                results = self._enqueue(arrays)
-        self._stream.synchronize()
-        out: dict[str, np.ndarray] = {}
-        for buf, shape in results:
-            value = buf.host.numpy()[: math.prod(shape)].reshape(shape).copy()
-            out[buf.name] = value[0] if squeeze and value.ndim > 0 and value.shape[0] == 1 else value
-        if len(out) == 1:
-            return next(iter(out.values()))
-        return out
+        return TrtPolicyRunner
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- fp16 model for strongly typed builds ------------------------------------------------------------

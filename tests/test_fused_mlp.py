@@ -1,0 +1,169 @@
+"""The fused INT8 GPU backend: the plan read from the ONNX file, its numpy arithmetic against ONNX
+Runtime on the CPU, the generated kernels (compiled with NVRTC where it is installed), and, on a
+machine with an NVIDIA GPU, the kernels themselves against ONNX Runtime on the CPU at batch 1 to 4096.
+
+The GPU tests skip here (no GPU in CI); they run on the GPU machine (benchmarks/gpu_fused.sh)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import FIXTURES
+from fused_helpers import ort_cpu, qdq_mlp
+
+import edgeq.deploy
+from edgeq.deploy import cuda
+from edgeq.deploy.fused_mlp import ROWS_MAX_BATCH, FusedCudaPolicy, FusedMlpRunner, FusedProgram, kernel_for_batch
+from edgeq.deploy.mlp_plan import UnsupportedGraph, plan_from_graph, reference_forward
+from edgeq.deploy.onnx_graph import load_graph
+from edgeq.errors import BundleError
+
+V1 = FIXTURES / "bundles" / "v1" / "sac-pendulum"
+GPU = cuda.available()
+needs_gpu = pytest.mark.skipif(GPU is not None, reason=f"needs an NVIDIA GPU and cuda-python ({GPU})")
+BATCHES = (1, 2, 3, ROWS_MAX_BATCH, ROWS_MAX_BATCH + 1, 31, 32, 255, 256, 257, 1000, 1024, 1025, 4096)
+
+
+def _nvrtc() -> str | None:
+    try:
+        cuda.compile_cubin('extern "C" __global__ void k() {}', "90")
+    except cuda.CudaError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("fused")
+    return {
+        "pendulum": V1 / "policy.int8.onnx",
+        "elu512": qdq_mlp(d / "elu.onnx", 17, (512, 256, 128), 6, activation="Elu", seed=1),
+        "relu256_norm": qdq_mlp(d / "relu.onnx", 17, (256, 256), 6, activation="Relu", seed=2, pre_sub_div=True,
+                                inv_factors=False),
+        "wide1024": qdq_mlp(d / "wide.onnx", 40, (1024, 1024), 12, activation="Relu", seed=3, rescale=False),
+    }
+
+
+def _obs(n: int, dim: int, seed: int) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((n, dim)) * 1.5).astype(np.float32)
+
+
+# --- CPU: the plan and its arithmetic ---------------------------------------------------------------
+
+
+def test_reader_matches_onnx(models: dict[str, Path]) -> None:
+    for path in models.values():
+        g = load_graph(path)
+        m = onnx.load(str(path))
+        assert [n.op_type for n in g.nodes] == [n.op_type for n in m.graph.node]
+        for t in m.graph.initializer:
+            np.testing.assert_array_equal(g.initializers[t.name], onnx.numpy_helper.to_array(t))
+        assert g.inputs == [i.name for i in m.graph.input] and g.outputs == [o.name for o in m.graph.output]
+
+
+def test_plan_of_the_bundle_file() -> None:
+    plan = plan_from_graph(load_graph(V1 / "policy.int8.onnx"))
+    assert [(la.k, la.n) for la in plan.layers] == [(3, 256), (256, 256), (256, 1)]
+    assert [[o.op for o in la.post] for la in plan.layers] == [["Relu"], ["Relu"], ["Tanh", "Mul", "Add"]]
+    assert all(la.weight.dtype == np.int8 and la.in_zero_point == 0 for la in plan.layers)
+
+
+def test_reference_arithmetic_matches_onnx_runtime_cpu(models: dict[str, Path]) -> None:
+    """The integer arithmetic the kernel implements is ONNX Runtime's on the CPU (measured: <= 5e-7)."""
+    for name, path in models.items():
+        plan = plan_from_graph(load_graph(path))
+        obs = _obs(2048, plan.obs_dim, 5)
+        want = ort_cpu(path, obs)
+        got = reference_forward(plan, obs)
+        assert np.abs(got - want).max() <= 1e-6, name
+
+
+def test_unsupported_graphs_name_the_node(tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedGraph, match="MatMul|Gemm|no INT8"):
+        plan_from_graph(load_graph(V1 / "policy.fp32.onnx"))
+    m = onnx.load(str(qdq_mlp(tmp_path / "m.onnx", 5, (8,), 2)))
+    for node in m.graph.node:
+        if node.op_type == "Tanh":
+            node.op_type = "Softplus"
+    onnx.save(m, str(tmp_path / "bad.onnx"))
+    with pytest.raises(UnsupportedGraph, match="Softplus"):
+        plan_from_graph(load_graph(tmp_path / "bad.onnx"))
+
+
+def test_packed_weight_layouts(models: dict[str, Path]) -> None:
+    prog = FusedProgram(plan_from_graph(load_graph(models["elu512"])))
+    for d, la in zip(prog.layers, prog.plan.layers, strict=True):
+        wt = prog.wt[d["wt_off"]: d["wt_off"] + d["n"] * d["kp"]].reshape(d["n"], d["kp"])
+        np.testing.assert_array_equal(wt[:, : la.k].T, la.weight)
+        assert not wt[:, la.k:].any()
+        words = prog.w4[d["w4_off"]: d["w4_off"] + d["kt"] // 4 * d["npad"]].reshape(d["kt"] // 4, d["npad"])
+        unpacked = words.copy().view(np.int8).reshape(d["kt"] // 4, d["npad"], 4).transpose(0, 2, 1)
+        np.testing.assert_array_equal(unpacked.reshape(d["kt"], d["npad"])[: la.k, : la.n], la.weight)
+    assert kernel_for_batch(1) == ("mlp_rows", 1) and kernel_for_batch(4096) == ("mlp_tiles_tm4", 32)
+
+
+@pytest.mark.skipif(_nvrtc() is not None, reason=f"NVRTC is not installed ({_nvrtc()})")
+def test_kernels_compile_for_hopper_and_orin(models: dict[str, Path]) -> None:
+    """NVRTC needs no GPU: the generated source compiles for sm_90 (H100/H200) and sm_87 (Jetson Orin)."""
+    for path in (models["elu512"], models["wide1024"]):
+        prog = FusedProgram(plan_from_graph(load_graph(path)))
+        for arch in ("90", "87"):
+            cubin, _log = cuda.compile_cubin(prog.source, arch, options=["--fmad=false"])
+            assert all(k.encode() in cubin for k in prog.kernels)
+
+
+@pytest.mark.skipif(GPU is None, reason="a GPU is here: the fallback is not exercised")
+def test_without_gpu_auto_says_why_and_falls_back() -> None:
+    policy = edgeq.deploy.load(V1, backend="auto")
+    assert policy.backend in ("cpu", "cuda-ort")
+    assert any(n.startswith("cuda-fused: ") for n in policy.backend_notes)
+    assert any(n.startswith("trt: ") for n in policy.backend_notes)  # no TensorRT or no engine: never picked
+    with pytest.raises(BundleError, match="backend 'cuda-fused' cannot"):
+        edgeq.deploy.load(V1, backend="cuda-fused")
+
+
+# --- GPU: the kernels -----------------------------------------------------------------------------------
+
+
+@needs_gpu
+def test_fused_kernel_matches_onnx_runtime_cpu(models: dict[str, Path]) -> None:
+    from cuda.bindings import driver
+
+    for name, path in models.items():
+        plan = plan_from_graph(load_graph(path))
+        runner = FusedMlpRunner(plan)
+        for b in BATCHES:
+            obs = _obs(b, plan.obs_dim, b)
+            p = runner.path(b)
+            cuda.check(driver.cuMemsetD32(p.dev_out.ptr, 0x7FC00000, b * plan.act_dim), "cuMemsetD32")  # NaN
+            got = runner.run(obs)
+            want = ort_cpu(path, obs)
+            assert got.shape == want.shape and np.isfinite(got).all(), (name, b)
+            err = float(np.abs(got - want).max())
+            assert err <= 1e-5, (name, b, err)
+            # again, with other inputs through the same graph
+            obs2 = _obs(b, plan.obs_dim, b + 1000)
+            np.testing.assert_allclose(runner.run(obs2), ort_cpu(path, obs2), atol=1e-5, rtol=0)
+
+
+@needs_gpu
+def test_one_graph_is_two_copies_and_one_kernel(models: dict[str, Path]) -> None:
+    runner = FusedMlpRunner(plan_from_graph(load_graph(models["elu512"])))
+    for b in (1, 4096):
+        assert runner.graph_nodes(b) == {"KERNEL": 1, "MEMCPY": 2}
+
+
+@needs_gpu
+def test_deploy_load_runs_the_fused_kernel() -> None:
+    auto = edgeq.deploy.load(V1, backend="auto")
+    assert auto.backend == "cuda-fused" and "fused" in auto.providers[0]
+    assert isinstance(auto.runtime, FusedCudaPolicy)
+    assert edgeq.deploy.load(V1, backend="cuda").backend == "cuda-fused"
+    obs = _obs(64, 3, 9)
+    want = ort_cpu(V1 / "policy.int8.onnx", obs)
+    np.testing.assert_allclose(auto.act(obs), want, atol=1e-5, rtol=0)
+    for row, w in zip(obs[:8], want[:8], strict=True):
+        np.testing.assert_allclose(auto.act(row), w, atol=1e-5, rtol=0)
