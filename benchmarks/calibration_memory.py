@@ -44,6 +44,7 @@ def measure(policy: Path, env: str, steps: int, num_envs: int) -> dict[str, Any]
     from edgeq.calibration.collect import ExplorationNoise, calibrate_rollouts
     from edgeq.config import load_recipe
     from edgeq.envs import env_factory
+    from edgeq.export.qdq import apply_plan
     from edgeq.ingest import load_policy
     from edgeq.ingest.onnx_policy import bind_env_spaces
     from edgeq.quantizers.build import build_plan
@@ -73,7 +74,8 @@ def measure(policy: Path, env: str, steps: int, num_envs: int) -> dict[str, Any]
     mem.start()
     t0 = time.perf_counter()
     plan = build_plan(fp.model, stats, recipe.quant_options(), recurrent=fp.recurrent,
-                      half_range=action_half_range(fp.action_space.low_array, fp.action_space.high_array))
+                      half_range=action_half_range(fp.action_space.low_array, fp.action_space.high_array),
+                      lower=apply_plan)
     plan_s = time.perf_counter() - t0
     mem.stop()
     plan_mem = mem.to_json()

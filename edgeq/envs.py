@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from edgeq.errors import EnvironmentSpecError
@@ -54,6 +55,28 @@ def _route_mujoco_warnings() -> None:
     mujoco.set_mju_user_warning(handler)
 
 
+@dataclass(frozen=True)
+class EnvFactory:
+    """Makes the env ``env`` (a gymnasium id or ``module:callable``) with ``kwargs``.
+
+    A plain, picklable value (unlike a lambda), so worker processes and Ray tasks can make the
+    same env (:mod:`edgeq.validate.executor`). Build it with :func:`env_factory`, which checks the id.
+    """
+
+    env: str
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def __call__(self) -> Any:
+        import gymnasium as gym
+
+        kwargs = dict(self.kwargs)
+        if ":" in self.env and self.env not in gym.envs.registry:
+            module_name, _, attr = self.env.partition(":")
+            return getattr(importlib.import_module(module_name), attr)(**kwargs)
+        _route_mujoco_warnings()
+        return gym.make(self.env, **kwargs)
+
+
 def env_factory(env: str, env_kwargs: dict[str, Any] | None = None) -> Callable[[], Any]:
     """A zero-argument function that makes the env.
 
@@ -74,13 +97,13 @@ def env_factory(env: str, env_kwargs: dict[str, Any] | None = None) -> Callable[
         if not callable(fn):
             raise EnvironmentSpecError(f"--env {env!r}: {module_name} has no callable {attr!r} "
                                        "(expected module:callable returning a gymnasium.Env)")
-        return lambda: fn(**kwargs)
+        return EnvFactory(env, tuple(sorted(kwargs.items())))
     if env not in gym.envs.registry:
         close = difflib.get_close_matches(env, list(gym.envs.registry), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise EnvironmentSpecError(f"environment id {env!r} is not registered in gymnasium{hint} "
                                    "(expected a gymnasium id such as 'HalfCheetah-v5' or module:callable)")
-    return lambda: gym.make(env, **kwargs)
+    return EnvFactory(env, tuple(sorted(kwargs.items())))
 
 
 def check_env_matches(env_name: str, observation_space: Any, action_space: Any,

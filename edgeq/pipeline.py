@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edgeq import __version__
+from edgeq._version import __version__
 from edgeq.calibration.collect import CalibrationStats, ExplorationNoise, calibrate_observations, calibrate_rollouts
 from edgeq.calibration.dataset import ObservationLog, load_observations, split_holdout
 from edgeq.config import CalibrationRecipe, ExportProfile, load_profile, load_recipe
@@ -32,6 +32,7 @@ from edgeq.quantizers.build import build_plan
 from edgeq.quantizers.evaluate import action_half_range
 from edgeq.quantizers.plan import QuantPlan
 from edgeq.spaces import BoxSpec
+from edgeq.validate.executor import ExecutorConfig
 from edgeq.validate.offline import OPEN_LOOP_REASON, validate_offline
 from edgeq.validate.robustness import validate_target_robustness
 from edgeq.validate.saturation import DEFAULT_SATURATION_WARN, quantized_ranges, restrict_to_quantized
@@ -80,7 +81,8 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
              recipe_overrides: dict[str, Any] | None = None,
              calib_env: str | None = None, calib_env_kwargs: dict[str, Any] | None = None,
              calib_perturb: Sequence[str | PerturbationSpec] = (), perturb: Sequence[str | PerturbationSpec] = (),
-             cell_precision: str = "int8", saturation_warn: float = DEFAULT_SATURATION_WARN) -> QuantizeResult:
+             cell_precision: str = "int8", saturation_warn: float = DEFAULT_SATURATION_WARN,
+             executor: ExecutorConfig | None = None) -> QuantizeResult:
     """Quantize ``policy`` for ``env`` and write a validated bundle to ``out``.
 
     Validation uses seeds ``seed .. seed+episodes-1``; calibration uses the recipe's seeds, which
@@ -97,7 +99,8 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
 
     ``validation`` chooses what the validator measures (default :meth:`ValidationOptions.light` on
     ``targets``: verdict, noise floor, per-layer error, 2,000-call latency); ``report`` writes
-    report.html and report.md into the bundle.
+    report.html and report.md into the bundle. ``executor`` spreads the validation rollouts over
+    worker processes or a Ray cluster (same results as serial).
 
     ``recipe_overrides`` sets any :class:`~edgeq.config.CalibrationRecipe` field by name (e.g.
     ``{"transform": "crossquant", "alpha": 0.0, "auto": True, "rounding": "adaround",
@@ -144,7 +147,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
                          "use the static form (transform: crossquant) or an onnxruntime profile")
     if cell_precision not in CELL_PRECISIONS:
         raise EdgeqError(f"cell precision {cell_precision!r}; expected one of {', '.join(CELL_PRECISIONS)}")
-    gate_nodes: list[str] = list(fp.source.details.get("recurrent", {}).get("gate_nodes", []))
+    gate_nodes: list[str] = list(fp.gate_nodes)
     if gate_nodes and cell_precision == "fp32":
         options = replace(options, keep_float=list(options.keep_float) + gate_nodes)
     calib_specs = [parse_perturbation(p) for p in calib_perturb]
@@ -207,7 +210,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
     timings["calibration_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    plan: QuantPlan = build_plan(fp.model, stats, options, recurrent=fp.recurrent,
+    plan: QuantPlan = build_plan(fp.model, stats, options, lower=apply_plan, recurrent=fp.recurrent,
                                  half_range=action_half_range(fp.action_space.low_array, fp.action_space.high_array))
     if gate_nodes:
         plan.settings["recurrent_cell"] = {"precision": cell_precision, "gate_nodes": gate_nodes}
@@ -236,7 +239,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
         else:
             assert env is not None  # make_env exists only with an env
             vopts = validation if validation is not None else ValidationOptions.light(targets=tuple(targets))
-            vopts = replace(vopts, num_envs=num_envs)
+            vopts = replace(vopts, num_envs=num_envs, executor=executor or vopts.executor)
             result = validate_models(
                 fpath, qpath, io, make_env, val_seeds, env_id=env, action_low=fp.action_space.low_array,
                 action_high=fp.action_space.high_array, options=vopts, plan=plan, episode_steps=ep_len,

@@ -55,7 +55,10 @@ class FloatPolicy:
     ``model`` maps ``obs`` [batch, *obs_space.shape] (float32) to ``actions``
     [batch, *action_space.shape] (float32) in the env's own action units: observation
     normalization and action squashing/rescaling/clipping are inside the graph, in float32.
-    Recurrent policies have extra state inputs/outputs described by ``state``.
+    Recurrent policies have extra state inputs/outputs described by ``state``, and ``gate_nodes``
+    names the MatMul nodes of their unrolled cell (int8 by default; kept float with
+    ``cell_precision="fp32"``). Later stages read only these fields, never ``source.details``
+    (which is what the manifest records about the source).
     """
 
     model: onnx.ModelProto
@@ -63,6 +66,7 @@ class FloatPolicy:
     action_space: BoxSpec
     source: PolicySource
     state: tuple[StateSpec, ...] = ()
+    gate_nodes: tuple[str, ...] = ()
     env_id: str | None = None
     preprocess: dict[str, Any] = field(default_factory=dict)
     postprocess: dict[str, Any] = field(default_factory=dict)

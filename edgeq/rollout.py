@@ -8,7 +8,7 @@ and results do not depend on how many environments run in parallel.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import numpy as np
@@ -38,6 +38,20 @@ class EpisodeResults:
     steps: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def concat(cls, parts: Sequence[EpisodeResults]) -> EpisodeResults:
+        """The episodes of ``parts`` (disjoint seeds) one after the other, in the given order.
+
+        Every field is joined by its type: lists and arrays concatenated, step counts added, and
+        ``extra`` entries joined the same way key by key.
+        """
+        if not parts:
+            raise ValueError("concat needs at least one EpisodeResults")
+        if len(parts) == 1:
+            return parts[0]
+        joined = {f.name: _join([getattr(p, f.name) for p in parts], f.name) for f in fields(cls)}
+        return cls(**joined)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "seeds": [int(s) for s in self.seeds],
@@ -47,14 +61,31 @@ class EpisodeResults:
         }
 
 
+def _join(values: list[Any], name: str) -> Any:
+    first = values[0]
+    if isinstance(first, np.ndarray):
+        return np.concatenate(values)
+    if isinstance(first, list | tuple):
+        return [x for v in values for x in v]
+    if isinstance(first, bool) or first is None:
+        return first
+    if isinstance(first, int | float):
+        return type(first)(sum(values))
+    if isinstance(first, dict):
+        keys = list(dict.fromkeys(k for v in values for k in v))
+        return {k: _join([v[k] for v in values if k in v], f"{name}.{k}") for k in keys}
+    raise TypeError(f"EpisodeResults.concat cannot join field {name!r} of type {type(first).__name__}")
+
+
 def run_episodes(make_env: Callable[[], Any], policy: BatchPolicy, seeds: Sequence[int], *,
                  num_envs: int = 8, on_step: StepHook | None = None,
-                 perturb: ActionPerturbation | None = None, noise_seed: int = 0,
+                 perturb: ActionPerturbation | None = None, noise_seed: int | Sequence[int] = 0,
                  max_steps_per_episode: int | None = None,
                  progress: Callable[[int], None] | None = None) -> EpisodeResults:
     """Roll ``policy`` out for ``len(seeds)`` episodes; episode ``k`` is reset with ``seeds[k]``.
 
     ``progress(n)`` is called with the number of env steps taken since the last call.
+    ``noise_seed`` (an int or a sequence of ints) seeds the generator that ``perturb`` draws from.
     """
     import gymnasium as gym
     from gymnasium.vector import AutoresetMode, SyncVectorEnv

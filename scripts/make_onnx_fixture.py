@@ -33,7 +33,7 @@ import torch
 
 from edgeq.deploy.runtime import OrtPolicy
 from edgeq.envs import env_factory
-from edgeq.ingest.layers import Activation, Linear, RescaleFromUnit, Tanh
+from edgeq.graph.layers import Activation, Linear, RescaleFromUnit, Tanh
 from edgeq.ingest.sb3 import actor_layers, detect_algorithm, load_sb3
 from edgeq.ingest.sb3_archive import read_archive
 from edgeq.rollout import run_episodes

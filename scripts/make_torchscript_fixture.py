@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeq.ingest.sb3 import _activation
+from edgeq.ingest.sb3 import policy_activation
 from edgeq.ingest.sb3_archive import read_archive
 
 
@@ -70,7 +70,7 @@ def actor_critic_from_archive(path: Path) -> SimpleNamespace:
     archive = read_archive(path)
     sd = {k: torch.from_numpy(np.array(v)) for k, v in archive.state_dict.items()}
     kw = archive.policy_kwargs()
-    act = _ACT[_activation(kw, "PPO", archive.path)]
+    act = _ACT[policy_activation(kw, "PPO", archive.path)]
     n_layers = int(kw.get("n_lstm_layers", 1))
     hidden = int(sd["lstm_actor.weight_hh_l0"].shape[1])
     rnn = nn.LSTM(int(sd["lstm_actor.weight_ih_l0"].shape[1]), hidden, n_layers)

@@ -7,8 +7,9 @@
 #   2. add `py.typed` to the installed `tensorrt/` and `tensorrt_bindings/` folders so mypy reads them;
 #   3. fix the two things that keep `tensorrt_bindings/tensorrt.pyi` from parsing: parameters named
 #      `in` (a keyword) become `in_`, and `add_scale_nd`'s `channel_axis` gets a default `...`;
-#   4. run mypy --strict on edgeq/export/tensorrt_engine.py with a config of its own (the project's
-#      config sets ignore_missing_imports, which would silently turn a missing tensorrt into Any);
+#   4. run mypy --strict on edgeq/export/tensorrt_engine.py and edgeq/deploy/tensorrt_runner.py with a
+#      config of its own (the project's config sets ignore_missing_imports, which would silently turn
+#      a missing tensorrt into Any);
 #   5. prove the stubs are really in use: a probe with a wrong call (`trt.Builder(3)`) must fail.
 #
 # Idempotent: run it as often as you like. The stub files are patched in site-packages, never
@@ -89,7 +90,7 @@ follow_imports = silent
 ignore_missing_imports = True
 INI
 
-targets=(edgeq/export/tensorrt_engine.py edgeq/export/trt_rules.py)
+targets=(edgeq/export/tensorrt_engine.py edgeq/deploy/tensorrt_runner.py edgeq/export/trt_rules.py)
 echo "typecheck_tensorrt: mypy --strict ${targets[*]}"
 "$py" -m mypy --config-file "$workdir/mypy.ini" --cache-dir "$workdir/cache" "${targets[@]}"
 

@@ -9,6 +9,7 @@ import pytest
 
 from edgeq.calibration.collect import calibrate_rollouts, tensor_values
 from edgeq.envs import env_factory
+from edgeq.export.qdq import apply_plan
 from edgeq.graph.analysis import constant_value, find_weighted_layers
 from edgeq.ingest.sb3 import load_sb3
 from edgeq.quantizers.adaround import adaround, output_error
@@ -82,7 +83,7 @@ def test_plan_records_rounding_and_bias_correction(sac_pendulum: Path) -> None:
     policy = load_sb3(sac_pendulum)
     stats = calibrate_rollouts(policy, env_factory("Pendulum-v1"), list(range(700, 704)), holdout_seeds=[800])
     plan = build_plan(policy.model, stats, QuantOptions(transform="crossquant", alpha=0.0, rounding="adaround",
-                                                       bias_correction=True))
+                                                       bias_correction=True), lower=apply_plan)
     stages = plan.metrics["stages"]
     assert set(stages) == {"adaround", "bias_correction"}
     for name, rep in stages.items():

@@ -10,6 +10,7 @@ from quant_helpers import mlp, stats_for
 
 from edgeq.calibration.calibrators import compute_amax
 from edgeq.calibration.observers import TensorObserver
+from edgeq.export.qdq import apply_plan
 from edgeq.quantizers.auto import LayerChoice, candidate_choices, choose_per_layer
 from edgeq.quantizers.build import QuantOptions, build_plan
 
@@ -40,11 +41,11 @@ def test_auto_picks_the_candidate_with_least_heldout_action_error() -> None:
     model, calib, held = _case()
     stats = stats_for(model, calib, held)
     auto = build_plan(model, stats, QuantOptions(auto=True, auto_calibrators=CALIBRATORS,
-                                                 auto_transforms=TRANSFORMS, auto_weight_methods=[]))
+                                                 auto_transforms=TRANSFORMS, auto_weight_methods=[]), lower=apply_plan)
     errors: dict[str, float] = {}
     for cand in candidate_choices(CALIBRATORS, TRANSFORMS):
         plan = build_plan(model, stats, QuantOptions(calibrator=cand.calibrator, calibrator_params=dict(cand.params),
-                                                     transform=cand.transform, alpha=cand.alpha))
+                                                     transform=cand.transform, alpha=cand.alpha), lower=apply_plan)
         errors[cand.label] = plan.metrics["heldout_action_error"]["mean"]
     best = min(errors.values())
     layer = auto.layers[0]
@@ -73,9 +74,10 @@ def test_weight_quantizer_choice_never_raises_the_heldout_error() -> None:
     model, calib, held = _case(1)
     stats = stats_for(model, calib, held)
     acts = build_plan(model, stats, QuantOptions(auto=True, auto_calibrators=CALIBRATORS[:2],
-                                                 auto_transforms=TRANSFORMS[:2], auto_weight_methods=[]))
+                                                 auto_transforms=TRANSFORMS[:2], auto_weight_methods=[]),
+                      lower=apply_plan)
     both = build_plan(model, stats, QuantOptions(auto=True, auto_calibrators=CALIBRATORS[:2],
-                                                 auto_transforms=TRANSFORMS[:2]))
+                                                 auto_transforms=TRANSFORMS[:2]), lower=apply_plan)
     rec = both.layers[0].choice["search"]["weights"]
     assert set(rec["candidates"]) == {acts.layers[0].choice["label"] + " w:absmax",
                                       acts.layers[0].choice["label"] + " w:mse"}
@@ -111,10 +113,10 @@ def test_score_adds_the_tail_of_per_state_errors() -> None:
 
     model, calib, held = _case(2)
     sc = ActionErrorScorer(model, held[:200], np.ones(3), tail_weight=0.5, tail_fraction=0.05,
-                           tail_states=calib[:100])
+                           tail_states=calib[:100], lower=apply_plan)
     e = np.abs(np.random.default_rng(0).normal(0, 0.01, (300, 3)))
     e[250, 1] = 2.0  # a calibration state with a large error: in the tail, not in the mean
     worst = np.sort(e.max(axis=1))[::-1][:15]
     assert sc.score_errors(e) == pytest.approx(e[:200].mean() + 0.5 * worst.mean())
-    plain = ActionErrorScorer(model, held[:200], np.ones(3))
+    plain = ActionErrorScorer(model, held[:200], np.ones(3), lower=apply_plan)
     assert plain.score_errors(e[:200]) == pytest.approx(e[:200].mean())

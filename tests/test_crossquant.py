@@ -100,7 +100,7 @@ def test_dynamic_form_matches_numpy_reference(alpha: float) -> None:
     model = mlp([(w, b)])
     calib = (rng.normal(0, 1, (3000, 8)) * cols).astype(np.float32)
     stats = stats_for(model, calib)
-    plan = build_plan(model, stats, QuantOptions(dynamic=True, alpha=alpha))
+    plan = build_plan(model, stats, QuantOptions(dynamic=True, alpha=alpha), lower=apply_plan)
     layer = plan.layers[0]
     assert layer.scheme == "crossquant-dynamic" and not plan.tensorrt_compatible
     assert plan.to_json()["tensorrt_compatible"] is False
@@ -126,8 +126,8 @@ def test_dynamic_form_matches_numpy_reference(alpha: float) -> None:
 def test_quantization_kernel_reported_and_smaller_with_crossquant(pendulum) -> None:
     """Observation channels of very different ranges: per-tensor int8 zeroes the small ones; CrossQuant keeps them."""
     stats = calibrate_observations(pendulum, _states(4000, 2))
-    base = build_plan(pendulum.model, stats, QuantOptions())
-    cq = build_plan(pendulum.model, stats, QuantOptions(transform="crossquant", alpha=0.15))
+    base = build_plan(pendulum.model, stats, QuantOptions(), lower=apply_plan)
+    cq = build_plan(pendulum.model, stats, QuantOptions(transform="crossquant", alpha=0.15), lower=apply_plan)
     first = find_weighted_layers(pendulum.model)[0].node
     kb, kc = base.layer(first), cq.layer(first)
     assert kb.kernel is not None and kc.kernel is not None

@@ -3,6 +3,7 @@ modules (torch, gymnasium, Stable-Baselines3, onnx, typer, ...) cannot be import
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -92,3 +93,20 @@ def test_deploy_command_line_with_workstation_modules_blocked() -> None:
     """)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "healthy" in r.stdout and "FAIL" not in r.stdout
+
+
+def test_every_deploy_module_imports_with_workstation_modules_blocked() -> None:
+    """Each robot-side module (the TensorRT runner included) imports without torch, onnx, gymnasium, ..."""
+    r = run_blocked("""
+        import importlib, pkgutil, sys, edgeq.deploy
+        names = [m.name for m in pkgutil.iter_modules(edgeq.deploy.__path__) if m.name != "__main__"]
+        for name in names:
+            importlib.import_module("edgeq.deploy." + name)
+        print(sorted(names))
+        print(sorted(m for m in sys.modules if m.startswith("edgeq.") and not m.startswith("edgeq.deploy")))
+    """)
+    assert r.returncode == 0, r.stderr
+    names, others = r.stdout.strip().splitlines()
+    assert "tensorrt_runner" in names and "trt_backend" in names
+    # the runtime imports no stage: only the shared leaf modules
+    assert set(ast.literal_eval(others)) <= {"edgeq.errors", "edgeq.hashing", "edgeq._version"}

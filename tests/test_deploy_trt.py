@@ -2,7 +2,7 @@
 
 TensorRT cannot run on these machines; what is tested is edgeq's own logic around the engine records
 (selection among several engines, the messages, the manifest checks, the load() errors). The
-compatibility rule itself is :func:`edgeq.export.tensorrt_engine.check_engine_compat`; where that
+compatibility rule itself is :func:`edgeq.deploy.tensorrt_runner.check_engine_compat`; where that
 module is not present yet, a stand-in with the same contract (raise BundleError on a TensorRT version
 or compute capability mismatch) is used.
 """
@@ -36,7 +36,7 @@ def _stand_in_compat(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> 
 
 
 try:
-    from edgeq.export.tensorrt_engine import check_engine_compat as compat
+    from edgeq.deploy.tensorrt_runner import check_engine_compat as compat
 except ImportError:
     compat = _stand_in_compat
 

@@ -12,6 +12,7 @@ from quant_helpers import mlp
 from edgeq.calibration.collect import calibrate_rollouts, tensor_values
 from edgeq.deploy.runtime import OrtPolicy
 from edgeq.envs import env_factory
+from edgeq.export.qdq import apply_plan
 from edgeq.graph.analysis import constant_value, find_weighted_layers
 from edgeq.ingest.sb3 import load_sb3
 from edgeq.quantizers.build import QuantOptions, build_plan
@@ -74,8 +75,8 @@ def test_equalization_lowers_the_action_error_on_visited_states(sac_pendulum: Pa
     policy = load_sb3(sac_pendulum)
     stats = calibrate_rollouts(policy, env_factory("Pendulum-v1"), list(range(300, 306)), holdout_seeds=[400, 401])
     hr = action_half_range(policy.action_space.low_array, policy.action_space.high_array)
-    base = build_plan(policy.model, stats, QuantOptions(), half_range=hr)
-    eq = build_plan(policy.model, stats, QuantOptions(transform="equalize", alpha=0.5), half_range=hr)
+    base = build_plan(policy.model, stats, QuantOptions(), half_range=hr, lower=apply_plan)
+    eq = build_plan(policy.model, stats, QuantOptions(transform="equalize", alpha=0.5), half_range=hr, lower=apply_plan)
     assert [t.method for t in eq.transforms] == ["equalize"]
     assert eq.settings["options"]["transform"] == "equalize"
     assert eq.metrics["heldout_action_error"]["mean"] < 0.6 * base.metrics["heldout_action_error"]["mean"]

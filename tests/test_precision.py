@@ -49,7 +49,7 @@ def _check_int8_rules(q: onnx.ModelProto, n_int8: int) -> None:
 def test_fp16_fallback_is_reported_and_exported(pendulum_stats, tmp_path: Path) -> None:
     policy, stats, hr = pendulum_stats
     plan = build_plan(policy.model, stats, QuantOptions(transform="crossquant", alpha=0.0, fp16_fallback=1,
-                                                        max_action_error=1e-4), half_range=hr)
+                                                        max_action_error=1e-4), half_range=hr, lower=apply_plan)
     fp16 = [la for la in plan.layers if la.precision == "fp16"]
     assert len(fp16) == 1
     rep = plan.metrics["stages"]["fp16_fallback"]
@@ -88,11 +88,14 @@ def test_fp16_fallback_is_reported_and_exported(pendulum_stats, tmp_path: Path) 
 
 def test_no_fallback_when_target_is_met_or_turned_off(pendulum_stats) -> None:
     policy, stats, hr = pendulum_stats
-    met = build_plan(policy.model, stats, QuantOptions(fp16_fallback=2, max_action_error=10.0), half_range=hr)
+    met = build_plan(policy.model, stats, QuantOptions(fp16_fallback=2, max_action_error=10.0), half_range=hr,
+                     lower=apply_plan)
     assert all(la.precision == "int8" for la in met.layers)
     assert met.metrics["stages"]["fp16_fallback"]["moved"] == []
-    off = build_plan(policy.model, stats, QuantOptions(fp16_fallback=0, max_action_error=0.0), half_range=hr)
+    off = build_plan(policy.model, stats, QuantOptions(fp16_fallback=0, max_action_error=0.0), half_range=hr,
+                     lower=apply_plan)
     assert all(la.precision == "int8" for la in off.layers) and "fp16_fallback" not in off.metrics["stages"]
     # at most max_layers layers move
-    two = build_plan(policy.model, stats, QuantOptions(fp16_fallback=2, max_action_error=0.0), half_range=hr)
+    two = build_plan(policy.model, stats, QuantOptions(fp16_fallback=2, max_action_error=0.0), half_range=hr,
+                     lower=apply_plan)
     assert 1 <= sum(la.precision == "fp16" for la in two.layers) <= 2

@@ -167,7 +167,8 @@ def test_cpu_file_runs_tiny_layers_in_float(sac_pendulum: Path, transform: str, 
 
     policy = load_sb3(sac_pendulum)
     obs = np.random.default_rng(4).uniform([-1, -1, -8], [1, 1, 8], (2048, 3)).astype(np.float32)
-    plan = build_plan(policy.model, calibrate_observations(policy, obs[:1024]), QuantOptions(transform=transform))
+    plan = build_plan(policy.model, calibrate_observations(policy, obs[:1024]), QuantOptions(transform=transform),
+                      lower=apply_plan)
     q = apply_plan(policy.model, plan)
     c = specialize_for_ort_cpu(q, min_int8_width=32)
     layers = [layer.node for layer in find_weighted_layers(policy.model)]

@@ -12,8 +12,8 @@ from edgeq.deploy.runtime import OrtPolicy
 from edgeq.errors import PolicyFormatError
 from edgeq.export.qdq import apply_plan
 from edgeq.graph.analysis import find_weighted_layers
+from edgeq.graph.layers import Activation, Linear
 from edgeq.graph.recurrent import RecurrentCell, recurrent_policy_to_onnx
-from edgeq.ingest.layers import Activation, Linear
 from edgeq.quantizers.plan import make_plan
 
 OBS, HIDDEN, ACT = 5, 16, 2

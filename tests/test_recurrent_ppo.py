@@ -32,6 +32,9 @@ def test_archive_is_routed_to_the_recurrent_loader(rppo_pendulum: Path) -> None:
     assert [(s.input_name, s.output_name) for s in policy.state] == [("h_in", "h_out"), ("c_in", "c_out")]
     rec = policy.source.details["recurrent"]
     assert rec["kind"] == "lstm" and rec["hidden_size"] == 32 and len(rec["gate_nodes"]) == 2
+    # later stages read the typed field, never source.details
+    assert policy.gate_nodes == tuple(rec["gate_nodes"])
+    assert {n.name for n in policy.model.graph.node} >= set(policy.gate_nodes)
 
 
 def test_same_actions_as_sb3_over_full_episodes_with_state(rppo_pendulum: Path) -> None:

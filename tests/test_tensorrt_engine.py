@@ -1,4 +1,4 @@
-"""Tests for edgeq.export.tensorrt_engine.
+"""Tests for edgeq.export.tensorrt_engine (build side) and edgeq.deploy.tensorrt_runner (robot side).
 
 The first part runs anywhere (no TensorRT, no GPU): import without TensorRT, build-config validation,
 the manifest compatibility check, the inspector-JSON parser and the fp16 cast pass (checked against
@@ -21,25 +21,27 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeq.deploy import tensorrt_runner as tr
+from edgeq.deploy.tensorrt_runner import check_engine_compat
 from edgeq.errors import BundleError, InputError
 from edgeq.export import tensorrt_engine as te
 from edgeq.export.tensorrt_engine import (
     EngineBuildConfig,
     EngineInfo,
-    check_engine_compat,
     fp16_onnx_with_casts,
     parse_layer_information,
     summarize_layers,
 )
 
 MODULE_PATH = Path(te.__file__)
+RUNNER_PATH = Path(tr.__file__)
 OBS, HIDDEN, ACT = 8, 32, 4
 RNG = np.random.default_rng(7)
 
 
-def _load_module_copy(monkeypatch: pytest.MonkeyPatch, name: str) -> ModuleType:
-    """Import tensorrt_engine.py afresh under another name (so the real module stays untouched)."""
-    spec = importlib.util.spec_from_file_location(name, MODULE_PATH)
+def _load_module_copy(monkeypatch: pytest.MonkeyPatch, name: str, path: Path = MODULE_PATH) -> ModuleType:
+    """Import tensorrt_engine.py (or ``path``) afresh under another name (the real module stays untouched)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, name, module)
@@ -58,11 +60,13 @@ def test_import_without_tensorrt_sets_flag_and_raises_clear_error(monkeypatch: p
     with pytest.raises(ImportError, match="pip install tensorrt") as info:
         mod.build_engine(Path("x.onnx"), Path("x.engine"), cfg)
     assert isinstance(info.value, mod.TensorRTUnavailableError)
+    runner = _load_module_copy(monkeypatch, "edgeq_trt_runner_without_tensorrt", RUNNER_PATH)
+    assert runner.TENSORRT_AVAILABLE is False and "tensorrt" in str(runner.TENSORRT_IMPORT_ERROR)
     with pytest.raises(ImportError, match="TensorRT"):
-        mod.TrtPolicyRunner("x.engine")
+        runner.TrtPolicyRunner("x.engine")
     # What needs no TensorRT still works.
-    mod.check_engine_compat({"tensorrt_version": "10.13.0"}, {"tensorrt_version": "10.13.0"})
-    assert mod.current_platform()["tensorrt_version"] is None
+    runner.check_engine_compat({"tensorrt_version": "10.13.0"}, {"tensorrt_version": "10.13.0"})
+    assert runner.current_platform()["tensorrt_version"] is None
 
 
 def test_type_stubs_alone_do_not_count_as_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -73,6 +77,8 @@ def test_type_stubs_alone_do_not_count_as_tensorrt(monkeypatch: pytest.MonkeyPat
     assert mod.TENSORRT_AVAILABLE is False
     with pytest.raises(ImportError, match="stubs"):
         mod.build_engine(Path("x.onnx"), Path("x.engine"), mod.EngineBuildConfig(precision="fp16"))
+    runner = _load_module_copy(monkeypatch, "edgeq_trt_runner_stubs_only", RUNNER_PATH)
+    assert runner.TENSORRT_AVAILABLE is False and "stubs" in str(runner.TENSORRT_IMPORT_ERROR)
 
 
 # --- build config ---------------------------------------------------------------------------------
@@ -404,7 +410,7 @@ def test_int8_engine_builds_reports_layers_and_runs(trt_gpu: ModuleType, tmp_pat
 
     obs = RNG.normal(size=(5, OBS)).astype(np.float32)
     (ref,) = _run(onnx.load(str(qdq)), obs)
-    runner = te.TrtPolicyRunner(tmp_path / "policy.int8.engine", expected=info.to_dict())
+    runner = tr.TrtPolicyRunner(tmp_path / "policy.int8.engine", expected=info.to_dict())
     out = runner.run(obs)
     assert isinstance(out, np.ndarray) and out.shape == (5, ACT)
     np.testing.assert_allclose(out, ref, atol=0.1)
@@ -413,7 +419,7 @@ def test_int8_engine_builds_reports_layers_and_runs(trt_gpu: ModuleType, tmp_pat
     with pytest.raises(InputError, match="batch 17"):
         runner.run(np.zeros((17, OBS), np.float32))
 
-    graph_runner = te.TrtPolicyRunner(tmp_path / "policy.int8.engine", use_cuda_graph=True)
+    graph_runner = tr.TrtPolicyRunner(tmp_path / "policy.int8.engine", use_cuda_graph=True)
     for i in range(3):
         got = graph_runner.run(obs[i : i + 1])
         assert isinstance(got, np.ndarray)
@@ -432,7 +438,7 @@ def test_fp16_engine_matches_float(trt_gpu: ModuleType, tmp_path: Path) -> None:
     assert info.precision_counts.get("fp16", 0) >= 1
     obs = RNG.normal(size=(3, OBS)).astype(np.float32)
     ref = _run(model, obs)
-    out = te.TrtPolicyRunner(tmp_path / "policy.fp16.engine").run(obs)
+    out = tr.TrtPolicyRunner(tmp_path / "policy.fp16.engine").run(obs)
     assert isinstance(out, dict) and set(out) == {"actions", "h"}
     np.testing.assert_allclose(out["actions"], ref[0], atol=2e-2)
 
@@ -443,7 +449,7 @@ def test_runner_refuses_an_engine_for_another_gpu(trt_gpu: ModuleType, tmp_path:
     info = te.build_engine(src, tmp_path / "p.engine", EngineBuildConfig(precision="fp32", max_batch=2))
     record = {**info.to_dict(), "compute_capability": "5.3", "gpu_name": "Jetson Nano"}
     with pytest.raises(BundleError, match="Jetson Nano"):
-        te.TrtPolicyRunner(tmp_path / "p.engine", expected=record)
+        tr.TrtPolicyRunner(tmp_path / "p.engine", expected=record)
 
 
 def test_weak_typing_is_refused_on_tensorrt_11(trt_gpu: ModuleType, tmp_path: Path) -> None:

@@ -165,6 +165,7 @@ def test_trained_lstm_fixture_matches_torchscript_on_its_own_episodes() -> None:
     policy = load_torchscript(path)
     assert policy.source.details["verification"]["max_abs_action_diff"] <= 1e-5
     assert policy.source.details["recurrent"]["hidden_size"] == 64
+    assert len(policy.gate_nodes) == 2 and policy.gate_nodes == tuple(policy.source.details["recurrent"]["gate_nodes"])
     module = torch.jit.load(str(path))
     env = gym.make("InvertedPendulum-v5")
     observations, starts = [], []

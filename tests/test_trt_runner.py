@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from edgeq.deploy import cuda
-from edgeq.deploy.trt_runner import TrtPolicyRunner
+from edgeq.deploy.tensorrt_runner import TrtPolicyRunner
 from edgeq.errors import InputError
 
 GPU = cuda.available()
@@ -100,7 +100,7 @@ def test_runner_is_torch_free() -> None:
     import inspect
     import re
 
-    import edgeq.deploy.trt_runner as mod
+    import edgeq.deploy.tensorrt_runner as mod
 
     assert not re.search(r"^\s*(import|from)\s+torch", inspect.getsource(mod), re.M)
     assert not re.search(r"^\s*(import|from)\s+torch", inspect.getsource(cuda), re.M)

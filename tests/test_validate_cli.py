@@ -263,7 +263,7 @@ def test_plan_rebuild_takes_rounding_and_corrected_bias_from_the_int8_model(sac_
     policy = load_sb3(sac_pendulum)
     obs = np.random.default_rng(5).uniform([-1, -1, -8], [1, 1, 8], (1024, 3)).astype(np.float32)
     plan = build_plan(policy.model, calibrate_observations(policy, obs[:512]),
-                      QuantOptions(transform="crossquant", alpha=0.15))
+                      QuantOptions(transform="crossquant", alpha=0.15), lower=apply_plan)
     # what AdaRound and bias correction leave behind: weights rounded the other way, a shifted bias
     mid = plan.layers[1]
     assert mid.weight is not None

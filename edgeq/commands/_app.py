@@ -173,3 +173,21 @@ def run_guarded(fn: Callable[[], Any]) -> Any:
         raise typer.Exit(2) from None
 
 
+#: ``--workers``, ``--executor`` and ``--ray-address``: the same three options on every command that rolls out
+WorkersOption = Annotated[int, typer.Option(help="Processes that run validation episodes (results are identical "
+                                                 "for any number).")]
+ExecutorOption = Annotated[str, typer.Option(help="Where validation episodes run: serial, processes (--workers "
+                                                  "local processes) or ray (a Ray cluster; pip install "
+                                                  "'edgeq\\[ray]').")]
+RayAddressOption = Annotated[str | None, typer.Option(help="With --executor ray: the cluster to join ('auto', "
+                                                           "'ray://host:10001'); default: a local Ray instance "
+                                                           "with --workers CPUs.")]
+
+
+def executor_config(executor: str, workers: int, ray_address: str | None) -> Any:
+    """The :class:`~edgeq.validate.executor.ExecutorConfig` for the three options above."""
+    from edgeq.validate.executor import ExecutorConfig
+
+    if ray_address is not None and executor != "ray":
+        raise EdgeqError("--ray-address goes with --executor ray")
+    return ExecutorConfig(kind=executor, workers=workers, address=ray_address)

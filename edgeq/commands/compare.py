@@ -63,7 +63,7 @@ def compare(
     from edgeq.envs import env_factory, parse_env_kwargs
     from edgeq.validate.compare import compare_models, load_candidate
     from edgeq.validate.report import write_compare_report
-    from edgeq.validate.validator import _atomic_write
+    from edgeq.validate.validator import atomic_write
     from edgeq.validate.verdict import Tolerance
 
     def go() -> dict[str, Any]:
@@ -101,7 +101,7 @@ def compare(
                                  latency_calls=latency_calls, per_layer=per_layer, episode_steps=ep_len,
                                  progress=progress_factory(prog))
             out.mkdir(parents=True, exist_ok=True)
-            _atomic_write(out / "compare.json", (json.dumps(cmp, indent=2, allow_nan=False) + "\n").encode())
+            atomic_write(out / "compare.json", (json.dumps(cmp, indent=2, allow_nan=False) + "\n").encode())
             write_compare_report(out, cmp)
         return cmp
 

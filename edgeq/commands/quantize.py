@@ -9,7 +9,18 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from edgeq.commands._app import app, console, err_console, print_summary, progress_factory, run_guarded
+from edgeq.commands._app import (
+    ExecutorOption,
+    RayAddressOption,
+    WorkersOption,
+    app,
+    console,
+    err_console,
+    executor_config,
+    print_summary,
+    progress_factory,
+    run_guarded,
+)
 
 
 @app.command()
@@ -75,6 +86,9 @@ def quantize(
     saturation_warn: Annotated[float, typer.Option(help="Warn when a quantized tensor's values fall outside its "
                                                         "calibrated range more often than this fraction.")] = 1e-3,
     num_envs: Annotated[int, typer.Option(help="Environments stepped in parallel (vector env).")] = 8,
+    workers: WorkersOption = 1,
+    executor: ExecutorOption = "serial",
+    ray_address: RayAddressOption = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print validation.json instead of the table.")] = False,
     calib_data: Annotated[str | None, typer.Option(
@@ -127,7 +141,8 @@ def quantize(
                                 calib_env=calib_env,
                                 calib_env_kwargs=parse_env_kwargs(calib_env_kwargs) if calib_env_kwargs else None,
                                 calib_perturb=calib_perturb or (), perturb=perturb or (),
-                                cell_precision=cell_precision, saturation_warn=saturation_warn)
+                                cell_precision=cell_precision, saturation_warn=saturation_warn,
+                                executor=executor_config(executor, workers, ray_address))
 
     result = run_guarded(go)
     if json_out:

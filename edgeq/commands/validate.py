@@ -10,7 +10,18 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edgeq.commands._app import app, console, err_console, print_summary, progress_factory, run_guarded
+from edgeq.commands._app import (
+    ExecutorOption,
+    RayAddressOption,
+    WorkersOption,
+    app,
+    console,
+    err_console,
+    executor_config,
+    print_summary,
+    progress_factory,
+    run_guarded,
+)
 from edgeq.errors import EdgeqError
 
 
@@ -118,6 +129,9 @@ def validate(
     quick: Annotated[bool, typer.Option(help="What 'edgeq quantize' runs: 3 floor draws, no sensitivity, 2,000 "
                                              "latency calls.")] = False,
     num_envs: Annotated[int, typer.Option(help="Environments stepped in parallel (vector env).")] = 8,
+    workers: WorkersOption = 1,
+    executor: ExecutorOption = "serial",
+    ray_address: RayAddressOption = None,
     report: Annotated[bool, typer.Option(help="Write report.html, report.md and report/*.png.")] = True,
     out: Annotated[Path | None, typer.Option(help="Write validation.json and the report here instead of into the "
                                                   "bundle (the bundle is left untouched).")] = None,
@@ -136,7 +150,8 @@ def validate(
             per_layer=per_layer, latency_calls=latency_calls, latency_large_batch=large_batch)
         from dataclasses import replace
 
-        opts = replace(base, targets=tuple(parse_targets(targets)), tolerance=tol, num_envs=num_envs)
+        opts = replace(base, targets=tuple(parse_targets(targets)), tolerance=tol, num_envs=num_envs,
+                       executor=executor_config(executor, workers, ray_address))
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err_console, transient=True, disable=json_out or not err_console.is_terminal) as prog:
             val, manifest = validate_bundle(bundle, seeds=seed_list, options=opts, progress=progress_factory(prog))

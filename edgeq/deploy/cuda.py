@@ -3,7 +3,7 @@
 Everything goes through NVIDIA's ``cuda-python`` (``cuda.bindings.driver`` and ``cuda.bindings.nvrtc``,
 ``pip install edgeq[gpu]``); no torch, no CuPy. Used by the fused int8 MLP backend
 (:mod:`edgeq.deploy.fused_mlp`), the pinned copies of the ONNX Runtime CUDA backend
-(:mod:`edgeq.deploy.ort_cuda`) and the TensorRT runner (:mod:`edgeq.deploy.trt_runner`).
+(:mod:`edgeq.deploy.ort_cuda`) and the TensorRT runner (:mod:`edgeq.deploy.tensorrt_runner`).
 
 All work happens in the device's *primary* context, the one the CUDA runtime (ONNX Runtime,
 TensorRT) uses, so device pointers and streams made here can be handed to them.

@@ -6,7 +6,7 @@ for a workstation GPU), each described by a record in ``manifest["engines"]`` (s
 ``docs/bundle-format.md``). :func:`select_engine` is pure: given those records and this machine's
 facts it returns the engine to run or raises one :class:`BundleError` that names every engine and
 why it does not fit. The engine runner and the machine facts come from
-:mod:`edgeq.export.tensorrt_engine`, imported only when the ``trt`` backend is used.
+:mod:`edgeq.deploy.tensorrt_runner`, imported only when the ``trt`` backend is used.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def tensorrt_available() -> bool:
 
 
 def _default_check() -> CompatCheck:
-    from edgeq.export.tensorrt_engine import check_engine_compat
+    from edgeq.deploy.tensorrt_runner import check_engine_compat
 
     return check_engine_compat
 
@@ -49,8 +49,8 @@ def select_engine(records: Sequence[Mapping[str, Any]], platform: Mapping[str, A
     """The first record of ``precision`` whose engine fits ``platform``; else a BundleError naming all.
 
     ``platform`` holds this machine's ``tensorrt_version``, ``gpu_name`` and ``compute_capability``
-    (:func:`edgeq.export.tensorrt_engine.current_platform`). ``check`` defaults to
-    :func:`edgeq.export.tensorrt_engine.check_engine_compat`.
+    (:func:`edgeq.deploy.tensorrt_runner.current_platform`). ``check`` defaults to
+    :func:`edgeq.deploy.tensorrt_runner.check_engine_compat`.
     """
     check = check or _default_check()
     candidates = [r for r in records if r.get("precision") == precision]
@@ -75,13 +75,13 @@ def select_engine(records: Sequence[Mapping[str, Any]], platform: Mapping[str, A
 class TrtRuntime(PolicyRuntime):
     """A bundle's TensorRT engine behind the :class:`PolicyRuntime` interface.
 
-    Runs through :class:`edgeq.export.tensorrt_engine.TrtPolicyRunner`, which checks the engine
+    Runs through :class:`edgeq.deploy.tensorrt_runner.TrtPolicyRunner`, which checks the engine
     against this machine again (hash, TensorRT version, compute capability) before deserializing it.
     """
 
     def __init__(self, engine: Path, record: Mapping[str, Any], *, input_name: str, output_name: str,
                  state: Sequence[dict[str, Any]] = ()) -> None:
-        from edgeq.export.tensorrt_engine import TrtPolicyRunner
+        from edgeq.deploy.tensorrt_runner import TrtPolicyRunner
 
         super().__init__(input_name=input_name, output_name=output_name, state=state)
         self.record = dict(record)
@@ -107,7 +107,7 @@ class TrtRuntime(PolicyRuntime):
 
 def load_trt_runtime(root: Path, manifest: Mapping[str, Any], precision: str) -> TrtRuntime:
     """Choose the engine for this machine (refusing engines built for another GPU/TensorRT) and load it."""
-    from edgeq.export.tensorrt_engine import check_engine_compat, current_platform
+    from edgeq.deploy.tensorrt_runner import check_engine_compat, current_platform
 
     record = select_engine(manifest.get("engines", []), current_platform(), precision=precision,
                            check=check_engine_compat)

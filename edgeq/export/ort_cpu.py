@@ -128,7 +128,7 @@ def specialize_for_ort_cpu(qdq: onnx.ModelProto, min_int8_width: int = 0,
             nodes.extend(replace[id(n)])
         elif id(n) not in drop:
             nodes.append(n)
-    nodes = _drop_dead_nodes(_bypass_output_identities(nodes, graph_outputs), graph_outputs)
+    nodes = _drop_dead_nodes(bypass_output_identities(nodes, graph_outputs), graph_outputs)
     if float_layers:
         nodes = _move_weight_scales_into_float_layers(nodes, inits, new_inits, graph_outputs, float_weights)
     used = {i for n in nodes for i in n.input}
@@ -151,8 +151,11 @@ def specialize_for_ort_cpu(qdq: onnx.ModelProto, min_int8_width: int = 0,
     return m
 
 
-def _bypass_output_identities(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
-    """Let the node feeding an ``Identity → graph output`` write the output itself (one kernel less)."""
+def bypass_output_identities(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """Let the node feeding an ``Identity → graph output`` write the output itself (one kernel less).
+
+    Shared by the ONNX Runtime CPU and CUDA specializations (:mod:`edgeq.export.ort_cuda`).
+    """
     out = list(nodes)
     for ident in [n for n in nodes if n.op_type == "Identity" and n.output[0] in outputs]:
         src = ident.input[0]

@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgeq.export.ort_cpu import _bypass_output_identities
+from edgeq.export.ort_cpu import bypass_output_identities
 
 DOC = "edgeq INT8 policy specialized for ONNX Runtime's CUDA EP (weights dequantized at export; same arithmetic)"
 
@@ -88,7 +88,7 @@ def specialize_for_ort_cuda(qdq: onnx.ModelProto) -> onnx.ModelProto:
             folded[node.output[0]] = dequantize_initializer(q, scale, zp, axis)
         else:
             keep.append(node)
-    nodes = _bypass_output_identities(keep, {o.name for o in g.output})
+    nodes = bypass_output_identities(keep, {o.name for o in g.output})
     used = {i for n in nodes for i in n.input} | {o.name for o in g.output}
     new_inits = [t for t in g.initializer if t.name in used] + [
         numpy_helper.from_array(v, name) for name, v in folded.items() if name in used

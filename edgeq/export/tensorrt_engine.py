@@ -1,6 +1,9 @@
-"""Build TensorRT engines from edgeq's ONNX exports, report which layers really run in int8, run them.
+"""Build TensorRT engines from edgeq's ONNX exports and report which layers really run in int8.
 
-Three parts:
+The build side (workstation) of edgeq's TensorRT support. The runner, the compatibility rule and
+this machine's facts (:class:`TrtPolicyRunner`, :func:`check_engine_compat`, :func:`current_platform`)
+are the robot side, :mod:`edgeq.deploy.tensorrt_runner`; this module imports them (and re-exports
+them for convenience), never the other way round. Two parts:
 
 * :func:`build_engine` turns an ONNX file into a serialized engine with the TensorRT 10/11 Python API:
   ``precision="int8"`` builds the QDQ graph strongly typed (the int8 regions come from the graph);
@@ -10,18 +13,10 @@ Three parts:
   strong typing only and refuses it with a clear error. The result, :class:`EngineInfo`, records the
   TensorRT version, GPU and compute capability the engine is tied to, and the per-layer precision
   report of TensorRT's engine inspector (rule 16 of the QDQ notes: check that int8 really ran).
-* :class:`TrtPolicyRunner` (defined in :mod:`edgeq.deploy.trt_runner`, re-exported here) loads an
-  engine on the robot, refuses one built for another GPU or TensorRT version
-  (:func:`check_engine_compat`, a pure function), and runs batches from numpy with buffers allocated
-  once, ``execute_async_v3`` on a CUDA stream and, optionally, a CUDA graph per batch size; its CUDA
-  side is cuda-python (:mod:`edgeq.deploy.cuda`), no torch.
 * :func:`fp16_onnx_with_casts` (needs only onnx and numpy) makes the fp16 model for strongly typed
   builds: weights in fp16, a Cast after each float input and before each float output.
 
-Dependencies: ``tensorrt`` (10.x or 11.x) for building and running; the runner additionally needs
-NVIDIA's ``cuda-python`` (device buffers, pinned buffers, streams, CUDA graphs); the GPU name and
-compute capability come from ``cuda-python`` (:func:`edgeq.deploy.cuda.device_info`), else from
-``torch.cuda`` where a CUDA build of torch is installed. Importing this module never fails for lack of TensorRT:
+Dependencies: ``tensorrt`` (10.x or 11.x) for building. Importing this module never fails for lack of TensorRT:
 :data:`TENSORRT_AVAILABLE` says whether it can be used, and every function that needs it raises
 :class:`TensorRTUnavailableError` (an ``ImportError``) with the install hint.
 """
@@ -29,7 +24,6 @@ compute capability come from ``cuda-python`` (:func:`edgeq.deploy.cuda.device_in
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -41,12 +35,19 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from edgeq.errors import BundleError, EdgeqError
+from edgeq.deploy.tensorrt_runner import (
+    TensorRTUnavailableError,
+    TrtPolicyRunner,
+    check_engine_compat,
+    current_platform,
+    engine_dims,
+    make_logger,
+    require_tensorrt,
+)
+from edgeq.errors import EdgeqError
 
 if TYPE_CHECKING:
     import onnx
-
-    from edgeq.deploy.trt_runner import TrtPolicyRunner
 
 _TRT_IMPORT_ERROR: str | None
 try:
@@ -83,22 +84,12 @@ _PRECISIONS = ("int8", "fp16", "fp32")
 _FP16_MAX = 65504.0
 
 
-class TensorRTUnavailableError(ImportError):
-    """TensorRT's Python package cannot be imported here (no GPU stack, or only the type stubs)."""
-
-
 class EngineBuildError(EdgeqError):
     """TensorRT (or edgeq's pre-build check) refused to build an engine from an ONNX model."""
 
 
 def _require_trt() -> None:
-    if not TENSORRT_AVAILABLE:
-        raise TensorRTUnavailableError(
-            f"TensorRT's Python package could not be imported ({_TRT_IMPORT_ERROR}). Building or running "
-            "TensorRT engines needs an NVIDIA GPU machine with TensorRT 10 or 11: `pip install tensorrt` "
-            "on x86-64, JetPack's python3-libnvinfer on Jetson. fp16_onnx_with_casts() and "
-            "check_engine_compat() work without it."
-        )
+    require_tensorrt(TENSORRT_AVAILABLE, _TRT_IMPORT_ERROR)
 
 
 def _trt_major() -> int:
@@ -193,109 +184,6 @@ class EngineInfo:
     def to_json(self, indent: int | None = 2) -> str:
         """The record as JSON text."""
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
-
-
-# --- platform and compatibility --------------------------------------------------------------------
-
-
-def _normalize_cc(value: object) -> str | None:
-    """Compute capability as ``"major.minor"`` from "8.7", "sm_87", "87", (8, 7) or [8, 7]."""
-    if value is None:
-        return None
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        return f"{int(value[0])}.{int(value[1])}"
-    text = str(value).strip().lower().removeprefix("sm_").removeprefix("sm")
-    if "." in text:
-        major, _, minor = text.partition(".")
-        if major.isdigit() and minor.isdigit():
-            return f"{int(major)}.{int(minor)}"
-    elif text.isdigit() and len(text) in (2, 3):
-        return f"{int(text[:-1])}.{int(text[-1])}"
-    raise BundleError(f"compute capability {value!r} is not of the form '8.7', 'sm_87' or [8, 7]")
-
-
-def _version_key(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in str(version).split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
-
-
-def check_engine_compat(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> None:
-    """Refuse to run an engine on a machine it was not built for.
-
-    A serialized TensorRT engine loads only in the TensorRT version that built it and runs only on GPUs
-    of the compute capability it was built for (unless built hardware-compatible, "ampere_plus").
-
-    Args:
-        expected: the manifest record of the engine (:meth:`EngineInfo.to_dict`); keys used:
-            ``tensorrt_version``, ``compute_capability``, ``gpu_name`` (for the message),
-            ``engine_sha256``, ``hardware_compatibility_level`` (optional).
-        actual: the same keys for this machine and engine file (:func:`current_platform`, plus the
-            file's ``engine_sha256``). A key missing on either side is not compared.
-
-    Raises:
-        BundleError: naming every mismatch and what to do about it.
-    """
-    problems: list[str] = []
-    exp_v, act_v = expected.get("tensorrt_version"), actual.get("tensorrt_version")
-    if exp_v and act_v and _version_key(str(exp_v)) != _version_key(str(act_v)):
-        problems.append(
-            f"TensorRT version mismatch: the engine was built with TensorRT {exp_v} but this machine has "
-            f"TensorRT {act_v} (an engine loads only in the TensorRT version that built it): install "
-            f"TensorRT {exp_v} or rebuild the engine here"
-        )
-    exp_cc = _normalize_cc(expected.get("compute_capability"))
-    act_cc = _normalize_cc(actual.get("compute_capability"))
-    if exp_cc and act_cc and exp_cc != act_cc:
-        level = str(expected.get("hardware_compatibility_level") or "").lower()
-        portable = level in ("ampere_plus", "hardwarecompatibilitylevel.ampere_plus") and float(act_cc) >= 8.0
-        if not portable:
-            exp_gpu = expected.get("gpu_name") or "unknown GPU"
-            act_gpu = actual.get("gpu_name") or "unknown GPU"
-            problems.append(
-                f"GPU mismatch: the engine was built for compute capability {exp_cc} ({exp_gpu}) but this "
-                f"GPU is compute capability {act_cc} ({act_gpu}): rebuild the engine on the target GPU "
-                "(TensorRT engines are specific to the GPU architecture)"
-            )
-    exp_sha, act_sha = expected.get("engine_sha256"), actual.get("engine_sha256")
-    if exp_sha and act_sha and str(exp_sha).lower() != str(act_sha).lower():
-        problems.append(
-            f"engine file changed after export: sha256 {str(act_sha)[:12]}... does not match the "
-            f"manifest's {str(exp_sha)[:12]}...: re-export the bundle"
-        )
-    if problems:
-        raise BundleError("; ".join(problems))
-
-
-def current_platform(device: int = 0) -> dict[str, Any]:
-    """TensorRT version, GPU name and compute capability of this machine (None where unknown).
-
-    The GPU facts come from cuda-python (:func:`edgeq.deploy.cuda.device_info`) where it can reach
-    a GPU, else from ``torch.cuda`` if a CUDA build of torch is installed.
-    """
-    info: dict[str, Any] = {
-        "tensorrt_version": str(trt.__version__) if TENSORRT_AVAILABLE else None,
-        "gpu_name": None,
-        "compute_capability": None,
-    }
-    from edgeq.deploy import cuda
-
-    if cuda.available(device) is None:
-        facts = cuda.device_info(device)
-        info["gpu_name"] = facts["gpu_name"]
-        info["compute_capability"] = facts["compute_capability"]
-        return info
-    try:
-        torch: Any = importlib.import_module("torch")
-    except ImportError:
-        return info
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability(device)
-        info["gpu_name"] = torch.cuda.get_device_name(device)
-        info["compute_capability"] = f"{major}.{minor}"
-    return info
 
 
 # --- layer report ----------------------------------------------------------------------------------
@@ -412,32 +300,6 @@ def inspect_layers(engine: trt.ICudaEngine, context: trt.IExecutionContext | Non
     return parse_layer_information(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
 
 
-# --- TensorRT helpers --------------------------------------------------------------------------------
-
-
-def _make_logger(sink: list[str]) -> trt.ILogger:
-    """A TensorRT logger that forwards to Python logging and keeps warnings and errors in ``sink``."""
-
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-
-        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
-            if severity <= trt.ILogger.Severity.ERROR:
-                _log.error("TensorRT: %s", msg)
-                sink.append(f"[{severity.name}] {msg}")
-            elif severity == trt.ILogger.Severity.WARNING:
-                _log.warning("TensorRT: %s", msg)
-                sink.append(f"[{severity.name}] {msg}")
-            else:
-                _log.debug("TensorRT: %s", msg)
-
-    return _Logger()
-
-
-def _dims(dims: trt.Dims) -> list[int]:
-    return [int(dims[i]) for i in range(len(dims))]
-
 
 def _strongly_typed_flag() -> int:
     # TensorRT 10: opt in with STRONGLY_TYPED. TensorRT 11: always strongly typed; the flag is kept
@@ -476,7 +338,7 @@ def _io_tensors(engine: trt.ICudaEngine) -> tuple[list[dict[str, Any]], list[dic
         record = {
             "name": name,
             "dtype": engine.get_tensor_dtype(name).name,
-            "shape": _dims(engine.get_tensor_shape(name)),
+            "shape": engine_dims(engine.get_tensor_shape(name)),
         }
         if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
             inputs.append(record)
@@ -532,7 +394,7 @@ def build_engine(
         model = fp16_onnx_with_casts(model)
 
     sink: list[str] = []
-    logger = _make_logger(sink)
+    logger = make_logger(sink)
     builder = trt.Builder(logger)
     network = builder.create_network(_strongly_typed_flag() if config.strongly_typed else 0)
     parser = trt.OnnxParser(network, logger)
@@ -548,7 +410,7 @@ def build_engine(
     dynamic = False
     batches = (config.min_batch, config.opt_batch, config.max_batch)
     for tensor in network_inputs:
-        dims = _dims(tensor.shape)
+        dims = engine_dims(tensor.shape)
         if not dims:
             continue
         if any(d < 0 for d in dims[1:]):
@@ -643,27 +505,6 @@ def build_engine(
         _log.warning("engine %s has no int8 layer: TensorRT ran every Q/DQ region in float", engine_path)
     return info
 
-
-# --- runner ------------------------------------------------------------------------------------------
-
-_NP_DTYPES: dict[str, type[np.generic]] = {
-    "FLOAT": np.float32,
-    "HALF": np.float16,
-    "INT8": np.int8,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "BOOL": np.bool_,
-    "UINT8": np.uint8,
-}
-
-
-def __getattr__(name: str) -> Any:
-    # The runner lives on the robot side (torch-free, edgeq.deploy.trt_runner) and is re-exported here.
-    if name == "TrtPolicyRunner":
-        from edgeq.deploy.trt_runner import TrtPolicyRunner
-
-        return TrtPolicyRunner
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- fp16 model for strongly typed builds ------------------------------------------------------------

@@ -37,7 +37,7 @@ import onnx
 
 from edgeq.errors import PolicyFormatError
 from edgeq.graph.builder import GraphBuilder
-from edgeq.ingest.layers import Layer, emit_layers
+from edgeq.graph.layers import Layer, emit_layers
 from edgeq.policy import ACTIONS_OUTPUT, OBS_INPUT, StateSpec
 
 H_IN, C_IN, H_OUT, C_OUT = "h_in", "c_in", "h_out", "c_out"
@@ -215,7 +215,7 @@ def recurrent_policy_to_onnx(pre: list[Layer], cell: RecurrentCell, post: list[L
                              graph_name: str, metadata: dict[str, str] | None = None) -> RecurrentGraph:
     """``obs`` → ``pre`` layers → ``cell`` → ``post`` layers → ``actions``, with explicit state I/O.
 
-    ``pre``/``post`` are :mod:`edgeq.ingest.layers` layers (normalization before the cell; the MLP
+    ``pre``/``post`` are :mod:`edgeq.graph.layers` layers (normalization before the cell; the MLP
     head and action squashing/clipping after it).
     """
     g = GraphBuilder(graph_name)

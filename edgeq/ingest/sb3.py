@@ -22,7 +22,7 @@ import numpy as np
 
 from edgeq.errors import PolicyFormatError
 from edgeq.graph.builder import TORCH_ACTIVATIONS
-from edgeq.ingest.layers import (
+from edgeq.graph.layers import (
     Activation,
     Affine,
     Clip,
@@ -75,7 +75,8 @@ def detect_algorithm(archive: SB3Archive) -> str:
                             f"edgeq reads {', '.join(SUPPORTED_ALGORITHMS)}")
 
 
-def _activation(kw: dict[str, Any], algo: str, path: Path) -> str:
+def policy_activation(kw: dict[str, Any], algo: str, path: Path) -> str:
+    """The activation of an SB3 policy's MLP (``policy_kwargs.activation_fn``, else ``algo``'s default)."""
     fn = kw.get("activation_fn")
     if fn is None:
         return _DEFAULT_ACTIVATION[algo]
@@ -140,7 +141,7 @@ def actor_layers(archive: SB3Archive, algo: str) -> tuple[list[Layer], dict[str,
     """The deterministic action path as layers, plus a description for the manifest."""
     sd, path = archive.state_dict, archive.path
     kw = archive.policy_kwargs()
-    act = _activation(kw, algo, path)
+    act = policy_activation(kw, algo, path)
     action = archive.space("action_space")
     low, high = action.low_array.ravel(), action.high_array.ravel()
     use_sde = bool(archive.data.get("use_sde", kw.get("use_sde", False)))

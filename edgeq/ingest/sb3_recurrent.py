@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.errors import PolicyFormatError
+from edgeq.graph.layers import Layer, Linear, Normalize
 from edgeq.graph.recurrent import RecurrentCell, recurrent_policy_to_onnx
-from edgeq.ingest.layers import Layer, Linear, Normalize
 from edgeq.ingest.sb3 import actor_layers
 from edgeq.ingest.sb3_archive import read_archive
 from edgeq.ingest.vecnormalize import default_vecnormalize_path, read_vecnormalize
@@ -88,6 +88,6 @@ def load_sb3_recurrent(path: str | Path, *, vecnormalize: str | Path | None = No
     source = PolicySource(path=str(archive.path), sha256=archive.sha256, kind="sb3", algorithm="RecurrentPPO",
                           details={"sb3_version": archive.sb3_version, **info})
     return FloatPolicy(model=graph.model, obs_space=obs_space, action_space=action_space, source=source,
-                       state=graph.state, preprocess=dict(preprocess),
+                       state=graph.state, gate_nodes=tuple(graph.gate_nodes), preprocess=dict(preprocess),
                        postprocess={"squash": "tanh" if info["squashed"] else None,
                                     "rescale" if info["squashed"] else "clip": "action_space"})

@@ -45,8 +45,8 @@ import numpy as np
 
 from edgeq.errors import PolicyFormatError
 from edgeq.graph.builder import TORCH_ACTIVATIONS
+from edgeq.graph.layers import Activation, Layer, Linear, Normalize, layers_to_onnx
 from edgeq.graph.recurrent import RecurrentCell, recurrent_policy_to_onnx
-from edgeq.ingest.layers import Activation, Layer, Linear, Normalize, layers_to_onnx
 from edgeq.policy import FloatPolicy, PolicySource
 from edgeq.spaces import BoxSpec
 
@@ -319,16 +319,17 @@ def load_torchscript(path: str | Path, *, verify_steps: int = VERIFY_STEPS, seed
     if structure.cell is not None:
         graph = recurrent_policy_to_onnx(pre, structure.cell, structure.mlp, obs_dim, act_dim, "torchscript_actor",
                                          metadata=meta)
-        model, state = graph.model, graph.state
+        model, state, gate_nodes = graph.model, graph.state, tuple(graph.gate_nodes)
         details["recurrent"] = {**structure.cell.describe(), "gate_nodes": graph.gate_nodes,
                                 "state_buffers": ["hidden_state"] + (["cell_state"] if state[1:] else [])}
     else:
         model, state = layers_to_onnx(pre + structure.mlp, obs_dim, act_dim, "torchscript_actor", metadata=meta), ()
+        gate_nodes = ()
     unbounded = lambda n: BoxSpec((n,), (-np.inf,) * n, (np.inf,) * n)  # noqa: E731
     source = PolicySource(path=str(p), sha256=_sha256(p), kind="torchscript", algorithm="TorchScript",
                           details=details)
     policy = FloatPolicy(model=model, obs_space=unbounded(obs_dim), action_space=unbounded(act_dim), source=source,
-                         state=state,
+                         state=state, gate_nodes=gate_nodes,
                          preprocess={"normalize": {"source": "module", "kind": "(x - mean) / (std + eps)"}}
                          if structure.normalizer is not None else {},
                          postprocess={"clip": None})

@@ -35,7 +35,6 @@ import onnx
 from edgeq.calibration.calibrators import compute_amax, quantization_kernel_fraction
 from edgeq.calibration.collect import CalibrationStats, tensor_values
 from edgeq.calibration.observers import TensorObserver
-from edgeq.export.qdq import apply_plan
 from edgeq.graph.analysis import WeightedLayer, constant_value, find_weighted_layers
 from edgeq.quantizers import crossquant, equalize
 from edgeq.quantizers.adaround import adaround
@@ -47,7 +46,7 @@ from edgeq.quantizers.auto import (
     choose_per_layer,
 )
 from edgeq.quantizers.bias_correction import bias_correction_delta, corrected_bias
-from edgeq.quantizers.evaluate import ActionErrorScorer
+from edgeq.quantizers.evaluate import ActionErrorScorer, Lowering
 from edgeq.quantizers.plan import LayerQuant, QuantPlan, make_plan
 from edgeq.quantizers.precision import fp16_fallback
 from edgeq.quantizers.transforms import InputScaling, apply_input_scalings, weight_in_view
@@ -156,8 +155,8 @@ class _Builder:
     """State shared by the stages: the float model, the states, caches and the scorer."""
 
     def __init__(self, model: onnx.ModelProto, stats: CalibrationStats, options: QuantOptions,
-                 half_range: np.ndarray) -> None:
-        self.model, self.stats, self.opt = model, stats, options
+                 half_range: np.ndarray, lower: Lowering) -> None:
+        self.model, self.stats, self.opt, self.lower = model, stats, options, lower
         self.layers: list[WeightedLayer] = find_weighted_layers(model)
         self.by_node = {wl.node: wl for wl in self.layers}
         calib = np.asarray(stats.observations, np.float32)
@@ -172,7 +171,8 @@ class _Builder:
         self.inputs = tensor_values(model, self.calib, inputs)  # original layer inputs on calibration states
         self.scorer = ActionErrorScorer(model, self.held, half_range, tail_weight=options.tail_weight,
                                         tail_fraction=options.tail_fraction,
-                                        tail_states=self.calib if options.tail_on_calibration_states else None)
+                                        tail_states=self.calib if options.tail_on_calibration_states else None,
+                                        lower=lower)
         self._obs_cache: dict[tuple[Any, ...], TensorObserver] = {}
         self._factor_cache: dict[tuple[Any, ...], np.ndarray] = {}
         self._weight_cache: dict[tuple[str, int, str], QuantizedWeight] = {}
@@ -271,7 +271,7 @@ class _Builder:
         prefix = replace(plan, layers=[la if i < idx else replace(la, precision="float")
                                        for i, la in enumerate(plan.layers)])
         work = apply_input_scalings(self.model, plan.transforms) if plan.transforms else self.model
-        x_q = tensor_values(apply_plan(self.model, prefix, check=False), self.calib, [layer.input])[layer.input]
+        x_q = tensor_values(self.lower(self.model, prefix, check=False), self.calib, [layer.input])[layer.input]
         x_f = tensor_values(work, self.calib, [layer.input])[layer.input]
         wl = next(w for w in find_weighted_layers(work) if w.node == node)
         w = weight_in_view(np.asarray(constant_value(work, wl.weight), np.float64), wl)
@@ -341,13 +341,16 @@ class _Builder:
 
 
 def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOptions | None = None, *,
-               half_range: Sequence[float] | np.ndarray | None = None, recurrent: bool = False) -> QuantPlan:
+               lower: Lowering, half_range: Sequence[float] | np.ndarray | None = None,
+               recurrent: bool = False) -> QuantPlan:
     """Make the quantization plan of ``model`` from calibration ``stats`` (see the module docstring).
 
     Args:
         model: The float policy graph (``obs -> actions``).
         stats: Calibration statistics with the stored states (and held-out states, if any).
         options: The stages to run (default: :class:`QuantOptions` defaults).
+        lower: Writes a candidate plan into ``model`` to score it (the export stage's
+            :func:`edgeq.export.qdq.apply_plan`; passed in so quantizers never import export).
         half_range: Action half-ranges, the units of the action error (default 1 per dimension).
         recurrent: The policy carries state between calls: only the plain static plan is made.
     """
@@ -367,7 +370,7 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
         dims = o.type.tensor_type.shape.dim
         out_dim = dims[-1].dim_value if dims and dims[-1].dim_value else None
     hr = np.ones(out_dim or 1) if half_range is None else np.asarray(half_range, np.float64)
-    b = _Builder(model, stats, opt, hr)
+    b = _Builder(model, stats, opt, hr, lower)
     errors: dict[str, Any] = {}
     choices = b.initial_choices()
     plan = b.materialize(choices)

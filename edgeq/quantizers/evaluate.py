@@ -3,20 +3,34 @@
 Every per-layer decision (automatic choice, AdaRound/bias-correction acceptance, fp16 fallback) is
 scored by the error of the **actions** the quantized graph produces on held-out calibration
 states, not by any tensor's own error: what matters to the return is the action.
+
+The quantizers do not write graphs: the scorer is given the export stage's lowering function
+(:class:`Lowering`, in practice :func:`edgeq.export.qdq.apply_plan`) by its caller, so the data
+flows one way (quantizers never import the export stage).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import onnx
 
 from edgeq.deploy.runtime import OrtPolicy
-from edgeq.export.qdq import apply_plan
 from edgeq.quantizers.plan import QuantPlan
 
-__all__ = ["ActionErrorScorer", "action_half_range"]
+__all__ = ["ActionErrorScorer", "Lowering", "action_half_range"]
+
+
+class Lowering(Protocol):
+    """Writes a plan into a float graph: ``lower(model, plan, check=False)`` returns the quantized model.
+
+    :func:`edgeq.export.qdq.apply_plan` is the implementation; ``check=False`` skips ONNX's full
+    model check (the many candidate graphs of a search).
+    """
+
+    def __call__(self, model: onnx.ModelProto, plan: QuantPlan, *, check: bool = ...) -> onnx.ModelProto: ...
 
 
 def action_half_range(low: np.ndarray, high: np.ndarray) -> np.ndarray:
@@ -35,7 +49,8 @@ class ActionErrorScorer:
     over the worst ``tail_fraction`` of the states, of each state's largest error. The tail term
     keeps a choice from buying a lower average with rare large errors (a clipping calibrator on
     a tensor whose extremes matter), which is how a policy falls over. ``model`` is the original
-    float graph; the float actions are computed once.
+    float graph; the float actions are computed once. ``lower`` writes a plan into ``model``
+    (:class:`Lowering`: :func:`edgeq.export.qdq.apply_plan`).
     """
 
     model: onnx.ModelProto
@@ -45,6 +60,7 @@ class ActionErrorScorer:
     tail_fraction: float = 0.01
     tail_states: np.ndarray | None = None
     evaluations: int = 0
+    lower: Lowering = field(kw_only=True)
 
     def __post_init__(self) -> None:
         self.states = np.ascontiguousarray(self.states, np.float32)
@@ -56,7 +72,7 @@ class ActionErrorScorer:
         self.reference = OrtPolicy(self.model.SerializeToString()).act(self.states)
 
     def actions(self, plan: QuantPlan) -> np.ndarray:
-        q = apply_plan(self.model, plan, check=False)
+        q = self.lower(self.model, plan, check=False)
         self.evaluations += 1
         return OrtPolicy(q.SerializeToString()).act(self.states)
 

@@ -118,6 +118,25 @@ def run_paired(make_env: Callable[[], Any], reference: BatchPolicy, candidate: B
     return PairedRun(ref_res, cand_res, err_on_ref, err_on_cand, ref_traj, cand_traj, time.perf_counter() - t0)
 
 
+def merge_paired(runs: Sequence[PairedRun]) -> PairedRun:
+    """One :class:`PairedRun` from runs on disjoint seed shards, in the given (shard) order."""
+    if not runs:
+        raise ValueError("merge_paired needs at least one run")
+    if len(runs) == 1:
+        return runs[0]
+    ref_traj = cand_traj = None
+    if all(r.reference_traj is not None and r.candidate_traj is not None for r in runs):
+        from edgeq.validate.trajectories import TrajectoryStore
+
+        ref_traj = TrajectoryStore.merge([r.reference_traj for r in runs if r.reference_traj is not None])
+        cand_traj = TrajectoryStore.merge([r.candidate_traj for r in runs if r.candidate_traj is not None])
+    return PairedRun(EpisodeResults.concat([r.reference for r in runs]),
+                     EpisodeResults.concat([r.candidate for r in runs]),
+                     ActionErrorAccumulator.merge([r.err_on_reference for r in runs]),
+                     ActionErrorAccumulator.merge([r.err_on_candidate for r in runs]),
+                     ref_traj, cand_traj, float(sum(r.seconds for r in runs)))
+
+
 def paired_rollouts(make_env: Callable[[], Any], reference: BatchPolicy, candidate: BatchPolicy,
                     shadow_reference: BatchPolicy, shadow_candidate: BatchPolicy, seeds: Sequence[int], *,
                     num_envs: int = 8, act_dim: int,

@@ -436,7 +436,7 @@ def write_validation_report(directory: str | Path, val: dict[str, Any],
                             manifest: dict[str, Any] | None = None) -> list[Path]:
     """Write report.html, report.md and report/*.png for a bundle's validation into ``directory``."""
     algo = (manifest or {}).get("source", {}).get("algorithm") or "policy"
-    from edgeq import __version__
+    from edgeq._version import __version__
 
     title = f"edgeq validation: {algo} on {val['env_id']}"
     subtitle = (f"edgeq {__version__} · {len(val['seeds'])} paired episodes · targets: "
@@ -541,7 +541,7 @@ def compare_sections(cmp: dict[str, Any]) -> list[Section]:
 
 def write_compare_report(directory: str | Path, cmp: dict[str, Any]) -> list[Path]:
     """Write compare.html, compare.md and compare/*.png into ``directory``."""
-    from edgeq import __version__
+    from edgeq._version import __version__
 
     title = f"edgeq compare on {cmp['env_id']}: {', '.join(cmp['candidates'])}"
     subtitle = f"edgeq {__version__} · {len(cmp['seeds'])} paired episodes · target {cmp['target']}"

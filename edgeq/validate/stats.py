@@ -91,6 +91,36 @@ class ActionErrorAccumulator:
                     self._res[j] = row
             self._seen += 1
 
+    @classmethod
+    def merge(cls, parts: list[ActionErrorAccumulator]) -> ActionErrorAccumulator:
+        """One accumulator from several over disjoint steps, in the given order (deterministic).
+
+        Sums, maxima and counts are exact; the percentile reservoir keeps every row while they fit
+        and otherwise a sample in which each part is weighted by the steps it saw.
+        """
+        if not parts:
+            raise ValueError("merge needs at least one accumulator")
+        first = parts[0]
+        cap = first._res.shape[0]
+        out = cls(first.act_dim, capacity=cap, scale=first.scale)
+        for p in parts:
+            out.sum += p.sum
+            out.sumsq += p.sumsq
+            out.max = np.maximum(out.max, p.max)
+            out.count += p.count
+        kept = [p._res[: min(p._seen, p._res.shape[0])] for p in parts]
+        rows = np.concatenate(kept) if kept else np.zeros((0, first.act_dim))
+        seen = sum(p._seen for p in parts)
+        if len(rows) > cap:
+            weights = np.concatenate([np.full(len(k), p._seen / max(len(k), 1)) for k, p in zip(kept, parts,
+                                                                                               strict=True)])
+            idx = np.sort(np.random.default_rng(0).choice(len(rows), size=cap, replace=False,
+                                                          p=weights / weights.sum()))
+            rows = rows[idx]
+        out._res[: len(rows)] = rows
+        out._seen = seen
+        return out
+
     def summary(self) -> dict[str, Any]:
         """Mean/RMS/max/p99 over all steps and per action dimension (absolute and normalized)."""
         if self.count == 0:

@@ -5,13 +5,16 @@
   imports, else ONNX Runtime's CUDA EP (:class:`edgeq.deploy.ort_cuda.OrtCudaPolicy`, IO binding and
   CUDA graphs) running the CUDA-specialized INT8 graph. The result says which (``runtime``).
 * ``trt``: TensorRT only: engines are built from the float and the QDQ ONNX in a temporary folder and
-  run with :class:`edgeq.export.tensorrt_engine.TrtPolicyRunner`.
+  run with :class:`edgeq.deploy.tensorrt_runner.TrtPolicyRunner`.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,7 @@ RUNTIME_TENSORRT = "tensorrt"
 
 def tensorrt_available() -> bool:
     """True if TensorRT itself imports (``tensorrt-stubs`` alone import as an empty package: False)."""
-    from edgeq.export.tensorrt_engine import TENSORRT_AVAILABLE
+    from edgeq.deploy.tensorrt_runner import TENSORRT_AVAILABLE
 
     return bool(TENSORRT_AVAILABLE)
 
@@ -43,9 +46,9 @@ def target_runtime(target: str) -> str:
         return RUNTIME_ORT_CPU
     if target == "trt":
         if not tensorrt_available():
-            from edgeq.export.tensorrt_engine import _TRT_IMPORT_ERROR
+            from edgeq.deploy.tensorrt_runner import TENSORRT_IMPORT_ERROR
 
-            raise EdgeqError(f"target 'trt' needs TensorRT with its runtime libraries ({_TRT_IMPORT_ERROR}); "
+            raise EdgeqError(f"target 'trt' needs TensorRT with its runtime libraries ({TENSORRT_IMPORT_ERROR}); "
                              "install it on the GPU machine, or use target 'cuda' (ONNX Runtime's CUDA EP)")
         return RUNTIME_TENSORRT
     if target == "cuda":
@@ -124,7 +127,8 @@ class TrtBatchPolicy:
 
 def _tensorrt_runtimes(float_model: Path, int8_model: Path, io: dict[str, Any], num_envs: int,
                        workdir: Path) -> tuple[Callable[[str], TrtBatchPolicy], dict[str, Any]]:
-    from edgeq.export.tensorrt_engine import EngineBuildConfig, Precision, TrtPolicyRunner, build_engine
+    from edgeq.deploy.tensorrt_runner import TrtPolicyRunner
+    from edgeq.export.tensorrt_engine import EngineBuildConfig, Precision, build_engine
 
     input_name = io.get("input", "obs")
     infos: dict[str, Any] = {}
@@ -242,7 +246,8 @@ def make_runtime(target: str, path: str | Path | bytes, io: dict[str, Any], *, p
         raise EdgeqError("TensorRT targets build engines from model files, not bytes")
     key = (str(path), precision)
     if key not in _TRT_BUILDS:
-        from edgeq.export.tensorrt_engine import EngineBuildConfig, TrtPolicyRunner, build_engine
+        from edgeq.deploy.tensorrt_runner import TrtPolicyRunner
+        from edgeq.export.tensorrt_engine import EngineBuildConfig, build_engine
 
         workdir = Path(tempfile.mkdtemp(prefix="edgeq-trt-"))
         config = EngineBuildConfig(precision="int8" if precision == "int8" else "fp32", min_batch=1,
@@ -252,3 +257,45 @@ def make_runtime(target: str, path: str | Path | bytes, io: dict[str, Any], *, p
         _TRT_BUILDS[key] = (info, TrtPolicyRunner)
     info, runner_cls = _TRT_BUILDS[key]
     return TrtBatchPolicy(runner_cls(info.engine_path, expected=info.to_dict(), input_name=inp), io)
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """A picklable recipe for a rollout policy: ``target`` runs model ``path`` (a file or bytes).
+
+    Worker processes and Ray tasks build the runtime from it with
+    :func:`edgeq.validate.targets.make_runtime`; instances are cached per process (:func:`runtime_for`).
+    """
+
+    target: str
+    path: str | bytes
+    io: tuple[tuple[str, Any], ...]
+    precision: str = "int8"
+
+    @classmethod
+    def of(cls, target: str, path: str | Path | bytes, io: dict[str, Any], precision: str = "int8") -> RuntimeSpec:
+        frozen_io = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in io.items()))
+        return cls(target, path if isinstance(path, bytes) else str(path), frozen_io, precision)
+
+    def io_dict(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self.io}
+
+    def build(self) -> Any:
+        return make_runtime(self.target, self.path, self.io_dict(), precision=self.precision)
+
+
+_RUNTIMES: OrderedDict[tuple[RuntimeSpec, int], Any] = OrderedDict()
+_RUNTIME_CACHE_SIZE = 8
+
+
+def runtime_for(spec: RuntimeSpec, slot: int = 0) -> Any:
+    """A built runtime for ``spec`` (``slot`` tells apart instances that must keep separate state),
+    cached in this process (at most 8, least recently used dropped)."""
+    key = (spec, slot)
+    rt = _RUNTIMES.pop(key, None)
+    if rt is None:
+        rt = spec.build()
+    _RUNTIMES[key] = rt
+    while len(_RUNTIMES) > _RUNTIME_CACHE_SIZE:
+        _RUNTIMES.popitem(last=False)
+    return rt

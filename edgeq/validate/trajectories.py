@@ -29,6 +29,19 @@ class TrajectoryStore:
         self._rew: dict[int, list[float]] = {}
         self.success: dict[int, bool] = {}  # from info["is_success"] / info["success"] where the env reports it
 
+    @classmethod
+    def merge(cls, stores: Sequence[TrajectoryStore]) -> TrajectoryStore:
+        """One store with the episodes of ``stores`` (disjoint seeds; a later store wins a shared seed)."""
+        out = cls()
+        keeps = [s.keep for s in stores]
+        out.keep = None if any(k is None for k in keeps) else set().union(*[k for k in keeps if k is not None])
+        for s in stores:
+            out._obs.update(s._obs)
+            out._act.update(s._act)
+            out._rew.update(s._rew)
+            out.success.update(s.success)
+        return out
+
     def wrap(self, make_env: Callable[[], Any]) -> Callable[[], Any]:
         """A factory whose envs record into this store."""
         return lambda: _RecordingEnv(make_env(), self)

@@ -21,18 +21,26 @@ import onnx
 
 from edgeq.errors import EdgeqError
 from edgeq.quantizers.plan import QuantPlan
+from edgeq.validate.executor import Executor, ExecutorConfig
 from edgeq.validate.latency import measure_latency, strip_samples
 from edgeq.validate.layers import per_layer_error, plan_from_manifest
 from edgeq.validate.noise import (
     DEFAULT_SENSITIVITY_LEVELS,
     FLOOR_NOISE,
     noise_floor,
-    perturbed_returns,
     sensitivity_curve,
 )
-from edgeq.validate.paired import action_error_series, run_paired
+from edgeq.validate.paired import action_error_series
+from edgeq.validate.spread import perturbed_returns_spread, run_paired_spread
 from edgeq.validate.stats import json_safe
-from edgeq.validate.targets import RUNTIME_TENSORRT, make_runtime, target_runtime, unavailable_reason
+from edgeq.validate.targets import (
+    RUNTIME_TENSORRT,
+    RuntimeSpec,
+    make_runtime,
+    runtime_for,
+    target_runtime,
+    unavailable_reason,
+)
 from edgeq.validate.verdict import Tolerance, judge, overall
 
 #: ``progress(stage, total)`` returns a per-step ``advance(n)`` callback (see edgeq.pipeline).
@@ -51,7 +59,9 @@ class ValidationOptions:
     * ``sensitivity``: float return under action noise ``sensitivity_levels`` × ``sensitivity_draws``;
     * ``per_layer``: SQNR per fused layer and the one-layer-at-a-time ranking on ``per_layer_states``;
     * ``latency_calls``: batch-1 calls per model and target (0 turns latency off), plus
-      ``latency_large_batch`` rows per call for throughput.
+      ``latency_large_batch`` rows per call for throughput;
+    * ``executor``: where the rollouts run (this process, worker processes, a Ray cluster); the
+      results are the same for every executor (:mod:`edgeq.validate.spread`).
     """
 
     targets: tuple[str, ...] = ("cpu", "cuda", "trt")
@@ -66,6 +76,7 @@ class ValidationOptions:
     per_layer_states: int = 4096
     latency_calls: int = 10_000
     latency_large_batch: int = 4096
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     @classmethod
     def light(cls, **overrides: Any) -> ValidationOptions:
@@ -76,6 +87,7 @@ class ValidationOptions:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["tolerance"] = self.tolerance.to_json()
+        d["executor"] = self.executor.to_json()
         return d
 
 
@@ -113,6 +125,17 @@ def validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], mak
     Targets that cannot run here are listed under ``unavailable_targets`` with the reason. Raises
     :class:`EdgeqError` only when no requested target can run.
     """
+    with options.executor.make() as executor:
+        return _validate_models(float_model, int8_model, io, make_env, seeds, env_id=env_id, action_low=action_low,
+                                action_high=action_high, options=options, plan=plan, episode_steps=episode_steps,
+                                progress=progress, int8_for_target=int8_for_target, executor=executor)
+
+
+def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], make_env: Callable[[], Any],
+                     seeds: Sequence[int], *, env_id: str, action_low: np.ndarray, action_high: np.ndarray,
+                     options: ValidationOptions, plan: QuantPlan | None, episode_steps: int | None,
+                     progress: ProgressFactory, int8_for_target: dict[str, Path] | None,
+                     executor: Executor) -> dict[str, Any]:
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise EdgeqError("validation needs at least one episode (--episodes >= 1)")
@@ -135,9 +158,11 @@ def validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], mak
                 # TensorRT builds from the portable QDQ file; ONNX Runtime targets run their specialized copy
                 int8_here = (int8_model if target_runtime(target) == RUNTIME_TENSORRT
                              else (int8_for_target or {}).get(target, int8_model))
-                runtimes = [make_runtime(target, p, io, precision=prec)
-                            for p, prec in ((float_model, "fp32"), (int8_here, "int8"),
-                                            (float_model, "fp32"), (int8_here, "int8"))]
+                f_spec = RuntimeSpec.of(target, float_model, io, "fp32")
+                q_spec = RuntimeSpec.of(target, int8_here, io, "int8")
+                # built here (and cached for the serial executor) so a target that cannot start is reported
+                runtimes = [runtime_for(f_spec, 0), runtime_for(q_spec, 0), runtime_for(f_spec, 1),
+                            runtime_for(q_spec, 1)]
             except Exception as exc:  # a provider that is listed but cannot start (missing libraries)
                 reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if runtimes is None:
@@ -145,10 +170,11 @@ def validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], mak
             continue
         f_rt, q_rt, f_shadow, q_shadow = runtimes
         t0 = time.perf_counter()
-        run = run_paired(make_env, f_rt, q_rt, f_shadow, q_shadow, seeds, num_envs=opts.num_envs, act_dim=act_dim,
-                         action_scale=half, record=True,
-                         progress=progress(f"{target}: float + int8 rollouts",
-                                           2 * steps_per_rollout if steps_per_rollout else None))
+        run = run_paired_spread(make_env, f_spec, q_spec, seeds, num_envs=opts.num_envs, act_dim=act_dim,
+                                action_scale=half, record=True, executor=executor,
+                                shard_size=opts.executor.shard_size,
+                                progress=progress(f"{target}: float + int8 rollouts",
+                                                  2 * steps_per_rollout if steps_per_rollout else None))
         res = run.to_json()
         res["runtime"] = target_runtime(target)
         res["providers"] = list(getattr(f_rt, "providers", []))[:1]
@@ -160,11 +186,11 @@ def validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], mak
         timings[f"{target}_rollouts_s"] = time.perf_counter() - t0
         if opts.floor_draws > 0:
             t0 = time.perf_counter()
-            fl = perturbed_returns(make_env, f_rt, seeds, sigma=opts.floor_sigma, draws=opts.floor_draws, low=low,
-                                   high=high, num_envs=opts.num_envs, draw_seed=10_000,
-                                   progress=progress(f"{target}: noise floor ({opts.floor_draws} draws)",
-                                                     opts.floor_draws * steps_per_rollout
-                                                     if steps_per_rollout else None))
+            fl = perturbed_returns_spread(make_env, f_spec, seeds, sigma=opts.floor_sigma, draws=opts.floor_draws,
+                                          low=low, high=high, num_envs=opts.num_envs, draw_seed=10_000,
+                                          executor=executor, shard_size=opts.executor.shard_size,
+                                          progress=progress(f"{target}: noise floor ({opts.floor_draws} draws)",
+                                                            opts.floor_draws * len(seeds)))
             res["noise_floor"] = noise_floor(run.reference.returns, run.candidate.returns, fl, sigma=opts.floor_sigma)
             timings[f"{target}_noise_floor_s"] = time.perf_counter() - t0
         res["verdict"] = judge(res, opts.tolerance)
@@ -189,10 +215,12 @@ def validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], mak
     if opts.sensitivity and opts.sensitivity_levels:
         t0 = time.perf_counter()
         levels = sorted(float(s) for s in opts.sensitivity_levels)
-        adv = progress("sensitivity (float + action noise)",
-                       len(levels) * opts.sensitivity_draws * steps_per_rollout if steps_per_rollout else None)
-        by_level = {s: perturbed_returns(make_env, f_rt, seeds, sigma=s, draws=opts.sensitivity_draws, low=low,
-                                         high=high, num_envs=opts.num_envs, draw_seed=20_000 + 100 * i, progress=adv)
+        adv = progress("sensitivity (float + action noise)", len(levels) * opts.sensitivity_draws * len(seeds))
+        f_spec = RuntimeSpec.of(target, float_model, io, "fp32")
+        by_level = {s: perturbed_returns_spread(make_env, f_spec, seeds, sigma=s, draws=opts.sensitivity_draws,
+                                                low=low, high=high, num_envs=opts.num_envs,
+                                                draw_seed=20_000 + 100 * i, executor=executor,
+                                                shard_size=opts.executor.shard_size, progress=adv)
                     for i, s in enumerate(levels)}
         tr = val["targets"][target]
         val["sensitivity"] = sensitivity_curve(
@@ -259,7 +287,8 @@ def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: Valida
     return val, manifest
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -284,7 +313,7 @@ def save_validation(directory: str | Path, validation: dict[str, Any], manifest:
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     written = [root / VALIDATION]
-    _atomic_write(root / VALIDATION, (json.dumps(json_safe(validation), indent=2, allow_nan=False) + "\n").encode())
+    atomic_write(root / VALIDATION, (json.dumps(json_safe(validation), indent=2, allow_nan=False) + "\n").encode())
     if report:
         written += write_validation_report(root, validation, manifest)
     if update_manifest:
@@ -295,5 +324,5 @@ def save_validation(directory: str | Path, validation: dict[str, Any], manifest:
             if p.is_file():
                 files[p.relative_to(root).as_posix()] = sha256_of(p)
         current["files"] = files
-        _atomic_write(mpath, (json.dumps(current, indent=2) + "\n").encode())
+        atomic_write(mpath, (json.dumps(current, indent=2) + "\n").encode())
     return written

@@ -1,21 +1,28 @@
-"""Run a TensorRT policy engine from numpy, torch-free: ``actions = TrtPolicyRunner(path).run(obs)``.
+"""Run TensorRT policy engines on the robot: the engine runner, this machine's facts, the compatibility rule.
 
-The CUDA side (device and pinned host buffers, the stream, CUDA graph capture and replay) goes
-through :mod:`edgeq.deploy.cuda` (NVIDIA's cuda-python), the same library as the fused int8
-backend; only the engine calls (deserialize, shapes, tensor addresses, ``execute_async_v3``) are
-TensorRT's, type-checked against ``tensorrt-stubs`` by ``scripts/typecheck_tensorrt.sh``. The engine
-helpers (compatibility check, platform facts, logger) live in :mod:`edgeq.export.tensorrt_engine`,
-which re-exports this class.
+The runtime half of edgeq's TensorRT support (the build half, :func:`edgeq.export.tensorrt_engine.build_engine`,
+stays on the workstation side and imports this module, never the other way round):
 
-Each call: copy the inputs into pinned buffers, then on one stream: pinned → device copies,
-``execute_async_v3``, device → pinned copies; then one ``cuStreamSynchronize``. With
-``use_cuda_graph=True`` those three steps are captured once per batch size (after one eager run, as
-TensorRT requires after a shape change) and replayed with one ``cuGraphLaunch``.
+* :class:`TrtPolicyRunner` loads an engine, refuses one built for another GPU or TensorRT version
+  (:func:`check_engine_compat`, a pure function), and runs batches from numpy with buffers allocated
+  once, ``execute_async_v3`` on a CUDA stream and, optionally, a CUDA graph per batch size.
+* :func:`current_platform`: the TensorRT version, GPU name and compute capability of this machine.
+
+Dependencies: ``tensorrt`` (10.x or 11.x); the runner's CUDA side (device and pinned host buffers,
+the stream, CUDA graph capture and replay) is NVIDIA's ``cuda-python`` through
+:mod:`edgeq.deploy.cuda`, the library of the fused INT8 backend: no torch. Only the engine calls
+(deserialize, shapes, tensor addresses, ``execute_async_v3``) are TensorRT's, type-checked against
+``tensorrt-stubs`` (``scripts/typecheck_tensorrt.sh``). The GPU name and compute capability come
+from cuda-python. Importing this module never fails for lack of TensorRT: :data:`TENSORRT_AVAILABLE` says
+whether it can be used (:data:`TENSORRT_IMPORT_ERROR` why not), and every function that needs it
+raises :class:`TensorRTUnavailableError` (an ``ImportError``) with the install hint.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
+import logging
 import math
 import warnings
 from collections.abc import Mapping
@@ -28,8 +35,192 @@ import numpy as np
 from edgeq.deploy import cuda
 from edgeq.errors import BundleError, InputError
 
-if TYPE_CHECKING:
+
+TENSORRT_IMPORT_ERROR: str | None
+try:
     import tensorrt as trt
+except (ImportError, OSError) as _exc:  # OSError: the package is there but its libraries are not
+    TENSORRT_AVAILABLE = False
+    TENSORRT_IMPORT_ERROR = f"{type(_exc).__name__}: {_exc}"
+else:
+    # `tensorrt-stubs` installs a `tensorrt/` folder of .pyi files only, which imports as an empty
+    # namespace package: that is not TensorRT.
+    TENSORRT_AVAILABLE = hasattr(trt, "Builder")
+    TENSORRT_IMPORT_ERROR = None if TENSORRT_AVAILABLE else "only type stubs are installed (no runtime)"
+
+__all__ = [
+    "TENSORRT_AVAILABLE",
+    "TENSORRT_IMPORT_ERROR",
+    "TensorRTUnavailableError",
+    "MAX_GRAPHS",
+    "TrtPolicyRunner",
+    "check_engine_compat",
+    "current_platform",
+    "engine_dims",
+    "make_logger",
+    "require_tensorrt",
+]
+
+_log = logging.getLogger("edgeq.tensorrt")
+
+
+class TensorRTUnavailableError(ImportError):
+    """TensorRT's Python package cannot be imported here (no GPU stack, or only the type stubs)."""
+
+
+def require_tensorrt(available: bool = TENSORRT_AVAILABLE, error: str | None = TENSORRT_IMPORT_ERROR) -> None:
+    """Raise :class:`TensorRTUnavailableError` with the install hint unless TensorRT can be used.
+
+    ``available``/``error`` default to this module's import of ``tensorrt``; the build side passes its own.
+    """
+    if not available:
+        raise TensorRTUnavailableError(
+            f"TensorRT's Python package could not be imported ({error}). Building or running "
+            "TensorRT engines needs an NVIDIA GPU machine with TensorRT 10 or 11: `pip install tensorrt` "
+            "on x86-64, JetPack's python3-libnvinfer on Jetson. fp16_onnx_with_casts() and "
+            "check_engine_compat() work without it."
+        )
+
+
+# --- platform and compatibility --------------------------------------------------------------------
+
+
+def _normalize_cc(value: object) -> str | None:
+    """Compute capability as ``"major.minor"`` from "8.7", "sm_87", "87", (8, 7) or [8, 7]."""
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return f"{int(value[0])}.{int(value[1])}"
+    text = str(value).strip().lower().removeprefix("sm_").removeprefix("sm")
+    if "." in text:
+        major, _, minor = text.partition(".")
+        if major.isdigit() and minor.isdigit():
+            return f"{int(major)}.{int(minor)}"
+    elif text.isdigit() and len(text) in (2, 3):
+        return f"{int(text[:-1])}.{int(text[-1])}"
+    raise BundleError(f"compute capability {value!r} is not of the form '8.7', 'sm_87' or [8, 7]")
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in str(version).split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def check_engine_compat(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> None:
+    """Refuse to run an engine on a machine it was not built for.
+
+    A serialized TensorRT engine loads only in the TensorRT version that built it and runs only on GPUs
+    of the compute capability it was built for (unless built hardware-compatible, "ampere_plus").
+
+    Args:
+        expected: the manifest record of the engine (:meth:`EngineInfo.to_dict`); keys used:
+            ``tensorrt_version``, ``compute_capability``, ``gpu_name`` (for the message),
+            ``engine_sha256``, ``hardware_compatibility_level`` (optional).
+        actual: the same keys for this machine and engine file (:func:`current_platform`, plus the
+            file's ``engine_sha256``). A key missing on either side is not compared.
+
+    Raises:
+        BundleError: naming every mismatch and what to do about it.
+    """
+    problems: list[str] = []
+    exp_v, act_v = expected.get("tensorrt_version"), actual.get("tensorrt_version")
+    if exp_v and act_v and _version_key(str(exp_v)) != _version_key(str(act_v)):
+        problems.append(
+            f"TensorRT version mismatch: the engine was built with TensorRT {exp_v} but this machine has "
+            f"TensorRT {act_v} (an engine loads only in the TensorRT version that built it): install "
+            f"TensorRT {exp_v} or rebuild the engine here"
+        )
+    exp_cc = _normalize_cc(expected.get("compute_capability"))
+    act_cc = _normalize_cc(actual.get("compute_capability"))
+    if exp_cc and act_cc and exp_cc != act_cc:
+        level = str(expected.get("hardware_compatibility_level") or "").lower()
+        portable = level in ("ampere_plus", "hardwarecompatibilitylevel.ampere_plus") and float(act_cc) >= 8.0
+        if not portable:
+            exp_gpu = expected.get("gpu_name") or "unknown GPU"
+            act_gpu = actual.get("gpu_name") or "unknown GPU"
+            problems.append(
+                f"GPU mismatch: the engine was built for compute capability {exp_cc} ({exp_gpu}) but this "
+                f"GPU is compute capability {act_cc} ({act_gpu}): rebuild the engine on the target GPU "
+                "(TensorRT engines are specific to the GPU architecture)"
+            )
+    exp_sha, act_sha = expected.get("engine_sha256"), actual.get("engine_sha256")
+    if exp_sha and act_sha and str(exp_sha).lower() != str(act_sha).lower():
+        problems.append(
+            f"engine file changed after export: sha256 {str(act_sha)[:12]}... does not match the "
+            f"manifest's {str(exp_sha)[:12]}...: re-export the bundle"
+        )
+    if problems:
+        raise BundleError("; ".join(problems))
+
+
+def current_platform(device: int = 0) -> dict[str, Any]:
+    """TensorRT version, GPU name and compute capability of this machine (None where unknown).
+
+    The GPU facts come from cuda-python (:func:`edgeq.deploy.cuda.device_info`) where it reaches a
+    GPU, else from ``torch.cuda`` if a CUDA build of torch happens to be installed.
+    """
+    info: dict[str, Any] = {
+        "tensorrt_version": str(trt.__version__) if TENSORRT_AVAILABLE else None,
+        "gpu_name": None,
+        "compute_capability": None,
+    }
+    if cuda.available(device) is None:
+        facts = cuda.device_info(device)
+        info["gpu_name"] = facts["gpu_name"]
+        info["compute_capability"] = facts["compute_capability"]
+        return info
+    try:
+        torch: Any = importlib.import_module("torch")
+    except ImportError:
+        return info
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(device)
+        info["gpu_name"] = torch.cuda.get_device_name(device)
+        info["compute_capability"] = f"{major}.{minor}"
+    return info
+
+
+# --- TensorRT helpers (shared with the build side) ---------------------------------------------------
+
+
+def make_logger(sink: list[str]) -> trt.ILogger:
+    """A TensorRT logger that forwards to Python logging and keeps warnings and errors in ``sink``."""
+
+    class _Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
+            if severity <= trt.ILogger.Severity.ERROR:
+                _log.error("TensorRT: %s", msg)
+                sink.append(f"[{severity.name}] {msg}")
+            elif severity == trt.ILogger.Severity.WARNING:
+                _log.warning("TensorRT: %s", msg)
+                sink.append(f"[{severity.name}] {msg}")
+            else:
+                _log.debug("TensorRT: %s", msg)
+
+    return _Logger()
+
+
+def engine_dims(dims: trt.Dims) -> list[int]:
+    return [int(dims[i]) for i in range(len(dims))]
+
+# --- runner ------------------------------------------------------------------------------------------
+
+_NP_DTYPES: dict[str, type[np.generic]] = {
+    "FLOAT": np.float32,
+    "HALF": np.float16,
+    "INT8": np.int8,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+}
+
 
 #: Batch sizes that get their own captured CUDA graph.
 MAX_GRAPHS = 8
@@ -43,10 +234,6 @@ class _IOBuffer:
     max_shape: list[int]
     device: cuda.DeviceBuffer  # max size
     host: cuda.PinnedBuffer  # flat, pinned, max size
-
-
-def _dims(dims: Any) -> list[int]:
-    return [int(dims[i]) for i in range(len(dims))]
 
 
 class TrtPolicyRunner:
@@ -84,31 +271,29 @@ class TrtPolicyRunner:
             BundleError: the file is missing, was built for another GPU/TensorRT, or does not load.
             TensorRTUnavailableError: TensorRT is missing; CudaError: CUDA cannot be used here.
         """
-        from edgeq.export import tensorrt_engine as te
-
-        te._require_trt()
+        require_tensorrt()
         reason = cuda.available(device)
         if reason is not None:
-            raise te.TensorRTUnavailableError(f"TrtPolicyRunner needs CUDA through cuda-python: {reason}")
+            raise TensorRTUnavailableError(f"TrtPolicyRunner needs CUDA through cuda-python: {reason}")
         path = Path(engine_path)
         if not path.is_file():
             raise BundleError(f"TensorRT engine not found: {path}")
         data = path.read_bytes()
-        platform = te.current_platform(device)
+        platform = current_platform(device)
         platform["engine_sha256"] = hashlib.sha256(data).hexdigest()
         if expected is not None:
-            te.check_engine_compat(expected, platform)
+            check_engine_compat(expected, platform)
         sink: list[str] = []
-        logger = te._make_logger(sink)
-        runtime = te.trt.Runtime(logger)
+        logger = make_logger(sink)
+        runtime = trt.Runtime(logger)
         engine = runtime.deserialize_cuda_engine(data)
         if engine is None:
             raise BundleError(
-                f"TensorRT {te.trt.__version__} could not load {path} (built with another TensorRT version, for "
+                f"TensorRT {trt.__version__} could not load {path} (built with another TensorRT version, for "
                 f"another GPU, or corrupt): {'; '.join(sink[-3:]) or 'no details'}"
             )
         self._runtime = runtime
-        self._setup(engine, te.trt.TensorIOMode.INPUT, sink, use_cuda_graph=use_cuda_graph, device=device,
+        self._setup(engine, trt.TensorIOMode.INPUT, sink, use_cuda_graph=use_cuda_graph, device=device,
                     input_name=input_name, where=str(path))
         self.platform = platform
 
@@ -130,8 +315,6 @@ class TrtPolicyRunner:
 
     def _setup(self, engine: trt.ICudaEngine, input_mode: Any, sink: list[str], *, use_cuda_graph: bool,
                device: int, input_name: str, where: str) -> None:
-        from edgeq.export.tensorrt_engine import _NP_DTYPES
-
         self._sink = sink
         self._device = device
         self._engine = engine
@@ -155,11 +338,11 @@ class TrtPolicyRunner:
                 raise BundleError(f"engine tensor {name!r} has type {dtype_name}, which numpy cannot hold")
             if engine.get_tensor_mode(name) != input_mode:
                 continue
-            shape = _dims(engine.get_tensor_shape(name))
+            shape = engine_dims(engine.get_tensor_shape(name))
             if not shape:
                 raise BundleError(f"engine input {name!r} is a scalar; edgeq needs a batch axis on every input")
             if any(d < 0 for d in shape):
-                lo, _opt, hi = (_dims(d) for d in engine.get_tensor_profile_shape(name, 0))
+                lo, _opt, hi = (engine_dims(d) for d in engine.get_tensor_profile_shape(name, 0))
                 max_shape = hi
                 batch_ranges.append((lo[0], hi[0]))
             else:
@@ -177,10 +360,10 @@ class TrtPolicyRunner:
             name = engine.get_tensor_name(i)
             if engine.get_tensor_mode(name) != input_mode:
                 np_dtype = np.dtype(_NP_DTYPES[engine.get_tensor_dtype(name).name])
-                max_shape = _dims(self._context.get_tensor_shape(name))
+                max_shape = engine_dims(self._context.get_tensor_shape(name))
                 if any(d < 0 for d in max_shape):
                     raise BundleError(f"output {name!r} has a data-dependent shape {max_shape}: not supported")
-                self._outputs[name] = self._alloc(name, np_dtype, _dims(engine.get_tensor_shape(name)), max_shape)
+                self._outputs[name] = self._alloc(name, np_dtype, engine_dims(engine.get_tensor_shape(name)), max_shape)
         for buf in (*self._inputs.values(), *self._outputs.values()):
             if not self._context.set_tensor_address(buf.name, int(buf.device)):
                 raise BundleError(f"TensorRT refused the device buffer of {buf.name!r}")
@@ -255,7 +438,7 @@ class TrtPolicyRunner:
         self._shapes_batch = batch
 
     def _out_shapes(self) -> list[tuple[_IOBuffer, list[int]]]:
-        return [(buf, _dims(self._context.get_tensor_shape(buf.name))) for buf in self._outputs.values()]
+        return [(buf, engine_dims(self._context.get_tensor_shape(buf.name))) for buf in self._outputs.values()]
 
     def _enqueue(self, arrays: Mapping[str, np.ndarray]) -> list[tuple[_IOBuffer, list[int]]]:
         """Copies in, engine, copies out, on the private stream (the body of a CUDA graph too)."""
@@ -318,6 +501,3 @@ class TrtPolicyRunner:
         if len(out) == 1:
             return next(iter(out.values()))
         return out
-
-
-__all__ = ["MAX_GRAPHS", "TrtPolicyRunner"]
