@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 if [ -d /tmp/ortparts ] && [ -f /tmp/ortextra/SHA256 ]; then
   source benchmarks/gpu_env.sh || echo "gpu_env.sh failed: no onnxruntime-gpu"
 fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} EDGEQ_GPU_REPORT=$OUT/gpu-report.jsonl EDGEQ_GPU_BUNDLE_HC=$PWD/bundles/halfcheetah
 [ -e tests/fixtures/policies ] || { [ -d ../tests/fixtures/policies ] && ln -s "$(cd ../tests/fixtures/policies && pwd)" tests/fixtures/policies; }
 for d in calibration export; do [ -e "$d" ] || { [ -d "../$d" ] && ln -s "$(cd ../$d && pwd)" "$d"; }; done
 stages=${*:-tests bench}
@@ -28,6 +28,6 @@ for stage in $stages; do
   bench)
     python3 benchmarks/gpu_backends.py bundles/halfcheetah="SAC HalfCheetah-v5 [256,256] ReLU (trained fixture)" \
       bundles/elu512="ELU [512,256,128] (random weights, torch module)" --batches 1 32 256 4096 \
-      --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" | grep -v "^\[" ;;
+      --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" | grep -av "^\[" ;;
   esac
 done

@@ -51,6 +51,13 @@ def _obs(n: int, dim: int, seed: int) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal((n, dim)) * 1.5).astype(np.float32)
 
 
+def _rounding_sensitive(plan: object) -> bool:
+    """True if a transcendental activation (computed by the GPU's and the CPU's own exp/tanh, which may
+    differ by an ulp) feeds a quantizer: a value within an ulp of a rounding boundary can then land on
+    the neighbouring int8 step. ReLU networks have no such step: they must match to float rounding."""
+    return any(o.op in ("Elu", "Sigmoid", "Tanh") for la in plan.layers[:-1] for o in la.post)  # type: ignore[attr-defined]
+
+
 # --- CPU: the plan and its arithmetic ---------------------------------------------------------------
 
 
@@ -77,8 +84,11 @@ def test_reference_arithmetic_matches_onnx_runtime_cpu(models: dict[str, Path]) 
         plan = plan_from_graph(load_graph(path))
         obs = _obs(2048, plan.obs_dim, 5)
         want = ort_cpu(path, obs)
-        got = reference_forward(plan, obs)
-        assert np.abs(got - want).max() <= 1e-6, name
+        err = np.abs(reference_forward(plan, obs) - want).max(axis=1)
+        if _rounding_sensitive(plan):  # numpy's and ONNX Runtime's exp may differ by an ulp: rare int8 flips
+            assert (err > 1e-6).mean() <= 0.005 and err.max() <= 0.05, name
+        else:
+            assert err.max() <= 1e-6, name
 
 
 def test_unsupported_graphs_name_the_node(tmp_path: Path) -> None:
@@ -130,23 +140,39 @@ def test_without_gpu_auto_says_why_and_falls_back() -> None:
 
 @needs_gpu
 def test_fused_kernel_matches_onnx_runtime_cpu(models: dict[str, Path]) -> None:
+    import json
+    import os
+
     from cuda.bindings import driver
 
+    report = {}
     for name, path in models.items():
         plan = plan_from_graph(load_graph(path))
         runner = FusedMlpRunner(plan)
+        rows = rows_off = 0
+        worst = 0.0
         for b in BATCHES:
-            obs = _obs(b, plan.obs_dim, b)
-            p = runner.path(b)
-            cuda.check(driver.cuMemsetD32(p.dev_out.ptr, 0x7FC00000, b * plan.act_dim), "cuMemsetD32")  # NaN
-            got = runner.run(obs)
-            want = ort_cpu(path, obs)
-            assert got.shape == want.shape and np.isfinite(got).all(), (name, b)
-            err = float(np.abs(got - want).max())
-            assert err <= 1e-5, (name, b, err)
-            # again, with other inputs through the same graph
-            obs2 = _obs(b, plan.obs_dim, b + 1000)
-            np.testing.assert_allclose(runner.run(obs2), ort_cpu(path, obs2), atol=1e-5, rtol=0)
+            for seed in (b, b + 1000):  # twice through the same graph, with other inputs
+                obs = _obs(b, plan.obs_dim, seed)
+                p = runner.path(b)
+                cuda.check(driver.cuMemsetD32(p.dev_out.ptr, 0x7FC00000, b * plan.act_dim), "cuMemsetD32")  # NaN
+                got = runner.run(obs)
+                want = ort_cpu(path, obs)
+                assert got.shape == want.shape and np.isfinite(got).all(), (name, b)
+                err = np.abs(got - want).max(axis=1)
+                rows += b
+                rows_off += int((err > 1e-5).sum())
+                worst = max(worst, float(err.max()))
+        report[name] = {"rows": rows, "rows_over_1e-5": rows_off, "max_abs_err": worst,
+                        "rounding_sensitive": _rounding_sensitive(plan)}
+        if _rounding_sensitive(plan):
+            # a flipped int8 step moves an action by ~ one weight step; allow it in at most 0.5% of the rows
+            assert rows_off <= 0.005 * rows and worst <= 0.05, (name, report[name])
+        else:
+            assert rows_off == 0 and worst <= 1e-5, (name, report[name])
+    if os.environ.get("EDGEQ_GPU_REPORT"):
+        with open(os.environ["EDGEQ_GPU_REPORT"], "a") as fh:
+            fh.write(json.dumps({"test_fused_kernel_matches_onnx_runtime_cpu": report}) + "\n")
 
 
 @needs_gpu

@@ -286,8 +286,8 @@ def launch(function: Any, grid: tuple[int, int, int], block: tuple[int, int, int
     values = tuple(v for v, _ in args)
     types = tuple(t for _, t in args)
     handle = stream.handle if isinstance(stream, Stream) else driver.CUstream(int(stream))
-    check(driver.cuLaunchKernel(function, *grid, *block, int(shared_bytes), handle, (values, types), 0),
-          "cuLaunchKernel")
+    params: Any = (values, types) if values else 0
+    check(driver.cuLaunchKernel(function, *grid, *block, int(shared_bytes), handle, params, 0), "cuLaunchKernel")
 
 
 def graph_node_count(graph: Any) -> int:

@@ -28,13 +28,12 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from edgeq.deploy import cuda
 from edgeq.errors import BundleError, InputError
-
 
 TENSORRT_IMPORT_ERROR: str | None
 try:
@@ -292,7 +291,7 @@ class TrtPolicyRunner:
                 f"TensorRT {trt.__version__} could not load {path} (built with another TensorRT version, for "
                 f"another GPU, or corrupt): {'; '.join(sink[-3:]) or 'no details'}"
             )
-        self._runtime = runtime
+        self._runtime: trt.Runtime | None = runtime
         self._setup(engine, trt.TensorIOMode.INPUT, sink, use_cuda_graph=use_cuda_graph, device=device,
                     input_name=input_name, where=str(path))
         self.platform = platform
