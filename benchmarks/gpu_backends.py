@@ -239,6 +239,10 @@ def run(bundles: list[tuple[Path, str]], batches: list[int], json_out: Path | No
             print(f"{tag}  fused kernel alone {rows['edgeq cuda-fused kernel only (device time)']['p50_us']:.1f} us",
                   flush=True)
             torch.cuda.synchronize()
+        pres["fused_kernel_choice"] = {str(b): n for b, n in fused.runner.choice.items()}
+        pres["fused_autotune_us"] = {str(b): t for b, t in fused.runner.tuning.items()}
+        print(f"[{label}] fused kernel per batch: {pres['fused_kernel_choice']}; autotune µs: "
+              f"{pres['fused_autotune_us']}", flush=True)
     if json_out is not None:
         json_out.write_text(json.dumps(results, indent=1))
     print_tables(results)
@@ -277,6 +281,8 @@ def print_tables(results: dict[str, Any]) -> None:
                     cells.append("refused")
             print(f"| {key} | " + " | ".join(cells) + " |")
         print(f"\nkernels per act: {pres['kernels_per_act']}")
+        print(f"fused kernel per batch: {pres.get('fused_kernel_choice')}; autotune µs per launch: "
+              f"{pres.get('fused_autotune_us')}")
 
 
 def main() -> None:

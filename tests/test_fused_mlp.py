@@ -176,6 +176,33 @@ def test_fused_kernel_matches_onnx_runtime_cpu(models: dict[str, Path]) -> None:
 
 
 @needs_gpu
+def test_every_kernel_variant_computes_the_same_bits(models: dict[str, Path]) -> None:
+    """Autotuning picks among kernels that must agree bit for bit (same integer sums, same epilogue)."""
+    from edgeq.deploy.fused_mlp import kernel_candidates
+
+    for name in ("elu512", "relu256_norm"):
+        plan = plan_from_graph(load_graph(models[name]))
+        runner = FusedMlpRunner(plan, autotune=False)
+        for b in (1, 17, 300, 4096):
+            obs = _obs(b, plan.obs_dim, 7 * b)
+            p = runner.path(b)
+            np.copyto(p.host_in.array, obs)
+            p.dev_in.upload(obs)
+            outs = {}
+            for kernel in kernel_candidates(b):
+                out = np.full((b, plan.act_dim), np.nan, np.float32)
+                p.dev_out.upload(out)
+                runner.launch(b, int(p.dev_in), int(p.dev_out), kernel)
+                runner.stream.synchronize()
+                outs[kernel] = p.dev_out.download(out)
+            first = next(iter(outs.values()))
+            assert np.isfinite(first).all()
+            for kernel, out in outs.items():
+                np.testing.assert_array_equal(out, first, err_msg=f"{name} batch {b} {kernel}")
+            assert (np.abs(first - ort_cpu(models[name], obs)).max(axis=1) > 1e-5).mean() <= 0.005
+
+
+@needs_gpu
 def test_one_graph_is_two_copies_and_one_kernel(models: dict[str, Path]) -> None:
     runner = FusedMlpRunner(plan_from_graph(load_graph(models["elu512"])))
     for b in (1, 4096):

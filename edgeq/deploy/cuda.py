@@ -46,6 +46,11 @@ def _driver() -> Any:
     return driver
 
 
+def bindings() -> Any:
+    """``cuda.bindings.driver`` (raises :class:`CudaError` with the install hint if cuda-python is missing)."""
+    return _driver()
+
+
 def check(result: Any, what: str) -> Any:
     """``result`` of a cuda-bindings call (``(err, *values)``): raise :class:`CudaError` unless success.
 
@@ -364,6 +369,6 @@ class Graph:
             self.graph = None
 
 
-__all__ = ["CudaError", "DeviceBuffer", "Graph", "Module", "PinnedBuffer", "Stream", "available", "check",
+__all__ = ["CudaError", "DeviceBuffer", "Graph", "Module", "PinnedBuffer", "Stream", "available", "bindings", "check",
            "compile_cubin", "compile_module", "context", "copy_dtoh_async", "copy_htod_async", "device_info",
            "graph_node_count", "graph_node_types", "launch", "set_max_dynamic_shared_memory"]

@@ -286,7 +286,7 @@ class FusedProgram:
                     "        acc[r][0] = 0; acc[r][1] = 0; acc[r][2] = 0; acc[r][3] = 0;",
                     "      }",
                     f"      const int* W = W4 + {d['w4_off']} + c0 + tx;",
-                    "      #pragma unroll 4",
+                    "      #pragma unroll 8",
                     f"      for (int q = 0; q < {kq}; ++q) {{",
                     f"        const int* Wq = W + (size_t)q * {d['npad']};",
                     "        const int w0 = __ldg(Wq), w1 = __ldg(Wq + 32), w2 = __ldg(Wq + 64), w3 = __ldg(Wq + 96);",
@@ -323,11 +323,23 @@ class FusedProgram:
 
 
 def kernel_for_batch(batch: int) -> tuple[str, int]:
-    """The kernel that runs ``batch`` observations and its rows per block."""
+    """The default kernel for ``batch`` observations and its rows per block (before autotuning)."""
     if batch <= ROWS_MAX_BATCH:
         return "mlp_rows", 1
     tm = 1 if batch <= 256 else 2 if batch <= 1024 else 4
     return f"mlp_tiles_tm{tm}", 8 * tm
+
+
+def kernel_candidates(batch: int) -> list[str]:
+    """The kernels worth timing for ``batch`` (all compute bit-identical results)."""
+    names = ["mlp_rows"] if batch <= 1024 else []
+    if batch > 1:
+        names += ["mlp_tiles_tm1", "mlp_tiles_tm2"] + (["mlp_tiles_tm4"] if batch >= 64 else [])
+    return names
+
+
+def _rows_per_block(name: str) -> int:
+    return 1 if name == "mlp_rows" else 8 * int(name.rsplit("tm", 1)[1])
 
 
 class _BatchPath:
@@ -341,13 +353,14 @@ class _BatchPath:
         self.dev_out = cuda.DeviceBuffer(self.host_out.nbytes, runner.device)
         self.graph: cuda.Graph | None = None
         self.runner = runner
+        self.kernel = runner.choose_kernel(batch, int(self.dev_in), int(self.dev_out))
         if capture:
             self.graph = cuda.Graph(runner.stream, self.enqueue)
 
     def enqueue(self) -> None:
         r = self.runner
         cuda.copy_htod_async(int(self.dev_in), int(self.host_in), self.host_in.nbytes, r.stream)
-        r.launch(self.batch, int(self.dev_in), int(self.dev_out))
+        r.launch(self.batch, int(self.dev_in), int(self.dev_out), self.kernel)
         cuda.copy_dtoh_async(int(self.host_out), int(self.dev_out), self.host_out.nbytes, r.stream)
 
 
@@ -358,15 +371,22 @@ class FusedMlpRunner:
         plan: the policy (:func:`edgeq.deploy.mlp_plan.plan_from_graph`).
         device: the CUDA device index.
         cuda_graph: capture copies + kernel per batch size as a CUDA graph (else enqueue them each call).
+        autotune: time the candidate kernels once per batch size (a few hundred microseconds, at the
+            first call of that size) and run the fastest; all candidates compute the same bits.
 
     Raises:
         CudaError: no driver, no GPU, no cuda-python, or a CUDA call that failed.
         UnsupportedGraph: a plan the kernel generator does not handle.
     """
 
-    def __init__(self, plan: MlpPlan, *, device: int = 0, cuda_graph: bool = True) -> None:
+    def __init__(self, plan: MlpPlan, *, device: int = 0, cuda_graph: bool = True, autotune: bool = True) -> None:
         self.plan = plan
+        self.autotune = autotune
+        #: the kernel run for each batch size, and the autotuning times (µs per launch) behind the choice
+        self.choice: dict[int, str] = {}
+        self.tuning: dict[int, dict[str, float]] = {}
         self.program = FusedProgram(plan)
+        self._driver = cuda.bindings()
         self.device = device
         self.cuda_graph = cuda_graph
         self.obs_dim, self.act_dim = plan.obs_dim, plan.act_dim
@@ -391,13 +411,12 @@ class FusedMlpRunner:
         self._paths: dict[int, _BatchPath] = {}
         self._graphs = 0
         self._lock = threading.Lock()
-        from cuda.bindings import driver
 
-        self._driver = driver
-
-    def launch(self, batch: int, x: int, y: int) -> None:
-        """Enqueue the kernel for ``batch`` rows from device ``x`` into device ``y`` on the runner's stream."""
-        name, rows = kernel_for_batch(batch)
+    def launch(self, batch: int, x: int, y: int, name: str | None = None) -> None:
+        """Enqueue kernel ``name`` (default: the one chosen for ``batch``) for ``batch`` rows from device
+        ``x`` into device ``y`` on the runner's stream."""
+        name = name or self.choice.get(batch) or kernel_for_batch(batch)[0]
+        rows = _rows_per_block(name)
         grid = (-(-batch // rows), 1, 1)
         if name == "mlp_rows":
             block, smem = (ROWS_THREADS, 1, 1), 0
@@ -407,6 +426,38 @@ class FusedMlpRunner:
                     [(x, ctypes.c_void_p), (y, ctypes.c_void_p), (int(self.params), ctypes.c_void_p),
                      (int(self.wt), ctypes.c_void_p), (int(self.w4), ctypes.c_void_p), (batch, ctypes.c_int)],
                     self.stream, smem)
+
+    def choose_kernel(self, batch: int, x: int, y: int) -> str:
+        """The fastest kernel for ``batch`` on this GPU, timed once with CUDA events (``autotune``), else
+        :func:`kernel_for_batch`'s. Every candidate computes the same bits; only the speed differs."""
+        if batch in self.choice:
+            return self.choice[batch]
+        names = kernel_candidates(batch)
+        if not self.autotune or len(names) == 1:
+            self.choice[batch] = names[0] if len(names) == 1 else kernel_for_batch(batch)[0]
+            return self.choice[batch]
+        driver = self._driver
+        cuda.check(driver.cuMemsetD32Async(x, 0, batch * self.obs_dim, self.stream.handle), "cuMemsetD32Async")
+        start = cuda.check(driver.cuEventCreate(0), "cuEventCreate")
+        stop = cuda.check(driver.cuEventCreate(0), "cuEventCreate")
+        times = {}
+        try:
+            for name in names:
+                for _ in range(2):
+                    self.launch(batch, x, y, name)
+                cuda.check(driver.cuEventRecord(start, self.stream.handle), "cuEventRecord")
+                for _ in range(10):
+                    self.launch(batch, x, y, name)
+                cuda.check(driver.cuEventRecord(stop, self.stream.handle), "cuEventRecord")
+                cuda.check(driver.cuEventSynchronize(stop), "cuEventSynchronize")
+                times[name] = float(cuda.check(driver.cuEventElapsedTime(start, stop), "cuEventElapsedTime"))
+        finally:
+            driver.cuEventDestroy(start)
+            driver.cuEventDestroy(stop)
+        best = min(times, key=lambda n: times[n])
+        self.choice[batch] = best
+        self.tuning[batch] = {n: t * 100.0 for n, t in times.items()}  # µs per launch (10 launches, ms)
+        return best
 
     def path(self, batch: int) -> _BatchPath:
         p = self._paths.get(batch)
@@ -512,4 +563,4 @@ def fused_support(model: str | Path) -> str | None:
 
 
 __all__ = ["FusedCudaPolicy", "FusedMlpRunner", "FusedProgram", "ROWS_MAX_BATCH", "fused_support",
-           "kernel_for_batch"]
+           "kernel_candidates", "kernel_for_batch"]
