@@ -6,6 +6,11 @@
 # ONNX Runtime GPU, gymnasium and MuJoCo come from ../shared/tools/ort-gpu-wheels.sh's parts, installed
 # by benchmarks/gpu_env.sh when /tmp/ortparts is there (the stages that need them say so and skip otherwise).
 set -uo pipefail
+# gymnasium/MuJoCo alone (no onnxruntime-gpu): wheels copied to /tmp/extra
+if [ -d /tmp/extra ] && [ ! -d /tmp/site/gymnasium ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/extra/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+elif [ -d /tmp/site/gymnasium ]; then export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; fi
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 if [ -d /tmp/ortparts ] && [ -f /tmp/ortextra/SHA256 ]; then
@@ -22,6 +27,8 @@ for stage in $stages; do
   case $stage in
   tests)   # the GPU tests that need no onnxruntime-gpu
     python3 -m pytest -q -p no:cacheprovider -rs tests/test_fused_mlp.py tests/test_trt_runner.py 2>&1 | tee "$OUT/pytest-fused.txt" | tail -25 ;;
+  returns)   # CPU and CUDA int8 returns on the same file (gymnasium/MuJoCo wheels from /tmp/extra)
+    python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_returns.py 2>&1 | tee "$OUT/pytest-returns.txt" | tail -12 ;;
   ort-tests)   # with onnxruntime-gpu (and gymnasium/MuJoCo for the returns)
     python3 -m pytest -q -p no:cacheprovider -rs tests/test_ort_cuda_pinned.py tests/test_gpu_returns.py tests/test_cuda_target.py \
       tests/test_deploy_policy.py tests/test_fused_mlp.py tests/test_trt_runner.py 2>&1 | tee "$OUT/pytest-all.txt" | tail -30 ;;
