@@ -50,6 +50,9 @@ class CalibrationRecipe:
     tail_weight: float = 0.1
     tail_fraction: float = 0.01
     tail_on_calibration_states: bool = True
+    # which validation episode ends are failures (edgeq.validate.outcomes): None = a termination is a
+    # failure; "none" = the task has no failures; or a predicate on the last step, e.g. "reward<=-100"
+    failure: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

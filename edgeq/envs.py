@@ -67,9 +67,32 @@ class EnvFactory:
     kwargs: tuple[tuple[str, Any], ...] = ()
 
     def __call__(self) -> Any:
+        """The env; a failure to make it (an exception, unknown kwargs, a value that is not an env) is an
+        :class:`EnvironmentSpecError` naming the env."""
+        env, kwargs = self.env, dict(self.kwargs)
+        try:
+            made = self._make(kwargs)
+        except EnvironmentSpecError:
+            raise
+        except TypeError as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            if kwargs and "keyword argument" in first:
+                raise EnvironmentSpecError(f"--env {env!r} does not take these --env-kwargs {sorted(kwargs)}: "
+                                           f"{first}; remove or rename them") from None
+            raise EnvironmentSpecError(f"--env {env!r}: making the env raised TypeError: {first}; fix the env "
+                                       "factory") from None
+        except Exception as exc:  # noqa: BLE001 - a user's env factory may raise anything
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise EnvironmentSpecError(f"--env {env!r}: making the env raised {type(exc).__name__}: {first}; "
+                                       "fix the env (or its --env-kwargs)") from None
+        if not all(hasattr(made, a) for a in ("reset", "step", "observation_space", "action_space")):
+            raise EnvironmentSpecError(f"--env {env!r} returned {type(made).__name__} {str(made)[:60]!r}; expected a "
+                                       "gymnasium.Env (with reset, step, observation_space and action_space)")
+        return made
+
+    def _make(self, kwargs: dict[str, Any]) -> Any:
         import gymnasium as gym
 
-        kwargs = dict(self.kwargs)
         if ":" in self.env and self.env not in gym.envs.registry:
             module_name, _, attr = self.env.partition(":")
             return getattr(importlib.import_module(module_name), attr)(**kwargs)

@@ -25,3 +25,8 @@ class BundleError(EdgeqError):
 
 class InputError(EdgeqError):
     """An observation handed to a deployed policy has the wrong shape, dtype or values."""
+
+
+class BrokenFloatPolicyError(PolicyFormatError, ValueError):
+    """The float policy itself is wrong (NaN/inf or absurdly large weights or activations): edgeq refuses
+    to quantize it, since no comparison with such a reference can pass honestly."""

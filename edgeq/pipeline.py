@@ -16,7 +16,14 @@ from edgeq._version import __version__
 from edgeq.calibration.collect import CalibrationStats, ExplorationNoise, calibrate_observations, calibrate_rollouts
 from edgeq.calibration.dataset import ObservationLog, load_observations, split_holdout
 from edgeq.config import CalibrationRecipe, ExportProfile, load_profile, load_recipe
-from edgeq.deploy.bundle_format import FLOAT_MODEL, INT8_CPU_MODEL, INT8_CUDA_MODEL, INT8_MODEL, VALIDATION
+from edgeq.deploy.bundle_format import (
+    FLOAT_MODEL,
+    INT8_CPU_MODEL,
+    INT8_CUDA_MODEL,
+    INT8_MODEL,
+    PLAN,
+    VALIDATION,
+)
 from edgeq.envs import check_env_matches, env_factory
 from edgeq.errors import EdgeqError
 from edgeq.export.bundle import BundleWriter
@@ -34,9 +41,12 @@ from edgeq.quantizers.plan import QuantPlan
 from edgeq.spaces import BoxSpec
 from edgeq.validate.executor import ExecutorConfig
 from edgeq.validate.offline import OPEN_LOOP_REASON, validate_offline
+from edgeq.validate.outcomes import parse_failure
 from edgeq.validate.robustness import validate_target_robustness
 from edgeq.validate.saturation import DEFAULT_SATURATION_WARN, quantized_ranges, restrict_to_quantized
-from edgeq.validate.validator import ValidationOptions, save_validation, validate_models
+from edgeq.validate.sequential import episode_design
+from edgeq.validate.validator import ValidationOptions, decision_record, save_validation, validate_models
+from edgeq.validate.verdict import Tolerance
 
 #: ``cell_precision`` values: the recurrent cell's gate MatMuls in int8, or kept in fp32.
 CELL_PRECISIONS = ("int8", "fp32")
@@ -66,7 +76,8 @@ def _episode_steps(make_env: Callable[[], Any]) -> int | None:
         env.close()
 
 
-def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path, *, episodes: int = 10, seed: int = 0,
+def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path, *, episodes: int | str = "auto",
+             seed: int = 0,
              recipe: str | CalibrationRecipe | None = None, profile: str | ExportProfile = "cpu-ort",
              calibrator: str | None = None, calibrator_params: dict[str, Any] | None = None,
              weight_method: str | None = None, calib_episodes: int | None = None,
@@ -82,11 +93,19 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
              calib_env: str | None = None, calib_env_kwargs: dict[str, Any] | None = None,
              calib_perturb: Sequence[str | PerturbationSpec] = (), perturb: Sequence[str | PerturbationSpec] = (),
              cell_precision: str = "int8", saturation_warn: float = DEFAULT_SATURATION_WARN,
-             executor: ExecutorConfig | None = None) -> QuantizeResult:
+             max_episodes: int = 200, time_budget: float | None = None, failure: str | None = None,
+             tolerance: Tolerance | None = None, executor: ExecutorConfig | None = None) -> QuantizeResult:
     """Quantize ``policy`` for ``env`` and write a validated bundle to ``out``.
 
-    Validation uses seeds ``seed .. seed+episodes-1``; calibration uses the recipe's seeds, which
-    are disjoint from them, so the INT8 policy is judged on episodes it was not calibrated on.
+    Validation uses seeds ``seed, seed+1, ...``: with ``episodes="auto"`` (default) paired episodes
+    are added in batches until the verdict is PASS or FAIL, at most ``max_episodes`` or
+    ``time_budget`` seconds of rollouts per target (then INCONCLUSIVE; see
+    :mod:`edgeq.validate.sequential`); with an integer, exactly that many. ``tolerance`` is the
+    equivalence band (:class:`~edgeq.validate.verdict.Tolerance`, default 1% one-sided, +2 points of
+    failure rate) and ``failure`` the failure rule (``"reward<=-100"``, ``"none"``; default: the
+    recipe's ``failure``, else a termination is a failure; :mod:`edgeq.validate.outcomes`).
+    Calibration uses the recipe's seeds, which are disjoint from the validation seeds, so the INT8
+    policy is judged on episodes it was not calibrated on.
 
     ``calib_data`` (a ``.npz`` of observations, ``minari:ID`` or a Minari dataset directory; see
     :mod:`edgeq.calibration.dataset`) calibrates on logged observations instead of rollouts. With
@@ -119,11 +138,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
     timings: dict[str, float] = {}
     out = Path(out)
     writer = BundleWriter(out, overwrite=overwrite)  # refuses an existing bundle before any work
-    t0 = time.perf_counter()
-    fp = policy if isinstance(policy, FloatPolicy) else load_policy(
-        policy, vecnormalize=vecnormalize, input_name=onnx_input, output_name=onnx_output, action_low=action_low,
-        action_high=action_high)
-    timings["ingest_s"] = time.perf_counter() - t0
+    design = episode_design(episodes, max_episodes=max_episodes, time_budget=time_budget)
     rec = recipe if isinstance(recipe, CalibrationRecipe) else load_recipe(recipe, env)
     prof = profile if isinstance(profile, ExportProfile) else load_profile(profile)
     if calibrator:
@@ -141,12 +156,18 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
                              f"{sorted(k for k in rec.to_json() if k != 'name')}")
         setattr(rec, key, value)
     options = rec.quant_options()
+    rule = parse_failure(failure if failure is not None else rec.failure)
     noise = exploration or ExplorationNoise(**rec.exploration)
     if options.dynamic and prof.runtime == "tensorrt":
         raise EdgeqError(f"profile {prof.name!r} targets TensorRT, which cannot run CrossQuant's dynamic form; "
                          "use the static form (transform: crossquant) or an onnxruntime profile")
     if cell_precision not in CELL_PRECISIONS:
         raise EdgeqError(f"cell precision {cell_precision!r}; expected one of {', '.join(CELL_PRECISIONS)}")
+    t0 = time.perf_counter()
+    fp = policy if isinstance(policy, FloatPolicy) else load_policy(
+        policy, vecnormalize=vecnormalize, input_name=onnx_input, output_name=onnx_output, action_low=action_low,
+        action_high=action_high)
+    timings["ingest_s"] = time.perf_counter() - t0
     gate_nodes: list[str] = list(fp.gate_nodes)
     if gate_nodes and cell_precision == "fp32":
         options = replace(options, keep_float=list(options.keep_float) + gate_nodes)
@@ -222,13 +243,14 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
     timings["quantize_s"] = time.perf_counter() - t0
 
     io = {"input": fp.input_name, "output": fp.output_name, "state": [s.to_json() for s in fp.state]}
-    val_seeds = list(range(seed, seed + episodes))
+    val_seeds = list(range(seed, seed + (design.max_episodes if design.sequential else int(episodes))))
     with writer as w:
         fpath = w.save_model(fp.model, FLOAT_MODEL)
         qpath = w.save_model(qmodel, INT8_MODEL)
         cmodel = specialize_for_ort_cpu(qmodel, min_int8_width=prof.cpu_float_below, keep_int8=gate_nodes)
         cpath = w.save_model(cmodel, INT8_CPU_MODEL)
         gpath = w.save_model(specialize_for_ort_cuda(qmodel), INT8_CUDA_MODEL)
+        w.write_json(PLAN, plan.to_dict())  # the plan as data: QuantPlan.from_bundle reads it back
         int8_for = {"cpu": cpath, "cuda": gpath}
         t0 = time.perf_counter()
         result: dict[str, Any]
@@ -239,7 +261,9 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
         else:
             assert env is not None  # make_env exists only with an env
             vopts = validation if validation is not None else ValidationOptions.light(targets=tuple(targets))
-            vopts = replace(vopts, num_envs=num_envs, executor=executor or vopts.executor)
+            vopts = replace(vopts, num_envs=num_envs, design=design, failure=rule,
+                            tolerance=tolerance if tolerance is not None else vopts.tolerance,
+                            executor=executor or vopts.executor)
             result = validate_models(
                 fpath, qpath, io, make_env, val_seeds, env_id=env, action_low=fp.action_space.low_array,
                 action_high=fp.action_space.high_array, options=vopts, plan=plan, episode_steps=ep_len,
@@ -249,11 +273,13 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
             # the tensors the CPU file really quantizes (its tiny layers run in float there)
             ranges = restrict_to_quantized(quantized_ranges(plan.to_json()), cmodel)
             for target in [t for t in targets if t == "cpu" and t in result["targets"]]:
-                def stage(cond: str, target: str = target) -> Callable[[int], None]:
-                    return progress(f"saturation {target} {cond}", 2 * episodes * ep_len if ep_len else None)
+                used = result["targets"][target]["float"]["seeds"][: vopts.detail_episodes]
+
+                def stage(cond: str, target: str = target, n: int = len(used)) -> Callable[[int], None]:
+                    return progress(f"saturation {target} {cond}", 2 * n * ep_len if ep_len else None)
 
                 rob = validate_target_robustness(
-                    target, fpath, int8_for.get(target, qpath), io, make_env, val_seeds,
+                    target, fpath, int8_for.get(target, qpath), io, make_env, used,
                     act_dim=fp.action_space.size, ranges=ranges, perturbed_env=make_perturbed_env,
                     perturbation=[p.to_json() for p in val_specs], saturation_warn=saturation_warn,
                     num_envs=num_envs, progress=stage)
@@ -288,6 +314,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
                             {"recipe": rec.to_json(), "steps": stats.steps, "source": "observations",
                              "data": log.describe(), "held_out": 0 if held_out is None else len(held_out)}),
             "quantization": plan.to_json(),
+            **({"decision": decision_record(result)} if make_env is not None else {}),
             "tensorrt_qdq_check": {"errors": len(trt_errors),
                                    "tensorrt_compatible": not trt_errors,
                                    "findings": [f"{v.severity} {v.rule}: {v.node}" for v in conformance]},

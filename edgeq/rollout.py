@@ -25,6 +25,15 @@ class BatchPolicy(Protocol):
 #: ``on_step(obs, actions, active)`` sees every batched step; ``active`` marks rows that belong to
 #: a counted episode (finished envs idle until the batch ends).
 StepHook = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+class EpisodeOutcome(Protocol):
+    """Classifies an episode's end (e.g. :class:`edgeq.validate.outcomes.FailureRule`)."""
+
+    @property
+    def needs_info(self) -> bool: ...
+
+    def outcome(self, terminated: bool, truncated: bool, reward: float, info: dict[str, Any] | None) -> str: ...
+
+
 #: ``perturb(actions, rng)`` returns the actions actually sent to the env (exploration noise).
 ActionPerturbation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
@@ -37,6 +46,17 @@ class EpisodeResults:
     terminated: np.ndarray
     steps: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: per episode: "failure" / "success" / "timeout" (see :mod:`edgeq.validate.outcomes`); by default a
+    #: termination is a failure and a truncation (time limit) a time-out
+    outcomes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.outcomes:
+            self.outcomes = ["failure" if t else "timeout" for t in np.asarray(self.terminated, bool)]
+
+    @property
+    def failed(self) -> np.ndarray:
+        return np.array([o == "failure" for o in self.outcomes], dtype=bool)
 
     @classmethod
     def concat(cls, parts: Sequence[EpisodeResults]) -> EpisodeResults:
@@ -58,7 +78,24 @@ class EpisodeResults:
             "returns": [float(r) for r in self.returns],
             "lengths": [int(n) for n in self.lengths],
             "terminated": [bool(t) for t in self.terminated],
+            "outcomes": list(self.outcomes),
         }
+
+
+def _check_finite(what: str, values: np.ndarray, active: np.ndarray, slot: np.ndarray, seeds: Sequence[int],
+                  lengths: np.ndarray) -> None:
+    """Raise :class:`EnvironmentSpecError` naming the episode if an active env gave a NaN/inf ``what``."""
+    rows = values.reshape(len(active), -1)
+    bad = active & ~np.isfinite(rows).all(axis=1)
+    if np.any(bad):
+        from edgeq.errors import EnvironmentSpecError
+
+        i = int(np.flatnonzero(bad)[0])
+        value = rows[i][~np.isfinite(rows[i])][0]
+        raise EnvironmentSpecError(
+            f"the env returned a non-finite {what} ({value}) at step {int(lengths[slot[i]])} of the episode with "
+            f"seed {seeds[slot[i]]}; fix the env so that every {what} is finite (returns cannot be compared "
+            "otherwise)")
 
 
 def _join(values: list[Any], name: str) -> Any:
@@ -81,10 +118,12 @@ def run_episodes(make_env: Callable[[], Any], policy: BatchPolicy, seeds: Sequen
                  num_envs: int = 8, on_step: StepHook | None = None,
                  perturb: ActionPerturbation | None = None, noise_seed: int | Sequence[int] = 0,
                  max_steps_per_episode: int | None = None,
-                 progress: Callable[[int], None] | None = None) -> EpisodeResults:
+                 progress: Callable[[int], None] | None = None,
+                 outcome: EpisodeOutcome | None = None) -> EpisodeResults:
     """Roll ``policy`` out for ``len(seeds)`` episodes; episode ``k`` is reset with ``seeds[k]``.
 
-    ``progress(n)`` is called with the number of env steps taken since the last call.
+    ``progress(n)`` is called with the number of env steps taken since the last call. ``outcome``
+    classifies each episode's end from its last step (default: a termination is a failure).
     ``noise_seed`` (an int or a sequence of ints) seeds the generator that ``perturb`` draws from.
     """
     import gymnasium as gym
@@ -97,6 +136,7 @@ def run_episodes(make_env: Callable[[], Any], policy: BatchPolicy, seeds: Sequen
     returns = np.zeros(len(seeds))
     lengths = np.zeros(len(seeds), dtype=np.int64)
     terminated = np.zeros(len(seeds), dtype=bool)
+    outcomes = [""] * len(seeds)
     slot = np.full(n_env, -1)  # which episode each env runs (-1: idle)
     next_ep = 0
     total_steps = 0
@@ -109,11 +149,13 @@ def run_episodes(make_env: Callable[[], Any], policy: BatchPolicy, seeds: Sequen
         while np.any(slot >= 0):
             active = slot >= 0
             obs32 = np.asarray(obs, dtype=np.float32)
+            _check_finite("observation", obs32, active, slot, seeds, lengths)
             actions = np.asarray(policy.act(obs32), dtype=np.float32)
             if on_step is not None:
                 on_step(obs32, actions, active)
             sent = perturb(actions, rng) if perturb is not None else actions
-            obs, reward, term, trunc, _ = venv.step(sent.astype(venv.single_action_space.dtype))
+            obs, reward, term, trunc, infos = venv.step(sent.astype(venv.single_action_space.dtype))
+            _check_finite("reward", np.asarray(reward, dtype=np.float64), active, slot, seeds, lengths)
             total_steps += int(active.sum())
             if progress is not None:
                 progress(int(active.sum()))
@@ -126,6 +168,11 @@ def run_episodes(make_env: Callable[[], Any], policy: BatchPolicy, seeds: Sequen
                 if term[i] or trunc[i] or over:
                     terminated[k] = bool(term[i])
                     done_mask[i] = True
+                    if outcome is None:
+                        outcomes[k] = "failure" if term[i] else "timeout"
+                    else:
+                        info = env_info_row(infos, int(i)) if outcome.needs_info else None
+                        outcomes[k] = outcome.outcome(bool(term[i]), not bool(term[i]), float(reward[i]), info)
             idle_done = (~active) & (term | trunc)
             reset_mask = done_mask | idle_done
             if np.any(reset_mask):
@@ -142,4 +189,23 @@ def run_episodes(make_env: Callable[[], Any], policy: BatchPolicy, seeds: Sequen
     finally:
         venv.close()
     del gym
-    return EpisodeResults(seeds, returns, lengths, terminated, total_steps)
+    return EpisodeResults(seeds, returns, lengths, terminated, total_steps, outcomes=outcomes)
+
+
+def env_info_row(infos: Any, i: int) -> dict[str, Any]:
+    """Sub-environment ``i``'s info from a gymnasium vector env's batched info dict."""
+    out: dict[str, Any] = {}
+    for key, value in dict(infos or {}).items():
+        if key.startswith("_"):
+            continue
+        mask = infos.get(f"_{key}")
+        if mask is not None and not bool(np.asarray(mask)[i]):
+            continue
+        if isinstance(value, dict):
+            out[key] = env_info_row(value, i)
+        else:
+            try:
+                out[key] = value[i]
+            except (TypeError, IndexError, KeyError):
+                out[key] = value
+    return out

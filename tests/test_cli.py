@@ -31,9 +31,11 @@ def pendulum_bundle(sac_pendulum: Path, tmp_path_factory: pytest.TempPathFactory
 def test_bundle_layout_and_manifest(pendulum_bundle: tuple[Path, str], sac_pendulum: Path) -> None:
     out, _ = pendulum_bundle
     names = sorted(p.name for p in out.iterdir())
-    assert {"manifest.json", "policy.fp32.onnx", "policy.int8.onnx", "validation.json"} <= set(names)
+    assert {"manifest.json", "policy.fp32.onnx", "policy.int8.onnx", "validation.json", "plan.json"} <= set(names)
     m = read_manifest(out)  # verifies every SHA-256
-    assert m["format_version"] == 1 and m["edgeq_version"]
+    assert m["format_version"] == 2 and m["edgeq_version"]
+    assert m["decision"]["status"] in ("PASS", "FAIL", "INCONCLUSIVE")
+    assert m["decision"]["targets"]["cpu"]["episodes"] == 10
     assert m["source"]["sha256"] == sha256_of(sac_pendulum) and m["source"]["algorithm"] == "SAC"
     assert m["env"]["id"] == "Pendulum-v1"
     assert m["observation_space"]["shape"] == [3] and m["action_space"]["low"] == [-2.0]

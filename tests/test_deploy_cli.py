@@ -21,7 +21,7 @@ REF = FIXTURES / "bundles" / "v1" / "sac-pendulum.reference.json"
 def test_verify(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["verify", str(V1)]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["format_version"] == 1 and out["env"] == "Pendulum-v1"
+    assert out["format_version"] == 1 and out["env"] == "Pendulum-v1" and out["decision"] is None  # v1: none
     assert out["files_verified"] == ["policy.fp32.onnx", "policy.int8.onnx", "validation.json"]
 
 

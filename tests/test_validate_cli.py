@@ -2,7 +2,7 @@
 
 Known cases: a bundle whose "int8" model is the float model itself must give a paired difference of
 exactly 0 and PASS (exit 0); one whose int8 model adds a constant to every action must FAIL (exit
-1); a broken bundle is an error (exit 2).
+1); a broken bundle is an error (exit 2); too few episodes to tell is INCONCLUSIVE (exit 3).
 """
 
 from __future__ import annotations
@@ -68,7 +68,17 @@ def action_offset(model: onnx.ModelProto, offset: float) -> onnx.ModelProto:
 def test_quantize_writes_verdict_floor_per_layer_and_reports(bundle: Path) -> None:
     val = json.loads((bundle / "validation.json").read_text())
     cpu = val["targets"]["cpu"]
-    assert cpu["verdict"]["status"] in ("PASS", "FAIL") and val["verdict"]["exit_code"] in (0, 1)
+    assert cpu["verdict"]["status"] in ("PASS", "FAIL", "INCONCLUSIVE") and val["verdict"]["exit_code"] in (0, 1, 3)
+    # every figure names the files and the runtime that produced it
+    assert cpu["float_model"] == "policy.fp32.onnx" and cpu["int8_model"] == "policy.int8.cpu.onnx"
+    assert cpu["runtime"] == "onnxruntime-cpu" and cpu["verdict"]["files"]["int8"] == "policy.int8.cpu.onnx"
+    assert cpu["episodes"]["episodes"] == 3 and cpu["episodes"]["design"]["mode"] == "fixed"
+    assert cpu["outcomes"]["float"] == {"success": 0, "failure": 0, "timeout": 3}  # Pendulum only times out
+    # the bundle records the decision
+    decision = json.loads((bundle / MANIFEST).read_text())["decision"]
+    assert decision["status"] == val["verdict"]["status"] and decision["procedure"]["mode"] == "fixed"
+    assert decision["targets"]["cpu"]["int8_model"] == "policy.int8.cpu.onnx"
+    assert decision["targets"]["cpu"]["episodes"] == 3 and decision["failure_rule"]["rule"] == "terminated"
     assert cpu["noise_floor"]["draws"] == 3 and len(cpu["noise_floor"]["returns"]) == 3
     assert cpu["latency"]["models"]["int8"]["batch1"]["calls"] == 2000
     assert "sensitivity" not in val  # the light validation inside quantize
@@ -96,7 +106,15 @@ def test_identical_policies_differ_by_exactly_zero_and_pass(bundle: Path, tmp_pa
     assert cpu["verdict"]["passed"] and not cpu["verdict"]["distinguishable_from_floor"]
     # no error at all: SQNR is infinite, written as null (strict JSON), relative error exactly 0
     assert all(r["sqnr_db"] is None and r["relative_error"] == 0.0 for r in val["per_layer"]["layers"])
-    assert "PASS" in res.output
+    assert "PASS" in res.output and "exit code 0" in res.output
+    assert "cpu, policy.fp32.onnx vs policy.int8.onnx: returns:" in " ".join(res.output.split())  # files behind it
+    assert json.loads((same / MANIFEST).read_text())["decision"]["status"] == "PASS"
+    # the removed "a CI containing 0 passes" rule: --ci-pass is refused, --no-ci-pass is a no-op with a warning
+    res = CliRunner().invoke(app, ["validate", str(same), "--ci-pass"])
+    assert res.exit_code == 2 and "--ci-pass was removed" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["validate", str(same), *FAST, "--no-ci-pass", "--no-report", "--no-per-layer",
+                                   "--latency-calls", "0"])
+    assert res.exit_code == 0 and "deprecated" in res.output
     # the bundle still verifies after validate rewrote validation.json
     assert CliRunner().invoke(app, ["info", str(same)]).exit_code == 0
 
@@ -120,6 +138,19 @@ def test_constant_action_offset_fails(bundle: Path, tmp_path: Path) -> None:
     assert loose.exit_code == 0, loose.output
 
 
+def test_too_few_episodes_exit_3_inconclusive(bundle: Path, tmp_path: Path) -> None:
+    """With a zero-width band (--rel-tol 0) two episodes of the real quantized policy cannot show "no loss at all":
+    the interval reaches below 0, and it is not wholly below it either."""
+    out = tmp_path / "v"
+    res = CliRunner().invoke(app, ["validate", str(bundle), *FAST[2:], "--episodes", "2", "--rel-tol", "0",
+                                   "--no-per-layer", "--latency-calls", "0", "--no-report", "--out", str(out)])
+    assert res.exit_code == 3, res.output
+    v = json.loads((out / "validation.json").read_text())["targets"]["cpu"]["verdict"]
+    lo, hi = v["returns"]["interval"]
+    assert v["status"] == "INCONCLUSIVE" and lo < 0 < hi and v["returns"]["band_size"] == 0.0
+    assert "INCONCLUSIVE is not a pass" in " ".join(res.output.split())
+
+
 def test_errors_exit_2_and_unavailable_targets_are_reported(bundle: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["validate", str(tmp_path / "missing")])
     assert res.exit_code == 2 and "manifest.json" in res.output
@@ -135,7 +166,7 @@ def test_errors_exit_2_and_unavailable_targets_are_reported(bundle: Path, tmp_pa
         out = tmp_path / "elsewhere"
         res = CliRunner().invoke(app, ["validate", str(bundle), *FAST[:-4], "--targets", "cpu,cuda", "--no-per-layer",
                                        "--out", str(out), "--no-report"])
-        assert res.exit_code in (0, 1), res.output
+        assert res.exit_code in (0, 1, 3), res.output
         val = json.loads((out / "validation.json").read_text())
         assert list(val["targets"]) == ["cpu"] and "cuda" in val["unavailable_targets"]
 
@@ -182,7 +213,7 @@ def test_compare_bundle_and_plain_onnx_from_another_tool(bundle: Path, tmp_path:
     f = cmp["float"]["returns"]
     for r in cmp["candidates"].values():
         assert r["float"]["returns"] == f  # one reference, same seeds for every candidate
-        assert len(r["int8"]["returns"]) == 3 and r["verdict"]["status"] in ("PASS", "FAIL")
+        assert len(r["int8"]["returns"]) == 3 and r["verdict"]["status"] in ("PASS", "FAIL", "INCONCLUSIVE")
     # the bundle's own validation (made with the plan object at quantize time) ranks every int8 layer;
     # re-validation ranks only plans the manifest fully describes (no input scalings / AdaRound)
     own = json.loads((bundle / "validation.json").read_text())
@@ -240,7 +271,7 @@ def test_revalidation_ranks_layers_of_a_crossquant_bundle(sac_pendulum: Path, tm
     quant = json.loads((out / MANIFEST).read_text())["quantization"]
     assert len(quant["transforms"]) == 3 and all(len(t["factors"]) > 0 for t in quant["transforms"])
     res = CliRunner().invoke(app, ["validate", str(out), *FAST, "--no-report", "--json"])
-    assert res.exit_code in (0, 1), res.output
+    assert res.exit_code in (0, 1, 3), res.output
     pl = json.loads((out / "validation.json").read_text())["per_layer"]
     assert pl["plan_reproduces_model_max_abs"] == 0.0
     assert len(pl["ranking"]) == 3 and sum(r["share"] for r in pl["ranking"]) == pytest.approx(1.0)

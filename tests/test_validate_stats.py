@@ -55,33 +55,43 @@ def test_paired_difference_removes_the_shared_episode_variation() -> None:
 
 
 def _result(float_returns: list[float], int8_returns: list[float]) -> dict:
-    f, q = np.asarray(float_returns), np.asarray(int8_returns)
-    return {"float": {"mean": float(f.mean())}, "paired_difference": paired_difference(f, q)}
+    f, q = np.asarray(float_returns, float), np.asarray(int8_returns, float)
+    return {"float": {"mean": float(f.mean()), "returns": list(f), "terminated": [False] * len(f)},
+            "int8": {"returns": list(q), "terminated": [False] * len(q)},
+            "paired_difference": paired_difference(f, q)}
 
 
 def test_verdict_rules() -> None:
     tol = Tolerance()
     same = judge(_result([100, 200, 300], [100, 200, 300]), tol)
-    assert same["passed"] and same["ci_contains_zero"] and same["within_tolerance"]
-    # consistent 0.5% drop: CI excludes 0 but within 1 % -> PASS
-    small = judge(_result([100, 200, 300], [99.5, 199, 298.5]), tol)
-    assert small["passed"] and small["within_tolerance"] and not small["ci_contains_zero"]
-    # consistent 5 % drop -> FAIL
-    big = judge(_result([100, 200, 300], [95, 190, 285]), tol)
-    assert not big["passed"] and big["status"] == "FAIL"
-    # a noisy difference whose CI contains 0 passes even if the mean moved more than 1 %
+    assert same["status"] == "PASS" and same["returns"]["interval"] == [0.0, 0.0]
+    # consistent 0.5% drop with a tight interval inside the 1% band -> PASS
+    small = judge(_result([100, 200, 300, 400], [99.5, 199, 298.5, 398]), tol)
+    assert small["status"] == "PASS" and small["returns"]["interval"][0] >= -2.5
+    # consistent 5% drop -> FAIL, the interval wholly below -1% of the float mean
+    big = judge(_result([100] * 5, [95, 95.2, 94.8, 95.1, 94.9]), tol)
+    assert big["status"] == "FAIL" and big["returns"]["interval"][1] < -1.0 and big["exit_code"] == 1
+    # 5% drops that vary a lot over 3 episodes: the interval reaches past the band edge -> INCONCLUSIVE
+    assert judge(_result([100, 200, 300], [95, 190, 285]), tol)["status"] == "INCONCLUSIVE"
+    # a noisy difference whose interval contains 0 is INCONCLUSIVE, never a pass (the old rule passed it)
     noisy = judge(_result([100, 200, 300, 400], [140, 150, 340, 350]), tol)
-    assert noisy["ci_contains_zero"] and noisy["passed"]
-    assert not judge(_result([100, 200, 300, 400], [140, 150, 340, 350]), Tolerance(ci_passes=False))["passed"]
-    # absolute tolerance and one-sided rule
-    assert judge(_result([100, 200, 300], [95, 190, 285]), Tolerance(absolute=10.0))["passed"]
-    assert judge(_result([100, 200, 300], [105, 210, 315]), Tolerance(one_sided=True))["passed"]
-    assert not judge(_result([100, 200, 300], [105, 210, 315]), Tolerance())["passed"]
+    lo, hi = noisy["returns"]["interval"]
+    assert lo < 0 < hi and noisy["status"] == "INCONCLUSIVE" and noisy["exit_code"] == 3
+    reason = noisy["reasons"][0]
+    assert f"[{lo:+.4g}, {hi:+.4g}]" in reason and "neither inside nor wholly beyond" in reason
+    # absolute band; one-sided (default) ignores a gain, two-sided fails it
+    assert judge(_result([100] * 5, [95, 95.2, 94.8, 95.1, 94.9]), Tolerance(absolute=6.0))["status"] == "PASS"
+    gain = _result([100] * 5, [105, 105.2, 104.8, 105.1, 104.9])
+    assert judge(gain, Tolerance())["status"] == "PASS"
+    assert judge(gain, Tolerance(one_sided=False))["status"] == "FAIL"
     assert overall({"cpu": same, "cuda": big}) == {"passed": False, "status": "FAIL", "failed_targets": ["cuda"],
-                                                   "exit_code": 1}
+                                                   "inconclusive_targets": [], "exit_code": 1}
+    assert overall({"cpu": same, "cuda": noisy})["exit_code"] == 3
     assert overall({"cpu": same})["exit_code"] == 0
     with pytest.raises(EdgeqError, match="rel-tol"):
         Tolerance(relative=-0.1)
+    with pytest.raises(EdgeqError, match="fail-tol"):
+        Tolerance(fail_tol=1.5)
 
 
 def test_noise_floor_tells_rounding_noise_from_a_real_shift() -> None:

@@ -37,6 +37,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edgeq.errors import BrokenFloatPolicyError
+
+#: Largest |value| a float policy's tensor may reach on calibration observations. Real policies stay
+#: many orders of magnitude below; a policy whose weights were scaled by 1e36 (or that overflowed in
+#: training) exceeds it and is refused rather than quantized and "validated" against itself.
+MAX_ABS_ACTIVATION = 1e12
+
 __all__ = ["RowAbsmaxStats", "TensorObserver", "histogram_quantile"]
 
 _FORMAT = "edgeq.tensor_observer"
@@ -324,11 +331,19 @@ class TensorObserver:
         if arr.dtype.kind == "f" and not np.isfinite(a2).all():
             n_nan = int(np.isnan(a2).sum())
             n_inf = int(np.isinf(a2).sum())
-            raise ValueError(
+            raise BrokenFloatPolicyError(
                 f"tensor {self.name!r}: calibration batch has {n_nan} NaN and {n_inf} inf values "
-                f"(of {a2.size}); the float model produces non-finite activations"
+                f"(of {a2.size}); the float model produces non-finite activations, so it is broken in float "
+                "(NaN/inf or far too large weights): fix or retrain the policy"
             )
         absx = np.abs(a2)
+        if arr.dtype.kind == "f" and absx.size and float(absx.max()) > MAX_ABS_ACTIVATION:
+            raise BrokenFloatPolicyError(
+                f"tensor {self.name!r}: calibration values reach {float(absx.max()):.3g}, above "
+                f"{MAX_ABS_ACTIVATION:g}; "
+                "no working policy computes such values, so it is broken in float (far too large weights): fix "
+                "or retrain the policy"
+            )
         col_absmax = absx.max(axis=0)
         col_min = a2.min(axis=0)
         col_max = a2.max(axis=0)

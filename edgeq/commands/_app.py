@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
+from typer.exceptions import TyperException
 
 from edgeq.errors import EdgeqError
 
@@ -44,45 +46,89 @@ def _falls(r: dict[str, Any]) -> str:
     return f"{100 * rate:.0f}%" + (f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]" if ci else "")
 
 
+_STATUS_STYLE = {"PASS": "bold green", "FAIL": "bold red", "INCONCLUSIVE": "bold yellow"}
+
+
+def _status(status: str | None) -> str:
+    return f"[{_STATUS_STYLE.get(status or '', 'bold')}]{status}[/]" if status else "-"
+
+
+def _outcomes(r: dict[str, Any], side: str) -> str:
+    o = (r.get("outcomes") or {}).get(side)
+    return f"{o['success']}/{o['failure']}/{o['timeout']}" if o else "-"
+
+
+def _interval(lo: float | None, hi: float | None) -> str:
+    def one(x: float | None, inf: str) -> str:
+        return inf if x is None else f"{x:+.4g}"
+
+    return f"[{one(lo, '-inf')}, {one(hi, '+inf')}]"
+
+
 def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
-    """Float vs int8 per target: mean ± std, paired difference, noise floor, action error, verdict, file sizes."""
+    """Float vs int8 per target, each row naming the files and runtime that produced it: returns, the
+    verdict's interval and band, success/failure/time-out counts, action error, verdict; then the
+    reasons (generated from the numbers), noise floor, latency notes and file sizes."""
     label = manifest["source"]["algorithm"] or manifest["source"]["kind"]
+    eps = sorted({len(r["float"]["returns"]) for r in validation["targets"].values()})
     table = Table(title=f"edgeq: {label} on {validation['env_id']} "
-                        f"({len(validation['seeds'])} paired episodes)")
+                        f"({'/'.join(map(str, eps))} paired episodes)")
     has_floor = any("noise_floor" in r for r in validation["targets"].values())
     has_verdict = any("verdict" in r for r in validation["targets"].values())
-    cols = ["target", "float return", "int8 return", "int8 - float (95% CI)", "int8/float"]
-    cols += ["noise floor", "≠ floor"] if has_floor else []
+    cols = ["target (runtime)", "files: float / int8", "episodes", "float return", "int8 return",
+            "int8 - float (interval)", "band", "succ/fail/timeout float | int8"]
+    cols += ["≠ floor"] if has_floor else []
     cols += ["action err mean / max"] + (["verdict"] if has_verdict else [])
     for col in cols:
         table.add_column(col, justify="right")
     for target, r in validation["targets"].items():
         d = r["paired_difference"]
         ae = r["action_error"]["on_float_trajectory"]
-        row = [target, f"{r['float']['mean']:.1f} ± {r['float']['std']:.1f}",
+        v = r.get("verdict", {})
+        ret = v.get("returns", {})
+        iv = ret.get("interval", d["ci95"])
+        band = ret.get("band")
+        row = [f"{target} ({r.get('runtime', '?')})", f"{r.get('float_model', '?')} / {r.get('int8_model', '?')}",
+               str(len(r["float"]["returns"])),
+               f"{r['float']['mean']:.1f} ± {r['float']['std']:.1f}",
                f"{r['int8']['mean']:.1f} ± {r['int8']['std']:.1f}",
-               f"{d['mean']:+.4g} [{d['ci95'][0]:+.4g}, {d['ci95'][1]:+.4g}]",
-               "-" if d.get("ratio_of_means") is None else f"{d['ratio_of_means']:.4f}"]
+               f"{d['mean']:+.4g} {_interval(*iv)}", _interval(*band) if band else "-",
+               f"{_outcomes(r, 'float')} | {_outcomes(r, 'int8')}"]
         if has_floor:
             fl = r.get("noise_floor")
-            row += ([f"±{max(abs(fl['band'][0]), abs(fl['band'][1])):.2g}", "yes" if fl["distinguishable"] else "no"]
-                    if fl else ["-", "-"])
+            row += ["yes" if fl["distinguishable"] else "no"] if fl else ["-"]
         row.append(f"{ae['mean_abs']:.4f} / {ae['max_abs']:.4f}")
         if has_verdict:
-            v = r.get("verdict", {})
-            row.append("[bold green]PASS[/]" if v.get("passed") else "[bold red]FAIL[/]" if v else "-")
+            row.append(_status(v.get("status")))
         table.add_row(*row)
     console.print(table)
     for target, reason in validation.get("unavailable_targets", {}).items():
         console.print(f"{target}: unavailable here ({reason})", highlight=False)
     verdict = validation.get("verdict")
     if verdict:
-        style = "bold green" if verdict["passed"] else "bold red"
-        console.print(f"verdict: [{style}]{verdict['status']}[/]", highlight=False)
+        console.print(f"verdict: {_status(verdict['status'])} (exit code {verdict.get('exit_code')})", highlight=False)
         for target, r in validation["targets"].items():
-            for line in [*r.get("verdict", {}).get("reasons", []), r.get("verdict", {}).get("floor_text")]:
+            vd = r.get("verdict", {})
+            files = f"{target}, {r.get('float_model', '?')} vs {r.get('int8_model', '?')}"
+            for line in [*vd.get("reasons", []), vd.get("floor_text")]:
                 if line:
-                    console.print(f"  {target}: {line}", highlight=False, soft_wrap=True)
+                    console.print(f"  {files}: {line}", highlight=False, soft_wrap=True)
+            if vd.get("stop_reason"):
+                design = (r.get("episodes") or {}).get("design", {})
+                proc = design.get("returns_procedure", "")
+                console.print(f"  {target}: episodes: {vd['stop_reason']}" + (f"; returns judged by the {proc}"
+                                                                               if proc else ""),
+                              highlight=False, soft_wrap=True)
+            if vd.get("status") == "INCONCLUSIVE":
+                need = vd.get("needed_episodes")
+                console.print(f"  {target}: INCONCLUSIVE is not a pass: "
+                              + (f"about {need} paired episodes would decide at the observed spread "
+                                 f"(--max-episodes {need})" if need else
+                                 "more episodes are not expected to decide at the observed means; "
+                                 "reconsider the tolerance"), highlight=False, soft_wrap=True)
+        for r in validation["targets"].values():
+            for note in r.get("notes", []):
+                console.print(f"[bold yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     for target, r in validation["targets"].items():
         if "saturation" not in r and "perturbed" not in r:
             continue
@@ -163,13 +209,74 @@ def print_layer_choices(quantization: dict[str, Any]) -> None:
                       + ", ".join(f"{k} {v:.4f}" for k, v in stages.items()), highlight=False)
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line for any failure: the :class:`EdgeqError` message as written, an OS error with the file
+    and the fix, and anything else as an internal error that names its type (``--debug`` shows where)."""
+    if isinstance(exc, EdgeqError):
+        text = str(exc)
+    elif isinstance(exc, RecursionError):
+        text = ("input nested too deeply to read (Python's recursion limit): the file is corrupt or hostile; "
+                "pass a file written by its own tool")
+    elif isinstance(exc, MemoryError):
+        text = "out of memory: an input is larger than this machine can hold; pass a smaller file"
+    elif isinstance(exc, OSError):
+        text = describe_os_error(exc)
+    else:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        text = (f"unexpected {type(exc).__name__}: {first}; edgeq did not recognise this input (rerun with "
+                "--debug for the traceback and report it)")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return "; ".join(lines) or type(exc).__name__
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``PATH: reason (ERRNO)`` plus what to do about it."""
+    import errno
+
+    where = exc.filename if exc.filename is not None else "a file"
+    reason = exc.strerror or str(exc)
+    code = errno.errorcode.get(exc.errno or 0, "")
+    fix = {
+        errno.ENOSPC: "free disk space or choose another --out",
+        errno.EFBIG: "the file size limit (ulimit -f) is too low; raise it or choose another --out",
+        errno.EROFS: "the file system is read-only; choose a writable --out",
+        errno.EACCES: "no permission; choose a location you can write (or read) or fix its permissions",
+        errno.EPERM: "not permitted; choose a location you can write (or read)",
+        errno.ENOENT: "check the path",
+        errno.ENOTDIR: "a part of the path is a file, not a directory; choose another path",
+        errno.EISDIR: "expected a file, found a directory",
+        errno.EDQUOT: "disk quota exceeded; free space or choose another --out",
+    }.get(exc.errno or 0, "check the path and the file system")
+    return f"{where}: {reason}{f' ({code})' if code else ''}; {fix}"
+
+
+def is_debug() -> bool:
+    return bool(_state["debug"])
+
+
+def fail_one_line(message: str, code: int = 2) -> NoReturn:
+    """Print ``error: message`` (one line) on stderr and exit with ``code``."""
+    import sys
+
+    text = "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def run_guarded(fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; any failure becomes one line ``error: ...`` on stderr and exit status 2.
+
+    Exit statuses of every command: 0 success, 1 a verdict of FAIL (or rule violations in ``check``),
+    2 any error (bad input, unwritable output, a crash). ``--debug`` re-raises with the traceback.
+    """
     try:
         return fn()
-    except EdgeqError as exc:
+    except (typer.Exit, typer.Abort, TyperException):
+        raise
+    except Exception as exc:  # noqa: BLE001 - one error path for every failure
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(describe_error(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 

@@ -18,23 +18,30 @@ from edgeq.errors import EdgeqError
 def print_comparison(cmp: dict[str, Any]) -> None:
     lat = cmp.get("latency", {}).get("models", {})
     table = Table(title=f"edgeq compare on {cmp['env_id']} ({len(cmp['seeds'])} paired episodes, {cmp['target']})")
-    for col in ("model", "return", "- float (95% CI)", "≠ floor", "action err mean / max", "b1 median us",
-                "verdict"):
+    for col in ("model", "file", "return", "- float (interval)", "fail float / model", "≠ floor",
+                "action err mean / max", "b1 median us", "verdict"):
         table.add_column(col, justify="right")
     f = cmp["float"]
-    table.add_row("float (ref)", f"{f['mean']:.1f} ± {f['std']:.1f}", "-", "-", "-",
-                  f"{lat['float']['batch1']['median_us']:.1f}" if "float" in lat else "-", "-")
+    table.add_row("float (ref)", cmp["reference"].get("file", "-"), f"{f['mean']:.1f} ± {f['std']:.1f}", "-", "-", "-",
+                  "-", f"{lat['float']['batch1']['median_us']:.1f}" if "float" in lat else "-", "-")
     for name, r in cmp["candidates"].items():
         d = r["paired_difference"]
         ae = r["action_error"]["on_float_trajectory"]
         fl = r.get("noise_floor")
-        table.add_row(name, f"{r['int8']['mean']:.1f} ± {r['int8']['std']:.1f}",
-                      f"{d['mean']:+.3g} [{d['ci95'][0]:+.3g}, {d['ci95'][1]:+.3g}]",
+        v = r["verdict"]
+        lo, hi = v.get("returns", {}).get("interval", d["ci95"])
+        fails = v.get("failures", {})
+        table.add_row(name, r.get("file", "-"), f"{r['int8']['mean']:.1f} ± {r['int8']['std']:.1f}",
+                      f"{d['mean']:+.3g} [{lo:+.3g}, {hi:+.3g}]",
+                      f"{fails.get('float_failures', '-')} / {fails.get('int8_failures', '-')}",
                       ("yes" if fl["distinguishable"] else "no") if fl else "-",
                       f"{ae['mean_abs']:.3g} / {ae['max_abs']:.3g}",
                       f"{lat[name]['batch1']['median_us']:.1f}" if name in lat else "-",
-                      "[bold green]PASS[/]" if r["verdict"]["passed"] else "[bold red]FAIL[/]")
+                      {"PASS": "[bold green]PASS[/]", "FAIL": "[bold red]FAIL[/]"}.get(
+                          v["status"], f"[bold yellow]{v['status']}[/]"))
     console.print(table)
+    for w in cmp.get("warnings", []):
+        console.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -49,14 +56,16 @@ def compare(
     seed: Annotated[int, typer.Option(help="First seed.")] = 0,
     seeds: Annotated[str | None, typer.Option(help="Explicit seeds, e.g. '0-9,20'.")] = None,
     target: Annotated[str, typer.Option(help="Where to run: cpu, cuda or trt.")] = "cpu",
-    rel_tol: Annotated[float, typer.Option(help="PASS if within rel_tol x |float mean|.")] = 0.01,
+    rel_tol: Annotated[float, typer.Option(help="The band: a model may lose at most rel_tol x |float mean| (the "
+                                                "whole interval of model - float inside it).")] = 0.01,
     floor_draws: Annotated[int, typer.Option(help="Noise-floor draws; 0: off.")] = 3,
     latency_calls: Annotated[int, typer.Option(help="Batch-1 latency calls per model; 0: off.")] = 2000,
     per_layer: Annotated[bool, typer.Option(help="Per-layer SQNR (and ranking for edgeq bundles).")] = True,
     num_envs: Annotated[int, typer.Option(help="Environments stepped in parallel.")] = 8,
     out: Annotated[Path, typer.Option(help="Directory for compare.json, compare.html, compare.md.")
                    ] = Path("edgeq-compare"),
-    gate: Annotated[bool, typer.Option(help="Exit 1 if any model FAILs the tolerance.")] = False,
+    gate: Annotated[bool, typer.Option(help="Exit 1 if any model FAILs the tolerance, else 3 if any is "
+                                            "INCONCLUSIVE (like edgeq validate).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print compare.json instead of the table.")] = False,
 ) -> None:
     """Compare several quantized policies against one float reference on the same seeds (one table, one report)."""
@@ -70,7 +79,7 @@ def compare(
         label = [n.strip() for n in names.split(",")] if names else [None] * len(models)
         if len(label) != len(models):
             raise EdgeqError(f"--names has {len(label)} names for {len(models)} models")
-        cands = [load_candidate(m, n) for m, n in zip(models, label, strict=True)]
+        cands = [load_candidate(m, n, target=target) for m, n in zip(models, label, strict=True)]
         bundles = [c for c in cands if c.kind == "bundle"]
         env_ids = {c.manifest["env"]["id"] for c in bundles if c.manifest and c.manifest.get("env")}
         env_id = env or (bundles[0].manifest["env"]["id"] if bundles and bundles[0].manifest else None)
@@ -81,9 +90,9 @@ def compare(
         kwargs = parse_env_kwargs(env_kwargs) if env_kwargs else (
             bundles[0].manifest["env"].get("kwargs", {}) if bundles and bundles[0].manifest else {})
         if reference is not None:
-            ref = load_candidate(reference, "float", precision="fp32")
+            ref = load_candidate(reference, "float", precision="fp32", target=target)
         elif bundles and bundles[0].float_model is not None:
-            ref = load_candidate(bundles[0].model.parent, "float", precision="fp32")
+            ref = load_candidate(bundles[0].model.parent, "float", precision="fp32", target=target)
         else:
             raise EdgeqError("no bundle among the models: pass --reference FLOAT.onnx (the float policy)")
         make_env = env_factory(env_id, kwargs)
@@ -111,5 +120,6 @@ def compare(
     else:
         print_comparison(cmp)
         console.print(f"report: {out / 'compare.html'}", highlight=False)
-    failed = [n for n, r in cmp["candidates"].items() if not r["verdict"]["passed"]]
-    raise typer.Exit(1 if gate and failed else 0)
+    statuses = [r["verdict"]["status"] for r in cmp["candidates"].values()]
+    code = 1 if "FAIL" in statuses else 3 if "INCONCLUSIVE" in statuses else 0
+    raise typer.Exit(code if gate else 0)

@@ -32,7 +32,21 @@ def quantize(
     out: Annotated[Path, typer.Option("--out", help="Bundle directory to create.")],
     env: Annotated[str | None, typer.Option("--env", help="Gymnasium env id (e.g. HalfCheetah-v5) or module:callable. "
                                                           "Optional with --calib-data.")] = None,
-    episodes: Annotated[int, typer.Option(help="Paired validation episodes (float vs int8, same seeds).")] = 10,
+    episodes: Annotated[str, typer.Option(help="Paired validation episodes (float vs int8, same seeds): 'auto' "
+                                               "(batches until PASS or FAIL, at most --max-episodes) or a number.")
+                        ] = "auto",
+    max_episodes: Annotated[int, typer.Option(help="--episodes auto: at most this many paired episodes (then "
+                                                   "INCONCLUSIVE).")] = 200,
+    time_budget: Annotated[float | None, typer.Option(help="--episodes auto: stop adding batches after this many "
+                                                           "seconds of validation rollouts.")] = None,
+    rel_tol: Annotated[float, typer.Option(help="The band: int8 may lose at most rel_tol x |float mean| of return.")
+                       ] = 0.01,
+    abs_tol: Annotated[float | None, typer.Option(help="The band in return units instead of --rel-tol.")] = None,
+    fail_tol: Annotated[float, typer.Option(help="int8's failure rate may exceed float's by at most this (0.02 = 2 "
+                                                 "percentage points).")] = 0.02,
+    failure: Annotated[str | None, typer.Option(help="Which episode ends are failures: 'terminated' (default, or the "
+                                                     "recipe's 'failure'), 'none', or a predicate on the last step "
+                                                     "such as 'reward<=-100' or 'info.fell'.")] = None,
     seed: Annotated[int, typer.Option(help="First validation seed; episode k uses seed+k.")] = 0,
     recipe: Annotated[str | None, typer.Option(help="Calibration recipe: a YAML path or a name in calibration/.")
                       ] = None,
@@ -109,10 +123,13 @@ def quantize(
 ) -> None:
     """Calibrate, export and validate POLICY in one go; writes a bundle to --out."""
     from edgeq.calibration.collect import ExplorationNoise
+    from edgeq.commands.validate import parse_episodes
     from edgeq.envs import parse_env_kwargs
     from edgeq.pipeline import quantize as run_quantize
+    from edgeq.validate.verdict import Tolerance
 
     def go() -> Any:
+        tolerance = Tolerance(relative=rel_tol, absolute=abs_tol, fail_tol=fail_tol)
         params = {"percentile": percentile} if percentile is not None else None
         given = {"holdout_episodes": holdout_episodes, "transform": transform, "alpha": alpha,
                  "transform_layers": transform_layers, "dynamic": dynamic, "auto": auto, "rounding": rounding,
@@ -128,7 +145,9 @@ def quantize(
                                            epsilon=base.get("epsilon", 0.0) if noise_epsilon is None else noise_epsilon)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err_console, transient=True, disable=json_out or not err_console.is_terminal) as prog:
-            return run_quantize(policy, env, out, episodes=episodes, seed=seed, recipe=recipe, profile=profile,
+            return run_quantize(policy, env, out, episodes=parse_episodes(episodes), seed=seed,
+                                max_episodes=max_episodes, time_budget=time_budget, failure=failure,
+                                tolerance=tolerance, recipe=recipe, profile=profile,
                                 calibrator=calibrator, calibrator_params=params, weight_method=weight_method,
                                 calib_episodes=calib_episodes, exploration=exploration,
                                 vecnormalize=vecnormalize, env_kwargs=parse_env_kwargs(env_kwargs),

@@ -1,4 +1,8 @@
-"""``edgeq validate``: closed-loop float vs int8 verdict of a bundle, with exit code 0 PASS / 1 FAIL / 2 error."""
+"""``edgeq validate``: closed-loop float vs int8 verdict of a bundle.
+
+Exit code 0 PASS, 1 FAIL, 2 error (bad input, no target can run), 3 INCONCLUSIVE (not enough
+evidence either way; never a pass).
+"""
 
 from __future__ import annotations
 
@@ -25,12 +29,31 @@ from edgeq.commands._app import (
 from edgeq.errors import EdgeqError
 
 
-def parse_seeds(text: str | None, episodes: int, seed: int) -> list[int]:
-    """``--seeds "0-9,20,31"`` (ranges inclusive) or, without it, ``seed .. seed+episodes-1``."""
+def parse_episodes(text: str | int) -> int | str:
+    """``--episodes``: ``"auto"`` or a positive integer."""
+    if isinstance(text, int) or str(text).strip().lower() != "auto":
+        try:
+            n = int(text)
+        except ValueError:
+            raise EdgeqError(f"--episodes {text!r}: expected 'auto' or a positive integer such as 20") from None
+        if n < 1:
+            raise EdgeqError(f"--episodes must be >= 1 or 'auto', got {n}")
+        return n
+    return "auto"
+
+
+def parse_seeds(text: str | None, episodes: int | str, seed: int, max_episodes: int = 200) -> list[int]:
+    """``--seeds "0-9,20,31"`` (ranges inclusive) or, without it, ``seed .. seed+episodes-1``.
+
+    With ``episodes="auto"`` the seeds available to the sequential loop: ``seed .. seed+max_episodes-1``.
+    """
     if not text:
-        if episodes < 1:
-            raise EdgeqError(f"--episodes must be >= 1, got {episodes}")
-        return list(range(seed, seed + episodes))
+        n = parse_episodes(episodes)
+        if n == "auto":
+            if max_episodes < 1:
+                raise EdgeqError(f"--max-episodes must be >= 1, got {max_episodes}")
+            return list(range(seed, seed + max_episodes))
+        return list(range(seed, seed + int(n)))
     out: list[int] = []
     for part in text.split(","):
         part = part.strip()
@@ -91,8 +114,13 @@ def print_details(validation: dict[str, Any]) -> None:
 
 
 VALIDATE_HELP = (
-    "Roll a bundle's float and int8 policies out on the same seeds on each target; PASS/FAIL is the exit code "
-    "(0: PASS on every validated target, 1: FAIL, 2: error such as a bad bundle or no target able to run).\n\n"
+    "Roll a bundle's float and int8 policies out on the same seeds on each target; the verdict is the exit code "
+    "(0: PASS on every validated target, 1: FAIL on one, 3: INCONCLUSIVE (too few episodes to tell; never a pass), "
+    "2: error such as a bad bundle or no target able to run).\n\n"
+    "PASS needs the whole 95% interval of int8 - float inside the band (default: a loss of at most 1% of |float mean|) "
+    "and int8's failure rate at most --fail-tol above float's (exact McNemar on the seeds where only one failed). "
+    "--episodes auto (default) adds paired episodes in batches until PASS or FAIL, with a confidence sequence valid "
+    "under repeated looks, up to --max-episodes or --time-budget.\n\n"
     "Measured: paired returns with a bootstrap 95% CI and the verdict; the noise floor (float re-rolled with 1e-6 "
     "action noise, --floor-draws draws); action error and trajectory divergence; the sensitivity curve (float "
     "return under growing action noise, 6 levels x --sensitivity-draws extra rollouts: the most expensive part, "
@@ -105,19 +133,33 @@ VALIDATE_HELP = (
 @app.command(help=VALIDATE_HELP)
 def validate(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory made by 'edgeq quantize'.")],
-    episodes: Annotated[int, typer.Option(help="Paired episodes (seeds seed .. seed+episodes-1).")] = 10,
+    episodes: Annotated[str, typer.Option(help="Paired episodes: 'auto' (batches until PASS or FAIL, at most "
+                                               "--max-episodes) or a number N (seeds seed .. seed+N-1, one look).")
+                        ] = "auto",
+    max_episodes: Annotated[int, typer.Option(help="--episodes auto: at most this many paired episodes per target "
+                                                   "(then INCONCLUSIVE).")] = 200,
+    min_episodes: Annotated[int, typer.Option(help="--episodes auto: episodes before the first decision.")] = 30,
+    time_budget: Annotated[float | None, typer.Option(help="--episodes auto: stop adding batches after this many "
+                                                           "seconds of rollouts per target (then INCONCLUSIVE).")
+                           ] = None,
     seed: Annotated[int, typer.Option(help="First seed.")] = 0,
-    seeds: Annotated[str | None, typer.Option(help="Explicit seeds, e.g. '0-9,20' (overrides --episodes/--seed).")
-                     ] = None,
+    seeds: Annotated[str | None, typer.Option(help="Explicit seeds, e.g. '0-9,20': exactly these, one look "
+                                                   "(overrides --episodes/--seed).")] = None,
     targets: Annotated[str, typer.Option(help="Comma-separated targets among cpu,cuda,trt; unavailable ones are "
                                               "reported and skipped.")] = "cpu,cuda,trt",
-    rel_tol: Annotated[float, typer.Option(help="PASS if |int8 mean - float mean| <= rel_tol x |float mean|.")
+    rel_tol: Annotated[float, typer.Option(help="The band: int8 may lose at most rel_tol x |float mean| of return "
+                                                "(the whole 95% interval of int8 - float must lie inside).")
                        ] = 0.01,
-    abs_tol: Annotated[float | None, typer.Option(help="Also PASS if |int8 - float| <= this (return units).")
-                       ] = None,
-    ci_pass: Annotated[bool, typer.Option("--ci-pass/--no-ci-pass",
-                                          help="Also PASS when the paired 95% CI contains 0.")] = True,
-    one_sided: Annotated[bool, typer.Option(help="Only a lower int8 return counts against it.")] = False,
+    abs_tol: Annotated[float | None, typer.Option(help="The band in return units instead of --rel-tol.")] = None,
+    one_sided: Annotated[bool, typer.Option("--one-sided/--two-sided", help="One-sided (default): only a loss "
+                                            "counts; two-sided: a gain beyond the band fails too.")] = True,
+    fail_tol: Annotated[float, typer.Option(help="int8's failure rate may exceed float's by at most this (0.02 = 2 "
+                                                 "percentage points).")] = 0.02,
+    failure: Annotated[str | None, typer.Option(help="Which episode ends are failures: 'terminated' (default: a "
+                                                     "termination, not a time-out), 'none', or a predicate on the "
+                                                     "last step such as 'reward<=-100' or 'info.fell'.")] = None,
+    ci_pass: Annotated[bool | None, typer.Option("--ci-pass/--no-ci-pass", hidden=True,
+                                                 help="Removed: a CI that contains 0 is not a pass.")] = None,
     floor_draws: Annotated[int, typer.Option(help="Noise-floor draws (float + 1e-6 action noise); 0: off.")] = 5,
     sensitivity: Annotated[bool, typer.Option(help="Float return vs injected action noise (error budget).")
                            ] = True,
@@ -138,23 +180,38 @@ def validate(
     json_out: Annotated[bool, typer.Option("--json", help="Print validation.json instead of the tables.")] = False,
 ) -> None:
     """Validate a bundle in closed loop (help text: :data:`VALIDATE_HELP`)."""
+    from edgeq.validate.sequential import episode_design, fixed_design
     from edgeq.validate.targets import parse_targets
     from edgeq.validate.validator import ValidationOptions, save_validation, validate_bundle
     from edgeq.validate.verdict import Tolerance
 
+    if ci_pass is not None:
+        if ci_pass:
+            err_console.print("[bold red]error:[/] --ci-pass was removed: a 95% interval that contains 0 is not "
+                              "evidence that int8 keeps the return (with few episodes it always contains 0). "
+                              "PASS now needs the whole interval inside the band (--rel-tol / --abs-tol); drop "
+                              "the flag", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+        err_console.print("[yellow]deprecated:[/] --no-ci-pass has no effect and will be removed: a CI containing 0 "
+                          "never passes now", highlight=False, soft_wrap=True)
+
     def go() -> tuple[dict[str, Any], dict[str, Any]]:
-        seed_list = parse_seeds(seeds, episodes, seed)
-        tol = Tolerance(relative=rel_tol, absolute=abs_tol, ci_passes=ci_pass, one_sided=one_sided)
+        design = (fixed_design() if seeds else
+                  episode_design(parse_episodes(episodes), max_episodes=max_episodes, time_budget=time_budget,
+                                 min_episodes=min_episodes))
+        seed_list = parse_seeds(seeds, episodes, seed, max_episodes)
+        tol = Tolerance(relative=rel_tol, absolute=abs_tol, one_sided=one_sided, fail_tol=fail_tol)
         base = ValidationOptions.light() if quick else ValidationOptions(
             floor_draws=floor_draws, sensitivity=sensitivity, sensitivity_draws=sensitivity_draws,
             per_layer=per_layer, latency_calls=latency_calls, latency_large_batch=large_batch)
         from dataclasses import replace
 
-        opts = replace(base, targets=tuple(parse_targets(targets)), tolerance=tol, num_envs=num_envs,
+        opts = replace(base, targets=tuple(parse_targets(targets)), tolerance=tol, num_envs=num_envs, design=design,
                        executor=executor_config(executor, workers, ray_address))
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err_console, transient=True, disable=json_out or not err_console.is_terminal) as prog:
-            val, manifest = validate_bundle(bundle, seeds=seed_list, options=opts, progress=progress_factory(prog))
+            val, manifest = validate_bundle(bundle, seeds=seed_list, options=opts, progress=progress_factory(prog),
+                                            failure=failure)
             prog.add_task("writing report", total=None)
             dest = out if out is not None else bundle
             save_validation(dest, val, manifest, report=report, update_manifest=out is None)

@@ -12,6 +12,10 @@ A bundle is a directory::
                           listed in the manifest's ``cpu_float_layers``)
     policy.int8.cuda.onnx the same arithmetic specialized for ONNX Runtime's CUDA provider
     validation.json     paired float/int8 rollouts (written by the validator)
+    (manifest "decision")  format 2: the verdict (PASS / FAIL / INCONCLUSIVE), the procedure that
+                        reached it and its parameters, episodes used, failure counts per target
+    plan.json           the quantization plan (choices and int8 weights, scales, biases, input
+                        scalings; no metrics): ``edgeq.quantizers.plan.QuantPlan.from_bundle``
     *.engine            optional TensorRT engines, each described in ``manifest["engines"]``
 
 Readers must accept any ``format_version`` up to :data:`FORMAT_VERSION` (bundles made by an older
@@ -28,13 +32,18 @@ from typing import Any
 from edgeq.errors import BundleError
 from edgeq.hashing import sha256_of
 
-FORMAT_VERSION = 1
+#: 2: the manifest records the validation ``decision`` (three-way verdict, procedure, episodes,
+#: failure counts); 1: no decision (bundles made before edgeq's equivalence verdict; still load).
+FORMAT_VERSION = 2
+#: the verdict states a ``decision`` may hold
+DECISION_STATUSES = ("PASS", "FAIL", "INCONCLUSIVE")
 MANIFEST = "manifest.json"
 FLOAT_MODEL = "policy.fp32.onnx"
 INT8_MODEL = "policy.int8.onnx"
 INT8_CPU_MODEL = "policy.int8.cpu.onnx"
 INT8_CUDA_MODEL = "policy.int8.cuda.onnx"
 VALIDATION = "validation.json"
+PLAN = "plan.json"
 #: Precisions a bundle may hold an ONNX model for (``manifest["models"]`` keys).
 PRECISIONS = ("int8", "fp32")
 
@@ -112,6 +121,10 @@ def check_manifest(manifest: dict[str, Any], path: Path = Path(MANIFEST)) -> Non
         raise BundleError(f"{path}: models is empty, expected at least one of {PRECISIONS}")
     for precision, name in models.items():
         _check_name(name, f"models.{precision}", path)
+    decision = manifest.get("decision")
+    if decision is not None and (not isinstance(decision, dict) or decision.get("status") not in DECISION_STATUSES):
+        got = decision.get("status") if isinstance(decision, dict) else decision
+        raise BundleError(f"{path}: decision.status is {got!r}, expected one of {', '.join(DECISION_STATUSES)}")
     engines = manifest.get("engines", [])
     if not isinstance(engines, list):
         raise BundleError(f"{path}: engines is {type(engines).__name__}, expected a list of engine records")

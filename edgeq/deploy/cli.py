@@ -49,7 +49,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     _print({"bundle": str(args.bundle), "format_version": m["format_version"], "edgeq_version": m.get("edgeq_version"),
             "env": m.get("env", {}).get("id"), "algorithm": m.get("source", {}).get("algorithm"),
             "models": m["models"], "engines": [e.get("file") for e in m.get("engines", [])],
-            "files_verified": sorted(m["files"])})
+            "decision": (m.get("decision") or {}).get("status"), "files_verified": sorted(m["files"])})
     return 0
 
 

@@ -141,3 +141,4 @@ def layers_to_onnx(layers: list[Layer], obs_dim: int, act_dim: int, graph_name: 
     g.output(x, ACTIONS_OUTPUT)
     return g.make_model([(OBS_INPUT, ["batch", obs_dim])], [(ACTIONS_OUTPUT, ["batch", act_dim])],
                         metadata=metadata)
+

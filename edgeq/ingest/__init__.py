@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgeq.errors import PolicyFormatError
+from edgeq.errors import EdgeqError, PolicyFormatError
 from edgeq.policy import FloatPolicy
 
 if TYPE_CHECKING:
@@ -30,10 +30,31 @@ def load_policy(path: str | Path, **options: Any) -> FloatPolicy:
       TorchScript is code: pass only files you trust.
 
     Options that do not apply to the file's kind and are None are ignored.
+
+    Any failure is a :class:`PolicyFormatError` naming the file (an unexpected exception inside a
+    reader too: a file that makes a reader crash is a file edgeq cannot read).
     """
     p = Path(path)
     if not p.exists():
         raise PolicyFormatError(f"{p}: no such file (expected {_EXPECTED})")
+    if not p.is_file():
+        raise PolicyFormatError(f"{p}: not a regular file (expected {_EXPECTED})")
+    try:
+        return _load_by_kind(p, options)
+    except EdgeqError:
+        raise
+    except RecursionError:
+        raise PolicyFormatError(f"{p}: nested too deeply to read; the file is corrupt") from None
+    except MemoryError:
+        raise PolicyFormatError(f"{p}: reading it needs more memory than this machine has; the file is corrupt "
+                                "or not a policy") from None
+    except Exception as exc:  # noqa: BLE001 - every reader failure names the file
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise PolicyFormatError(f"{p}: cannot be read as a policy ({type(exc).__name__}: {first}); the file is "
+                                f"corrupt or not supported (expected {_EXPECTED})") from None
+
+
+def _load_by_kind(p: Path, options: dict[str, Any]) -> FloatPolicy:
     suffix = p.suffix.lower()
     if suffix == ".zip":
         from edgeq.ingest.sb3_recurrent import is_recurrent_archive

@@ -41,6 +41,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeq.errors import PolicyFormatError
 from edgeq.graph.analysis import find_weighted_layers
+from edgeq.ingest.limits import MAX_WIDTH, check_elements, check_file_size
 from edgeq.policy import ACTIONS_OUTPUT, OBS_INPUT, FloatPolicy, PolicySource
 from edgeq.spaces import BoxSpec
 
@@ -51,6 +52,8 @@ BATCH = "batch"
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 #: Ops whose outputs are folded when all their inputs are constants. Shape-producing ops are left
 #: alone: folding them would freeze a batch size.
+#: Most nodes of a policy graph edgeq ingests.
+MAX_NODES = 20_000
 _FOLDABLE = {"Identity", "Transpose", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Mul", "Add", "Sub", "Div",
              "Neg", "Sqrt", "Reciprocal", "Concat", "MatMul", "Gemm", "Gather", "Slice", "Flatten"}
 _MAX_FOLD_ELEMENTS = 1 << 24
@@ -493,6 +496,26 @@ def policy_from_normalized(model: onnx.ModelProto, report: NormalizationReport, 
     return FloatPolicy(model=model, obs_space=obs_space, action_space=action_space, source=source)
 
 
+def check_onnx_limits(model: onnx.ModelProto, origin: str) -> None:
+    """Refuse graphs whose declared sizes no policy has (before anything is allocated for them): a graph
+    input, output or intermediate dimension above :data:`~edgeq.ingest.limits.MAX_WIDTH` (batch axes
+    included), an initializer above :data:`~edgeq.ingest.limits.MAX_TENSOR_ELEMENTS` elements, more than
+    :data:`MAX_NODES` nodes."""
+    if len(model.graph.node) > MAX_NODES:
+        raise PolicyFormatError(f"{origin}: {len(model.graph.node)} nodes, above edgeq's limit of {MAX_NODES}")
+    for kind, values in (("input", model.graph.input), ("output", model.graph.output),
+                         ("value_info", model.graph.value_info)):
+        for vi in values:
+            dims = [d.dim_value for d in vi.type.tensor_type.shape.dim if d.HasField("dim_value")]
+            for d in dims:
+                if d > MAX_WIDTH:
+                    raise PolicyFormatError(f"{origin}: {kind} {vi.name!r} has dimension {d} (shape {dims}), above "
+                                            f"edgeq's limit of {MAX_WIDTH} (a corrupt or hostile file)")
+            check_elements(dims, f"{origin}: {kind} {vi.name!r}")
+    for t in model.graph.initializer:
+        check_elements(list(t.dims), f"{origin}: initializer {t.name!r}")
+
+
 def load_onnx_policy(path: str | Path, *, input_name: str | None = None, output_name: str | None = None,
                      obs_dim: int | None = None, action_low: float | Sequence[float] | None = None,
                      action_high: float | Sequence[float] | None = None) -> FloatPolicy:
@@ -506,11 +529,13 @@ def load_onnx_policy(path: str | Path, *, input_name: str | None = None, output_
     p = Path(path)
     if not p.is_file():
         raise PolicyFormatError(f"{p}: no such file (expected an ONNX policy file)")
+    check_file_size(p, "ONNX policy")
     data = p.read_bytes()
     try:
         model = onnx.load_model_from_string(data)
     except Exception as exc:  # noqa: BLE001 - protobuf DecodeError and friends
-        raise PolicyFormatError(f"{p}: not a valid ONNX model ({type(exc).__name__}: {exc})") from None
+        raise PolicyFormatError(f"{p}: not a valid ONNX model ({type(exc).__name__}: {str(exc)[:200]})") from None
+    check_onnx_limits(model, str(p))
     external = sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
     try:
         from onnx.external_data_helper import load_external_data_for_model

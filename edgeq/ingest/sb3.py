@@ -34,6 +34,7 @@ from edgeq.graph.layers import (
     fold_affines,
     layers_to_onnx,
 )
+from edgeq.ingest.limits import MAX_LAYERS, check_layers
 from edgeq.ingest.safe_pickle import global_name
 from edgeq.ingest.sb3_archive import SB3Archive, read_archive
 from edgeq.ingest.vecnormalize import ObsNormalization, default_vecnormalize_path, read_vecnormalize
@@ -102,6 +103,9 @@ def _sequential(sd: dict[str, np.ndarray], prefix: str, activation: str, *, trai
             idx.setdefault(int(m.group(1)), {})[m.group(2)] = value
     if not idx:
         return []
+    if max(idx) >= MAX_LAYERS:
+        raise PolicyFormatError(f"policy.pth key {prefix}.{max(idx)}.*: layer index {max(idx)} is above edgeq's "
+                                f"limit of {MAX_LAYERS} layers per network (a corrupt or hostile state dict)")
     layers: list[Layer] = []
     for i in range(max(idx) + 1):
         params = idx.get(i)
@@ -202,7 +206,12 @@ def load_sb3(path: str | Path, *, vecnormalize: str | Path | None = None, algori
     if len(obs_space.shape) != 1 or len(action_space.shape) != 1:
         raise PolicyFormatError(f"{archive.path}: observation shape {obs_space.shape} / action shape "
                                 f"{action_space.shape}; expected 1-D vectors")
-    layers, info = actor_layers(archive, algo)
+    try:
+        layers, info = actor_layers(archive, algo)
+    except PolicyFormatError as exc:
+        if str(archive.path) in str(exc):
+            raise
+        raise PolicyFormatError(f"{archive.path}: {exc}") from None
     first = next(layer for layer in layers if isinstance(layer, Linear))
     if first.weight.shape[1] != obs_space.size:
         raise PolicyFormatError(f"{archive.path}: first layer takes {first.weight.shape[1]} inputs but the "
@@ -220,6 +229,7 @@ def load_sb3(path: str | Path, *, vecnormalize: str | Path | None = None, algori
         layers = [Normalize("obs_norm", norm.mean.astype(np.float32), norm.std.astype(np.float32),
                             norm.clip_obs)] + layers
         preprocess = {"normalize": {"source": str(vn_path), "clip": norm.clip_obs, "epsilon": norm.epsilon}}
+    check_layers(layers, obs_space.size, action_space.size, f"{archive.path}: policy.pth")
     folded: list[str] = []
     if fold_batchnorm:
         layers, folded = fold_affines(layers, keep_leading=True)

@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,13 @@ import numpy as np
 
 from edgeq.errors import PolicyFormatError
 from edgeq.hashing import sha256_of
+from edgeq.ingest.limits import (
+    MAX_DATA_ENTRY_BYTES,
+    MAX_WEIGHTS_ENTRY_BYTES,
+    check_dim,
+    check_elements,
+    check_file_size,
+)
 from edgeq.ingest.safe_pickle import GlobalRef, global_name, inert_loads
 from edgeq.spaces import BoxSpec, parse_numpy_repr, parse_shape
 
@@ -56,6 +64,8 @@ class SB3Archive:
                 f"{self.path}: {name} is a {kind or type_str} space; edgeq supports continuous Box spaces "
                 "(expected gymnasium.spaces.Box)")
         shape = parse_shape(raw.get("_shape", raw.get("shape")), f"{self.path}: {name}.shape")
+        check_elements(shape, f"{self.path}: data field {name}")
+        check_dim(int(np.prod(shape)) if shape else 1, f"{self.path}: {name} size")
         low = parse_numpy_repr(str(raw.get("low")), shape, f"{self.path}: {name}.low")
         high = parse_numpy_repr(str(raw.get("high")), shape, f"{self.path}: {name}.high")
         return BoxSpec(shape, low, high, str(raw.get("dtype", "float32")))
@@ -98,27 +108,51 @@ def read_archive(path: str | Path) -> SB3Archive:
     if not zipfile.is_zipfile(p):
         raise PolicyFormatError(f"{p}: not a zip archive (expected a Stable-Baselines3 .zip with 'data' and "
                                 "'policy.pth')")
+    check_file_size(p, "policy archive")
     try:
         with zipfile.ZipFile(p) as zf:
-            names = set(zf.namelist())
+            infos = {i.filename: i for i in zf.infolist()}
+            names = set(infos)
             for needed in ("data", "policy.pth"):
                 if needed not in names:
-                    raise PolicyFormatError(f"{p}: archive has no {needed!r} entry (found {sorted(names)}); "
+                    raise PolicyFormatError(f"{p}: archive has no {needed!r} entry (found {sorted(names)[:10]}); "
                                             "expected a Stable-Baselines3 model archive")
+            for name, cap in (("data", MAX_DATA_ENTRY_BYTES), ("policy.pth", MAX_WEIGHTS_ENTRY_BYTES),
+                              ("_stable_baselines3_version", 1 << 10)):
+                if name in infos and infos[name].file_size > cap:
+                    raise PolicyFormatError(f"{p}: entry {name!r} declares {infos[name].file_size} bytes "
+                                            f"uncompressed, above edgeq's limit of {cap} (a corrupt or hostile "
+                                            "archive; a real one is far smaller)")
             data = json.loads(zf.read("data").decode("utf-8"))
             raw_policy = zf.read("policy.pth")
             version = zf.read("_stable_baselines3_version").decode().strip() \
                 if "_stable_baselines3_version" in names else None
     except PolicyFormatError:
         raise
-    except (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-        raise PolicyFormatError(f"{p}: corrupt archive: {exc}") from None
+    except RecursionError:
+        raise PolicyFormatError(f"{p}: entry 'data' is JSON nested too deeply to read; the archive is corrupt "
+                                "(save the model again with model.save)") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, json.JSONDecodeError, UnicodeDecodeError, OSError,
+            NotImplementedError, EOFError, ValueError, RuntimeError, zlib.error) as exc:
+        raise PolicyFormatError(f"{p}: corrupt archive: {type(exc).__name__}: {str(exc)[:200]}") from None
+    if not isinstance(data, dict):
+        raise PolicyFormatError(f"{p}: entry 'data' holds a JSON {type(data).__name__}, expected an object of "
+                                "model fields (is this a Stable-Baselines3 archive?)")
     try:
         state = torch.load(io.BytesIO(raw_policy), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
         raise PolicyFormatError(f"{p}: policy.pth cannot be read as a weights-only torch state dict: "
-                                f"{str(exc).splitlines()[0]}") from None
+                                f"{(str(exc).splitlines() or [''])[0][:200]}") from None
     if not isinstance(state, dict):
         raise PolicyFormatError(f"{p}: policy.pth holds {type(state).__name__}, expected a state dict")
-    arrays = {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}
+    arrays: dict[str, np.ndarray] = {}
+    for k, v in state.items():
+        if not hasattr(v, "detach"):
+            continue
+        if not isinstance(k, str):
+            raise PolicyFormatError(f"{p}: policy.pth has a key of type {type(k).__name__}, expected strings")
+        check_elements(tuple(int(d) for d in v.shape), f"{p}: policy.pth tensor {k!r}")
+        if not (v.is_floating_point() or v.dtype in (torch.int64, torch.int32, torch.bool)):
+            raise PolicyFormatError(f"{p}: policy.pth tensor {k!r} has dtype {v.dtype}; expected float weights")
+        arrays[k] = v.detach().cpu().contiguous().numpy()
     return SB3Archive(p, sha256_of(p), data, arrays, version)

@@ -34,11 +34,17 @@ RECURRENT_POLICY_CLASSES = ("RecurrentActorCriticPolicy",)
 
 def is_recurrent_archive(path: str | Path) -> bool:
     """True when an SB3 ``.zip`` holds an sb3-contrib recurrent policy (reads only ``data``'s JSON)."""
+    from edgeq.ingest.limits import MAX_DATA_ENTRY_BYTES
+
     try:
         with zipfile.ZipFile(path) as zf:
+            if zf.getinfo("data").file_size > MAX_DATA_ENTRY_BYTES:
+                return False  # the SB3 loader reports the oversized entry
             data = json.loads(zf.read("data").decode("utf-8"))
-    except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError):
-        return False  # the SB3 loader reports what is wrong with the file
+    except Exception:  # noqa: BLE001 - the SB3 loader reports what is wrong with the file
+        return False
+    if not isinstance(data, dict):
+        return False
     raw = data.get("policy_class")
     module = str(raw.get("__module__", "")) if isinstance(raw, dict) else str(raw or "")
     return "recurrent" in module.lower()

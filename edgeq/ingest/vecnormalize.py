@@ -14,7 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.errors import PolicyFormatError
+from edgeq.ingest.limits import MAX_WIDTH, check_file_size
 from edgeq.ingest.safe_pickle import GlobalRef, inert_loads
+
+#: Largest vecnormalize.pkl edgeq reads (a real one is a few KiB).
+MAX_PICKLE_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,9 @@ def default_vecnormalize_path(archive: Path) -> Path:
 def read_vecnormalize(path: str | Path) -> ObsNormalization | None:
     """Return the observation normalization in ``path``, or None if it does not normalize obs."""
     p = Path(path)
-    if not p.exists():
+    if not p.is_file():
         raise PolicyFormatError(f"{p}: no such file (expected an SB3 vecnormalize.pkl)")
+    check_file_size(p, "vecnormalize.pkl", MAX_PICKLE_BYTES)
     try:
         obj = inert_loads(p.read_bytes())
     except Exception as exc:  # noqa: BLE001 - any decoding failure is a format problem
@@ -57,9 +62,39 @@ def read_vecnormalize(path: str | Path) -> ObsNormalization | None:
     if isinstance(rms, dict):
         raise PolicyFormatError(f"{p}: obs_rms is a dict (Dict observation spaces are not supported; "
                                 "expected one RunningMeanStd)")
+    if not isinstance(rms, GlobalRef):
+        raise PolicyFormatError(f"{p}: obs_rms is {type(rms).__name__}, expected a pickled RunningMeanStd")
     mean, var = rms.field("mean"), rms.field("var")
-    if not isinstance(mean, np.ndarray) or not isinstance(var, np.ndarray):
-        raise PolicyFormatError(f"{p}: obs_rms.mean / obs_rms.var are not numpy arrays")
-    return ObsNormalization(mean=mean.astype(np.float64), var=var.astype(np.float64),
-                            epsilon=float(obj.field("epsilon", 1e-8)),
-                            clip_obs=float(obj.field("clip_obs", 10.0)), source=str(p))
+    arrays = {}
+    for name, value in (("mean", mean), ("var", var)):
+        if not isinstance(value, np.ndarray) or value.dtype.kind not in "fiu":
+            kind = f"{value.dtype} array" if isinstance(value, np.ndarray) else type(value).__name__
+            raise PolicyFormatError(f"{p}: obs_rms.{name} is {kind}, expected a numpy array of floats")
+        if value.ndim != 1 or value.size > MAX_WIDTH:
+            raise PolicyFormatError(f"{p}: obs_rms.{name} has shape {value.shape}, expected a vector (one value per "
+                                    "observation feature)")
+        arrays[name] = value.astype(np.float64)
+        if not np.all(np.isfinite(arrays[name])):
+            raise PolicyFormatError(f"{p}: obs_rms.{name} holds NaN/inf values; the normalization is broken "
+                                    "(use the vecnormalize.pkl saved with a healthy model)")
+    if arrays["mean"].shape != arrays["var"].shape:
+        raise PolicyFormatError(f"{p}: obs_rms.mean has shape {arrays['mean'].shape} but obs_rms.var "
+                                f"{arrays['var'].shape}; expected the same")
+    if np.any(arrays["var"] < 0):
+        raise PolicyFormatError(f"{p}: obs_rms.var has negative values ({arrays['var'].min():.3g}); a variance is "
+                                ">= 0: the file is corrupt")
+    scalars = {}
+    for name, default, low in (("epsilon", 1e-8, 0.0), ("clip_obs", 10.0, 0.0)):
+        value = obj.field(name, default)
+        if isinstance(value, np.ndarray) and value.size == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+            raise PolicyFormatError(f"{p}: {name} is {type(value).__name__}, expected a number")
+        value = float(value)
+        if not np.isfinite(value) or value <= low:
+            raise PolicyFormatError(f"{p}: {name} is {value}, expected a finite number > {low}")
+        scalars[name] = value
+    if not np.all(arrays["var"] + scalars["epsilon"] > 0):
+        raise PolicyFormatError(f"{p}: obs_rms.var + epsilon is 0 for some feature; expected positive")
+    return ObsNormalization(mean=arrays["mean"], var=arrays["var"], epsilon=scalars["epsilon"],
+                            clip_obs=scalars["clip_obs"], source=str(p))

@@ -116,6 +116,20 @@ class QuantOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        import math
+
+        from edgeq.calibration.calibrators import CALIBRATORS
+        from edgeq.quantizers.weights import WEIGHT_QUANTIZERS
+
+        if self.calibrator not in CALIBRATORS:
+            raise ValueError(f"calibrator {self.calibrator!r} is unknown; expected one of {', '.join(CALIBRATORS)}")
+        pct = dict(self.calibrator_params).get("percentile")
+        pct_ok = isinstance(pct, (int, float)) and math.isfinite(pct) and 0.0 < pct <= 100.0
+        if self.calibrator == "percentile" and pct is not None and not pct_ok:
+            raise ValueError(f"percentile {pct!r} is out of range; expected a number in (0, 100], e.g. 99.99")
+        if self.weight_method not in WEIGHT_QUANTIZERS:
+            raise ValueError(f"weight method {self.weight_method!r} is unknown; expected one of "
+                             f"{', '.join(sorted(WEIGHT_QUANTIZERS))}")
         if self.transform not in ("none", "crossquant", "equalize"):
             raise ValueError(f"transform must be none, crossquant or equalize, got {self.transform!r}")
         if self.transform_layers not in TRANSFORM_LAYERS:
@@ -239,11 +253,10 @@ class _Builder:
                 layer = replace(layer, scheme="crossquant-dynamic", dynamic_alpha=float(ch.alpha or 0.0),
                                 dynamic_factors=d, weight=qw)
             layers.append(replace(layer, choice={"label": ch.label, **ch.to_json()}))
-        plan.layers = layers
+        plan = replace(plan, layers=layers)
         # drop activation entries no static layer uses (dynamic layers quantize at run time)
         used = {la.input for la in plan.int8_layers() if la.scheme == "static"}
-        plan.activations = {k: v for k, v in plan.activations.items() if k in used}
-        return plan
+        return replace(plan, activations={k: v for k, v in plan.activations.items() if k in used})
 
     # -- stages --------------------------------------------------------------------------------
     def initial_choices(self) -> dict[str, LayerChoice]:
@@ -314,7 +327,7 @@ class _Builder:
             plan = replace(plan, layers=[new if la.node == layer.node else la for la in plan.layers])
         return plan, report
 
-    def kernels(self, plan: QuantPlan) -> None:
+    def kernels(self, plan: QuantPlan) -> QuantPlan:
         """Fill each int8 layer's quantization kernel (and the plain per-tensor one) on calibration states."""
         work = apply_input_scalings(self.model, plan.transforms) if plan.transforms else self.model
         names = list(dict.fromkeys(la.input for la in plan.int8_layers()))
@@ -337,7 +350,7 @@ class _Builder:
                     k = quantization_kernel_fraction(x, plan.activations[la.input].amax)
                 la = replace(la, kernel=k, kernel_per_tensor=base)
             layers.append(la)
-        plan.layers = layers
+        return replace(plan, layers=layers)
 
 
 def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOptions | None = None, *,
@@ -397,9 +410,9 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
                 records[n]["chosen"] = wrec[n]["chosen"]
                 records[n]["heldout_action_error"] = wrec[n]["heldout_action_error"]
         plan = b.materialize(choices)
-        for la in plan.layers:
-            if la.node in records and la.choice is not None:
-                la.choice = {**la.choice, "search": records[la.node]}
+        plan = replace(plan, layers=[replace(la, choice={**la.choice, "search": records[la.node]})
+                                     if la.node in records and la.choice is not None else la
+                                     for la in plan.layers])
         errors["auto"] = b.scorer(plan)
     current = b.scorer(plan) if not opt.auto else errors["auto"]
     stage_reports: dict[str, Any] = {}
@@ -418,7 +431,7 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
         stage_reports["fp16_fallback"] = rep
         current = rep["error_after"]
         errors["fp16_fallback"] = current
-    b.kernels(plan)
+    plan = b.kernels(plan)
     final = b.scorer.summary(plan)
     plan.settings.update({"options": opt.to_json(), "tensorrt_compatible": plan.tensorrt_compatible})
     plan.metrics.update({

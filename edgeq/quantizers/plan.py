@@ -8,6 +8,14 @@ calibration statistics by :func:`make_plan` (one calibrator for every tensor) or
 fp16 fallback), printed in the summary, saved in the manifest, and applied to the float graph by
 :func:`edgeq.export.qdq.apply_plan`.
 
+A plan is frozen data and round-trips: :meth:`QuantPlan.to_dict` holds the choices (settings, per-layer
+precision, scheme, calibrator and search records) and the artifact (int8 weights and their scales,
+corrected biases, input-scaling factors, activation thresholds) exactly, with no metrics;
+:meth:`QuantPlan.from_dict` reads it back. A bundle stores it as ``plan.json`` (its metrics stay in the
+manifest's ``quantization`` report), and :meth:`QuantPlan.from_bundle` loads it, so
+``apply_plan(policy.fp32.onnx, QuantPlan.from_bundle(bundle))`` rebuilds ``policy.int8.onnx`` byte for
+byte, without re-quantizing anything or reading tensor names back from the graph.
+
 Layer schemes:
 
 ``static``
@@ -19,8 +27,11 @@ Layer schemes:
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,13 +39,17 @@ import onnx
 
 from edgeq.calibration.calibrators import compute_amax
 from edgeq.calibration.observers import TensorObserver
+from edgeq.deploy.bundle_format import MANIFEST, PLAN, read_manifest, verify_files
 from edgeq.graph.analysis import constant_value, find_weighted_layers
 from edgeq.quantizers.transforms import InputScaling, apply_input_scalings
 from edgeq.quantizers.weights import QuantizedWeight, quantize_weight
 
 INT8_MAX = 127
+#: Per-layer precisions a plan may choose (a field of every :class:`LayerQuant`).
 PRECISIONS = ("int8", "fp16", "float")
 SCHEMES = ("static", "crossquant-dynamic")
+#: Version of :meth:`QuantPlan.to_dict`'s layout (``plan.json`` in a bundle).
+PLAN_FORMAT = 1
 
 #: A calibrator for one tensor: a method name, or ``(method, params)``.
 CalibratorSpec = str | tuple[str, Mapping[str, Any]]
@@ -58,7 +73,37 @@ class ActivationQuant:
                 "params": self.params}
 
 
-@dataclass
+def _array_to_dict(a: np.ndarray) -> dict[str, Any]:
+    """An exact, JSON-safe form of ``a``: dtype, shape and the little-endian bytes in base64."""
+    a = np.ascontiguousarray(a)
+    little = a.astype(a.dtype.newbyteorder("<"), copy=False)
+    return {"dtype": a.dtype.name, "shape": list(a.shape), "base64": base64.b64encode(little.tobytes()).decode()}
+
+
+def _array_from_dict(d: Mapping[str, Any]) -> np.ndarray:
+    dtype = np.dtype(str(d["dtype"]))
+    raw = base64.b64decode(str(d["base64"]), validate=True)
+    shape = tuple(int(s) for s in d["shape"])
+    a = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype)
+    if a.size != int(np.prod(shape, dtype=np.int64)):
+        raise ValueError(f"array of shape {list(shape)} has {a.size} values")
+    return a.reshape(shape)
+
+
+def _optional_array(a: np.ndarray | None) -> dict[str, Any] | None:
+    return None if a is None else _array_to_dict(a)
+
+
+def _weight_to_dict(w: QuantizedWeight | None) -> dict[str, Any] | None:
+    return None if w is None else {"q": _array_to_dict(w.q), "scale": _array_to_dict(w.scale), "axis": w.axis}
+
+
+def _weight_from_dict(d: Mapping[str, Any] | None) -> QuantizedWeight | None:
+    return None if d is None else QuantizedWeight(_array_from_dict(d["q"]), _array_from_dict(d["scale"]),
+                                                  int(d["axis"]))
+
+
+@dataclass(frozen=True, eq=False)
 class LayerQuant:
     """One weighted layer: int8 (static or CrossQuant-dynamic input, per-channel weight), fp16 or float.
 
@@ -121,10 +166,38 @@ class LayerQuant:
             d["reason"] = self.reason
         return d
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, exactly (arrays as :func:`_array_to_dict`): the inverse of :meth:`from_dict`."""
+        return {"node": self.node, "op_type": self.op_type, "input": self.input, "weight_name": self.weight_name,
+                "weight_axis": self.weight_axis, "precision": self.precision, "weight": _weight_to_dict(self.weight),
+                "weight_method": self.weight_method, "reason": self.reason, "scheme": self.scheme,
+                "dynamic_alpha": self.dynamic_alpha, "dynamic_factors": _optional_array(self.dynamic_factors),
+                "rounding": self.rounding, "bias": _optional_array(self.bias), "bias_name": self.bias_name,
+                "kernel": self.kernel, "kernel_per_tensor": self.kernel_per_tensor, "choice": self.choice,
+                "notes": self.notes}
 
-@dataclass
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LayerQuant:
+        def opt_float(key: str) -> float | None:
+            return None if d.get(key) is None else float(d[key])
+
+        return cls(str(d["node"]), str(d["op_type"]), str(d["input"]), str(d["weight_name"]), int(d["weight_axis"]),
+                   str(d["precision"]), _weight_from_dict(d.get("weight")), str(d.get("weight_method", "absmax")),
+                   str(d.get("reason", "")), str(d.get("scheme", "static")), opt_float("dynamic_alpha"),
+                   None if d.get("dynamic_factors") is None else _array_from_dict(d["dynamic_factors"]),
+                   str(d.get("rounding", "nearest")), None if d.get("bias") is None else _array_from_dict(d["bias"]),
+                   None if d.get("bias_name") is None else str(d["bias_name"]), opt_float("kernel"),
+                   opt_float("kernel_per_tensor"), d.get("choice"), dict(d.get("notes") or {}))
+
+
+@dataclass(frozen=True, eq=False)
 class QuantPlan:
-    """Everything :func:`edgeq.export.qdq.apply_plan` needs, plus what the manifest reports."""
+    """Everything :func:`edgeq.export.qdq.apply_plan` needs, plus what the manifest reports.
+
+    Frozen: a stage that changes a plan returns a new one (``dataclasses.replace``). ``metrics`` is
+    the report of how the plan was made (held-out action errors per stage, timings); it is not part of
+    :meth:`to_dict`, which holds only the choices and the artifact.
+    """
 
     activations: dict[str, ActivationQuant]
     layers: list[LayerQuant]
@@ -152,6 +225,57 @@ class QuantPlan:
                 "activations": [a.to_json() for a in self.activations.values()],
                 "layers": [layer.to_json() for layer in self.layers],
                 "metrics": self.metrics}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan's choices and artifact, exactly and JSON-safe (no metrics): ``plan.json`` of a bundle."""
+        return {"format": PLAN_FORMAT, "settings": self.settings,
+                "transforms": [{"layer": t.layer, "factors": _array_to_dict(t.factors), "method": t.method,
+                                "alpha": t.alpha, "placement": t.placement, "details": t.details}
+                               for t in self.transforms],
+                "activations": [{"tensor": a.tensor, "amax": a.amax, "calibrator": a.calibrator, "params": a.params}
+                                for a in self.activations.values()],
+                "layers": [layer.to_dict() for layer in self.layers]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], metrics: Mapping[str, Any] | None = None) -> QuantPlan:
+        """The plan :meth:`to_dict` wrote (``metrics``, if given, are attached as the plan's report).
+
+        Raises:
+            ValueError: another layout version, or a malformed entry.
+        """
+        if d.get("format") != PLAN_FORMAT:
+            raise ValueError(f"plan format {d.get('format')!r} is not {PLAN_FORMAT} (written by another edgeq)")
+        try:
+            transforms = [InputScaling(str(t["layer"]), _array_from_dict(t["factors"]), str(t["method"]),
+                                       float(t["alpha"]), str(t.get("placement", "auto")), dict(t.get("details") or {}))
+                          for t in d.get("transforms", [])]
+            acts = {str(a["tensor"]): ActivationQuant(str(a["tensor"]), float(a["amax"]), str(a["calibrator"]),
+                                                      dict(a.get("params") or {}))
+                    for a in d.get("activations", [])}
+            layers = [LayerQuant.from_dict(la) for la in d.get("layers", [])]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed plan entry: {type(exc).__name__}: {exc}") from None
+        return cls(acts, layers, dict(d.get("settings") or {}), transforms, dict(metrics or {}))
+
+    @classmethod
+    def from_bundle(cls, bundle: str | Path) -> QuantPlan:
+        """The plan a bundle was made with (its ``plan.json``, hash-checked; metrics from the manifest).
+
+        Raises:
+            ValueError: the bundle has no ``plan.json`` (made by edgeq < 0.2.0: see
+                :func:`edgeq.validate.layers.plan_from_manifest`), or it is malformed.
+            BundleError: the manifest is invalid or ``plan.json`` does not match its hash.
+        """
+        root = Path(bundle)
+        manifest = read_manifest(root, verify=False)
+        if PLAN not in manifest.get("files", {}):
+            raise ValueError(f"{root / MANIFEST}: the bundle has no {PLAN} (made by edgeq < 0.2.0)")
+        verify_files(root, manifest, [PLAN])
+        try:
+            data = json.loads((root / PLAN).read_text())
+            return cls.from_dict(data, (manifest.get("quantization") or {}).get("metrics"))
+        except (ValueError, AttributeError) as exc:
+            raise ValueError(f"{root / PLAN}: {exc}") from None
 
 
 def _spec(spec: CalibratorSpec, default_params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edgeq.deploy.bundle_format import read_manifest, sha256_of, verify_files
+from edgeq.deploy.bundle_format import PLAN, read_manifest, sha256_of, verify_files
 from edgeq.errors import EdgeqError
 from edgeq.quantizers.plan import QuantPlan
 from edgeq.validate.latency import measure_latency, strip_samples
@@ -53,7 +53,10 @@ class Candidate:
         if sha256_of(self.float_model) != sha256_of(reference):
             return None
         try:
-            int8 = self.float_model.parent / self.manifest.get("models", {}).get("int8", "policy.int8.onnx")
+            root = self.float_model.parent
+            if PLAN in self.manifest.get("files", {}):
+                return QuantPlan.from_bundle(root)
+            int8 = root / self.manifest.get("models", {}).get("int8", "policy.int8.onnx")  # before plan.json
             return plan_from_manifest(onnx.load(str(self.float_model)), self.manifest["quantization"],
                                       onnx.load(str(int8)) if int8.is_file() else None)
         except (KeyError, ValueError):
@@ -74,20 +77,62 @@ def onnx_io(path: Path) -> dict[str, Any]:
     return {"input": inputs[0], "output": model.graph.output[0].name, "state": []}
 
 
-def load_candidate(spec: str | Path, name: str | None = None, *, precision: str = "int8") -> Candidate:
-    """A bundle directory (its ``precision`` model) or an ``.onnx`` file."""
+def load_candidate(spec: str | Path, name: str | None = None, *, precision: str = "int8",
+                   target: str = "cpu") -> Candidate:
+    """A bundle directory or an ``.onnx`` file.
+
+    For a bundle, the ``precision`` file that ``edgeq validate`` runs on ``target``: the
+    target-specialized copy where the bundle has one (``policy.int8.cpu.onnx`` on cpu,
+    ``policy.int8.cuda.onnx`` on cuda through ONNX Runtime), the portable file for TensorRT.
+    """
     path = Path(spec)
     if path.is_dir():
         manifest = read_manifest(path, verify=False)
         models = manifest.get("models", {})
         if precision not in models:
             raise EdgeqError(f"{path}: no {precision!r} model in this bundle (has {sorted(models)})")
-        verify_files(path, manifest, [models[precision], *([models["fp32"]] if "fp32" in models else [])])
-        return Candidate(name or path.name, path / models[precision], dict(manifest.get("io", {})), "bundle",
+        chosen = _file_for_target(models, precision, target)
+        verify_files(path, manifest, [chosen, *([models["fp32"]] if "fp32" in models else [])])
+        return Candidate(name or path.name, path / chosen, dict(manifest.get("io", {})), "bundle",
                          manifest, path / models["fp32"] if "fp32" in models else None)
     if path.suffix.lower() == ".onnx" and path.is_file():
         return Candidate(name or path.stem, path, onnx_io(path), "onnx")
     raise EdgeqError(f"{path}: expected an edgeq bundle directory or an .onnx file")
+
+
+def _file_for_target(models: dict[str, str], precision: str, target: str) -> str:
+    """The same choice as :func:`edgeq.validate.validator.validate_models` (TensorRT builds from the QDQ file)."""
+    if target == "trt" or precision != "int8":
+        return models[precision]
+    if target == "cuda":
+        from edgeq.validate.targets import RUNTIME_TENSORRT, target_runtime
+
+        try:
+            if target_runtime("cuda") == RUNTIME_TENSORRT:
+                return models[precision]
+        except EdgeqError:
+            pass
+    return models.get(f"{precision}-{target}", models[precision])
+
+
+def source_warnings(reference: Candidate, candidates: Sequence[Candidate]) -> list[str]:
+    """One line per bundle made from a different source policy (SHA-256 in the manifest) than the reference's."""
+    def source(c: Candidate) -> tuple[str | None, str | None]:
+        src = (c.manifest or {}).get("source") or {}
+        return src.get("sha256"), src.get("path")
+
+    bundles = [c for c in (reference, *candidates) if c.kind == "bundle" and source(c)[0]]
+    if not bundles:
+        return []
+    first = bundles[0]
+    out = []
+    for c in bundles[1:]:
+        if source(c)[0] != source(first)[0]:
+            out.append(f"{c.name} was made from a different source policy than {first.name} "
+                       f"({source(c)[1]} sha256 {str(source(c)[0])[:12]}… vs {source(first)[1]} sha256 "
+                       f"{str(source(first)[0])[:12]}…): its differences include the policies' own differences, "
+                       "not only quantization")
+    return out
 
 
 def compare_models(reference: Candidate, candidates: Sequence[Candidate], make_env: Callable[[], Any],
@@ -109,7 +154,9 @@ def compare_models(reference: Candidate, candidates: Sequence[Candidate], make_e
     half = np.where(np.isfinite(high - low), (high - low) / 2, 1.0)
     steps = len(seeds) * episode_steps if episode_steps else None
     out: dict[str, Any] = {"env_id": env_id, "seeds": seeds, "target": target, "tolerance": tolerance.to_json(),
-                           "reference": {"name": reference.name, "model": str(reference.model)}, "candidates": {}}
+                           "reference": {"name": reference.name, "model": str(reference.model),
+                                         "file": reference.model.name}, "candidates": {},
+                           "warnings": source_warnings(reference, candidates)}
     f_rt = make_runtime(target, reference.model, reference.io, precision="fp32")
     f_shadow = make_runtime(target, reference.model, reference.io, precision="fp32")
     floor_returns = None
@@ -130,6 +177,10 @@ def compare_models(reference: Candidate, candidates: Sequence[Candidate], make_e
         res = run.to_json()
         res["kind"] = cand.kind
         res["model"] = str(cand.model)
+        res["file"] = cand.model.name
+        res["float_model"] = reference.model.name
+        res["int8_model"] = cand.model.name
+        res["target"] = target
         res["size"] = cand.model.stat().st_size
         assert run.reference_traj is not None
         res["action_error_series"] = {

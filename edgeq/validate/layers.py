@@ -73,8 +73,10 @@ def fused_boundaries(model: onnx.ModelProto) -> list[LayerBoundary]:
 
 def plan_from_manifest(float_model: onnx.ModelProto, quantization: dict[str, Any],
                        int8_model: onnx.ModelProto | None = None) -> QuantPlan:
-    """Rebuild a bundle's :class:`QuantPlan` from its manifest (and its INT8 QDQ model).
+    """Rebuild the :class:`QuantPlan` of a bundle made before ``plan.json`` existed (edgeq < 0.2.0).
 
+    Newer bundles store the plan itself: :meth:`QuantPlan.from_bundle` reads it exactly. This legacy
+    path recovers it from the manifest's report and the INT8 model's tensor names.
     Input scalings (CrossQuant static, equalization) come back from their stored factors. Weights
     are re-quantized from the (scaled) float model with the recorded per-channel method, which is
     deterministic; with ``int8_model`` (the bundle's ``policy.int8.onnx``) every int8 layer takes

@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.rollout import BatchPolicy, EpisodeResults, run_episodes
+from edgeq.rollout import BatchPolicy, EpisodeOutcome, EpisodeResults, run_episodes
+from edgeq.validate.outcomes import outcome_counts
 from edgeq.validate.rates import paired_rate_difference, termination_stats
 from edgeq.validate.stats import ActionErrorAccumulator, describe, paired_difference
 from edgeq.validate.trajectories import TrajectoryStore, divergence
@@ -61,6 +62,16 @@ def termination_summary(reference: EpisodeResults, candidate: EpisodeResults) ->
             "only_float_terminated": [int(s) for s in seeds[ref_t & ~cand_t]]}
 
 
+def outcome_summary(reference: EpisodeResults, candidate: EpisodeResults) -> dict[str, Any]:
+    """Success / failure / time-out counts per side and the seeds where only one side failed."""
+    ref_f, cand_f = reference.failed, candidate.failed
+    seeds = np.asarray(reference.seeds)
+    return {"float": outcome_counts(reference.outcomes), "int8": outcome_counts(candidate.outcomes),
+            "episodes": len(reference.seeds),
+            "only_int8_failed": [int(s) for s in seeds[cand_f & ~ref_f]],
+            "only_float_failed": [int(s) for s in seeds[ref_f & ~cand_f]]}
+
+
 @dataclass
 class PairedRun:
     """Everything measured by :func:`run_paired` (arrays kept; :meth:`to_json` gives the summary)."""
@@ -83,6 +94,7 @@ class PairedRun:
             "action_error": {"on_float_trajectory": self.err_on_reference.summary(),
                              "on_int8_trajectory": self.err_on_candidate.summary()},
             "termination": termination_summary(ref, cand),
+            "outcomes": outcome_summary(ref, cand),
             "seconds": round(self.seconds, 3),
         }
         if self.reference_traj is not None and self.candidate_traj is not None:
@@ -97,12 +109,14 @@ class PairedRun:
 def run_paired(make_env: Callable[[], Any], reference: BatchPolicy, candidate: BatchPolicy,
                shadow_reference: BatchPolicy, shadow_candidate: BatchPolicy, seeds: Sequence[int], *,
                num_envs: int = 8, act_dim: int, action_scale: np.ndarray | None = None,
-               record: bool = True, progress: Callable[[int], None] | None = None) -> PairedRun:
+               record: bool = True, progress: Callable[[int], None] | None = None,
+               outcome: EpisodeOutcome | None = None) -> PairedRun:
     """Roll out ``reference`` (float) and ``candidate`` (quantized) on ``seeds``.
 
     ``shadow_*`` are second instances of the other policy (with their own state) that measure the
     action error on the states each policy visits. With ``record`` the trajectories of both are
-    kept (per seed) for the divergence and the per-layer statistics.
+    kept (per seed) for the divergence and the per-layer statistics. ``outcome`` classifies each
+    episode's end (success / failure / time-out).
     """
     err_on_ref = ActionErrorAccumulator(act_dim, scale=action_scale)
     err_on_cand = ActionErrorAccumulator(act_dim, scale=action_scale)
@@ -111,10 +125,11 @@ def run_paired(make_env: Callable[[], Any], reference: BatchPolicy, candidate: B
     t0 = time.perf_counter()
     ref_pol = ShadowedPolicy(reference, shadow_candidate, err_on_ref, actor_is_reference=True)
     ref_res: EpisodeResults = run_episodes(ref_traj.wrap(make_env) if ref_traj else make_env, ref_pol, seeds,
-                                           num_envs=num_envs, on_step=ref_pol.observe, progress=progress)
+                                           num_envs=num_envs, on_step=ref_pol.observe, progress=progress,
+                                           outcome=outcome)
     cand_pol = ShadowedPolicy(candidate, shadow_reference, err_on_cand, actor_is_reference=False)
     cand_res = run_episodes(cand_traj.wrap(make_env) if cand_traj else make_env, cand_pol, seeds,
-                            num_envs=num_envs, on_step=cand_pol.observe, progress=progress)
+                            num_envs=num_envs, on_step=cand_pol.observe, progress=progress, outcome=outcome)
     return PairedRun(ref_res, cand_res, err_on_ref, err_on_cand, ref_traj, cand_traj, time.perf_counter() - t0)
 
 
@@ -140,10 +155,11 @@ def merge_paired(runs: Sequence[PairedRun]) -> PairedRun:
 def paired_rollouts(make_env: Callable[[], Any], reference: BatchPolicy, candidate: BatchPolicy,
                     shadow_reference: BatchPolicy, shadow_candidate: BatchPolicy, seeds: Sequence[int], *,
                     num_envs: int = 8, act_dim: int,
-                    progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                    progress: Callable[[int], None] | None = None,
+                    outcome: EpisodeOutcome | None = None) -> dict[str, Any]:
     """:func:`run_paired` summarized as JSON (float, int8, paired_difference, action_error, ...)."""
     return run_paired(make_env, reference, candidate, shadow_reference, shadow_candidate, seeds,
-                      num_envs=num_envs, act_dim=act_dim, progress=progress).to_json()
+                      num_envs=num_envs, act_dim=act_dim, progress=progress, outcome=outcome).to_json()
 
 
 def action_error_series(reference: Any, candidate: Any, observations: np.ndarray) -> np.ndarray:

@@ -74,7 +74,7 @@ def paired_plot(panels: Sequence[dict[str, Any]]) -> bytes:
         if p.get("floor") is not None:
             fl = np.asarray(p["floor"], float)
             for k, row in enumerate(fl):
-                ax.scatter(x, row, marker="x", s=14, color=FLOOR_COLOR, alpha=0.7,
+                ax.scatter(x[: len(row)], row, marker="x", s=14, color=FLOOR_COLOR, alpha=0.7,
                            label="float + 1e-6 noise (floor)" if k == 0 else None)
         ax.bar(x, p["diff"], color=INT8_COLOR, alpha=0.85, label="int8 - float")
         lo, hi = p["ci"]

@@ -40,8 +40,9 @@ class Section:
         self.blocks.append(("img", (key, png, alt)))
         return self
 
-    def verdict(self, passed: bool, text: str) -> Section:
-        self.blocks.append(("verdict", (passed, text)))
+    def verdict(self, status: str, text: str) -> Section:
+        """A coloured banner: ``status`` is PASS, FAIL or INCONCLUSIVE."""
+        self.blocks.append(("verdict", (status, text)))
         return self
 
 
@@ -78,7 +79,8 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.88em}th,td{border:1px so
 text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 img{max-width:100%;border:1px solid #eee;margin:.4em 0}.verdict{font-size:1.25em;font-weight:600;padding:10px 14px;
 border-radius:6px;margin:.6em 0}.pass{background:#e3f6e5;color:#116b1f;border:1px solid #9bd6a4}
-.fail{background:#fde6e6;color:#9b1111;border:1px solid #e8a0a0}.muted{color:#666;font-size:.9em}
+.fail{background:#fde6e6;color:#9b1111;border:1px solid #e8a0a0}
+.inconclusive{background:#fff4d6;color:#7a5200;border:1px solid #e6c36a}.muted{color:#666;font-size:.9em}
 """
 
 
@@ -92,8 +94,9 @@ def render_html(title: str, subtitle: str, sections: list[Section]) -> str:
             if kind == "p":
                 out.append(f"<p>{html.escape(value)}</p>")
             elif kind == "verdict":
-                passed, text = value
-                out.append(f"<div class='verdict {'pass' if passed else 'fail'}'>{html.escape(text)}</div>")
+                status, text = value
+                css = {"PASS": "pass", "INCONCLUSIVE": "inconclusive"}.get(status, "fail")
+                out.append(f"<div class='verdict {css}'>{html.escape(text)}</div>")
             elif kind == "table":
                 headers, rows = value
                 out.append("<table><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in headers) + "</tr>")
@@ -121,8 +124,8 @@ def render_markdown(title: str, subtitle: str, sections: list[Section], image_di
             if kind == "p":
                 out += [value, ""]
             elif kind == "verdict":
-                passed, text = value
-                out += [f"**{'✅' if passed else '❌'} {text}**", ""]
+                status, text = value
+                out += [f"**{ {'PASS': '✅', 'INCONCLUSIVE': '⚠️'}.get(status, '❌') } {text}**", ""]
             elif kind == "table":
                 headers, rows = value
                 out.append("| " + " | ".join(_md_cell(h) for h in headers) + " |")
@@ -218,19 +221,27 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
     v = val.get("verdict", {})
     head = Section("Verdict")
     n = len(val["seeds"])
-    head.verdict(bool(v.get("passed")), f"{v.get('status', '?')}: int8 vs float on {n} paired episodes "
-                                         f"({', '.join(targets)})")
+    head.verdict(str(v.get("status", "?")), f"{v.get('status', '?')}: int8 vs float on {n} paired episodes "
+                                            f"({', '.join(targets)})")
     from edgeq.validate.verdict import Tolerance
 
-    try:
-        head.p("Tolerance: " + Tolerance(**tol).describe() + ".")
-    except TypeError:
-        pass
+    head.p("Tolerance: " + Tolerance.from_json(tol).describe() + ". PASS needs the whole interval inside the band "
+           "and the failure comparison within its tolerance; FAIL needs an interval wholly beyond; anything else is "
+           "INCONCLUSIVE (exit code 3), which is not a pass.")
     for t, r in targets.items():
         vd = r.get("verdict", {})
-        head.p(f"{t}: {vd.get('status', '?')} — " + "; ".join(vd.get("reasons", [])) + ".")
+        files = f"{t} ({r.get('runtime', '?')}: {r.get('float_model', '?')} vs {r.get('int8_model', '?')})"
+        head.p(f"{files}: {vd.get('status', '?')} — " + "; ".join(vd.get("reasons", [])) + ".")
+        eps = r.get("episodes") or {}
+        if eps:
+            design = eps.get("design", {})
+            head.p(f"{t}: {eps.get('episodes')} paired episodes ({eps.get('stop_reason')}); returns judged by the "
+                   f"{design.get('returns_procedure', '?')}, failures by the {design.get('failures_procedure', '?')}."
+                   + (f" About {vd['needed_episodes']} episodes would decide." if vd.get("needed_episodes") else ""))
         if vd.get("floor_text"):
             head.p(f"{t}: {vd['floor_text']}.")
+        for note in r.get("notes", []):
+            head.p(f"Note: {note}.")
     for t, reason in val.get("unavailable_targets", {}).items():
         head.p(f"{t}: not validated — unavailable here ({reason}).")
     rows = []
@@ -238,13 +249,29 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
         d = r["paired_difference"]
         fl = r.get("noise_floor")
         ae = r["action_error"]["on_float_trajectory"]
-        rows.append([t, pm(r["float"]["mean"], r["float"]["std"]), pm(r["int8"]["mean"], r["int8"]["std"]), ci(d),
+        vd = r.get("verdict", {})
+        ret = vd.get("returns", {})
+        iv = ret.get("interval", d["ci95"])
+        band = ret.get("band")
+        oc = r.get("outcomes") or {}
+
+        def counts(side: str, oc: dict[str, Any] = oc) -> str:
+            o = oc.get(side)
+            return f"{o['success']} / {o['failure']} / {o['timeout']}" if o else "—"
+
+        rows.append([t, f"{r.get('float_model', '?')} / {r.get('int8_model', '?')}", len(r["float"]["returns"]),
+                     pm(r["float"]["mean"], r["float"]["std"]), pm(r["int8"]["mean"], r["int8"]["std"]),
+                     f"{d['mean']:+.4g} [{fmt(iv[0])}, {fmt(iv[1])}]",
+                     f"[{fmt(band[0])}, {'+∞' if band[1] is None else fmt(band[1])}]" if band else "—",
                      f"{d['relative_mean']:+.3%}",
+                     counts("float"), counts("int8"),
                      f"[{fl['band'][0]:+.3g}, {fl['band'][1]:+.3g}]" if fl else "—",
                      (fl["distinguishable"] if fl else None), f"{ae['mean_abs']:.3g} / {ae['max_abs']:.3g}",
-                     r["verdict"]["status"]])
-    head.table(["target", "float return", "int8 return", "int8 − float [95% CI]", "relative",
-                "noise floor (draw means)", "int8 ≠ floor", "action err mean / max", "verdict"], rows)
+                     vd.get("status", "—")])
+    head.table(["target", "files: float / int8", "episodes", "float return", "int8 return",
+                "int8 − float [verdict interval]", "band", "relative", "float success / failure / time-out",
+                "int8 success / failure / time-out", "noise floor (draw means)", "int8 ≠ floor",
+                "action err mean / max", "verdict"], rows)
     sections.append(head)
     sat_section = saturation_section(targets)
     if sat_section is not None:
@@ -280,8 +307,8 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
         floor = None
         if fl:
             f = r["float"]["returns"]
-            floor = [[x - y for x, y in zip(row, f, strict=True)] for row in fl["returns"]]
-        panels.append({"title": t, "seeds": val["seeds"], "diff": r["paired_difference"]["per_episode"],
+            floor = [[x - y for x, y in zip(row, f[:len(row)], strict=True)] for row in fl["returns"]]
+        panels.append({"title": t, "seeds": r["float"]["seeds"], "diff": r["paired_difference"]["per_episode"],
                        "ci": r["paired_difference"]["ci95"], "floor": floor})
     png = _maybe(lambda: plots.paired_plot(panels))
     if png:
@@ -453,11 +480,13 @@ def compare_sections(cmp: dict[str, Any]) -> list[Section]:
     s = Section("Summary")
     from edgeq.validate.verdict import Tolerance
 
-    try:
-        s.p(f"Reference: {cmp['reference']['name']} (float). Tolerance: {Tolerance(**cmp['tolerance']).describe()}. "
-            f"Target: {cmp['target']}. All rows use the same {len(cmp['seeds'])} seeds.")
-    except TypeError:
-        pass
+    ref = cmp["reference"]
+    s.p(f"Reference: {ref['name']} (float, {ref.get('file', ref['model'])}). "
+        f"Tolerance: {Tolerance.from_json(cmp['tolerance']).describe()}. Target: {cmp['target']}. "
+        f"All rows use the same {len(cmp['seeds'])} seeds; files: "
+        + ", ".join(f"{n}: {r.get('file', r.get('model'))}" for n, r in cands.items()) + ".")
+    for w in cmp.get("warnings", []):
+        s.p("Warning: " + w)
     f = cmp["float"]
     rows: list[list[Any]] = [["float (reference)", pm(f["mean"], f["std"]), "—", "—", "—", "—", f["termination_rate"],
                               f.get("size"), lat.get("float", {}).get("batch1", {}).get("median_us"),

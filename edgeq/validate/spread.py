@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from edgeq.calibration.collect import ExplorationNoise
-from edgeq.rollout import run_episodes
+from edgeq.rollout import EpisodeOutcome, run_episodes
 from edgeq.validate.executor import DEFAULT_SHARD_SIZE, Executor, SerialExecutor, shards
 from edgeq.validate.paired import PairedRun, merge_paired, run_paired
 from edgeq.validate.targets import RuntimeSpec, runtime_for
@@ -35,6 +35,7 @@ class PairedShard:
     act_dim: int
     action_scale: tuple[float, ...] | None
     record: bool
+    outcome: EpisodeOutcome | None = None  # e.g. a FailureRule (a frozen dataclass: picklable)
 
 
 def run_paired_shard(shard: PairedShard) -> PairedRun:
@@ -42,14 +43,16 @@ def run_paired_shard(shard: PairedShard) -> PairedRun:
     scale = None if shard.action_scale is None else np.asarray(shard.action_scale, np.float64)
     return run_paired(shard.make_env, runtime_for(shard.reference, 0), runtime_for(shard.candidate, 0),
                       runtime_for(shard.reference, 1), runtime_for(shard.candidate, 1), list(shard.seeds),
-                      num_envs=shard.num_envs, act_dim=shard.act_dim, action_scale=scale, record=shard.record)
+                      num_envs=shard.num_envs, act_dim=shard.act_dim, action_scale=scale, record=shard.record,
+                      outcome=shard.outcome)
 
 
 def run_paired_spread(make_env: Callable[[], Any], reference: RuntimeSpec, candidate: RuntimeSpec,
                       seeds: Sequence[int], *, act_dim: int, num_envs: int = 8,
                       action_scale: np.ndarray | None = None, record: bool = True,
                       executor: Executor | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
-                      progress: Callable[[int], None] | None = None) -> PairedRun:
+                      progress: Callable[[int], None] | None = None,
+                      outcome: EpisodeOutcome | None = None) -> PairedRun:
     """:func:`run_paired` with the seeds cut into shards that ``executor`` runs (serially by default).
 
     The result is the same, bit for bit, whichever executor and however many workers run it: the
@@ -58,7 +61,7 @@ def run_paired_spread(make_env: Callable[[], Any], reference: RuntimeSpec, candi
     """
     ex: Executor = executor if executor is not None else SerialExecutor()
     scale = None if action_scale is None else tuple(float(x) for x in np.asarray(action_scale).ravel())
-    tasks = [PairedShard(make_env, reference, candidate, tuple(part), num_envs, act_dim, scale, record)
+    tasks = [PairedShard(make_env, reference, candidate, tuple(part), num_envs, act_dim, scale, record, outcome)
              for part in shards(seeds, shard_size)]
     t0 = time.perf_counter()
 

@@ -30,7 +30,9 @@ from edgeq.validate.noise import (
     noise_floor,
     sensitivity_curve,
 )
-from edgeq.validate.paired import action_error_series
+from edgeq.validate.outcomes import FailureRule, parse_failure
+from edgeq.validate.paired import PairedRun, action_error_series, merge_paired
+from edgeq.validate.sequential import SequentialDesign, run_until_decided
 from edgeq.validate.spread import perturbed_returns_spread, run_paired_spread
 from edgeq.validate.stats import json_safe
 from edgeq.validate.targets import (
@@ -43,7 +45,7 @@ from edgeq.validate.targets import (
     target_runtime,
     unavailable_reason,
 )
-from edgeq.validate.verdict import Tolerance, judge, overall
+from edgeq.validate.verdict import Tolerance, add_floor_text, decide, overall
 
 #: ``progress(stage, total)`` returns a per-step ``advance(n)`` callback (see edgeq.pipeline).
 ProgressFactory = Callable[[str, int | None], Callable[[int], None]]
@@ -62,12 +64,19 @@ class ValidationOptions:
     * ``per_layer``: SQNR per fused layer and the one-layer-at-a-time ranking on ``per_layer_states``;
     * ``latency_calls``: batch-1 calls per model and target (0 turns latency off), plus
       ``latency_large_batch`` rows per call for throughput;
+    * ``design``: how many paired episodes (``auto``: batches until the verdict is decided, see
+      :mod:`edgeq.validate.sequential`; ``fixed``: every seed given);
+    * ``failure``: which episode ends are failures (:mod:`edgeq.validate.outcomes`);
+    * ``detail_episodes``: the noise floor runs on the first this-many validation seeds only.
     * ``executor``: where the rollouts run (this process, worker processes, a Ray cluster); the
       results are the same for every executor (:mod:`edgeq.validate.spread`).
     """
 
     targets: tuple[str, ...] = ("cpu", "cuda", "trt")
     tolerance: Tolerance = field(default_factory=Tolerance)
+    design: SequentialDesign = field(default_factory=SequentialDesign)
+    failure: FailureRule = field(default_factory=FailureRule)
+    detail_episodes: int = 30
     num_envs: int = 8
     floor_draws: int = 5
     floor_sigma: float = FLOOR_NOISE
@@ -89,8 +98,21 @@ class ValidationOptions:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["tolerance"] = self.tolerance.to_json()
+        d["design"] = self.design.to_json()
+        d["failure"] = self.failure.to_json()
         d["executor"] = self.executor.to_json()
         return d
+
+
+def slower_int8_note(target: str, result: dict[str, Any]) -> str | None:
+    """A sentence when the target's int8 file is slower than its float file at batch 1 (median), else None."""
+    models = (result.get("latency") or {}).get("models", {})
+    f, q = models.get("float", {}).get("batch1"), models.get("int8", {}).get("batch1")
+    if not f or not q or not q["median_us"] > f["median_us"]:
+        return None
+    int8_name, float_name = result.get("int8_model", "the int8 file"), result.get("float_model", "the float file")
+    return (f"{target}: {int8_name} is slower than {float_name} at batch 1 (median {q['median_us']:.1f} us vs "
+            f"{f['median_us']:.1f} us, {q['median_us'] / f['median_us']:.2f}x)")
 
 
 def _series_json(seed: int, err: np.ndarray) -> dict[str, Any]:
@@ -122,7 +144,12 @@ def validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], mak
     """Validate ``int8_model`` against ``float_model`` in closed loop; returns ``validation.json``'s content.
 
     ``int8_for_target`` names a target-specialized INT8 file (e.g. ``policy.int8.cpu.onnx`` for
-    ``cpu``): that target validates the file that actually runs there.
+    ``cpu``): that target validates the file that actually runs there. Each target's result names
+    the files (``float_model``, ``int8_model``) and the runtime that produced its numbers.
+
+    ``seeds`` are the seeds available, in order: with ``options.design`` ``auto`` each target takes
+    them batch by batch until its verdict is decided (or the cap / time budget is reached); with
+    ``fixed`` it runs them all.
 
     Targets that cannot run here are listed under ``unavailable_targets`` with the reason. Raises
     :class:`EdgeqError` only when no requested target can run.
@@ -147,6 +174,8 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
     act_dim = int(low.size)
     opts = options
     steps_per_rollout = len(seeds) * episode_steps if episode_steps else None
+    if opts.design.sequential:
+        steps_per_rollout = None  # unknown in advance
     val: dict[str, Any] = {"env_id": env_id, "seeds": seeds, "targets": {}, "unavailable_targets": {},
                            "tolerance": opts.tolerance.to_json(), "options": opts.to_json()}
     timings: dict[str, float] = {}
@@ -175,32 +204,56 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
             continue
         f_rt, q_rt, f_shadow, q_shadow = runtimes
         t0 = time.perf_counter()
-        run = run_paired_spread(make_env, f_spec, q_spec, seeds, num_envs=opts.num_envs, act_dim=act_dim,
-                                action_scale=half, record=True, executor=executor,
-                                shard_size=opts.executor.shard_size,
-                                progress=progress(f"{target}: float + int8 rollouts",
-                                                  2 * steps_per_rollout if steps_per_rollout else None))
+        stage = progress(f"{target}: float + int8 rollouts",
+                         2 * steps_per_rollout if steps_per_rollout and not opts.design.sequential else None)
+        box: dict[str, PairedRun] = {}
+
+        def run_batch(batch: list[int]) -> None:
+            more = run_paired_spread(make_env, f_spec, q_spec, batch, num_envs=opts.num_envs,  # noqa: B023
+                                     act_dim=act_dim, action_scale=half, record=True, executor=executor,
+                                     shard_size=opts.executor.shard_size, progress=stage,  # noqa: B023
+                                     outcome=opts.failure)
+            prev = box.get("run")  # noqa: B023
+            box["run"] = more if prev is None else merge_paired([prev, more])  # noqa: B023
+
+        def look(n: int, failure_alpha: float, final: bool) -> dict[str, Any]:
+            r = box["run"]  # noqa: B023
+            return decide(r.reference.returns, r.candidate.returns, r.reference.failed, r.candidate.failed,
+                          opts.tolerance, opts.design, opts.failure, failure_alpha=failure_alpha, final=final)
+
+        verdict, record = run_until_decided(seeds, opts.design, run_batch, look)
+        run = box["run"]
+        used = [int(s) for s in run.reference.seeds]
         res = run.to_json()
         res["runtime"] = target_runtime(target)
         res["providers"] = list(getattr(f_rt, "providers", []))[:1]
+        res["float_model"] = Path(float_model).name
         res["int8_model"] = Path(int8_here).name if isinstance(int8_here, (str, Path)) else "(in memory)"
         describe = getattr(q_rt, "describe", None)
         res["int8_runtime"] = describe()["runtime"] if callable(describe) else res["runtime"]
+        res["episodes"] = {**record.to_json(), "design": opts.design.to_json()}
         assert run.reference_traj is not None
-        first = seeds[0]
+        first = used[0]
         res["action_error_series"] = _series_json(
             first, action_error_series(f_shadow, q_shadow, run.reference_traj.observations(first)[:-1]))
         timings[f"{target}_rollouts_s"] = time.perf_counter() - t0
         if opts.floor_draws > 0:
             t0 = time.perf_counter()
-            fl = perturbed_returns_spread(make_env, f_spec, seeds, sigma=opts.floor_sigma, draws=opts.floor_draws,
+            k = max(1, min(len(used), opts.detail_episodes))
+            fl = perturbed_returns_spread(make_env, f_spec, used[:k], sigma=opts.floor_sigma, draws=opts.floor_draws,
                                           low=low, high=high, num_envs=opts.num_envs, draw_seed=10_000,
                                           executor=executor, shard_size=opts.executor.shard_size,
                                           progress=progress(f"{target}: noise floor ({opts.floor_draws} draws)",
-                                                            opts.floor_draws * len(seeds)))
-            res["noise_floor"] = noise_floor(run.reference.returns, run.candidate.returns, fl, sigma=opts.floor_sigma)
+                                                            opts.floor_draws * k))
+            res["noise_floor"] = noise_floor(run.reference.returns[:k], run.candidate.returns[:k], fl,
+                                             sigma=opts.floor_sigma)
+            res["noise_floor"]["episodes"] = k
+            res["noise_floor"]["seeds"] = used[:k]
             timings[f"{target}_noise_floor_s"] = time.perf_counter() - t0
-        res["verdict"] = judge(res, opts.tolerance)
+        res["verdict"] = add_floor_text(verdict, res)
+        res["verdict"]["files"] = {"float": res["float_model"], "int8": res["int8_model"], "target": target,
+                                   "runtime": res["runtime"]}
+        res["verdict"]["stop_reason"] = record.stop_reason
         if opts.latency_calls > 0:
             t0 = time.perf_counter()
             lat = measure_latency({"float": make_runtime(target, float_model, io, precision="fp32"),
@@ -209,6 +262,9 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
                                   large_batch=opts.latency_large_batch,
                                   progress=progress(f"{target}: latency", 2 * opts.latency_calls))
             res["latency"] = strip_samples(lat)
+            note = slower_int8_note(target, res)
+            if note:
+                res["notes"] = [*res.get("notes", []), note]
             timings[f"{target}_latency_s"] = time.perf_counter() - t0
         val["targets"][target] = res
         if float_traj_for_layers is None:
@@ -217,23 +273,29 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
         raise EdgeqError("none of the requested targets can run here: " + "; ".join(
             f"{t}: {r}" for t, r in val["unavailable_targets"].items()))
     val["verdict"] = overall({t: r["verdict"] for t, r in val["targets"].items()})
+    longest = max((r["float"]["seeds"] for r in val["targets"].values()), key=len)
+    val["seeds"] = [int(s) for s in longest]  # every target used a prefix of the same seed sequence
+    val["episodes"] = {t: r["episodes"]["episodes"] for t, r in val["targets"].items()}
     assert float_traj_for_layers is not None
     target, run, f_rt = float_traj_for_layers
     if opts.sensitivity and opts.sensitivity_levels:
         t0 = time.perf_counter()
         levels = sorted(float(s) for s in opts.sensitivity_levels)
-        adv = progress("sensitivity (float + action noise)", len(levels) * opts.sensitivity_draws * len(seeds))
+        k = max(1, min(len(run.reference.seeds), opts.detail_episodes))
+        sens_seeds = [int(s) for s in run.reference.seeds[:k]]
+        adv = progress("sensitivity (float + action noise)", len(levels) * opts.sensitivity_draws * k)
         f_spec = RuntimeSpec.of(target, float_model, io, "fp32")
-        by_level = {s: perturbed_returns_spread(make_env, f_spec, seeds, sigma=s, draws=opts.sensitivity_draws,
+        by_level = {s: perturbed_returns_spread(make_env, f_spec, sens_seeds, sigma=s, draws=opts.sensitivity_draws,
                                                 low=low, high=high, num_envs=opts.num_envs,
                                                 draw_seed=20_000 + 100 * i, executor=executor,
                                                 shard_size=opts.executor.shard_size, progress=adv)
                     for i, s in enumerate(levels)}
         tr = val["targets"][target]
         val["sensitivity"] = sensitivity_curve(
-            run.reference.returns, by_level, tolerance=opts.tolerance.relative,
+            run.reference.returns[:k], by_level, tolerance=opts.tolerance.relative,
             int8_normalized_rms=tr["action_error"]["on_float_trajectory"].get("normalized_rms"))
         val["sensitivity"]["target"] = target
+        val["sensitivity"]["episodes"] = k
         val["sensitivity"]["int8_mean"] = tr["int8"]["mean"]
         timings["sensitivity_s"] = time.perf_counter() - t0
     if opts.per_layer:
@@ -251,9 +313,15 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
 
 
 def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: ValidationOptions = ValidationOptions(),
-                    progress: ProgressFactory = _no_progress) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Validate an existing bundle (files checked against the manifest first); returns (validation, manifest)."""
-    from edgeq.deploy.bundle_format import read_manifest
+                    progress: ProgressFactory = _no_progress,
+                    failure: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Validate an existing bundle (files checked against the manifest first); returns (validation, manifest).
+
+    ``failure`` (a rule, see :mod:`edgeq.validate.outcomes`) overrides the one the bundle was
+    validated with (``manifest["decision"]["failure_rule"]``, else its recipe's ``failure``);
+    without either, ``options.failure`` applies.
+    """
+    from edgeq.deploy.bundle_format import PLAN, read_manifest
     from edgeq.envs import env_factory
 
     root = Path(bundle)
@@ -270,12 +338,17 @@ def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: Valida
                          "observations, or env.id is missing); closed-loop validation needs one: quantize again "
                          "with --env")
     make_env = env_factory(env["id"], env.get("kwargs"))
+    stored = ((manifest.get("decision") or {}).get("failure_rule") or {}).get("rule") or (
+        ((manifest.get("calibration") or {}).get("recipe") or {}).get("failure"))
+    if failure is not None or stored:
+        options = replace(options, failure=parse_failure(failure if failure is not None else stored))
     fpath, qpath = root / models["fp32"], root / models["int8"]
     plan = None
     quant = manifest.get("quantization")
     if quant:
-        try:
-            plan = plan_from_manifest(onnx.load(str(fpath)), quant, onnx.load(str(qpath)))
+        try:  # the stored plan; bundles made before plan.json existed: rebuilt from the manifest
+            plan = (QuantPlan.from_bundle(root) if PLAN in manifest.get("files", {})
+                    else plan_from_manifest(onnx.load(str(fpath)), quant, onnx.load(str(qpath))))
         except (KeyError, ValueError):
             plan = None
     act = manifest["action_space"]
@@ -292,6 +365,31 @@ def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: Valida
                           int8_for_target={t: root / models[f"int8-{t}"] for t in ("cpu", "cuda", "trt")
                                            if f"int8-{t}" in models})
     return val, manifest
+
+
+def decision_record(validation: dict[str, Any]) -> dict[str, Any]:
+    """What the bundle's manifest records of a validation (``manifest["decision"]``, docs/bundle-format.md).
+
+    The verdict, the procedure with its parameters, the tolerance and failure rule, and per target
+    the files and runtime that produced the numbers, the episodes used, why the loop stopped, the
+    return interval and the success / failure / time-out counts.
+    """
+    v = validation["verdict"]
+    opts = validation.get("options", {})
+    targets = {}
+    for t, r in validation["targets"].items():
+        vd = r.get("verdict", {})
+        ret, fail = vd.get("returns", {}), vd.get("failures", {})
+        targets[t] = {
+            "status": vd.get("status"), "float_model": r.get("float_model"), "int8_model": r.get("int8_model"),
+            "runtime": r.get("runtime"), "episodes": (r.get("episodes") or {}).get("episodes"),
+            "stop_reason": vd.get("stop_reason"), "needed_episodes": vd.get("needed_episodes"),
+            "returns": {k: ret.get(k) for k in ("status", "mean", "sd", "interval", "band", "method", "level")},
+            "failures": {k: fail.get(k) for k in ("status", "float_failures", "int8_failures", "only_int8",
+                                                   "only_float", "interval", "fail_tol", "rule")},
+            "outcomes": {side: (r.get("outcomes") or {}).get(side) for side in ("float", "int8")}}
+    return {"status": v["status"], "exit_code": v["exit_code"], "procedure": opts.get("design"),
+            "tolerance": validation.get("tolerance"), "failure_rule": opts.get("failure"), "targets": targets}
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -311,8 +409,9 @@ def save_validation(directory: str | Path, validation: dict[str, Any], manifest:
     """Write ``validation.json`` (and report.html, report.md, report/*.png) into ``directory``.
 
     With ``update_manifest`` (``directory`` is the bundle) the manifest's SHA-256 entries of the
-    files written are refreshed, so the bundle still verifies; the model entries are untouched.
-    Every file is written to a temporary name and renamed into place.
+    files written are refreshed, so the bundle still verifies, and its ``decision`` is replaced by
+    this validation's (:func:`decision_record`); the model entries are untouched. Every file is
+    written to a temporary name and renamed into place.
     """
     from edgeq.deploy.bundle_format import MANIFEST, VALIDATION, sha256_of
     from edgeq.validate.report import write_validation_report
@@ -331,5 +430,7 @@ def save_validation(directory: str | Path, validation: dict[str, Any], manifest:
             if p.is_file():
                 files[p.relative_to(root).as_posix()] = sha256_of(p)
         current["files"] = files
+        if validation.get("verdict") and validation.get("targets"):
+            current["decision"] = decision_record(validation)
         atomic_write(mpath, (json.dumps(current, indent=2) + "\n").encode())
     return written
