@@ -230,6 +230,11 @@ class Module:
         return self.functions[name]
 
 
+def _fresh_buffer(size: int) -> bytes:
+    """A new, unshared bytes object of at least ``size`` bytes for a C API to write into."""
+    return bytes(bytearray(max(size, 1) + 64))
+
+
 def compile_cubin(source: str, arch: str, *, name: str = "edgeq.cu", options: Sequence[str] = ()) -> tuple[bytes, str]:
     """Compile CUDA C++ ``source`` with NVRTC into a cubin for ``arch`` (``"90"`` for sm_90); no GPU needed.
 
@@ -249,14 +254,17 @@ def compile_cubin(source: str, arch: str, *, name: str = "edgeq.cu", options: Se
     try:
         result = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         size = check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-        buf = b" " * int(size)
+        # NVRTC writes into the buffer: never a 1-byte bytes object, which CPython shares process-wide
+        # (an empty log is 1 byte; writing into the shared b" " broke unrelated code, e.g. torch.load)
+        buf = _fresh_buffer(int(size))
         check(nvrtc.nvrtcGetProgramLog(prog, buf), "nvrtcGetProgramLog")
-        log = buf.decode(errors="replace").rstrip("\0 \n")
+        log = bytes(buf).split(b"\0", 1)[0].decode(errors="replace").strip()
         if int(result[0]) != 0:
             raise CudaError(f"NVRTC could not compile {name} for sm_{arch}: {log[:600]}")
         size = check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
-        cubin = b" " * int(size)
+        cubin = _fresh_buffer(int(size))
         check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+        cubin = bytes(cubin[: int(size)])
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
     return cubin, log
