@@ -21,6 +21,7 @@ from edgeq.deploy.bundle_format import (
     INT8_CPU_MODEL,
     INT8_CUDA_MODEL,
     INT8_MODEL,
+    MEASUREMENTS,
     PLAN,
     VALIDATION,
 )
@@ -45,7 +46,13 @@ from edgeq.validate.outcomes import parse_failure
 from edgeq.validate.robustness import validate_target_robustness
 from edgeq.validate.saturation import DEFAULT_SATURATION_WARN, quantized_ranges, restrict_to_quantized
 from edgeq.validate.sequential import episode_design
-from edgeq.validate.validator import ValidationOptions, decision_record, save_validation, validate_models
+from edgeq.validate.validator import (
+    ValidationOptions,
+    decision_record,
+    save_validation,
+    split_measurements,
+    validate_models,
+)
 from edgeq.validate.verdict import Tolerance
 
 #: ``cell_precision`` values: the recurrent cell's gate MatMuls in int8, or kept in fp32.
@@ -76,8 +83,8 @@ def _episode_steps(make_env: Callable[[], Any]) -> int | None:
         env.close()
 
 
-def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path, *, episodes: int | str = "auto",
-             seed: int = 0,
+def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str | None, out: str | Path, *,
+             episodes: int | str = "auto", seed: int = 0,
              recipe: str | CalibrationRecipe | None = None, profile: str | ExportProfile = "cpu-ort",
              calibrator: str | None = None, calibrator_params: dict[str, Any] | None = None,
              weight_method: str | None = None, calib_episodes: int | None = None,
@@ -87,7 +94,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
              progress: ProgressFactory = _no_progress, calib_data: str | Path | None = None,
              calib_data_key: str | None = None, holdout_fraction: float = 0.2,
              action_low: float | Sequence[float] | None = None, action_high: float | Sequence[float] | None = None,
-             onnx_input: str | None = None, onnx_output: str | None = None,
+             onnx_input: str | None = None, onnx_output: str | None = None, history: int | None = None,
              validation: ValidationOptions | None = None, report: bool = True,
              recipe_overrides: dict[str, Any] | None = None,
              calib_env: str | None = None, calib_env_kwargs: dict[str, Any] | None = None,
@@ -115,6 +122,9 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
 
     ``action_low``/``action_high`` (a number or one per dimension) and ``onnx_input``/``onnx_output``
     apply to ONNX policy files, which carry no spaces; with an env, unknown bounds come from it.
+    ``policy`` may be two ONNX files (an encoder and a body, joined into one graph); a policy that
+    reads an observation history (a ``[batch, K, obs_dim]`` input, or a flat one with ``history=K``)
+    gets ``io.history`` in the manifest and its window kept by the runtime (:mod:`edgeq.deploy.history`).
 
     ``validation`` chooses what the validator measures (default :meth:`ValidationOptions.light` on
     ``targets``: verdict, noise floor, per-layer error, 2,000-call latency); ``report`` writes
@@ -166,7 +176,7 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
     t0 = time.perf_counter()
     fp = policy if isinstance(policy, FloatPolicy) else load_policy(
         policy, vecnormalize=vecnormalize, input_name=onnx_input, output_name=onnx_output, action_low=action_low,
-        action_high=action_high)
+        action_high=action_high, history=history)
     timings["ingest_s"] = time.perf_counter() - t0
     gate_nodes: list[str] = list(fp.gate_nodes)
     if gate_nodes and cell_precision == "fp32":
@@ -242,7 +252,9 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
         raise EdgeqError("the exported INT8 graph breaks TensorRT QDQ rules:\n" + format_report(conformance))
     timings["quantize_s"] = time.perf_counter() - t0
 
-    io = {"input": fp.input_name, "output": fp.output_name, "state": [s.to_json() for s in fp.state]}
+    io: dict[str, Any] = {"input": fp.input_name, "output": fp.output_name, "state": [s.to_json() for s in fp.state]}
+    if fp.history is not None:
+        io["history"] = fp.history.to_json()
     val_seeds = list(range(seed, seed + (design.max_episodes if design.sequential else int(episodes))))
     with writer as w:
         fpath = w.save_model(fp.model, FLOAT_MODEL)
@@ -313,20 +325,34 @@ def quantize(policy: str | Path | FloatPolicy, env: str | None, out: str | Path,
                             if log is None else
                             {"recipe": rec.to_json(), "steps": stats.steps, "source": "observations",
                              "data": log.describe(), "held_out": 0 if held_out is None else len(held_out)}),
-            "quantization": plan.to_json(),
+            "quantization": _without_seconds(plan.to_json(), result),
             **({"decision": decision_record(result)} if make_env is not None else {}),
             "tensorrt_qdq_check": {"errors": len(trt_errors),
                                    "tensorrt_compatible": not trt_errors,
                                    "findings": [f"{v.severity} {v.rule}: {v.node}" for v in conformance]},
         }
         if make_env is None:
-            w.write_json(VALIDATION, result)
+            deterministic, measured = split_measurements(result)
+            w.write_json(VALIDATION, deterministic)
+            w.write_json(MEASUREMENTS, measured)
         else:
             save_validation(w.path, result, w.manifest, report=report)
     return QuantizeResult(out, w.manifest, result, timings)
 
 
+def _without_seconds(quantization: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """The plan for the manifest without its wall-clock time (moved to the measured ``timings``), so that the
+    manifest is the same for the same inputs and seeds."""
+    seconds = quantization.get("metrics", {}).pop("seconds", None)
+    if seconds is not None:
+        result.setdefault("timings", {})["quantize_search_s"] = seconds
+    return quantization
+
+
 def _calibrate_logged(fp: FloatPolicy, observations: Any, progress: ProgressFactory) -> CalibrationStats:
+    if fp.history is not None:
+        raise EdgeqError(f"calibration from logged observations needs a policy of one observation; this one reads the "
+                         f"last {fp.history.length} (calibrate with rollouts: --env)")
     if fp.recurrent:
         raise EdgeqError("calibration from logged observations needs a feed-forward policy; this one is recurrent "
                          "(its state depends on whole episodes in order)")

@@ -34,6 +34,30 @@ class StateSpec:
 
 
 @dataclass(frozen=True)
+class HistorySpec:
+    """The observation history a policy reads, kept by the runtime (:mod:`edgeq.deploy.history`).
+
+    The graph input ``input_name`` is ``[batch, length * obs_dim]``: the last ``length``
+    observations, oldest first (the current one last), with zeros for steps before the episode
+    start. ``act(obs)`` still takes one observation: the runtime keeps the window.
+    """
+
+    length: int
+    obs_dim: int
+    input_name: str = OBS_INPUT
+    layout: str = "oldest-first, flattened [batch, length * obs_dim]"
+    reset: str = "zeros"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"input": self.input_name, "length": self.length, "obs_dim": self.obs_dim, "layout": self.layout,
+                "reset": self.reset}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> HistorySpec:
+        return cls(int(d["length"]), int(d["obs_dim"]), str(d.get("input", OBS_INPUT)))
+
+
+@dataclass(frozen=True)
 class PolicySource:
     """Where a policy came from, for the manifest."""
 
@@ -57,8 +81,9 @@ class FloatPolicy:
     normalization and action squashing/rescaling/clipping are inside the graph, in float32.
     Recurrent policies have extra state inputs/outputs described by ``state``, and ``gate_nodes``
     names the MatMul nodes of their unrolled cell (int8 by default; kept float with
-    ``cell_precision="fp32"``). Later stages read only these fields, never ``source.details``
-    (which is what the manifest records about the source).
+    ``cell_precision="fp32"``). History policies (``history``) read the last observations as
+    one flattened input that the runtime fills (:class:`HistorySpec`). Later stages read only these
+    fields, never ``source.details`` (which is what the manifest records about the source).
     """
 
     model: onnx.ModelProto
@@ -67,6 +92,7 @@ class FloatPolicy:
     source: PolicySource
     state: tuple[StateSpec, ...] = ()
     gate_nodes: tuple[str, ...] = ()
+    history: HistorySpec | None = None
     env_id: str | None = None
     preprocess: dict[str, Any] = field(default_factory=dict)
     postprocess: dict[str, Any] = field(default_factory=dict)
@@ -77,3 +103,8 @@ class FloatPolicy:
     @property
     def recurrent(self) -> bool:
         return bool(self.state)
+
+    @property
+    def input_size(self) -> int:
+        """Width of the graph's observation input: ``length * obs_dim`` for a history policy."""
+        return self.history.length * self.history.obs_dim if self.history else self.obs_space.size

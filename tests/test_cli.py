@@ -42,7 +42,10 @@ def test_bundle_layout_and_manifest(pendulum_bundle: tuple[Path, str], sac_pendu
     assert m["io"] == {"input": "obs", "output": "actions", "state": []}
     assert m["quantization"]["settings"]["symmetric"] is True
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    assert set(m["files"]) == on_disk - {"manifest.json"}  # every file, report images included
+    # every file but the measured ones (timings, latency and the report that shows them)
+    assert set(m["files"]) == on_disk - {"manifest.json"} - set(m["unhashed"])
+    assert {"measurements.json", "report.html", "report/latency.png"} <= set(m["unhashed"])
+    assert {"validation.json", "policy.int8.onnx", "policy.fp32.onnx"} <= set(m["files"])
     for name, digest in m["files"].items():
         assert sha256_of(out / name) == digest
 

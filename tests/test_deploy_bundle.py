@@ -12,7 +12,7 @@ import pytest
 from conftest import FIXTURES
 
 import edgeq.deploy
-from edgeq.deploy.bundle_format import FORMAT_VERSION, MANIFEST, read_manifest, sha256_of
+from edgeq.deploy.bundle_format import FORMAT_VERSION, MANIFEST, check_manifest, read_manifest, sha256_of
 from edgeq.errors import BundleError
 
 V1_DIR = FIXTURES / "bundles" / "v1"
@@ -43,6 +43,28 @@ def test_v1_bundle_still_loads_and_acts_as_when_it_was_made() -> None:
         p = edgeq.deploy.load(V1, backend="cpu", precision=precision)
         got = p.act(obs)
         np.testing.assert_allclose(got, np.asarray(REFERENCE[f"actions_{precision}"]), atol=atol)
+
+
+def test_v2_bundle_loads_acts_and_carries_its_decision() -> None:
+    """A bundle written with format 2 (the three-way verdict), committed as is: later versions must load it."""
+    v2_dir = FIXTURES / "bundles" / "v2"
+    root, ref = v2_dir / "sac-pendulum", json.loads((v2_dir / "sac-pendulum.reference.json").read_text())
+    m = read_manifest(root)
+    assert m["format_version"] == 2 <= FORMAT_VERSION
+    d = m["decision"]
+    assert d["status"] == "PASS" and d["exit_code"] == 0 and d["procedure"]["mode"] == "fixed"
+    cpu = d["targets"]["cpu"]
+    assert (cpu["float_model"], cpu["int8_model"], cpu["runtime"], cpu["episodes"]) == (
+        "policy.fp32.onnx", "policy.int8.cpu.onnx", "onnxruntime-cpu", 4)
+    assert cpu["outcomes"]["int8"] == {"success": 0, "failure": 0, "timeout": 4}
+    obs = np.asarray(ref["observations"], np.float32)
+    for precision, atol in (("int8", 1e-5), ("fp32", 1e-5)):
+        got = edgeq.deploy.load(root, backend="cpu", precision=precision).act(obs)
+        np.testing.assert_allclose(got, np.asarray(ref[f"actions_{precision}"]), atol=atol)
+    # a decision that is not one of the three states is refused
+    bad = dict(m, decision={"status": "MAYBE"})
+    with pytest.raises(BundleError, match="decision.status is 'MAYBE'"):
+        check_manifest(bad)
 
 
 def test_fixture_files_are_the_committed_ones() -> None:

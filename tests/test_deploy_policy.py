@@ -172,6 +172,10 @@ def test_recurrent_state_is_carried_and_reset(tmp_path: Path) -> None:
     p.reset()
     np.testing.assert_array_equal(p.act(one), [2.0, -2.0])
     batch = np.ones((3, 2), np.float32)
-    np.testing.assert_array_equal(p.act(batch)[:, 0], [2.0, 2.0, 2.0])  # a new batch size starts from zero
+    with pytest.raises(InputError, match="call reset\\(\\) before changing the batch size"):
+        p.act(batch)  # the state of 1 row is never silently dropped for a batch of 3
+    np.testing.assert_array_equal(p.act(one), [4.0, -4.0])  # ... and the refused call changed nothing
+    p.reset()
+    np.testing.assert_array_equal(p.act(batch)[:, 0], [2.0, 2.0, 2.0])
     p.reset(np.array([False, True, False]))
     np.testing.assert_array_equal(p.act(batch)[:, 0], [4.0, 2.0, 4.0])

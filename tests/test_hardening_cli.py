@@ -151,9 +151,9 @@ def test_bad_options_are_found_before_any_work(tmp_path: Path, args: list[str], 
 
 
 def test_usage_errors_are_one_line() -> None:
-    for argv, needle in ((["quantize"], "Missing argument"), (["quantize", PENDULUM, "--out"], "--out"),
+    for argv, needle in ((["quantize"], "Missing"), (["quantize", PENDULUM, "--out"], "--out"),
                          (["frobnicate"], "No such command"),
-                         (["quantize", PENDULUM, "--episodes", "x"], "--episodes")):
+                         (["quantize", PENDULUM, "--out", "o", "--num-envs", "x"], "--num-envs")):
         code, err, _ = cli(*argv)
         assert_one_line(code, err, needle, "--help")
 

@@ -80,7 +80,9 @@ def test_quantize_writes_verdict_floor_per_layer_and_reports(bundle: Path) -> No
     assert decision["targets"]["cpu"]["int8_model"] == "policy.int8.cpu.onnx"
     assert decision["targets"]["cpu"]["episodes"] == 3 and decision["failure_rule"]["rule"] == "terminated"
     assert cpu["noise_floor"]["draws"] == 3 and len(cpu["noise_floor"]["returns"]) == 3
-    assert cpu["latency"]["models"]["int8"]["batch1"]["calls"] == 2000
+    assert "latency" not in cpu  # measured values live in measurements.json (unhashed), not validation.json
+    measured = json.loads((bundle / "measurements.json").read_text())["targets"]["cpu"]
+    assert measured["latency"]["models"]["int8"]["batch1"]["calls"] == 2000
     assert "sensitivity" not in val  # the light validation inside quantize
     pl = val["per_layer"]
     assert [r["fused"] for r in pl["layers"]] == ["Gemm+Relu", "Gemm+Relu", "Gemm+Tanh"]
@@ -89,7 +91,8 @@ def test_quantize_writes_verdict_floor_per_layer_and_reports(bundle: Path) -> No
     for name in ("report.html", "report.md", "report/returns.png", "report/per_layer.png"):
         assert (bundle / name).is_file(), name
     manifest = json.loads((bundle / MANIFEST).read_text())
-    assert manifest["files"]["report.html"] == sha256_of(bundle / "report.html")
+    assert "report.html" in manifest["unhashed"] and "report.html" not in manifest["files"]  # shows latency
+    assert manifest["files"]["validation.json"] == sha256_of(bundle / "validation.json")
 
 
 def test_identical_policies_differ_by_exactly_zero_and_pass(bundle: Path, tmp_path: Path) -> None:
@@ -136,6 +139,20 @@ def test_constant_action_offset_fails(bundle: Path, tmp_path: Path) -> None:
     loose = CliRunner().invoke(app, ["validate", str(bad), *FAST, "--no-per-layer", "--no-report", "--latency-calls",
                                      "0", "--rel-tol", "10"])
     assert loose.exit_code == 0, loose.output
+
+
+def test_validate_defaults_to_episodes_auto(bundle: Path, tmp_path: Path) -> None:
+    """No --episodes: the sequential loop (small caps here), its design and looks recorded."""
+    out = tmp_path / "auto"
+    res = CliRunner().invoke(app, ["validate", str(bundle), *FAST[2:], "--min-episodes", "10", "--max-episodes", "20",
+                                   "--no-per-layer", "--latency-calls", "0", "--no-report", "--out", str(out)])
+    assert res.exit_code in (0, 1, 3), res.output
+    cpu = json.loads((out / "validation.json").read_text())["targets"]["cpu"]
+    eps = cpu["episodes"]
+    assert eps["design"]["mode"] == "auto" and eps["design"]["max_episodes"] == 20
+    assert eps["episodes"] in (10, 20) and [x["episodes"] for x in eps["looks"]] == [10, 20][: len(eps["looks"])]
+    assert cpu["verdict"]["status"] == eps["looks"][-1]["status"]
+    assert "asymptotic confidence sequence" in cpu["verdict"]["returns"]["method"]
 
 
 def test_too_few_episodes_exit_3_inconclusive(bundle: Path, tmp_path: Path) -> None:

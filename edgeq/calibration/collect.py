@@ -18,8 +18,9 @@ import onnx
 from onnx import helper
 
 from edgeq.calibration.observers import TensorObserver
+from edgeq.deploy.history import ObservationHistory
 from edgeq.deploy.runtime import OrtPolicy
-from edgeq.graph.analysis import find_weighted_layers
+from edgeq.graph.analysis import find_activation_matmuls, find_weighted_layers
 from edgeq.policy import FloatPolicy
 from edgeq.rollout import ActionPerturbation, EpisodeResults, run_episodes
 
@@ -115,11 +116,16 @@ class CalibrationStats:
 
 
 def calibration_tensors(model: onnx.ModelProto) -> list[str]:
-    """The tensors whose ranges INT8 needs: the data input of each weighted layer (deduplicated)."""
+    """The tensors whose ranges INT8 needs: the data input of each weighted layer and both inputs of
+    each MatMul of two activations (deduplicated)."""
     seen: list[str] = []
     for layer in find_weighted_layers(model):
         if layer.input not in seen:
             seen.append(layer.input)
+    for mm in find_activation_matmuls(model):
+        for t in mm.inputs:
+            if t not in seen:
+                seen.append(t)
     return seen
 
 
@@ -139,8 +145,7 @@ class _ObservingPolicy:
 
     def __init__(self, policy: FloatPolicy, tensors: list[str], observers: dict[str, TensorObserver],
                  reservoir: ObservationReservoir) -> None:
-        self.runtime = OrtPolicy(instrumented(policy.model, tensors).SerializeToString(),
-                                 state=[s.to_json() for s in policy.state])
+        self.runtime = _runtime(instrumented(policy.model, tensors), policy)
         self.tensors, self.observers, self.reservoir = tensors, observers, reservoir
         self.output = policy.output_name
         self._last: dict[str, np.ndarray] = {}
@@ -159,20 +164,43 @@ class _ObservingPolicy:
         if n == 0:
             return
         for name in self.tensors:
-            self.observers[name].update(self._last[name][rows].reshape(n, -1))
-        self.reservoir.add(obs[rows])
+            v = self._last[name][rows]
+            self.observers[name].update(layer_rows(v, n))
+        self.reservoir.add(_graph_input(self.runtime, obs)[rows])
+
+
+def _runtime(model: onnx.ModelProto, policy: FloatPolicy) -> Any:
+    """The float policy as a rollout runtime; a history policy's runtime keeps its observation window."""
+    rt = OrtPolicy(model.SerializeToString(), state=[s.to_json() for s in policy.state])
+    if policy.history is None:
+        return rt
+    return ObservationHistory(rt, policy.history.length, policy.history.obs_dim, policy.history.input_name)
+
+
+def _graph_input(runtime: Any, obs: np.ndarray) -> np.ndarray:
+    """What the graph was fed on the last step: the observations, or a history policy's windows."""
+    return runtime.window() if isinstance(runtime, ObservationHistory) else obs
+
+
+def layer_rows(values: np.ndarray, n: int | None = None) -> np.ndarray:
+    """``[n, ...]`` layer inputs as observer rows: one row per token ``[n * tokens, channels]`` for 3-D and
+    larger tensors (a Transformer's [batch, steps, features], an im2col [batch, steps, k * channels]),
+    so that per-channel statistics are per input feature of the layer, as for 2-D inputs."""
+    if values.ndim > 2:
+        return values.reshape(-1, values.shape[-1])
+    return values.reshape(len(values) if n is None else n, -1)
 
 
 class _ReservoirHook:
     """Rollout hook that only keeps a sample of the visited states (held-out episodes)."""
 
-    def __init__(self, reservoir: ObservationReservoir) -> None:
-        self.reservoir = reservoir
+    def __init__(self, reservoir: ObservationReservoir, runtime: Any) -> None:
+        self.reservoir, self.runtime = reservoir, runtime
 
     def __call__(self, obs: np.ndarray, actions: np.ndarray, active: np.ndarray) -> None:
         rows = np.asarray(active, bool)
         if rows.any():
-            self.reservoir.add(obs[rows])
+            self.reservoir.add(_graph_input(self.runtime, obs)[rows])
 
 
 def calibrate_rollouts(policy: FloatPolicy, make_env: Callable[[], Any], seeds: Sequence[int], *,
@@ -190,7 +218,7 @@ def calibrate_rollouts(policy: FloatPolicy, make_env: Callable[[], Any], seeds: 
     """
     tensors = calibration_tensors(policy.model)
     observers = {t: TensorObserver(t) for t in tensors}
-    reservoir = ObservationReservoir(reservoir_size, policy.obs_space.size, seed=int(seeds[0]) if seeds else 0)
+    reservoir = ObservationReservoir(reservoir_size, policy.input_size, seed=int(seeds[0]) if seeds else 0)
     actor = _ObservingPolicy(policy, tensors, observers, reservoir)
     low, high = policy.action_space.low_array.ravel(), policy.action_space.high_array.ravel()
 
@@ -201,9 +229,9 @@ def calibrate_rollouts(policy: FloatPolicy, make_env: Callable[[], Any], seeds: 
                            max_steps_per_episode=max_steps_per_episode, progress=progress)
     holdout: np.ndarray | None = None
     if holdout_seeds:
-        held = ObservationReservoir(holdout_size, policy.obs_space.size, seed=int(holdout_seeds[0]))
-        plain = OrtPolicy(policy.model.SerializeToString(), state=[s.to_json() for s in policy.state])
-        run_episodes(make_env, plain, holdout_seeds, num_envs=num_envs, on_step=_ReservoirHook(held),
+        held = ObservationReservoir(holdout_size, policy.input_size, seed=int(holdout_seeds[0]))
+        plain = _runtime(policy.model, policy)
+        run_episodes(make_env, plain, holdout_seeds, num_envs=num_envs, on_step=_ReservoirHook(held, plain),
                      perturb=(noise if holdout_noise is None else holdout_noise).make(low, high),
                      noise_seed=int(holdout_seeds[0]) + 1,
                      max_steps_per_episode=max_steps_per_episode, progress=progress)
@@ -244,7 +272,7 @@ def observe_states(model: onnx.ModelProto, states: np.ndarray, tensors: Sequence
         out = runtime.run(x[i:i + batch_size], names)
         for t in names:
             v = out[t]
-            observers[t].update(v.reshape(v.shape[0], -1))
+            observers[t].update(layer_rows(v, v.shape[0]))
     return observers
 
 
@@ -256,6 +284,11 @@ def calibrate_observations(policy: FloatPolicy, observations: np.ndarray, *, bat
     ``progress(n)`` is called with the number of observations processed since the last call.
     """
     obs = np.asarray(observations, np.float32).reshape(len(observations), -1)
+    if policy.history is not None:
+        from edgeq.errors import EdgeqError
+
+        raise EdgeqError("calibration from logged observations needs a policy of one observation; this one reads "
+                         f"a history of {policy.history.length} (calibrate with rollouts: --env)")
     if obs.shape[1] != policy.obs_space.size:
         from edgeq.errors import EdgeqError
 

@@ -75,8 +75,8 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
                         f"({'/'.join(map(str, eps))} paired episodes)")
     has_floor = any("noise_floor" in r for r in validation["targets"].values())
     has_verdict = any("verdict" in r for r in validation["targets"].values())
-    cols = ["target (runtime)", "files: float / int8", "episodes", "float return", "int8 return",
-            "int8 - float (interval)", "band", "succ/fail/timeout float | int8"]
+    cols = ["target", "float return", "int8 return", "int8 - float [interval]", "band",
+            "succ/fail/timeout float | int8"]
     cols += ["≠ floor"] if has_floor else []
     cols += ["action err mean / max"] + (["verdict"] if has_verdict else [])
     for col in cols:
@@ -88,12 +88,9 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
         ret = v.get("returns", {})
         iv = ret.get("interval", d["ci95"])
         band = ret.get("band")
-        row = [f"{target} ({r.get('runtime', '?')})", f"{r.get('float_model', '?')} / {r.get('int8_model', '?')}",
-               str(len(r["float"]["returns"])),
-               f"{r['float']['mean']:.1f} ± {r['float']['std']:.1f}",
-               f"{r['int8']['mean']:.1f} ± {r['int8']['std']:.1f}",
-               f"{d['mean']:+.4g} {_interval(*iv)}", _interval(*band) if band else "-",
-               f"{_outcomes(r, 'float')} | {_outcomes(r, 'int8')}"]
+        row = [target, f"{r['float']['mean']:.1f} ± {r['float']['std']:.1f}",
+               f"{r['int8']['mean']:.1f} ± {r['int8']['std']:.1f}", f"{d['mean']:+.4g} {_interval(*iv)}",
+               _interval(*band) if band else "-", f"{_outcomes(r, 'float')} | {_outcomes(r, 'int8')}"]
         if has_floor:
             fl = r.get("noise_floor")
             row += ["yes" if fl["distinguishable"] else "no"] if fl else ["-"]
@@ -102,6 +99,10 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
             row.append(_status(v.get("status")))
         table.add_row(*row)
     console.print(table)
+    for target, r in validation["targets"].items():
+        console.print(f"{target}: every figure above is {r.get('float_model', '?')} vs {r.get('int8_model', '?')} on "
+                      f"{r.get('runtime', '?')}, {len(r['float']['returns'])} paired episodes", highlight=False,
+                      soft_wrap=True)
     for target, reason in validation.get("unavailable_targets", {}).items():
         console.print(f"{target}: unavailable here ({reason})", highlight=False)
     verdict = validation.get("verdict")
@@ -127,7 +128,7 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
                                  "more episodes are not expected to decide at the observed means; "
                                  "reconsider the tolerance"), highlight=False, soft_wrap=True)
         for r in validation["targets"].values():
-            for note in r.get("notes", []):
+            for note in [*r.get("notes", []), *r.get("latency_notes", [])]:
                 console.print(f"[bold yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     for target, r in validation["targets"].items():
         if "saturation" not in r and "perturbed" not in r:
@@ -161,6 +162,20 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
                   + ("chosen per layer (search started at " if auto else "")
                   + f"{settings.get('activation_calibrator')} {settings.get('calibrator_params', {})}"
                   + (")" if auto else "") + f"; weights: per-channel {settings.get('weight_method')}")
+    matmuls = manifest.get("quantization", {}).get("activation_matmuls", [])
+    if matmuls:
+        roles: dict[str, list[int]] = {}
+        for m in matmuls:
+            r = roles.setdefault(m.get("role", "matmul"), [0, 0])
+            r[0] += m["precision"] == "int8"
+            r[1] += 1
+        console.print("activation x activation MatMuls (both inputs per-tensor int8): "
+                      + ", ".join(f"{role} {a}/{b} int8" for role, (a, b) in roles.items())
+                      + "; Softmax, LayerNorm and residual Adds in float", highlight=False, soft_wrap=True)
+    history = manifest.get("io", {}).get("history")
+    if history:
+        console.print(f"observation history: the runtime keeps the last {history['length']} observations "
+                      f"(reset: {history['reset']}); act(obs) takes one", highlight=False, soft_wrap=True)
     cpu_float = manifest.get("cpu_float_layers") or []
     if cpu_float:
         below = manifest.get("profile", {}).get("cpu_float_below")

@@ -25,11 +25,17 @@ from edgeq.commands._app import (
 
 @app.command()
 def quantize(
-    policy: Annotated[Path, typer.Argument(help="Policy file: a Stable-Baselines3 / sb3-contrib .zip (incl. "
-                                                "RecurrentPPO), a float ONNX policy (.onnx, e.g. Isaac Lab's "
-                                                "policy.onnx), or a TorchScript policy.pt (legged_gym / rsl_rl / "
-                                                "Isaac Lab export). TorchScript is code: pass only files you trust.")],
     out: Annotated[Path, typer.Option("--out", help="Bundle directory to create.")],
+    policy: Annotated[list[Path] | None, typer.Argument(
+        help="Policy file: a Stable-Baselines3 / sb3-contrib .zip (incl. RecurrentPPO), a float ONNX policy (.onnx, "
+             "e.g. Isaac Lab's policy.onnx), or a TorchScript policy.pt (legged_gym / rsl_rl / Isaac Lab export). "
+             "TorchScript is code: pass only files you trust. Two .onnx files are an encoder and a body.")] = None,
+    policy_files: Annotated[list[Path] | None, typer.Option(
+        "--policy", help="Policy file, repeatable: --policy encoder.onnx --policy body.onnx joins a history encoder "
+                         "and a body into one policy (the same as giving them as arguments).")] = None,
+    history: Annotated[int | None, typer.Option(
+        help="ONNX policies whose one flat input stacks this many observations (oldest first); a [batch, K, "
+             "obs_dim] input needs no option.")] = None,
     env: Annotated[str | None, typer.Option("--env", help="Gymnasium env id (e.g. HalfCheetah-v5) or module:callable. "
                                                           "Optional with --calib-data.")] = None,
     episodes: Annotated[str, typer.Option(help="Paired validation episodes (float vs int8, same seeds): 'auto' "
@@ -143,9 +149,15 @@ def quantize(
             base = load_recipe(recipe, env).exploration
             exploration = ExplorationNoise(gaussian=base.get("gaussian", 0.0) if noise is None else noise,
                                            epsilon=base.get("epsilon", 0.0) if noise_epsilon is None else noise_epsilon)
+        from edgeq.errors import EdgeqError
+
+        paths = [*(policy or []), *(policy_files or [])]
+        if not paths:
+            raise EdgeqError("no policy file: give POLICY (or --policy FILE, twice for an encoder and a body)")
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err_console, transient=True, disable=json_out or not err_console.is_terminal) as prog:
-            return run_quantize(policy, env, out, episodes=parse_episodes(episodes), seed=seed,
+            return run_quantize(paths[0] if len(paths) == 1 else paths, env, out,
+                                episodes=parse_episodes(episodes), seed=seed,
                                 max_episodes=max_episodes, time_budget=time_budget, failure=failure,
                                 tolerance=tolerance, recipe=recipe, profile=profile,
                                 calibrator=calibrator, calibrator_params=params, weight_method=weight_method,
@@ -156,7 +168,7 @@ def quantize(
                                 calib_data=calib_data, calib_data_key=calib_key, holdout_fraction=holdout,
                                 action_low=_numbers(action_low, "--action-low"),
                                 action_high=_numbers(action_high, "--action-high"),
-                                onnx_input=onnx_input, onnx_output=onnx_output,
+                                onnx_input=onnx_input, onnx_output=onnx_output, history=history,
                                 calib_env=calib_env,
                                 calib_env_kwargs=parse_env_kwargs(calib_env_kwargs) if calib_env_kwargs else None,
                                 calib_perturb=calib_perturb or (), perturb=perturb or (),

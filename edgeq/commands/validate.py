@@ -83,11 +83,13 @@ def print_details(validation: dict[str, Any]) -> None:
                 for name, m in r["latency"]["models"].items()]
     if lat_rows:
         table = Table(title="latency (batch 1, one thread)")
-        for col in ("target", "model", "calls", "median us", "p99 us", "p99.9 us", "large batch us/call"):
+        for col in ("target", "model (file)", "calls", "median us", "p99 us", "p99.9 us", "large batch us/call"):
             table.add_column(col, justify="right")
         for t, name, m in lat_rows:
             b, lb = m["batch1"], m.get("large_batch", {})
-            table.add_row(t, name, str(b["calls"]), f"{b['median_us']:.1f}", f"{b['p99_us']:.1f}",
+            file = validation["targets"][t].get(f"{name}_model")
+            table.add_row(t, f"{name} ({file})" if file else name, str(b["calls"]), f"{b['median_us']:.1f}",
+                          f"{b['p99_us']:.1f}",
                           f"{b['p999_us']:.1f}",
                           f"{lb['median_us_per_call']:.0f} (b={lb['batch']})" if lb else "-")
         console.print(table)

@@ -43,9 +43,20 @@ INT8_MODEL = "policy.int8.onnx"
 INT8_CPU_MODEL = "policy.int8.cpu.onnx"
 INT8_CUDA_MODEL = "policy.int8.cuda.onnx"
 VALIDATION = "validation.json"
+#: Timings and latency of the run that made the bundle (differ from run to run), and the report that shows
+#: them: not hashed, not signed, never read by a robot. Everything else is byte-identical for the same
+#: inputs and seeds.
+MEASUREMENTS = "measurements.json"
+MEASURED_FILES = (MEASUREMENTS, "report.html", "report.md")
+MEASURED_DIRS = ("report/",)
 PLAN = "plan.json"
 #: Precisions a bundle may hold an ONNX model for (``manifest["models"]`` keys).
 PRECISIONS = ("int8", "fp32")
+
+
+def is_measured(name: str) -> bool:
+    """Whether the bundle file ``name`` (a relative POSIX path) holds measurements (unhashed, see above)."""
+    return name in MEASURED_FILES or name.startswith(MEASURED_DIRS)
 
 
 def read_manifest(bundle: str | Path, *, verify: bool = True) -> dict[str, Any]:

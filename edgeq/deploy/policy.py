@@ -12,6 +12,7 @@ import numpy as np
 
 from edgeq.deploy.bundle_format import PRECISIONS, model_for, read_manifest
 from edgeq.deploy.fused_mlp import FusedCudaPolicy
+from edgeq.deploy.history import ObservationHistory, with_history
 from edgeq.deploy.ort_cuda import OrtCudaPolicy
 from edgeq.deploy.runtime import NAN_POLICIES, LatencyStats, OrtPolicy, PolicyRuntime, ort_providers
 from edgeq.deploy.trt_backend import engines_for, load_trt_runtime, tensorrt_available
@@ -100,8 +101,8 @@ class DeployedPolicy:
     state is shared by all callers, so give each robot (or episode stream) its own policy.
     """
 
-    def __init__(self, runtime: Runtime, manifest: dict[str, Any], *, precision: str,
-                 backend: str, nan_policy: str = "error", bundle: Path | None = None) -> None:
+    def __init__(self, runtime: Runtime | ObservationHistory, manifest: dict[str, Any], *,
+                 precision: str, backend: str, nan_policy: str = "error", bundle: Path | None = None) -> None:
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy {nan_policy!r}; expected one of {NAN_POLICIES}")
         self.runtime, self.manifest, self.bundle = runtime, manifest, bundle
@@ -143,7 +144,7 @@ class DeployedPolicy:
         self.runtime.latency.clear()
 
     def reset(self, mask: np.ndarray | None = None) -> None:
-        """Start new episodes: zero the recurrent state (of the rows in ``mask``)."""
+        """Start new episodes: zero the recurrent state and observation history (of the rows in ``mask``)."""
         self.runtime.reset(mask)
 
     def _expected(self) -> str:
@@ -307,13 +308,13 @@ def load(bundle: str | Path, backend: str = "auto", *, precision: str = "int8", 
                           RuntimeWarning, stacklevel=2)
     assert runtime is not None
     _log.info("edgeq.deploy: %s runs on backend %r%s", root, chosen, f" (skipped: {'; '.join(notes)})" if notes else "")
-    policy = DeployedPolicy(runtime, manifest, precision=precision, backend=chosen, nan_policy=nan_policy,
-                            bundle=root)
+    policy = DeployedPolicy(with_history(runtime, manifest["io"]), manifest, precision=precision, backend=chosen,
+                            nan_policy=nan_policy, bundle=root)
     policy.backend_notes = notes
     if warmup > 0:
         zero = np.zeros((1, *policy.obs_shape), np.float32)
         for _ in range(warmup):
-            runtime.act(zero)
+            policy.runtime.act(zero)
         policy.reset()
         policy.reset_latency()
     return policy

@@ -118,10 +118,20 @@ class RecurrentStateMixin:
                 value[np.asarray(mask, bool)] = 0.0
 
     def _state_feeds(self, batch: int) -> dict[str, np.ndarray]:
+        """The state to feed a batch of ``batch`` rows: the carried state, or zeros after :meth:`reset`.
+
+        A batch of another size than the carried state's is refused (:class:`InputError`) rather than
+        silently starting every row from zero: row ``i`` of the state belongs to row ``i`` of the batch,
+        so call :meth:`reset` (new episodes) before changing the batch size.
+        """
         feeds = {}
         for spec in self.state_specs:
             cur = self._state.get(spec["input"])
-            if cur is None or cur.shape[0] != batch:
+            if cur is not None and cur.shape[0] != batch:
+                raise InputError(f"batch of {batch} observation(s) but the recurrent state carries {cur.shape[0]} "
+                                 "row(s) from the previous calls; call reset() before changing the batch size "
+                                 "(it starts new episodes), or keep one batch size per episode")
+            if cur is None:
                 cur = np.zeros((batch, *spec["shape"]), np.float32)
                 self._state[spec["input"]] = cur
             feeds[spec["input"]] = cur

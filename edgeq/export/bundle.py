@@ -20,7 +20,7 @@ from typing import Any
 
 import onnx
 
-from edgeq.deploy.bundle_format import FORMAT_VERSION, MANIFEST, sha256_of
+from edgeq.deploy.bundle_format import FORMAT_VERSION, MANIFEST, is_measured, sha256_of
 from edgeq.errors import BundleError
 
 #: Bytes written (and removed) in the destination's parent to prove it writable before any work.
@@ -178,9 +178,12 @@ class BundleWriter:
         return p
 
     def _finish(self) -> None:
-        files = {p.relative_to(self.path).as_posix(): sha256_of(p) for p in sorted(self.path.rglob("*"))
-                 if p.is_file() and p.name != MANIFEST}
+        names = [p.relative_to(self.path).as_posix() for p in sorted(self.path.rglob("*")) if p.is_file()]
+        files = {n: sha256_of(self.path / n) for n in names if n != MANIFEST and not is_measured(n)}
         manifest = {"format_version": FORMAT_VERSION, **self.manifest, "files": files}
+        unhashed = sorted(n for n in names if is_measured(n))
+        if unhashed:
+            manifest["unhashed"] = unhashed
         (self.path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         os.chmod(self.path, 0o777 & ~current_umask())  # mkdtemp made it 0700
         if self.out.exists():

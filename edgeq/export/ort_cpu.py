@@ -79,6 +79,12 @@ def specialize_for_ort_cpu(qdq: onnx.ModelProto, min_int8_width: int = 0,
             consumers.setdefault(i, []).append(n)
 
     graph_outputs = {o.name for o in g.output}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(qdq)
+        ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*inferred.graph.value_info, *inferred.graph.input)
+                 if v.type.tensor_type.HasField("shape")}
+    except Exception:  # noqa: BLE001 - without shapes every layer is taken as 2-D, as before
+        ranks = {}
     drop: set[int] = set()
     replace: dict[int, list[onnx.NodeProto]] = {}
     new_inits: list[onnx.TensorProto] = []
@@ -97,8 +103,10 @@ def specialize_for_ort_cpu(qdq: onnx.ModelProto, min_int8_width: int = 0,
         add = _bias_add(node, consumers, inits)
         k_in, n_out = (int(d) for d in inits[w_dq.input[0]].dims)
         if min(k_in, n_out) < min_int8_width and q.input[1] in inits and node.name not in keep_int8:
-            replace[id(node)] = _float_layer(node, q, w_dq, add, producer, consumers, inits, new_inits)
-            float_weights.add(replace[id(node)][-1].input[1])
+            replace[id(node)] = _float_layer(node, q, w_dq, add, producer, consumers, inits, new_inits,
+                                             gemm=ranks.get(q.input[0]) == 2)
+            base = node.name or node.output[0]
+            float_weights.add(next(n for n in replace[id(node)] if n.name == base).input[1])
             drop.update({id(a_dq), id(w_dq)} | ({id(add[0])} if add is not None else set()))
             float_layers.append(node.name or node.output[0])
             continue
@@ -184,8 +192,11 @@ def _bias_add(node: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]],
 def _float_layer(node: onnx.NodeProto, q: onnx.NodeProto, w_dq: onnx.NodeProto,
                  add: tuple[onnx.NodeProto, str] | None, producer: dict[str, onnx.NodeProto],
                  consumers: dict[str, list[onnx.NodeProto]], inits: dict[str, onnx.TensorProto],
-                 new_inits: list[onnx.TensorProto]) -> list[onnx.NodeProto]:
+                 new_inits: list[onnx.TensorProto], *, gemm: bool = True) -> list[onnx.NodeProto]:
     """``Gemm(x, Cast(W_int8) × w_scale [× column factors], bias)`` in place of an INT8 layer.
+
+    With ``gemm=False`` (an input of rank 3, such as a Transformer's [batch, steps, features]),
+    ``MatMul`` then ``Add`` of the bias: ``Gemm`` takes matrices only.
 
     ``x`` is the float tensor the layer's activation quantizer read. If that tensor is a ``Mul``
     by a per-column constant (CrossQuant's static column factors, an equalization scale) read by
@@ -211,8 +222,11 @@ def _float_layer(node: onnx.NodeProto, q: onnx.NodeProto, w_dq: onnx.NodeProto,
                                           name=f"{base}/w.fold_input_scale"))
             weight = f"{base}/w.folded"
             x = pre.input[0] if pre.input[1] == factor else pre.input[1]
-    if add is not None:
+    if add is not None and gemm:
         nodes.append(helper.make_node("Gemm", [x, weight, add[1]], [add[0].output[0]], name=base))
+    elif add is not None:
+        nodes.append(helper.make_node("MatMul", [x, weight], [f"{base}/matmul"], name=base))
+        nodes.append(helper.make_node("Add", [f"{base}/matmul", add[1]], [add[0].output[0]], name=f"{base}/bias"))
     else:
         nodes.append(helper.make_node("MatMul", [x, weight], [node.output[0]], name=base))
     return nodes

@@ -4,6 +4,9 @@ What the result obeys (``shared`` TensorRT QDQ rules; checked by :mod:`edgeq.exp
 
 * QuantizeLinear/DequantizeLinear only (no QLinear*/Integer ops), opset >= 13;
 * symmetric int8: every zero point is an int8 0, scales are positive finite initializers;
+* each MatMul of two activations in the plan's ``matmuls`` (attention's Q·Kᵀ and A·V) gets a
+  per-tensor Q→DQ pair on **both** inputs, so TensorRT runs it in int8; Softmax, LayerNorm and
+  residual Adds get none and stay float;
 * each INT8 layer's data input gets one per-tensor Q→DQ pair (shared by layers reading the same
   tensor), and its weight is stored as an **int8 initializer** → DequantizeLinear on the
   output-channel axis with narrow range [-127, 127];
@@ -109,7 +112,31 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan, *, check: bool = True) -
             return np.asarray(numpy_helper.to_array(inits[node.input[2]]), np.float32).reshape(-1)
         return None
 
+    def dq_for(x: str) -> str:
+        """The DequantizeLinear output of activation ``x`` (one per-tensor Q→DQ pair per tensor, shared)."""
+        if x not in dq_of_tensor:
+            act = plan.activations[x]
+            base = x.replace("/", "_")
+            scale = add_init(np.array(act.scale, np.float32), f"{base}.act_scale")
+            zp = add_init(np.array(0, np.int8), f"{base}.act_zero_point")
+            q_name = f"{base}.q"
+            dq = f"{base}.dq"
+            new_nodes.append(helper.make_node("QuantizeLinear", [x, scale, zp], [q_name],
+                                              name=f"{base}/QuantizeLinear"))
+            new_nodes.append(helper.make_node("DequantizeLinear", [q_name, scale, zp], [dq],
+                                              name=f"{base}/DequantizeLinear"))
+            dq_of_tensor[x] = dq
+        return dq_of_tensor[x]
+
+    act_matmuls = {m.node: m for m in plan.int8_matmuls()}
     for node in graph.node:
+        if node.name in act_matmuls:  # both activation inputs per-tensor int8 (attention Q·Kᵀ, A·V)
+            mm = onnx.NodeProto()
+            mm.CopyFrom(node)
+            del mm.input[:]
+            mm.input.extend([dq_for(x) for x in node.input])
+            new_nodes.append(mm)
+            continue
         if node.name in fp16:
             half = fp16[node.name]
             if node.op_type == "Gemm":
@@ -144,18 +171,7 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan, *, check: bool = True) -
             if node.op_type == "Gemm" and len(node.input) > 2 and consumers.get(node.input[2], 0) == 1:
                 removed_weights.add(node.input[2])
             continue
-        if x not in dq_of_tensor:
-            act = plan.activations[x]
-            base = x.replace("/", "_")
-            scale = add_init(np.array(act.scale, np.float32), f"{base}.act_scale")
-            zp = add_init(np.array(0, np.int8), f"{base}.act_zero_point")
-            q_name = f"{base}.q"
-            dq = f"{base}.dq"
-            new_nodes.append(helper.make_node("QuantizeLinear", [x, scale, zp], [q_name],
-                                              name=f"{base}/QuantizeLinear"))
-            new_nodes.append(helper.make_node("DequantizeLinear", [q_name, scale, zp], [dq],
-                                              name=f"{base}/DequantizeLinear"))
-            dq_of_tensor[x] = dq
+        dq_for(x)
         qw = layer.weight
         assert qw is not None
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

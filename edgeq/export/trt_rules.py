@@ -56,6 +56,12 @@ RULES: dict[str, str] = {
     "q-without-dq": "a QuantizeLinear output feeds something other than DequantizeLinear",
     "concat-scale-mismatch": "the quantized inputs of a Concat have different scales",
     "qdq-graph-output": "a graph output is produced by QuantizeLinear/DequantizeLinear",
+    "bmm-one-input-quantized": "an activation×activation MatMul (attention BMM) has only one input quantized",
+    "softmax-quantized-input": "a Softmax reads an int8 (Q/DQ) tensor: attention scores must stay float",
+    "attention-scale-after-bmm1": "the attention scale multiplies Q·Kᵀ after BMM1 instead of Q or K before it",
+    "layernorm-quantized-input": "a LayerNormalization reads an int8 (Q/DQ) tensor: normalization stays float",
+    "layernorm-fp16": "a LayerNormalization computes in fp16 (overflow risk after attention): keep it fp32",
+    "residual-add-quantized": "a transformer residual Add (feeding LayerNormalization) has a Q/DQ input",
 }
 
 _INTEGER_OPS = frozenset(
@@ -345,6 +351,7 @@ def check_qdq_model(model: onnx.ModelProto | str | Path) -> list[Violation]:
     _check_pairs(g, add)
     _check_concat(g, add)
     _check_graph_outputs(g, add)
+    _check_attention(g, add)
     if not qdq_nodes and not any(n.op_type in _INTEGER_OPS | _DYNAMIC_OPS for n in g.nodes):
         add(
             "no-qdq",
@@ -678,6 +685,8 @@ def _check_weighted_inputs(g: _Graph, add: _AddFn) -> None:
     for node in g.nodes:
         if node.op_type not in _WEIGHTED_OPS or len(node.input) < 2:
             continue
+        if node.op_type == "MatMul" and not any(_is_weight(g, i) for i in node.input[:2]):
+            continue  # two activations (attention): bmm-one-input-quantized
         data_q = g.dq_source(node.input[0]) is not None
         weight_q = g.dq_source(node.input[1]) is not None
         if data_q != weight_q:
@@ -818,3 +827,74 @@ def format_report(violations: Iterable[Violation]) -> str:
     verdict = "TensorRT will reject or mis-build this graph" if n_err else "builds, but see the warnings"
     lines.append(f"TensorRT QDQ check: {n_err} error(s), {n_warn} warning(s): {verdict}")
     return "\n".join(lines)
+
+
+def _is_weight(g: _Graph, tensor: str) -> bool:
+    """A constant, or the dequantized form of one (a weight)."""
+    if g.is_const(tensor):
+        return True
+    dq = g.dq_source(tensor)
+    return dq is not None and g.weight_root(dq) is not None
+
+
+def _check_attention(g: _Graph, add: _AddFn) -> None:
+    """Attention and normalization placement (TensorRT's fused-attention and explicit-quantization notes).
+
+    * MHA fusion in int8 needs Q/DQ on **both** inputs of each BMM (Q·Kᵀ and attention·V);
+    * Softmax runs in float: its input (the BMM1 output) carries no Q/DQ;
+    * the attention scale is applied to Q (or K) before BMM1, not to the scores after it;
+    * LayerNormalization stays float (no Q/DQ on its input) and in fp32 (TensorRT warns that LayerNorm
+      after attention in fp16 may overflow);
+    * transformer residual Adds stay float (Model Optimizer quantizes residual Add inputs only
+      where the Add fuses into a convolution).
+    """
+    for node in g.nodes:
+        if node.op_type == "MatMul" and len(node.input) == 2 and not any(_is_weight(g, i) for i in node.input):
+            quantized = [g.dq_source(i) is not None for i in node.input]
+            if any(quantized) and not all(quantized):
+                which = "first" if quantized[0] else "second"
+                add("bmm-one-input-quantized", g.name_of(node),
+                    f"MatMul of two activations has only its {which} input quantized; TensorRT runs it in float "
+                    "(and cannot fuse the attention in int8)",
+                    "quantize both inputs per tensor (Q/DQ on Q and Kᵀ for BMM1, on the Softmax output and V for "
+                    "BMM2), or neither", WARNING)
+        if node.op_type == "Softmax" and node.input:
+            direct = g.dq_source(node.input[0])
+            if direct is not None:
+                add("softmax-quantized-input", g.name_of(node),
+                    "Softmax reads a DequantizeLinear output: the attention scores were rounded to int8 before the "
+                    "exponent; TensorRT computes Softmax in float",
+                    "do not quantize the output of BMM1 (Q·Kᵀ); quantize the Softmax output (input of BMM2) instead",
+                    WARNING)
+            bmm = g.producer.get(node.input[0])
+            scaled = None
+            while bmm is not None and bmm.op_type in ("Add", "Mul", "Div", "Where", "Cast"):
+                if bmm.op_type in ("Mul", "Div") and any(g.is_const(i) for i in bmm.input):
+                    scaled = bmm
+                nxt = [p for i in bmm.input if i and not g.is_const(i) if (p := g.producer.get(i)) is not None]
+                bmm = next((p for p in nxt if p.op_type == "MatMul"), nxt[0] if nxt else None)
+            if scaled is not None and bmm is not None and bmm.op_type == "MatMul":
+                add("attention-scale-after-bmm1", g.name_of(scaled),
+                    f"the attention scale ({scaled.op_type} {g.name_of(scaled)!r}) is applied to the scores after "
+                    f"BMM1 {g.name_of(bmm)!r}; TensorRT's attention fusion needs Q or K scaled before BMM1",
+                    "multiply Q (or K) by the scale before the MatMul (exact; edgeq's ingest moves it there)",
+                    WARNING)
+        if node.op_type == "LayerNormalization" and node.input:
+            if g.dq_source(node.input[0]) is not None:
+                add("layernorm-quantized-input", g.name_of(node),
+                    "LayerNormalization reads a DequantizeLinear output; the normalization statistics are computed "
+                    "on int8-rounded values", "leave LayerNormalization's input in float (no Q/DQ before it)",
+                    WARNING)
+            if g.elem_type.get(node.input[0]) == TensorProto.FLOAT16 or (
+                    (p := g.producer.get(node.input[0])) is not None and p.op_type == "Cast"
+                    and _int_attr(p, "to", 0) == TensorProto.FLOAT16):
+                add("layernorm-fp16", g.name_of(node),
+                    "LayerNormalization computes in fp16; TensorRT warns that LayerNorm after self-attention in "
+                    "fp16 may overflow", "keep LayerNormalization in fp32 (no Cast to fp16 before it)", WARNING)
+        if node.op_type == "Add" and len(node.input) == 2 and not any(g.is_const(i) for i in node.input):
+            feeds_ln = any(c.op_type == "LayerNormalization" for c, _ in g.consumers.get(node.output[0], []))
+            if feeds_ln and any(g.dq_source(i) is not None for i in node.input):
+                add("residual-add-quantized", g.name_of(node),
+                    "a residual Add that feeds LayerNormalization reads an int8 (Q/DQ) input; the residual stream "
+                    "is rounded to int8", "leave transformer residual Adds in float (Q/DQ only on BMM and "
+                    "Gemm/MatMul inputs)", WARNING)

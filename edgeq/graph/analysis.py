@@ -65,3 +65,67 @@ def find_weighted_layers(model: onnx.ModelProto) -> list[WeightedLayer]:
         layers.append(WeightedLayer(node.name, node.op_type, node.input[0], node.input[1], bias, axis,
                                     int(w.shape[1 - axis]), out_f))
     return layers
+
+
+@dataclass(frozen=True)
+class ActivationMatMul:
+    """A MatMul of two computed tensors (no constant operand), such as attention's Q·Kᵀ and A·V.
+
+    ``role``: ``attention-scores`` when the product flows (through scaling, mask or cast ops) into a
+    ``Softmax``; ``attention-values`` when its first operand comes from a ``Softmax``; else ``matmul``.
+    ``block`` is the node's scope (its name without the last path component, e.g.
+    ``/blocks/blocks.0/attn``), used to group layers of one attention block in reports.
+    """
+
+    node: str
+    inputs: tuple[str, str]
+    role: str
+    block: str
+
+
+#: Ops between an attention product and its Softmax (scale, mask, cast) or after a Softmax (cast, reshape).
+_ATTENTION_GLUE = frozenset({"Mul", "Div", "Add", "Where", "Cast", "Reshape", "Transpose", "Identity"})
+
+
+def node_scope(name: str) -> str:
+    """``/inner/blocks/blocks.0/attn/MatMul`` → ``/inner/blocks/blocks.0/attn`` (``""`` for a flat name)."""
+    return name.rsplit("/", 1)[0] if "/" in name.strip("/") else ""
+
+
+def _dequantized_constant(model: onnx.ModelProto, node: onnx.NodeProto | None) -> bool:
+    return node is not None and node.op_type == "DequantizeLinear" and constant_value(model, node.input[0]) is not None
+
+
+def find_activation_matmuls(model: onnx.ModelProto) -> list[ActivationMatMul]:
+    """Every MatMul whose two operands are both computed tensors (not weights, nor dequantized weights)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def feeds_softmax(tensor: str, depth: int = 0) -> bool:
+        for c in consumers.get(tensor, []):
+            if c.op_type == "Softmax" or (c.op_type in _ATTENTION_GLUE and depth < 4
+                                          and feeds_softmax(c.output[0], depth + 1)):
+                return True
+        return False
+
+    def from_softmax(tensor: str, depth: int = 0) -> bool:
+        p = producer.get(tensor)
+        if p is None:
+            return False
+        return p.op_type == "Softmax" or (p.op_type in _ATTENTION_GLUE and depth < 4 and bool(p.input)
+                                          and from_softmax(p.input[0], depth + 1))
+
+    out = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) != 2:
+            continue
+        if any(constant_value(model, i) is not None or _dequantized_constant(model, producer.get(i))
+               for i in node.input):
+            continue
+        role = ("attention-scores" if feeds_softmax(node.output[0]) else
+                "attention-values" if from_softmax(node.input[0]) else "matmul")
+        out.append(ActivationMatMul(node.name, (node.input[0], node.input[1]), role, node_scope(node.name)))
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,16 +15,17 @@ if TYPE_CHECKING:
 __all__ = ["from_torch_module", "load_policy"]
 
 _EXPECTED = "a Stable-Baselines3 / sb3-contrib .zip, a float ONNX policy (.onnx) or a TorchScript policy.pt"
-_ONNX_OPTIONS = ("input_name", "output_name", "obs_dim", "action_low", "action_high")
+_ONNX_OPTIONS = ("input_name", "output_name", "obs_dim", "action_low", "action_high", "history")
 
 
-def load_policy(path: str | Path, **options: Any) -> FloatPolicy:
+def load_policy(path: str | Path | Sequence[str | Path], **options: Any) -> FloatPolicy:
     """Load a policy file by its kind.
 
     * ``.zip``: a Stable-Baselines3 / sb3-contrib archive (options ``vecnormalize``, ``algorithm``);
     * ``.onnx``: a float ONNX policy such as Isaac Lab's ``policy.onnx`` (options ``input_name``,
       ``output_name``, ``obs_dim``, ``action_low``, ``action_high``; see
-      :func:`edgeq.ingest.onnx_policy.load_onnx_policy`).
+      :func:`edgeq.ingest.onnx_policy.load_onnx_policy`), ``history`` (a flat input holding that many
+      stacked observations); two ``.onnx`` files are an encoder and a body, joined into one graph;
 
       ``RecurrentPPO`` archives go to :func:`edgeq.ingest.sb3_recurrent.load_sb3_recurrent`;
     * ``.pt`` / ``.jit`` / ``.pth`` / ``.ts``: a TorchScript module (:mod:`edgeq.ingest.torchscript`).
@@ -34,6 +36,18 @@ def load_policy(path: str | Path, **options: Any) -> FloatPolicy:
     Any failure is a :class:`PolicyFormatError` naming the file (an unexpected exception inside a
     reader too: a file that makes a reader crash is a file edgeq cannot read).
     """
+    if not isinstance(path, str | Path):
+        paths = [Path(q) for q in path]
+        if len(paths) != 1:
+            for q in paths:
+                if not q.exists() or q.suffix.lower() != ".onnx":
+                    raise PolicyFormatError(f"{q}: a two-module policy needs two existing .onnx files "
+                                            "(encoder, then body)")
+            from edgeq.ingest.onnx_policy import load_onnx_policy
+
+            _reject(paths[0], options, _ONNX_OPTIONS)
+            return load_onnx_policy(paths, **{k: v for k, v in options.items() if k in _ONNX_OPTIONS and v is not None})
+        path = paths[0]
     p = Path(path)
     if not p.exists():
         raise PolicyFormatError(f"{p}: no such file (expected {_EXPECTED})")

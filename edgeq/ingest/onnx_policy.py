@@ -72,6 +72,8 @@ class NormalizationReport:
     reshapes_rewritten: list[str] = field(default_factory=list)
     folded_constants: int = 0
     inlined_functions: int = 0
+    lowered_convs: list[str] = field(default_factory=list)
+    attention_scales_moved: list[str] = field(default_factory=list)
     weighted_layers: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -79,7 +81,9 @@ class NormalizationReport:
                 "original_opset": self.original_opset, "opset": self.opset,
                 "original_batch": self.original_batch, "dropped_outputs": self.dropped_outputs,
                 "reshapes_rewritten": self.reshapes_rewritten, "folded_constants": self.folded_constants,
-                "inlined_functions": self.inlined_functions, "weighted_layers": self.weighted_layers}
+                "inlined_functions": self.inlined_functions, "lowered_convs": self.lowered_convs,
+                "attention_scales_moved": self.attention_scales_moved,
+                "weighted_layers": self.weighted_layers}
 
 
 # -- small graph helpers ------------------------------------------------------------------------
@@ -401,6 +405,11 @@ def normalize_onnx(model: onnx.ModelProto, *, origin: str = "<onnx model>", inpu
     m.graph.input.extend(real_inputs)
 
     report.folded_constants = _fold_constants(m)
+    from edgeq.graph.attention import move_attention_scale
+    from edgeq.ingest.history import lower_conv1d
+
+    report.lowered_convs = lower_conv1d(m, origin=origin)
+    report.attention_scales_moved = move_attention_scale(m)
     x, y = _choose_io(m.graph, origin, input_name, output_name)
     report.original_input, report.original_output = x.name, y.name
     m, report.dropped_outputs = _prune_to(m, origin, x.name, y.name)
@@ -516,17 +525,67 @@ def check_onnx_limits(model: onnx.ModelProto, origin: str) -> None:
         check_elements(list(t.dims), f"{origin}: initializer {t.name!r}")
 
 
-def load_onnx_policy(path: str | Path, *, input_name: str | None = None, output_name: str | None = None,
-                     obs_dim: int | None = None, action_low: float | Sequence[float] | None = None,
-                     action_high: float | Sequence[float] | None = None) -> FloatPolicy:
+def load_onnx_policy(path: str | Path | Sequence[str | Path], *, input_name: str | None = None,
+                     output_name: str | None = None, obs_dim: int | None = None,
+                     action_low: float | Sequence[float] | None = None,
+                     action_high: float | Sequence[float] | None = None, history: int | None = None) -> FloatPolicy:
     """Load a float ONNX policy file and normalize it (see the module docstring).
+
+    ``path`` may be two files, an encoder and a body (joined into one graph), and a graph that
+    reads an observation history (``[batch, K, obs_dim]``, or a flat ``K * obs_dim`` input with
+    ``history=K``) becomes a history policy whose runtime keeps the window
+    (:mod:`edgeq.ingest.history`).
 
     External data files are read from beside ``path`` and embedded. ``input_name``/``output_name``
     pick the observation input and action output when the graph has several. Action bounds are
     ±inf unless ``action_low``/``action_high`` (a number or one per dimension) are given;
     ``edgeq.quantize`` with an env fills unknown bounds from the env's spaces.
     """
-    p = Path(path)
+    from edgeq.ingest.history import compose_modules
+
+    if not isinstance(path, str | Path):
+        paths = [Path(q) for q in path]
+        if len(paths) == 1:
+            path = paths[0]
+        elif len(paths) != 2:
+            raise PolicyFormatError(f"{', '.join(map(str, paths))}: give one ONNX policy file, or two (encoder, body)")
+        else:
+            enc, body = (load_onnx_policy_model(q) for q in paths)
+            origin = " + ".join(str(q) for q in paths)
+            joined = compose_modules(enc[0], body[0], origin=origin)
+            return _finish(joined, origin, enc[1] + body[1], enc[2] + body[2], input_name=input_name,
+                           output_name=output_name, obs_dim=obs_dim, action_low=action_low, action_high=action_high,
+                           history=history, files=[str(q) for q in paths])
+    model, data, external = load_onnx_policy_model(Path(path))
+    return _finish(model, str(path), data, external, input_name=input_name, output_name=output_name, obs_dim=obs_dim,
+                   action_low=action_low, action_high=action_high, history=history)
+
+
+def _finish(model: onnx.ModelProto, origin: str, data: bytes, external: list[str], *, input_name: str | None,
+            output_name: str | None, obs_dim: int | None, action_low: float | Sequence[float] | None,
+            action_high: float | Sequence[float] | None, history: int | None,
+            files: list[str] | None = None) -> FloatPolicy:
+    from edgeq.ingest.history import history_input
+
+    model, hist = history_input(model, origin=origin, history=history)
+    normalized, report = normalize_onnx(model, origin=origin, input_name=input_name, output_name=output_name,
+                                        obs_dim=obs_dim)
+    details: dict[str, Any] = {"producer": f"{model.producer_name} {model.producer_version}".strip()}
+    if external:
+        details["external_data"] = external
+    if files:
+        details["modules"] = files
+    source = PolicySource(path=origin, sha256=hashlib.sha256(data).hexdigest(), kind="onnx", algorithm=None,
+                          details=details)
+    fp = policy_from_normalized(normalized, report, source, action_low=action_low, action_high=action_high)
+    if hist is None:
+        return fp
+    d = hist.obs_dim
+    return replace(fp, obs_space=BoxSpec((d,), (-math.inf,) * d, (math.inf,) * d), history=hist)
+
+
+def load_onnx_policy_model(p: Path) -> tuple[onnx.ModelProto, bytes, list[str]]:
+    """One ONNX file with its external data loaded: ``(model, file bytes, external data files)``."""
     if not p.is_file():
         raise PolicyFormatError(f"{p}: no such file (expected an ONNX policy file)")
     check_file_size(p, "ONNX policy")
@@ -546,14 +605,7 @@ def load_onnx_policy(path: str | Path, *, input_name: str | None = None, output_
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError, onnx's ValidationError (missing/escaping files)
         raise PolicyFormatError(f"{p}: cannot read its external data {external} (expected the data files beside "
                                 f"it): {exc}") from None
-    normalized, report = normalize_onnx(model, origin=str(p), input_name=input_name, output_name=output_name,
-                                        obs_dim=obs_dim)
-    details: dict[str, Any] = {"producer": f"{model.producer_name} {model.producer_version}".strip()}
-    if external:
-        details["external_data"] = external
-    source = PolicySource(path=str(p), sha256=hashlib.sha256(data).hexdigest(), kind="onnx", algorithm=None,
-                          details=details)
-    return policy_from_normalized(normalized, report, source, action_low=action_low, action_high=action_high)
+    return model, data, external
 
 
 def bind_env_spaces(policy: FloatPolicy, observation_space: Any, action_space: Any) -> FloatPolicy:

@@ -33,9 +33,9 @@ import numpy as np
 import onnx
 
 from edgeq.calibration.calibrators import compute_amax, quantization_kernel_fraction
-from edgeq.calibration.collect import CalibrationStats, tensor_values
+from edgeq.calibration.collect import CalibrationStats, layer_rows, tensor_values
 from edgeq.calibration.observers import TensorObserver
-from edgeq.graph.analysis import WeightedLayer, constant_value, find_weighted_layers
+from edgeq.graph.analysis import WeightedLayer, constant_value, find_activation_matmuls, find_weighted_layers
 from edgeq.quantizers import crossquant, equalize
 from edgeq.quantizers.adaround import adaround
 from edgeq.quantizers.auto import (
@@ -212,7 +212,7 @@ class _Builder:
         if key not in self._obs_cache:
             obs = TensorObserver(name)
             x = self.inputs[self.by_node[node].input]
-            obs.update((x / self.factors(node, choice)[None, :]).astype(np.float32))
+            obs.update(layer_rows((x / self.factors(node, choice)).astype(np.float32)))
             self._obs_cache[key] = obs
         return self._obs_cache[key]
 
@@ -237,6 +237,10 @@ class _Builder:
             else:
                 observers[wl.input] = self.stats.observers[orig]
             per_tensor.setdefault(wl.input, (ch.calibrator, dict(ch.params)))
+        for mm in find_activation_matmuls(work):  # attention products: the streamed statistics of both inputs
+            for t in mm.inputs:
+                if t not in observers and t in self.stats.observers:
+                    observers[t] = self.stats.observers[t]
         plan = make_plan(self.model, observers, calibrator=self.opt.calibrator,
                          calibrator_params=self.opt.calibrator_params, weight_method=self.opt.weight_method,
                          keep_float=self.opt.keep_float, per_tensor_calibrator=per_tensor, transforms=transforms,
@@ -255,7 +259,7 @@ class _Builder:
             layers.append(replace(layer, choice={"label": ch.label, **ch.to_json()}))
         plan = replace(plan, layers=layers)
         # drop activation entries no static layer uses (dynamic layers quantize at run time)
-        used = {la.input for la in plan.int8_layers() if la.scheme == "static"}
+        used = plan.used_activations()
         return replace(plan, activations={k: v for k, v in plan.activations.items() if k in used})
 
     # -- stages --------------------------------------------------------------------------------
@@ -284,8 +288,9 @@ class _Builder:
         prefix = replace(plan, layers=[la if i < idx else replace(la, precision="float")
                                        for i, la in enumerate(plan.layers)])
         work = apply_input_scalings(self.model, plan.transforms) if plan.transforms else self.model
-        x_q = tensor_values(self.lower(self.model, prefix, check=False), self.calib, [layer.input])[layer.input]
-        x_f = tensor_values(work, self.calib, [layer.input])[layer.input]
+        x_q = layer_rows(tensor_values(self.lower(self.model, prefix, check=False), self.calib,
+                                       [layer.input])[layer.input])
+        x_f = layer_rows(tensor_values(work, self.calib, [layer.input])[layer.input])
         wl = next(w for w in find_weighted_layers(work) if w.node == node)
         w = weight_in_view(np.asarray(constant_value(work, wl.weight), np.float64), wl)
         if layer.scheme == "crossquant-dynamic":

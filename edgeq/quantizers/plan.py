@@ -40,7 +40,7 @@ import onnx
 from edgeq.calibration.calibrators import compute_amax
 from edgeq.calibration.observers import TensorObserver
 from edgeq.deploy.bundle_format import MANIFEST, PLAN, read_manifest, verify_files
-from edgeq.graph.analysis import constant_value, find_weighted_layers
+from edgeq.graph.analysis import constant_value, find_activation_matmuls, find_weighted_layers
 from edgeq.quantizers.transforms import InputScaling, apply_input_scalings
 from edgeq.quantizers.weights import QuantizedWeight, quantize_weight
 
@@ -190,9 +190,48 @@ class LayerQuant:
                    opt_float("kernel_per_tensor"), d.get("choice"), dict(d.get("notes") or {}))
 
 
+@dataclass(frozen=True)
+class MatMulQuant:
+    """A MatMul of two activations (attention's Q·Kᵀ and A·V): int8 with **both** inputs per tensor, or float.
+
+    TensorRT runs a MatMul in int8 only when both of its inputs come through Q/DQ; each input gets
+    its own per-tensor scale (``QuantPlan.activations``). ``role`` is ``attention-scores``,
+    ``attention-values`` or ``matmul`` (:func:`edgeq.graph.analysis.find_activation_matmuls`).
+    """
+
+    node: str
+    inputs: tuple[str, str]
+    precision: str  # "int8" | "float"
+    role: str = "matmul"
+    block: str = ""
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("int8", "float"):
+            raise ValueError(f"matmul {self.node}: precision must be int8 or float, got {self.precision!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"node": self.node, "op_type": "MatMul", "inputs": list(self.inputs),
+                             "precision": self.precision, "role": self.role, "block": self.block}
+        if self.precision == "int8":
+            d["granularity"] = "per-tensor (both inputs)"
+        if self.reason:
+            d["reason"] = self.reason
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> MatMulQuant:
+        a, b = d["inputs"]
+        return cls(str(d["node"]), (str(a), str(b)), str(d["precision"]), str(d.get("role", "matmul")),
+                   str(d.get("block", "")), str(d.get("reason", "")))
+
+
 @dataclass(frozen=True, eq=False)
 class QuantPlan:
     """Everything :func:`edgeq.export.qdq.apply_plan` needs, plus what the manifest reports.
+
+    ``layers`` are the weighted layers (a constant weight); ``matmuls`` the products of two
+    activations (attention), whose inputs also have entries in ``activations``.
 
     Frozen: a stage that changes a plan returns a new one (``dataclasses.replace``). ``metrics`` is
     the report of how the plan was made (held-out action errors per stage, timings); it is not part of
@@ -204,9 +243,18 @@ class QuantPlan:
     settings: dict[str, Any] = field(default_factory=dict)
     transforms: list[InputScaling] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
+    matmuls: list[MatMulQuant] = field(default_factory=list)
 
     def int8_layers(self) -> list[LayerQuant]:
         return [layer for layer in self.layers if layer.precision == "int8"]
+
+    def int8_matmuls(self) -> list[MatMulQuant]:
+        return [m for m in self.matmuls if m.precision == "int8"]
+
+    def used_activations(self) -> set[str]:
+        """Tensors a static int8 layer or an int8 activation MatMul quantizes."""
+        return ({la.input for la in self.int8_layers() if la.scheme == "static"}
+                | {t for m in self.int8_matmuls() for t in m.inputs})
 
     def layer(self, node: str) -> LayerQuant:
         for layer in self.layers:
@@ -224,6 +272,7 @@ class QuantPlan:
                 "transforms": [t.to_json() for t in self.transforms],
                 "activations": [a.to_json() for a in self.activations.values()],
                 "layers": [layer.to_json() for layer in self.layers],
+                "activation_matmuls": [m.to_json() for m in self.matmuls],
                 "metrics": self.metrics}
 
     def to_dict(self) -> dict[str, Any]:
@@ -234,7 +283,8 @@ class QuantPlan:
                                for t in self.transforms],
                 "activations": [{"tensor": a.tensor, "amax": a.amax, "calibrator": a.calibrator, "params": a.params}
                                 for a in self.activations.values()],
-                "layers": [layer.to_dict() for layer in self.layers]}
+                "layers": [layer.to_dict() for layer in self.layers],
+                "activation_matmuls": [m.to_json() for m in self.matmuls]}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], metrics: Mapping[str, Any] | None = None) -> QuantPlan:
@@ -253,9 +303,10 @@ class QuantPlan:
                                                       dict(a.get("params") or {}))
                     for a in d.get("activations", [])}
             layers = [LayerQuant.from_dict(la) for la in d.get("layers", [])]
-        except (KeyError, TypeError) as exc:
+            matmuls = [MatMulQuant.from_json(m) for m in d.get("activation_matmuls", [])]
+        except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed plan entry: {type(exc).__name__}: {exc}") from None
-        return cls(acts, layers, dict(d.get("settings") or {}), transforms, dict(metrics or {}))
+        return cls(acts, layers, dict(d.get("settings") or {}), transforms, dict(metrics or {}), matmuls)
 
     @classmethod
     def from_bundle(cls, bundle: str | Path) -> QuantPlan:
@@ -291,7 +342,8 @@ def make_plan(model: onnx.ModelProto, observers: Mapping[str, TensorObserver], *
               per_tensor_calibrator: Mapping[str, CalibratorSpec] | None = None,
               transforms: Sequence[InputScaling] = (),
               per_layer_weight_method: Mapping[str, str] | None = None) -> QuantPlan:
-    """Choose static int8 scales for every weighted layer of ``model`` (after ``transforms``).
+    """Choose static int8 scales for every weighted layer of ``model`` (after ``transforms``), and for
+    both inputs of every MatMul of two activations (attention's Q·Kᵀ and A·V).
 
     ``observers`` describe the tensors of the transformed graph (the same as ``model``'s when there
     are no transforms). ``keep_float`` names layers (node names) to leave in float;
@@ -324,7 +376,23 @@ def make_plan(model: onnx.ModelProto, observers: Mapping[str, TensorObserver], *
         qw = quantize_weight(np.asarray(w, np.float32), axis=wl.weight_axis, method=wm)
         layers.append(LayerQuant(wl.node, wl.op_type, wl.input, wl.weight, wl.weight_axis, "int8", qw,
                                  wm, bias_name=wl.bias))
+    matmuls: list[MatMulQuant] = []
+    for am in find_activation_matmuls(work):
+        if am.node in keep_float:
+            matmuls.append(MatMulQuant(am.node, am.inputs, "float", am.role, am.block, "kept in float by request"))
+            continue
+        missing = [t for t in am.inputs if observers.get(t) is None or observers[t].count == 0]
+        if missing:
+            matmuls.append(MatMulQuant(am.node, am.inputs, "float", am.role, am.block,
+                                       f"no calibration statistics for {missing}"))
+            continue
+        for t in am.inputs:
+            if t not in activations:
+                spec = overrides.get(t, calibrator)
+                method, p = _spec(spec, params if spec == calibrator else {})
+                activations[t] = ActivationQuant(t, float(compute_amax(observers[t], method, **p)), method, p)
+        matmuls.append(MatMulQuant(am.node, am.inputs, "int8", am.role, am.block))
     settings = {"activation_calibrator": calibrator, "calibrator_params": params, "weight_method": weight_method,
                 "activation_granularity": "per-tensor", "weight_granularity": "per-output-channel",
                 "symmetric": True, "zero_point": 0, "weight_range": [-127, 127]}
-    return QuantPlan(activations, layers, settings, list(transforms))
+    return QuantPlan(activations, layers, settings, list(transforms), matmuls=matmuls)

@@ -23,10 +23,11 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgeq.calibration.collect import instrumented
+from edgeq.deploy.history import ObservationHistory, episode_windows, with_history
 from edgeq.deploy.runtime import OrtPolicy
 from edgeq.export.qdq import apply_plan
-from edgeq.graph.analysis import constant_value, find_weighted_layers
-from edgeq.quantizers.plan import ActivationQuant, LayerQuant, QuantPlan
+from edgeq.graph.analysis import constant_value, find_activation_matmuls, find_weighted_layers, node_scope
+from edgeq.quantizers.plan import ActivationQuant, LayerQuant, MatMulQuant, QuantPlan
 from edgeq.quantizers.transforms import InputScaling, apply_input_scalings
 from edgeq.quantizers.weights import QuantizedWeight, quantize_weight
 
@@ -128,7 +129,8 @@ def plan_from_manifest(float_model: onnx.ModelProto, quantization: dict[str, Any
                 bias = numpy_helper.to_array(t).astype(np.float32).reshape(-1)
             lq = dataclasses.replace(lq, weight=qw, weight_method=method, bias=bias)
         layers.append(lq)
-    return QuantPlan(acts, layers, dict(quantization.get("settings", {})), transforms=transforms)
+    matmuls = [MatMulQuant.from_json(m) for m in quantization.get("activation_matmuls", [])]
+    return QuantPlan(acts, layers, dict(quantization.get("settings", {})), transforms=transforms, matmuls=matmuls)
 
 
 def _stored_weight(int8_model: onnx.ModelProto, stored: dict[str, onnx.TensorProto], name: str,
@@ -154,26 +156,32 @@ def _stored_weight(int8_model: onnx.ModelProto, stored: dict[str, onnx.TensorPro
 
 
 def only_layer(plan: QuantPlan, node: str) -> QuantPlan:
-    """``plan`` with every INT8 layer but ``node`` turned back to float."""
+    """``plan`` with every INT8 layer and INT8 activation MatMul but ``node`` turned back to float."""
     layers = [layer if layer.node == node or layer.precision != "int8"
               else dataclasses.replace(layer, precision="float", reason="per-layer analysis")
               for layer in plan.layers]
-    return dataclasses.replace(plan, layers=layers)  # keeps transforms (input scalings) and metrics
+    matmuls = [m if m.node == node or m.precision != "int8"
+               else dataclasses.replace(m, precision="float", reason="per-layer analysis") for m in plan.matmuls]
+    return dataclasses.replace(plan, layers=layers, matmuls=matmuls)  # keeps transforms and metrics
 
 
-def _session(model: onnx.ModelProto | bytes | str, io: dict[str, Any], outputs: Sequence[str]) -> OrtPolicy:
+def _session(model: onnx.ModelProto | bytes | str, io: dict[str, Any], outputs: Sequence[str]) -> Any:
     m = model if isinstance(model, onnx.ModelProto) else onnx.load_model_from_string(
         model) if isinstance(model, bytes) else onnx.load(model)
     graph_tensors = {o for n in m.graph.node for o in n.output} | {i.name for i in m.graph.input}
     names = [t for t in outputs if t in graph_tensors]
-    return OrtPolicy(instrumented(m, names).SerializeToString(), input_name=io.get("input", "obs"),
-                     output_name=io.get("output", "actions"), state=io.get("state", []))
+    return with_history(OrtPolicy(instrumented(m, names).SerializeToString(), input_name=io.get("input", "obs"),
+                                  output_name=io.get("output", "actions"), state=io.get("state", [])), io)
 
 
-def _evaluate(rt: OrtPolicy, episodes: Sequence[np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+def _evaluate(rt: Any, episodes: Sequence[np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
     """Run ``rt`` over the states of ``episodes``; recurrent policies step each episode with its state."""
     available = set(rt.output_names)
     want = [n for n in names if n in available]
+    if isinstance(rt, ObservationHistory) and not rt.runtime.state_specs:  # windows of each episode, one batch
+        obs = np.concatenate([episode_windows(ep, rt.history.length) for ep in episodes])
+        values = rt.runtime.run(obs, want)
+        return {k: v.reshape(len(obs), -1).astype(np.float64) for k, v in values.items()}
     if not rt.state_specs:
         obs = np.ascontiguousarray(np.concatenate(episodes), np.float32)
         values = rt.run(obs, want)
@@ -208,7 +216,10 @@ def per_layer_error(float_model: onnx.ModelProto, int8_model: onnx.ModelProto | 
     """
     bounds = fused_boundaries(float_model)
     action = io.get("output", "actions")
-    names = [b.tensor for b in bounds]
+    outputs_of = {n.name: n.output[0] for n in float_model.graph.node}
+    mm_bounds = [(mm, outputs_of[mm.node]) for mm in find_activation_matmuls(float_model) if mm.node in outputs_of]
+    mm_precision = {m.node: m.precision for m in plan.matmuls} if plan is not None else {}
+    names = [b.tensor for b in bounds] + [out for _, out in mm_bounds]
     ref = _evaluate(_session(float_model, io, names), episodes, [*names, action])
     full = _evaluate(_session(int8_model, io, names), episodes, [*names, action])
     # An input scaling folded into the previous layer's weight rows (CrossQuant/equalization) leaves
@@ -225,9 +236,16 @@ def per_layer_error(float_model: onnx.ModelProto, int8_model: onnx.ModelProto | 
     precision = {layer.node: layer.precision for layer in plan.layers} if plan is not None else {}
     for b in bounds:
         row: dict[str, Any] = {"node": b.node, "tensor": b.tensor, "fused": "+".join(b.ops),
-                               "precision": precision.get(b.node, "int8" if plan is None else "float")}
+                               "precision": precision.get(b.node, "int8" if plan is None else "float"),
+                               "role": "layer", "block": node_scope(b.node)}
         if b.tensor in full and b.tensor in ref:
             row.update(_errors(ref[b.tensor], full[b.tensor]))
+        layers.append(row)
+    for mm, out in mm_bounds:
+        row = {"node": mm.node, "tensor": out, "fused": "MatMul", "role": mm.role, "block": mm.block,
+               "precision": mm_precision.get(mm.node, "int8" if plan is None else "float")}
+        if out in full and out in ref:
+            row.update(_errors(ref[out], full[out]))
         layers.append(row)
     full_err = full[action] - ref[action]
     result: dict[str, Any] = {"states": int(len(ref[action])), "layers": layers,
@@ -239,23 +257,36 @@ def per_layer_error(float_model: onnx.ModelProto, int8_model: onnx.ModelProto | 
     rebuilt = _evaluate(_session(apply_plan(float_model, plan), io, []), episodes, [action])[action]
     mismatch = float(np.abs(rebuilt - full[action]).max())
     ranking: list[dict[str, Any]] = []
-    for layer in plan.int8_layers():
-        variant = apply_plan(float_model, only_layer(plan, layer.node))
-        bnd = next((b for b in bounds if b.node == layer.node), None)
-        vals = _evaluate(_session(variant, io, [bnd.tensor] if bnd else []), episodes,
-                         [action, *([bnd.tensor] if bnd else [])])
+    mm_out = {mm.node: out for mm, out in mm_bounds}
+    roles = {mm.node: mm.role for mm, _ in mm_bounds}
+    units = [(la.node, next((b.tensor for b in bounds if b.node == la.node), None)) for la in plan.int8_layers()]
+    units += [(m.node, mm_out.get(m.node)) for m in plan.int8_matmuls()]
+    for unit, tensor in units:
+        variant = apply_plan(float_model, only_layer(plan, unit))
+        vals = _evaluate(_session(variant, io, [tensor] if tensor else []), episodes,
+                         [action, *([tensor] if tensor else [])])
         err = vals[action] - ref[action]
-        entry: dict[str, Any] = {"node": layer.node, "action_mse": float(np.mean(err ** 2)),
+        entry: dict[str, Any] = {"node": unit, "role": roles.get(unit, "layer"), "block": node_scope(unit),
+                                 "action_mse": float(np.mean(err ** 2)),
                  "action_rms_error": float(np.sqrt(np.mean(err ** 2))),
                  "action_max_abs_error": float(np.abs(err).max())}
-        if bnd is not None and bnd.tensor in vals:
-            entry["own_output_sqnr_db"] = _errors(ref[bnd.tensor], vals[bnd.tensor])["sqnr_db"]
+        if tensor is not None and tensor in vals:
+            entry["own_output_sqnr_db"] = _errors(ref[tensor], vals[tensor])["sqnr_db"]
         ranking.append(entry)
     total = sum(r["action_mse"] for r in ranking)
     for r in ranking:
         r["share"] = r["action_mse"] / total if total > 0 else 0.0
     ranking.sort(key=lambda r: -r["action_mse"])
     result["ranking"] = ranking
+    if mm_bounds:  # attention blocks: the shares of their projections and products together
+        blocks: dict[str, dict[str, Any]] = {}
+        for r in ranking:
+            key = r["block"] or "(top level)"
+            blk = blocks.setdefault(key, {"block": key, "share": 0.0, "action_mse": 0.0, "units": []})
+            blk["share"] += r["share"]
+            blk["action_mse"] += r["action_mse"]
+            blk["units"].append(f"{r['node']} ({r['role']})")
+        result["ranking_by_block"] = sorted(blocks.values(), key=lambda v: -v["share"])
     result["ranking_method"] = ("one layer quantized at a time (others float); share = its action MSE / "
                                 "sum over layers")
     result["sum_single_layer_mse_over_full_mse"] = (total / float(np.mean(full_err ** 2))

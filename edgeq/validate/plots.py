@@ -62,10 +62,11 @@ def returns_plot(groups: Sequence[tuple[str, Sequence[float]]], title: str,
 
 
 def paired_plot(panels: Sequence[dict[str, Any]]) -> bytes:
-    """Per-seed ``candidate - float`` with its bootstrap CI, next to the noise-floor draws.
+    """Per-seed ``candidate - float`` with the verdict's interval and band, next to the noise-floor draws.
 
-    Each panel: ``title``, ``seeds``, ``diff`` (per seed), ``ci`` [lo, hi], optional ``floor``
-    [draws][seeds] of floor differences.
+    Each panel: ``title``, ``seeds``, ``diff`` (per seed), ``ci`` [lo, hi] (``ci_label`` names it),
+    optional ``band`` [lo, hi or None] (the tolerance band's edges) and ``floor`` [draws][seeds] of
+    floor differences (the first seeds).
     """
     plt = _plt()
     fig, axes = plt.subplots(1, len(panels), figsize=(max(5.5, 4.8 * len(panels)), 3.4), squeeze=False)
@@ -78,7 +79,12 @@ def paired_plot(panels: Sequence[dict[str, Any]]) -> bytes:
                            label="float + 1e-6 noise (floor)" if k == 0 else None)
         ax.bar(x, p["diff"], color=INT8_COLOR, alpha=0.85, label="int8 - float")
         lo, hi = p["ci"]
-        ax.axhspan(lo, hi, color=INT8_COLOR, alpha=0.15, label="95% CI of mean")
+        ax.axhspan(lo, hi, color=INT8_COLOR, alpha=0.15, label=p.get("ci_label", "95% CI of mean"))
+        band = p.get("band")
+        if band:
+            for k, edge in enumerate(band):
+                if edge is not None and np.isfinite(edge):
+                    ax.axhline(edge, color="black", lw=1, ls="--", label="tolerance band" if k == 0 else None)
         ax.axhline(np.mean(p["diff"]), color=INT8_COLOR, lw=1)
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(x, [str(s) for s in p["seeds"]], fontsize=7, rotation=90 if len(x) > 20 else 0)

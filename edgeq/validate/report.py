@@ -212,6 +212,23 @@ def saturation_section(targets: dict[str, Any]) -> Section | None:
     return sec
 
 
+def _verdict_interval(r: dict[str, Any]) -> list[float]:
+    """The interval the verdict used (unbounded ends drawn at the bootstrap CI's), else the bootstrap CI."""
+    boot = r["paired_difference"]["ci95"]
+    iv = (r.get("verdict", {}).get("returns") or {}).get("interval")
+    if not iv:
+        return list(boot)
+    return [boot[0] if iv[0] is None else iv[0], boot[1] if iv[1] is None else iv[1]]
+
+
+def _verdict_label(r: dict[str, Any]) -> str:
+    ret = r.get("verdict", {}).get("returns") or {}
+    method = str(ret.get("method", ""))
+    if not method:
+        return "95% CI of mean (bootstrap)"
+    return "95% confidence sequence (verdict)" if "sequence" in method else "95% t-interval (verdict)"
+
+
 def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = None) -> list[Section]:
     """The sections of a bundle's validation report (verdict first, then each measurement)."""
     targets = val["targets"]
@@ -240,7 +257,7 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
                    + (f" About {vd['needed_episodes']} episodes would decide." if vd.get("needed_episodes") else ""))
         if vd.get("floor_text"):
             head.p(f"{t}: {vd['floor_text']}.")
-        for note in r.get("notes", []):
+        for note in [*r.get("notes", []), *r.get("latency_notes", [])]:
             head.p(f"Note: {note}.")
     for t, reason in val.get("unavailable_targets", {}).items():
         head.p(f"{t}: not validated — unavailable here ({reason}).")
@@ -309,7 +326,8 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
             f = r["float"]["returns"]
             floor = [[x - y for x, y in zip(row, f[:len(row)], strict=True)] for row in fl["returns"]]
         panels.append({"title": t, "seeds": r["float"]["seeds"], "diff": r["paired_difference"]["per_episode"],
-                       "ci": r["paired_difference"]["ci95"], "floor": floor})
+                       "ci": _verdict_interval(r), "ci_label": _verdict_label(r), "floor": floor,
+                       "band": (r.get("verdict", {}).get("returns") or {}).get("band")})
     png = _maybe(lambda: plots.paired_plot(panels))
     if png:
         s.img("paired", png, "paired differences per seed")
@@ -424,15 +442,20 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
             s.img("latency", png, "batch-1 latency histograms")
         rows = []
         for t, lat in lats:
+            model_files = {"float": targets[t].get("float_model"), "int8": targets[t].get("int8_model")}
             for name, m in lat["models"].items():
                 b = m["batch1"]
                 lb = m.get("large_batch", {})
-                rows.append([t, name, b["calls"], b["median_us"], b["p99_us"], b["p999_us"], b["max_us"],
+                label = f"{name} ({model_files[name]})" if model_files.get(name) else name
+                rows.append([t, label, b["calls"], b["median_us"], b["p99_us"], b["p999_us"], b["max_us"],
                              lb.get("batch"), lb.get("median_us_per_call"), lb.get("samples_per_s")])
         s.p("Batch 1: every call timed after a warm-up, float and int8 in alternating blocks, one intra-op thread "
             "(what edgeq.deploy runs). Large batch: median time per call.")
-        s.table(["target", "model", "calls", "median (us)", "p99 (us)", "p99.9 (us)", "max (us)", "large batch",
-                 "us / call", "samples / s"], rows)
+        s.table(["target", "model (file)", "calls", "median (us)", "p99 (us)", "p99.9 (us)", "max (us)",
+                 "large batch", "us / call", "samples / s"], rows)
+        for t in targets:
+            for note in targets[t].get("latency_notes", []):
+                s.p("Note: " + note + ".")
         sizes = val.get("sizes", {})
         if sizes:
             s.table(["file", "size (bytes)"], [[k, v] for k, v in sizes.items()])
@@ -449,9 +472,17 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
                                         f"{q.get('activation_granularity')}"])
             rows.append(["weights", f"{q.get('weight_method')} {q.get('weight_granularity')}"])
     opts = val.get("options", {})
-    for k in ("floor_draws", "sensitivity_draws", "latency_calls", "num_envs"):
+    for k in ("floor_draws", "sensitivity_draws", "latency_calls", "num_envs", "detail_episodes"):
         if k in opts:
             rows.append([k, opts[k]])
+    design = opts.get("design") or {}
+    if design:
+        rows.append(["episodes", f"{design.get('mode')}: min {design.get('min_episodes')}, batches of "
+                                 f"{design.get('batch_episodes')}, at most {design.get('max_episodes')}"
+                                 + (f" or {design['time_budget_s']:g} s" if design.get("time_budget_s") else "")
+                     if design.get("mode") == "auto" else "fixed (the seeds given, one look)"])
+    if opts.get("failure"):
+        rows.append(["failure rule", f"{opts['failure'].get('rule')}: {opts['failure'].get('meaning')}"])
     for k, t in {**val.get("timings", {}), **val.get("validation_timings", {})}.items():
         rows.append([k, f"{t:.2f}"])
     s.table(["setting", "value"], rows)
@@ -516,7 +547,8 @@ def compare_sections(cmp: dict[str, Any]) -> list[Section]:
         fl = r.get("noise_floor")
         floor = [[x - y for x, y in zip(row, f["returns"], strict=True)] for row in fl["returns"]] if fl else None
         panels.append({"title": name, "seeds": cmp["seeds"], "diff": r["paired_difference"]["per_episode"],
-                       "ci": r["paired_difference"]["ci95"], "floor": floor})
+                       "ci": _verdict_interval(r), "ci_label": _verdict_label(r), "floor": floor,
+                       "band": (r.get("verdict", {}).get("returns") or {}).get("band")})
     png = _maybe(lambda: plots.paired_plot(panels))
     if png:
         s.img("paired", png, "paired differences per candidate")

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from edgeq.deploy.history import with_history
 from edgeq.deploy.runtime import OrtPolicy, provider_names
 from edgeq.validate.paired import paired_rollouts
 from edgeq.validate.saturation import (
@@ -29,9 +30,9 @@ from edgeq.validate.saturation import (
 from edgeq.validate.targets import target_providers
 
 
-def _runtime(model: Path | bytes, io: Mapping[str, Any], providers: list[Any]) -> OrtPolicy:
-    return OrtPolicy(model, input_name=io.get("input", "obs"), output_name=io.get("output", "actions"),
-                     state=io.get("state", []), providers=providers)
+def _runtime(model: Path | bytes, io: Mapping[str, Any], providers: list[Any]) -> Any:
+    return with_history(OrtPolicy(model, input_name=io.get("input", "obs"), output_name=io.get("output", "actions"),
+                                  state=io.get("state", []), providers=providers), io)
 
 
 def validate_condition(make_env: Callable[[], Any], float_model: Path, int8_model: Path, io: Mapping[str, Any],

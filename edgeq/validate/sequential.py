@@ -350,7 +350,7 @@ def run_until_decided(seeds: Sequence[int], design: SequentialDesign,
         final = not design.sequential or i == len(plan) - 1 or over_budget
         if design.sequential:
             total = spent_alpha(n, n_max, design.alpha)
-            fail_alpha, spent = max(total - spent, 1e-300), total
+            fail_alpha, spent = max(total - spent, 1e-12), total  # binomtest needs a level below 1
         else:
             fail_alpha = design.alpha
         verdict = decide(n, fail_alpha, final)

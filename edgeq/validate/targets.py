@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeq.deploy.history import with_history
 from edgeq.deploy.runtime import OrtPolicy, ort_providers, provider_names
 from edgeq.errors import EdgeqError
 from edgeq.validate.paired import paired_rollouts
@@ -141,9 +142,10 @@ def _tensorrt_runtimes(float_model: Path, int8_model: Path, io: dict[str, Any], 
                                    timing_cache=workdir / "timing.cache")
         infos[precision] = build_engine(src, workdir / f"policy.{precision}.engine", config, input_name=input_name)
 
-    def make(precision: str) -> TrtBatchPolicy:
+    def make(precision: str) -> Any:
         info = infos[precision]
-        return TrtBatchPolicy(TrtPolicyRunner(info.engine_path, expected=info.to_dict(), input_name=input_name), io)
+        return with_history(TrtBatchPolicy(TrtPolicyRunner(info.engine_path, expected=info.to_dict(),
+                                                           input_name=input_name), io), io)
 
     first = infos["int8"]
     described = {"runtime": RUNTIME_TENSORRT, "tensorrt_version": first.tensorrt_version, "gpu": first.gpu_name,
@@ -187,8 +189,8 @@ def validate_target(target: str, float_model: Path, int8_model: Path, io: dict[s
     if runtime == RUNTIME_ORT_CPU:
         providers = target_providers(target)
 
-        def cpu(path: Path) -> OrtPolicy:
-            return OrtPolicy(path, input_name=inp, output_name=out, state=state, providers=providers)
+        def cpu(path: Path) -> Any:
+            return with_history(OrtPolicy(path, input_name=inp, output_name=out, state=state, providers=providers), io)
 
         result = paired_rollouts(make_env, cpu(float_model), cpu(int8_model), cpu(float_model), cpu(int8_model),
                                  seeds, num_envs=num_envs, act_dim=act_dim, progress=progress)
@@ -198,8 +200,8 @@ def validate_target(target: str, float_model: Path, int8_model: Path, io: dict[s
         from edgeq.deploy.ort_cuda import OrtCudaPolicy, node_placement, summarize_placement
 
         def gpu(src: Path | bytes) -> Any:
-            return OrtCudaPolicy(src, input_name=inp, output_name=out, state=state, io_binding=True,
-                                 cuda_graph=cuda_graph)
+            return with_history(OrtCudaPolicy(src, input_name=inp, output_name=out, state=state, io_binding=True,
+                                              cuda_graph=cuda_graph), io)
 
         fused_reason = fused_cuda_reason(int8_model, io)
         int8_src: Path | bytes
@@ -209,7 +211,8 @@ def validate_target(target: str, float_model: Path, int8_model: Path, io: dict[s
             int8_src = int8_model
 
             def gpu8(src: Path | bytes) -> Any:
-                return FusedCudaPolicy(int8_model, input_name=inp, output_name=out, cuda_graph=cuda_graph)
+                return with_history(FusedCudaPolicy(int8_model, input_name=inp, output_name=out,
+                                                    cuda_graph=cuda_graph), io)
 
             int8_desc = {"int8_runtime": RUNTIME_FUSED_CUDA, "int8_model": int8_model.name}
         else:
@@ -266,9 +269,16 @@ def make_runtime(target: str, path: str | Path | bytes, io: dict[str, Any], *, p
     :class:`~edgeq.deploy.ort_cuda.OrtCudaPolicy` with IO binding and CUDA graphs (pass the
     CUDA-specialized INT8 file for int8), or, for an INT8 file the fused kernel runs,
     :class:`~edgeq.deploy.fused_mlp.FusedCudaPolicy` (what ``edgeq.deploy``'s ``cuda`` backend runs).
-    TensorRT (``trt``, or ``cuda`` where TensorRT is installed):
-    an engine built once per model file and precision in a temporary folder.
+    TensorRT (``trt``, or ``cuda`` where TensorRT is installed): an engine built once per model file
+    and precision in a temporary folder. A history policy (``io.history``) gets its observation
+    window kept by :class:`~edgeq.deploy.history.ObservationHistory`.
     """
+    return with_history(_make_runtime(target, path, io, precision=precision, intra_op_threads=intra_op_threads,
+                                      num_envs=num_envs), io)
+
+
+def _make_runtime(target: str, path: str | Path | bytes, io: dict[str, Any], *, precision: str,
+                  intra_op_threads: int, num_envs: int) -> Any:
     runtime = target_runtime(target)
     inp, out, state = io.get("input", "obs"), io.get("output", "actions"), io.get("state", [])
     if runtime == RUNTIME_ORT_CPU:

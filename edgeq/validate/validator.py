@@ -264,7 +264,7 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
             res["latency"] = strip_samples(lat)
             note = slower_int8_note(target, res)
             if note:
-                res["notes"] = [*res.get("notes", []), note]
+                res["latency_notes"] = [*res.get("latency_notes", []), note]
             timings[f"{target}_latency_s"] = time.perf_counter() - t0
         val["targets"][target] = res
         if float_traj_for_layers is None:
@@ -396,6 +396,9 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes 0600; a bundle's files are readable where the umask allows
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -404,22 +407,60 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+#: Keys whose values are measured on this machine at this time (wall-clock timings, latency): they go to
+#: ``measurements.json``, outside the hashed, deterministic part of a bundle.
+MEASURED_KEYS = ("timings", "validation_timings", "latency", "latency_notes", "seconds")
+
+
+def split_measurements(validation: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``validation`` without :data:`MEASURED_KEYS` (at any depth), and those values in the same nesting.
+
+    The first part is deterministic for the same inputs and seeds (``validation.json``); the second
+    (``measurements.json``) differs from run to run and machine to machine.
+    """
+    def split(node: Any) -> tuple[Any, Any]:
+        if isinstance(node, list):
+            parts = [split(x) for x in node]
+            measured_items = [m if m else {} for _, m in parts]
+            return [k for k, _ in parts], (measured_items if any(measured_items) else None)
+        if not isinstance(node, dict):
+            return node, None
+        kept: dict[str, Any] = {}
+        measured: dict[str, Any] = {}
+        for key, value in node.items():
+            if key in MEASURED_KEYS:
+                measured[key] = value
+                continue
+            k, m = split(value)
+            kept[key] = k
+            if m:
+                measured[key] = m
+        return kept, measured
+
+    kept, measured = split(validation)
+    return kept, measured
+
+
 def save_validation(directory: str | Path, validation: dict[str, Any], manifest: dict[str, Any] | None = None, *,
                     report: bool = True, update_manifest: bool = False) -> list[Path]:
-    """Write ``validation.json`` (and report.html, report.md, report/*.png) into ``directory``.
+    """Write ``validation.json``, ``measurements.json`` (and report.html, report.md, report/*.png) into
+    ``directory``: the measured values (:data:`MEASURED_KEYS`) go to ``measurements.json`` only; the
+    report shows everything.
 
     With ``update_manifest`` (``directory`` is the bundle) the manifest's SHA-256 entries of the
     files written are refreshed, so the bundle still verifies, and its ``decision`` is replaced by
     this validation's (:func:`decision_record`); the model entries are untouched. Every file is
     written to a temporary name and renamed into place.
     """
-    from edgeq.deploy.bundle_format import MANIFEST, VALIDATION, sha256_of
+    from edgeq.deploy.bundle_format import MANIFEST, MEASUREMENTS, VALIDATION, is_measured, sha256_of
     from edgeq.validate.report import write_validation_report
 
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-    written = [root / VALIDATION]
-    atomic_write(root / VALIDATION, (json.dumps(json_safe(validation), indent=2, allow_nan=False) + "\n").encode())
+    written = [root / VALIDATION, root / MEASUREMENTS]
+    deterministic, measured = split_measurements(validation)
+    atomic_write(root / VALIDATION, (json.dumps(json_safe(deterministic), indent=2, allow_nan=False) + "\n").encode())
+    atomic_write(root / MEASUREMENTS, (json.dumps(json_safe(measured), indent=2, allow_nan=False) + "\n").encode())
     if report:
         written += write_validation_report(root, validation, manifest)
     if update_manifest:
@@ -427,8 +468,9 @@ def save_validation(directory: str | Path, validation: dict[str, Any], manifest:
         current = json.loads(mpath.read_text())
         files = dict(current.get("files", {}))
         for p in written:
-            if p.is_file():
-                files[p.relative_to(root).as_posix()] = sha256_of(p)
+            name = p.relative_to(root).as_posix()
+            if p.is_file() and not is_measured(name):
+                files[name] = sha256_of(p)
         current["files"] = files
         if validation.get("verdict") and validation.get("targets"):
             current["decision"] = decision_record(validation)

@@ -1,0 +1,132 @@
+"""Observation history carried by the runtime, like recurrent state, so ``act(obs)`` takes one observation.
+
+A history policy's graph reads the last ``length`` observations as one input ``obs_history``
+[batch, length * obs_dim], flattened **oldest first** (row ``length - 1`` is the current
+observation). Before an episode has produced ``length`` observations the missing older rows are
+**zeros** (SB3's ``VecFrameStack`` convention, and the same as recurrent state at an episode start);
+:meth:`ObservationHistory.reset` zeroes the rows of new episodes. The fixtures in
+``tests/fixtures/policies/`` were trained with exactly this convention
+(``scripts/make_history_fixtures.py`` uses this class).
+
+The manifest describes it as ``io.history`` = ``{"input", "length", "obs_dim", "layout", "reset"}``
+(``docs/bundle-format.md``). Only numpy is imported here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from edgeq.errors import InputError
+
+#: How the window is laid out in the graph input, and what fills it at an episode start.
+LAYOUT = "oldest-first, flattened [batch, length * obs_dim]"
+RESET = "zeros"
+
+
+class HistoryBuffer:
+    """The last ``length`` observations per batch row: ``push(obs)`` returns the window to feed."""
+
+    def __init__(self, length: int, obs_dim: int) -> None:
+        if length < 1 or obs_dim < 1:
+            raise ValueError(f"history length and obs_dim must be >= 1, got {length}, {obs_dim}")
+        self.length, self.obs_dim = int(length), int(obs_dim)
+        self._buf = np.zeros((0, self.length, self.obs_dim), np.float32)
+
+    def push(self, obs: np.ndarray) -> np.ndarray:
+        """Append ``obs`` [batch, obs_dim] as the newest row; returns ``[batch, length * obs_dim]`` float32."""
+        obs = np.asarray(obs, np.float32).reshape(len(obs), -1)
+        if obs.shape[1] != self.obs_dim:
+            raise InputError(f"observation has {obs.shape[1]} features; the history holds {self.obs_dim}")
+        if self._buf.shape[0] != obs.shape[0]:
+            self._buf = np.zeros((obs.shape[0], self.length, self.obs_dim), np.float32)
+        self._buf[:, :-1] = self._buf[:, 1:].copy()
+        self._buf[:, -1] = obs
+        return self.window()
+
+    def window(self) -> np.ndarray:
+        """The current windows, ``[batch, length * obs_dim]`` (a copy)."""
+        return self._buf.reshape(self._buf.shape[0], -1).copy()
+
+    def reset(self, mask: np.ndarray | None = None) -> None:
+        """Zero the rows in ``mask`` (all rows, forgetting the batch size, if None)."""
+        if mask is None:
+            self._buf = np.zeros((0, self.length, self.obs_dim), np.float32)
+        elif self._buf.shape[0]:
+            self._buf[np.asarray(mask, bool)] = 0.0
+
+
+class ObservationHistory:
+    """Wrap a runtime whose graph reads ``obs_history``: ``act(obs)``/``run(obs)`` take one observation.
+
+    Everything else (``latency``, ``providers``, ``output_names``...) is the wrapped runtime's.
+    ``state_specs`` lists the history as one more state entry (``{"history": True, ...}``), so code
+    that steps stateful policies one observation at a time does so here too. Calls are serialized
+    by a lock; like recurrent state, one history belongs to one episode stream (or batch).
+    """
+
+    def __init__(self, runtime: Any, length: int, obs_dim: int, input_name: str = "obs") -> None:
+        import threading
+
+        self.runtime = runtime
+        self.history = HistoryBuffer(length, obs_dim)
+        self.input_name = input_name
+        self._history_lock = threading.Lock()
+
+    @property
+    def state_specs(self) -> list[dict[str, Any]]:
+        return [*getattr(self.runtime, "state_specs", []),
+                {"history": True, "input": self.input_name, "output": None,
+                 "shape": [self.history.length, self.history.obs_dim]}]
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        with self._history_lock:
+            return np.asarray(self.runtime.act(self.history.push(obs)))
+
+    def run(self, obs: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        with self._history_lock:
+            return dict(self.runtime.run(self.history.push(obs), outputs))
+
+    def window(self) -> np.ndarray:
+        """The windows fed by the last call, ``[batch, length * obs_dim]``."""
+        return self.history.window()
+
+    def reset(self, mask: np.ndarray | None = None) -> None:
+        with self._history_lock:
+            self.history.reset(mask)
+            self.runtime.reset(mask)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runtime, name)
+
+
+def history_spec(io: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The manifest's ``io.history`` (or None), checked."""
+    h = io.get("history")
+    if h is None:
+        return None
+    if not isinstance(h, Mapping) or not isinstance(h.get("length"), int) or not isinstance(h.get("obs_dim"), int):
+        raise InputError(f"io.history is {h!r}; expected {{input, length, obs_dim, layout, reset}} with integer "
+                         "length and obs_dim")
+    if h.get("reset", RESET) != RESET:
+        raise InputError(f"io.history.reset is {h.get('reset')!r}; this runtime supports only {RESET!r}")
+    return dict(h)
+
+
+def with_history(runtime: Any, io: Mapping[str, Any]) -> Any:
+    """``runtime`` wrapped in an :class:`ObservationHistory` when ``io`` has a ``history`` entry."""
+    h = history_spec(io)
+    return runtime if h is None else ObservationHistory(runtime, h["length"], h["obs_dim"], str(h.get("input", "obs")))
+
+
+def episode_windows(observations: np.ndarray, length: int) -> np.ndarray:
+    """The windows a history policy sees along one episode's observations ``[T, obs_dim]``.
+
+    Returns ``[T, length * obs_dim]`` (zeros before the episode start), what the runtime feeds.
+    """
+    obs = np.asarray(observations, np.float32).reshape(len(observations), -1)
+    padded = np.concatenate([np.zeros((length - 1, obs.shape[1]), np.float32), obs])
+    return np.stack([padded[t:t + length].reshape(-1) for t in range(len(obs))]) if len(obs) else \
+        np.zeros((0, length * obs.shape[1]), np.float32)

@@ -1,0 +1,388 @@
+"""Behaviour-cloned history policies (tests/fixtures/policies/): frame-stack MLP, causal Transformer,
+Conv1d encoder + MLP body.
+
+Each student reads the last ``K`` observations (oldest first; zeros before the episode start: the
+convention of :mod:`edgeq.deploy.history`, which these rollouts use) and is trained by behaviour
+cloning from an expert fixture, then DAgger: the student rolls out, the expert labels the states
+the student visited, the student is retrained on everything gathered so far. The result is
+exported with ``torch.onnx.export`` (TorchScript exporter, opset 17, dynamic batch) and checked:
+the ONNX file must match the torch module, and its return is measured through edgeq's own
+runtime (ONNX Runtime + :class:`~edgeq.deploy.history.ObservationHistory`) on evaluation seeds
+10000.. that neither training nor edgeq's calibration uses. Each fixture gets a JSON record beside
+it (command, seed, data sizes, float return mean ± std over the episodes).
+
+Fixtures (expert ``sac-pendulum.zip``, Pendulum-v1, K = 8):
+
+* ``framestack-mlp-pendulum.onnx``: input ``obs_history`` [batch, K, 3] flattened inside, MLP 24-64-64-1
+  (ELU), tanh action scaled to [-2, 2];
+* ``transformer-pendulum.onnx``: per-step embedding + learned positions, 2 pre-LN blocks of 2-head
+  causal self-attention (MatMul Q·Kᵀ, additive causal mask, Softmax, MatMul attention·V) and a GELU
+  MLP, final LayerNorm, the last step's token → action;
+* ``encoder-pendulum.onnx`` (``obs_history`` [batch, K, 3] → two Conv1d over time (kernel 3) with ELU →
+  Linear → ``latent`` [batch, 8]) and ``body-pendulum.onnx`` (``obs`` [batch, 3] and ``latent`` → Concat →
+  SiLU MLP → action): an RMA-style two-module policy.
+
+Usage (1 torch thread, a few minutes of CPU each)::
+
+    python scripts/make_history_fixtures.py framestack transformer encoder-body
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeq.deploy.history import HistoryBuffer, ObservationHistory
+from edgeq.deploy.runtime import OrtPolicy
+from edgeq.envs import env_factory
+from edgeq.ingest.sb3 import load_sb3
+from edgeq.rollout import run_episodes
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "tests" / "fixtures" / "policies"
+ENV_ID = "Pendulum-v1"
+EXPERT = OUT / "sac-pendulum.zip"
+K = 8
+OBS_DIM = 3
+ACT_HIGH = 2.0
+OBS_SCALE = (1.0, 1.0, 1.0 / 8.0)  # Pendulum: cos, sin in [-1, 1], angular velocity in [-8, 8]
+EVAL_SEEDS = list(range(10000, 10020))
+TRAIN_SEED0 = 20000
+
+
+# -- students ---------------------------------------------------------------------------------------
+class Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(OBS_SCALE, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+class FrameStackMLP(nn.Module):
+    def __init__(self, hidden: int = 64) -> None:
+        super().__init__()
+        self.scale = Scale()
+        self.net = nn.Sequential(nn.Linear(K * OBS_DIM, hidden), nn.ELU(), nn.Linear(hidden, hidden), nn.ELU(),
+                                 nn.Linear(hidden, 1))
+
+    def forward(self, obs_history: torch.Tensor) -> torch.Tensor:  # [B, K, obs_dim]
+        x = self.scale(obs_history).flatten(1)
+        return torch.tanh(self.net(x)) * ACT_HIGH
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention written with MatMuls (no fused kernel), so the ONNX shows Q·Kᵀ and A·V."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.dh = heads, dim // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        mask = torch.triu(torch.full((K, K), -1e4), diagonal=1)  # additive: future steps get -1e4
+        self.register_buffer("mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+
+        def split(y: torch.Tensor) -> torch.Tensor:
+            return y.reshape(b, t, self.heads, self.dh).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(self.dh)) + self.mask
+        att = torch.softmax(scores, dim=-1)
+        y = torch.matmul(att, v).transpose(1, 2).reshape(b, t, d)
+        return self.o(y)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TransformerPolicy(nn.Module):
+    def __init__(self, dim: int = 32, heads: int = 2, layers: int = 2) -> None:
+        super().__init__()
+        self.scale = Scale()
+        self.embed = nn.Linear(OBS_DIM, dim)
+        self.pos = nn.Parameter(torch.zeros(K, dim))
+        self.blocks = nn.Sequential(*(Block(dim, heads) for _ in range(layers)))
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 1)
+
+    def forward(self, obs_history: torch.Tensor) -> torch.Tensor:
+        x = self.embed(self.scale(obs_history)) + self.pos
+        x = self.ln(self.blocks(x))
+        return torch.tanh(self.head(x[:, -1])) * ACT_HIGH
+
+
+class ConvEncoder(nn.Module):
+    def __init__(self, channels: int = 16, latent: int = 8) -> None:
+        super().__init__()
+        self.scale = Scale()
+        self.conv = nn.Sequential(nn.Conv1d(OBS_DIM, channels, 3), nn.ELU(), nn.Conv1d(channels, channels, 3), nn.ELU())
+        self.out = nn.Linear(channels * (K - 4), latent)
+
+    def forward(self, obs_history: torch.Tensor) -> torch.Tensor:
+        x = self.scale(obs_history).transpose(1, 2)  # [B, obs_dim, K]: channels = features, length = time
+        return self.out(self.conv(x).flatten(1))
+
+
+class Body(nn.Module):
+    def __init__(self, latent: int = 8, hidden: int = 64) -> None:
+        super().__init__()
+        self.scale = Scale()
+        self.net = nn.Sequential(nn.Linear(OBS_DIM + latent, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, 1))
+
+    def forward(self, obs: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(torch.cat([self.scale(obs), latent], dim=1))) * ACT_HIGH
+
+
+class EncoderBody(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder, self.body = ConvEncoder(), Body()
+
+    def forward(self, obs_history: torch.Tensor) -> torch.Tensor:
+        return self.body(obs_history[:, -1], self.encoder(obs_history))
+
+
+STUDENTS: dict[str, Callable[[], nn.Module]] = {
+    "framestack": FrameStackMLP, "transformer": TransformerPolicy, "encoder-body": EncoderBody}
+FILES = {"framestack": "framestack-mlp-pendulum", "transformer": "transformer-pendulum",
+         "encoder-body": "encoder-body-pendulum"}
+
+
+# -- data -------------------------------------------------------------------------------------------
+class TorchHistoryPolicy:
+    """A torch student behind act/reset with edgeq's history convention; records windows."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module, self.history = module, HistoryBuffer(K, OBS_DIM)
+        self.last = np.zeros((0, K * OBS_DIM), np.float32)
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        self.last = self.history.push(obs)
+        with torch.no_grad():
+            return self.module(torch.from_numpy(self.last).reshape(-1, K, OBS_DIM)).numpy()
+
+    def reset(self, mask: np.ndarray | None = None) -> None:
+        self.history.reset(mask)
+
+
+class ExpertHistoryPolicy:
+    """The expert acts on the current observation; its windows are recorded for the student."""
+
+    def __init__(self, expert: OrtPolicy) -> None:
+        self.expert, self.history = expert, HistoryBuffer(K, OBS_DIM)
+        self.last = np.zeros((0, K * OBS_DIM), np.float32)
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        self.last = self.history.push(obs)
+        return self.expert.act(obs)
+
+    def reset(self, mask: np.ndarray | None = None) -> None:
+        self.history.reset(mask)
+
+
+def gather(policy: Any, expert: OrtPolicy, seeds: list[int], noise: float, noise_seed: int
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Roll ``policy`` out; return the windows it fed, the expert's labels there, and the returns."""
+    windows: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+
+    def hook(obs: np.ndarray, actions: np.ndarray, active: np.ndarray) -> None:
+        rows = np.asarray(active, bool)
+        windows.append(policy.last[rows])
+        labels.append(expert.act(obs[rows]))
+
+    def perturb(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return np.clip(a + rng.normal(0.0, noise * ACT_HIGH, a.shape), -ACT_HIGH, ACT_HIGH).astype(np.float32)
+
+    res = run_episodes(env_factory(ENV_ID), policy, seeds, num_envs=10, on_step=hook,
+                       perturb=perturb if noise > 0 else None, noise_seed=noise_seed)
+    return np.concatenate(windows), np.concatenate(labels), res.returns
+
+
+def fit(module: nn.Module, x: np.ndarray, y: np.ndarray, steps: int, seed: int, lr: float = 2e-3) -> float:
+    gen = torch.Generator().manual_seed(seed)
+    xt = torch.from_numpy(x).reshape(-1, K, OBS_DIM)
+    yt = torch.from_numpy(y).reshape(-1, 1) / ACT_HIGH
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    module.train()
+    loss = torch.zeros(())
+    for _ in range(steps):
+        idx = torch.randint(0, len(xt), (256,), generator=gen)
+        pred = module(xt[idx]) / ACT_HIGH
+        loss = torch.mean((pred - yt[idx]) ** 2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    module.eval()
+    return float(loss.item())
+
+
+# -- export -----------------------------------------------------------------------------------------
+class _Export(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.inner(*args)
+
+
+def export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, inputs: list[str], output: str) -> None:
+    torch.onnx.export(_Export(module), args, str(path), input_names=inputs, output_names=[output],
+                      dynamic_axes={n: {0: "batch"} for n in [*inputs, output]}, opset_version=17,
+                      dynamo=False, do_constant_folding=True)
+
+
+class _Reshape:
+    """The exported file reads [batch, K, obs_dim]; the history buffer gives [batch, K * obs_dim]."""
+
+    def __init__(self, path: Path) -> None:
+        self.ort = OrtPolicy(path, input_name="obs_history")
+
+    def act(self, window: np.ndarray) -> np.ndarray:
+        return self.ort.act(window.reshape(-1, K, OBS_DIM))
+
+    def reset(self, mask: np.ndarray | None = None) -> None:
+        self.ort.reset(mask)
+
+
+def onnx_runtime(path: Path) -> ObservationHistory:
+    return ObservationHistory(_Reshape(path), K, OBS_DIM)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("fixtures", nargs="+", choices=sorted(STUDENTS))
+    ap.add_argument("--dagger-rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=1500, help="Adam steps per round")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    expert = OrtPolicy(load_sb3(EXPERT).model.SerializeToString())
+    for name in args.fixtures:
+        t0 = time.perf_counter()
+        torch.manual_seed(args.seed)
+        module = STUDENTS[name]()
+        seed = TRAIN_SEED0
+        x, y, expert_returns = gather(ExpertHistoryPolicy(expert), expert, list(range(seed, seed + 30)), 0.2, 1)
+        seed += 30
+        history: list[dict[str, Any]] = []
+        loss = fit(module, x, y, args.steps * 2, args.seed)
+        for r in range(args.dagger_rounds):
+            xs, ys, rets = gather(TorchHistoryPolicy(module), expert, list(range(seed, seed + 20)), 0.0, 0)
+            seed += 20
+            history.append({"round": r, "student_mean_return": round(float(rets.mean()), 3),
+                            "loss": round(loss, 6), "states": int(len(x))})
+            print(f"{name}: round {r} student return {rets.mean():.1f} ± {rets.std():.1f}, loss {loss:.5f}",
+                  flush=True)
+            x, y = np.concatenate([x, xs]), np.concatenate([y, ys])
+            loss = fit(module, x, y, args.steps, args.seed + r + 1)
+        base = FILES[name]
+        example = torch.zeros(1, K, OBS_DIM)
+        if name == "encoder-body":
+            assert isinstance(module, EncoderBody)
+            enc, body = OUT / "encoder-pendulum.onnx", OUT / "body-pendulum.onnx"
+            export(module.encoder, (example,), enc, ["obs_history"], "latent")
+            export(module.body, (torch.zeros(1, OBS_DIM), torch.zeros(1, 8)), body, ["obs", "latent"], "actions")
+            files = [enc.name, body.name]
+            check = _compose_check(enc, body, module)
+        else:
+            path = OUT / f"{base}.onnx"
+            export(module, (example,), path, ["obs_history"], "actions")
+            files = [path.name]
+            check = _onnx_check(path, module)
+        res = run_episodes(env_factory(ENV_ID), onnx_runtime(OUT / files[0]) if len(files) == 1 else
+                           _ComposedRuntime(OUT / files[0], OUT / files[1]), EVAL_SEEDS, num_envs=10)
+        record = {
+            "fixture": base, "files": files, "env_id": ENV_ID, "expert": EXPERT.name,
+            "method": "behaviour cloning on noisy expert rollouts, then DAgger (expert relabels the student's states)",
+            "history": {"length": K, "obs_dim": OBS_DIM, "layout": "oldest first", "reset": "zeros"},
+            "seed": args.seed, "dagger_rounds": args.dagger_rounds, "adam_steps_per_round": args.steps,
+            "training_states": int(len(x)), "final_loss": round(loss, 6), "rounds": history,
+            "parameters": int(sum(p.numel() for p in module.parameters())),
+            "onnx_vs_torch_max_abs_diff": check,
+            "expert_noisy_return_mean": round(float(expert_returns.mean()), 3),
+            "eval": {"runtime": "onnxruntime CPU, edgeq.deploy.history.ObservationHistory",
+                     "episodes": len(EVAL_SEEDS), "seeds": f"{EVAL_SEEDS[0]}..{EVAL_SEEDS[-1]}",
+                     "mean_return": round(float(res.returns.mean()), 3),
+                     "std_return": round(float(res.returns.std(ddof=1)), 3),
+                     "returns": [round(float(r), 3) for r in res.returns]},
+            "train_seconds": round(time.perf_counter() - t0, 1),
+            "command": f"python scripts/make_history_fixtures.py {name}",
+            "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        }
+        (OUT / f"{base}.json").write_text(json.dumps(record, indent=2) + "\n")
+        print(f"{name}: eval return {res.returns.mean():.1f} ± {res.returns.std(ddof=1):.1f} "
+              f"({len(EVAL_SEEDS)} episodes), onnx vs torch {check:.2e}, {record['train_seconds']} s", flush=True)
+
+
+def _probe() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    th = rng.uniform(-np.pi, np.pi, (64, K))
+    return np.stack([np.cos(th), np.sin(th), rng.uniform(-8, 8, (64, K))], -1).astype(np.float32)
+
+
+def _onnx_check(path: Path, module: nn.Module) -> float:
+    x = _probe()
+    ref = module(torch.from_numpy(x)).detach().numpy()
+    got = OrtPolicy(path, input_name="obs_history").act(x)
+    return float(np.abs(ref - got).max())
+
+
+class _ComposedRuntime:
+    """encoder → body in two ONNX Runtime sessions (the float reference for the pair)."""
+
+    def __init__(self, enc: Path, body: Path) -> None:
+        import onnxruntime as ort
+
+        self.enc = ort.InferenceSession(str(enc), providers=["CPUExecutionProvider"])
+        self.body = ort.InferenceSession(str(body), providers=["CPUExecutionProvider"])
+        self.history = HistoryBuffer(K, OBS_DIM)
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        w = self.history.push(obs).reshape(-1, K, OBS_DIM)
+        (z,) = self.enc.run(["latent"], {"obs_history": w})
+        (a,) = self.body.run(["actions"], {"obs": w[:, -1], "latent": z})
+        return np.asarray(a)
+
+    def reset(self, mask: np.ndarray | None = None) -> None:
+        self.history.reset(mask)
+
+
+def _compose_check(enc: Path, body: Path, module: nn.Module) -> float:
+    x = _probe()
+    ref = module(torch.from_numpy(x)).detach().numpy()
+    rt = _ComposedRuntime(enc, body)
+    z = rt.enc.run(["latent"], {"obs_history": x})[0]
+    got = rt.body.run(["actions"], {"obs": x[:, -1], "latent": z})[0]
+    return float(np.abs(ref - got).max())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""History policies: the runtime's observation window, and ONNX files that read a history (3-D input,
+obs + obs_history, Conv1d over time, encoder + body) rewritten exactly into edgeq's one-input form."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeq.deploy.history import HistoryBuffer, ObservationHistory, episode_windows, with_history
+from edgeq.deploy.runtime import OrtPolicy
+from edgeq.errors import InputError, PolicyFormatError
+from edgeq.graph.analysis import find_weighted_layers
+from edgeq.ingest import load_policy
+
+K, D = 5, 3
+RNG = np.random.default_rng(0)
+
+
+def _save(tmp_path: Path, name: str, nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
+          outputs: list[onnx.ValueInfoProto], inits: list[onnx.TensorProto]) -> Path:
+    m = helper.make_model(helper.make_graph(nodes, name, inputs, outputs, inits),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    p = tmp_path / f"{name}.onnx"
+    onnx.save(m, str(p))
+    return p
+
+
+def _w(name: str, *shape: int) -> onnx.TensorProto:
+    return numpy_helper.from_array(RNG.standard_normal(shape).astype(np.float32) * 0.5, name)
+
+
+def _vi(name: str, *dims: int | str) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(dims))
+
+
+def _run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    return np.asarray(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0])
+
+
+def _windows(n: int) -> np.ndarray:
+    return RNG.standard_normal((n, K, D)).astype(np.float32)
+
+
+def _ingested(fp_model: onnx.ModelProto, windows: np.ndarray) -> np.ndarray:
+    return OrtPolicy(fp_model.SerializeToString()).act(windows.reshape(len(windows), -1))
+
+
+# -- the runtime's window -----------------------------------------------------------------------------
+def test_history_buffer_is_oldest_first_zero_padded_and_reset_per_row() -> None:
+    h = HistoryBuffer(3, 2)
+    w1 = h.push(np.array([[1, 1], [5, 5]], np.float32))
+    np.testing.assert_array_equal(w1, [[0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 5, 5]])
+    w2 = h.push(np.array([[2, 2], [6, 6]], np.float32))
+    np.testing.assert_array_equal(w2, [[0, 0, 1, 1, 2, 2], [0, 0, 5, 5, 6, 6]])
+    h.reset(np.array([False, True]))
+    w3 = h.push(np.array([[3, 3], [7, 7]], np.float32))
+    np.testing.assert_array_equal(w3, [[1, 1, 2, 2, 3, 3], [0, 0, 0, 0, 7, 7]])
+    h.push(np.array([[4, 4], [8, 8]], np.float32))
+    np.testing.assert_array_equal(h.window()[0], [2, 2, 3, 3, 4, 4])  # the oldest step dropped
+    with pytest.raises(InputError, match="3 features"):
+        h.push(np.zeros((2, 3), np.float32))
+
+
+def test_episode_windows_match_the_buffer() -> None:
+    obs = RNG.standard_normal((7, 2)).astype(np.float32)
+    h = HistoryBuffer(3, 2)
+    np.testing.assert_array_equal(episode_windows(obs, 3), np.concatenate([h.push(o[None]) for o in obs]))
+
+
+def test_with_history_reads_the_manifest_entry() -> None:
+    class Echo:
+        state_specs: list[dict[str, object]] = []
+
+        def act(self, x: np.ndarray) -> np.ndarray:
+            return x
+
+        def reset(self, mask: np.ndarray | None = None) -> None:
+            pass
+
+    rt = Echo()
+    assert with_history(rt, {"input": "obs"}) is rt
+    wrapped = with_history(rt, {"history": {"input": "obs", "length": 2, "obs_dim": 1, "reset": "zeros"}})
+    assert isinstance(wrapped, ObservationHistory) and wrapped.state_specs[-1]["history"]
+    np.testing.assert_array_equal(wrapped.act(np.array([[3.0]])), [[0.0, 3.0]])
+    with pytest.raises(InputError, match="reset"):
+        with_history(rt, {"history": {"length": 2, "obs_dim": 1, "reset": "first"}})
+
+
+# -- ingest ---------------------------------------------------------------------------------------------
+def test_three_dimensional_history_input_becomes_the_flat_window(tmp_path: Path) -> None:
+    p = _save(tmp_path, "stack", [helper.make_node("Flatten", ["h"], ["f"], axis=1),
+                                  helper.make_node("Gemm", ["f", "w", "b"], ["a"], transB=1)],
+              [_vi("h", "batch", K, D)], [_vi("a", "batch", 2)], [_w("w", 2, K * D), _w("b", 2)])
+    fp = load_policy(p)
+    assert fp.history is not None and (fp.history.length, fp.history.obs_dim) == (K, D)
+    assert fp.obs_space.shape == (D,) and fp.input_size == K * D
+    x = _windows(6)
+    np.testing.assert_allclose(_ingested(fp.model, x), _run(p, {"h": x}), rtol=1e-6, atol=1e-6)
+
+
+def test_obs_and_obs_history_inputs_read_one_window(tmp_path: Path) -> None:
+    nodes = [helper.make_node("Flatten", ["obs_history"], ["f"], axis=1),
+             helper.make_node("Concat", ["obs", "f"], ["c"], axis=1),
+             helper.make_node("Gemm", ["c", "w"], ["a"], transB=1)]
+    p = _save(tmp_path, "two", nodes, [_vi("obs", "batch", D), _vi("obs_history", "batch", K, D)],
+              [_vi("a", "batch", 2)], [_w("w", 2, D + K * D)])
+    fp = load_policy(p)
+    assert fp.history is not None and fp.history.length == K
+    x = _windows(4)
+    expected = _run(p, {"obs": x[:, -1], "obs_history": x})  # the current observation is the window's last row
+    np.testing.assert_allclose(_ingested(fp.model, x), expected, rtol=1e-6, atol=1e-6)
+
+
+def _conv_policy(tmp_path: Path, **conv_attrs: object) -> Path:
+    nodes = [helper.make_node("Transpose", ["h"], ["t"], perm=[0, 2, 1]),
+             helper.make_node("Conv", ["t", "cw", "cb"], ["c"], name="conv", **conv_attrs),
+             helper.make_node("Elu", ["c"], ["e"]),
+             helper.make_node("Flatten", ["e"], ["f"], axis=1),
+             helper.make_node("Gemm", ["f", "w"], ["a"], transB=1)]
+    out_len = K - 2 if not conv_attrs else (K - 3) // 2 + 1
+    return _save(tmp_path, "conv", nodes, [_vi("h", "batch", K, D)], [_vi("a", "batch", 2)],
+                 [_w("cw", 4, D, 3), _w("cb", 4), _w("w", 2, 4 * out_len)])
+
+
+def test_conv1d_over_time_is_lowered_to_an_exact_int8able_matmul(tmp_path: Path) -> None:
+    p = _conv_policy(tmp_path)
+    fp = load_policy(p)
+    assert not any(n.op_type == "Conv" for n in fp.model.graph.node)
+    assert "conv" in [wl.node for wl in find_weighted_layers(fp.model)]
+    assert fp.source.details["normalization"]["lowered_convs"] == ["conv"]
+    x = _windows(8)
+    np.testing.assert_allclose(_ingested(fp.model, x), _run(p, {"h": x}), rtol=1e-5, atol=1e-5)
+
+
+def test_strided_conv_is_refused_with_one_line(tmp_path: Path) -> None:
+    with pytest.raises(PolicyFormatError, match="plain 1-D convolution") as err:
+        load_policy(_conv_policy(tmp_path, strides=[2]))
+    assert "\n" not in str(err.value)
+
+
+def test_encoder_and_body_files_compose_into_one_policy(tmp_path: Path) -> None:
+    enc = _save(tmp_path, "encoder", [helper.make_node("Flatten", ["obs_history"], ["f"], axis=1),
+                                      helper.make_node("Gemm", ["f", "we"], ["z0"], transB=1),
+                                      helper.make_node("Tanh", ["z0"], ["latent"])],
+                [_vi("obs_history", "batch", K, D)], [_vi("latent", "batch", 4)], [_w("we", 4, K * D)])
+    body = _save(tmp_path, "body", [helper.make_node("Concat", ["obs", "latent"], ["c"], axis=1),
+                                    helper.make_node("Gemm", ["c", "wb"], ["actions"], transB=1)],
+                 [_vi("obs", "batch", D), _vi("latent", "batch", 4)], [_vi("actions", "batch", 2)],
+                 [_w("wb", 2, D + 4)])
+    fp = load_policy([enc, body])
+    assert fp.history is not None and fp.history.length == K
+    assert fp.source.details["modules"] == [str(enc), str(body)]
+    x = _windows(5)
+    z = _run(enc, {"obs_history": x})
+    expected = _run(body, {"obs": x[:, -1], "latent": z})
+    np.testing.assert_allclose(_ingested(fp.model, x), expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(PolicyFormatError, match="two"):
+        load_policy([enc, body, body])
+
+
+def test_flat_stack_needs_the_history_option(tmp_path: Path) -> None:
+    p = _save(tmp_path, "flat", [helper.make_node("Gemm", ["x", "w"], ["a"], transB=1)],
+              [_vi("x", "batch", K * D)], [_vi("a", "batch", 2)], [_w("w", 2, K * D)])
+    assert load_policy(p).history is None
+    fp = load_policy(p, history=K)
+    assert fp.history is not None and (fp.history.length, fp.history.obs_dim) == (K, D)
+    with pytest.raises(PolicyFormatError, match="multiple"):
+        load_policy(p, history=4)

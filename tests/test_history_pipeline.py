@@ -1,0 +1,82 @@
+"""History-policy fixtures through the whole pipeline: bundle with io.history, deploy keeps the window,
+every matrix product INT8 (attention's Q·Kᵀ and A·V included), edgeq check clean, verdict PASS."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import edgeq
+import edgeq.deploy
+from edgeq.deploy.history import episode_windows
+from edgeq.deploy.runtime import OrtPolicy
+from edgeq.export.trt_rules import check_qdq_model
+
+FIXTURES = Path(__file__).parent / "fixtures" / "policies"
+FRAMESTACK = FIXTURES / "framestack-mlp-pendulum.onnx"
+TRANSFORMER = FIXTURES / "transformer-pendulum.onnx"
+ENCODER, BODY = FIXTURES / "encoder-pendulum.onnx", FIXTURES / "body-pendulum.onnx"
+QUICK = {"episodes": 4, "holdout_episodes": 2, "auto": False}
+
+
+def _matrix_products_int8(path: Path) -> tuple[int, list[str]]:
+    """How many MatMul/Gemm/Conv the INT8 QDQ file has, and those whose inputs are not all dequantized."""
+    m = onnx.load(str(path))
+    producer = {o: n for n in m.graph.node for o in n.output}
+    products = [n for n in m.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")]
+    float_ones = [n.name for n in products
+                  if not all(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear"
+                             for i in n.input[:2])]
+    return len(products), float_ones
+
+
+def test_transformer_fixture_is_a_causal_attention_policy() -> None:
+    from edgeq.graph.analysis import find_activation_matmuls
+    from edgeq.ingest import load_policy
+
+    fp = load_policy(TRANSFORMER)
+    assert fp.history is not None and (fp.history.length, fp.history.obs_dim) == (8, 3)
+    roles = sorted(a.role for a in find_activation_matmuls(fp.model))
+    assert roles == ["attention-scores"] * 2 + ["attention-values"] * 2  # 2 blocks
+    ops = {n.op_type for n in fp.model.graph.node}
+    assert {"Softmax", "LayerNormalization", "Erf"} <= ops  # GELU exported as x·Φ(x) with Erf
+    assert len(fp.source.details["normalization"]["attention_scales_moved"]) == 2
+    record = json.loads((FIXTURES / "transformer-pendulum.json").read_text())
+    assert record["eval"]["mean_return"] > -250  # Pendulum: a random policy scores about -1200
+
+
+def test_framestack_bundle_carries_history_and_deploy_keeps_the_window(tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    res = edgeq.quantize(FRAMESTACK, "Pendulum-v1", out, episodes=2, recipe_overrides=QUICK)
+    io = res.manifest["io"]
+    assert io["history"] == {"input": "obs", "length": 8, "obs_dim": 3,
+                             "layout": "oldest-first, flattened [batch, length * obs_dim]", "reset": "zeros"}
+    assert res.manifest["observation_space"]["shape"] == [3]
+    n, not_int8 = _matrix_products_int8(out / "policy.int8.onnx")
+    fp16 = [la["node"] for la in res.manifest["quantization"]["layers"] if la["precision"] == "fp16"]
+    assert n == 3 and sorted(not_int8) == sorted(fp16)  # the fp16 fallback's layers, and no other
+    policy = edgeq.deploy.load(out, backend="cpu", precision="fp32")
+    raw = OrtPolicy(out / "policy.fp32.onnx")
+    obs = np.random.default_rng(0).uniform(-1, 1, (12, 3)).astype(np.float32)
+    got = np.stack([policy.act(o) for o in obs])
+    np.testing.assert_allclose(got, raw.act(episode_windows(obs, 8)), rtol=1e-5, atol=1e-6)
+    policy.reset()
+    np.testing.assert_allclose(policy.act(obs[3]), raw.act(episode_windows(obs[3:4], 8))[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("files", [[FRAMESTACK], [TRANSFORMER], [ENCODER, BODY]],
+                         ids=["framestack", "transformer", "encoder-body"])
+def test_history_fixture_passes_with_defaults(tmp_path: Path, files: list[Path]) -> None:
+    out = tmp_path / "b"
+    res = edgeq.quantize(files[0] if len(files) == 1 else files, "Pendulum-v1", out, episodes=10)
+    assert res.validation["verdict"]["verdict"] == "PASS", res.validation["verdict"]
+    n, float_products = _matrix_products_int8(out / "policy.int8.onnx")
+    assert n > 0 and float_products == []
+    assert not [v for v in check_qdq_model(out / "policy.int8.onnx")]
+    plan = res.manifest["quantization"]
+    assert all(m["precision"] == "int8" for m in plan.get("activation_matmuls", []))
