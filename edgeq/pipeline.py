@@ -101,8 +101,12 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
              calib_perturb: Sequence[str | PerturbationSpec] = (), perturb: Sequence[str | PerturbationSpec] = (),
              cell_precision: str = "int8", saturation_warn: float = DEFAULT_SATURATION_WARN,
              max_episodes: int = 200, time_budget: float | None = None, failure: str | None = None,
-             tolerance: Tolerance | None = None, executor: ExecutorConfig | None = None) -> QuantizeResult:
+             tolerance: Tolerance | None = None, executor: ExecutorConfig | None = None,
+             sign_key: str | Path | None = None) -> QuantizeResult:
     """Quantize ``policy`` for ``env`` and write a validated bundle to ``out``.
+
+    ``sign_key``: an Ed25519 private key file (``edgeq keygen``); the bundle's manifest is signed with it
+    (``manifest.sig``), so that robots loading it with ``trusted_keys`` accept only these files.
 
     Validation uses seeds ``seed, seed+1, ...``: with ``episodes="auto"`` (default) paired episodes
     are added in batches until the verdict is PASS or FAIL, at most ``max_episodes`` or
@@ -147,7 +151,7 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
                          "observations (--calib-data)")
     timings: dict[str, float] = {}
     out = Path(out)
-    writer = BundleWriter(out, overwrite=overwrite)  # refuses an existing bundle before any work
+    writer = BundleWriter(out, overwrite=overwrite, sign_key=sign_key)  # refuses an existing bundle before any work
     design = episode_design(episodes, max_episodes=max_episodes, time_budget=time_budget)
     rec = recipe if isinstance(recipe, CalibrationRecipe) else load_recipe(recipe, env)
     prof = profile if isinstance(profile, ExportProfile) else load_profile(profile)

@@ -139,12 +139,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--cpu", type=int, default=None, help="pin the loop to this CPU core")
     ap.add_argument("--fifo", type=int, default=None, help="SCHED_FIFO priority (needs CAP_SYS_NICE)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--trusted-key", action="append", default=None,
+                    help="public key (edgeq keygen) that must have signed the bundle; repeatable")
+    ap.add_argument("--allow-unsigned", action="store_true", help="run a bundle whose signature is not checked")
     args = ap.parse_args(argv)
 
     import gymnasium as gym
 
     _realtime(args.cpu, args.fifo)
-    policy = edgeq.deploy.load(args.bundle, backend=args.backend, precision=args.precision)
+    policy = edgeq.deploy.load(args.bundle, backend=args.backend, precision=args.precision,
+                               trusted_keys=args.trusted_key, allow_unsigned=args.allow_unsigned)
     env_id = args.env or policy.manifest["env"]["id"]
     reports = []
     for rate in args.rate or [50.0, 1000.0]:

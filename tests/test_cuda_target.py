@@ -241,7 +241,7 @@ def test_gpu_entry_points_refuse_clearly_without_cuda(pendulum_bundle: Path) -> 
     with pytest.raises(CudaUnavailableError, match="no CUDAExecutionProvider"):
         OrtCudaPolicy(pendulum_bundle / INT8_CUDA_MODEL)
     with pytest.raises(EdgeqError, match="no CUDAExecutionProvider"):
-        edgeq.deploy.load(pendulum_bundle, backend="cuda")
+        edgeq.deploy.load(pendulum_bundle, backend="cuda", allow_unsigned=True)
     res = subprocess.run([sys.executable, "-m", "edgeq.cli", "validate", str(pendulum_bundle), "--targets", "cuda",
                           "--episodes", "1"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2

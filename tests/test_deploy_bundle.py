@@ -40,7 +40,7 @@ def test_v1_bundle_still_loads_and_acts_as_when_it_was_made() -> None:
     assert m["edgeq_version"] == "0.1.0"
     obs = np.asarray(REFERENCE["observations"], np.float32)
     for precision, atol in (("int8", 1e-2), ("fp32", 1e-5)):
-        p = edgeq.deploy.load(V1, backend="cpu", precision=precision)
+        p = edgeq.deploy.load(V1, backend="cpu", precision=precision, allow_unsigned=True)
         got = p.act(obs)
         np.testing.assert_allclose(got, np.asarray(REFERENCE[f"actions_{precision}"]), atol=atol)
 
@@ -59,7 +59,7 @@ def test_v2_bundle_loads_acts_and_carries_its_decision() -> None:
     assert cpu["outcomes"]["int8"] == {"success": 0, "failure": 0, "timeout": 4}
     obs = np.asarray(ref["observations"], np.float32)
     for precision, atol in (("int8", 1e-5), ("fp32", 1e-5)):
-        got = edgeq.deploy.load(root, backend="cpu", precision=precision).act(obs)
+        got = edgeq.deploy.load(root, backend="cpu", precision=precision, allow_unsigned=True).act(obs)
         np.testing.assert_allclose(got, np.asarray(ref[f"actions_{precision}"]), atol=atol)
     # a decision that is not one of the three states is refused
     bad = dict(m, decision={"status": "MAYBE"})
@@ -77,14 +77,14 @@ def test_newer_format_version_is_refused_clearly(bundle: Path) -> None:
     _edit_manifest(bundle, lambda m: m.update(format_version=FORMAT_VERSION + 1))
     with pytest.raises(BundleError, match=f"format_version {FORMAT_VERSION + 1} is newer than this edgeq reads "
                                           f"\\({FORMAT_VERSION}\\); upgrade edgeq"):
-        edgeq.deploy.load(bundle)
+        edgeq.deploy.load(bundle, allow_unsigned=True)
 
 
 @pytest.mark.parametrize("value", [None, "1", 0, 1.0, True])
 def test_bad_format_version_is_refused(bundle: Path, value: object) -> None:
     _edit_manifest(bundle, lambda m: m.update(format_version=value) if value is not None else m.pop("format_version"))
     with pytest.raises(BundleError, match="format_version is .*expected an integer >= 1"):
-        edgeq.deploy.load(bundle)
+        edgeq.deploy.load(bundle, allow_unsigned=True)
 
 
 @pytest.mark.parametrize("name", ["policy.int8.onnx", "policy.fp32.onnx", "validation.json"])
@@ -93,19 +93,19 @@ def test_a_modified_file_is_refused(bundle: Path, name: str) -> None:
     data[len(data) // 2] ^= 0x01
     (bundle / name).write_bytes(bytes(data))
     with pytest.raises(BundleError, match=f"{name}: SHA-256 .* does not match the manifest .*modified after export"):
-        edgeq.deploy.load(bundle)  # every listed file is checked, not only the model that runs
+        edgeq.deploy.load(bundle, allow_unsigned=True)  # every listed file is checked, not only the model that runs
 
 
 def test_a_missing_file_is_refused(bundle: Path) -> None:
     (bundle / "validation.json").unlink()
     with pytest.raises(BundleError, match="validation.json is listed in manifest.json but missing"):
-        edgeq.deploy.load(bundle)
+        edgeq.deploy.load(bundle, allow_unsigned=True)
 
 
 def test_a_model_not_covered_by_the_hashes_is_refused(bundle: Path) -> None:
     _edit_manifest(bundle, lambda m: m["files"].pop("policy.int8.onnx"))
-    with pytest.raises(BundleError, match="policy.int8.onnx is not listed in the manifest's files"):
-        edgeq.deploy.load(bundle)
+    with pytest.raises(BundleError, match="policy.int8.onnx.*not listed in (the manifest's )?files"):
+        edgeq.deploy.load(bundle, allow_unsigned=True)
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -120,22 +120,22 @@ def test_a_model_not_covered_by_the_hashes_is_refused(bundle: Path) -> None:
 def test_malformed_manifest_fields_are_named(bundle: Path, edit: Any, match: str) -> None:
     _edit_manifest(bundle, edit)
     with pytest.raises(BundleError, match=match):
-        edgeq.deploy.load(bundle)
+        edgeq.deploy.load(bundle, allow_unsigned=True)
 
 
 def test_not_a_bundle(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="not a directory"):
-        edgeq.deploy.load(tmp_path / "nothing")
+        edgeq.deploy.load(tmp_path / "nothing", allow_unsigned=True)
     with pytest.raises(BundleError, match="no manifest.json"):
-        edgeq.deploy.load(tmp_path)
+        edgeq.deploy.load(tmp_path, allow_unsigned=True)
     (tmp_path / MANIFEST).write_text("{not json")
     with pytest.raises(BundleError, match="manifest.json: not valid JSON"):
-        edgeq.deploy.load(tmp_path)
+        edgeq.deploy.load(tmp_path, allow_unsigned=True)
 
 
 def test_verify_false_skips_the_hashes_but_not_the_version(bundle: Path) -> None:
     (bundle / "validation.json").write_text("{}")
-    assert edgeq.deploy.load(bundle, backend="cpu", verify=False).act(np.zeros(3)).shape == (1,)
+    assert edgeq.deploy.load(bundle, backend="cpu", verify=False, allow_unsigned=True).act(np.zeros(3)).shape == (1,)
     _edit_manifest(bundle, lambda m: m.update(format_version=FORMAT_VERSION + 1))
     with pytest.raises(BundleError, match="newer"):
-        edgeq.deploy.load(bundle, verify=False)
+        edgeq.deploy.load(bundle, verify=False, allow_unsigned=True)

@@ -47,7 +47,7 @@ def _plain_rollout(policy: edgeq.deploy.DeployedPolicy, steps: int, seed: int) -
 
 def test_paced_loop_equals_plain_rollout() -> None:
     loop = _example()
-    policy = edgeq.deploy.load(V1, backend="cpu")
+    policy = edgeq.deploy.load(V1, backend="cpu", allow_unsigned=True)
     env = gym.make("Pendulum-v1")
     rep = loop.run_loop(policy, env, rate_hz=1000.0, ticks=450, seed=3)
     env.close()
@@ -63,7 +63,8 @@ def test_paced_loop_equals_plain_rollout() -> None:
 
 
 def test_command_line_two_rates(capsys) -> None:  # type: ignore[no-untyped-def]
-    reports = _example().main([str(V1), "--rate", "50", "--rate", "500", "--seconds", "0.2", "--backend", "cpu"])
+    reports = _example().main([str(V1), "--rate", "50", "--rate", "500", "--seconds", "0.2", "--backend", "cpu",
+                                "--allow-unsigned"])
     assert [r["rate_hz"] for r in reports] == [50.0, 500.0]
     assert [r["ticks"] for r in reports] == [10, 100]
     out = capsys.readouterr().out

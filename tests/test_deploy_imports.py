@@ -62,7 +62,7 @@ def test_load_and_act_with_workstation_modules_blocked() -> None:
         import json, sys
         import numpy as np
         import edgeq.deploy
-        policy = edgeq.deploy.load({str(V1 / "sac-pendulum")!r}, backend="auto")
+        policy = edgeq.deploy.load({str(V1 / "sac-pendulum")!r}, backend="auto", allow_unsigned=True)
         single = policy.act(np.array([0.5, -0.5, 1.0], np.float32))
         batch = policy.act(np.zeros((4, 3)))
         mods = sorted(m.split(".")[0] for m in sys.modules)
@@ -89,7 +89,8 @@ def test_deploy_command_line_with_workstation_modules_blocked() -> None:
     r = run_blocked(f"""
         import sys
         from edgeq.deploy.cli import main
-        rc = main(["selftest", {str(V1 / "sac-pendulum")!r}, "--samples", "8", "--latency-calls", "20",
+        rc = main(["selftest", "--allow-unsigned", {str(V1 / "sac-pendulum")!r}, "--samples", "8",
+                   "--latency-calls", "20",
                    "--reference", {str(V1 / "sac-pendulum.reference.json")!r}])
         sys.exit(rc)
     """)

@@ -23,7 +23,7 @@ REFERENCE = json.loads((FIXTURES / "bundles" / "v1" / "sac-pendulum.reference.js
 
 @pytest.fixture(scope="module")
 def policy() -> edgeq.deploy.DeployedPolicy:
-    return edgeq.deploy.load(V1, backend="cpu")
+    return edgeq.deploy.load(V1, backend="cpu", allow_unsigned=True)
 
 
 def test_single_and_batch_match_the_onnx_model(policy: edgeq.deploy.DeployedPolicy) -> None:
@@ -71,46 +71,46 @@ def test_batch_larger_than_the_bundle_max_batch_is_refused(policy: edgeq.deploy.
 
 def test_nan_policies() -> None:
     obs = np.array([[0.5, np.nan, 1.0], [0.1, 0.2, np.inf]], np.float32)
-    strict = edgeq.deploy.load(V1, backend="cpu")
+    strict = edgeq.deploy.load(V1, backend="cpu", allow_unsigned=True)
     with pytest.raises(InputError, match=r"non-finite value \(nan\) at index \(0, 1\)"):
         strict.act(obs)
     with pytest.raises(InputError, match=r"non-finite value \(inf\) at index \(2,\)"):
         strict.act(obs[1])
     assert strict.latency["calls"] == 0  # refused calls never reach the backend
-    zero = edgeq.deploy.load(V1, backend="cpu", nan_policy="zero")
+    zero = edgeq.deploy.load(V1, backend="cpu", nan_policy="zero", allow_unsigned=True)
     np.testing.assert_array_equal(zero.act(obs), strict.act(np.nan_to_num(obs, nan=0.0, posinf=0.0)))
-    passed = edgeq.deploy.load(V1, backend="cpu", nan_policy="pass").act(obs)
+    passed = edgeq.deploy.load(V1, backend="cpu", nan_policy="pass", allow_unsigned=True).act(obs)
     assert passed.shape == (2, 1)  # handed to the model unchanged; what it makes of NaN is its business
     with pytest.raises(ValueError, match="nan_policy 'ignore'"):
-        edgeq.deploy.load(V1, backend="cpu", nan_policy="ignore")
+        edgeq.deploy.load(V1, backend="cpu", nan_policy="ignore", allow_unsigned=True)
 
 
 def test_fp32_precision_and_reference_actions() -> None:
     obs = np.asarray(REFERENCE["observations"], np.float32)
-    fp32 = edgeq.deploy.load(V1, backend="cpu", precision="fp32")
+    fp32 = edgeq.deploy.load(V1, backend="cpu", precision="fp32", allow_unsigned=True)
     assert fp32.precision == "fp32"
     np.testing.assert_allclose(fp32.act(obs), np.asarray(REFERENCE["actions_fp32"]), atol=1e-5)
     with pytest.raises(BundleError, match="precision 'fp16'"):
-        edgeq.deploy.load(V1, precision="fp16")
+        edgeq.deploy.load(V1, precision="fp16", allow_unsigned=True)
 
 
 def test_backends() -> None:
     import onnxruntime as ort
 
     with pytest.raises(BundleError, match="unknown backend 'gpu'"):
-        edgeq.deploy.load(V1, backend="gpu")
+        edgeq.deploy.load(V1, backend="gpu", allow_unsigned=True)
     with pytest.raises(BundleError, match="needs a TensorRT engine of precision 'int8'"):
-        edgeq.deploy.load(V1, backend="trt")
-    auto = edgeq.deploy.load(V1, backend="auto")
+        edgeq.deploy.load(V1, backend="trt", allow_unsigned=True)
+    auto = edgeq.deploy.load(V1, backend="auto", allow_unsigned=True)
     if "CUDAExecutionProvider" in ort.get_available_providers():
         # the fused INT8 kernel first (where cuda-python reaches the GPU), else ONNX Runtime's CUDA EP
         assert auto.backend in ("cuda-fused", "cuda-ort"), auto.backend_notes
-        assert edgeq.deploy.load(V1, backend="cuda-ort").providers[0] == "CUDAExecutionProvider"
-        assert edgeq.deploy.load(V1, backend="cuda").backend == auto.backend
+        assert edgeq.deploy.load(V1, backend="cuda-ort", allow_unsigned=True).providers[0] == "CUDAExecutionProvider"
+        assert edgeq.deploy.load(V1, backend="cuda", allow_unsigned=True).backend == auto.backend
     else:
         assert auto.backend == "cpu" and auto.providers == ["CPUExecutionProvider"]
         with pytest.raises(BundleError, match="backend 'cuda' cannot start: .*no CUDAExecutionProvider"):
-            edgeq.deploy.load(V1, backend="cuda")
+            edgeq.deploy.load(V1, backend="cuda", allow_unsigned=True)
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
@@ -120,8 +120,8 @@ def test_cuda_matches_cpu() -> None:
     # measured on an H100 with TF32 off: 1e-5 (fp32), 2e-6 (int8); int8 leaves room for one activation
     # that lands on the other side of a rounding boundary
     for precision, atol in (("fp32", 1e-4), ("int8", 0.05)):
-        cpu = edgeq.deploy.load(V1, backend="cpu", precision=precision).act(obs)
-        cuda = edgeq.deploy.load(V1, backend="cuda-ort", precision=precision)
+        cpu = edgeq.deploy.load(V1, backend="cpu", precision=precision, allow_unsigned=True).act(obs)
+        cuda = edgeq.deploy.load(V1, backend="cuda-ort", precision=precision, allow_unsigned=True)
         assert cuda.providers[0] == "CUDAExecutionProvider"
         np.testing.assert_allclose(cuda.act(obs), cpu, atol=atol)
         for row, want in zip(obs, cpu, strict=True):
@@ -164,7 +164,7 @@ def _recurrent_bundle(out: Path) -> Path:
 
 
 def test_recurrent_state_is_carried_and_reset(tmp_path: Path) -> None:
-    p = edgeq.deploy.load(_recurrent_bundle(tmp_path / "rnn"), backend="cpu")
+    p = edgeq.deploy.load(_recurrent_bundle(tmp_path / "rnn"), backend="cpu", allow_unsigned=True)
     assert p.recurrent
     one = np.array([1.0, -1.0], np.float32)
     np.testing.assert_array_equal(p.act(one), [2.0, -2.0])  # warm-up calls did not leave state behind

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def policy() -> edgeq.deploy.DeployedPolicy:
-    return edgeq.deploy.load(V1, backend="cpu")
+    return edgeq.deploy.load(V1, backend="cpu", allow_unsigned=True)
 
 
 @pytest.fixture
@@ -112,8 +112,9 @@ def test_concurrent_clients_and_the_client_limit(server: PolicyServer, policy: e
 
 
 @pytest.mark.parametrize("command, stop", [
-    (["-m", "edgeq.deploy", "serve", str(V1), "--port", "0"], signal.SIGTERM),  # the containers' entrypoint
-    (["-m", "edgeq.cli", "serve", str(V1), "--port", "0"], signal.SIGINT),  # the workstation CLI
+    # the containers' entrypoint
+    (["-m", "edgeq.deploy", "serve", str(V1), "--port", "0", "--allow-unsigned"], signal.SIGTERM),
+    (["-m", "edgeq.cli", "serve", str(V1), "--port", "0", "--allow-unsigned"], signal.SIGINT),  # the workstation CLI
 ])
 def test_serve_commands(command: list[str], stop: signal.Signals, policy: edgeq.deploy.DeployedPolicy) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -13,7 +13,7 @@ V1 = FIXTURES / "bundles" / "v1" / "sac-pendulum"
 
 
 def test_many_threads_equal_single_thread() -> None:
-    policy = edgeq.deploy.load(V1, backend="cpu")
+    policy = edgeq.deploy.load(V1, backend="cpu", allow_unsigned=True)
     rng = np.random.default_rng(0)
     n_threads, calls = 16, 60
     # per thread a mix of single observations and batches of different sizes

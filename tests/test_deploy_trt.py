@@ -102,12 +102,13 @@ def test_engine_records_in_the_manifest(tmp_path: Path) -> None:
 
 def test_trt_backend_without_tensorrt_or_engine(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="backend 'trt' needs a TensorRT engine of precision 'int8'"):
-        edgeq.deploy.load(V1, backend="trt")
+        edgeq.deploy.load(V1, backend="trt", allow_unsigned=True)
     root = _bundle_with_engine(tmp_path, dict(ORIN))
     with pytest.raises(BundleError, match="needs a TensorRT engine of precision 'fp32'"):
-        edgeq.deploy.load(root, backend="trt", precision="fp32")
+        edgeq.deploy.load(root, backend="trt", precision="fp32", allow_unsigned=True)
     if not tensorrt_available():
         with pytest.raises(BundleError, match="backend 'trt' needs TensorRT's Python package"):
-            edgeq.deploy.load(root, backend="trt")
+            edgeq.deploy.load(root, backend="trt", allow_unsigned=True)
         # auto skips TensorRT when it cannot run, even with an engine in the bundle
-        assert edgeq.deploy.load(root, backend="auto").backend in ("cpu", "cuda-fused", "cuda-ort")
+        assert edgeq.deploy.load(root, backend="auto", allow_unsigned=True).backend in ("cpu", "cuda-fused",
+                                                                                        "cuda-ort")

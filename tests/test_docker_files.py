@@ -64,10 +64,10 @@ def test_jetson_default_base_is_an_l4t_tensorrt_image() -> None:
     assert "--system-site-packages" in text  # JetPack's TensorRT Python package stays visible
 
 
-def test_runtime_install_has_only_numpy_and_onnxruntime() -> None:
+def test_runtime_install_has_only_numpy_onnxruntime_and_cryptography() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     names = sorted(re.split(r"[<>=!~ \[]", d)[0] for d in project["dependencies"])
-    assert names == ["numpy", "onnxruntime"]
+    assert names == ["cryptography", "numpy", "onnxruntime"]  # cryptography: bundle signatures
     assert project["scripts"]["edgeq-deploy"] == "edgeq.deploy.cli:main"
 
 

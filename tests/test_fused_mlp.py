@@ -129,12 +129,12 @@ def test_kernels_compile_for_hopper_and_orin(models: dict[str, Path]) -> None:
 
 @pytest.mark.skipif(GPU is None, reason="a GPU is here: the fallback is not exercised")
 def test_without_gpu_auto_says_why_and_falls_back() -> None:
-    policy = edgeq.deploy.load(V1, backend="auto")
+    policy = edgeq.deploy.load(V1, backend="auto", allow_unsigned=True)
     assert policy.backend in ("cpu", "cuda-ort")
     assert any(n.startswith("cuda-fused: ") for n in policy.backend_notes)
     assert any(n.startswith("trt: ") for n in policy.backend_notes)  # no TensorRT or no engine: never picked
     with pytest.raises(BundleError, match="backend 'cuda-fused' cannot"):
-        edgeq.deploy.load(V1, backend="cuda-fused")
+        edgeq.deploy.load(V1, backend="cuda-fused", allow_unsigned=True)
 
 
 # --- GPU: the kernels -----------------------------------------------------------------------------------
@@ -213,10 +213,10 @@ def test_one_graph_is_two_copies_and_one_kernel(models: dict[str, Path]) -> None
 
 @needs_gpu
 def test_deploy_load_runs_the_fused_kernel() -> None:
-    auto = edgeq.deploy.load(V1, backend="auto")
+    auto = edgeq.deploy.load(V1, backend="auto", allow_unsigned=True)
     assert auto.backend == "cuda-fused" and "fused" in auto.providers[0]
     assert isinstance(auto.runtime, FusedCudaPolicy)
-    assert edgeq.deploy.load(V1, backend="cuda").backend == "cuda-fused"
+    assert edgeq.deploy.load(V1, backend="cuda", allow_unsigned=True).backend == "cuda-fused"
     obs = _obs(64, 3, 9)
     want = ort_cpu(V1 / "policy.int8.onnx", obs)
     np.testing.assert_allclose(auto.act(obs), want, atol=1e-5, rtol=0)

@@ -59,7 +59,7 @@ def test_framestack_bundle_carries_history_and_deploy_keeps_the_window(tmp_path:
     n, not_int8 = _matrix_products_int8(out / "policy.int8.onnx")
     fp16 = [la["node"] for la in res.manifest["quantization"]["layers"] if la["precision"] == "fp16"]
     assert n == 3 and sorted(not_int8) == sorted(fp16)  # the fp16 fallback's layers, and no other
-    policy = edgeq.deploy.load(out, backend="cpu", precision="fp32")
+    policy = edgeq.deploy.load(out, backend="cpu", precision="fp32", allow_unsigned=True)
     raw = OrtPolicy(out / "policy.fp32.onnx")
     obs = np.random.default_rng(0).uniform(-1, 1, (12, 3)).astype(np.float32)
     got = np.stack([policy.act(o) for o in obs])

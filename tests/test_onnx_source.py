@@ -233,7 +233,7 @@ def test_cli_quantize_onnx_end_to_end(tmp_path: Path, visited_obs: np.ndarray) -
     assert len(cpu["float"]["returns"]) == 5
     # Pendulum returns are negative: int8 within 5% of float, per the paired means
     assert abs(cpu["int8"]["mean"] - cpu["float"]["mean"]) <= 0.05 * abs(cpu["float"]["mean"])
-    deployed = load_bundle(out, backend="cpu")
+    deployed = load_bundle(out, backend="cpu", allow_unsigned=True)
     actions = deployed.act(visited_obs[:10])
     assert actions.shape == (10, 1) and np.all(np.isfinite(actions))
 

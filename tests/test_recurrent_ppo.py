@@ -107,7 +107,7 @@ def test_cell_in_fp32_has_no_more_action_error_than_int8_cell(bundles: dict[str,
 
 
 def test_deployed_recurrent_policy_carries_and_resets_state(bundles: dict[str, Path]) -> None:
-    pol = deploy.load(bundles["int8"], backend="cpu")
+    pol = deploy.load(bundles["int8"], backend="cpu", allow_unsigned=True)
     obs = np.array([1.0, 0.0, 0.5], np.float32)
     first = pol.act(obs)
     later = [pol.act(obs) for _ in range(20)][-1]

@@ -110,6 +110,9 @@ def quantize(
     executor: ExecutorOption = "serial",
     ray_address: RayAddressOption = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
+    sign_key: Annotated[Path | None, typer.Option(help="Sign the bundle's manifest with this Ed25519 private key "
+                                                       "(edgeq keygen); robots load it with its .pub as a trusted "
+                                                       "key.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print validation.json instead of the table.")] = False,
     calib_data: Annotated[str | None, typer.Option(
         "--calib-data", help="Calibrate on logged observations: a .npz (array 'obs' or 'observations'), "
@@ -164,6 +167,7 @@ def quantize(
                                 calib_episodes=calib_episodes, exploration=exploration,
                                 vecnormalize=vecnormalize, env_kwargs=parse_env_kwargs(env_kwargs),
                                 num_envs=num_envs, overwrite=overwrite, recipe_overrides=overrides,
+                                sign_key=sign_key,
                                 progress=progress_factory(prog),
                                 calib_data=calib_data, calib_data_key=calib_key, holdout_fraction=holdout,
                                 action_low=_numbers(action_low, "--action-low"),
@@ -222,3 +226,29 @@ def info(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) -> N
 
     manifest = run_guarded(lambda: read_manifest(bundle))
     console.print_json(json.dumps(manifest))
+
+
+@app.command()
+def keygen(out: Annotated[Path, typer.Option("--out", help="Private key file to write (mode 0600); the public key "
+                                                           "goes to OUT.pub.")]) -> None:
+    """Make an Ed25519 key pair for signing bundles (edgeq quantize --sign-key, edgeq sign)."""
+    from edgeq.deploy.signing import generate_keypair, key_id, load_public_keys
+
+    priv, pub = run_guarded(lambda: generate_keypair(out))
+    console.print(f"private key: {priv} (keep it secret)\npublic key:  {pub} (key id "
+                  f"{key_id(load_public_keys(pub)[0])}): give it to the robots as a trusted key", highlight=False)
+
+
+@app.command()
+def sign(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+         key: Annotated[Path, typer.Option("--key", help="Ed25519 private key (edgeq keygen).")]) -> None:
+    """Sign BUNDLE's manifest (after checking every file's SHA-256) with KEY: writes manifest.sig."""
+    from edgeq.deploy.bundle_format import read_manifest
+    from edgeq.deploy.signing import sign_bundle
+
+    def go() -> str:
+        read_manifest(bundle, verify=True)
+        return sign_bundle(bundle, key)
+
+    kid = run_guarded(go)
+    console.print(f"signed {bundle / 'manifest.json'} with key {kid}", highlight=False)

@@ -18,11 +18,15 @@ def serve(
     precision: Annotated[str, typer.Option(help="int8 or fp32.")] = "int8",
     max_clients: Annotated[int, typer.Option(help="Connections served at once (1 for recurrent policies).")] = 4,
     idle_timeout: Annotated[float, typer.Option(help="Close a connection idle this many seconds.")] = 600.0,
+    trusted_key: Annotated[list[Path] | None, typer.Option(help="Ed25519 public key that must have signed the "
+                                                                "bundle (edgeq keygen); repeatable.")] = None,
+    allow_unsigned: Annotated[bool, typer.Option(help="Serve a bundle whose signature is not checked.")] = False,
 ) -> None:
     """Serve BUNDLE's act() on 127.0.0.1 for controllers not written in Python (binary protocol in
     edgeq.deploy.serve); the robot-only equivalent is `edgeq-deploy serve`."""
     from edgeq.deploy.policy import load
     from edgeq.deploy.serve import PolicyServer
 
-    policy = run_guarded(lambda: load(bundle, backend=backend, precision=precision))
+    policy = run_guarded(lambda: load(bundle, backend=backend, precision=precision, trusted_keys=trusted_key or None,
+                                      allow_unsigned=allow_unsigned))
     PolicyServer(policy, port, max_clients=max_clients, idle_timeout=idle_timeout).serve_until_interrupted()

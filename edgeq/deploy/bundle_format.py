@@ -52,6 +52,12 @@ MEASURED_DIRS = ("report/",)
 PLAN = "plan.json"
 #: Precisions a bundle may hold an ONNX model for (``manifest["models"]`` keys).
 PRECISIONS = ("int8", "fp32")
+#: ``manifest["models"]`` keys: a precision, or a precision's backend-specialized copy.
+MODEL_KEYS = ("int8", "fp32", "int8-cpu", "int8-cuda", "fp32-cpu", "fp32-cuda")
+#: Largest dimension (and element count) of a space or state tensor a reader accepts.
+MAX_DIM = 1 << 16
+#: Largest batch a profile may declare.
+MAX_BATCH = 1 << 20
 
 
 def is_measured(name: str) -> bool:
@@ -59,18 +65,37 @@ def is_measured(name: str) -> bool:
     return name in MEASURED_FILES or name.startswith(MEASURED_DIRS)
 
 
-def read_manifest(bundle: str | Path, *, verify: bool = True) -> dict[str, Any]:
-    """Load ``manifest.json``, check its version and fields; with ``verify`` check every file's SHA-256."""
+#: Largest manifest.json a reader accepts (a real one is tens of KiB).
+MAX_MANIFEST_BYTES = 16 << 20
+
+
+def read_manifest(bundle: str | Path, *, verify: bool = True, trusted_keys: Any = None,
+                  allow_unsigned: bool | None = None) -> dict[str, Any]:
+    """Load ``manifest.json``, check its signature, version and fields; with ``verify`` check every file's
+    SHA-256.
+
+    Signature policy (``manifest.sig``, see :mod:`edgeq.deploy.signing`): with ``trusted_keys`` (public
+    keys: paths, PEM bytes or key objects) the signature must verify with one of them. Without, the
+    bundle is accepted only if ``allow_unsigned`` is true (with a ``UserWarning``: nothing proves who
+    made it); ``allow_unsigned=None`` (the workstation's tools: ``edgeq info``, ``validate``) neither
+    checks nor warns. The manifest is read once: the bytes checked are the bytes parsed.
+    """
     root = Path(bundle)
     path = root / MANIFEST
     if not root.is_dir():
         raise BundleError(f"{root}: not a directory (expected an edgeq bundle directory with {MANIFEST})")
+    if path.is_symlink():
+        raise BundleError(f"{path}: a symbolic link; a bundle's files must be regular files inside it")
     if not path.is_file():
         raise BundleError(f"{root}: no {MANIFEST} (expected an edgeq bundle directory)")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path}: {path.stat().st_size} bytes, above the {MAX_MANIFEST_BYTES} a manifest may have")
+    data = path.read_bytes()
+    _check_signature(root, data, trusted_keys, allow_unsigned)
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON: {exc}") from None
+        manifest = json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise BundleError(f"{path}: not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     version = manifest.get("format_version")
@@ -83,6 +108,31 @@ def read_manifest(bundle: str | Path, *, verify: bool = True) -> dict[str, Any]:
     if verify:
         verify_files(root, manifest)
     return manifest
+
+
+def _check_signature(root: Path, data: bytes, trusted_keys: Any, allow_unsigned: bool | None) -> None:
+    import warnings
+
+    if trusted_keys is not None:
+        from edgeq.deploy.signing import load_public_keys, verify_manifest_signature
+
+        keys = load_public_keys(trusted_keys)
+        if keys:
+            verify_manifest_signature(root, data, keys)
+            return
+    if allow_unsigned is None:
+        return
+    from edgeq.deploy.signing import read_signature
+
+    signed = read_signature(root) is not None
+    if not allow_unsigned:
+        raise BundleError(f"{root}: " + ("signed, but no trusted keys were given to check it" if signed else
+                                         "unsigned bundle (no manifest.sig)")
+                          + "; pass trusted_keys=[public key] (edgeq-deploy --trusted-key KEY.pub), or accept it "
+                            "unchecked with allow_unsigned=True (edgeq-deploy --allow-unsigned)")
+    warnings.warn(f"edgeq.deploy: {root}: " + ("signature not checked (no trusted keys)" if signed else
+                                               "unsigned bundle") + "; loaded because allow_unsigned=True: "
+                  "nothing proves who made these files", UserWarning, stacklevel=3)
 
 
 def _field(manifest: dict[str, Any], dotted: str, kind: type | tuple[type, ...], path: Path) -> Any:
@@ -118,20 +168,54 @@ def check_manifest(manifest: dict[str, Any], path: Path = Path(MANIFEST)) -> Non
             raise BundleError(f"{path}: files[{name!r}] is {digest!r}, expected a 64-digit SHA-256 hex string")
     for space in ("observation_space", "action_space"):
         shape = _field(manifest, f"{space}.shape", list, path)
-        if not all(isinstance(s, int) and s > 0 for s in shape):
-            raise BundleError(f"{path}: {space}.shape is {shape!r}, expected a list of positive integers")
+        if not shape or len(shape) > 4 or not all(_is_int(s) and 0 < s <= MAX_DIM for s in shape):
+            raise BundleError(f"{path}: {space}.shape is {shape!r}, expected a list of 1 to 4 positive integers "
+                              f"(each at most {MAX_DIM})")
+        size = 1
+        for s_ in shape:
+            size *= s_
+        if size > MAX_DIM:
+            raise BundleError(f"{path}: {space}.shape {shape} has {size} elements, above {MAX_DIM}")
+        for bound in ("low", "high"):
+            values = manifest[space].get(bound)
+            if values is None:
+                continue
+            if not isinstance(values, list) or len(values) != size or not all(
+                    (isinstance(v, (int, float)) and not isinstance(v, bool)) or v in ("inf", "-inf")
+                    for v in values):
+                raise BundleError(f"{path}: {space}.{bound} is not a list of {size} numbers (or \"inf\"/\"-inf\") "
+                                  f"matching {space}.shape {shape}")
     _field(manifest, "io.input", str, path)
     _field(manifest, "io.output", str, path)
     state = manifest["io"].get("state", [])
-    if not isinstance(state, list) or not all(
+    if not isinstance(state, list) or len(state) > 16 or not all(
             isinstance(s, dict) and isinstance(s.get("input"), str) and isinstance(s.get("output"), str)
-            and isinstance(s.get("shape"), list) for s in state):
-        raise BundleError(f"{path}: io.state is {state!r}, expected a list of {{input, output, shape}} objects")
+            and isinstance(s.get("shape"), list) and 0 < len(s["shape"]) <= 4
+            and all(_is_int(d) and 0 < d <= MAX_DIM for d in s["shape"]) for s in state):
+        raise BundleError(f"{path}: io.state is {str(state)[:200]}, expected a list of {{input, output, shape}} "
+                          f"objects with shapes of positive integers (each at most {MAX_DIM})")
     models = _field(manifest, "models", dict, path)
     if not models:
         raise BundleError(f"{path}: models is empty, expected at least one of {PRECISIONS}")
     for precision, name in models.items():
+        if precision not in MODEL_KEYS:
+            raise BundleError(f"{path}: models key {precision!r} is unknown; expected some of {', '.join(MODEL_KEYS)}")
         _check_name(name, f"models.{precision}", path)
+        if not name.endswith(".onnx"):
+            raise BundleError(f"{path}: models.{precision} is {name!r}, expected an .onnx file")
+        if name not in files:
+            raise BundleError(f"{path}: models.{precision} is {name!r}, which is not listed in files (so it cannot "
+                              "be verified)")
+    profile = manifest.get("profile", {})
+    if not isinstance(profile, dict):
+        raise BundleError(f"{path}: profile is {type(profile).__name__}, expected an object")
+    for key in ("min_batch", "opt_batch", "max_batch"):
+        if key in profile and not (_is_int(profile[key]) and 1 <= profile[key] <= MAX_BATCH):
+            raise BundleError(f"{path}: profile.{key} is {profile[key]!r}, expected an integer in [1, {MAX_BATCH}]")
+    unhashed = manifest.get("unhashed", [])
+    if not isinstance(unhashed, list) or not all(isinstance(n, str) and is_measured(n) for n in unhashed):
+        raise BundleError(f"{path}: unhashed is {str(unhashed)[:200]}, expected names of measured files "
+                          f"({', '.join(MEASURED_FILES)}, report/...)")
     decision = manifest.get("decision")
     if decision is not None and (not isinstance(decision, dict) or decision.get("status") not in DECISION_STATUSES):
         got = decision.get("status") if isinstance(decision, dict) else decision
@@ -149,13 +233,49 @@ def check_manifest(manifest: dict[str, Any], path: Path = Path(MANIFEST)) -> Non
                                   "precision, TensorRT version and compute capability it was built for)")
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def inside_path(root: Path, name: str) -> Path:
+    """``root / name`` after checking that no part of it is a symbolic link (nothing may point out of the
+    bundle, nor be swapped for a link to another file)."""
+    p = root
+    for part in name.split("/"):
+        p = p / part
+        if p.is_symlink():
+            raise BundleError(f"{p}: a symbolic link; a bundle's files must be regular files inside it "
+                              "(copy the bundle with its files, e.g. cp -rL)")
+    return p
+
+
+def read_verified(root: Path, manifest: dict[str, Any], name: str) -> bytes:
+    """The bytes of the listed file ``name``, checked against the manifest's SHA-256 (read once: the bytes
+    checked are the bytes returned, so the file cannot change between the check and the use)."""
+    import hashlib
+
+    files: dict[str, str] = manifest.get("files", {})
+    if name not in files:
+        raise BundleError(f"{root}: {name} is not listed in {MANIFEST}, so it cannot be verified")
+    p = inside_path(root, name)
+    if not p.is_file():
+        raise BundleError(f"{root}: {name} is listed in {MANIFEST} but missing")
+    data = p.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != files[name]:
+        raise BundleError(f"{p}: SHA-256 {digest[:12]}… does not match the manifest ({files[name][:12]}…); "
+                          "the file was modified after export")
+    return data
+
+
 def verify_files(root: Path, manifest: dict[str, Any], names: list[str] | None = None) -> None:
-    """Raise :class:`BundleError` if a listed file is missing or its SHA-256 differs from the manifest."""
+    """Raise :class:`BundleError` if a listed file is missing, is (or lies under) a symbolic link, or its
+    SHA-256 differs from the manifest."""
     files: dict[str, str] = manifest.get("files", {})
     for name in names or sorted(files):
         if name not in files:
             raise BundleError(f"{root}: {name} is not listed in {MANIFEST}, so it cannot be verified")
-        p = root / name
+        p = inside_path(root, name)
         if not p.is_file():
             raise BundleError(f"{root}: {name} is listed in {MANIFEST} but missing")
         digest = sha256_of(p)

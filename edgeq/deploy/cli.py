@@ -36,17 +36,51 @@ def _print(data: Any) -> None:
     print(json.dumps(data, indent=None if isinstance(data, list) else 2))
 
 
+def _signature_policy(args: argparse.Namespace) -> dict[str, Any]:
+    """``trusted_keys`` / ``allow_unsigned`` from ``--trusted-key`` / ``--allow-unsigned``, else from
+    ``$EDGEQ_TRUSTED_KEYS`` (paths separated by ``:``) / ``$EDGEQ_ALLOW_UNSIGNED=1`` (for containers)."""
+    keys = list(args.trusted_key or [])
+    if not keys and os.environ.get("EDGEQ_TRUSTED_KEYS"):
+        keys = [k for k in os.environ["EDGEQ_TRUSTED_KEYS"].split(os.pathsep) if k]
+    allow = bool(args.allow_unsigned) or os.environ.get("EDGEQ_ALLOW_UNSIGNED", "") in ("1", "true", "yes")
+    return {"trusted_keys": keys or None, "allow_unsigned": allow}
+
+
 def _load(args: argparse.Namespace, **kw: Any) -> Any:
+    import warnings
+
     from edgeq.deploy.policy import load
 
-    return load(args.bundle, backend=args.backend, precision=args.precision, nan_policy=args.nan_policy, **kw)
+    with warnings.catch_warnings():  # --allow-unsigned was explicit: say it once on stderr, not as a warning
+        warnings.simplefilter("ignore", UserWarning)
+        policy = load(args.bundle, backend=args.backend, precision=args.precision, nan_policy=args.nan_policy,
+                      **_signature_policy(args), **kw)
+    _say_unsigned(args)
+    return policy
+
+
+def _say_unsigned(args: argparse.Namespace) -> None:
+    policy = _signature_policy(args)
+    if policy["trusted_keys"] is None and policy["allow_unsigned"]:
+        print(f"warning: {args.bundle}: signature not checked (--allow-unsigned): nothing proves who made this "
+              "bundle", file=sys.stderr)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from edgeq.deploy.bundle_format import read_manifest
+    import warnings
 
-    m = read_manifest(args.bundle, verify=True)
-    _print({"bundle": str(args.bundle), "format_version": m["format_version"], "edgeq_version": m.get("edgeq_version"),
+    from edgeq.deploy.bundle_format import read_manifest
+    from edgeq.deploy.signing import read_signature
+
+    policy = _signature_policy(args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        m = read_manifest(args.bundle, verify=True, **policy)
+    _say_unsigned(args)
+    sig = read_signature(Path(args.bundle))
+    signature = (f"verified (key {sig['key_id']})" if policy["trusted_keys"] else "not checked") if sig else "unsigned"
+    _print({"bundle": str(args.bundle), "signature": signature, "format_version": m["format_version"],
+            "edgeq_version": m.get("edgeq_version"),
             "env": m.get("env", {}).get("id"), "algorithm": m.get("source", {}).get("algorithm"),
             "models": m["models"], "engines": [e.get("file") for e in m.get("engines", [])],
             "decision": (m.get("decision") or {}).get("status"), "files_verified": sorted(m["files"])})
@@ -59,7 +93,8 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     bundle = None if args.no_bundle else args.bundle
     if bundle is not None and not Path(bundle).exists() and args.bundle == _default_bundle() and args.optional:
         bundle = None
-    report = run_selftest(bundle, backend=args.backend, precision=args.precision, samples=args.samples,
+    report = run_selftest(bundle, **_signature_policy(args), backend=args.backend, precision=args.precision,
+                          samples=args.samples,
                           latency_calls=args.latency_calls, max_p99_us=args.max_p99_us, reference=args.reference,
                           reference_atol=args.reference_atol)
     if args.json:
@@ -128,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("bundle", nargs="?", default=_default_bundle(),
                        help=f"bundle directory (default: $EDGEQ_BUNDLE or {DEFAULT_BUNDLE})")
+        p.add_argument("--trusted-key", action="append", default=None, metavar="KEY.pub",
+                       help="an Ed25519 public key (edgeq keygen) that must have signed the bundle; repeatable "
+                            "(default: $EDGEQ_TRUSTED_KEYS, paths separated by ':')")
+        p.add_argument("--allow-unsigned", action="store_true",
+                       help="accept a bundle whose signature is not checked (default: $EDGEQ_ALLOW_UNSIGNED=1)")
         if policy:
             p.add_argument("--backend", default="auto",
                            choices=["auto", "cpu", "cuda", "cuda-fused", "cuda-ort", "trt"])
@@ -168,7 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except EdgeqError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, RecursionError, MemoryError) as exc:  # anything else is still one line, exit 2
+        print(f"error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0

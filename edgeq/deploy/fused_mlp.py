@@ -47,7 +47,7 @@ import numpy as np
 
 from edgeq.deploy import cuda
 from edgeq.deploy.mlp_plan import ElementOp, MlpPlan, UnsupportedGraph, plan_from_graph
-from edgeq.deploy.onnx_graph import load_graph
+from edgeq.deploy.onnx_graph import load_graph, parse_model
 from edgeq.deploy.runtime import LatencyStats
 from edgeq.errors import InputError
 
@@ -496,7 +496,7 @@ class FusedCudaPolicy:
     """An INT8 feed-forward bundle model on the fused GPU kernel; the interface of ``OrtPolicy``.
 
     Args:
-        model: the INT8 QDQ ONNX file (the bundle's ``policy.int8.onnx``).
+        model: the INT8 QDQ ONNX file (the bundle's ``policy.int8.onnx``) or its (verified) bytes.
         input_name, output_name: the model's observation input and action output.
         device: the CUDA device.
         cuda_graph: replay each batch size's copies + kernel as a CUDA graph.
@@ -508,14 +508,14 @@ class FusedCudaPolicy:
 
     state_specs: list[dict[str, Any]] = []
 
-    def __init__(self, model: str | Path, *, input_name: str = "obs", output_name: str = "actions",
+    def __init__(self, model: str | Path | bytes, *, input_name: str = "obs", output_name: str = "actions",
                  device: int = 0, cuda_graph: bool = True) -> None:
-        graph = load_graph(model)
+        graph = parse_model(model, "model bytes") if isinstance(model, bytes) else load_graph(model)
         plan = plan_from_graph(graph)
         if plan.input_name != input_name or plan.output_name != output_name:
             raise UnsupportedGraph(f"{model}: input/output are {plan.input_name!r}/{plan.output_name!r}, the "
                                    f"manifest names {input_name!r}/{output_name!r}")
-        self.model = Path(model)
+        self.model = "(verified bytes)" if isinstance(model, bytes) else Path(model).name
         self.plan = plan
         self.runner = FusedMlpRunner(plan, device=device, cuda_graph=cuda_graph)
         self.input_name, self.output_name = input_name, output_name
@@ -530,7 +530,7 @@ class FusedCudaPolicy:
                 f"sm_{self.runner.info['compute_capability'].replace('.', '')})"]
 
     def describe(self) -> dict[str, Any]:
-        return {"runtime": "edgeq-fused-cuda", "model": self.model.name, "device": self.runner.info,
+        return {"runtime": "edgeq-fused-cuda", "model": self.model, "device": self.runner.info,
                 "cuda_graph": self.runner.cuda_graph, "plan": self.plan.describe()}
 
     def reset(self, mask: np.ndarray | None = None) -> None:

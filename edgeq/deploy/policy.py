@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.deploy.bundle_format import PRECISIONS, model_for, read_manifest
+from edgeq.deploy.bundle_format import PRECISIONS, inside_path, model_for, read_manifest, read_verified
 from edgeq.deploy.fused_mlp import FusedCudaPolicy
-from edgeq.deploy.history import ObservationHistory, with_history
+from edgeq.deploy.history import ObservationHistory, history_spec, with_history
 from edgeq.deploy.ort_cuda import OrtCudaPolicy
 from edgeq.deploy.runtime import NAN_POLICIES, LatencyStats, OrtPolicy, PolicyRuntime, ort_providers
 from edgeq.deploy.trt_backend import engines_for, load_trt_runtime, tensorrt_available
@@ -200,9 +200,27 @@ class DeployedPolicy:
     __call__ = act
 
 
+def _check_input_shape(path: Path, runtime: Any, manifest: dict[str, Any]) -> None:
+    """The graph's observation input must take ``[batch, *observation_space.shape]`` (a manifest edited to
+    another shape would otherwise fail inside ONNX Runtime on the first call)."""
+    io = manifest["io"]
+    session = getattr(runtime, "session", None)
+    if session is None or history_spec(io) is not None:
+        return
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    dims = list(inputs.get(io["input"], []))[1:]
+    expected = [int(s) for s in manifest["observation_space"]["shape"]]
+    if dims and all(isinstance(d, int) for d in dims) and dims != expected:
+        raise BundleError(f"{path}: the model's input {io['input']!r} takes [batch, {', '.join(map(str, dims))}] "
+                          f"but the manifest's observation_space.shape is {expected}; the manifest does not "
+                          "describe this model")
+
+
 def _make_runtime(chosen: str, root: Path, manifest: dict[str, Any], precision: str, *, intra_op_threads: int,
-                  cuda_graph: bool) -> Runtime:
-    """The runtime of one concrete backend; raises on any problem (the caller decides what follows)."""
+                  cuda_graph: bool, verify: bool = True) -> Runtime:
+    """The runtime of one concrete backend; raises on any problem (the caller decides what follows).
+
+    The model is read once, checked against its SHA-256 (``verify``) and handed over as those bytes."""
     io = manifest["io"]
     models = manifest["models"]
     if chosen == "trt":
@@ -220,30 +238,39 @@ def _make_runtime(chosen: str, root: Path, manifest: dict[str, Any], precision: 
         manifest, precision, "cuda" if chosen == "cuda-ort" else chosen)
     if model_file not in manifest["files"]:
         raise BundleError(f"{root}: {model_file} is not listed in the manifest's files, so it cannot be verified")
+    data = read_verified(root, manifest, model_file) if verify else inside_path(root, model_file).read_bytes()
     runtime: Runtime
     if chosen == "cuda-fused":
         reason = _fused_reason(root, manifest, precision)
         if reason is not None:
             raise BundleError(f"{root}: backend 'cuda-fused' cannot run here: {reason}")
-        runtime = FusedCudaPolicy(root / model_file, input_name=io["input"], output_name=io["output"],
-                                  cuda_graph=cuda_graph)
+        runtime = FusedCudaPolicy(data, input_name=io["input"], output_name=io["output"], cuda_graph=cuda_graph)
     elif chosen == "cuda-ort":
-        runtime = OrtCudaPolicy(root / model_file, input_name=io["input"], output_name=io["output"],
+        runtime = OrtCudaPolicy(data, input_name=io["input"], output_name=io["output"],
                                 state=io.get("state", []), io_binding=True, cuda_graph=cuda_graph)
     else:
-        runtime = OrtPolicy(root / model_file, providers=ort_providers(chosen), require_provider=True,
+        runtime = OrtPolicy(data, providers=ort_providers(chosen), require_provider=True,
                             input_name=io["input"], output_name=io["output"], state=io.get("state", []),
                             intra_op_threads=intra_op_threads)
     if io["output"] not in runtime.output_names:
         raise BundleError(f"{root / model_file}: the model has no output {io['output']!r} named by the "
                           f"manifest's io.output (outputs: {', '.join(runtime.output_names)})")
+    _check_input_shape(root / model_file, runtime, manifest)
     return runtime
 
 
 def load(bundle: str | Path, backend: str = "auto", *, precision: str = "int8", nan_policy: str = "error",
          intra_op_threads: int = 1, verify: bool = True, warmup: int = 3,
-         cuda_graph: bool = True) -> DeployedPolicy:
-    """Load ``bundle`` after checking its format version and every file against the manifest's SHA-256.
+         cuda_graph: bool = True, trusted_keys: Any = None, allow_unsigned: bool = False) -> DeployedPolicy:
+    """Load ``bundle`` after checking its signature, format version and every file against the manifest's
+    SHA-256.
+
+    ``trusted_keys``: the Ed25519 public keys (``.pub`` files from ``edgeq keygen``, PEM bytes or key
+    objects) one of which must have signed the manifest (``manifest.sig``); the manifest hashes every
+    file the robot runs, so the signature covers them. Without trusted keys the bundle loads only with
+    ``allow_unsigned=True``, and then with a ``UserWarning`` (nothing proves who made it).
+    The model is read once, checked against its SHA-256 and handed to the runtime as those bytes (no
+    external data files, no symbolic links; a file swapped after the check is never run).
 
     ``backend``: ``"auto"`` picks the fastest backend that can run the bundle here, in the order
     :data:`AUTO_ORDER`: ``cuda-fused`` (edgeq's fused INT8 kernel, one CUDA graph per call;
@@ -266,7 +293,7 @@ def load(bundle: str | Path, backend: str = "auto", *, precision: str = "int8", 
     root = Path(bundle)
     if precision not in PRECISIONS:
         raise BundleError(f"precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    manifest = read_manifest(root, verify=verify)
+    manifest = read_manifest(root, verify=verify, trusted_keys=trusted_keys, allow_unsigned=allow_unsigned)
     if backend not in BACKENDS:
         raise BundleError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     notes: list[str] = []
@@ -294,7 +321,7 @@ def load(bundle: str | Path, backend: str = "auto", *, precision: str = "int8", 
     for chosen in candidates:
         try:
             runtime = _make_runtime(chosen, root, manifest, precision, intra_op_threads=intra_op_threads,
-                                    cuda_graph=cuda_graph)
+                                    cuda_graph=cuda_graph, verify=verify)
             break
         except Exception as exc:  # noqa: BLE001 - a GPU backend that cannot start, for any reason
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

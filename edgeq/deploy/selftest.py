@@ -102,8 +102,12 @@ class _Report:
 
 def run_selftest(bundle: str | Path | None = None, *, backend: str = "auto", precision: str = "int8",
                  samples: int = 64, seed: int = 0, latency_calls: int = 200, max_p99_us: float | None = None,
-                 reference: str | Path | None = None, reference_atol: float | None = None) -> dict[str, Any]:
+                 reference: str | Path | None = None, reference_atol: float | None = None,
+                 trusted_keys: Any = None, allow_unsigned: bool = False) -> dict[str, Any]:
     """Run the checks listed in the module docstring; returns ``{"ok", "checks", "runtime", ...}``.
+
+    ``trusted_keys`` / ``allow_unsigned``: the signature policy of :func:`edgeq.deploy.load` (the
+    ``bundle`` check fails on an unsigned bundle unless ``allow_unsigned``).
 
     ``reference_atol`` defaults to 1% of the action scale (:func:`action_scale`): stored int8 actions
     from another machine or backend may differ by a quantization step here and there.
@@ -134,18 +138,24 @@ def run_selftest(bundle: str | Path | None = None, *, backend: str = "auto", pre
     root = Path(bundle)
 
     def verify() -> str:
-        m = read_manifest(root, verify=True)
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            m = read_manifest(root, verify=True, trusted_keys=trusted_keys, allow_unsigned=allow_unsigned)
         state["manifest"] = m
+        signed = "signature verified" if trusted_keys else "UNSIGNED (allowed)" if caught else "signature not checked"
         rep.info["bundle"] = {"path": str(root), "format_version": m["format_version"],
                               "edgeq_version": m.get("edgeq_version"), "env": m.get("env", {}).get("id"),
                               "algorithm": m.get("source", {}).get("algorithm"), "files": sorted(m["files"])}
-        return f"format_version {m['format_version']}, {len(m['files'])} files match their SHA-256"
+        rep.info["bundle"]["signature"] = signed
+        return f"format_version {m['format_version']}, {len(m['files'])} files match their SHA-256; {signed}"
 
     if not rep.check("bundle", verify):
         return rep.to_json()
 
     def do_load() -> str:
-        p = load(root, backend=backend, precision=precision, verify=False)
+        p = load(root, backend=backend, precision=precision, verify=False, allow_unsigned=True)  # checked above
         state["policy"] = p
         rep.info["policy"] = {"backend": p.backend, "precision": p.precision, "providers": p.providers,
                               "obs_shape": list(p.obs_shape), "action_shape": list(p.action_shape),

@@ -128,8 +128,11 @@ class BundleWriter:
     renamed into place; on an exception the temporary directory is removed.
     """
 
-    def __init__(self, out: str | Path, *, overwrite: bool = False) -> None:
+    def __init__(self, out: str | Path, *, overwrite: bool = False, sign_key: str | Path | None = None) -> None:
+        from edgeq.deploy.signing import load_private_key
+
         self.out = Path(out)
+        self.sign_key = load_private_key(sign_key) if sign_key is not None else None  # fails before any work
         if self.out.exists() and not self.out.is_dir():
             raise BundleError(f"--out {self.out} is an existing file, not a bundle directory; choose another --out")
         if self.out.exists() and not overwrite:
@@ -184,7 +187,12 @@ class BundleWriter:
         unhashed = sorted(n for n in names if is_measured(n))
         if unhashed:
             manifest["unhashed"] = unhashed
-        (self.path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        data = (json.dumps(manifest, indent=2) + "\n").encode()
+        (self.path / MANIFEST).write_bytes(data)
+        if self.sign_key is not None:
+            from edgeq.deploy.signing import SIGNATURE, sign_manifest_bytes
+
+            (self.path / SIGNATURE).write_bytes(sign_manifest_bytes(data, self.sign_key))
         os.chmod(self.path, 0o777 & ~current_umask())  # mkdtemp made it 0700
         if self.out.exists():
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")

@@ -475,4 +475,11 @@ def save_validation(directory: str | Path, validation: dict[str, Any], manifest:
         if validation.get("verdict") and validation.get("targets"):
             current["decision"] = decision_record(validation)
         atomic_write(mpath, (json.dumps(current, indent=2) + "\n").encode())
+        sig = root / "manifest.sig"
+        if sig.exists():  # the manifest changed: its signature no longer holds
+            sig.unlink()
+            import warnings
+
+            warnings.warn(f"{root}: the manifest changed, so its signature was removed; sign the bundle again "
+                          "(edgeq sign BUNDLE --key KEY)", UserWarning, stacklevel=2)
     return written
