@@ -512,10 +512,10 @@ class FusedCudaPolicy:
                  device: int = 0, cuda_graph: bool = True) -> None:
         graph = parse_model(model, "model bytes") if isinstance(model, bytes) else load_graph(model)
         plan = plan_from_graph(graph)
-        if plan.input_name != input_name or plan.output_name != output_name:
-            raise UnsupportedGraph(f"{model}: input/output are {plan.input_name!r}/{plan.output_name!r}, the "
-                                   f"manifest names {input_name!r}/{output_name!r}")
         self.model = "(verified bytes)" if isinstance(model, bytes) else Path(model).name
+        if plan.input_name != input_name or plan.output_name != output_name:
+            raise UnsupportedGraph(f"{self.model}: input/output are {plan.input_name!r}/{plan.output_name!r}, the "
+                                   f"manifest names {input_name!r}/{output_name!r}")
         self.plan = plan
         self.runner = FusedMlpRunner(plan, device=device, cuda_graph=cuda_graph)
         self.input_name, self.output_name = input_name, output_name
