@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgeq._version import __version__
 from edgeq.calibration.collect import CalibrationStats, ExplorationNoise, calibrate_observations, calibrate_rollouts
 from edgeq.calibration.dataset import ObservationLog, load_observations, split_holdout
@@ -25,7 +27,8 @@ from edgeq.deploy.bundle_format import (
     PLAN,
     VALIDATION,
 )
-from edgeq.envs import check_env_matches, env_factory
+from edgeq.describe import build_environment
+from edgeq.envs import WrapperSpec, check_env_matches, env_factory, parse_wrapper, resolve_env_id
 from edgeq.errors import EdgeqError
 from edgeq.export.bundle import BundleWriter
 from edgeq.export.ort_cpu import cpu_float_layers, specialize_for_ort_cpu
@@ -34,6 +37,7 @@ from edgeq.export.qdq import apply_plan
 from edgeq.export.trt_rules import check_qdq_model, format_report
 from edgeq.ingest import load_policy
 from edgeq.ingest.onnx_policy import bind_env_spaces
+from edgeq.ingest.rl_zoo import ZooRun, is_zoo_folder, read_zoo_run
 from edgeq.perturb import PerturbationSpec, parse_perturbation, perturbed_factory
 from edgeq.policy import FloatPolicy
 from edgeq.quantizers.build import build_plan
@@ -102,7 +106,9 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
              cell_precision: str = "int8", saturation_warn: float = DEFAULT_SATURATION_WARN,
              max_episodes: int = 200, time_budget: float | None = None, failure: str | None = None,
              tolerance: Tolerance | None = None, executor: ExecutorConfig | None = None,
-             sign_key: str | Path | None = None) -> QuantizeResult:
+             sign_key: str | Path | None = None,
+             env_wrappers: Sequence[str | WrapperSpec] | None = None, frame_stack: int | None = None
+             ) -> QuantizeResult:
     """Quantize ``policy`` for ``env`` and write a validated bundle to ``out``.
 
     ``sign_key``: an Ed25519 private key file (``edgeq keygen``); the bundle's manifest is signed with it
@@ -145,7 +151,28 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
     ``env`` nominally and, with ``perturb``, also under those disturbances; it reports each INT8
     tensor's saturation rate and warns above ``saturation_warn``. ``cell_precision="fp32"`` keeps a
     recurrent policy's LSTM/GRU gate MatMuls in float (the MLP stays int8).
+
+    ``policy`` may be an RL Zoo run folder (``logs/sac/HalfCheetah-v3_1``, see
+    :mod:`edgeq.ingest.rl_zoo`): its archive, ``vecnormalize.pkl``, env id, ``env_kwargs``,
+    ``env_wrapper`` and ``frame_stack`` are used unless given here; an env id gymnasium no longer
+    makes maps to the newest version with the policy's observation shape (the manifest says so).
+    ``env_wrappers`` (gymnasium wrapper class paths, e.g. sb3-contrib's TimeFeatureWrapper) and
+    ``frame_stack`` describe how the env was wrapped in training; the manifest records them so
+    ``edgeq validate`` rebuilds the same env.
     """
+    zoo: ZooRun | None = None
+    if isinstance(policy, (str, Path)) and is_zoo_folder(Path(policy)):
+        zoo = read_zoo_run(Path(policy))
+        policy = zoo.archive
+        vecnormalize = vecnormalize if vecnormalize is not None else zoo.vecnormalize
+        env_kwargs = env_kwargs if env_kwargs else zoo.env_kwargs
+        env_wrappers = env_wrappers if env_wrappers is not None else zoo.wrappers
+        frame_stack = frame_stack if frame_stack is not None else zoo.frame_stack
+    wrappers = [w if isinstance(w, WrapperSpec) else parse_wrapper(w) for w in (env_wrappers or ())]
+    stack = int(frame_stack or 0)
+    env_note: str | None = None
+    if zoo is not None and env is None and calib_data is None:
+        env = zoo.env_id  # resolved against the policy's observation shape once it is loaded
     if env is None and calib_data is None:
         raise EdgeqError("nothing to calibrate with: give an environment (--env) for rollouts, or logged "
                          "observations (--calib-data)")
@@ -180,7 +207,13 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
     t0 = time.perf_counter()
     fp = policy if isinstance(policy, FloatPolicy) else load_policy(
         policy, vecnormalize=vecnormalize, input_name=onnx_input, output_name=onnx_output, action_low=action_low,
-        action_high=action_high, history=history)
+        action_high=action_high, history=history, frame_stack=stack or None)
+    if zoo is not None:
+        fp.source.details["rl_zoo"] = zoo.describe()
+    if zoo is not None and env == zoo.env_id:
+        env, env_note = resolve_env_id(env, fp.obs_space.shape, env_kwargs, wrappers, stack)
+    frame_pad = (list(np.asarray(fp.preprocess["normalize"]["pad"]).tolist())
+                 if stack > 1 and "pad" in fp.preprocess.get("normalize", {}) else None)
     timings["ingest_s"] = time.perf_counter() - t0
     gate_nodes: list[str] = list(fp.gate_nodes)
     if gate_nodes and cell_precision == "fp32":
@@ -194,11 +227,12 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
     ep_len: int | None = None
     calib_id, calib_kwargs = calib_env or env, calib_env_kwargs
     if env is not None:
-        make_env = env_factory(env, env_kwargs)
+        make_env = env_factory(env, env_kwargs, wrappers, stack, frame_pad)
         if calib_kwargs is None and calib_id == env:
             calib_kwargs = env_kwargs
         calib_name = calib_env or env
-        make_calib_env = perturbed_factory(env_factory(calib_name, calib_kwargs), calib_specs)
+        make_calib_env = perturbed_factory(env_factory(calib_name, calib_kwargs, wrappers, stack, frame_pad),
+                                           calib_specs)
         make_perturbed_env = perturbed_factory(make_env, val_specs) if val_specs else None
         probe = make_env()
         try:
@@ -310,8 +344,9 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
         result["sizes"] = {p.name: p.stat().st_size for p in (fpath, qpath, cpath, gpath)}
         w.manifest = {
             "edgeq_version": __version__,
+            "environment": build_environment(),
             "source": fp.source.to_json(),
-            "env": {"id": env, "kwargs": env_kwargs or {}} if env is not None else None,
+            "env": _env_record(env, env_kwargs, wrappers, stack, frame_pad, zoo, env_note),
             "observation_space": fp.obs_space.to_json(),
             "action_space": fp.action_space.to_json(),
             "io": io,
@@ -390,6 +425,25 @@ def _adopt_env_spaces(fp: FloatPolicy, env: Any) -> FloatPolicy:
     if env_obs.shape != fp.obs_space.shape or env_act.shape != fp.action_space.shape:
         return fp
     return replace(fp, obs_space=env_obs, action_space=env_act)
+
+
+def _env_record(env: str | None, kwargs: dict[str, Any] | None, wrappers: list[WrapperSpec], stack: int,
+                frame_pad: list[float] | None, zoo: ZooRun | None, note: str | None) -> dict[str, Any] | None:
+    """The manifest's ``env``: enough for ``edgeq validate`` to rebuild the env the policy was run in."""
+    if env is None:
+        return None
+    rec: dict[str, Any] = {"id": env, "kwargs": kwargs or {}}
+    if wrappers:
+        rec["wrappers"] = [w.to_json() for w in wrappers]
+    if stack > 1:
+        rec["frame_stack"] = stack
+        if frame_pad is not None:
+            rec["frame_pad"] = frame_pad
+    if zoo is not None and zoo.env_id != env:
+        rec["trained_on"] = zoo.env_id
+    if note:
+        rec["note"] = note
+    return rec
 
 
 def _saturation_warnings(targets: dict[str, Any]) -> list[str]:

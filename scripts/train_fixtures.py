@@ -48,6 +48,11 @@ class FixtureSpec:
     n_envs: int = 1
     vecnormalize: bool = False
     chunk: int = 25_000
+    #: a gymnasium wrapper class applied to each env (RL Zoo's ``env_wrapper``), e.g. TimeFeatureWrapper
+    env_wrapper: str | None = None
+    #: save as an RL Zoo log folder (``zoo/logs/ALGO/ENV_1/ENV.zip`` + ``ENV/{config,args}.yml``,
+    #: ``vecnormalize.pkl``) under tests/fixtures instead of ``policies/NAME.zip``
+    zoo: bool = False
 
 
 SPECS: dict[str, FixtureSpec] = {
@@ -94,8 +99,14 @@ SPECS: dict[str, FixtureSpec] = {
                          policy_kwargs=dict(lstm_hidden_size=64, activation_fn="elu",
                                             net_arch=dict(pi=[64, 64], vf=[64, 64]))),
                     n_envs=4, chunk=20_000),
+        # An RL Zoo log folder: SAC with TimeFeatureWrapper + VecNormalize (obs only), [64, 64] nets.
+        FixtureSpec("zoo-sac-pendulum-timefeature", "SAC", "Pendulum-v1", 8_000, 40_000, -250.0,
+                    dict(learning_starts=1000, policy_kwargs=dict(net_arch=[64, 64])), chunk=4_000,
+                    vecnormalize=True, env_wrapper="sb3_contrib.common.wrappers.TimeFeatureWrapper", zoo=True),
     ]
 }
+
+ZOO_DIR = OUT_DIR.parent / "zoo" / "logs"
 
 
 def _algo_class(name: str) -> Any:
@@ -113,9 +124,21 @@ def _resolve_kwargs(hp: dict[str, Any]) -> dict[str, Any]:
     return hp
 
 
+def _wrapper(spec: FixtureSpec) -> Any:
+    if spec.env_wrapper is None:
+        return None
+    import importlib
+
+    module, _, name = spec.env_wrapper.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def evaluate(model: Any, spec: FixtureSpec, venv_norm: Any, episodes: int = 10, seed: int = 10_000) -> list[float]:
     """Deterministic returns over ``episodes`` fresh episodes (normalization frozen)."""
     env = gym.make(spec.env_id)
+    wrapper = _wrapper(spec)
+    if wrapper is not None:
+        env = wrapper(env)
     returns = []
     for ep in range(episodes):
         obs, _ = env.reset(seed=seed + ep)
@@ -137,9 +160,9 @@ def train(spec: FixtureSpec, seed: int) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     cls = _algo_class(spec.algo)
-    venv = make_vec_env(spec.env_id, n_envs=spec.n_envs, seed=seed)
+    venv = make_vec_env(spec.env_id, n_envs=spec.n_envs, seed=seed, wrapper_class=_wrapper(spec))
     if spec.vecnormalize:
-        venv = VecNormalize(venv, gamma=spec.hyperparams.get("gamma", 0.99))
+        venv = VecNormalize(venv, gamma=spec.hyperparams.get("gamma", 0.99), norm_reward=not spec.zoo)
     policy = "MlpLstmPolicy" if spec.algo == "RecurrentPPO" else "MlpPolicy"
     model = cls(policy, venv, seed=seed, verbose=0, **_resolve_kwargs(spec.hyperparams))
     t0 = time.time()
@@ -161,11 +184,22 @@ def train(spec: FixtureSpec, seed: int) -> dict[str, Any]:
     train_seconds = time.time() - t0
     norm = venv if spec.vecnormalize else None
     final = evaluate(model, spec, norm, episodes=10)
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    model.save(OUT_DIR / f"{spec.name}.zip")
-    if norm is not None:
-        (OUT_DIR / spec.name).mkdir(exist_ok=True)
-        norm.save(str(OUT_DIR / spec.name / "vecnormalize.pkl"))
+    if spec.zoo:
+        out_dir = ZOO_DIR / spec.algo.lower() / f"{spec.env_id}_1"
+        params = out_dir / spec.env_id
+        params.mkdir(parents=True, exist_ok=True)
+        model.save(out_dir / f"{spec.env_id}.zip")
+        if norm is not None:
+            norm.save(str(params / "vecnormalize.pkl"))
+        _write_zoo_config(spec, seed, params)
+        record_path = out_dir / "edgeq-fixture.json"
+    else:
+        OUT_DIR.mkdir(parents=True, exist_ok=True)
+        model.save(OUT_DIR / f"{spec.name}.zip")
+        if norm is not None:
+            (OUT_DIR / spec.name).mkdir(exist_ok=True)
+            norm.save(str(OUT_DIR / spec.name / "vecnormalize.pkl"))
+        record_path = OUT_DIR / f"{spec.name}.json"
     record = {
         "fixture": spec.name,
         "algo": spec.algo,
@@ -186,9 +220,33 @@ def train(spec: FixtureSpec, seed: int) -> dict[str, Any]:
                      "sb3_contrib": __import__("sb3_contrib").__version__,
                      "gymnasium": gym.__version__},
     }
-    (OUT_DIR / f"{spec.name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps({"fixture": spec.name, "final_mean_return": record["eval"]["mean_return"]}), flush=True)
     return record
+
+
+def _write_zoo_config(spec: FixtureSpec, seed: int, params: Path) -> None:
+    """``config.yml`` / ``args.yml`` as rl_zoo3's ExperimentManager writes them: ``yaml.dump`` of an
+    OrderedDict (so the files carry ``!!python/object/apply:collections.OrderedDict`` tags)."""
+    from collections import OrderedDict
+
+    import yaml
+
+    hp: dict[str, Any] = {k: v for k, v in spec.hyperparams.items() if k != "policy_kwargs"}
+    if "policy_kwargs" in spec.hyperparams:  # the zoo keeps policy_kwargs as a Python expression string
+        pk = spec.hyperparams["policy_kwargs"]
+        hp["policy_kwargs"] = "dict(" + ", ".join(f"{k}={v!r}" for k, v in pk.items()) + ")"
+    hp.update(n_timesteps=float(spec.max_steps), policy="MlpPolicy")
+    if spec.vecnormalize:
+        hp["normalize"] = "dict(norm_obs=True, norm_reward=False)"
+    if spec.env_wrapper:
+        hp["env_wrapper"] = [spec.env_wrapper]
+    with open(params / "config.yml", "w") as f:
+        yaml.dump(OrderedDict([(k, hp[k]) for k in sorted(hp)]), f)
+    args = {"algo": spec.algo.lower(), "env": spec.env_id, "env_kwargs": None, "seed": seed, "n_timesteps": -1,
+            "log_folder": "logs", "eval_freq": 25000, "n_eval_envs": 1, "vec_env": "dummy", "hyperparams": None}
+    with open(params / "args.yml", "w") as f:
+        yaml.dump(OrderedDict([(k, args[k]) for k in sorted(args)]), f)
 
 
 def main() -> None:

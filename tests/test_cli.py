@@ -96,7 +96,7 @@ def test_python_api(sac_pendulum: Path, tmp_path: Path) -> None:
 
 def _assert_clean_failure(res: subprocess.CompletedProcess, out: Path, *needles: str) -> None:
     assert res.returncode == 2, (res.stdout, res.stderr)
-    err = res.stderr.strip()
+    err = "\n".join(line for line in res.stderr.splitlines() if not line.startswith("[edgeq] ")).strip()
     assert err.startswith("error:"), err
     assert "Traceback" not in err
     for needle in needles:

@@ -38,7 +38,8 @@ def cli(*argv: str) -> tuple[int, str, str]:
 
 def assert_one_line(code: int, err: str, *needles: str) -> None:
     assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
+    # progress lines ("[edgeq] stage: n/N ...", printed off a terminal) may precede the error
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("[edgeq] ")]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     for needle in needles:

@@ -155,6 +155,24 @@ def test_validate_defaults_to_episodes_auto(bundle: Path, tmp_path: Path) -> Non
     assert "asymptotic confidence sequence" in cpu["verdict"]["returns"]["method"]
 
 
+def test_validate_keeps_the_bundles_failure_rule(bundle: Path, tmp_path: Path) -> None:
+    """The failure rule recorded in the manifest's decision applies on re-validation unless --failure overrides it."""
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["decision"]["failure_rule"] = {"rule": "reward<=-100"}
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    args = ["validate", str(copy), *FAST[2:], "--episodes", "3", "--no-per-layer", "--latency-calls", "0",
+            "--no-report", "--floor-draws", "0"]
+    CliRunner().invoke(app, [*args, "--out", str(tmp_path / "kept")])
+    kept = json.loads((tmp_path / "kept" / "validation.json").read_text())
+    assert kept["options"]["failure"]["rule"] == "reward<=-100"
+    assert kept["targets"]["cpu"]["verdict"]["failures"]["applies"]  # a declared predicate: failures possible
+    CliRunner().invoke(app, [*args, "--failure", "none", "--out", str(tmp_path / "none")])
+    none = json.loads((tmp_path / "none" / "validation.json").read_text())
+    assert none["options"]["failure"]["rule"] == "none" and not none["targets"]["cpu"]["verdict"]["failures"]["applies"]
+
+
 def test_too_few_episodes_exit_3_inconclusive(bundle: Path, tmp_path: Path) -> None:
     """With a zero-width band (--rel-tol 0) two episodes of the real quantized policy cannot show "no loss at all":
     the interval reaches below 0, and it is not wholly below it either."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from typing import Annotated, Any, NoReturn
 
@@ -10,19 +12,47 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
+from typer.core import TyperOption
 from typer.exceptions import TyperException
 
 from edgeq.errors import EdgeqError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
                   help="edgeq: INT8 quantization for robot-control policies that keeps their return.")
-console = Console()
-err_console = Console(stderr=True)
+
+#: Width of the output when it is not a terminal (a log, a pipe, CI): wide enough that no table is cut.
+LOG_WIDTH = 400
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A rich console; off a terminal (a log, a pipe, CI) wide, so tables are never truncated."""
+    stream = sys.stderr if stderr else sys.stdout
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    columns = os.environ.get("COLUMNS", "")
+    return Console(stderr=stderr, width=None if tty else max(LOG_WIDTH, int(columns) if columns.isdigit() else 0))
+
+
+console = make_console()
+err_console = make_console(stderr=True)
 _state = {"debug": False}
+
+# Boolean flags are flags: typer's rich help would show them as "--json <bool>" as if they took a value.
+_display_type_rich = TyperOption.display_type_rich
+TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _display_type_rich(self, ctx)  # type: ignore[method-assign]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from edgeq import __version__
+
+        print(f"edgeq {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+          version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print the edgeq version and exit.")] = False) -> None:
     _state["debug"] = debug
 
 
@@ -69,6 +99,10 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
     """Float vs int8 per target, each row naming the files and runtime that produced it: returns, the
     verdict's interval and band, success/failure/time-out counts, action error, verdict; then the
     reasons (generated from the numbers), noise floor, latency notes and file sizes."""
+    from edgeq.describe import loaded_lines
+
+    for line in loaded_lines(manifest):
+        console.print(f"loaded: {line}", highlight=False, markup=False, soft_wrap=True)
     label = manifest["source"]["algorithm"] or manifest["source"]["kind"]
     eps = sorted({len(r["float"]["returns"]) for r in validation["targets"].values()})
     table = Table(title=f"edgeq: {label} on {validation['env_id']} "
@@ -99,12 +133,13 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
             row.append(_status(v.get("status")))
         table.add_row(*row)
     console.print(table)
+    console.print(SUMMARY_LEGEND, highlight=False, markup=False, soft_wrap=True)
     for target, r in validation["targets"].items():
         console.print(f"{target}: every figure above is {r.get('float_model', '?')} vs {r.get('int8_model', '?')} on "
                       f"{r.get('runtime', '?')}, {len(r['float']['returns'])} paired episodes", highlight=False,
-                      soft_wrap=True)
+                      soft_wrap=True, markup=False)
     for target, reason in validation.get("unavailable_targets", {}).items():
-        console.print(f"{target}: unavailable here ({reason})", highlight=False)
+        console.print(f"{target}: unavailable here ({reason})", highlight=False, markup=False)
     verdict = validation.get("verdict")
     if verdict:
         console.print(f"verdict: {_status(verdict['status'])} (exit code {verdict.get('exit_code')})", highlight=False)
@@ -113,7 +148,7 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
             files = f"{target}, {r.get('float_model', '?')} vs {r.get('int8_model', '?')}"
             for line in [*vd.get("reasons", []), vd.get("floor_text")]:
                 if line:
-                    console.print(f"  {files}: {line}", highlight=False, soft_wrap=True)
+                    console.print(f"  {files}: {line}", highlight=False, soft_wrap=True, markup=False)
             if vd.get("stop_reason"):
                 design = (r.get("episodes") or {}).get("design", {})
                 proc = design.get("returns_procedure", "")
@@ -129,7 +164,7 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
                                  "reconsider the tolerance"), highlight=False, soft_wrap=True)
         for r in validation["targets"].values():
             for note in [*r.get("notes", []), *r.get("latency_notes", [])]:
-                console.print(f"[bold yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+                console.print(f"[bold yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     for target, r in validation["targets"].items():
         if "saturation" not in r and "perturbed" not in r:
             continue
@@ -147,21 +182,20 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
                          f"(diff {d['mean']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]), terminated "
                          f"{_falls(pert['float'])} / {_falls(pert['int8'])}"
                          + (f", saturation max {100 * psat['max_rate']:.3g}%" if psat else ""))
-        console.print(f"{target}: " + "; ".join(parts), highlight=False, soft_wrap=True)
+        console.print(f"{target}: " + "; ".join(parts), highlight=False, soft_wrap=True, markup=False)
     sizes = validation.get("sizes", {})
     if sizes:
         f, q = sizes.get("policy.fp32.onnx", 0), sizes.get("policy.int8.onnx", 0)
         console.print(f"files: policy.fp32.onnx {_fmt_size(f)}, policy.int8.onnx {_fmt_size(q)} "
                       f"({f / max(q, 1):.2f}x smaller)")
-    layers = manifest.get("quantization", {}).get("layers", [])
-    n8 = sum(1 for layer in layers if layer["precision"] == "int8")
+    from edgeq.describe import cpu_float_text, precision_counts
+
     settings = manifest.get("quantization", {}).get("settings", {})
-    n16 = sum(1 for layer in layers if layer["precision"] == "fp16")
-    auto = settings.get("options", {}).get("auto", False)
-    console.print(f"int8 layers: {n8}/{len(layers)}" + (f" (fp16: {n16})" if n16 else "") + "; activations: "
-                  + ("chosen per layer (search started at " if auto else "")
-                  + f"{settings.get('activation_calibrator')} {settings.get('calibrator_params', {})}"
-                  + (")" if auto else "") + f"; weights: per-channel {settings.get('weight_method')}")
+    console.print(f"layers: {precision_counts(manifest)}; weights: per-channel int8 (per-layer method in the table)",
+                  highlight=False, markup=False, soft_wrap=True)
+    cpu_text = cpu_float_text(manifest)
+    if cpu_text:
+        console.print(cpu_text, highlight=False, markup=False, soft_wrap=True)
     matmuls = manifest.get("quantization", {}).get("activation_matmuls", [])
     if matmuls:
         roles: dict[str, list[int]] = {}
@@ -176,30 +210,43 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
     if history:
         console.print(f"observation history: the runtime keeps the last {history['length']} observations "
                       f"(reset: {history['reset']}); act(obs) takes one", highlight=False, soft_wrap=True)
-    cpu_float = manifest.get("cpu_float_layers") or []
-    if cpu_float:
-        below = manifest.get("profile", {}).get("cpu_float_below")
-        console.print(f"ONNX Runtime CPU file: {len(cpu_float)} layer(s) narrower than {below} run in float on their "
-                      f"int8 weights ({', '.join(cpu_float)}): faster than ORT's int8 kernel at that size; "
-                      "the TensorRT file quantizes every layer", highlight=False, soft_wrap=True)
     cell = settings.get("recurrent_cell")
     if cell:
         console.print(f"recurrent cell: {cell['precision']} ({len(cell.get('gate_nodes', []))} gate MatMuls)")
-    print_layer_choices(manifest.get("quantization", {}))
+    print_layer_choices(manifest.get("quantization", {}), manifest.get("cpu_float_layers") or [])
     t = validation.get("timings", {})
     if t:
         console.print("time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in t.items()))
     for w in validation.get("warnings", []):
-        console.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        console.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
 
 
-def print_layer_choices(quantization: dict[str, Any]) -> None:
-    """Per layer: precision, the input quantizer chosen, rounding, bias correction, quantization kernel."""
+#: What each column of the summary table means.
+SUMMARY_LEGEND = (
+    "columns: target = where the int8 file ran (the line below the table names the files); float / int8 return "
+    "= mean ± std of the episode return over the paired episodes (same seeds); int8 - float [interval] = mean "
+    "paired difference and the interval the verdict uses; band = the tolerance band it is judged against; "
+    "succ/fail/timeout = episodes that reached success / failed (e.g. fell: terminated early) / ran to the time "
+    "limit, float | int8; ≠ floor = whether int8's difference is distinguishable from the float policy re-run with "
+    "1e-6 action noise (what rounding alone moves); action err = |int8 action - float action| on the float "
+    "policy's states, mean / max, in action units; verdict = PASS / FAIL / INCONCLUSIVE (reasons below)")
+#: What each column of the per-layer table means.
+LAYER_LEGEND = (
+    "columns: policy.int8.onnx / cpu file = what the layer runs as in the TensorRT/CUDA QDQ file and in "
+    "policy.int8.cpu.onnx (float (int8 weights): int8-stored weights dequantized, float arithmetic); input "
+    "quantizer = the activation calibrator (+ input rewrite) the per-layer search chose; weights = per-channel "
+    "weight quantizer and rounding; bias corr. = empirical bias correction applied; kernel (per-tensor) = fraction "
+    "of the layer's int8 inputs that round to zero with the chosen quantizer (with a plain per-tensor one)")
+
+
+def print_layer_choices(quantization: dict[str, Any], cpu_float_layers: list[str] | tuple[str, ...] = ()) -> None:
+    """Per layer: what it runs as in each file, the input quantizer chosen, rounding, bias correction, kernel."""
     layers = quantization.get("layers", [])
     if not layers:
         return
     table = Table(title="per-layer quantization", title_justify="left")
-    for col in ("layer", "precision", "input quantizer", "weights", "bias corr.", "kernel (per-tensor)"):
+    for col in ("layer", "policy.int8.onnx", "cpu file", "input quantizer", "weights", "bias corr.",
+                "kernel (per-tensor)"):
         table.add_column(col)
     for la in layers:
         choice = (la.get("choice") or {}).get("label", "")
@@ -207,12 +254,16 @@ def print_layer_choices(quantization: dict[str, Any]) -> None:
             choice = la.get("scheme", "static")
         kernel = f"{la['kernel']:.3f} ({la['kernel_per_tensor']:.3f})" if "kernel" in la else ""
         weights = f"{la.get('weight_method', '')} {la.get('rounding', '')}".strip() if la["precision"] == "int8" else ""
-        table.add_row(la["node"], la["precision"], choice, weights, "yes" if la.get("bias_corrected") else "",
-                      kernel)
+        cpu = "float (int8 weights)" if la["precision"] == "int8" and la["node"] in cpu_float_layers \
+            else la["precision"]
+        table.add_row(escape(la["node"]), la["precision"], cpu, escape(choice), weights,
+                      "yes" if la.get("bias_corrected") else "", kernel)
     console.print(table)
+    console.print(LAYER_LEGEND, highlight=False, markup=False, soft_wrap=True)
     for la in layers:
         if la["precision"] != "int8" and la.get("reason"):
-            console.print(f"[bold yellow]{la['precision']}[/]: {la['node']}: {la['reason']}", highlight=False)
+            console.print(f"[bold yellow]{la['precision']}[/]: {escape(la['node'])}: {escape(la['reason'])}",
+                          highlight=False)
     if quantization.get("tensorrt_compatible") is False:
         console.print("[bold yellow]note[/]: CrossQuant dynamic layers: this INT8 model runs on ONNX Runtime only, "
                       "not TensorRT", highlight=False)
@@ -220,8 +271,23 @@ def print_layer_choices(quantization: dict[str, Any]) -> None:
     if err:
         stages = quantization["metrics"].get("heldout_score_by_stage", {})
         console.print("held-out action error (fraction of action half-range): "
-                      f"mean {err['mean']:.4f}, p99 {err['p99']:.4f}, max {err['max']:.4f}; score by stage: "
-                      + ", ".join(f"{k} {v:.4f}" for k, v in stages.items()), highlight=False)
+                      f"mean {err['mean']:.4f}, p99 {err['p99']:.4f}, max {err['max']:.4f}; score by stage "
+                      "(held-out score = mean + tail weight x worst-1% mean, after each step of the search: the "
+                      "recipe's start, the per-layer choice, AdaRound, bias correction, fp16 fallback; a step is "
+                      "kept only if it lowers the score): "
+                      + ", ".join(f"{k} {v:.4f}" for k, v in stages.items()), highlight=False, soft_wrap=True)
+
+
+def print_quiet(validation: dict[str, Any], where: Any = None) -> None:
+    """``--quiet``: one verdict line (with each target's status) and where the results are."""
+    verdict = validation.get("verdict") or {}
+    per_target = [f"{t} {r['verdict'].get('status') or ('PASS' if r['verdict'].get('passed') else 'FAIL')}"
+                  for t, r in validation.get("targets", {}).items() if r.get("verdict")]
+    status = verdict.get("status", "no verdict (open loop)" if validation.get("closed_loop") is False else "-")
+    console.print(f"verdict: {status}" + (f" ({', '.join(per_target)})" if per_target else ""),
+                  highlight=False, markup=False)
+    if where is not None:
+        console.print(f"results: {where}", highlight=False, markup=False)
 
 
 def describe_error(exc: BaseException) -> str:

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edgeq.commands._app import app, console, err_console, progress_factory, run_guarded
+from edgeq.commands._app import app, console, err_console, run_guarded
+from edgeq.commands._progress import progress_reporter
 from edgeq.commands.validate import parse_seeds
 from edgeq.errors import EdgeqError
 
@@ -67,9 +67,11 @@ def compare(
     gate: Annotated[bool, typer.Option(help="Exit 1 if any model FAILs the tolerance, else 3 if any is "
                                             "INCONCLUSIVE (like edgeq validate).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print compare.json instead of the table.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines; print only the verdict and "
+                                                         "where the results are.")] = False,
 ) -> None:
     """Compare several quantized policies against one float reference on the same seeds (one table, one report)."""
-    from edgeq.envs import env_factory, parse_env_kwargs
+    from edgeq.envs import env_factory_for, parse_env_kwargs
     from edgeq.validate.compare import compare_models, load_candidate
     from edgeq.validate.report import write_compare_report
     from edgeq.validate.validator import atomic_write
@@ -95,20 +97,20 @@ def compare(
             ref = load_candidate(bundles[0].model.parent, "float", precision="fp32", target=target)
         else:
             raise EdgeqError("no bundle among the models: pass --reference FLOAT.onnx (the float policy)")
-        make_env = env_factory(env_id, kwargs)
+        record = dict(bundles[0].manifest["env"]) if bundles and bundles[0].manifest and env is None else {}
+        make_env = env_factory_for({**record, "id": env_id, "kwargs": kwargs})
         probe = make_env()
         try:
             low, high = probe.action_space.low, probe.action_space.high
             ep_len = getattr(getattr(probe, "spec", None), "max_episode_steps", None)
         finally:
             probe.close()
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err_console, transient=True, disable=json_out or not err_console.is_terminal) as prog:
+        with progress_reporter(err_console, quiet=quiet or json_out) as prog:
             cmp = compare_models(ref, cands, make_env, parse_seeds(seeds, episodes, seed), env_id=env_id,
                                  action_low=low, action_high=high, target=target,
                                  tolerance=Tolerance(relative=rel_tol), num_envs=num_envs, floor_draws=floor_draws,
                                  latency_calls=latency_calls, per_layer=per_layer, episode_steps=ep_len,
-                                 progress=progress_factory(prog))
+                                 progress=prog)
             out.mkdir(parents=True, exist_ok=True)
             atomic_write(out / "compare.json", (json.dumps(cmp, indent=2, allow_nan=False) + "\n").encode())
             write_compare_report(out, cmp)
@@ -117,9 +119,14 @@ def compare(
     cmp = run_guarded(go)
     if json_out:
         console.print_json(json.dumps(cmp))
+    elif quiet:
+        for name, r in cmp["candidates"].items():
+            console.print(f"{name}: {r['verdict'].get('status', 'PASS' if r['verdict']['passed'] else 'FAIL')}",
+                          highlight=False, markup=False)
+        console.print(f"report: {out / 'compare.html'}", highlight=False, markup=False)
     else:
         print_comparison(cmp)
-        console.print(f"report: {out / 'compare.html'}", highlight=False)
+        console.print(f"report: {out / 'compare.html'}", highlight=False, markup=False)
     statuses = [r["verdict"]["status"] for r in cmp["candidates"].values()]
     code = 1 if "FAIL" in statuses else 3 if "INCONCLUSIVE" in statuses else 0
     raise typer.Exit(code if gate else 0)

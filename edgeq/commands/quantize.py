@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from edgeq.commands._app import (
     ExecutorOption,
@@ -17,27 +16,43 @@ from edgeq.commands._app import (
     console,
     err_console,
     executor_config,
+    print_quiet,
     print_summary,
-    progress_factory,
     run_guarded,
 )
+from edgeq.commands._progress import progress_reporter
 
 
 @app.command()
 def quantize(
     out: Annotated[Path, typer.Option("--out", help="Bundle directory to create.")],
     policy: Annotated[list[Path] | None, typer.Argument(
-        help="Policy file: a Stable-Baselines3 / sb3-contrib .zip (incl. RecurrentPPO), a float ONNX policy (.onnx, "
-             "e.g. Isaac Lab's policy.onnx), or a TorchScript policy.pt (legged_gym / rsl_rl / Isaac Lab export). "
-             "TorchScript is code: pass only files you trust. Two .onnx files are an encoder and a body.")] = None,
+        help="Policy file: a Stable-Baselines3 / sb3-contrib .zip (incl. RecurrentPPO), an RL Zoo run folder "
+             "(logs/sac/HalfCheetah-v3_1/: archive, vecnormalize.pkl, config.yml, args.yml), a float ONNX policy "
+             "(.onnx, e.g. Isaac Lab's policy.onnx), or a TorchScript policy.pt (legged_gym / rsl_rl / Isaac Lab "
+             "export). TorchScript is code: pass only files you trust. Two .onnx files are an encoder and a body. "
+             "Omit it with -f/--algo/--env.")] = None,
     policy_files: Annotated[list[Path] | None, typer.Option(
         "--policy", help="Policy file, repeatable: --policy encoder.onnx --policy body.onnx joins a history encoder "
                          "and a body into one policy (the same as giving them as arguments).")] = None,
     history: Annotated[int | None, typer.Option(
         help="ONNX policies whose one flat input stacks this many observations (oldest first); a [batch, K, "
              "obs_dim] input needs no option.")] = None,
-    env: Annotated[str | None, typer.Option("--env", help="Gymnasium env id (e.g. HalfCheetah-v5) or module:callable. "
-                                                          "Optional with --calib-data.")] = None,
+    env: Annotated[str | None, typer.Option("--env", help="Gymnasium env id (e.g. HalfCheetah-v5) or module:callable "
+                                                          "(imported from the current directory too). Optional "
+                                                          "with --calib-data and RL Zoo folders; with -f, the "
+                                                          "RL Zoo run's env id.")] = None,
+    folder: Annotated[Path | None, typer.Option("-f", "--folder", help="RL Zoo log folder (rl_zoo3's -f): with "
+                                                                       "--algo, --env and --exp-id it names the run "
+                                                                       "FOLDER/ALGO/ENV_EXPID.")] = None,
+    algo: Annotated[str | None, typer.Option(help="RL Zoo algorithm folder name (sac, ppo, ...), with -f.")] = None,
+    exp_id: Annotated[int, typer.Option(help="RL Zoo experiment id, with -f (0: the latest).")] = 0,
+    env_wrapper: Annotated[list[str] | None, typer.Option(
+        help="Gymnasium wrapper the policy was trained with, repeatable: a class path from sb3_contrib.common."
+             "wrappers or gymnasium.wrappers (TimeFeatureWrapper for short), optionally ':{JSON kwargs}'. "
+             "Read from config.yml for RL Zoo folders.")] = None,
+    frame_stack: Annotated[int | None, typer.Option(help="Observations stacked as SB3's VecFrameStack in training "
+                                                         "(RL Zoo's frame_stack).")] = None,
     episodes: Annotated[str, typer.Option(help="Paired validation episodes (float vs int8, same seeds): 'auto' "
                                                "(batches until PASS or FAIL, at most --max-episodes) or a number.")
                         ] = "auto",
@@ -114,6 +129,8 @@ def quantize(
                                                        "(edgeq keygen); robots load it with its .pub as a trusted "
                                                        "key.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print validation.json instead of the table.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines; print only the verdict and "
+                                                         "where the results are.")] = False,
     calib_data: Annotated[str | None, typer.Option(
         "--calib-data", help="Calibrate on logged observations: a .npz (array 'obs' or 'observations'), "
                              "minari:DATASET_ID or a Minari dataset directory. Without --env, validation is the "
@@ -138,6 +155,21 @@ def quantize(
     from edgeq.validate.verdict import Tolerance
 
     def go() -> Any:
+        from edgeq.errors import EdgeqError
+
+        nonlocal env
+        paths = [*(policy or []), *(policy_files or [])]
+        if folder is not None:
+            from edgeq.ingest.rl_zoo import find_zoo_run
+
+            if paths or not algo or not env:
+                raise EdgeqError("-f/--folder names an RL Zoo run with --algo and --env (and --exp-id); give those "
+                                 "instead of POLICY, e.g. -f logs/ --algo sac --env HalfCheetah-v3 --exp-id 1")
+            paths, env = [find_zoo_run(folder, algo, env, exp_id)], None
+        if not paths:
+            raise EdgeqError("Missing argument 'POLICY': pass a .zip, an RL Zoo run folder, an .onnx or a .pt (or "
+                             "--policy FILE, twice for an encoder and a body), or name an RL Zoo run with -f FOLDER "
+                             "--algo ALGO --env ENV_ID (see edgeq quantize --help)")
         tolerance = Tolerance(relative=rel_tol, absolute=abs_tol, fail_tol=fail_tol)
         params = {"percentile": percentile} if percentile is not None else None
         given = {"holdout_episodes": holdout_episodes, "transform": transform, "alpha": alpha,
@@ -152,13 +184,7 @@ def quantize(
             base = load_recipe(recipe, env).exploration
             exploration = ExplorationNoise(gaussian=base.get("gaussian", 0.0) if noise is None else noise,
                                            epsilon=base.get("epsilon", 0.0) if noise_epsilon is None else noise_epsilon)
-        from edgeq.errors import EdgeqError
-
-        paths = [*(policy or []), *(policy_files or [])]
-        if not paths:
-            raise EdgeqError("no policy file: give POLICY (or --policy FILE, twice for an encoder and a body)")
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err_console, transient=True, disable=json_out or not err_console.is_terminal) as prog:
+        with progress_reporter(err_console, quiet=quiet or json_out) as prog:
             return run_quantize(paths[0] if len(paths) == 1 else paths, env, out,
                                 episodes=parse_episodes(episodes), seed=seed,
                                 max_episodes=max_episodes, time_budget=time_budget, failure=failure,
@@ -168,7 +194,7 @@ def quantize(
                                 vecnormalize=vecnormalize, env_kwargs=parse_env_kwargs(env_kwargs),
                                 num_envs=num_envs, overwrite=overwrite, recipe_overrides=overrides,
                                 sign_key=sign_key,
-                                progress=progress_factory(prog),
+                                progress=prog,
                                 calib_data=calib_data, calib_data_key=calib_key, holdout_fraction=holdout,
                                 action_low=_numbers(action_low, "--action-low"),
                                 action_high=_numbers(action_high, "--action-high"),
@@ -177,17 +203,20 @@ def quantize(
                                 calib_env_kwargs=parse_env_kwargs(calib_env_kwargs) if calib_env_kwargs else None,
                                 calib_perturb=calib_perturb or (), perturb=perturb or (),
                                 cell_precision=cell_precision, saturation_warn=saturation_warn,
-                                executor=executor_config(executor, workers, ray_address))
+                                executor=executor_config(executor, workers, ray_address),
+                                env_wrappers=env_wrapper or None, frame_stack=frame_stack)
 
     result = run_guarded(go)
     if json_out:
         console.print_json(json.dumps(result.validation))
+    elif quiet:
+        print_quiet(result.validation, result.bundle)
     elif result.validation.get("closed_loop") is False:
         print_open_loop_summary(result.validation, result.manifest)
-        console.print(f"bundle: {result.bundle}")
+        console.print(f"bundle: {result.bundle}", highlight=False, markup=False)
     else:
         print_summary(result.validation, result.manifest)
-        console.print(f"bundle: {result.bundle}")
+        console.print(f"bundle: {result.bundle}", highlight=False, markup=False)
 
 
 def _numbers(text: str | None, option: str) -> list[float] | None:
@@ -220,12 +249,27 @@ def print_open_loop_summary(validation: dict[str, Any], manifest: dict[str, Any]
 
 
 @app.command()
-def info(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) -> None:
-    """Print a bundle's manifest (after checking every file's SHA-256)."""
-    from edgeq.deploy.bundle_format import read_manifest
+def info(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+         json_out: Annotated[bool, typer.Option("--json", help="Print the whole manifest.json instead.")] = False
+         ) -> None:
+    """Summarize a bundle (after checking every file's SHA-256): policy, normalization, env, layers, versions,
+    validation; --json prints the manifest."""
+    from edgeq.deploy.bundle_format import VALIDATION, read_manifest
+    from edgeq.describe import info_lines
 
     manifest = run_guarded(lambda: read_manifest(bundle))
-    console.print_json(json.dumps(manifest))
+    if json_out:
+        console.print_json(json.dumps(manifest))
+        return
+    validation = None
+    if (bundle / VALIDATION).is_file():
+        try:
+            validation = json.loads((bundle / VALIDATION).read_text())
+        except json.JSONDecodeError:
+            validation = None
+    console.print(f"bundle: {bundle} (format {manifest.get('format_version')})", highlight=False, markup=False)
+    for line in info_lines(manifest, validation):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()

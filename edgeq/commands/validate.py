@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from edgeq.commands._app import (
@@ -22,10 +21,11 @@ from edgeq.commands._app import (
     console,
     err_console,
     executor_config,
+    print_quiet,
     print_summary,
-    progress_factory,
     run_guarded,
 )
+from edgeq.commands._progress import progress_reporter
 from edgeq.errors import EdgeqError
 
 
@@ -180,6 +180,8 @@ def validate(
     out: Annotated[Path | None, typer.Option(help="Write validation.json and the report here instead of into the "
                                                   "bundle (the bundle is left untouched).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print validation.json instead of the tables.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines; print only the verdict and "
+                                                         "where the results are.")] = False,
 ) -> None:
     """Validate a bundle in closed loop (help text: :data:`VALIDATE_HELP`)."""
     from edgeq.validate.sequential import episode_design, fixed_design
@@ -210,11 +212,9 @@ def validate(
 
         opts = replace(base, targets=tuple(parse_targets(targets)), tolerance=tol, num_envs=num_envs, design=design,
                        executor=executor_config(executor, workers, ray_address))
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err_console, transient=True, disable=json_out or not err_console.is_terminal) as prog:
-            val, manifest = validate_bundle(bundle, seeds=seed_list, options=opts, progress=progress_factory(prog),
-                                            failure=failure)
-            prog.add_task("writing report", total=None)
+        with progress_reporter(err_console, quiet=quiet or json_out) as prog:
+            val, manifest = validate_bundle(bundle, seeds=seed_list, options=opts, progress=prog, failure=failure)
+            prog("writing report", None)
             dest = out if out is not None else bundle
             save_validation(dest, val, manifest, report=report, update_manifest=out is None)
         return val, manifest
@@ -222,10 +222,12 @@ def validate(
     val, manifest = run_guarded(go)
     if json_out:
         console.print_json(json.dumps(val))
+    elif quiet:
+        print_quiet(val, (out if out is not None else bundle) / "report.html" if report else None)
     else:
         print_summary(val, manifest)
         print_details(val)
         where = out if out is not None else bundle
         if report:
-            console.print(f"report: {where / 'report.html'}", highlight=False)
+            console.print(f"report: {where / 'report.html'}", highlight=False, markup=False)
     raise typer.Exit(int(val["verdict"]["exit_code"]))

@@ -79,8 +79,9 @@ def _load_by_kind(p: Path, options: dict[str, Any]) -> FloatPolicy:
             return load_sb3_recurrent(p, vecnormalize=options.get("vecnormalize"))
         from edgeq.ingest.sb3 import load_sb3
 
-        _reject(p, options, ("vecnormalize", "algorithm"))
-        return load_sb3(p, vecnormalize=options.get("vecnormalize"), algorithm=options.get("algorithm"))
+        _reject(p, options, ("vecnormalize", "algorithm", "frame_stack"))
+        return load_sb3(p, vecnormalize=options.get("vecnormalize"), algorithm=options.get("algorithm"),
+                        frame_stack=int(options.get("frame_stack") or 0))
     if suffix == ".onnx":
         from edgeq.ingest.onnx_policy import load_onnx_policy
 

@@ -15,6 +15,7 @@ Observation normalization from a ``vecnormalize.pkl`` becomes an fp32 pre-op in 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -190,11 +191,13 @@ def actor_layers(archive: SB3Archive, algo: str) -> tuple[list[Layer], dict[str,
 
 
 def load_sb3(path: str | Path, *, vecnormalize: str | Path | None = None, algorithm: str | None = None,
-             fold_batchnorm: bool = True) -> FloatPolicy:
+             fold_batchnorm: bool = True, frame_stack: int = 0) -> FloatPolicy:
     """Load an SB3 / sb3-contrib archive as a float ONNX policy (never unpickling the archive).
 
     ``vecnormalize`` names a ``vecnormalize.pkl``; when None, the RL Zoo location
-    ``NAME/vecnormalize.pkl`` beside ``NAME.zip`` is used if it exists.
+    ``NAME/vecnormalize.pkl`` beside ``NAME.zip`` is used if it exists. With ``frame_stack`` > 1
+    (SB3's VecFrameStack outside VecNormalize, as the RL Zoo stacks) the statistics of one frame
+    are applied to each stacked frame.
     """
     archive = read_archive(path)
     algo = algorithm or detect_algorithm(archive)
@@ -223,12 +226,20 @@ def load_sb3(path: str | Path, *, vecnormalize: str | Path | None = None, algori
         norm = read_vecnormalize(vn_path)
     preprocess: dict[str, Any] = {}
     if norm is not None:
+        if frame_stack > 1 and norm.mean.shape == (obs_space.size // frame_stack,):
+            norm = replace(norm, mean=np.tile(norm.mean, frame_stack), var=np.tile(norm.var, frame_stack))
         if norm.mean.shape != (obs_space.size,):
             raise PolicyFormatError(f"{vn_path}: obs_rms.mean has shape {norm.mean.shape}, expected "
                                     f"({obs_space.size},) for this policy's observations")
         layers = [Normalize("obs_norm", norm.mean.astype(np.float32), norm.std.astype(np.float32),
                             norm.clip_obs)] + layers
-        preprocess = {"normalize": {"source": str(vn_path), "clip": norm.clip_obs, "epsilon": norm.epsilon}}
+        preprocess = {"normalize": {"source": str(vn_path), "clip": norm.clip_obs, "epsilon": norm.epsilon,
+                                    "features": int(norm.mean.size)}}
+        if frame_stack > 1:
+            # after a reset, SB3's VecFrameStack pads with zeros after normalization: the raw value
+            # that normalizes to zero is the mean, which the env's frame stack pads with
+            preprocess["normalize"]["frame_stack"] = frame_stack
+            preprocess["normalize"]["pad"] = [float(v) for v in norm.mean[: obs_space.size // frame_stack]]
     check_layers(layers, obs_space.size, action_space.size, f"{archive.path}: policy.pth")
     folded: list[str] = []
     if fold_batchnorm:

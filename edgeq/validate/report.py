@@ -176,6 +176,14 @@ def _maybe(fn: Callable[[], bytes]) -> bytes | None:
         return None
 
 
+def _pct(rate: float | None, episodes: dict[str, Any] | None = None) -> str:
+    """A failure / success rate as a percentage, with the count when the episodes are known."""
+    if rate is None:
+        return "—"
+    n = len((episodes or {}).get("returns", []))
+    return f"{100 * rate:.0f}%" + (f" ({round(rate * n)}/{n})" if n else "")
+
+
 def saturation_section(targets: dict[str, Any]) -> Section | None:
     """Saturation of every INT8 tensor on the validation rollouts, and results under disturbances."""
     rows, pert_rows, warnings = [], [], []
@@ -289,6 +297,15 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
                 "int8 − float [verdict interval]", "band", "relative", "float success / failure / time-out",
                 "int8 success / failure / time-out", "noise floor (draw means)", "int8 ≠ floor",
                 "action err mean / max", "verdict"], rows)
+    head.p("Columns: files = the float and int8 files that produced the row (each target runs its own int8 file: "
+           "cpu → policy.int8.cpu.onnx, cuda → policy.int8.cuda.onnx, trt → policy.int8.onnx); episodes = paired "
+           "episodes (same seeds); float / int8 return = mean ± std of the episode return; int8 − float = mean "
+           "paired difference and the interval the verdict uses; band = the tolerance band; relative = the "
+           "difference over |float mean|; success / failure / time-out = episodes that succeeded, failed (e.g. "
+           "fell: terminated early) or ran to the time limit; noise floor = range of the mean difference of the "
+           "float policy re-run with 1e-6 action noise (what rounding alone moves); int8 ≠ floor = whether int8's "
+           "difference is distinguishable from that floor; action err = |int8 − float| action on the float "
+           "policy's states, mean / max, in action units; verdict = PASS / FAIL / INCONCLUSIVE.")
     sections.append(head)
     sat_section = saturation_section(targets)
     if sat_section is not None:
@@ -302,10 +319,10 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
     png = _maybe(lambda: plots.returns_plot(groups, "episode returns, same seeds", colors))
     if png:
         s.img("returns", png, "episode returns float vs int8 per target")
-    term_rows = [[t, r["termination"]["float_rate"], r["termination"]["int8_rate"],
+    term_rows = [[t, _pct(r["termination"]["float_rate"], r["float"]), _pct(r["termination"]["int8_rate"], r["int8"]),
                   r["termination"]["float_mean_length"], r["termination"]["int8_mean_length"],
                   ", ".join(map(str, r["termination"]["only_int8_terminated"])) or "—",
-                  r["termination"].get("float_success_rate"), r["termination"].get("int8_success_rate")]
+                  _pct(r["termination"].get("float_success_rate")), _pct(r["termination"].get("int8_success_rate"))]
                  for t, r in targets.items() if "termination" in r]
     if term_rows:
         s.p("Early termination (falls, for tasks that end episodes early) on the same seeds, and the success rate "
@@ -461,16 +478,34 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
             s.table(["file", "size (bytes)"], [[k, v] for k, v in sizes.items()])
         sections.append(s)
 
+    if manifest and manifest.get("quantization", {}).get("layers"):
+        sections.append(layers_section(manifest))
+
     s = Section("Settings")
     rows = [["environment", val["env_id"]], ["seeds", f"{val['seeds'][0]} … {val['seeds'][-1]} ({n} episodes)"]]
     if manifest:
+        from edgeq.describe import loaded_lines
+
+        for line in loaded_lines(manifest):
+            key, _, value = line.partition(": ")
+            rows.append([key, value])
         src = manifest.get("source", {})
-        rows.append(["policy", f"{src.get('algorithm')} from {src.get('path')}"])
+        rows.append(["source file", f"{src.get('path')}"])
         q = manifest.get("quantization", {}).get("settings", {})
         if q:
-            rows.append(["activations", f"{q.get('activation_calibrator')} {q.get('calibrator_params')}, "
-                                        f"{q.get('activation_granularity')}"])
-            rows.append(["weights", f"{q.get('weight_method')} {q.get('weight_granularity')}"])
+            rows.append(["activations", "per-tensor int8, quantizer chosen per layer (see Quantized layers)"
+                         if q.get("options", {}).get("auto") else
+                         f"{q.get('activation_calibrator')} {q.get('calibrator_params')}, "
+                         f"{q.get('activation_granularity')}"])
+            rows.append(["weights", f"int8 {q.get('weight_granularity')} (method per layer: see Quantized layers)"])
+        env_rec = manifest.get("environment") or {}
+        for name, version in env_rec.get("versions", {}).items():
+            rows.append([f"version: {name}", version])
+        for key in ("python", "machine", "date_utc"):
+            if env_rec.get(key):
+                rows.append([key.replace("_utc", " (UTC)"), env_rec[key]])
+        if not env_rec:
+            rows.append(["edgeq version", manifest.get("edgeq_version", "?")])
     opts = val.get("options", {})
     for k in ("floor_draws", "sensitivity_draws", "latency_calls", "num_envs", "detail_episodes"):
         if k in opts:
@@ -488,6 +523,41 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
     s.table(["setting", "value"], rows)
     sections.append(s)
     return sections
+
+
+def layers_section(manifest: dict[str, Any]) -> Section:
+    """What each layer really runs as in each file, and the quantizers the per-layer search chose."""
+    from edgeq.describe import cpu_float_text, layer_precisions, precision_counts
+
+    s = Section("Quantized layers")
+    s.p(precision_counts(manifest) + ".")
+    text = cpu_float_text(manifest)
+    if text:
+        s.p(text + ".")
+    by_node = {la["node"]: la for la in manifest["quantization"]["layers"]}
+    rows = []
+    for r in layer_precisions(manifest):
+        la = by_node[r["node"]]
+        weights = (f"{la.get('weight_method', '')} {la.get('rounding', '')}".strip()
+                   if la["precision"] == "int8" else "—")
+        kernel = f"{la['kernel']:.3f} ({la['kernel_per_tensor']:.3f})" if "kernel" in la else "—"
+        rows.append([r["node"], r["tensorrt"], r["cpu"], r["choice"] or "—", weights,
+                     "yes" if la.get("bias_corrected") else "no", kernel])
+    s.table(["layer", "policy.int8.onnx (TensorRT, CUDA)", "policy.int8.cpu.onnx", "input quantizer (chosen)",
+             "weights (per channel)", "bias corrected", "kernel (per-tensor)"], rows)
+    s.p("Columns: the two precision columns say what the layer runs as in each file (float (int8 weights): weights "
+        "stored as int8 and dequantized, arithmetic in float); input quantizer = the activation calibrator and input "
+        "rewrite the per-layer search chose on held-out states (not the recipe's starting point); weights = "
+        "per-channel weight quantizer and rounding; bias corrected = empirical bias correction applied; kernel = "
+        "fraction of the layer's int8 inputs that round to zero with the chosen quantizer (in brackets: with a plain "
+        "per-tensor quantizer).")
+    metrics = manifest["quantization"].get("metrics", {})
+    stages = metrics.get("heldout_score_by_stage")
+    if stages:
+        s.p("Held-out score after each step of the search (mean + tail weight × mean of the worst 1% of action "
+            "errors, as a fraction of the action half-range; a step is kept only if it lowers the score): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in stages.items()) + ".")
+    return s
 
 
 def write_validation_report(directory: str | Path, val: dict[str, Any],
@@ -519,8 +589,9 @@ def compare_sections(cmp: dict[str, Any]) -> list[Section]:
     for w in cmp.get("warnings", []):
         s.p("Warning: " + w)
     f = cmp["float"]
-    rows: list[list[Any]] = [["float (reference)", pm(f["mean"], f["std"]), "—", "—", "—", "—", f["termination_rate"],
-                              f.get("size"), lat.get("float", {}).get("batch1", {}).get("median_us"),
+    rows: list[list[Any]] = [["float (reference)", pm(f["mean"], f["std"]), "—", "—", "—", "—",
+                              _pct(f["termination_rate"], f), f.get("size"),
+                              lat.get("float", {}).get("batch1", {}).get("median_us"),
                               lat.get("float", {}).get("batch1", {}).get("p999_us"), "—"]]
     for name, r in cands.items():
         d = r["paired_difference"]
@@ -530,7 +601,8 @@ def compare_sections(cmp: dict[str, Any]) -> list[Section]:
         rows.append([name, pm(r["int8"]["mean"], r["int8"]["std"]), ci(d), f"{d['relative_mean']:+.3%}",
                      fl["distinguishable"] if fl else None,
                      f"{ae['mean_abs']:.3g} / {ae['p99_step_max_abs']:.3g} / {ae['max_abs']:.3g}",
-                     r["int8"]["termination_rate"], r.get("size"), lm.get("median_us"), lm.get("p999_us"),
+                     _pct(r["int8"]["termination_rate"], r["int8"]), r.get("size"), lm.get("median_us"),
+                     lm.get("p999_us"),
                      r["verdict"]["status"]])
     s.table(["model", "return", "− float [95% CI]", "relative", "≠ noise floor", "action err mean / p99 / max",
              "terminated", "size (bytes)", "batch-1 median (us)", "p99.9 (us)", "verdict"], rows)

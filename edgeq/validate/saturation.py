@@ -49,9 +49,16 @@ class SaturationCounter:
     def rate(self) -> float:
         return self.outside / self.total if self.total else 0.0
 
+    @property
+    def harmless(self) -> bool:
+        """Clipping costs at most one quantization step (``amax / 127``): e.g. a tanh output at ±1 with
+        ``amax`` just under 1. Such saturation is rounding, not lost range, and is not warned about."""
+        return self.absmax - self.amax <= self.amax / 127
+
     def to_json(self) -> dict[str, Any]:
         return {"rate": self.rate, "outside": self.outside, "values": self.total, "amax": self.amax,
-                "absmax_seen": self.absmax}
+                "absmax_seen": self.absmax, "max_clip_error": max(0.0, self.absmax - self.amax),
+                "within_one_step": self.harmless}
 
 
 def quantized_ranges(quantization: Mapping[str, Any]) -> dict[str, float]:
@@ -109,12 +116,17 @@ class SaturationMonitor:
 
 
 def saturation_report(counters: Sequence[SaturationCounter] | Any, threshold: float) -> dict[str, Any]:
-    """Per-tensor rates, the worst tensor, and a warning line for each tensor above ``threshold``."""
+    """Per-tensor rates, the worst tensor, and a warning line for each tensor above ``threshold``.
+
+    A tensor whose clipped values lie within one quantization step of its range (a bounded output such
+    as tanh at ±1) is reported but not warned about: its clipping error is no larger than rounding.
+    """
     items = list(counters)
     tensors = {c.tensor: c.to_json() for c in items}
     worst = max(items, key=lambda c: c.rate, default=None)
     warnings = [f"tensor {c.tensor!r}: {100 * c.rate:.3g}% of values outside the calibrated range "
-                f"±{c.amax:.4g} (largest seen {c.absmax:.4g}); threshold {100 * threshold:.3g}%"
-                for c in items if c.rate > threshold]
+                f"±{c.amax:.4g} (largest seen {c.absmax:.4g}, more than one quantization step beyond); threshold "
+                f"{100 * threshold:.3g}%"
+                for c in items if c.rate > threshold and not c.harmless]
     return {"threshold": threshold, "max_rate": worst.rate if worst else 0.0,
             "max_tensor": worst.tensor if worst else None, "tensors": tensors, "warnings": warnings}

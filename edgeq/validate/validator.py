@@ -315,7 +315,7 @@ def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: Valida
     without either, ``options.failure`` applies.
     """
     from edgeq.deploy.bundle_format import PLAN, read_manifest
-    from edgeq.envs import env_factory
+    from edgeq.envs import env_factory_for
 
     root = Path(bundle)
     manifest = read_manifest(root, verify=False)
@@ -330,7 +330,7 @@ def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: Valida
         raise EdgeqError(f"{root}: this bundle was made without an environment (calibrated from logged "
                          "observations, or env.id is missing); closed-loop validation needs one: quantize again "
                          "with --env")
-    make_env = env_factory(env["id"], env.get("kwargs"))
+    make_env = env_factory_for(env)  # with the wrappers / frame stack the policy was trained with
     stored = ((manifest.get("decision") or {}).get("failure_rule") or {}).get("rule") or (
         ((manifest.get("calibration") or {}).get("recipe") or {}).get("failure"))
     if failure is not None or stored:

@@ -1,0 +1,180 @@
+"""Human descriptions of a bundle's manifest, shared by the CLI summary, ``edgeq info`` and the report.
+
+Every sentence is built from what the manifest records (never from the recipe's defaults), so the
+summary, ``info`` and the report say the same thing: what was loaded (normalization, wrappers, the
+env), what each layer really runs as in each file, and which software made the bundle.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+from collections.abc import Iterable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+#: Distributions whose versions a bundle records (``manifest["environment"]["versions"]``).
+VERSIONED = ("edgeq", "onnxruntime", "onnx", "torch", "gymnasium", "mujoco", "stable-baselines3", "sb3-contrib",
+             "numpy")
+
+
+def software_versions(names: Iterable[str] = VERSIONED) -> dict[str, str]:
+    """Installed versions (``"not installed"`` where absent); edgeq's own from :data:`edgeq.__version__`."""
+    out: dict[str, str] = {}
+    for name in names:
+        if name == "edgeq":
+            from edgeq._version import __version__
+
+            out[name] = __version__
+            continue
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def build_environment() -> dict[str, Any]:
+    """Where and when a bundle was made: versions, machine, Python, UTC date."""
+    return {"versions": software_versions(), "python": platform.python_version(),
+            "machine": f"{platform.system()} {platform.machine()}, {_cpu_model()}, {os.cpu_count()} logical CPUs",
+            "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def loaded_lines(manifest: dict[str, Any]) -> list[str]:
+    """What was loaded and how the env is built: policy file and hash, normalization, wrappers, env."""
+    src = manifest.get("source", {})
+    det = src.get("details", {})
+    name = Path(str(src.get("path", "?"))).name
+    kinds = {"sb3": "Stable-Baselines3 archive", "onnx": "ONNX file", "torchscript": "TorchScript module"}
+    what = " ".join(x for x in (src.get("algorithm"), kinds.get(src.get("kind", ""), src.get("kind"))) if x)
+    lines = [f"policy: {what} {name} (SHA-256 {src.get('sha256', '?')})"]
+    zoo = det.get("rl_zoo")
+    if zoo:
+        lines.append(f"RL Zoo run: {zoo['folder']} ({', '.join(zoo.get('files', [])) or 'no config files'})")
+    norm = manifest.get("preprocess", {}).get("normalize")
+    if norm:
+        stack = f", per frame of {norm['frame_stack']} stacked" if norm.get("frame_stack") else ""
+        lines.append(f"observation normalization: {Path(norm['source']).name} ({norm.get('features', '?')} features, "
+                     f"clip ±{norm['clip']:g}{stack}), applied in the graph as an fp32 pre-op")
+    elif src.get("kind") == "sb3":
+        lines.append("observation normalization: none (no vecnormalize.pkl beside the archive or given)")
+    env = manifest.get("env")
+    if env:
+        parts = [env["id"]]
+        if env.get("kwargs"):
+            parts.append(f"kwargs {env['kwargs']}")
+        for w in env.get("wrappers", []):
+            kw = f"({w['kwargs']})" if w.get("kwargs") else ""
+            parts.append(f"wrapped in {w['class'].rsplit('.', 1)[-1]}{kw}")
+        if env.get("frame_stack"):
+            parts.append(f"{env['frame_stack']} frames stacked")
+        lines.append("env: " + ", ".join(parts) + (f" ({env['note']})" if env.get("note") else ""))
+    return lines
+
+
+def layer_precisions(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per layer, what it really runs as in each file: ``{"node", "tensorrt", "cpu", "cuda", "choice"}``.
+
+    A layer the plan quantizes but the ONNX Runtime CPU file runs in float (on its int8-stored weights)
+    says ``float (int8 weights)`` there: it is never called INT8 in that file.
+    """
+    quant = manifest.get("quantization", {})
+    cpu_float = set(manifest.get("cpu_float_layers") or [])
+    rows = []
+    for la in quant.get("layers", []):
+        prec = la["precision"]
+        qdq = "int8" if prec == "int8" else prec
+        cpu = "float (int8 weights)" if prec == "int8" and la["node"] in cpu_float else qdq
+        choice = (la.get("choice") or {}).get("label") or (la.get("scheme", "static") if prec == "int8" else "")
+        rows.append({"node": la["node"], "tensorrt": qdq, "cpu": cpu, "cuda": qdq, "choice": choice,
+                     "reason": la.get("reason")})
+    return rows
+
+
+def precision_counts(manifest: dict[str, Any]) -> str:
+    """``"int8: 3/3 in policy.int8.onnx; ORT CPU file: 1 int8, 2 float on int8 weights"``."""
+    rows = layer_precisions(manifest)
+    if not rows:
+        return "no quantized layers"
+    n = len(rows)
+    q = sum(r["tensorrt"] == "int8" for r in rows)
+    h = sum(r["tensorrt"] == "fp16" for r in rows)
+    c8 = sum(r["cpu"] == "int8" for r in rows)
+    text = f"{q}/{n} layers int8 in policy.int8.onnx (TensorRT, ORT CUDA)" + (f", {h} fp16" if h else "")
+    if c8 != q:
+        text += f"; policy.int8.cpu.onnx: {c8} int8, {q - c8} float on int8 weights"
+    return text
+
+
+def cpu_float_text(manifest: dict[str, Any]) -> str:
+    """Which layers policy.int8.cpu.onnx runs in float (on int8 weights) and why (measured or by width)."""
+    cpu_float = manifest.get("cpu_float_layers") or []
+    if not cpu_float:
+        return ""
+    sel = manifest.get("cpu_layer_selection") or {}
+    if sel.get("method") == "measured":
+        why = f"measured faster at batch 1 at export: {sel.get('summary', '')}".rstrip(": ")
+    elif sel.get("method") == "replayed":
+        why = "replayed from an earlier measurement"
+    else:
+        why = f"narrower than {manifest.get('profile', {}).get('cpu_float_below')}: faster than ORT's int8 kernel"
+    return (f"policy.int8.cpu.onnx runs {len(cpu_float)} layer(s) in float on their int8-stored weights, not int8: "
+            f"{', '.join(cpu_float)} ({why}); policy.int8.onnx (TensorRT/CUDA) quantizes them")
+
+
+def activation_choices(manifest: dict[str, Any]) -> str:
+    """The activation quantizers the search really chose (per layer), not the recipe's starting point."""
+    rows = [r for r in layer_precisions(manifest) if r["choice"]]
+    settings = manifest.get("quantization", {}).get("settings", {})
+    if not rows:
+        return f"{settings.get('activation_calibrator')} {settings.get('calibrator_params', {})}"
+    distinct = sorted({r["choice"] for r in rows})
+    head = "chosen per layer on held-out states" if settings.get("options", {}).get("auto") else "per layer"
+    return f"{head}: " + "; ".join(f"{r['node']} {r['choice']}" for r in rows) if len(distinct) > 1 else \
+        f"{distinct[0]} (every layer)"
+
+
+def info_lines(manifest: dict[str, Any], validation: dict[str, Any] | None) -> list[str]:
+    """``edgeq info``: the bundle in a dozen lines."""
+    lines = loaded_lines(manifest)
+    lines.append("layers: " + precision_counts(manifest))
+    lines.append("activations: " + activation_choices(manifest))
+    files = manifest.get("files", {})
+    onnx_files = sorted(f for f in files if f.endswith(".onnx"))
+    if onnx_files:
+        lines.append("files: " + ", ".join(onnx_files) + f" (+{len(files) - len(onnx_files)} others, SHA-256 "
+                     "checked)")
+    env_rec = manifest.get("environment")
+    if env_rec:
+        v = env_rec.get("versions", {})
+        lines.append("made with: " + ", ".join(f"{k} {val}" for k, val in v.items()) + f"; Python "
+                     f"{env_rec.get('python')}; {env_rec.get('machine')}; {env_rec.get('date_utc')}")
+    else:
+        lines.append(f"made with: edgeq {manifest.get('edgeq_version', '?')}")
+    if validation:
+        verdict = validation.get("verdict") or {}
+        for target, r in validation.get("targets", {}).items():
+            d = r.get("paired_difference")
+            if not d:
+                continue
+            lines.append(f"validation {target}: float {r['float']['mean']:.1f}, int8 {r['int8']['mean']:.1f} "
+                         f"over {len(validation.get('seeds', []))} paired episodes (diff {d['mean']:+.3g}, 95% CI "
+                         f"[{d['ci95'][0]:+.3g}, {d['ci95'][1]:+.3g}])"
+                         + (f", verdict {'PASS' if r['verdict'].get('passed') else 'FAIL'}" if r.get("verdict")
+                            else ""))
+        if verdict.get("status"):
+            lines.append(f"verdict: {verdict['status']}")
+    return lines
