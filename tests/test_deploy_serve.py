@@ -129,7 +129,7 @@ def test_serve_commands(command: list[str], stop: signal.Signals, policy: edgeq.
         first = json.loads(proc.stdout.readline())
         host, port = first["serving"].split(":")
         assert (os.stat(first["token_file"]).st_mode & 0o777) == 0o600  # only this user can act
-        assert host == "127.0.0.1" and first["backend"] in ("cpu", "cuda")
+        assert host == "127.0.0.1" and first["backend"] in ("cpu", "cuda-fused", "cuda-ort")
         with PolicyClient(int(port)) as c:
             np.testing.assert_array_equal(c.act([0.3, -0.2, 1.5]), policy.act([0.3, -0.2, 1.5]))
         proc.send_signal(stop)

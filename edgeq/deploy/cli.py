@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--allow-unsigned", action="store_true",
                        help="accept a bundle whose signature is not checked (default: $EDGEQ_ALLOW_UNSIGNED=1)")
         if policy:
-            p.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda", "trt"])
+            p.add_argument("--backend", default="auto",
+                           choices=["auto", "cpu", "cuda", "cuda-fused", "cuda-ort", "trt"])
             p.add_argument("--precision", default="int8", choices=["int8", "fp32"])
             p.add_argument("--nan-policy", default="error", choices=["error", "zero", "pass"])
         return p
