@@ -51,30 +51,28 @@ Call = Callable[[np.ndarray], np.ndarray]
 
 
 def make_elu_bundle(out: Path, hidden: tuple[int, ...] = (512, 256, 128), seed: int = 0) -> None:
-    """A HalfCheetah-v5-shaped actor (17 → hidden ELU → 6, tanh) with random weights, quantized by edgeq."""
-    from edgeq.graph.builder import GraphBuilder
+    """A HalfCheetah-v5-shaped actor (17 → hidden ELU → 6, tanh) with random weights, built as a torch
+    module and read through :func:`edgeq.ingest.from_torch_module`, then quantized by edgeq."""
+    import torch
+    from torch import nn
+
+    from edgeq.ingest import from_torch_module
     from edgeq.pipeline import quantize
-    from edgeq.policy import FloatPolicy, PolicySource
     from edgeq.spaces import BoxSpec
 
-    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
     obs_dim, act_dim = 17, 6
-    b = GraphBuilder("elu_policy")
-    x, fan_in = "obs", obs_dim
-    for i, width in enumerate(hidden):
-        w = (rng.standard_normal((width, fan_in)) / np.sqrt(fan_in)).astype(np.float32)
-        x = b.activation(b.linear(x, w, (0.1 * rng.standard_normal(width)).astype(np.float32), f"fc{i}"), "elu",
-                         f"elu{i}")
+    layers: list[nn.Module] = []
+    fan_in = obs_dim
+    for width in hidden:
+        layers += [nn.Linear(fan_in, width), nn.ELU()]
         fan_in = width
-    w = (rng.standard_normal((act_dim, fan_in)) / np.sqrt(fan_in)).astype(np.float32)
-    y = b.activation(b.linear(x, w, np.zeros(act_dim, np.float32), "mu"), "tanh", "squash")
-    b.output(y, "actions")
-    model = b.make_model([("obs", ["batch", obs_dim])], [("actions", ["batch", act_dim])],
-                         doc=f"random-weight ELU policy {list(hidden)} (seed {seed}) for latency benchmarks")
+    layers += [nn.Linear(fan_in, act_dim), nn.Tanh()]
+    module = nn.Sequential(*layers).eval()
     inf = float("inf")
-    policy = FloatPolicy(model, BoxSpec((obs_dim,), (-inf,) * obs_dim, (inf,) * obs_dim),
-                         BoxSpec((act_dim,), (-1.0,) * act_dim, (1.0,) * act_dim),
-                         PolicySource("random", "0" * 64, "onnx", "random-elu", {"hidden": list(hidden), "seed": seed}))
+    policy = from_torch_module(module, BoxSpec((obs_dim,), (-inf,) * obs_dim, (inf,) * obs_dim),
+                               BoxSpec((act_dim,), (-1.0,) * act_dim, (1.0,) * act_dim),
+                               name=f"random-weight ELU MLP {list(hidden)} (torch seed {seed})")
     quantize(policy, "HalfCheetah-v5", out, episodes=2, calib_episodes=2, overwrite=True)
 
 

@@ -11,7 +11,9 @@ runtime (ONNX Runtime + :class:`~edgeq.deploy.history.ObservationHistory`) on ev
 10000.. that neither training nor edgeq's calibration uses. Each fixture gets a JSON record beside
 it (command, seed, data sizes, float return mean ± std over the episodes).
 
-Fixtures (expert ``sac-pendulum.zip``, Pendulum-v1, K = 8):
+Fixtures (expert ``sac-pendulum.zip``, Pendulum-v1, K = 8; ``--task halfcheetah``: expert
+``sac-halfcheetah.zip``, HalfCheetah-v5, the same architectures on 17 observations and 6 actions, with
+a fixed observation normalization from the expert's states, files ``*-halfcheetah.*``):
 
 * ``framestack-mlp-pendulum.onnx``: input ``obs_history`` [batch, K, 3] flattened inside, MLP 24-64-64-1
   (ELU), tanh action scaled to [-2, 2];
@@ -53,12 +55,25 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "fixtures" / "policies"
 ENV_ID = "Pendulum-v1"
 EXPERT = OUT / "sac-pendulum.zip"
+SUFFIX = "pendulum"
 K = 8
 OBS_DIM = 3
+ACT_DIM = 1
 ACT_HIGH = 2.0
-OBS_SCALE = (1.0, 1.0, 1.0 / 8.0)  # Pendulum: cos, sin in [-1, 1], angular velocity in [-8, 8]
+OBS_SCALE: tuple[float, ...] = (1.0, 1.0, 1.0 / 8.0)  # Pendulum: cos, sin in [-1, 1], angular velocity in [-8, 8]
+OBS_SHIFT: tuple[float, ...] = (0.0, 0.0, 0.0)
 EVAL_SEEDS = list(range(10000, 10020))
 TRAIN_SEED0 = 20000
+#: Episodes: (expert with noise, per DAgger round); HalfCheetah episodes are 1000 steps, Pendulum's 200.
+EPISODES = (30, 20)
+
+TASKS: dict[str, dict[str, Any]] = {
+    "pendulum": {},
+    # obs scale/shift: the expert's own rollouts' mean and std (set in main), fixed in the graph
+    "halfcheetah": {"ENV_ID": "HalfCheetah-v5", "EXPERT": OUT / "sac-halfcheetah.zip", "SUFFIX": "halfcheetah",
+                    "OBS_DIM": 17, "ACT_DIM": 6, "ACT_HIGH": 1.0, "EVAL_SEEDS": list(range(10000, 10010)),
+                    "EPISODES": (10, 5)},
+}
 
 
 # -- students ---------------------------------------------------------------------------------------
@@ -66,9 +81,11 @@ class Scale(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("scale", torch.tensor(OBS_SCALE, dtype=torch.float32))
+        self.register_buffer("shift", torch.tensor(OBS_SHIFT, dtype=torch.float32))
+        self.shifted = any(OBS_SHIFT)  # Pendulum: a scale only (the graph then has no Add)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale
+        return x * self.scale + self.shift if self.shifted else x * self.scale
 
 
 class FrameStackMLP(nn.Module):
@@ -76,7 +93,7 @@ class FrameStackMLP(nn.Module):
         super().__init__()
         self.scale = Scale()
         self.net = nn.Sequential(nn.Linear(K * OBS_DIM, hidden), nn.ELU(), nn.Linear(hidden, hidden), nn.ELU(),
-                                 nn.Linear(hidden, 1))
+                                 nn.Linear(hidden, ACT_DIM))
 
     def forward(self, obs_history: torch.Tensor) -> torch.Tensor:  # [B, K, obs_dim]
         x = self.scale(obs_history).flatten(1)
@@ -126,7 +143,7 @@ class TransformerPolicy(nn.Module):
         self.pos = nn.Parameter(torch.zeros(K, dim))
         self.blocks = nn.Sequential(*(Block(dim, heads) for _ in range(layers)))
         self.ln = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, 1)
+        self.head = nn.Linear(dim, ACT_DIM)
 
     def forward(self, obs_history: torch.Tensor) -> torch.Tensor:
         x = self.embed(self.scale(obs_history)) + self.pos
@@ -151,7 +168,7 @@ class Body(nn.Module):
         super().__init__()
         self.scale = Scale()
         self.net = nn.Sequential(nn.Linear(OBS_DIM + latent, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, 1))
+                                 nn.Linear(hidden, ACT_DIM))
 
     def forward(self, obs: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.net(torch.cat([self.scale(obs), latent], dim=1))) * ACT_HIGH
@@ -168,8 +185,7 @@ class EncoderBody(nn.Module):
 
 STUDENTS: dict[str, Callable[[], nn.Module]] = {
     "framestack": FrameStackMLP, "transformer": TransformerPolicy, "encoder-body": EncoderBody}
-FILES = {"framestack": "framestack-mlp-pendulum", "transformer": "transformer-pendulum",
-         "encoder-body": "encoder-body-pendulum"}
+FILES = {"framestack": "framestack-mlp", "transformer": "transformer", "encoder-body": "encoder-body"}
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -226,7 +242,7 @@ def gather(policy: Any, expert: OrtPolicy, seeds: list[int], noise: float, noise
 def fit(module: nn.Module, x: np.ndarray, y: np.ndarray, steps: int, seed: int, lr: float = 2e-3) -> float:
     gen = torch.Generator().manual_seed(seed)
     xt = torch.from_numpy(x).reshape(-1, K, OBS_DIM)
-    yt = torch.from_numpy(y).reshape(-1, 1) / ACT_HIGH
+    yt = torch.from_numpy(y).reshape(-1, ACT_DIM) / ACT_HIGH
     opt = torch.optim.Adam(module.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     module.train()
@@ -282,32 +298,40 @@ def main() -> None:
     ap.add_argument("--dagger-rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=1500, help="Adam steps per round")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--task", choices=sorted(TASKS), default="pendulum", help="env and expert (default pendulum)")
     args = ap.parse_args()
+    globals().update(TASKS[args.task])
     torch.set_num_threads(1)
     expert = OrtPolicy(load_sb3(EXPERT).model.SerializeToString())
+    n_expert, n_round = EPISODES
     for name in args.fixtures:
         t0 = time.perf_counter()
         torch.manual_seed(args.seed)
-        module = STUDENTS[name]()
         seed = TRAIN_SEED0
-        x, y, expert_returns = gather(ExpertHistoryPolicy(expert), expert, list(range(seed, seed + 30)), 0.2, 1)
-        seed += 30
+        x, y, expert_returns = gather(ExpertHistoryPolicy(expert), expert, list(range(seed, seed + n_expert)), 0.2, 1)
+        seed += n_expert
+        if args.task != "pendulum":  # fixed observation normalization from the expert's states
+            last = x.reshape(-1, K, OBS_DIM)[:, -1]
+            std = last.std(axis=0) + 1e-3
+            globals().update(OBS_SCALE=tuple((1.0 / std).tolist()),
+                             OBS_SHIFT=tuple((-last.mean(axis=0) / std).tolist()))
+        module = STUDENTS[name]()
         history: list[dict[str, Any]] = []
         loss = fit(module, x, y, args.steps * 2, args.seed)
         for r in range(args.dagger_rounds):
-            xs, ys, rets = gather(TorchHistoryPolicy(module), expert, list(range(seed, seed + 20)), 0.0, 0)
-            seed += 20
+            xs, ys, rets = gather(TorchHistoryPolicy(module), expert, list(range(seed, seed + n_round)), 0.0, 0)
+            seed += n_round
             history.append({"round": r, "student_mean_return": round(float(rets.mean()), 3),
                             "loss": round(loss, 6), "states": int(len(x))})
             print(f"{name}: round {r} student return {rets.mean():.1f} ± {rets.std():.1f}, loss {loss:.5f}",
                   flush=True)
             x, y = np.concatenate([x, xs]), np.concatenate([y, ys])
             loss = fit(module, x, y, args.steps, args.seed + r + 1)
-        base = FILES[name]
+        base = f"{FILES[name]}-{SUFFIX}"
         example = torch.zeros(1, K, OBS_DIM)
         if name == "encoder-body":
             assert isinstance(module, EncoderBody)
-            enc, body = OUT / "encoder-pendulum.onnx", OUT / "body-pendulum.onnx"
+            enc, body = OUT / f"encoder-{SUFFIX}.onnx", OUT / f"body-{SUFFIX}.onnx"
             export(module.encoder, (example,), enc, ["obs_history"], "latent")
             export(module.body, (torch.zeros(1, OBS_DIM), torch.zeros(1, 8)), body, ["obs", "latent"], "actions")
             files = [enc.name, body.name]
@@ -334,7 +358,7 @@ def main() -> None:
                      "std_return": round(float(res.returns.std(ddof=1)), 3),
                      "returns": [round(float(r), 3) for r in res.returns]},
             "train_seconds": round(time.perf_counter() - t0, 1),
-            "command": f"python scripts/make_history_fixtures.py {name}",
+            "command": f"python scripts/make_history_fixtures.py {name} --task {args.task}",
             "versions": {"python": platform.python_version(), "torch": torch.__version__},
         }
         (OUT / f"{base}.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -344,6 +368,8 @@ def main() -> None:
 
 def _probe() -> np.ndarray:
     rng = np.random.default_rng(0)
+    if OBS_DIM != 3:
+        return rng.standard_normal((64, K, OBS_DIM)).astype(np.float32)
     th = rng.uniform(-np.pi, np.pi, (64, K))
     return np.stack([np.cos(th), np.sin(th), rng.uniform(-8, 8, (64, K))], -1).astype(np.float32)
 

@@ -97,3 +97,26 @@ def test_two_runs_are_byte_identical_except_the_measurements(tmp_path: Path) -> 
     for name in files_a:
         assert stat.S_IMODE((a / name).stat().st_mode) == 0o644, name
     assert stat.S_IMODE(a.stat().st_mode) == 0o755
+
+
+
+def test_an_unreadable_bundle_file_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bundle copied with a 0600 file (what ``cp -rp`` kept of the old validation.json) loaded by a service
+    user: a BundleError naming the file and the fix, not a raw PermissionError."""
+    import errno
+
+    import edgeq.deploy
+    import edgeq.deploy.bundle_format as bf
+    from edgeq.errors import BundleError
+
+    real = bf.sha256_of
+
+    def denied(path: object) -> str:
+        if str(path).endswith("validation.json"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bf, "sha256_of", denied)
+    v1 = Path(__file__).parent / "fixtures" / "bundles" / "v1" / "sac-pendulum"
+    with pytest.raises(BundleError, match=r"validation.json: cannot read it \(Permission denied\).*chmod"):
+        edgeq.deploy.load(v1, backend="cpu", allow_unsigned=True)

@@ -45,11 +45,7 @@ def server(policy: edgeq.deploy.DeployedPolicy) -> Iterator[PolicyServer]:
 def _wait_until_idle(server: PolicyServer, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        taken = [server.slots.acquire(blocking=False) for _ in range(server.max_clients)]
-        for ok in taken:
-            if ok:
-                server.slots.release()
-        if all(taken):
+        if server.active_connections() == 0:
             return
         time.sleep(0.01)
     raise AssertionError("server connections did not close")
@@ -81,6 +77,9 @@ def test_bad_input_is_an_error_reply_and_the_connection_survives(server: PolicyS
 
 def test_raw_protocol_oversized_batch_closes(server: PolicyServer) -> None:
     with socket.create_connection((HOST, server.port), timeout=5) as s:
+        token = server.token.encode()
+        s.sendall(struct.pack("<II", 0xFFFFFFFE, len(token)) + token)
+        assert struct.unpack("<II", s.recv(8)) == (0, 0)  # authenticated
         s.sendall(struct.pack("<I", server.max_batch + 1))
         status, n = struct.unpack("<II", s.recv(8))
         assert status == 1 and b"larger than max_batch" in s.recv(n)
@@ -103,9 +102,14 @@ def test_concurrent_clients_and_the_client_limit(server: PolicyServer, policy: e
     clients = [PolicyClient(server.port) for _ in range(3)]
     try:
         for c in clients:
-            c.info()  # all three slots taken
-        with PolicyClient(server.port) as fourth, pytest.raises(ServerError, match="busy: 3 client"):
-            fourth.info()
+            c.info()  # all three slots taken, and used less than evict_idle ago
+        with pytest.raises(ServerError, match="busy: 3 client"):
+            PolicyClient(server.port)
+        time.sleep(server.evict_idle + 0.2)  # now idle: a new client takes the slot idle the longest
+        with PolicyClient(server.port) as fourth:
+            assert fourth.act([0.1, 0.2, 0.3]).shape == (1,)
+        with pytest.raises(ServerError):
+            clients[0].act([0.1, 0.2, 0.3])  # the evicted one was closed
     finally:
         for c in clients:
             c.close()
@@ -124,7 +128,8 @@ def test_serve_commands(command: list[str], stop: signal.Signals, policy: edgeq.
         assert proc.stdout is not None
         first = json.loads(proc.stdout.readline())
         host, port = first["serving"].split(":")
-        assert host == "127.0.0.1" and first["backend"] in ("cpu", "cuda")
+        assert (os.stat(first["token_file"]).st_mode & 0o777) == 0o600  # only this user can act
+        assert host == "127.0.0.1" and first["backend"] in ("cpu", "cuda-fused", "cuda-ort")
         with PolicyClient(int(port)) as c:
             np.testing.assert_array_equal(c.act([0.3, -0.2, 1.5]), policy.act([0.3, -0.2, 1.5]))
         proc.send_signal(stop)

@@ -110,4 +110,5 @@ def test_trt_backend_without_tensorrt_or_engine(tmp_path: Path) -> None:
         with pytest.raises(BundleError, match="backend 'trt' needs TensorRT's Python package"):
             edgeq.deploy.load(root, backend="trt", allow_unsigned=True)
         # auto skips TensorRT when it cannot run, even with an engine in the bundle
-        assert edgeq.deploy.load(root, backend="auto", allow_unsigned=True).backend in ("cpu", "cuda")
+        assert edgeq.deploy.load(root, backend="auto", allow_unsigned=True).backend in ("cpu", "cuda-fused",
+                                                                                        "cuda-ort")

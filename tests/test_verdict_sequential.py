@@ -151,3 +151,11 @@ def test_summary_says_when_the_int8_file_is_slower_at_batch_1() -> None:
                     "10.0 us, 1.25x)")
     lat["latency"]["models"]["int8"]["batch1"]["median_us"] = 9.0
     assert slower_int8_note("cpu", lat) is None
+
+
+def test_time_budget_stops_adding_batches(tmp_path: Path) -> None:
+    val = _validate(tmp_path, shift=-0.1, noise=1.0, design=SequentialDesign(time_budget_s=1e-6))  # borderline
+    cpu = val["targets"]["cpu"]
+    assert cpu["episodes"]["episodes"] == 30 and cpu["verdict"]["status"] == "INCONCLUSIVE"
+    assert cpu["episodes"]["stop_reason"] == "reached --time-budget 1e-06 s after 30 episodes"
+    assert cpu["verdict"]["stop_reason"] == cpu["episodes"]["stop_reason"]

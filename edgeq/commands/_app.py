@@ -206,6 +206,11 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
         console.print("activation x activation MatMuls (both inputs per-tensor int8): "
                       + ", ".join(f"{role} {a}/{b} int8" for role, (a, b) in roles.items())
                       + "; Softmax, LayerNorm and residual Adds in float", highlight=False, soft_wrap=True)
+    by_block = (validation.get("per_layer") or {}).get("ranking_by_block")
+    if by_block:
+        console.print("share of the int8 action error by block (each unit int8 alone): "
+                      + ", ".join(f"{b['block']} {b['share']:.0%}" for b in by_block[:6]),
+                      highlight=False, soft_wrap=True)
     history = manifest.get("io", {}).get("history")
     if history:
         console.print(f"observation history: the runtime keeps the last {history['length']} observations "

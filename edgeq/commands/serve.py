@@ -16,8 +16,14 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port on 127.0.0.1 (0 picks a free one).")] = 7878,
     backend: Annotated[str, typer.Option(help="auto, cpu, cuda or trt.")] = "auto",
     precision: Annotated[str, typer.Option(help="int8 or fp32.")] = "int8",
-    max_clients: Annotated[int, typer.Option(help="Connections served at once (1 for recurrent policies).")] = 4,
-    idle_timeout: Annotated[float, typer.Option(help="Close a connection idle this many seconds.")] = 600.0,
+    max_clients: Annotated[int, typer.Option(help="Connections served at once (an idle one gives its slot to a "
+                                                  "new one; recurrent state is kept per connection).")] = 8,
+    idle_timeout: Annotated[float, typer.Option(help="Close a connection idle this many seconds.")] = 60.0,
+    request_timeout: Annotated[float, typer.Option(help="A request must arrive whole within this many seconds of "
+                                                        "its first byte.")] = 2.0,
+    token_file: Annotated[Path | None, typer.Option(help="Where to write the token clients must send to act or "
+                                                         "reset (mode 0600; default: $XDG_RUNTIME_DIR or /tmp, "
+                                                         "edgeq-serve-UID-PORT.token).")] = None,
     trusted_key: Annotated[list[Path] | None, typer.Option(help="Ed25519 public key that must have signed the "
                                                                 "bundle (edgeq keygen); repeatable.")] = None,
     allow_unsigned: Annotated[bool, typer.Option(help="Serve a bundle whose signature is not checked.")] = False,
@@ -29,4 +35,6 @@ def serve(
 
     policy = run_guarded(lambda: load(bundle, backend=backend, precision=precision, trusted_keys=trusted_key or None,
                                       allow_unsigned=allow_unsigned))
-    PolicyServer(policy, port, max_clients=max_clients, idle_timeout=idle_timeout).serve_until_interrupted()
+    server = run_guarded(lambda: PolicyServer(policy, port, max_clients=max_clients, idle_timeout=idle_timeout,
+                                              request_timeout=request_timeout, token_file=token_file))
+    server.serve_until_interrupted()

@@ -124,7 +124,8 @@ VALIDATE_HELP = (
     "--episodes auto (default) adds paired episodes in batches until PASS or FAIL, with a confidence sequence valid "
     "under repeated looks, up to --max-episodes or --time-budget.\n\n"
     "Measured: paired returns with a bootstrap 95% CI and the verdict; the noise floor (float re-rolled with 1e-6 "
-    "action noise, --floor-draws draws); action error and trajectory divergence; the sensitivity curve (float "
+    "action noise, --floor-draws draws, on the first 30 seeds); action error and trajectory divergence; the "
+    "sensitivity curve (float "
     "return under growing action noise, 6 levels x --sensitivity-draws extra rollouts: the most expensive part, "
     "--no-sensitivity skips it); per-layer SQNR and the one-layer-at-a-time ranking (cheap, on visited states); "
     "batch-1 latency over --latency-calls calls per model and target plus one large batch. --quick runs what "
@@ -157,9 +158,10 @@ def validate(
                                             "counts; two-sided: a gain beyond the band fails too.")] = True,
     fail_tol: Annotated[float, typer.Option(help="int8's failure rate may exceed float's by at most this (0.02 = 2 "
                                                  "percentage points).")] = 0.02,
-    failure: Annotated[str | None, typer.Option(help="Which episode ends are failures: 'terminated' (default: a "
-                                                     "termination, not a time-out), 'none', or a predicate on the "
-                                                     "last step such as 'reward<=-100' or 'info.fell'.")] = None,
+    failure: Annotated[str | None, typer.Option(help="Which episode ends are failures: 'terminated' (a termination, "
+                                                     "not a time-out), 'none', or a predicate on the last step such "
+                                                     "as 'reward<=-100' or 'info.fell'. Default: the rule the bundle "
+                                                     "was validated with, else 'terminated'.")] = None,
     ci_pass: Annotated[bool | None, typer.Option("--ci-pass/--no-ci-pass", hidden=True,
                                                  help="Removed: a CI that contains 0 is not a pass.")] = None,
     floor_draws: Annotated[int, typer.Option(help="Noise-floor draws (float + 1e-6 action noise); 0: off.")] = 5,

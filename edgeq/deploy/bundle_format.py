@@ -90,7 +90,10 @@ def read_manifest(bundle: str | Path, *, verify: bool = True, trusted_keys: Any 
         raise BundleError(f"{root}: no {MANIFEST} (expected an edgeq bundle directory)")
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise BundleError(f"{path}: {path.stat().st_size} bytes, above the {MAX_MANIFEST_BYTES} a manifest may have")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
     _check_signature(root, data, trusted_keys, allow_unsigned)
     try:
         manifest = json.loads(data.decode("utf-8"))
@@ -233,6 +236,11 @@ def check_manifest(manifest: dict[str, Any], path: Path = Path(MANIFEST)) -> Non
                                   "precision, TensorRT version and compute capability it was built for)")
 
 
+def _unreadable(p: Path, exc: OSError) -> BundleError:
+    return BundleError(f"{p}: cannot read it ({exc.strerror}); every file of a bundle must be readable by the user "
+                       "that loads it (copy the bundle with files readable by others, e.g. chmod -R a+rX)")
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -260,7 +268,10 @@ def read_verified(root: Path, manifest: dict[str, Any], name: str) -> bytes:
     p = inside_path(root, name)
     if not p.is_file():
         raise BundleError(f"{root}: {name} is listed in {MANIFEST} but missing")
-    data = p.read_bytes()
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise _unreadable(p, exc) from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != files[name]:
         raise BundleError(f"{p}: SHA-256 {digest[:12]}… does not match the manifest ({files[name][:12]}…); "
@@ -278,7 +289,10 @@ def verify_files(root: Path, manifest: dict[str, Any], names: list[str] | None =
         p = inside_path(root, name)
         if not p.is_file():
             raise BundleError(f"{root}: {name} is listed in {MANIFEST} but missing")
-        digest = sha256_of(p)
+        try:
+            digest = sha256_of(p)
+        except OSError as exc:
+            raise _unreadable(p, exc) from None
         if digest != files[name]:
             raise BundleError(f"{p}: SHA-256 {digest[:12]}… does not match the manifest ({files[name][:12]}…); "
                               "the file was modified after export")

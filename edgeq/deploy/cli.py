@@ -144,7 +144,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from edgeq.deploy.serve import PolicyServer
 
     policy = _load(args)
-    server = PolicyServer(policy, args.port, max_clients=args.max_clients, idle_timeout=args.idle_timeout)
+    server = PolicyServer(policy, args.port, max_clients=args.max_clients, idle_timeout=args.idle_timeout,
+                          request_timeout=args.request_timeout, token_file=args.token_file)
 
     def stop(*_: Any) -> None:
         raise KeyboardInterrupt
@@ -169,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--allow-unsigned", action="store_true",
                        help="accept a bundle whose signature is not checked (default: $EDGEQ_ALLOW_UNSIGNED=1)")
         if policy:
-            p.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda", "trt"])
+            p.add_argument("--backend", default="auto",
+                           choices=["auto", "cpu", "cuda", "cuda-fused", "cuda-ort", "trt"])
             p.add_argument("--precision", default="int8", choices=["int8", "fp32"])
             p.add_argument("--nan-policy", default="error", choices=["error", "zero", "pass"])
         return p
@@ -194,8 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p = command("serve", "Serve act() over TCP on 127.0.0.1 (see edgeq.deploy.serve for the protocol).")
     p.add_argument("--port", type=int, default=7878)
-    p.add_argument("--max-clients", type=int, default=4)
-    p.add_argument("--idle-timeout", type=float, default=600.0)
+    p.add_argument("--max-clients", type=int, default=8)
+    p.add_argument("--idle-timeout", type=float, default=60.0, help="close a connection idle this many seconds")
+    p.add_argument("--request-timeout", type=float, default=2.0,
+                   help="a request must arrive whole within this many seconds of its first byte")
+    p.add_argument("--token-file", default=None,
+                   help="where to write the token clients must send (mode 0600; default: $EDGEQ_SERVE_TOKEN_FILE "
+                        "or $XDG_RUNTIME_DIR (else /tmp)/edgeq-serve-UID-PORT.token)")
     return parser
 
 

@@ -161,10 +161,10 @@ def summarize_placement(placement: Sequence[NodePlacement]) -> dict[str, Any]:
 
 
 class _Bound:
-    """Device buffers and an IO binding for one batch size."""
+    """Device buffers and an IO binding for one batch size (and, with a stream, pinned host buffers)."""
 
     def __init__(self, session: Any, inputs: dict[str, tuple[int, ...]], outputs: dict[str, tuple[int, ...]],
-                 device_id: int, graph_id: int | None) -> None:
+                 device_id: int, graph_id: int | None, stream: Any = None) -> None:
         import onnxruntime as ort
 
         self.inputs = {n: ort.OrtValue.ortvalue_from_shape_and_type(list(s), np.float32, "cuda", device_id)
@@ -180,6 +180,34 @@ class _Bound:
         self.graph_id = graph_id  # None: no CUDA graphs in this session; -1: this batch size runs without one
         if graph_id is not None:
             self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        self.stream = stream
+        self.host_in: dict[str, Any] = {}
+        self.host_out: dict[str, Any] = {}
+        if stream is not None:
+            from edgeq.deploy import cuda
+
+            # the run is enqueued on our stream (ORT's user_compute_stream) and not waited for: the
+            # device -> host copies follow it on the same stream, and one synchronize ends the call
+            self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+            self.host_in = {n: cuda.PinnedBuffer(s, np.float32, device_id) for n, s in inputs.items()}
+            self.host_out = {n: cuda.PinnedBuffer(s, np.float32, device_id) for n, s in outputs.items()}
+            self.in_ptrs = {n: int(v.data_ptr()) for n, v in self.inputs.items()}
+            self.out_ptrs = {n: int(v.data_ptr()) for n, v in self.outputs.items()}
+
+    def run_pinned(self, session: Any, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+        """Pinned copies in (async, on the stream), the run, pinned copies out, one synchronize."""
+        from edgeq.deploy import cuda
+
+        for n, arr in feeds.items():
+            host = self.host_in[n]
+            np.copyto(host.array, arr)
+            cuda.copy_htod_async(self.in_ptrs[n], int(host), host.nbytes, self.stream)
+        session.run_with_iobinding(self.binding, self.run_options)
+        for n in names:
+            host = self.host_out[n]
+            cuda.copy_dtoh_async(int(host), self.out_ptrs[n], host.nbytes, self.stream)
+        self.stream.synchronize()
+        return [self.host_out[n].array.copy() for n in names]
 
 
 class OrtCudaPolicy(RecurrentStateMixin):
@@ -196,6 +224,11 @@ class OrtCudaPolicy(RecurrentStateMixin):
             node on the GPU; raises :class:`CudaUnavailableError` naming the nodes that are not).
         max_graphs: batch sizes that get a graph; calls with further batch sizes run without one.
         tf32: allow TF32 GEMMs (faster large batches, ~1e-3 relative error); off by default.
+        pinned: with IO binding, copy through pinned host buffers asynchronously on a stream of our own
+            that ONNX Runtime runs on (``user_compute_stream``), with ONNX Runtime's end-of-run
+            synchronize off: one ``cuStreamSynchronize`` per call. Needs cuda-python
+            (:mod:`edgeq.deploy.cuda`); without it (or with ``pinned=False``) the copies go through
+            ``OrtValue.update_inplace`` / ``.numpy()`` (pageable, blocking: two extra syncs).
 
     Raises:
         CudaUnavailableError: no CUDA EP, no usable GPU, or a CUDA graph that cannot be captured.
@@ -205,7 +238,7 @@ class OrtCudaPolicy(RecurrentStateMixin):
     def __init__(self, model: str | Path | bytes, *, input_name: str = "obs", output_name: str = "actions",
                  state: Sequence[dict[str, Any]] = (), device_id: int = 0, io_binding: bool = True,
                  cuda_graph: bool = False, max_graphs: int = DEFAULT_MAX_GRAPHS, tf32: bool = False,
-                 optimization: str = "all") -> None:
+                 optimization: str = "all", pinned: bool = True) -> None:
         import onnxruntime as ort
 
         require_cuda_ep()
@@ -214,7 +247,18 @@ class OrtCudaPolicy(RecurrentStateMixin):
         self.model_source = _model_source(model)
         self.device_id, self.io_binding, self.cuda_graph = int(device_id), io_binding, cuda_graph
         self.max_graphs = max_graphs
-        providers = [(CUDA_EP, cuda_provider_options(device_id, cuda_graph=cuda_graph, tf32=tf32)), CPU_EP]
+        self._stream: Any = None
+        self.pinned_reason: str | None = None
+        if io_binding and pinned:
+            from edgeq.deploy import cuda
+
+            self.pinned_reason = cuda.available(int(device_id))
+            if self.pinned_reason is None:
+                self._stream = cuda.Stream(int(device_id))
+        options = cuda_provider_options(device_id, cuda_graph=cuda_graph, tf32=tf32)
+        if self._stream is not None:
+            options["user_compute_stream"] = str(int(self._stream))
+        providers = [(CUDA_EP, options), CPU_EP]
         try:
             self.session = ort.InferenceSession(self.model_source, sess_options=_session_options(optimization),
                                                 providers=providers, disabled_optimizers=list(DISABLED_ORT_OPTIMIZERS))
@@ -255,7 +299,7 @@ class OrtCudaPolicy(RecurrentStateMixin):
 
         return {"runtime": "onnxruntime-cuda", "onnxruntime_version": ort.__version__,
                 "providers": self.providers, "io_binding": self.io_binding, "cuda_graph": self.cuda_graph,
-                "device_id": self.device_id}
+                "pinned_async_copies": self._stream is not None, "device_id": self.device_id}
 
 
     def _shape(self, arg: Any, batch: int) -> tuple[int, ...]:
@@ -280,13 +324,15 @@ class OrtCudaPolicy(RecurrentStateMixin):
                 graph_id = self._graphs  # ids from 1, as ONNX Runtime's own CUDA graph tests use them
             inputs = {n: tuple(a.shape) for n, a in feeds.items()}
             outputs = {n: self._shape(o, batch) for n, o in self._outputs.items()}
-            bound = _Bound(self.session, inputs, outputs, self.device_id, graph_id)
+            bound = _Bound(self.session, inputs, outputs, self.device_id, graph_id, self._stream)
             self._bound[batch] = bound
         return bound
 
     def _run_bound(self, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
         batch = next(iter(feeds.values())).shape[0]
         bound = self._binding(feeds, batch)
+        if bound.stream is not None:
+            return bound.run_pinned(self.session, feeds, names)
         for n, arr in feeds.items():
             bound.inputs[n].update_inplace(arr)
         self.session.run_with_iobinding(bound.binding, bound.run_options)
@@ -316,13 +362,16 @@ class OrtCudaPolicy(RecurrentStateMixin):
         """Actions for a batch of observations (float32 [batch, obs_dim] → [batch, act_dim])."""
         if self.state_specs or not self.io_binding:
             return self.run(obs)[self.output_name]
-        # the batch-1 hot path: one copy in, one run (a graph replay), one copy out
+        # the hot path: one pinned copy in, one run (a graph replay), one pinned copy out, one sync
         obs = np.ascontiguousarray(obs, dtype=np.float32)
         with self._lock:
             t0 = time.perf_counter()
             bound = self._bound.get(obs.shape[0]) or self._binding({self.input_name: obs}, obs.shape[0])
-            bound.inputs[self.input_name].update_inplace(obs)
-            self.session.run_with_iobinding(bound.binding, bound.run_options)
-            actions = bound.outputs[self.output_name].numpy()
+            if bound.stream is not None:
+                actions = bound.run_pinned(self.session, {self.input_name: obs}, [self.output_name])[0]
+            else:
+                bound.inputs[self.input_name].update_inplace(obs)
+                self.session.run_with_iobinding(bound.binding, bound.run_options)
+                actions = bound.outputs[self.output_name].numpy()
             self.latency.add(time.perf_counter() - t0)
         return actions

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -10,13 +11,20 @@ from typing import Any
 import numpy as np
 
 from edgeq.deploy.bundle_format import PRECISIONS, inside_path, model_for, read_manifest, read_verified
+from edgeq.deploy.fused_mlp import FusedCudaPolicy
 from edgeq.deploy.history import ObservationHistory, history_spec, with_history
 from edgeq.deploy.ort_cuda import OrtCudaPolicy
 from edgeq.deploy.runtime import NAN_POLICIES, LatencyStats, OrtPolicy, PolicyRuntime, ort_providers
 from edgeq.deploy.trt_backend import engines_for, load_trt_runtime, tensorrt_available
 from edgeq.errors import BundleError, InputError
 
-BACKENDS = ("auto", "cpu", "cuda", "trt")
+#: ``cuda`` is edgeq's default CUDA backend: the fused kernel (``cuda-fused``) where it can run the
+#: model, else ONNX Runtime's CUDA EP (``cuda-ort``). ``policy.backend`` names the one that runs.
+BACKENDS = ("auto", "cpu", "cuda", "cuda-fused", "cuda-ort", "trt")
+#: The order in which ``auto`` tries the backends: fastest first (benchmarks/results/gpu.md).
+AUTO_ORDER = ("cuda-fused", "trt", "cuda-ort", "cpu")
+
+_log = logging.getLogger("edgeq.deploy")
 
 
 def _ort_has_cuda() -> bool:
@@ -25,16 +33,59 @@ def _ort_has_cuda() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def resolve_backend(backend: str, manifest: dict[str, Any] | None = None, precision: str = "int8") -> str:
-    """``auto`` → ``trt`` if TensorRT imports and the bundle has an engine of ``precision``, else
-    ``cuda`` if ONNX Runtime has the CUDA provider, else ``cpu``. Named backends are returned as is."""
+def _fused_reason(root: Path | None, manifest: dict[str, Any] | None, precision: str) -> str | None:
+    """Why the fused kernel cannot run this bundle here (None: it can)."""
+    if precision != "int8":
+        return f"the fused kernel runs INT8 models (precision {precision!r})"
+    if manifest is not None and manifest.get("io", {}).get("state"):
+        return "recurrent policy (the fused kernel runs feed-forward policies; ONNX Runtime's CUDA EP runs these)"
+    from edgeq.deploy import cuda
+
+    reason = cuda.available()
+    if reason is not None:
+        return reason
+    if root is not None and manifest is not None:
+        from edgeq.deploy.fused_mlp import fused_support
+
+        return fused_support(root / manifest["models"][precision])
+    return None
+
+
+def unavailable_backend_reason(backend: str, manifest: dict[str, Any] | None = None, precision: str = "int8",
+                               root: Path | None = None) -> str | None:
+    """Why ``backend`` (a concrete one, not ``auto``/``cuda``) cannot run this bundle here; None if it can."""
+    if backend == "cpu":
+        return None
+    if backend == "cuda-fused":
+        return _fused_reason(root, manifest, precision)
+    if backend == "trt":
+        if manifest is not None and not engines_for(manifest, precision):
+            return f"the bundle has no TensorRT engine of precision {precision!r}"
+        return None if tensorrt_available() else "TensorRT's Python package does not import here"
+    if backend == "cuda-ort":
+        return None if _ort_has_cuda() else "ONNX Runtime has no CUDAExecutionProvider (install onnxruntime-gpu)"
+    raise BundleError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+
+
+def resolve_backend(backend: str, manifest: dict[str, Any] | None = None, precision: str = "int8",
+                    root: Path | None = None) -> str:
+    """The concrete backend that ``backend`` means here: ``auto`` → the first of :data:`AUTO_ORDER`
+    that can run the bundle (``trt`` only with TensorRT *and* an engine of ``precision``); ``cuda``
+    → ``cuda-fused`` if the fused kernel runs the model, else ``cuda-ort``. Named backends are
+    returned as is."""
     if backend not in BACKENDS:
         raise BundleError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    if backend != "auto":
-        return backend
-    if (manifest is None or engines_for(manifest, precision)) and tensorrt_available():
-        return "trt"
-    return "cuda" if _ort_has_cuda() else "cpu"
+    if backend == "auto":
+        for name in AUTO_ORDER:
+            if unavailable_backend_reason(name, manifest, precision, root) is None:
+                return name
+        return "cpu"
+    if backend == "cuda":
+        return "cuda-fused" if _fused_reason(root, manifest, precision) is None else "cuda-ort"
+    return backend
+
+
+Runtime = PolicyRuntime | OrtCudaPolicy | FusedCudaPolicy
 
 
 class DeployedPolicy:
@@ -50,7 +101,7 @@ class DeployedPolicy:
     state is shared by all callers, so give each robot (or episode stream) its own policy.
     """
 
-    def __init__(self, runtime: PolicyRuntime | OrtCudaPolicy | ObservationHistory, manifest: dict[str, Any], *,
+    def __init__(self, runtime: Runtime | ObservationHistory, manifest: dict[str, Any], *,
                  precision: str, backend: str, nan_policy: str = "error", bundle: Path | None = None) -> None:
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy {nan_policy!r}; expected one of {NAN_POLICIES}")
@@ -59,6 +110,8 @@ class DeployedPolicy:
         self.obs_shape = tuple(int(s) for s in manifest["observation_space"]["shape"])
         self.action_shape = tuple(int(s) for s in manifest["action_space"]["shape"])
         self.max_batch = int(manifest.get("profile", {}).get("max_batch", 0)) or None
+        #: Why faster backends were not used (``load(backend="auto"|"cuda")``).
+        self.backend_notes: list[str] = []
         self._act_latency = LatencyStats()
 
     def __repr__(self) -> str:
@@ -163,6 +216,49 @@ def _check_input_shape(path: Path, runtime: Any, manifest: dict[str, Any]) -> No
                           "describe this model")
 
 
+def _make_runtime(chosen: str, root: Path, manifest: dict[str, Any], precision: str, *, intra_op_threads: int,
+                  cuda_graph: bool, verify: bool = True) -> Runtime:
+    """The runtime of one concrete backend; raises on any problem (the caller decides what follows).
+
+    The model is read once, checked against its SHA-256 (``verify``) and handed over as those bytes."""
+    io = manifest["io"]
+    models = manifest["models"]
+    if chosen == "trt":
+        if not engines_for(manifest, precision):
+            raise BundleError(f"{root}: backend 'trt' needs a TensorRT engine of precision {precision!r} in the "
+                              "bundle (it has none); build one on the target GPU, or use backend 'cuda' or 'cpu'")
+        if not tensorrt_available():
+            raise BundleError("backend 'trt' needs TensorRT's Python package (JetPack's python3-libnvinfer, or "
+                              "`pip install tensorrt` on x86-64); it does not import here")
+        return load_trt_runtime(root, manifest, precision)
+    if precision not in models:
+        raise BundleError(f"{root}: no {precision!r} model in this bundle (it has {', '.join(sorted(models))})")
+    # the fused kernel reads the portable all-INT8 file (the one TensorRT builds from)
+    model_file = models[precision] if chosen == "cuda-fused" else model_for(
+        manifest, precision, "cuda" if chosen == "cuda-ort" else chosen)
+    if model_file not in manifest["files"]:
+        raise BundleError(f"{root}: {model_file} is not listed in the manifest's files, so it cannot be verified")
+    data = read_verified(root, manifest, model_file) if verify else inside_path(root, model_file).read_bytes()
+    runtime: Runtime
+    if chosen == "cuda-fused":
+        reason = _fused_reason(root, manifest, precision)
+        if reason is not None:
+            raise BundleError(f"{root}: backend 'cuda-fused' cannot run here: {reason}")
+        runtime = FusedCudaPolicy(data, input_name=io["input"], output_name=io["output"], cuda_graph=cuda_graph)
+    elif chosen == "cuda-ort":
+        runtime = OrtCudaPolicy(data, input_name=io["input"], output_name=io["output"],
+                                state=io.get("state", []), io_binding=True, cuda_graph=cuda_graph)
+    else:
+        runtime = OrtPolicy(data, providers=ort_providers(chosen), require_provider=True,
+                            input_name=io["input"], output_name=io["output"], state=io.get("state", []),
+                            intra_op_threads=intra_op_threads)
+    if io["output"] not in runtime.output_names:
+        raise BundleError(f"{root / model_file}: the model has no output {io['output']!r} named by the "
+                          f"manifest's io.output (outputs: {', '.join(runtime.output_names)})")
+    _check_input_shape(root / model_file, runtime, manifest)
+    return runtime
+
+
 def load(bundle: str | Path, backend: str = "auto", *, precision: str = "int8", nan_policy: str = "error",
          intra_op_threads: int = 1, verify: bool = True, warmup: int = 3,
          cuda_graph: bool = True, trusted_keys: Any = None, allow_unsigned: bool = False) -> DeployedPolicy:
@@ -176,67 +272,72 @@ def load(bundle: str | Path, backend: str = "auto", *, precision: str = "int8", 
     The model is read once, checked against its SHA-256 and handed to the runtime as those bytes (no
     external data files, no symbolic links; a file swapped after the check is never run).
 
-    ``backend``: ``"auto"`` (TensorRT if it is installed and the bundle has an engine for
-    ``precision``, else ONNX Runtime's CUDA provider if installed, else the CPU), or one of
-    ``"trt"``, ``"cuda"``, ``"cpu"``. A named backend that cannot run here raises
-    :class:`BundleError`; so does a TensorRT engine built for another GPU or TensorRT version.
+    ``backend``: ``"auto"`` picks the fastest backend that can run the bundle here, in the order
+    :data:`AUTO_ORDER`: ``cuda-fused`` (edgeq's fused INT8 kernel, one CUDA graph per call;
+    feed-forward INT8 policies, cuda-python and an NVIDIA GPU), ``trt`` (TensorRT installed *and* an
+    engine of ``precision`` in the bundle), ``cuda-ort`` (ONNX Runtime's CUDA EP: recurrent policies,
+    fp32), ``cpu``; a backend that fails to start is skipped with a ``RuntimeWarning``. ``"cuda"`` is
+    ``cuda-fused`` where it can run the model, else ``cuda-ort`` (with a ``RuntimeWarning`` saying
+    why). A named backend that cannot run here raises :class:`BundleError`; so does a TensorRT engine
+    built for another GPU or TensorRT version. ``policy.backend`` names the backend that runs and
+    ``policy.backend_notes`` why the faster ones were skipped (also logged on ``edgeq.deploy``).
+
     ``precision``: ``"int8"`` (default) or ``"fp32"``. A bundle's backend-specialized copy of the
     model (``policy.int8.cpu.onnx``, ``policy.int8.cuda.onnx``: fewer kernels; the CPU file runs the
-    manifest's ``cpu_float_layers`` in float) is used where there is one; validation measured that file.
-    On ``cuda`` inputs and outputs are bound to device buffers and, with
-    ``cuda_graph``, each batch size's run is captured once as a CUDA graph and replayed. ``warmup``
-    calls on a zero observation are made (and then forgotten: state and latency statistics) so the
-    first real call is not slow.
+    manifest's ``cpu_float_layers`` in float) is used where there is one; ``cuda-fused`` runs the
+    portable ``policy.int8.onnx``. On ``cuda-ort`` inputs and outputs are bound to device buffers
+    and, with ``cuda_graph``, each batch size's run is captured once as a CUDA graph and replayed
+    (``cuda-fused`` captures copies + kernel likewise). ``warmup`` calls on a zero observation are
+    made (and then forgotten: state and latency statistics) so the first real call is not slow.
     """
     root = Path(bundle)
     if precision not in PRECISIONS:
         raise BundleError(f"precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     manifest = read_manifest(root, verify=verify, trusted_keys=trusted_keys, allow_unsigned=allow_unsigned)
-    models = manifest["models"]
-    chosen = resolve_backend(backend, manifest, precision)
-    io = manifest["io"]
-    runtime: PolicyRuntime | OrtCudaPolicy
-    if chosen == "trt":
-        if not engines_for(manifest, precision):
-            raise BundleError(f"{root}: backend 'trt' needs a TensorRT engine of precision {precision!r} in the "
-                              "bundle (it has none); build one on the target GPU, or use backend 'cuda' or 'cpu'")
-        if not tensorrt_available():
-            raise BundleError("backend 'trt' needs TensorRT's Python package (JetPack's python3-libnvinfer, or "
-                              "`pip install tensorrt` on x86-64); it does not import here")
-        runtime = load_trt_runtime(root, manifest, precision)
-    else:
-        if precision not in models:
-            raise BundleError(f"{root}: no {precision!r} model in this bundle (it has {', '.join(sorted(models))})")
-        model_file = model_for(manifest, precision, chosen)
-        if model_file not in manifest["files"]:
-            raise BundleError(f"{root}: {model_file} is not listed in the manifest's files, so it "
-                              "cannot be verified")
-        kwargs: dict[str, Any] = dict(input_name=io["input"], output_name=io["output"], state=io.get("state", []),
-                                      intra_op_threads=intra_op_threads)
-
-        def model_bytes(name: str) -> bytes:
-            return read_verified(root, manifest, name) if verify else inside_path(root, name).read_bytes()
-
-        data = model_bytes(model_file)
-        try:
-            if chosen == "cuda":
-                runtime = OrtCudaPolicy(data, input_name=io["input"], output_name=io["output"],
-                                        state=io.get("state", []), io_binding=True, cuda_graph=cuda_graph)
+    if backend not in BACKENDS:
+        raise BundleError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    notes: list[str] = []
+    if backend == "auto":
+        candidates = []
+        for name in AUTO_ORDER:
+            reason = unavailable_backend_reason(name, manifest, precision, root)
+            if reason is None:
+                candidates.append(name)
             else:
-                runtime = OrtPolicy(data, providers=ort_providers(chosen), require_provider=True, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - a GPU provider that cannot start, for any reason
+                notes.append(f"{name}: {reason}")
+    elif backend == "cuda":
+        reason = _fused_reason(root, manifest, precision)
+        if reason is None:
+            candidates = ["cuda-fused"]
+        else:
+            candidates = ["cuda-ort"]
+            notes.append(f"cuda-fused: {reason}")
+            warnings.warn(f"edgeq.deploy: the fused CUDA kernel cannot run {root} ({reason}); using ONNX Runtime's "
+                          "CUDA EP (cuda-ort)", RuntimeWarning, stacklevel=2)
+    else:
+        candidates = [backend]
+    runtime: Runtime | None = None
+    chosen = candidates[0]
+    for chosen in candidates:
+        try:
+            runtime = _make_runtime(chosen, root, manifest, precision, intra_op_threads=intra_op_threads,
+                                    cuda_graph=cuda_graph, verify=verify)
+            break
+        except Exception as exc:  # noqa: BLE001 - a GPU backend that cannot start, for any reason
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if backend != "auto" or chosen == "cpu":
-                raise BundleError(f"{root}: backend {chosen!r} cannot start: {str(exc).splitlines()[0]}") from None
-            warnings.warn(f"edgeq.deploy: falling back to the CPU: {exc}", RuntimeWarning, stacklevel=2)
-            chosen = "cpu"
-            model_file = model_for(manifest, precision, "cpu")
-            runtime = OrtPolicy(model_bytes(model_file), providers=ort_providers("cpu"), **kwargs)
-        if io["output"] not in runtime.output_names:
-            raise BundleError(f"{root / model_file}: the model has no output {io['output']!r} named by the "
-                              f"manifest's io.output (outputs: {', '.join(runtime.output_names)})")
-        _check_input_shape(root / model_file, runtime, manifest)
-    policy = DeployedPolicy(with_history(runtime, io), manifest, precision=precision, backend=chosen,
+                if isinstance(exc, BundleError) and backend != "cuda":
+                    raise
+                extra = f" ({'; '.join(notes)})" if notes else ""
+                raise BundleError(f"{root}: backend {backend!r} cannot start: {first}{extra}") from None
+            notes.append(f"{chosen}: failed to start: {first}")
+            warnings.warn(f"edgeq.deploy: backend {chosen!r} failed to start ({first}); trying the next one",
+                          RuntimeWarning, stacklevel=2)
+    assert runtime is not None
+    _log.info("edgeq.deploy: %s runs on backend %r%s", root, chosen, f" (skipped: {'; '.join(notes)})" if notes else "")
+    policy = DeployedPolicy(with_history(runtime, manifest["io"]), manifest, precision=precision, backend=chosen,
                             nan_policy=nan_policy, bundle=root)
+    policy.backend_notes = notes
     if warmup > 0:
         zero = np.zeros((1, *policy.obs_shape), np.float32)
         for _ in range(warmup):
@@ -244,4 +345,3 @@ def load(bundle: str | Path, backend: str = "auto", *, precision: str = "int8", 
         policy.reset()
         policy.reset_latency()
     return policy
-

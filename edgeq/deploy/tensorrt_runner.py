@@ -5,13 +5,15 @@ stays on the workstation side and imports this module, never the other way round
 
 * :class:`TrtPolicyRunner` loads an engine, refuses one built for another GPU or TensorRT version
   (:func:`check_engine_compat`, a pure function), and runs batches from numpy with buffers allocated
-  once, ``execute_async_v3`` on a CUDA stream and, optionally, a CUDA graph for batch 1.
+  once, ``execute_async_v3`` on a CUDA stream and, optionally, a CUDA graph per batch size.
 * :func:`current_platform`: the TensorRT version, GPU name and compute capability of this machine.
 
-Dependencies: ``tensorrt`` (10.x or 11.x); the runner additionally needs a CUDA build of ``torch``
-for device buffers, streams and CUDA graphs (``torch.cuda``); the GPU name and compute capability
-come from ``torch.cuda`` or, without torch, from ``cuda-python`` (``cuda.bindings.runtime``) when
-installed. Importing this module never fails for lack of TensorRT: :data:`TENSORRT_AVAILABLE` says
+Dependencies: ``tensorrt`` (10.x or 11.x); the runner's CUDA side (device and pinned host buffers,
+the stream, CUDA graph capture and replay) is NVIDIA's ``cuda-python`` through
+:mod:`edgeq.deploy.cuda`, the library of the fused INT8 backend: no torch. Only the engine calls
+(deserialize, shapes, tensor addresses, ``execute_async_v3``) are TensorRT's, type-checked against
+``tensorrt-stubs`` (``scripts/typecheck_tensorrt.sh``). The GPU name and compute capability come
+from cuda-python. Importing this module never fails for lack of TensorRT: :data:`TENSORRT_AVAILABLE` says
 whether it can be used (:data:`TENSORRT_IMPORT_ERROR` why not), and every function that needs it
 raises :class:`TensorRTUnavailableError` (an ``ImportError``) with the install hint.
 """
@@ -26,14 +28,12 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from edgeq.deploy import cuda
 from edgeq.errors import BundleError, InputError
-
-if TYPE_CHECKING:
-    import torch
 
 TENSORRT_IMPORT_ERROR: str | None
 try:
@@ -51,6 +51,7 @@ __all__ = [
     "TENSORRT_AVAILABLE",
     "TENSORRT_IMPORT_ERROR",
     "TensorRTUnavailableError",
+    "MAX_GRAPHS",
     "TrtPolicyRunner",
     "check_engine_compat",
     "current_platform",
@@ -157,36 +158,29 @@ def check_engine_compat(expected: Mapping[str, Any], actual: Mapping[str, Any]) 
 def current_platform(device: int = 0) -> dict[str, Any]:
     """TensorRT version, GPU name and compute capability of this machine (None where unknown).
 
-    The GPU facts come from ``torch.cuda`` if a CUDA build of torch is installed, else from
-    ``cuda-python`` (``cuda.bindings.runtime`` or the older ``cuda.cudart``) if installed.
+    The GPU facts come from cuda-python (:func:`edgeq.deploy.cuda.device_info`) where it reaches a
+    GPU, else from ``torch.cuda`` if a CUDA build of torch happens to be installed.
     """
     info: dict[str, Any] = {
         "tensorrt_version": str(trt.__version__) if TENSORRT_AVAILABLE else None,
         "gpu_name": None,
         "compute_capability": None,
     }
+    if cuda.available(device) is None:
+        facts = cuda.device_info(device)
+        info["gpu_name"] = facts["gpu_name"]
+        info["compute_capability"] = facts["compute_capability"]
+        return info
     try:
-        import torch
-
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(device)
-            info["gpu_name"] = torch.cuda.get_device_name(device)
-            info["compute_capability"] = f"{major}.{minor}"
-            return info
+        torch: Any = importlib.import_module("torch")
     except ImportError:
-        pass
-    for module in ("cuda.bindings.runtime", "cuda.cudart"):
-        try:
-            cudart: Any = importlib.import_module(module)
-        except ImportError:
-            continue
-        err, props = cudart.cudaGetDeviceProperties(device)
-        if int(err) == 0:
-            name = props.name
-            info["gpu_name"] = (name.split(b"\0")[0].decode() if isinstance(name, bytes) else str(name)).strip()
-            info["compute_capability"] = f"{int(props.major)}.{int(props.minor)}"
-        break
+        return info
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(device)
+        info["gpu_name"] = torch.cuda.get_device_name(device)
+        info["compute_capability"] = f"{major}.{minor}"
     return info
+
 
 # --- TensorRT helpers (shared with the build side) ---------------------------------------------------
 
@@ -227,15 +221,8 @@ _NP_DTYPES: dict[str, type[np.generic]] = {
 }
 
 
-def _require_torch_cuda() -> None:
-    try:
-        import torch
-    except ImportError as exc:
-        raise TensorRTUnavailableError(
-            "TrtPolicyRunner needs a CUDA build of torch for device buffers and streams (pip install torch)"
-        ) from exc
-    if not torch.cuda.is_available():
-        raise TensorRTUnavailableError("TrtPolicyRunner needs a CUDA GPU, and torch.cuda sees none")
+#: Batch sizes that get their own captured CUDA graph.
+MAX_GRAPHS = 8
 
 
 @dataclass
@@ -244,21 +231,21 @@ class _IOBuffer:
     np_dtype: np.dtype[Any]
     shape: list[int]  # engine shape, -1 for the batch axis
     max_shape: list[int]
-    device: torch.Tensor  # flat, max size
-    host: torch.Tensor  # flat, pinned, max size
+    device: cuda.DeviceBuffer  # max size
+    host: cuda.PinnedBuffer  # flat, pinned, max size
 
 
 class TrtPolicyRunner:
     """Run a TensorRT policy engine from numpy: ``actions = runner.run(obs)``.
 
-    Device buffers (for ``max_batch``) and pinned host buffers are allocated once; each call copies
-    the inputs in, sets the input shapes if the batch changed, enqueues ``execute_async_v3`` on a
-    private CUDA stream, copies the outputs back and waits. With ``use_cuda_graph=True`` the batch-1
-    path (copies in, engine, copies out) is captured once as a CUDA graph and replayed, which removes
-    most launch overhead (rule 18 of the QDQ notes).
+    Device buffers (for the profile's largest batch) and pinned host buffers are allocated once;
+    each call copies the inputs in, sets the input shapes if the batch changed, enqueues
+    ``execute_async_v3`` on a private CUDA stream, copies the outputs back and waits once. With
+    ``use_cuda_graph=True`` each batch size's copies + engine are captured once as a CUDA graph
+    and replayed (rule 18 of the QDQ notes). Returns one array for a single-output engine, else a
+    dict of arrays by output name (recurrent policies: pass the state inputs as keywords).
 
-    Needs ``tensorrt`` and a CUDA build of ``torch``. Returns one array for a single-output engine,
-    else a dict of arrays by output name (recurrent policies: pass the state inputs as keywords).
+    Needs ``tensorrt`` and cuda-python (``pip install 'edgeq[gpu]'``); no torch.
     """
 
     def __init__(
@@ -273,50 +260,72 @@ class TrtPolicyRunner:
 
         Args:
             engine_path: the serialized engine.
-            expected: the engine's manifest record (:meth:`EngineInfo.to_dict`); if given, the TensorRT
-                version, compute capability and file hash are checked first (:func:`check_engine_compat`).
-            use_cuda_graph: capture and replay batch-1 calls as a CUDA graph.
+            expected: the engine's manifest record (``EngineInfo.to_dict()``); if given, the TensorRT
+                version, compute capability and file hash are checked first (``check_engine_compat``).
+            use_cuda_graph: capture and replay each batch size's call as a CUDA graph.
             device: the CUDA device index.
             input_name: the input that ``run``'s first argument feeds.
 
         Raises:
             BundleError: the file is missing, was built for another GPU/TensorRT, or does not load.
-            TensorRTUnavailableError: TensorRT or torch.cuda is missing.
+            TensorRTUnavailableError: TensorRT is missing; CudaError: CUDA cannot be used here.
         """
         require_tensorrt()
-        _require_torch_cuda()
-        import torch
-
+        reason = cuda.available(device)
+        if reason is not None:
+            raise TensorRTUnavailableError(f"TrtPolicyRunner needs CUDA through cuda-python: {reason}")
         path = Path(engine_path)
         if not path.is_file():
             raise BundleError(f"TensorRT engine not found: {path}")
         data = path.read_bytes()
-        self.platform = current_platform(device)
-        self.platform["engine_sha256"] = hashlib.sha256(data).hexdigest()
+        platform = current_platform(device)
+        platform["engine_sha256"] = hashlib.sha256(data).hexdigest()
         if expected is not None:
-            check_engine_compat(expected, self.platform)
-        torch.cuda.set_device(device)
-        self._device = torch.device("cuda", device)
-        self._sink: list[str] = []
-        self._logger = make_logger(self._sink)
-        self._runtime = trt.Runtime(self._logger)
-        engine = self._runtime.deserialize_cuda_engine(data)
+            check_engine_compat(expected, platform)
+        sink: list[str] = []
+        logger = make_logger(sink)
+        runtime = trt.Runtime(logger)
+        engine = runtime.deserialize_cuda_engine(data)
         if engine is None:
             raise BundleError(
                 f"TensorRT {trt.__version__} could not load {path} (built with another TensorRT version, for "
-                f"another GPU, or corrupt): {'; '.join(self._sink[-3:]) or 'no details'}"
+                f"another GPU, or corrupt): {'; '.join(sink[-3:]) or 'no details'}"
             )
+        self._runtime: trt.Runtime | None = runtime
+        self._setup(engine, trt.TensorIOMode.INPUT, sink, use_cuda_graph=use_cuda_graph, device=device,
+                    input_name=input_name, where=str(path))
+        self.platform = platform
+
+    @classmethod
+    def from_engine(cls, engine: Any, input_mode: Any, *, use_cuda_graph: bool = False, device: int = 0,
+                    input_name: str = "obs") -> TrtPolicyRunner:
+        """A runner around an already deserialized engine (or an object with the same methods:
+        the GPU tests run the CUDA side with a stand-in engine). ``input_mode`` is the value
+        ``engine.get_tensor_mode`` returns for inputs (``trt.TensorIOMode.INPUT``)."""
+        reason = cuda.available(device)
+        if reason is not None:
+            raise cuda.CudaError(reason)
+        self = cls.__new__(cls)
+        self._runtime = None
+        self.platform = {}
+        self._setup(engine, input_mode, [], use_cuda_graph=use_cuda_graph, device=device, input_name=input_name,
+                    where="engine")
+        return self
+
+    def _setup(self, engine: trt.ICudaEngine, input_mode: Any, sink: list[str], *, use_cuda_graph: bool,
+               device: int, input_name: str, where: str) -> None:
+        self._sink = sink
+        self._device = device
         self._engine = engine
         context = engine.create_execution_context()
         if context is None:
-            raise BundleError(f"could not create an execution context for {path} (out of GPU memory?)")
+            raise BundleError(f"could not create an execution context for {where} (out of GPU memory?)")
         self._context = context
-        self._stream = torch.cuda.Stream(device=self._device)
+        self._stream = cuda.Stream(device)
         self._use_cuda_graph = use_cuda_graph
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graphs: dict[int, cuda.Graph] = {}
         self._graph_failed = False
         self._shapes_batch: int | None = None
-
         self._inputs: dict[str, _IOBuffer] = {}
         self._outputs: dict[str, _IOBuffer] = {}
         input_specs: list[tuple[str, np.dtype[Any], list[int], list[int]]] = []
@@ -326,7 +335,7 @@ class TrtPolicyRunner:
             dtype_name = engine.get_tensor_dtype(name).name
             if dtype_name not in _NP_DTYPES:
                 raise BundleError(f"engine tensor {name!r} has type {dtype_name}, which numpy cannot hold")
-            if engine.get_tensor_mode(name) != trt.TensorIOMode.INPUT:
+            if engine.get_tensor_mode(name) != input_mode:
                 continue
             shape = engine_dims(engine.get_tensor_shape(name))
             if not shape:
@@ -340,7 +349,7 @@ class TrtPolicyRunner:
                 batch_ranges.append((shape[0], shape[0]))
             input_specs.append((name, np.dtype(_NP_DTYPES[dtype_name]), shape, max_shape))
         if not input_specs:
-            raise BundleError(f"engine {path} has no input")
+            raise BundleError(f"{where} has no input")
         self._min_batch = max(lo for lo, _ in batch_ranges)
         self._max_batch = min(hi for _, hi in batch_ranges)
         for name, np_dtype, shape, max_shape in input_specs:
@@ -348,14 +357,14 @@ class TrtPolicyRunner:
             self._context.set_input_shape(name, tuple(max_shape))
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
-            if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
+            if engine.get_tensor_mode(name) != input_mode:
                 np_dtype = np.dtype(_NP_DTYPES[engine.get_tensor_dtype(name).name])
                 max_shape = engine_dims(self._context.get_tensor_shape(name))
                 if any(d < 0 for d in max_shape):
                     raise BundleError(f"output {name!r} has a data-dependent shape {max_shape}: not supported")
                 self._outputs[name] = self._alloc(name, np_dtype, engine_dims(engine.get_tensor_shape(name)), max_shape)
         for buf in (*self._inputs.values(), *self._outputs.values()):
-            if not self._context.set_tensor_address(buf.name, int(buf.device.data_ptr())):
+            if not self._context.set_tensor_address(buf.name, int(buf.device)):
                 raise BundleError(f"TensorRT refused the device buffer of {buf.name!r}")
         self._shapes_batch = self._max_batch
         self.input_names = list(self._inputs)
@@ -367,13 +376,15 @@ class TrtPolicyRunner:
         """The largest batch the engine's optimization profile accepts."""
         return self._max_batch
 
-    def _alloc(self, name: str, np_dtype: np.dtype[Any], shape: list[int], max_shape: list[int]) -> _IOBuffer:
-        import torch
+    @property
+    def graphs(self) -> dict[int, cuda.Graph]:
+        """The captured CUDA graphs by batch size."""
+        return dict(self._graphs)
 
+    def _alloc(self, name: str, np_dtype: np.dtype[Any], shape: list[int], max_shape: list[int]) -> _IOBuffer:
         numel = max(1, math.prod(max_shape))
-        torch_dtype = torch.from_numpy(np.empty(0, dtype=np_dtype)).dtype
-        device = torch.empty(numel, dtype=torch_dtype, device=self._device)
-        host = torch.empty(numel, dtype=torch_dtype, pin_memory=True)
+        device = cuda.DeviceBuffer(numel * np_dtype.itemsize, self._device)
+        host = cuda.PinnedBuffer((numel,), np_dtype, self._device)
         return _IOBuffer(name, np_dtype, shape, max_shape, device, host)
 
     def _prepare(self, obs: np.ndarray, state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int, bool]:
@@ -425,37 +436,34 @@ class TrtPolicyRunner:
                 raise InputError(f"TensorRT rejected shape {list(arr.shape)} for input {name!r}")
         self._shapes_batch = batch
 
+    def _out_shapes(self) -> list[tuple[_IOBuffer, list[int]]]:
+        return [(buf, engine_dims(self._context.get_tensor_shape(buf.name))) for buf in self._outputs.values()]
+
     def _enqueue(self, arrays: Mapping[str, np.ndarray]) -> list[tuple[_IOBuffer, list[int]]]:
         """Copies in, engine, copies out, on the private stream (the body of a CUDA graph too)."""
         for name, arr in arrays.items():
             buf = self._inputs[name]
-            buf.device[: arr.size].copy_(buf.host[: arr.size], non_blocking=True)
-        if not self._context.execute_async_v3(self._stream.cuda_stream):
+            cuda.copy_htod_async(int(buf.device), int(buf.host), arr.nbytes, self._stream)
+        if not self._context.execute_async_v3(int(self._stream)):
             raise RuntimeError(f"TensorRT execution failed: {'; '.join(self._sink[-3:]) or 'no details'}")
-        results = []
-        for buf in self._outputs.values():
-            shape = engine_dims(self._context.get_tensor_shape(buf.name))
-            n = math.prod(shape)
-            buf.host[:n].copy_(buf.device[:n], non_blocking=True)
-            results.append((buf, shape))
+        results = self._out_shapes()
+        for buf, shape in results:
+            n = math.prod(shape) * buf.np_dtype.itemsize
+            cuda.copy_dtoh_async(int(buf.host), int(buf.device), n, self._stream)
         return results
 
     def _stage(self, arrays: Mapping[str, np.ndarray]) -> None:
         for name, arr in arrays.items():
-            self._inputs[name].host.numpy()[: arr.size] = arr.ravel()
+            self._inputs[name].host.array[: arr.size] = arr.ravel()
 
-    def _capture_graph(self, arrays: Mapping[str, np.ndarray]) -> None:
-        import torch
-
-        graph = torch.cuda.CUDAGraph()
+    def _capture_graph(self, arrays: Mapping[str, np.ndarray], batch: int) -> None:
         try:
-            with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
-                self._enqueue(arrays)
+            graph = cuda.Graph(self._stream, lambda: self._enqueue(arrays))
         except Exception as exc:  # noqa: BLE001 - some engines cannot be captured; run them eagerly
             warnings.warn(f"CUDA graph capture failed ({exc}); running without CUDA graphs", stacklevel=3)
             self._graph_failed = True
             return
-        self._graph = graph
+        self._graphs[batch] = graph
 
     def run(self, obs: np.ndarray, **state: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
         """Run the policy on a batch (or one unbatched observation).
@@ -470,31 +478,25 @@ class TrtPolicyRunner:
         Raises:
             InputError: wrong input names, shapes, dtypes, non-finite values or batch size.
         """
-        import torch
-
         arrays, batch, squeeze = self._prepare(obs, state)
         self._stage(arrays)
-        with torch.cuda.stream(self._stream):
-            self._set_shapes(arrays, batch)
-            if self._use_cuda_graph and batch == 1 and not self._graph_failed:
-                if self._graph is None:
-                    self._enqueue(arrays)  # warm-up after the shape change, as TensorRT requires
-                    self._stream.synchronize()
-                    self._capture_graph(arrays)
-                if self._graph is not None:
-                    self._graph.replay()
-                    results = [(buf, engine_dims(self._context.get_tensor_shape(buf.name)))
-                               for buf in self._outputs.values()]
-                else:
-                    results = self._enqueue(arrays)
-            else:
-                results = self._enqueue(arrays)
+        self._set_shapes(arrays, batch)
+        graph = self._graphs.get(batch)
+        if graph is None and self._use_cuda_graph and not self._graph_failed and len(self._graphs) < MAX_GRAPHS:
+            self._enqueue(arrays)  # warm-up after the shape change, as TensorRT requires
+            self._stream.synchronize()
+            self._capture_graph(arrays, batch)
+            graph = self._graphs.get(batch)
+        if graph is not None:
+            graph.launch(self._stream)
+            results = self._out_shapes()
+        else:
+            results = self._enqueue(arrays)
         self._stream.synchronize()
         out: dict[str, np.ndarray] = {}
         for buf, shape in results:
-            value = buf.host.numpy()[: math.prod(shape)].reshape(shape).copy()
+            value = buf.host.array[: math.prod(shape)].reshape(shape).copy()
             out[buf.name] = value[0] if squeeze and value.ndim > 0 and value.shape[0] == 1 else value
         if len(out) == 1:
             return next(iter(out.values()))
         return out
-

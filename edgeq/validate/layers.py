@@ -205,6 +205,20 @@ def _errors(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
             "max_abs_error": float(np.abs(diff).max()) if diff.size else 0.0}
 
 
+def _block_of(node: str, attention_blocks: Sequence[str]) -> str:
+    """The block a unit belongs to, for the ranking by block: the attention block whose scope holds it
+    (its Q/K/V/O projections and both products), else its module's scope, one level up for a member
+    of a ``Sequential`` (``/net/net.2/Gemm`` → ``/net``)."""
+    for block in attention_blocks:
+        if node.startswith(block + "/"):
+            return block
+    scope = node_scope(node)
+    last = scope.rsplit("/", 1)[-1]
+    if "." in last and last.rsplit(".", 1)[-1].isdigit():
+        return scope.rsplit("/", 1)[0]
+    return scope
+
+
 def per_layer_error(float_model: onnx.ModelProto, int8_model: onnx.ModelProto | bytes | str, io: dict[str, Any],
                     episodes: Sequence[np.ndarray], *, plan: QuantPlan | None = None) -> dict[str, Any]:
     """SQNR/relative error at each fused boundary, and (with ``plan``) each layer's share of the action error.
@@ -219,6 +233,7 @@ def per_layer_error(float_model: onnx.ModelProto, int8_model: onnx.ModelProto | 
     outputs_of = {n.name: n.output[0] for n in float_model.graph.node}
     mm_bounds = [(mm, outputs_of[mm.node]) for mm in find_activation_matmuls(float_model) if mm.node in outputs_of]
     mm_precision = {m.node: m.precision for m in plan.matmuls} if plan is not None else {}
+    att_blocks = sorted({mm.block for mm, _ in mm_bounds if mm.block}, key=len, reverse=True)
     names = [b.tensor for b in bounds] + [out for _, out in mm_bounds]
     ref = _evaluate(_session(float_model, io, names), episodes, [*names, action])
     full = _evaluate(_session(int8_model, io, names), episodes, [*names, action])
@@ -237,7 +252,7 @@ def per_layer_error(float_model: onnx.ModelProto, int8_model: onnx.ModelProto | 
     for b in bounds:
         row: dict[str, Any] = {"node": b.node, "tensor": b.tensor, "fused": "+".join(b.ops),
                                "precision": precision.get(b.node, "int8" if plan is None else "float"),
-                               "role": "layer", "block": node_scope(b.node)}
+                               "role": "layer", "block": _block_of(b.node, att_blocks)}
         if b.tensor in full and b.tensor in ref:
             row.update(_errors(ref[b.tensor], full[b.tensor]))
         layers.append(row)
@@ -266,7 +281,7 @@ def per_layer_error(float_model: onnx.ModelProto, int8_model: onnx.ModelProto | 
         vals = _evaluate(_session(variant, io, [tensor] if tensor else []), episodes,
                          [action, *([tensor] if tensor else [])])
         err = vals[action] - ref[action]
-        entry: dict[str, Any] = {"node": unit, "role": roles.get(unit, "layer"), "block": node_scope(unit),
+        entry: dict[str, Any] = {"node": unit, "role": roles.get(unit, "layer"), "block": _block_of(unit, att_blocks),
                                  "action_mse": float(np.mean(err ** 2)),
                  "action_rms_error": float(np.sqrt(np.mean(err ** 2))),
                  "action_max_abs_error": float(np.abs(err).max())}

@@ -441,16 +441,23 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
             "(GEMM + bias + activation) of the full int8 model policy.int8.onnx (the QDQ file TensorRT and CUDA "
             "run; the CPU file's float layers are listed under Quantized layers), accumulated through the layers "
             "before it.")
-        s.table(["layer", "fused", "precision in policy.int8.onnx", "SQNR (dB)", "relative error", "max |error|"],
-                [[r["node"], r["fused"], r["precision"], r.get("sqnr_db"), r.get("relative_error"),
-                  r.get("max_abs_error")] for r in pl["layers"]])
+        s.table(["layer", "role", "fused", "precision in policy.int8.onnx", "SQNR (dB)", "relative error",
+                 "max |error|"],
+                [[r["node"], r.get("role", "layer"), r["fused"], r["precision"], r.get("sqnr_db"),
+                  r.get("relative_error"), r.get("max_abs_error")] for r in pl["layers"]])
+        if pl.get("ranking_by_block"):
+            s.p("By block (attention blocks and MLPs: the shares of their projections and of the attention "
+                "products Q·Kᵀ and A·V, each quantized alone, added up):")
+            s.table(["block", "share", "action MSE", "units"],
+                    [[b["block"], f"{b['share']:.1%}", b["action_mse"], ", ".join(b["units"])]
+                     for b in pl["ranking_by_block"]])
         if pl.get("ranking"):
             s.p("Ranking: each layer quantized alone (all others float); its action error and share of the sum. "
                 + (f"Sum of single-layer MSEs / full-model MSE = {pl['sum_single_layer_mse_over_full_mse']:.3g} "
                    "(near 1: errors add up independently)." if pl.get("sum_single_layer_mse_over_full_mse") else ""))
-            s.table(["layer", "share", "action RMS error", "action max |error|", "own output SQNR (dB)"],
-                    [[r["node"], f"{r['share']:.1%}", r["action_rms_error"], r["action_max_abs_error"],
-                      r.get("own_output_sqnr_db")] for r in pl["ranking"]])
+            s.table(["layer", "role", "share", "action RMS error", "action max |error|", "own output SQNR (dB)"],
+                    [[r["node"], r.get("role", "layer"), f"{r['share']:.1%}", r["action_rms_error"],
+                      r["action_max_abs_error"], r.get("own_output_sqnr_db")] for r in pl["ranking"]])
         sections.append(s)
 
     lats = [(t, r["latency"]) for t, r in targets.items() if r.get("latency")]

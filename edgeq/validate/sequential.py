@@ -30,7 +30,7 @@ paired difference and the exact McNemar interval at α.
 
 No procedure sees what did not happen yet: an effect carried by rare events (a fall in 1 of 50
 episodes) can be missed until such an event occurs. :attr:`SequentialDesign.min_episodes` (30)
-makes an event of rate ≥ 10% appear before any decision with probability ≥ 96%.
+makes an event of rate ≥ 10% appear before any decision with probability ≥ 1 − 0.9³⁰ ≈ 95.8%.
 ``benchmarks/sequential_error_rates.py`` measures the error rates by simulation (``BENCHMARKS.md``).
 """
 

@@ -28,6 +28,9 @@ from edgeq.validate.paired import paired_rollouts
 TARGETS = ("cpu", "cuda", "trt")
 RUNTIME_ORT_CPU = "onnxruntime-cpu"
 RUNTIME_ORT_CUDA = "onnxruntime-cuda"
+#: The INT8 policy on the ``cuda`` target runs edgeq's fused kernel where it can (the default CUDA backend
+#: of ``edgeq.deploy``): feed-forward INT8 graphs, cuda-python and a GPU.
+RUNTIME_FUSED_CUDA = "edgeq-fused-cuda"
 RUNTIME_TENSORRT = "tensorrt"
 
 
@@ -152,6 +155,19 @@ def _tensorrt_runtimes(float_model: Path, int8_model: Path, io: dict[str, Any], 
     return make, described
 
 
+def fused_cuda_reason(int8_model: str | Path | bytes, io: dict[str, Any]) -> str | None:
+    """Why the fused INT8 kernel cannot run ``int8_model`` here (None: it can, and ``edgeq.deploy``'s
+    ``cuda`` backend runs it). Recurrent policies stay on ONNX Runtime's CUDA EP."""
+    if isinstance(int8_model, bytes):
+        return "the model is not a file"
+    if io.get("state"):
+        return "recurrent policy (runs on ONNX Runtime's CUDA EP)"
+    from edgeq.deploy import cuda
+    from edgeq.deploy.fused_mlp import fused_support
+
+    return cuda.available() or fused_support(int8_model)
+
+
 def validate_target(target: str, float_model: Path, int8_model: Path, io: dict[str, Any],
                     make_env: Callable[[], Any], seeds: Sequence[int], *, act_dim: int, num_envs: int = 8,
                     progress: Callable[[int], None] | None = None, cuda_int8_model: Path | None = None,
@@ -161,8 +177,12 @@ def validate_target(target: str, float_model: Path, int8_model: Path, io: dict[s
     ``int8_model`` is the portable QDQ file (for ``cpu``, its CPU-specialized copy). On the ``cuda``
     target through ONNX Runtime the INT8 policy runs ``cuda_int8_model`` (the bundle's
     ``policy.int8.cuda.onnx``) or, if None, the CUDA specialization of ``int8_model`` made here; with
-    ``cuda_graph`` each policy is captured as a CUDA graph (what ``edgeq.deploy`` runs). The result
-    names the runtime, and for ONNX Runtime's CUDA EP where each kernel ran.
+    ``cuda_graph`` each policy is captured as a CUDA graph (what ``edgeq.deploy`` runs). Where the
+    fused INT8 kernel can run ``int8_model`` (:func:`fused_cuda_reason`), the INT8 policy runs there
+    instead, on the very file the CPU target's ``int8_model`` comes from: what ``edgeq.deploy``'s
+    ``cuda`` backend ships. The result names the runtimes (``int8_runtime``), and for ONNX Runtime's
+    CUDA EP where each kernel ran. The verdict is computed from the result by the same code for
+    every target.
     """
     runtime = target_runtime(target)
     inp, out, state = io.get("input", "obs"), io.get("output", "actions"), io.get("state", [])
@@ -179,19 +199,34 @@ def validate_target(target: str, float_model: Path, int8_model: Path, io: dict[s
     if runtime == RUNTIME_ORT_CUDA:
         from edgeq.deploy.ort_cuda import OrtCudaPolicy, node_placement, summarize_placement
 
-        int8_src: Path | bytes = cuda_int8_model if cuda_int8_model is not None else cuda_int8_bytes(int8_model)
-
         def gpu(src: Path | bytes) -> Any:
             return with_history(OrtCudaPolicy(src, input_name=inp, output_name=out, state=state, io_binding=True,
                                               cuda_graph=cuda_graph), io)
 
-        ref, cand = gpu(float_model), gpu(int8_src)
-        result = paired_rollouts(make_env, ref, cand, gpu(float_model), gpu(int8_src), seeds, num_envs=num_envs,
+        fused_reason = fused_cuda_reason(int8_model, io)
+        int8_src: Path | bytes
+        if fused_reason is None:
+            from edgeq.deploy.fused_mlp import FusedCudaPolicy
+
+            int8_src = int8_model
+
+            def gpu8(src: Path | bytes) -> Any:
+                return with_history(FusedCudaPolicy(int8_model, input_name=inp, output_name=out,
+                                                    cuda_graph=cuda_graph), io)
+
+            int8_desc = {"int8_runtime": RUNTIME_FUSED_CUDA, "int8_model": int8_model.name}
+        else:
+            int8_src = cuda_int8_model if cuda_int8_model is not None else cuda_int8_bytes(int8_model)
+            gpu8 = gpu
+            int8_desc = {"int8_runtime": RUNTIME_ORT_CUDA, "fused_unavailable": fused_reason,
+                         "int8_model": cuda_int8_model.name if cuda_int8_model is not None
+                         else f"{int8_model.name} (CUDA-specialized at validation)"}
+        ref, cand = gpu(float_model), gpu8(int8_src)
+        result = paired_rollouts(make_env, ref, cand, gpu(float_model), gpu8(int8_src), seeds, num_envs=num_envs,
                                  act_dim=act_dim, progress=progress)
-        placement = {name: summarize_placement(node_placement(src, batch=num_envs))
-                     for name, src in (("float", float_model), ("int8", int8_src))}
-        return {**ref.describe(), "int8_model": cuda_int8_model.name if cuda_int8_model is not None
-                else f"{int8_model.name} (CUDA-specialized at validation)", "placement": placement, **result}
+        placed = [("float", float_model)] + ([("int8", int8_src)] if fused_reason is not None else [])
+        placement = {name: summarize_placement(node_placement(src, batch=num_envs)) for name, src in placed}
+        return {**ref.describe(), **int8_desc, "placement": placement, **result}
 
     with tempfile.TemporaryDirectory(prefix="edgeq-trt-") as tmp:
         make, described = _tensorrt_runtimes(float_model, int8_model, io, num_envs, Path(tmp))
@@ -232,9 +267,11 @@ def make_runtime(target: str, path: str | Path | bytes, io: dict[str, Any], *, p
 
     ``cpu``: :class:`OrtPolicy` on the CPU provider. ``cuda`` through ONNX Runtime:
     :class:`~edgeq.deploy.ort_cuda.OrtCudaPolicy` with IO binding and CUDA graphs (pass the
-    CUDA-specialized INT8 file for int8). TensorRT (``trt``, or ``cuda`` where TensorRT is installed):
-    an engine built once per model file and precision in a temporary folder. A history policy
-    (``io.history``) gets its observation window kept by :class:`~edgeq.deploy.history.ObservationHistory`.
+    CUDA-specialized INT8 file for int8), or, for an INT8 file the fused kernel runs,
+    :class:`~edgeq.deploy.fused_mlp.FusedCudaPolicy` (what ``edgeq.deploy``'s ``cuda`` backend runs).
+    TensorRT (``trt``, or ``cuda`` where TensorRT is installed): an engine built once per model file
+    and precision in a temporary folder. A history policy (``io.history``) gets its observation
+    window kept by :class:`~edgeq.deploy.history.ObservationHistory`.
     """
     return with_history(_make_runtime(target, path, io, precision=precision, intra_op_threads=intra_op_threads,
                                       num_envs=num_envs), io)
@@ -250,6 +287,10 @@ def _make_runtime(target: str, path: str | Path | bytes, io: dict[str, Any], *, 
     if runtime == RUNTIME_ORT_CUDA:
         from edgeq.deploy.ort_cuda import OrtCudaPolicy
 
+        if precision == "int8" and fused_cuda_reason(path, io) is None:
+            from edgeq.deploy.fused_mlp import FusedCudaPolicy
+
+            return FusedCudaPolicy(Path(str(path)), input_name=inp, output_name=out)
         return OrtCudaPolicy(path, input_name=inp, output_name=out, state=state, io_binding=True, cuda_graph=True)
     if isinstance(path, bytes):
         raise EdgeqError("TensorRT targets build engines from model files, not bytes")

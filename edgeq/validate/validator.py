@@ -36,8 +36,10 @@ from edgeq.validate.sequential import SequentialDesign, run_until_decided
 from edgeq.validate.spread import perturbed_returns_spread, run_paired_spread
 from edgeq.validate.stats import json_safe
 from edgeq.validate.targets import (
+    RUNTIME_ORT_CUDA,
     RUNTIME_TENSORRT,
     RuntimeSpec,
+    fused_cuda_reason,
     make_runtime,
     runtime_for,
     target_runtime,
@@ -187,6 +189,9 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
                 # TensorRT builds from the portable QDQ file; ONNX Runtime targets run their specialized copy
                 int8_here = (int8_model if target_runtime(target) == RUNTIME_TENSORRT
                              else (int8_for_target or {}).get(target, int8_model))
+                if target_runtime(target) == RUNTIME_ORT_CUDA and fused_cuda_reason(int8_model, io) is None:
+                    # what edgeq.deploy's cuda backend runs: the fused INT8 kernel on the all-INT8 file
+                    int8_here = int8_model
                 f_spec = RuntimeSpec.of(target, float_model, io, "fp32")
                 q_spec = RuntimeSpec.of(target, int8_here, io, "int8")
                 # built here (and cached for the serial executor) so a target that cannot start is reported
@@ -224,6 +229,8 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
         res["providers"] = list(getattr(f_rt, "providers", []))[:1]
         res["float_model"] = Path(float_model).name
         res["int8_model"] = Path(int8_here).name if isinstance(int8_here, (str, Path)) else "(in memory)"
+        describe = getattr(q_rt, "describe", None)
+        res["int8_runtime"] = describe()["runtime"] if callable(describe) else res["runtime"]
         res["episodes"] = {**record.to_json(), "design": opts.design.to_json()}
         assert run.reference_traj is not None
         first = used[0]

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU run of issue 15 (fused INT8 backend, pinned ORT copies, torch-free TensorRT runner).
+# Runs on the GPU machine from a copy of the repository (the command `cd`s there first), with bundles
+# made here in ./bundles (halfcheetah, elu512). Writes to $OUT: env.txt, pytest-*.txt, bench.json/.txt.
+#   bash benchmarks/gpu_issue15.sh [tests] [ort-tests] [returns] [bench]     (default: tests bench)
+# ONNX Runtime GPU, gymnasium and MuJoCo come from ../shared/tools/ort-gpu-wheels.sh's parts, installed
+# by benchmarks/gpu_env.sh when /tmp/ortparts is there (the stages that need them say so and skip otherwise).
+set -uo pipefail
+# gymnasium/MuJoCo alone (no onnxruntime-gpu): wheels copied to /tmp/extra
+if [ -d /tmp/extra ] && [ ! -d /tmp/site/gymnasium ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/extra/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+elif [ -d /tmp/site/gymnasium ]; then export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; fi
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
+if [ -d /tmp/ortparts ] && [ -f /tmp/ortextra/SHA256 ]; then
+  source benchmarks/gpu_env.sh || echo "gpu_env.sh failed: no onnxruntime-gpu"
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} EDGEQ_GPU_REPORT=$OUT/gpu-report.jsonl EDGEQ_GPU_BUNDLE_HC=$PWD/bundles/halfcheetah
+[ -e tests/fixtures/policies ] || { [ -d ../tests/fixtures/policies ] && ln -s "$(cd ../tests/fixtures/policies && pwd)" tests/fixtures/policies; }
+for d in calibration export; do [ -e "$d" ] || { [ -d "../$d" ] && ln -s "$(cd ../$d && pwd)" "$d"; }; done
+stages=${*:-tests bench}
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+  python3 -c 'import sys, numpy, torch, onnxruntime as o; from importlib.metadata import version as v; print(sys.version.split()[0], "numpy", numpy.__version__, "torch", torch.__version__, "onnxruntime", o.__version__, o.get_available_providers(), "cuda-bindings", v("cuda-bindings"))'
+  python3 -c 'from edgeq.deploy import cuda; print(cuda.available(), cuda.device_info())'; } 2>&1 | tee "$OUT/env.txt"
+for stage in $stages; do
+  case $stage in
+  tests)   # the GPU tests that need no onnxruntime-gpu
+    python3 -m pytest -q -p no:cacheprovider -rs tests/test_fused_mlp.py tests/test_trt_runner.py 2>&1 | tee "$OUT/pytest-fused.txt" | tail -25 ;;
+  returns)   # CPU and CUDA int8 returns on the same file (gymnasium/MuJoCo wheels from /tmp/extra)
+    python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_returns.py 2>&1 | tee "$OUT/pytest-returns.txt" | tail -12 ;;
+  ort-tests)   # with onnxruntime-gpu (and gymnasium/MuJoCo for the returns)
+    python3 -m pytest -q -p no:cacheprovider -rs tests/test_ort_cuda_pinned.py tests/test_gpu_returns.py tests/test_cuda_target.py \
+      tests/test_deploy_policy.py tests/test_fused_mlp.py tests/test_trt_runner.py 2>&1 | tee "$OUT/pytest-all.txt" | tail -30 ;;
+  bench)
+    python3 benchmarks/gpu_backends.py bundles/halfcheetah="SAC HalfCheetah-v5 [256,256] ReLU (trained fixture)" \
+      bundles/elu512="ELU [512,256,128] (random weights, torch module)" --batches 1 32 256 4096 \
+      --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" | grep -av "^\[" ;;
+  esac
+done
