@@ -98,7 +98,8 @@ class ExportProfile:
     cpu_float_below: int = 32
     #: How policy.int8.cpu.onnx decides which layers run in float on their int8 weights: "measured" (time
     #: the CPU file at batch 1 for candidate choices at export, keep the fastest; edgeq.export.cpu_select)
-    #: or "width" (the cpu_float_below rule alone). The choice is recorded in the manifest.
+    #: or "width" (the cpu_float_below rule alone; cpu_float_below 0 = every layer INT8, never measured).
+    #: The choice is recorded in the manifest.
     cpu_layer_selection: str = "measured"
     #: Replay a recorded choice: exactly these layers run in float in the CPU file (no timing); [] = none.
     cpu_float_layers: list[str] | None = None

@@ -441,7 +441,8 @@ def _cpu_model(qmodel: Any, fmodel: Any, prof: ExportProfile, gate_nodes: list[s
     if prof.cpu_float_layers is not None:
         record = replay_record(prof.cpu_float_layers, qmodel, gate_nodes)
         return specialize_for_ort_cpu(qmodel, keep_int8=gate_nodes, float_layers=record["float_layers"]), record
-    if prof.cpu_layer_selection == "measured" and prof.runtime == "onnxruntime":
+    # cpu_float_below: 0 asks for every layer INT8 on the CPU too (the arithmetic of policy.int8.onnx)
+    if prof.cpu_layer_selection == "measured" and prof.runtime == "onnxruntime" and prof.cpu_float_below > 0:
         chosen, record = select_cpu_float_layers(qmodel, fmodel, width_rule=prof.cpu_float_below,
                                                  keep_int8=gate_nodes)
         return specialize_for_ort_cpu(qmodel, keep_int8=gate_nodes, float_layers=chosen), record

@@ -283,7 +283,7 @@ def print_layer_choices(quantization: dict[str, Any], cpu_float_layers: list[str
                       + ", ".join(f"{k} {v:.4f}" for k, v in stages.items()), highlight=False, soft_wrap=True)
 
 
-def print_quiet(validation: dict[str, Any], where: Any = None) -> None:
+def print_quiet(validation: dict[str, Any], where: Any = None, label: str = "results") -> None:
     """``--quiet``: one verdict line (with each target's status) and where the results are."""
     verdict = validation.get("verdict") or {}
     per_target = [f"{t} {r['verdict'].get('status') or ('PASS' if r['verdict'].get('passed') else 'FAIL')}"
@@ -292,7 +292,7 @@ def print_quiet(validation: dict[str, Any], where: Any = None) -> None:
     console.print(f"verdict: {status}" + (f" ({', '.join(per_target)})" if per_target else ""),
                   highlight=False, markup=False)
     if where is not None:
-        console.print(f"results: {where}", highlight=False, markup=False)
+        console.print(f"{label}: {where}", highlight=False, markup=False)
 
 
 def describe_error(exc: BaseException) -> str:

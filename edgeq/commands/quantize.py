@@ -216,7 +216,7 @@ def quantize(
     if json_out:
         console.print_json(json.dumps(result.validation))
     elif quiet:
-        print_quiet(result.validation, result.bundle)
+        print_quiet(result.validation, result.bundle, label="bundle")
     elif result.validation.get("closed_loop") is False:
         print_open_loop_summary(result.validation, result.manifest)
         console.print(f"bundle: {result.bundle}", highlight=False, markup=False)

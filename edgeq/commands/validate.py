@@ -225,7 +225,7 @@ def validate(
     if json_out:
         console.print_json(json.dumps(val))
     elif quiet:
-        print_quiet(val, (out if out is not None else bundle) / "report.html" if report else None)
+        print_quiet(val, (out if out is not None else bundle) / "report.html" if report else None, label="report")
     else:
         print_summary(val, manifest)
         print_details(val)

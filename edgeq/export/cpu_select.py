@@ -5,8 +5,10 @@ layer's arithmetic never earns back at batch 1: on a 64×64 policy every layer c
 INT8 than in float. A width threshold guesses; this module measures. At export it times the CPU
 file at batch 1 (one thread, as ``edgeq.deploy`` runs it) for candidate choices: the width rule's,
 every layer float, every layer INT8, then one layer switched at a time from the best so far, and
-keeps the fastest. A switch is kept only when it is faster by a clear margin (``margin`` and
-``min_gain_us``), so that timing noise does not flip choices; ties go to fewer INT8 layers.
+keeps the fastest. A candidate replaces the current choice (first: the width rule's) only when it is
+faster by a clear margin (``margin`` and ``min_gain_us``), so that timing noise does not flip choices.
+Since "every layer float" (as fast as ``policy.fp32.onnx``: the weights are dequantized once at load)
+is always a candidate, the chosen file is never clearly slower than the float policy.
 
 Timing is not reproducible bit for bit, so the choice is *recorded* (``manifest["cpu_layer_selection"]``:
 every candidate's time and the chosen float layers) and can be *replayed*: the export profile's
@@ -84,11 +86,9 @@ def select_cpu_float_layers(qdq: onnx.ModelProto, fp32: onnx.ModelProto, *, widt
             cache[c] = us
 
     def better(a: frozenset[str], b: frozenset[str]) -> bool:
-        """``a`` clearly faster than ``b`` (or as fast with fewer INT8 layers)."""
+        """``a`` clearly faster than ``b``: by ``margin`` and ``min_gain_us`` (noise never flips a choice)."""
         ta, tb = cache[a], cache[b]
-        if ta < tb * (1 - margin) and tb - ta >= min_gain_us:
-            return True
-        return abs(ta - tb) < max(tb * margin, min_gain_us) and len(a) > len(b)
+        return ta < tb * (1 - margin) and tb - ta >= min_gain_us
 
     everything: frozenset[str] = frozenset(layers)
     nothing: frozenset[str] = frozenset()

@@ -157,6 +157,7 @@ def specialize_for_ort_cpu(qdq: onnx.ModelProto, min_int8_width: int = 0,
             nodes.extend(replace[id(n)])
         elif id(n) not in drop:
             nodes.append(n)
+    nodes = _drop_zero_adds(nodes, inits, graph_outputs)
     nodes = _drop_dead_nodes(bypass_output_identities(nodes, graph_outputs), graph_outputs)
     if chosen_float:
         nodes = _move_weight_scales_into_float_layers(nodes, inits, new_inits, graph_outputs, float_weights)
@@ -229,6 +230,17 @@ def _float_layer(node: onnx.NodeProto, q: onnx.NodeProto, w_dq: onnx.NodeProto,
         raise ValueError(f"{w_dq.name}: edgeq weights are symmetric (zero point 0)")
     k_in = int(inits[w_int8].dims[0])
     x = q.input[0]
+    # A Gemm holds its weight as [N, K] (transB=1), as the float graph does: ONNX Runtime's batch-1
+    # float GEMM is measurably faster in that layout than on a [K, N] weight; the int8 values are the
+    # same, stored transposed (a MatMul keeps [K, N]).
+    transposed = add is not None and gemm
+    if transposed:
+        w_t = f"{base}/w.int8_t"
+        new_inits.append(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(inits[w_int8]).T), w_t))
+        scale = numpy_helper.to_array(inits[w_scale]).astype(np.float32)
+        new_inits.append(numpy_helper.from_array(scale.reshape(-1, 1) if scale.ndim == 1 else scale,
+                                                 f"{base}/w.scale_t"))
+        w_int8, w_scale = w_t, f"{base}/w.scale_t"
     nodes = [helper.make_node("Cast", [w_int8], [f"{base}/w.f32"], to=onnx.TensorProto.FLOAT, name=f"{base}/w.cast"),
              helper.make_node("Mul", [f"{base}/w.f32", w_scale], [f"{base}/w.dequantized"], name=f"{base}/w.scale")]
     weight = f"{base}/w.dequantized"
@@ -236,20 +248,46 @@ def _float_layer(node: onnx.NodeProto, q: onnx.NodeProto, w_dq: onnx.NodeProto,
     if pre is not None and pre.op_type == "Mul" and len(consumers.get(x, [])) == 1:
         factor = next((i for i in pre.input if i in inits and list(inits[i].dims) == [k_in]), None)
         if factor is not None:
-            f = numpy_helper.to_array(inits[factor]).astype(np.float32).reshape(k_in, 1)
+            f = numpy_helper.to_array(inits[factor]).astype(np.float32).reshape((1, k_in) if transposed else (k_in, 1))
             new_inits.append(numpy_helper.from_array(f, f"{base}/w.row_factors"))
             nodes.append(helper.make_node("Mul", [weight, f"{base}/w.row_factors"], [f"{base}/w.folded"],
                                           name=f"{base}/w.fold_input_scale"))
             weight = f"{base}/w.folded"
             x = pre.input[0] if pre.input[1] == factor else pre.input[1]
-    if add is not None and gemm:
-        nodes.append(helper.make_node("Gemm", [x, weight, add[1]], [add[0].output[0]], name=base))
+    if transposed:
+        assert add is not None
+        nodes.append(helper.make_node("Gemm", [x, weight, add[1]], [add[0].output[0]], name=base, transB=1))
     elif add is not None:
         nodes.append(helper.make_node("MatMul", [x, weight], [f"{base}/matmul"], name=base))
         nodes.append(helper.make_node("Add", [f"{base}/matmul", add[1]], [add[0].output[0]], name=f"{base}/bias"))
     else:
         nodes.append(helper.make_node("MatMul", [x, weight], [node.output[0]], name=base))
     return nodes
+
+
+def _drop_zero_adds(nodes: list[onnx.NodeProto], inits: dict[str, onnx.TensorProto],
+                    outputs: set[str]) -> list[onnx.NodeProto]:
+    """Drop ``Add(x, 0)`` with a 1-D all-zero constant (the action rescale of a symmetric box, [-a, a]).
+
+    ONNX Runtime removes such a no-op itself, except when it writes a graph output, which it does in
+    this file once output Identities are bypassed; at batch 1 the kernel is ~0.2 µs. The producer of
+    ``x`` then writes the Add's output (``x`` has no other reader), so names and results are unchanged.
+    """
+    out = list(nodes)
+    for add in [n for n in out if n.op_type == "Add" and len(n.input) == 2]:
+        const = [i for i in add.input if i in inits]
+        if len(const) != 1 or len(inits[const[0]].dims) > 1:
+            continue
+        if np.any(numpy_helper.to_array(inits[const[0]]) != 0):
+            continue
+        x = add.input[1] if add.input[0] == const[0] else add.input[0]
+        producer = next((n for n in out if x in n.output), None)
+        readers = [n for n in out if x in n.input]
+        if producer is None or readers != [add] or x in outputs:
+            continue
+        producer.output[list(producer.output).index(x)] = add.output[0]
+        out.remove(add)
+    return out
 
 
 def _drop_dead_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
@@ -311,7 +349,13 @@ def _move_weight_scales_into_float_layers(nodes: list[onnx.NodeProto], inits: di
             reader.input[0] = renamed
             scaled = f"{reader.name or reader.output[0]}/w.rows_times_input_scale"
             idx = out.index(reader)
-            out.insert(idx, helper.make_node("Mul", [reader.input[1], factors], [scaled],
+            trans_b = any(a.name == "transB" and a.i == 1 for a in reader.attribute)
+            use = factors
+            if trans_b:  # an [N, K] weight: the input's channels are its columns
+                use = f"{base}/weight_scale_columns"
+                if use not in {t.name for t in new_inits}:
+                    new_inits.append(numpy_helper.from_array(w_scale.astype(np.float32).reshape(1, -1), use))
+            out.insert(idx, helper.make_node("Mul", [reader.input[1], use], [scaled],
                                              name=f"{reader.name or reader.output[0]}/w.absorb_input_scale"))
             reader.input[1] = scaled
     return out
