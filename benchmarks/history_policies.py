@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -57,9 +58,19 @@ def _products(path: Path) -> tuple[int, int, int, int]:
     return n8, total, a8, atotal
 
 
+def _merge(into: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+    return into
+
+
 def summarize(label: str, bundle: Path) -> list[str]:
-    manifest = json.loads((bundle / "manifest.json").read_text())
     val = json.loads((bundle / "validation.json").read_text())
+    if (bundle / "measurements.json").is_file():  # latency and timings live there since bundle format 2
+        _merge(val, json.loads((bundle / "measurements.json").read_text()))
     rows = []
     q8, qt, qa8, qat = _products(bundle / "policy.int8.onnx")
     for target, r in val["targets"].items():
@@ -80,7 +91,6 @@ def summarize(label: str, bundle: Path) -> list[str]:
             f"| {b1['float'].get('median_us', float('nan')):.1f} / {b1['int8'].get('median_us', float('nan')):.1f} us "
             f"(p99 {b1['float'].get('p99_us', float('nan')):.0f} / {b1['int8'].get('p99_us', float('nan')):.0f}) "
             f"| QDQ {q8}/{qt} (attention {qa8}/{qat}); {target} file {c8}/{ct} (attention {ca8}/{cat}) |")
-    del manifest
     return rows
 
 

@@ -49,6 +49,31 @@ def test_transformer_fixture_is_a_causal_attention_policy() -> None:
     assert record["eval"]["mean_return"] > -250  # Pendulum: a random policy scores about -1200
 
 
+#: Float return a competent policy reaches (Pendulum: a random policy scores about -1200; the SAC expert
+#: -109 ± 65; HalfCheetah: the SAC expert 6718 ± 72).
+COMPETENT = {"Pendulum-v1": -250.0, "HalfCheetah-v5": 6000.0}
+
+
+HISTORY_RECORDS = sorted(p for p in FIXTURES.glob("*.json")
+                         if isinstance(json.loads(p.read_text()).get("history"), dict))
+
+
+def test_every_history_fixture_has_a_record() -> None:
+    assert {p.stem for p in HISTORY_RECORDS} >= {"framestack-mlp-pendulum", "transformer-pendulum",
+                                                 "encoder-body-pendulum"}
+
+
+@pytest.mark.parametrize("record", HISTORY_RECORDS, ids=lambda p: p.stem)
+def test_history_fixture_records_a_competent_float_return(record: Path) -> None:
+    d = json.loads(record.read_text())
+    assert all((FIXTURES / f).is_file() for f in d["files"])
+    ev = d["eval"]
+    assert ev["episodes"] == len(ev["returns"]) >= 10
+    assert ev["mean_return"] == pytest.approx(float(np.mean(ev["returns"])), abs=1e-2)
+    assert ev["mean_return"] > COMPETENT[d["env_id"]], (record.name, ev["mean_return"])
+    assert d["onnx_vs_torch_max_abs_diff"] < 1e-4
+
+
 def test_framestack_bundle_carries_history_and_deploy_keeps_the_window(tmp_path: Path) -> None:
     out = tmp_path / "b"
     res = edgeq.quantize(FRAMESTACK, "Pendulum-v1", out, episodes=2, recipe_overrides=QUICK)
@@ -106,3 +131,28 @@ def test_per_layer_ranking_shows_attention_products_and_blocks() -> None:
     attn = blocks["/inner/blocks/blocks.0/attn"]
     assert len(attn["units"]) == 6  # q, k, v, o projections and the two products
     assert res["plan_reproduces_model_max_abs"] < 1e-5
+
+
+def test_per_layer_search_also_chooses_the_attention_calibrators() -> None:
+    from edgeq.calibration.collect import CalibrationStats, observe_states
+    from edgeq.export.qdq import apply_plan
+    from edgeq.ingest import load_policy
+    from edgeq.quantizers.build import QuantOptions, build_plan
+
+    fp = load_policy(TRANSFORMER)
+    rng = np.random.default_rng(1)
+
+    def windows(n: int) -> np.ndarray:
+        th = rng.uniform(-np.pi, np.pi, (n, 30))
+        eps = [np.stack([np.cos(t), np.sin(t), rng.uniform(-4, 4, 30)], -1).astype(np.float32) for t in th]
+        return np.concatenate([episode_windows(ep, 8) for ep in eps])
+
+    calib, held = windows(4), windows(2)
+    stats = CalibrationStats(observe_states(fp.model, calib), calib, None, len(calib), 0.0, {}, held)
+    opts = QuantOptions(auto=True, auto_calibrators=[("max", {}), ("percentile", {"percentile": 99.9})],
+                        auto_transforms=[("none", None)], auto_weight_methods=[])
+    plan = build_plan(fp.model, stats, opts, lower=apply_plan, half_range=np.array([2.0]))
+    search = plan.metrics["activation_matmul_search"]
+    assert sorted(search) == sorted(m.node for m in plan.matmuls) and len(search) == 4
+    assert all(m.precision == "int8" and "searched" in m.reason for m in plan.matmuls)
+    assert {t for m in plan.matmuls for t in m.inputs} <= set(plan.activations)

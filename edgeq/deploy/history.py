@@ -14,6 +14,7 @@ The manifest describes it as ``io.history`` = ``{"input", "length", "obs_dim", "
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -68,8 +69,6 @@ class ObservationHistory:
     """
 
     def __init__(self, runtime: Any, length: int, obs_dim: int, input_name: str = "obs") -> None:
-        import threading
-
         self.runtime = runtime
         self.history = HistoryBuffer(length, obs_dim)
         self.input_name = input_name

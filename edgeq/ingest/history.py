@@ -26,8 +26,6 @@ layer it is.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -236,21 +234,3 @@ def lower_conv1d(model: onnx.ModelProto, *, origin: str) -> list[str]:
     g.initializer.extend(kept)
     del g.value_info[:]
     return lowered
-
-
-def load_modules(paths: Sequence[str]) -> tuple[onnx.ModelProto, str]:
-    """Read one or two ONNX files (encoder, body) into one model; returns it and a label for errors."""
-    from pathlib import Path
-
-    models = []
-    for p in paths:
-        try:
-            models.append(onnx.load(str(p)))
-        except Exception as exc:  # noqa: BLE001 - protobuf DecodeError, OSError
-            raise PolicyFormatError(f"{p}: not a valid ONNX model ({type(exc).__name__}: {exc})") from None
-    if len(models) == 1:
-        return models[0], str(paths[0])
-    if len(models) != 2:
-        raise PolicyFormatError(f"{', '.join(map(str, paths))}: give one policy file, or two (encoder then body)")
-    origin = " + ".join(Path(p).name for p in paths)
-    return compose_modules(models[0], models[1], origin=origin), origin

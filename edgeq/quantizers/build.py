@@ -238,9 +238,12 @@ class _Builder:
                 observers[wl.input] = self.stats.observers[orig]
             per_tensor.setdefault(wl.input, (ch.calibrator, dict(ch.params)))
         for mm in find_activation_matmuls(work):  # attention products: the streamed statistics of both inputs
+            mm_choice = choices.get(mm.node)
             for t in mm.inputs:
                 if t not in observers and t in self.stats.observers:
                     observers[t] = self.stats.observers[t]
+                if mm_choice is not None:
+                    per_tensor.setdefault(t, (mm_choice.calibrator, dict(mm_choice.params)))
         plan = make_plan(self.model, observers, calibrator=self.opt.calibrator,
                          calibrator_params=self.opt.calibrator_params, weight_method=self.opt.weight_method,
                          keep_float=self.opt.keep_float, per_tensor_calibrator=per_tensor, transforms=transforms,
@@ -414,10 +417,22 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
                 records[n]["weights"] = wrec[n]
                 records[n]["chosen"] = wrec[n]["chosen"]
                 records[n]["heldout_action_error"] = wrec[n]["heldout_action_error"]
+        # attention products (MatMuls of two activations): the calibrator of their two inputs, searched the same way
+        mm_nodes = [m.node for m in find_activation_matmuls(b.model) if m.node not in opt.keep_float]
+        mm_records: dict[str, dict[str, Any]] = {}
+        if mm_nodes:
+            mm_cands = candidate_choices(opt.auto_calibrators or DEFAULT_CALIBRATOR_CANDIDATES, [("none", None)])
+            choices = {**choices, **{n: LayerChoice(opt.calibrator, dict(opt.calibrator_params)) for n in mm_nodes}}
+            choices, mm_records = choose_per_layer(mm_nodes, choices, {n: mm_cands for n in mm_nodes}, score,
+                                                   sweeps=opt.auto_sweeps)
         plan = b.materialize(choices)
         plan = replace(plan, layers=[replace(la, choice={**la.choice, "search": records[la.node]})
                                      if la.node in records and la.choice is not None else la
-                                     for la in plan.layers])
+                                     for la in plan.layers],
+                       matmuls=[replace(m, reason=f"inputs calibrated by {choices[m.node].label} (searched)")
+                                if m.node in mm_records and m.precision == "int8" else m for m in plan.matmuls])
+        if mm_records:
+            plan = replace(plan, metrics={**plan.metrics, "activation_matmul_search": mm_records})
         errors["auto"] = b.scorer(plan)
     current = b.scorer(plan) if not opt.auto else errors["auto"]
     stage_reports: dict[str, Any] = {}
