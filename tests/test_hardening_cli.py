@@ -340,3 +340,25 @@ def test_out_on_a_read_only_or_full_file_system(tmp_path: Path, no_ingest: None)
     finally:
         for path in mounted:
             subprocess.run(["umount", str(path)])
+
+
+def test_validate_and_compare_check_their_output_before_rollouts(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import edgeq.validate.validator as validator
+
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError("rollouts started before the output was checked")
+
+    monkeypatch.setattr(validator, "validate_bundle", boom)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(h.FIXTURES / "bundles" / "v1" / "sac-pendulum", bundle)
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    code, err, _ = cli("validate", bundle, "--episodes", "3", "--out", a_file / "sub")
+    assert_one_line(code, err, "--out", "file.txt")
+    code, err, _ = cli("validate", bundle, "--episodes", "3", "--out", a_file)
+    assert_one_line(code, err, "--out", "existing file")
+    code, err, _ = cli("compare", bundle, "--env", "Pendulum-v1", "--episodes", "2", "--out", a_file)
+    assert_one_line(code, err, "--out", "existing file")
