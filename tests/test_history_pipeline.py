@@ -97,8 +97,10 @@ def test_framestack_bundle_carries_history_and_deploy_keeps_the_window(tmp_path:
 @pytest.mark.parametrize(("files", "env"), [
     ([FRAMESTACK], "Pendulum-v1"), ([TRANSFORMER], "Pendulum-v1"), ([ENCODER, BODY], "Pendulum-v1"),
     ([FIXTURES / "framestack-mlp-halfcheetah.onnx"], "HalfCheetah-v5"),
-    ([FIXTURES / "transformer-halfcheetah.onnx"], "HalfCheetah-v5")],
-    ids=["framestack", "transformer", "encoder-body", "framestack-halfcheetah", "transformer-halfcheetah"])
+    ([FIXTURES / "transformer-halfcheetah.onnx"], "HalfCheetah-v5"),
+    ([FIXTURES / "encoder-halfcheetah.onnx", FIXTURES / "body-halfcheetah.onnx"], "HalfCheetah-v5")],
+    ids=["framestack", "transformer", "encoder-body", "framestack-halfcheetah", "transformer-halfcheetah",
+         "encoder-body-halfcheetah"])
 def test_history_fixture_passes_with_defaults(tmp_path: Path, files: list[Path], env: str) -> None:
     out = tmp_path / "b"
     res = edgeq.quantize(files[0] if len(files) == 1 else files, env, out)  # defaults: --episodes auto
