@@ -2,18 +2,24 @@
 
 Both are small YAML files users edit. A name is looked up as a path first, then as
 ``calibration/NAME.yaml`` / ``export/NAME.yaml`` in the current directory, then in the directories
-shipped beside the edgeq package (a source checkout).
+beside the edgeq package (a source checkout), then in the copies an installed wheel carries as
+package data (``edgeq/_data/recipes``, ``edgeq/_data/profiles``; see setup.py), read through
+:mod:`importlib.resources`.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 from edgeq.errors import EdgeqError
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
+#: checkout folder → package-data folder of an installed wheel (setup.py copies one into the other)
+PACKAGE_DATA = {"calibration": "recipes", "export": "profiles"}
 
 
 @dataclass
@@ -90,13 +96,19 @@ class ExportProfile:
     #: their int8 weights (ORT's integer GEMM costs more per call than such a layer's arithmetic);
     #: 0 quantizes every layer there too. The TensorRT/CUDA files are not affected.
     cpu_float_below: int = 32
+    #: How policy.int8.cpu.onnx decides which layers run in float on their int8 weights: "measured" (time
+    #: the CPU file at batch 1 for candidate choices at export, keep the fastest; edgeq.export.cpu_select)
+    #: or "width" (the cpu_float_below rule alone). The choice is recorded in the manifest.
+    cpu_layer_selection: str = "measured"
+    #: Replay a recorded choice: exactly these layers run in float in the CPU file (no timing); [] = none.
+    cpu_float_layers: list[str] | None = None
     tensorrt: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _find(kind: str, name: str) -> Path | None:
+def _find(kind: str, name: str) -> Path | Traversable | None:
     p = Path(name)
     if p.suffix in (".yaml", ".yml") and p.is_file():
         return p
@@ -104,7 +116,17 @@ def _find(kind: str, name: str) -> Path | None:
         cand = root / kind / f"{name}.yaml"
         if cand.is_file():
             return cand
-    return None
+    shipped = resources.files("edgeq").joinpath("_data", PACKAGE_DATA[kind], f"{name}.yaml")
+    return shipped if shipped.is_file() else None
+
+
+def shipped_names(kind: str) -> list[str]:
+    """The recipe (``calibration``) or profile (``export``) names available without a path."""
+    names = {p.stem for root in (_REPO_ROOT, Path.cwd()) for p in (root / kind).glob("*.yaml")}
+    data = resources.files("edgeq").joinpath("_data", PACKAGE_DATA[kind])
+    if data.is_dir():
+        names |= {t.name.removesuffix(".yaml") for t in data.iterdir() if t.name.endswith(".yaml")}
+    return sorted(names)
 
 
 def _load(cls: type, kind: str, name: str, required: bool) -> Any:
@@ -113,8 +135,8 @@ def _load(cls: type, kind: str, name: str, required: bool) -> Any:
     path = _find(kind, name)
     if path is None:
         if required:
-            raise EdgeqError(f"no {kind} file {name!r} (looked for a path, ./{kind}/{name}.yaml and the "
-                             f"{kind}/ directory of the edgeq checkout)")
+            raise EdgeqError(f"no {kind} file {name!r} (looked for a path, ./{kind}/{name}.yaml and the ones "
+                             f"edgeq ships: {', '.join(shipped_names(kind)) or 'none found'})")
         return None
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -126,7 +148,7 @@ def _load(cls: type, kind: str, name: str, required: bool) -> Any:
     unknown = sorted(set(data) - known)
     if unknown:
         raise EdgeqError(f"{path}: unknown field(s) {unknown}; expected some of {sorted(known)}")
-    data.setdefault("name", path.stem)
+    data.setdefault("name", path.name.removesuffix(".yaml").removesuffix(".yml"))
     return cls(**data)
 
 

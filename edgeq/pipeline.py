@@ -30,8 +30,10 @@ from edgeq.deploy.bundle_format import (
 from edgeq.describe import build_environment
 from edgeq.envs import WrapperSpec, check_env_matches, env_factory, parse_wrapper, resolve_env_id
 from edgeq.errors import EdgeqError
+from edgeq.export import ort_cpu
 from edgeq.export.bundle import BundleWriter
-from edgeq.export.ort_cpu import cpu_float_layers, specialize_for_ort_cpu
+from edgeq.export.cpu_select import replay_record, select_cpu_float_layers
+from edgeq.export.ort_cpu import specialize_for_ort_cpu
 from edgeq.export.ort_cuda import specialize_for_ort_cuda
 from edgeq.export.qdq import apply_plan
 from edgeq.export.trt_rules import check_qdq_model, format_report
@@ -107,8 +109,8 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
              max_episodes: int = 200, time_budget: float | None = None, failure: str | None = None,
              tolerance: Tolerance | None = None, executor: ExecutorConfig | None = None,
              sign_key: str | Path | None = None,
-             env_wrappers: Sequence[str | WrapperSpec] | None = None, frame_stack: int | None = None
-             ) -> QuantizeResult:
+             env_wrappers: Sequence[str | WrapperSpec] | None = None, frame_stack: int | None = None,
+             cpu_float_layers: Sequence[str] | None = None) -> QuantizeResult:
     """Quantize ``policy`` for ``env`` and write a validated bundle to ``out``.
 
     ``sign_key``: an Ed25519 private key file (``edgeq keygen``); the bundle's manifest is signed with it
@@ -159,6 +161,10 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
     ``env_wrappers`` (gymnasium wrapper class paths, e.g. sb3-contrib's TimeFeatureWrapper) and
     ``frame_stack`` describe how the env was wrapped in training; the manifest records them so
     ``edgeq validate`` rebuilds the same env.
+
+    ``cpu_float_layers`` replays a recorded choice of the layers policy.int8.cpu.onnx runs in float
+    (``manifest["cpu_layer_selection"]["float_layers"]``; ``[]``: none) instead of measuring it
+    (:mod:`edgeq.export.cpu_select`).
     """
     zoo: ZooRun | None = None
     if isinstance(policy, (str, Path)) and is_zoo_folder(Path(policy)):
@@ -182,6 +188,8 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
     design = episode_design(episodes, max_episodes=max_episodes, time_budget=time_budget)
     rec = recipe if isinstance(recipe, CalibrationRecipe) else load_recipe(recipe, env)
     prof = profile if isinstance(profile, ExportProfile) else load_profile(profile)
+    if cpu_float_layers is not None:
+        prof = replace(prof, cpu_float_layers=list(cpu_float_layers))
     if calibrator:
         rec.calibrator = calibrator
         rec.calibrator_params = dict(calibrator_params or {})
@@ -297,7 +305,7 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
     with writer as w:
         fpath = w.save_model(fp.model, FLOAT_MODEL)
         qpath = w.save_model(qmodel, INT8_MODEL)
-        cmodel = specialize_for_ort_cpu(qmodel, min_int8_width=prof.cpu_float_below, keep_int8=gate_nodes)
+        cmodel, cpu_selection = _cpu_model(qmodel, fp.model, prof, gate_nodes)
         cpath = w.save_model(cmodel, INT8_CPU_MODEL)
         gpath = w.save_model(specialize_for_ort_cuda(qmodel), INT8_CUDA_MODEL)
         w.write_json(PLAN, plan.to_dict())  # the plan as data: QuantPlan.from_bundle reads it back
@@ -352,7 +360,8 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
             "io": io,
             "models": {"fp32": FLOAT_MODEL, "int8": INT8_MODEL, "int8-cpu": INT8_CPU_MODEL,
                        "int8-cuda": INT8_CUDA_MODEL},
-            "cpu_float_layers": cpu_float_layers(cmodel),
+            "cpu_float_layers": ort_cpu.cpu_float_layers(cmodel),
+            "cpu_layer_selection": cpu_selection,
             "preprocess": fp.preprocess,
             "postprocess": fp.postprocess,
             "profile": prof.to_json(),
@@ -425,6 +434,23 @@ def _adopt_env_spaces(fp: FloatPolicy, env: Any) -> FloatPolicy:
     if env_obs.shape != fp.obs_space.shape or env_act.shape != fp.action_space.shape:
         return fp
     return replace(fp, obs_space=env_obs, action_space=env_act)
+
+
+def _cpu_model(qmodel: Any, fmodel: Any, prof: ExportProfile, gate_nodes: list[str]) -> tuple[Any, dict[str, Any]]:
+    """policy.int8.cpu.onnx and how its float layers were chosen (replayed, measured or by width)."""
+    if prof.cpu_float_layers is not None:
+        record = replay_record(prof.cpu_float_layers, qmodel, gate_nodes)
+        return specialize_for_ort_cpu(qmodel, keep_int8=gate_nodes, float_layers=record["float_layers"]), record
+    if prof.cpu_layer_selection == "measured" and prof.runtime == "onnxruntime":
+        chosen, record = select_cpu_float_layers(qmodel, fmodel, width_rule=prof.cpu_float_below,
+                                                 keep_int8=gate_nodes)
+        return specialize_for_ort_cpu(qmodel, keep_int8=gate_nodes, float_layers=chosen), record
+    if prof.cpu_layer_selection not in ("measured", "width"):
+        raise EdgeqError(f"profile {prof.name!r}: cpu_layer_selection {prof.cpu_layer_selection!r}; expected "
+                         "'measured' or 'width'")
+    cmodel = specialize_for_ort_cpu(qmodel, min_int8_width=prof.cpu_float_below, keep_int8=gate_nodes)
+    return cmodel, {"method": "width", "cpu_float_below": prof.cpu_float_below,
+                    "float_layers": ort_cpu.cpu_float_layers(cmodel)}
 
 
 def _env_record(env: str | None, kwargs: dict[str, Any] | None, wrappers: list[WrapperSpec], stack: int,

@@ -21,6 +21,18 @@ def policy_fixture(name: str) -> Path:
     return path
 
 
+#: Fixtures that run a whole quantize / validate (closed-loop episodes, report): tests using them
+#: are marked ``slow``, so ``python -m pytest -q -m "not slow"`` is a fast subset (README).
+SLOW_FIXTURES = frozenset({"pendulum_bundle", "piped_run", "zoo_bundle", "bundles", "validated", "bundle",
+                           "serial_run", "rppo_pendulum"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def sac_pendulum() -> Path:
     return policy_fixture("sac-pendulum")

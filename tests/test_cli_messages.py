@@ -136,6 +136,7 @@ def test_log_output_is_not_truncated(piped_run: tuple[Path, subprocess.Completed
     assert "search started at" not in res.stdout
 
 
+@pytest.mark.slow
 def test_quiet(piped_run: tuple[Path, subprocess.CompletedProcess], sac_pendulum: Path, tmp_path: Path) -> None:
     res = run_cli("quantize", str(sac_pendulum), "--env", "Pendulum-v1", "--out", str(tmp_path / "q"), "--episodes",
                   "2", "--calib-episodes", "2", "--no-auto", "--quiet")

@@ -90,7 +90,8 @@ def test_quantizes_end_to_end_with_state_in_the_manifest(bundles: dict[str, Path
         # the recurrent policy is competent and int8 keeps its return (within 10% + 20 of the float mean)
         assert val["float"]["mean"] > -400
         assert abs(val["paired_difference"]["mean"]) <= 0.1 * abs(val["float"]["mean"]) + 20
-        assert "lstm_actor.l0.h_prev" in val["saturation"]["on_int8_trajectory"]["tensors"] or cell == "fp32"
+        # (with an fp32 cell the CPU file may run every layer in float, measured faster: nothing saturates there)
+        assert cell == "fp32" or "lstm_actor.l0.h_prev" in val["saturation"]["on_int8_trajectory"]["tensors"]
         # the CPU file runs the tiny action layer (32 → 1) in float but keeps an int8 cell's gates in int8,
         # even the input gate (3 → 128, narrower than cpu_float_below)
         cpu = onnx.load(str(bundle / manifest["models"]["int8-cpu"]))

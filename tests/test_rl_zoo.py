@@ -144,6 +144,7 @@ def test_quantize_zoo_folder_whole(zoo_bundle: tuple[Path, subprocess.CompletedP
     assert again.stdout.startswith("verdict: PASS")
 
 
+@pytest.mark.slow
 def test_rl_zoo_flags_and_old_id(tmp_path: Path) -> None:
     # rl_zoo3's own flags; args.yml says Pendulum-v0, which gymnasium no longer registers
     run = tmp_path / "logs" / "sac" / "Pendulum-v0_3"

@@ -51,6 +51,9 @@ def quantize(
         help="Gymnasium wrapper the policy was trained with, repeatable: a class path from sb3_contrib.common."
              "wrappers or gymnasium.wrappers (TimeFeatureWrapper for short), optionally ':{JSON kwargs}'. "
              "Read from config.yml for RL Zoo folders.")] = None,
+    cpu_float_layers: Annotated[str | None, typer.Option(
+        help="Replay a recorded choice of the layers policy.int8.cpu.onnx runs in float (comma-separated names "
+             "from manifest cpu_layer_selection.float_layers, or 'none') instead of timing them at export.")] = None,
     frame_stack: Annotated[int | None, typer.Option(help="Observations stacked as SB3's VecFrameStack in training "
                                                          "(RL Zoo's frame_stack).")] = None,
     episodes: Annotated[str, typer.Option(help="Paired validation episodes (float vs int8, same seeds): 'auto' "
@@ -204,7 +207,10 @@ def quantize(
                                 calib_perturb=calib_perturb or (), perturb=perturb or (),
                                 cell_precision=cell_precision, saturation_warn=saturation_warn,
                                 executor=executor_config(executor, workers, ray_address),
-                                env_wrappers=env_wrapper or None, frame_stack=frame_stack)
+                                env_wrappers=env_wrapper or None, frame_stack=frame_stack,
+                                cpu_float_layers=None if cpu_float_layers is None else
+                                [] if cpu_float_layers.strip() in ("", "none") else
+                                [n.strip() for n in cpu_float_layers.split(",") if n.strip()])
 
     result = run_guarded(go)
     if json_out:

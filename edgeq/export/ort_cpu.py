@@ -59,14 +59,33 @@ def cpu_float_layers(model: onnx.ModelProto) -> list[str]:
     return []
 
 
+def int8_layer_names(qdq: onnx.ModelProto) -> list[str]:
+    """The INT8 MatMul layers of an edgeq QDQ graph (the ones :func:`specialize_for_ort_cpu` rewrites)."""
+    producer = {o: n for n in qdq.graph.node for o in n.output}
+    inits = {t.name for t in qdq.graph.initializer}
+    names = []
+    for node in qdq.graph.node:
+        a_dq = producer.get(node.input[0]) if node.op_type == "MatMul" else None
+        w_dq = producer.get(node.input[1]) if node.op_type == "MatMul" else None
+        if a_dq is None or w_dq is None or a_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
+            continue
+        q = producer.get(a_dq.input[0])
+        if q is not None and q.op_type == "QuantizeLinear" and w_dq.input[0] in inits and q.input[1] in inits:
+            names.append(node.name or node.output[0])
+    return names
+
+
 def specialize_for_ort_cpu(qdq: onnx.ModelProto, min_int8_width: int = 0,
-                           keep_int8: Collection[str] = ()) -> onnx.ModelProto:
+                           keep_int8: Collection[str] = (),
+                           float_layers: Collection[str] | None = None) -> onnx.ModelProto:
     """Rewrite every INT8 MatMul(+bias Add) of an edgeq QDQ graph into MatMulIntegerToFloat.
 
     With ``min_int8_width`` > 0, layers whose input or output width is below it become float
     ``Gemm``s on their dequantized int8 weights instead (see the module docstring), except the
     nodes named in ``keep_int8`` (a recurrent cell's gate MatMuls: their int8 arithmetic is what
-    the recurrent validation is about, so every target runs it).
+    the recurrent validation is about, so every target runs it). ``float_layers`` names the layers
+    to run in float instead of the width rule (a measured or replayed choice, see
+    :mod:`edgeq.export.cpu_select`).
     """
     m = onnx.ModelProto()
     m.CopyFrom(qdq)
@@ -89,7 +108,7 @@ def specialize_for_ort_cpu(qdq: onnx.ModelProto, min_int8_width: int = 0,
     replace: dict[int, list[onnx.NodeProto]] = {}
     new_inits: list[onnx.TensorProto] = []
     u8_of_q: dict[str, str] = {}
-    float_layers: list[str] = []
+    chosen_float: list[str] = []
     float_weights: set[str] = set()
     for node in g.node:
         if node.op_type != "MatMul":
@@ -102,13 +121,15 @@ def specialize_for_ort_cpu(qdq: onnx.ModelProto, min_int8_width: int = 0,
             continue
         add = _bias_add(node, consumers, inits)
         k_in, n_out = (int(d) for d in inits[w_dq.input[0]].dims)
-        if min(k_in, n_out) < min_int8_width and q.input[1] in inits and node.name not in keep_int8:
+        wanted = (min(k_in, n_out) < min_int8_width if float_layers is None
+                  else (node.name or node.output[0]) in float_layers)
+        if wanted and q.input[1] in inits and node.name not in keep_int8:
             replace[id(node)] = _float_layer(node, q, w_dq, add, producer, consumers, inits, new_inits,
                                              gemm=ranks.get(q.input[0]) == 2)
             base = node.name or node.output[0]
             float_weights.add(next(n for n in replace[id(node)] if n.name == base).input[1])
             drop.update({id(a_dq), id(w_dq)} | ({id(add[0])} if add is not None else set()))
-            float_layers.append(node.name or node.output[0])
+            chosen_float.append(node.name or node.output[0])
             continue
         # activation: Q(int8, zp 0) → Q(uint8, zp 128), shared by every layer reading it
         if q.output[0] not in u8_of_q:
@@ -137,7 +158,7 @@ def specialize_for_ort_cpu(qdq: onnx.ModelProto, min_int8_width: int = 0,
         elif id(n) not in drop:
             nodes.append(n)
     nodes = _drop_dead_nodes(bypass_output_identities(nodes, graph_outputs), graph_outputs)
-    if float_layers:
+    if chosen_float:
         nodes = _move_weight_scales_into_float_layers(nodes, inits, new_inits, graph_outputs, float_weights)
     used = {i for n in nodes for i in n.input}
     kept = [t for t in g.initializer if t.name in used]
@@ -147,12 +168,11 @@ def specialize_for_ort_cpu(qdq: onnx.ModelProto, min_int8_width: int = 0,
     g.initializer.extend(kept + [t for t in new_inits if t.name in used])
     if not any(op.domain == MS_DOMAIN for op in m.opset_import):
         m.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    if float_layers:
+    if chosen_float:
         helper.set_model_props(m, {**{p.key: p.value for p in m.metadata_props},
-                                   CPU_FLOAT_LAYERS_KEY: json.dumps(float_layers)})
-        m.doc_string = ("edgeq INT8 policy specialized for ONNX Runtime CPU (the QDQ graph's arithmetic; layers "
-                        f"narrower than {min_int8_width} run in float on their int8 weights: "
-                        f"{', '.join(float_layers)})")
+                                   CPU_FLOAT_LAYERS_KEY: json.dumps(chosen_float)})
+        m.doc_string = ("edgeq INT8 policy specialized for ONNX Runtime CPU (the QDQ graph's arithmetic; these "
+                        f"layers run in float on their int8 weights: {', '.join(chosen_float)})")
     else:
         m.doc_string = "edgeq INT8 policy specialized for ONNX Runtime CPU (same arithmetic as the QDQ graph)"
     onnx.checker.check_model(m)

@@ -438,8 +438,11 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
         if png:
             s.img("per_layer", png, "per-layer SQNR and share of action error")
         s.p(f"On {pl['states']} states the float policy visited. Left/first table: error at each fused layer output "
-            "(GEMM + bias + activation) of the full int8 model, accumulated through the layers before it.")
-        s.table(["layer", "role", "fused", "precision", "SQNR (dB)", "relative error", "max |error|"],
+            "(GEMM + bias + activation) of the full int8 model policy.int8.onnx (the QDQ file TensorRT and CUDA "
+            "run; the CPU file's float layers are listed under Quantized layers), accumulated through the layers "
+            "before it.")
+        s.table(["layer", "role", "fused", "precision in policy.int8.onnx", "SQNR (dB)", "relative error",
+                 "max |error|"],
                 [[r["node"], r.get("role", "layer"), r["fused"], r["precision"], r.get("sqnr_db"),
                   r.get("relative_error"), r.get("max_abs_error")] for r in pl["layers"]])
         if pl.get("ranking_by_block"):
