@@ -83,7 +83,8 @@ def main() -> None:
              "", "```", cmd, "```", "",
              f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; median of "
              f"{args.rounds} rounds (min-max), pool start-up included; returns identical to serial in every round; "
-             f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other jobs on the machine).",
+             f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other jobs "
+             "on the machine).",
              "", "| executor | paired episodes/s | seconds (median, min-max) | vs serial |", "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['eps']:.2f} | {r['median_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f}) "

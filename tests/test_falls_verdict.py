@@ -5,7 +5,8 @@ coarsely: activations clipped at their 70th percentile, no per-layer search. Mea
 (ONNX Runtime CPU, ``policy.int8.cpu.onnx``): float balances 1000 steps on every seed; clipped at the
 75th percentile the INT8 policy dropped the pole in 20 of 20 episodes (-65%), at the 80th it dropped it
 late in every episode (returns 910-971, -6.4%) before the CPU file's layer choice changed, at the 83rd
-not at all: the loss sits on a cliff, so the test clips at the 70th. The default verdict must not be PASS, and the failure counts must be printed and recorded.
+not at all: the loss sits on a cliff, so the test clips at the 70th. The default verdict must not be
+PASS, and the failure counts must be printed and recorded.
 With the edgeq defaults the same policy keeps the pole up (tests/test_recurrent_ppo.py).
 """
 
@@ -17,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import policy_fixture
 
 
