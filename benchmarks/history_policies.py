@@ -67,6 +67,16 @@ def _merge(into: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return into
 
 
+def _interval(verdict: dict[str, Any]) -> str:
+    ret = verdict.get("returns", {})
+    iv, band = ret.get("interval"), ret.get("band")
+    if not iv or not band:
+        return ""
+    lo = "-inf" if band[0] is None else f"{band[0]:.3g}"
+    hi = "+inf" if band[1] is None else f"{band[1]:.3g}"
+    return f"[{iv[0]:+.3g}, {iv[1]:+.3g}] in band [{lo}, {hi}]"
+
+
 def summarize(label: str, bundle: Path) -> list[str]:
     val = json.loads((bundle / "validation.json").read_text())
     if (bundle / "measurements.json").is_file():  # latency and timings live there since bundle format 2
@@ -85,7 +95,7 @@ def summarize(label: str, bundle: Path) -> list[str]:
             f"| {label} | {target}: {files.get('float', '?')} vs {files.get('int8', '?')} "
             f"({files.get('runtime', '?')}) "
             f"| {f['mean']:.1f} ± {f['std']:.1f} | {i['mean']:.1f} ± {i['std']:.1f} | {i['mean'] / f['mean']:.2%} "
-            f"| {r['paired_difference']['mean']:+.3f} "
+            f"| {r['paired_difference']['mean']:+.3f} {_interval(v)} "
             f"| {fails.get('float_failures', '?')} / {fails.get('int8_failures', '?')} "
             f"of {v.get('episodes', f['episodes'])} | **{v.get('status', '?')}** "
             f"| {b1['float'].get('median_us', float('nan')):.1f} / {b1['int8'].get('median_us', float('nan')):.1f} us "

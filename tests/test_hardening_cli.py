@@ -318,3 +318,47 @@ def test_onnx_policy_broken_in_float_is_refused(tmp_path: Path, scale: float) ->
                        "--episodes", "1")
     assert_one_line(code, err, "broken in float")
     assert_nothing_written(out)
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="mounting a file system needs root")
+def test_out_on_a_read_only_or_full_file_system(tmp_path: Path, no_ingest: None) -> None:
+    """The real conditions behind the monkeypatched tests above: a read-only mount (EROFS) and a tmpfs with
+    less free space than a bundle needs, both found before any work."""
+    ro, small = tmp_path / "ro", tmp_path / "small"
+    mounted = []
+    try:
+        for path, opts in ((ro, "ro,size=8m"), (small, "size=4m")):
+            path.mkdir()
+            if subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)]).returncode != 0:
+                pytest.skip("mount is not permitted here")
+            mounted.append(path)
+        code, err, _ = cli("quantize", PENDULUM, "--env", "Pendulum-v1", "--out", ro / "bundle")
+        assert_one_line(code, err, "EROFS", "read-only")
+        code, err, _ = cli("quantize", PENDULUM, "--env", "Pendulum-v1", "--out", small / "bundle")
+        assert_one_line(code, err, "MiB free", "free disk space or choose another --out")
+        assert list(small.iterdir()) == []
+    finally:
+        for path in mounted:
+            subprocess.run(["umount", str(path)])
+
+
+def test_validate_and_compare_check_their_output_before_rollouts(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import edgeq.validate.validator as validator
+
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError("rollouts started before the output was checked")
+
+    monkeypatch.setattr(validator, "validate_bundle", boom)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(h.FIXTURES / "bundles" / "v1" / "sac-pendulum", bundle)
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    code, err, _ = cli("validate", bundle, "--episodes", "3", "--out", a_file / "sub")
+    assert_one_line(code, err, "--out", "file.txt")
+    code, err, _ = cli("validate", bundle, "--episodes", "3", "--out", a_file)
+    assert_one_line(code, err, "--out", "existing file")
+    code, err, _ = cli("compare", bundle, "--env", "Pendulum-v1", "--episodes", "2", "--out", a_file)
+    assert_one_line(code, err, "--out", "existing file")

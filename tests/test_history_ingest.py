@@ -156,7 +156,8 @@ def test_encoder_and_body_files_compose_into_one_policy(tmp_path: Path) -> None:
                  [_w("wb", 2, D + 4)])
     fp = load_policy([enc, body])
     assert fp.history is not None and fp.history.length == K
-    assert fp.source.details["modules"] == [str(enc), str(body)]
+    assert [m["path"] for m in fp.source.details["modules"]] == [str(enc), str(body)]
+    assert all(len(m["sha256"]) == 64 for m in fp.source.details["modules"])
     x = _windows(5)
     z = _run(enc, {"obs_history": x})
     expected = _run(body, {"obs": x[:, -1], "latent": z})

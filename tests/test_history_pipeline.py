@@ -94,11 +94,16 @@ def test_framestack_bundle_carries_history_and_deploy_keeps_the_window(tmp_path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("files", [[FRAMESTACK], [TRANSFORMER], [ENCODER, BODY]],
-                         ids=["framestack", "transformer", "encoder-body"])
-def test_history_fixture_passes_with_defaults(tmp_path: Path, files: list[Path]) -> None:
+@pytest.mark.parametrize(("files", "env"), [
+    ([FRAMESTACK], "Pendulum-v1"), ([TRANSFORMER], "Pendulum-v1"), ([ENCODER, BODY], "Pendulum-v1"),
+    ([FIXTURES / "framestack-mlp-halfcheetah.onnx"], "HalfCheetah-v5"),
+    ([FIXTURES / "transformer-halfcheetah.onnx"], "HalfCheetah-v5"),
+    ([FIXTURES / "encoder-halfcheetah.onnx", FIXTURES / "body-halfcheetah.onnx"], "HalfCheetah-v5")],
+    ids=["framestack", "transformer", "encoder-body", "framestack-halfcheetah", "transformer-halfcheetah",
+         "encoder-body-halfcheetah"])
+def test_history_fixture_passes_with_defaults(tmp_path: Path, files: list[Path], env: str) -> None:
     out = tmp_path / "b"
-    res = edgeq.quantize(files[0] if len(files) == 1 else files, "Pendulum-v1", out)  # defaults: --episodes auto
+    res = edgeq.quantize(files[0] if len(files) == 1 else files, env, out)  # defaults: --episodes auto
     assert res.validation["verdict"]["status"] == "PASS", res.validation["verdict"]
     n, float_products = _matrix_products_int8(out / "policy.int8.onnx")
     assert n > 0 and float_products == []

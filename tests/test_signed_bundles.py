@@ -185,3 +185,15 @@ def test_bundle_writer_signs_at_export(tmp_path: Path, keys: tuple[Path, Path]) 
                       if k not in ("files", "format_version")}
         w.manifest["models"] = {"fp32": "policy.fp32.onnx", "int8": "policy.int8.onnx"}
     assert _load(tmp_path / "out", keys[1]).act(OBS).shape == (1,)
+
+
+def test_revalidation_removes_the_signature_it_would_break(signed: Path, keys: tuple[Path, Path]) -> None:
+    from edgeq.validate.validator import save_validation
+
+    with pytest.warns(UserWarning, match="signature was removed; sign the bundle again"):
+        save_validation(signed, {"env_id": "Pendulum-v1", "targets": {}}, report=False, update_manifest=True)
+    assert not (signed / SIGNATURE).exists()
+    with pytest.raises(BundleError, match="unsigned bundle .*but trusted keys were given"):
+        _load(signed, keys[1])
+    sign_bundle(signed, keys[0])
+    assert _load(signed, keys[1]).act(OBS).shape == (1,)

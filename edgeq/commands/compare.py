@@ -105,6 +105,9 @@ def compare(
             ep_len = getattr(getattr(probe, "spec", None), "max_episode_steps", None)
         finally:
             probe.close()
+        from edgeq.export.bundle import check_output_dir
+
+        check_output_dir(out, "--out")  # before the rollouts
         with progress_reporter(err_console, quiet=quiet or json_out) as prog:
             cmp = compare_models(ref, cands, make_env, parse_seeds(seeds, episodes, seed), env_id=env_id,
                                  action_low=low, action_high=high, target=target,

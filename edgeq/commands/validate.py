@@ -214,6 +214,10 @@ def validate(
 
         opts = replace(base, targets=tuple(parse_targets(targets)), tolerance=tol, num_envs=num_envs, design=design,
                        executor=executor_config(executor, workers, ray_address))
+        from edgeq.export.bundle import check_output_dir
+
+        # before the rollouts: a read-only bundle (or --out) is found now, not after minutes of work
+        check_output_dir(out if out is not None else bundle, "--out" if out is not None else "BUNDLE")
         with progress_reporter(err_console, quiet=quiet or json_out) as prog:
             val, manifest = validate_bundle(bundle, seeds=seed_list, options=opts, progress=prog, failure=failure)
             prog("writing report", None)

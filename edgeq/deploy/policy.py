@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from pathlib import Path
@@ -177,7 +178,10 @@ class DeployedPolicy:
         else:
             raise InputError(f"observation shape {arr.shape}; expected {self._expected()}")
         batch = np.ascontiguousarray(arr, dtype=np.float32)
-        if self.nan_policy != "pass":
+        # fast path: x·x is finite only if every element is (NaN and inf propagate); an overflow of x·x
+        # (|x| > 1e19) falls through to the element-wise check
+        flat = batch.reshape(-1)
+        if self.nan_policy != "pass" and not math.isfinite(float(flat.dot(flat))):
             finite = np.isfinite(batch)
             if not finite.all():
                 if self.nan_policy == "error":

@@ -121,6 +121,28 @@ def check_writable(out: Path) -> None:
                           f"up to {MIN_FREE_BYTES >> 20} MiB); free disk space or choose another --out")
 
 
+def check_output_dir(path: str | Path, option: str) -> None:
+    """Raise :class:`BundleError` unless files can be written into directory ``path`` (created if missing):
+    for commands that write results into an existing directory (``edgeq validate``, ``edgeq compare``),
+    checked before their rollouts."""
+    d = Path(path)
+    if d.exists() and not d.is_dir():
+        raise BundleError(f"{option} {d} is an existing file, not a directory; choose another {option}")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".probe-{os.getpid()}-", dir=d)
+        try:
+            os.write(fd, b"\0" * (64 << 10))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise BundleError(
+            f"{option} {d}: cannot write there ({exc.filename or d}: {exc.strerror}); choose a writable "
+            f"{option}" + (" (or --out DIR for a read-only bundle)" if option == "BUNDLE" else "")) from None
+
+
 class BundleWriter:
     """Context manager: ``with BundleWriter(out) as w: w.save_model(...); w.write_json(...)``.
 

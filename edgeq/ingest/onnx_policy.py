@@ -553,9 +553,11 @@ def load_onnx_policy(path: str | Path | Sequence[str | Path], *, input_name: str
             enc, body = (load_onnx_policy_model(q) for q in paths)
             origin = " + ".join(str(q) for q in paths)
             joined = compose_modules(enc[0], body[0], origin=origin)
+            modules = [{"path": str(q), "sha256": hashlib.sha256(m[1]).hexdigest()}
+                       for q, m in zip(paths, (enc, body), strict=True)]
             return _finish(joined, origin, enc[1] + body[1], enc[2] + body[2], input_name=input_name,
                            output_name=output_name, obs_dim=obs_dim, action_low=action_low, action_high=action_high,
-                           history=history, files=[str(q) for q in paths])
+                           history=history, modules=modules)
     model, data, external = load_onnx_policy_model(Path(path))
     return _finish(model, str(path), data, external, input_name=input_name, output_name=output_name, obs_dim=obs_dim,
                    action_low=action_low, action_high=action_high, history=history)
@@ -564,7 +566,9 @@ def load_onnx_policy(path: str | Path | Sequence[str | Path], *, input_name: str
 def _finish(model: onnx.ModelProto, origin: str, data: bytes, external: list[str], *, input_name: str | None,
             output_name: str | None, obs_dim: int | None, action_low: float | Sequence[float] | None,
             action_high: float | Sequence[float] | None, history: int | None,
-            files: list[str] | None = None) -> FloatPolicy:
+            modules: list[dict[str, str]] | None = None) -> FloatPolicy:
+    """Normalize ``model`` and wrap it; with ``modules`` (encoder, body) the source's ``sha256`` is that of the
+    two files' bytes one after the other, and ``details.modules`` holds each file's own path and hash."""
     from edgeq.ingest.history import history_input
 
     model, hist = history_input(model, origin=origin, history=history)
@@ -573,8 +577,8 @@ def _finish(model: onnx.ModelProto, origin: str, data: bytes, external: list[str
     details: dict[str, Any] = {"producer": f"{model.producer_name} {model.producer_version}".strip()}
     if external:
         details["external_data"] = external
-    if files:
-        details["modules"] = files
+    if modules:
+        details["modules"] = modules
     source = PolicySource(path=origin, sha256=hashlib.sha256(data).hexdigest(), kind="onnx", algorithm=None,
                           details=details)
     fp = policy_from_normalized(normalized, report, source, action_low=action_low, action_high=action_high)
