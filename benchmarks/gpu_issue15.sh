@@ -2,7 +2,7 @@
 # The GPU run of issue 15 (fused INT8 backend, pinned ORT copies, torch-free TensorRT runner).
 # Runs on the GPU machine from a copy of the repository (the command `cd`s there first), with bundles
 # made here in ./bundles (halfcheetah, elu512). Writes to $OUT: env.txt, pytest-*.txt, bench.json/.txt.
-#   bash benchmarks/gpu_issue15.sh [tests] [ort-tests] [returns] [bench]     (default: tests bench)
+#   bash benchmarks/gpu_issue15.sh [tests] [ort-tests] [returns] [validate] [bench]     (default: tests bench)
 # ONNX Runtime GPU, gymnasium and MuJoCo come from ../shared/tools/ort-gpu-wheels.sh's parts, installed
 # by benchmarks/gpu_env.sh when /tmp/ortparts is there (the stages that need them say so and skip otherwise).
 set -uo pipefail
@@ -32,6 +32,17 @@ for stage in $stages; do
   ort-tests)   # with onnxruntime-gpu (and gymnasium/MuJoCo for the returns)
     python3 -m pytest -q -p no:cacheprovider -rs tests/test_ort_cuda_pinned.py tests/test_gpu_returns.py tests/test_cuda_target.py \
       tests/test_deploy_policy.py tests/test_fused_mlp.py tests/test_trt_runner.py 2>&1 | tee "$OUT/pytest-all.txt" | tail -30 ;;
+  validate)   # the CLI end to end: cpu and cuda targets, the same verdict code (cuda: fused kernel on policy.int8.onnx)
+    timeout 240 python3 -m edgeq.cli validate bundles/halfcheetah --targets cpu,cuda --episodes 10 --json \
+      > "$OUT/validate-halfcheetah.json" 2> "$OUT/validate-halfcheetah.err"; echo "validate exit $?"
+    python3 - "$OUT/validate-halfcheetah.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+for t, v in r["targets"].items():
+    print(t, v.get("runtime"), v.get("int8_runtime"), v.get("int8_model"), "float", round(v["float"]["mean"], 1),
+          "int8", round(v["int8"]["mean"], 1), "verdict", v["verdict"]["status"])
+PY
+    ;;
   bench)
     python3 benchmarks/gpu_backends.py bundles/halfcheetah="SAC HalfCheetah-v5 [256,256] ReLU (trained fixture)" \
       bundles/elu512="ELU [512,256,128] (random weights, torch module)" --batches 1 32 256 4096 \

@@ -57,6 +57,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "rollouts.md")
     args = p.parse_args()
+    load_before = os.getloadavg()[0]
     seeds = list(range(args.episodes))
     configs = [(f"{w} worker process{'es' if w > 1 else ''}" if w > 1 else "serial (this process)",
                 ExecutorConfig(workers=w)) for w in (int(x) for x in args.workers.split(","))]
@@ -81,7 +82,9 @@ def main() -> None:
     lines = [f"## Paired validation episodes per second: {args.bundle.name}, {args.env}, {args.episodes} episodes",
              "", "```", cmd, "```", "",
              f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; median of "
-             f"{args.rounds} rounds (min-max), pool start-up included; returns identical to serial in every round.",
+             f"{args.rounds} rounds (min-max), pool start-up included; returns identical to serial in every round; "
+             f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other jobs "
+             "on the machine).",
              "", "| executor | paired episodes/s | seconds (median, min-max) | vs serial |", "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['eps']:.2f} | {r['median_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f}) "

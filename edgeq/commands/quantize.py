@@ -132,6 +132,9 @@ def quantize(
                                                        "(edgeq keygen); robots load it with its .pub as a trusted "
                                                        "key.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print validation.json instead of the table.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit with the verdict's code like 'edgeq validate' "
+                                                          "(0 PASS, 1 FAIL, 3 INCONCLUSIVE) instead of 0 once the "
+                                                          "bundle is written.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines; print only the verdict and "
                                                          "where the results are.")] = False,
     calib_data: Annotated[str | None, typer.Option(
@@ -223,6 +226,9 @@ def quantize(
     else:
         print_summary(result.validation, result.manifest)
         console.print(f"bundle: {result.bundle}", highlight=False, markup=False)
+    code = (result.validation.get("verdict") or {}).get("exit_code")
+    if strict and code is not None:
+        raise typer.Exit(int(code))
 
 
 def _numbers(text: str | None, option: str) -> list[float] | None:
