@@ -109,8 +109,9 @@ def main() -> None:
     ap.add_argument("bundles", nargs="+", help="LABEL=BUNDLE_DIR")
     ap.add_argument("--out", default="benchmarks/results/history.md")
     args = ap.parse_args()
-    lines = ["| policy | target: files compared | float return | INT8 return | INT8/float | paired diff "
-             "| failures float / int8 | verdict | batch-1 latency float / int8 median | INT8 matrix products |",
+    lines = ["| policy | target: files compared | float return | INT8 return | INT8/float "
+             "| paired diff, 95% interval vs band | failures float / int8 | verdict "
+             "| batch-1 latency float / int8 median | INT8 matrix products |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for item in args.bundles:
         label, _, path = item.partition("=")

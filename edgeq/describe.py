@@ -58,8 +58,10 @@ def loaded_lines(manifest: dict[str, Any]) -> list[str]:
     src = manifest.get("source", {})
     det = src.get("details", {})
     name = Path(str(src.get("path", "?"))).name
-    if det.get("modules"):  # an encoder + body policy: both files, each with its own hash
-        name = " + ".join(f"{Path(str(m['path'])).name} ({str(m['sha256'])[:12]}…)" for m in det["modules"])
+    mods = det.get("modules")
+    # an encoder + body policy: both files, each with its own hash (TorchScript sources list submodule names)
+    if isinstance(mods, list) and mods and all(isinstance(m, dict) and "path" in m for m in mods):
+        name = " + ".join(f"{Path(str(m['path'])).name} ({str(m['sha256'])[:12]}…)" for m in mods)
     kinds = {"sb3": "Stable-Baselines3 archive", "onnx": "ONNX file", "torchscript": "TorchScript module"}
     what = " ".join(x for x in (src.get("algorithm"), kinds.get(src.get("kind", ""), src.get("kind"))) if x)
     lines = [f"policy: {what} {name} (SHA-256 {src.get('sha256', '?')})"]

@@ -358,7 +358,8 @@ def main() -> None:
                      "std_return": round(float(res.returns.std(ddof=1)), 3),
                      "returns": [round(float(r), 3) for r in res.returns]},
             "train_seconds": round(time.perf_counter() - t0, 1),
-            "command": f"python scripts/make_history_fixtures.py {name} --task {args.task}",
+            "command": (f"python scripts/make_history_fixtures.py {name} --task {args.task} --steps {args.steps} "
+                        f"--dagger-rounds {args.dagger_rounds} --seed {args.seed}"),
             "versions": {"python": platform.python_version(), "torch": torch.__version__},
         }
         (OUT / f"{base}.json").write_text(json.dumps(record, indent=2) + "\n")

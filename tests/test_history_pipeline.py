@@ -161,3 +161,25 @@ def test_per_layer_search_also_chooses_the_attention_calibrators() -> None:
     assert sorted(search) == sorted(m.node for m in plan.matmuls) and len(search) == 4
     assert all(m.precision == "int8" and "searched" in m.reason for m in plan.matmuls)
     assert {t for m in plan.matmuls for t in m.inputs} <= set(plan.activations)
+
+
+def test_cli_takes_an_encoder_and_a_body_and_refuses_bad_history_input(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "edgeq.cli", "quantize"]
+    out = tmp_path / "b"
+    res = subprocess.run([*cli, "--policy", str(ENCODER), "--policy", str(BODY), "--env", "Pendulum-v1", "--out",
+                          str(out), "--episodes", "2", "--calib-episodes", "4", "--no-auto", "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["io"]["history"]["length"] == 8
+    assert [Path(m["path"]).name for m in manifest["source"]["details"]["modules"]] == [ENCODER.name, BODY.name]
+    assert manifest["source"]["details"]["normalization"]["lowered_convs"]  # the two Conv1d, as MatMuls
+    for bad, needle in ((["--history", "5"], "holds 8"), ([], "--policy FILE")):
+        args = [str(TRANSFORMER)] if bad else []
+        res = subprocess.run([*cli, *args, *bad, "--env", "Pendulum-v1", "--out", str(tmp_path / "x")],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2 and needle in res.stderr, res.stderr
+        assert not (tmp_path / "x").exists()

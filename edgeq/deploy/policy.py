@@ -26,6 +26,7 @@ BACKENDS = ("auto", "cpu", "cuda", "cuda-fused", "cuda-ort", "trt")
 AUTO_ORDER = ("cuda-fused", "trt", "cuda-ort", "cpu")
 
 _log = logging.getLogger("edgeq.deploy")
+_F32 = np.dtype(np.float32)
 
 
 def _ort_has_cuda() -> bool:
@@ -158,6 +159,9 @@ class DeployedPolicy:
         Raises :class:`InputError` for a wrong shape, a non-real dtype, an empty or too large batch,
         or (with ``nan_policy="error"``) a non-finite value.
         """
+        if (type(obs) is np.ndarray and obs.dtype == _F32 and obs.shape[1:] == self.obs_shape
+                and obs.flags.c_contiguous and 0 < obs.shape[0] <= (self.max_batch or obs.shape[0])):
+            return self._finite(obs, False), False  # the hot path: already a float32 batch
         try:
             arr = np.asarray(obs)
         except (ValueError, TypeError) as exc:  # ragged nested lists
@@ -178,19 +182,26 @@ class DeployedPolicy:
         else:
             raise InputError(f"observation shape {arr.shape}; expected {self._expected()}")
         batch = np.ascontiguousarray(arr, dtype=np.float32)
+        return self._finite(batch, single), single
+
+    def _finite(self, batch: np.ndarray, single: bool) -> np.ndarray:
+        """``batch`` after the NaN policy (raises for ``"error"``, zeroes for ``"zero"``)."""
+        if self.nan_policy == "pass":
+            return batch
         # fast path: x·x is finite only if every element is (NaN and inf propagate); an overflow of x·x
         # (|x| > 1e19) falls through to the element-wise check
         flat = batch.reshape(-1)
-        if self.nan_policy != "pass" and not math.isfinite(float(flat.dot(flat))):
-            finite = np.isfinite(batch)
-            if not finite.all():
-                if self.nan_policy == "error":
-                    bad = tuple(int(i) for i in np.argwhere(~finite)[0])
-                    where = bad[1:] if single else bad
-                    raise InputError(f"observation has a non-finite value ({batch[bad]}) at index {where}; "
-                                     "pass nan_policy='zero' or 'pass' to accept such input")
-                batch = np.where(finite, batch, np.float32(0.0))
-        return batch, single
+        if math.isfinite(float(flat.dot(flat))):
+            return batch
+        finite = np.isfinite(batch)
+        if not finite.all():
+            if self.nan_policy == "error":
+                bad = tuple(int(i) for i in np.argwhere(~finite)[0])
+                where = bad[1:] if single else bad
+                raise InputError(f"observation has a non-finite value ({batch[bad]}) at index {where}; "
+                                 "pass nan_policy='zero' or 'pass' to accept such input")
+            batch = np.where(finite, batch, np.float32(0.0))
+        return batch
 
     def act(self, obs: Any) -> np.ndarray:
         """Actions for one observation or a batch (numpy in, float32 numpy out)."""
