@@ -47,10 +47,14 @@ def _cpu_model() -> str:
 
 
 def build_environment() -> dict[str, Any]:
-    """Where and when a bundle was made: versions, machine, Python, UTC date."""
+    """Where a bundle was made: versions, machine, Python (the date is a measurement: :func:`made_utc`)."""
     return {"versions": software_versions(), "python": platform.python_version(),
-            "machine": f"{platform.system()} {platform.machine()}, {_cpu_model()}, {os.cpu_count()} logical CPUs",
-            "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "machine": f"{platform.system()} {platform.machine()}, {_cpu_model()}, {os.cpu_count()} logical CPUs"}
+
+
+def made_utc() -> str:
+    """Now, as the bundle's date (kept in measurements.json, out of the hashed manifest)."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def loaded_lines(manifest: dict[str, Any]) -> list[str]:
@@ -165,7 +169,8 @@ def info_lines(manifest: dict[str, Any], validation: dict[str, Any] | None) -> l
     if env_rec:
         v = env_rec.get("versions", {})
         lines.append("made with: " + ", ".join(f"{k} {val}" for k, val in v.items()) + f"; Python "
-                     f"{env_rec.get('python')}; {env_rec.get('machine')}; {env_rec.get('date_utc')}")
+                     f"{env_rec.get('python')}; {env_rec.get('machine')}"
+                     + (f"; {env_rec['date_utc']}" if env_rec.get("date_utc") else ""))
     else:
         lines.append(f"made with: edgeq {manifest.get('edgeq_version', '?')}")
     if validation:

@@ -513,6 +513,8 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
         for key in ("python", "machine", "date_utc"):
             if env_rec.get(key):
                 rows.append([key.replace("_utc", " (UTC)"), env_rec[key]])
+        if val.get("made_utc"):
+            rows.append(["date (UTC)", val["made_utc"]])
         if not env_rec:
             rows.append(["edgeq version", manifest.get("edgeq_version", "?")])
     opts = val.get("options", {})

@@ -409,7 +409,8 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 #: Keys whose values are measured on this machine at this time (wall-clock timings, latency): they go to
 #: ``measurements.json``, outside the hashed, deterministic part of a bundle.
-MEASURED_KEYS = ("timings", "validation_timings", "latency", "latency_notes", "seconds")
+MEASURED_KEYS = ("timings", "validation_timings", "latency", "latency_notes", "seconds", "made_utc",
+                 "cpu_layer_timing")
 
 
 def split_measurements(validation: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
