@@ -82,7 +82,7 @@ def test_with_history_reads_the_manifest_entry() -> None:
             return x
 
         def reset(self, mask: np.ndarray | None = None) -> None:
-            pass
+            return None  # stateless
 
     rt = Echo()
     assert with_history(rt, {"input": "obs"}) is rt

@@ -32,7 +32,7 @@ extern "C" __global__ void affine(const float* x, float* y, int batch) {
 
 
 class _Dims(list):  # type: ignore[type-arg]
-    pass
+    """TensorRT's Dims stand-in: a list with a type of its own."""
 
 
 class FakeContext:
