@@ -53,6 +53,12 @@ class FixtureSpec:
     #: save as an RL Zoo log folder (``zoo/logs/ALGO/ENV_1/ENV.zip`` + ``ENV/{config,args}.yml``,
     #: ``vecnormalize.pkl``) under tests/fixtures instead of ``policies/NAME.zip``
     zoo: bool = False
+    #: continue training this committed fixture (``policies/NAME.zip``) instead of starting afresh; the
+    #: replay buffer starts empty and fills for ``learning_starts`` steps before updates resume
+    init_from: str | None = None
+    #: save the policy and its record after every evaluated chunk, so a run stopped early leaves the
+    #: latest competent checkpoint (its record says how many steps it had)
+    checkpoint: bool = False
 
 
 SPECS: dict[str, FixtureSpec] = {
@@ -62,8 +68,12 @@ SPECS: dict[str, FixtureSpec] = {
                     dict(learning_starts=1000), chunk=4_000),
         FixtureSpec("sac-halfcheetah", "SAC", "HalfCheetah-v5", 150_000, 300_000, 3000.0,
                     dict(learning_starts=10_000)),
-        FixtureSpec("td3-hopper", "TD3", "Hopper-v5", 150_000, 300_000, 1500.0,
-                    dict(learning_starts=10_000)),
+        # A hard off-policy actor: the SAC HalfCheetah fixture trained on to 400k steps (its weights and
+        # row absmax spread grow with training, so weights-only int8 already moves the actions).
+        FixtureSpec("sac-halfcheetah-long", "SAC", "HalfCheetah-v5", 175_000, 400_000, float("inf"),
+                    dict(learning_starts=10_000), init_from="sac-halfcheetah", checkpoint=True),
+        FixtureSpec("td3-hopper", "TD3", "Hopper-v5", 50_000, 300_000, 2500.0,
+                    dict(learning_starts=10_000), checkpoint=True),
         # A hopping robot with fall terminations. RL Zoo's PPO Hopper hyperparameters (VecNormalize,
         # [256, 256] ReLU). Not committed: on one core, 1M steps (~70 min) ended in the stand-still optimum
         # (998.6 = 1000 steps of healthy reward, no falls); it hopped and fell at 550-600k steps.
@@ -165,12 +175,16 @@ def train(spec: FixtureSpec, seed: int) -> dict[str, Any]:
     if spec.vecnormalize:
         venv = VecNormalize(venv, gamma=spec.hyperparams.get("gamma", 0.99), norm_reward=not spec.zoo)
     policy = "MlpLstmPolicy" if spec.algo == "RecurrentPPO" else "MlpPolicy"
-    model = cls(policy, venv, seed=seed, verbose=0, **_resolve_kwargs(spec.hyperparams))
+    if spec.init_from is not None:
+        model = cls.load(OUT_DIR / f"{spec.init_from}.zip", env=venv, seed=seed)
+        model.learning_starts = int(model.num_timesteps) + int(spec.hyperparams.get("learning_starts", 0))
+    else:
+        model = cls(policy, venv, seed=seed, verbose=0, **_resolve_kwargs(spec.hyperparams))
     t0 = time.time()
-    history = []
+    history: list[dict[str, Any]] = []
+    norm = venv if spec.vecnormalize else None
     while model.num_timesteps < spec.max_steps:
         model.learn(spec.chunk, reset_num_timesteps=False)
-        norm = venv if spec.vecnormalize else None
         if norm is not None:
             norm.training = False
         if model.num_timesteps >= spec.min_steps:
@@ -178,13 +192,18 @@ def train(spec: FixtureSpec, seed: int) -> dict[str, Any]:
             history.append({"steps": int(model.num_timesteps), "mean_return": float(np.mean(rets)),
                             "seconds": round(time.time() - t0, 1)})
             print(json.dumps({"fixture": spec.name, **history[-1]}), flush=True)
+            if spec.checkpoint and model.num_timesteps < spec.max_steps:
+                _save(spec, seed, model, norm, history, time.time() - t0, evaluate(model, spec, norm, episodes=10))
             if np.mean(rets) >= spec.target_return:
                 break
         if norm is not None:
             norm.training = True
-    train_seconds = time.time() - t0
-    norm = venv if spec.vecnormalize else None
-    final = evaluate(model, spec, norm, episodes=10)
+    return _save(spec, seed, model, norm, history, time.time() - t0, evaluate(model, spec, norm, episodes=10))
+
+
+def _save(spec: FixtureSpec, seed: int, model: Any, norm: Any, history: list[dict[str, Any]],
+          train_seconds: float, final: list[float]) -> dict[str, Any]:
+    """Write the policy (and its VecNormalize statistics) and the fixture record with ``final``'s returns."""
     if spec.zoo:
         out_dir = ZOO_DIR / spec.algo.lower() / f"{spec.env_id}_1"
         params = out_dir / spec.env_id
