@@ -28,6 +28,8 @@ Beyond plain int8 layers a plan may hold:
   → MatMul(x16, W16) [→ Add(b16)] → Cast(→ fp32)`` with the weight and bias stored as fp16
   initializers, so TensorRT's strongly typed builder runs the layer in fp16 and ONNX Runtime's CPU
   provider (which has fp16 MatMul/Add kernels) runs the same graph; no Q/DQ touches them;
+* **int4** layers (W4A8, :mod:`edgeq.export.int4`): int8 input Q/DQ as above, INT4 weight initializer
+  per channel or in blocks (opset 21);
 * **CrossQuant-dynamic** layers (:mod:`edgeq.quantizers.crossquant`): run-time per-row scales with
   ``MatMulInteger``; ONNX Runtime CPU only, and the plan says ``tensorrt_compatible: false``.
 """
@@ -40,6 +42,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgeq.export.int4 import lower_int4_layers
 from edgeq.quantizers.crossquant import dynamic_layer_nodes
 from edgeq.quantizers.plan import LayerQuant, QuantPlan
 from edgeq.quantizers.transforms import apply_input_scalings
@@ -214,8 +217,11 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan, *, check: bool = True) -
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
     _set_opset(m, MIN_OPSET)
+    lower_int4_layers(m, plan)  # int4 layers (W4A8, edgeq.export.int4): left as float nodes above
     m.doc_string = "edgeq INT8 QDQ policy" if plan.tensorrt_compatible else \
         "edgeq INT8 policy (CrossQuant dynamic layers: ONNX Runtime only, not TensorRT-compatible)"
+    if plan.int4_layers():
+        m.doc_string = "edgeq mixed-precision QDQ policy (int4 weights with int8 activations: W4A8)"
     if check:
         onnx.checker.check_model(m, full_check=True)
     return m
