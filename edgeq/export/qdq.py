@@ -28,6 +28,8 @@ Beyond plain int8 layers a plan may hold:
   → MatMul(x16, W16) [→ Add(b16)] → Cast(→ fp32)`` with the weight and bias stored as fp16
   initializers, so TensorRT's strongly typed builder runs the layer in fp16 and ONNX Runtime's CPU
   provider (which has fp16 MatMul/Add kernels) runs the same graph; no Q/DQ touches them;
+* **int4** layers (W4A8, :mod:`edgeq.export.int4`): int8 input Q/DQ as above, INT4 weight initializer
+  per channel or in blocks (opset 21);
 * **CrossQuant-dynamic** layers (:mod:`edgeq.quantizers.crossquant`): run-time per-row scales with
   ``MatMulInteger``; ONNX Runtime CPU only, and the plan says ``tensorrt_compatible: false``.
 """
@@ -38,6 +40,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from edgeq.export.int4 import lower_int4_layers
 from edgeq.graph.ir import array_of, const, drop_unused_initializers, make_node, op, replace_node, to_ir, to_onnx
 from edgeq.graph.ir import check as full_check
 from edgeq.quantizers.crossquant import dynamic_layer_nodes
@@ -202,5 +205,8 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan, *, check: bool = True) -
             irm.opset_imports[domain] = MIN_OPSET
     irm.doc_string = "edgeq INT8 QDQ policy" if plan.tensorrt_compatible else \
         "edgeq INT8 policy (CrossQuant dynamic layers: ONNX Runtime only, not TensorRT-compatible)"
+    if plan.int4_layers():
+        irm.doc_string = "edgeq mixed-precision QDQ policy (int4 weights with int8 activations: W4A8)"
     out = to_onnx(irm, source)
+    lower_int4_layers(out, plan)  # int4 layers (W4A8, edgeq.export.int4): left as float nodes above
     return full_check(out) if check else out
