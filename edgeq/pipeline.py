@@ -89,6 +89,22 @@ def _episode_steps(make_env: Callable[[], Any]) -> int | None:
         env.close()
 
 
+def _torchscript_obs_dim(policy: Any, env: str | None, env_kwargs: dict[str, Any] | None,
+                         wrappers: Sequence[WrapperSpec], stack: int) -> int | None:
+    """The env's observation size, which a TorchScript module with its own forward() needs to be exported."""
+    from edgeq.ingest.torchscript import TORCHSCRIPT_SUFFIXES
+
+    paths = [policy] if isinstance(policy, str | Path) else list(policy) if isinstance(policy, list | tuple) else []
+    if env is None or not paths or not all(Path(q).suffix.lower() in TORCHSCRIPT_SUFFIXES for q in paths):
+        return None
+    probe = env_factory(env, env_kwargs, wrappers, stack)()
+    try:
+        shape = tuple(getattr(probe.observation_space, "shape", None) or ())
+    finally:
+        probe.close()
+    return int(np.prod(shape)) if len(shape) == 1 else None
+
+
 def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str | None, out: str | Path, *,
              episodes: int | str = "auto", seed: int = 0,
              recipe: str | CalibrationRecipe | None = None, profile: str | ExportProfile = "cpu-ort",
@@ -215,7 +231,8 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
     t0 = time.perf_counter()
     fp = policy if isinstance(policy, FloatPolicy) else load_policy(
         policy, vecnormalize=vecnormalize, input_name=onnx_input, output_name=onnx_output, action_low=action_low,
-        action_high=action_high, history=history, frame_stack=stack or None)
+        action_high=action_high, history=history, frame_stack=stack or None,
+        obs_dim=_torchscript_obs_dim(policy, env, env_kwargs, wrappers, stack))
     if zoo is not None:
         fp.source.details["rl_zoo"] = zoo.describe()
     if zoo is not None and env == zoo.env_id:
