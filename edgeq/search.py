@@ -11,10 +11,11 @@ within ``max_loss`` of |float mean|, and no significant rise of the failure rate
 2. **int4 plans.** Each static int8 layer with a 2-D weight gets an int4 version (:func:`~edgeq.quantizers.
    mixed.with_int4`: MSE-clipped symmetric int4 per channel or in blocks, empirical bias correction), its
    input staying int8 (W4A8).
-3. **Ranking.** Layers are ranked by a pluggable sensitivity ``score(plan) -> float`` (default: the
-   held-out action error of the base plan with only that layer in int4; a closed-loop-aware score plugs
-   in the same way) and the candidates are: the ``k`` least sensitive layers in int4 for ``k = n .. 1``
-   (W4A8 first), the all-INT8 base, then the all-INT8 plan with its most sensitive layer(s) in fp16.
+3. **Ranking.** Each int4 move is scored by a pluggable sensitivity ``score(plan) -> float`` (default:
+   the held-out action error of the base plan with only that layer in int4; a closed-loop-aware score
+   plugs in the same way) and ranked by the score's increase per byte it saves (a greedy knapsack);
+   the candidates are the first ``k`` moves for ``k = n .. 1`` (W4A8 first), the all-INT8 base, then
+   the all-INT8 plan with its most sensitive layer(s) in fp16.
 4. **Acceptance.** Candidates are validated in objective order (smallest/fastest first) by the same
    closed-loop validation as ``edgeq validate`` (paired episodes on the CPU target, ``auto`` design) on
    the candidate's CPU file; the first PASS is the best (every later one is larger/slower) and is written
@@ -55,7 +56,14 @@ from edgeq.export.qdq import apply_plan
 from edgeq.export.trt_rules import check_qdq_model
 from edgeq.graph.analysis import constant_value, find_weighted_layers
 from edgeq.quantizers.evaluate import ActionErrorScorer, action_half_range
-from edgeq.quantizers.mixed import MixedCandidate, candidate_plans, layer_sizes, rank_layers, with_int4
+from edgeq.quantizers.mixed import (
+    MixedCandidate,
+    candidate_plans,
+    layer_sizes,
+    plan_weight_bytes,
+    rank_layers,
+    with_int4,
+)
 from edgeq.quantizers.plan import QuantPlan
 from edgeq.quantizers.precision import layer_sensitivity
 from edgeq.quantizers.transforms import apply_input_scalings
@@ -198,6 +206,7 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
             raise EdgeqError(f"{out} exists and is not an edgeq search directory; refusing to replace it")
         shutil.rmtree(out)
     (out / "candidates").mkdir(parents=True)
+    (out / "search.json").write_text(json.dumps({"status": "RUNNING", "bundle": str(root)}) + "\n")
 
     fpath = root / models["fp32"]
     fmodel = onnx.load(str(fpath))
@@ -248,14 +257,15 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
         one4[la.node] = with_int4(base, la.node, w, block_size=block_size, inputs=layer_inputs, original_bias=b)
     if not one4:
         raise EdgeqError(f"{root}: no static int8 layer with a 2-D weight to put in int4")
-    ranking = rank_layers(base, one4, score_fn)
-    say("int4 sensitivity (held-out action error, one layer at a time): "
-        + ", ".join(f"{n} {s:.4g}" for n, s in ranking))
+    sizes = layer_sizes(base, {n: tuple(np.asarray(constant_value(work, wl.weight)).shape) for n, wl in wls.items()})
+    saved = {n: plan_weight_bytes(base, sizes) - plan_weight_bytes(p, sizes) for n, p in one4.items()}
+    ranking = rank_layers(base, one4, score_fn, saved)
+    say("int4 moves, best first (held-out action error with that layer alone in int4; bytes saved): "
+        + ", ".join(f"{n} {s:.4g} ({saved[n]:.0f} B)" for n, s in ranking))
     fp16_order: list[str] = []
     if fp16_layers > 0:
         sens = layer_sensitivity(base, score_fn)
         fp16_order = [n for n, _ in sorted(sens.items(), key=lambda kv: (kv[1], kv[0]))][:fp16_layers]
-    sizes = layer_sizes(base, {n: tuple(np.asarray(constant_value(work, wl.weight)).shape) for n, wl in wls.items()})
     cands = candidate_plans(base, one4, ranking, sizes, fp16_layers=fp16_order, score=score_fn)
 
     rows: list[dict[str, Any]] = []

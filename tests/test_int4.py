@@ -217,3 +217,28 @@ def test_trt_int4_rules_flag_bad_files() -> None:
                    onnx.helper.make_node("ReduceSum", ["m", "axes"], ["y"], keepdims=0)],
                   [*i3, numpy_helper.from_array(np.array([0], np.int64), "axes")])
     assert _rules(bad3).get("block-rank") == "error"
+
+
+def test_candidates_rank_int4_moves_by_error_per_byte_and_start_from_the_smallest() -> None:
+    from edgeq.quantizers.mixed import candidate_plans, layer_sizes, plan_weight_bytes, rank_layers
+
+    model, base, _, _ = _mlp_plan(0)
+    wls = find_weighted_layers(model)
+    one = {wl.node: with_int4(base, wl.node, np.asarray(constant_value(model, wl.weight))) for wl in wls}
+    sizes = layer_sizes(base, {wl.node: np.asarray(constant_value(model, wl.weight)).shape for wl in wls})
+    saved = {n: plan_weight_bytes(base, sizes) - plan_weight_bytes(p, sizes) for n, p in one.items()}
+    assert saved[wls[1].node] > saved[wls[0].node] > saved[wls[2].node] > 0  # 64x64 > 8x64 > 64x3
+    fake = {wls[0].node: 2.0, wls[1].node: 3.0, wls[2].node: 1.5}  # the big layer hurts most, but per byte least
+
+    def score(p: QuantPlan) -> float:
+        moved = [la.node for la in p.int4_layers()]
+        return 1.0 + sum(fake[n] - 1.0 for n in moved)
+
+    ranking = rank_layers(base, one, score, saved)
+    assert [n for n, _ in ranking][0] == wls[1].node
+    assert [n for n, _ in rank_layers(base, one, score)][0] == wls[2].node  # by sensitivity alone: the tiny layer
+    cands = candidate_plans(base, one, ranking, sizes, fp16_layers=[wls[0].node], score=score)
+    names = [c.name for c in cands]
+    assert names[0] == "W4A8" and names.index("W8A8") < names.index("int8+fp16x1")
+    assert [c.weight_bytes for c in cands] == sorted(c.weight_bytes for c in cands)
+    assert all(c.proxy is not None for c in cands)

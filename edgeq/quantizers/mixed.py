@@ -105,10 +105,19 @@ def plan_weight_bytes(plan: QuantPlan, sizes: Mapping[str, int]) -> float:
     return float(sum(_layer_bytes(la, sizes.get(la.node, 0)) for la in plan.layers))
 
 
-def rank_layers(base: QuantPlan, moved: Mapping[str, QuantPlan], score: Score) -> list[tuple[str, float]]:
-    """``(node, score)`` of each one-layer-moved plan, least sensitive first (lowest score)."""
+def rank_layers(base: QuantPlan, moved: Mapping[str, QuantPlan], score: Score,
+                saved: Mapping[str, float] | None = None) -> list[tuple[str, float]]:
+    """``(node, score)`` of each one-layer-moved plan, best move first.
+
+    Without ``saved``: least sensitive first (lowest score). With ``saved`` (bytes each move saves):
+    by the score's increase over the base plan per byte saved (a greedy knapsack, as FLIQS/CSQ-style
+    searches trade sensitivity against size), so a large, tolerant layer goes before a tiny one.
+    """
     rows = [(node, float(score(p))) for node, p in moved.items()]
-    return sorted(rows, key=lambda r: (r[1], r[0]))
+    if saved is None:
+        return sorted(rows, key=lambda r: (r[1], r[0]))
+    s0 = float(score(base))
+    return sorted(rows, key=lambda r: ((max(r[1] - s0, 0.0) + 1e-9) / max(float(saved.get(r[0], 0.0)), 1e-9), r[0]))
 
 
 @dataclass(frozen=True)
