@@ -33,6 +33,7 @@ from edgeq.errors import EdgeqError, InputError
 from edgeq.export import ort_cpu
 from edgeq.export.bundle import BundleWriter
 from edgeq.export.cpu_select import replay_record, select_cpu_float_layers
+from edgeq.export.file_precision import file_record
 from edgeq.export.ort_cpu import specialize_for_ort_cpu
 from edgeq.export.ort_cuda import specialize_for_ort_cuda
 from edgeq.export.qdq import apply_plan
@@ -178,7 +179,7 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
 
     ``recipe_overrides`` sets any :class:`~edgeq.config.CalibrationRecipe` field by name (e.g.
     ``{"transform": "crossquant", "alpha": 0.0, "auto": True, "rounding": "adaround",
-    "bias_correction": True, "fp16_fallback": 1, "dynamic": True}``) after the recipe is loaded.
+    "bias_correction": True, "fp16_fallback": 0, "dynamic": True}``) after the recipe is loaded.
 
     ``env`` / ``calib_env`` are gymnasium ids or ``module:callable`` entry points. Calibration runs
     in ``calib_env`` (default: ``env``; its kwargs default to ``env_kwargs`` when it is the same
@@ -346,7 +347,11 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
         cpu_timing = {k: cpu_selection.pop(k) for k in ("batch1_median_us", "chosen_us", "fp32_us", "summary")
                       if k in cpu_selection}
         cpath = w.save_model(cmodel, INT8_CPU_MODEL)
-        gpath = w.save_model(specialize_for_ort_cuda(qmodel), INT8_CUDA_MODEL)
+        gmodel = specialize_for_ort_cuda(qmodel)
+        gpath = w.save_model(gmodel, INT8_CUDA_MODEL)
+        # what each shipped file really computes in, read from the file (never from the plan alone)
+        file_precision = {INT8_MODEL: file_record(qmodel), INT8_CPU_MODEL: file_record(cmodel),
+                          INT8_CUDA_MODEL: file_record(gmodel)}
         w.write_json(PLAN, plan.to_dict())  # the plan as data: QuantPlan.from_bundle reads it back
         int8_for = {"cpu": cpath, "cuda": gpath}
         t0 = time.perf_counter()
@@ -404,6 +409,7 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
                        "int8-cuda": INT8_CUDA_MODEL},
             "cpu_float_layers": ort_cpu.cpu_float_layers(cmodel),
             "cpu_layer_selection": cpu_selection,
+            "file_precision": file_precision,
             "preprocess": fp.preprocess,
             "postprocess": fp.postprocess,
             "profile": prof.to_json(),
