@@ -29,10 +29,11 @@ from edgeq.deploy.bundle_format import (
 )
 from edgeq.describe import build_environment, made_utc
 from edgeq.envs import WrapperSpec, check_env_matches, env_factory, parse_wrapper, resolve_env_id
-from edgeq.errors import EdgeqError
+from edgeq.errors import EdgeqError, InputError
 from edgeq.export import ort_cpu
 from edgeq.export.bundle import BundleWriter
 from edgeq.export.cpu_select import replay_record, select_cpu_float_layers
+from edgeq.export.file_precision import file_record
 from edgeq.export.ort_cpu import specialize_for_ort_cpu
 from edgeq.export.ort_cuda import specialize_for_ort_cuda
 from edgeq.export.qdq import apply_plan
@@ -89,6 +90,35 @@ def _episode_steps(make_env: Callable[[], Any]) -> int | None:
         env.close()
 
 
+def _with_history_reset(fp: FloatPolicy, reset: str) -> FloatPolicy:
+    """``fp`` whose observation history starts episodes with ``reset`` (``"zeros"``, ``"first-observation"``)."""
+    from edgeq.deploy.history import check_reset
+
+    if fp.history is None:
+        raise EdgeqError(f"{fp.source.path}: --history-reset applies to policies that read an observation history; "
+                         "this one reads one observation (give --history K for a flat frame stack)")
+    try:
+        return replace(fp, history=replace(fp.history, reset=check_reset(reset)))
+    except InputError as exc:
+        raise EdgeqError(f"--history-reset: {exc}") from None
+
+
+def _torchscript_obs_dim(policy: Any, env: str | None, env_kwargs: dict[str, Any] | None,
+                         wrappers: Sequence[WrapperSpec], stack: int) -> int | None:
+    """The env's observation size, which a TorchScript module with its own forward() needs to be exported."""
+    from edgeq.ingest.torchscript import TORCHSCRIPT_SUFFIXES
+
+    paths = [policy] if isinstance(policy, str | Path) else list(policy) if isinstance(policy, list | tuple) else []
+    if env is None or not paths or not all(Path(q).suffix.lower() in TORCHSCRIPT_SUFFIXES for q in paths):
+        return None
+    probe = env_factory(env, env_kwargs, wrappers, stack)()
+    try:
+        shape = tuple(getattr(probe.observation_space, "shape", None) or ())
+    finally:
+        probe.close()
+    return int(np.prod(shape)) if len(shape) == 1 else None
+
+
 def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str | None, out: str | Path, *,
              episodes: int | str = "auto", seed: int = 0,
              recipe: str | CalibrationRecipe | None = None, profile: str | ExportProfile = "cpu-ort",
@@ -101,6 +131,7 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
              calib_data_key: str | None = None, holdout_fraction: float = 0.2,
              action_low: float | Sequence[float] | None = None, action_high: float | Sequence[float] | None = None,
              onnx_input: str | None = None, onnx_output: str | None = None, history: int | None = None,
+             history_reset: str | None = None,
              validation: ValidationOptions | None = None, report: bool = True,
              recipe_overrides: dict[str, Any] | None = None,
              calib_env: str | None = None, calib_env_kwargs: dict[str, Any] | None = None,
@@ -136,7 +167,10 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
     apply to ONNX policy files, which carry no spaces; with an env, unknown bounds come from it.
     ``policy`` may be two ONNX files (an encoder and a body, joined into one graph); a policy that
     reads an observation history (a ``[batch, K, obs_dim]`` input, or a flat one with ``history=K``)
-    gets ``io.history`` in the manifest and its window kept by the runtime (:mod:`edgeq.deploy.history`).
+    gets ``io.history`` in the manifest and its window kept by the runtime (:mod:`edgeq.deploy.history`);
+    ``history_reset`` says what fills the window at an episode start, as the policy was trained:
+    ``"zeros"`` (default) or ``"first-observation"`` (recorded as ``io.history.reset``, honoured by
+    calibration, the validation rollouts and the deployed runtime).
 
     ``validation`` chooses what the validator measures (default :meth:`ValidationOptions.light` on
     ``targets``: verdict, noise floor, per-layer error, 2,000-call latency); ``report`` writes
@@ -145,7 +179,7 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
 
     ``recipe_overrides`` sets any :class:`~edgeq.config.CalibrationRecipe` field by name (e.g.
     ``{"transform": "crossquant", "alpha": 0.0, "auto": True, "rounding": "adaround",
-    "bias_correction": True, "fp16_fallback": 1, "dynamic": True}``) after the recipe is loaded.
+    "bias_correction": True, "fp16_fallback": 0, "dynamic": True}``) after the recipe is loaded.
 
     ``env`` / ``calib_env`` are gymnasium ids or ``module:callable`` entry points. Calibration runs
     in ``calib_env`` (default: ``env``; its kwargs default to ``env_kwargs`` when it is the same
@@ -215,7 +249,10 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
     t0 = time.perf_counter()
     fp = policy if isinstance(policy, FloatPolicy) else load_policy(
         policy, vecnormalize=vecnormalize, input_name=onnx_input, output_name=onnx_output, action_low=action_low,
-        action_high=action_high, history=history, frame_stack=stack or None)
+        action_high=action_high, history=history, frame_stack=stack or None,
+        obs_dim=_torchscript_obs_dim(policy, env, env_kwargs, wrappers, stack))
+    if history_reset is not None:
+        fp = _with_history_reset(fp, history_reset)
     if zoo is not None:
         fp.source.details["rl_zoo"] = zoo.describe()
     if zoo is not None and env == zoo.env_id:
@@ -310,7 +347,11 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
         cpu_timing = {k: cpu_selection.pop(k) for k in ("batch1_median_us", "chosen_us", "fp32_us", "summary")
                       if k in cpu_selection}
         cpath = w.save_model(cmodel, INT8_CPU_MODEL)
-        gpath = w.save_model(specialize_for_ort_cuda(qmodel), INT8_CUDA_MODEL)
+        gmodel = specialize_for_ort_cuda(qmodel)
+        gpath = w.save_model(gmodel, INT8_CUDA_MODEL)
+        # what each shipped file really computes in, read from the file (never from the plan alone)
+        file_precision = {INT8_MODEL: file_record(qmodel), INT8_CPU_MODEL: file_record(cmodel),
+                          INT8_CUDA_MODEL: file_record(gmodel)}
         w.write_json(PLAN, plan.to_dict())  # the plan as data: QuantPlan.from_bundle reads it back
         int8_for = {"cpu": cpath, "cuda": gpath}
         t0 = time.perf_counter()
@@ -368,6 +409,7 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
                        "int8-cuda": INT8_CUDA_MODEL},
             "cpu_float_layers": ort_cpu.cpu_float_layers(cmodel),
             "cpu_layer_selection": cpu_selection,
+            "file_precision": file_precision,
             "preprocess": fp.preprocess,
             "postprocess": fp.postprocess,
             "profile": prof.to_json(),

@@ -33,11 +33,15 @@ def quantize(
              "export). TorchScript is code: pass only files you trust. Two .onnx files are an encoder and a body. "
              "Omit it with -f/--algo/--env.")] = None,
     policy_files: Annotated[list[Path] | None, typer.Option(
-        "--policy", help="Policy file, repeatable: --policy encoder.onnx --policy body.onnx joins a history encoder "
-                         "and a body into one policy (the same as giving them as arguments).")] = None,
+        "--policy", help="Policy file, repeatable: --policy encoder.onnx --policy body.onnx (or two TorchScript .pt "
+                         "files) joins a history encoder and a body into one policy (the same as giving them as "
+                         "arguments).")] = None,
     history: Annotated[int | None, typer.Option(
-        help="ONNX policies whose one flat input stacks this many observations (oldest first); a [batch, K, "
-             "obs_dim] input needs no option.")] = None,
+        help="ONNX/TorchScript policies whose one flat input stacks this many observations (oldest first); a "
+             "[batch, K, obs_dim] input needs no option (for TorchScript, K is found by running the module).")] = None,
+    history_reset: Annotated[str | None, typer.Option(
+        "--history-reset", help="What fills a history policy's window at an episode start, as it was trained: "
+                                "zeros (default) or first-observation (the first observation repeated).")] = None,
     env: Annotated[str | None, typer.Option("--env", help="Gymnasium env id (e.g. HalfCheetah-v5) or module:callable "
                                                           "(imported from the current directory too). Optional "
                                                           "with --calib-data and RL Zoo folders; with -f, the "
@@ -102,7 +106,8 @@ def quantize(
     bias_correction: Annotated[bool | None, typer.Option("--bias-correction/--no-bias-correction",
                                                          help="Empirical bias correction per layer.")] = None,
     fp16_fallback: Annotated[int | None, typer.Option(help="At most this many layers go to fp16 when int8 "
-                                                           "cannot reach --max-action-error (0: never).")] = None,
+                                                           "cannot reach --max-action-error (default 0: every "
+                                                           "layer int8; fp16 layers are reported as such).")] = None,
     max_action_error: Annotated[float | None, typer.Option(help="Held-out mean action error (fraction of the "
                                                                 "action half-range) the fp16 fallback aims for.")
                                 ] = None,
@@ -205,6 +210,7 @@ def quantize(
                                 action_low=_numbers(action_low, "--action-low"),
                                 action_high=_numbers(action_high, "--action-high"),
                                 onnx_input=onnx_input, onnx_output=onnx_output, history=history,
+                                history_reset=history_reset,
                                 calib_env=calib_env,
                                 calib_env_kwargs=parse_env_kwargs(calib_env_kwargs) if calib_env_kwargs else None,
                                 calib_perturb=calib_perturb or (), perturb=perturb or (),
