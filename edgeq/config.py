@@ -171,6 +171,8 @@ class SourceConfig(_Section):
 
     ``vecnormalize``: SB3 ``vecnormalize.pkl`` (default: beside the archive). ``onnx_input`` /
     ``onnx_output``: an ONNX policy's observation input and action output, if several.
+    ``history_reset``: what fills a history policy's window at an episode start, as it was trained
+    (``zeros``, the default, or ``first-observation``).
     ``action_low`` / ``action_high``: an ONNX policy's action bounds (a number or one per dimension;
     default: the env's). ``history``: a flat ONNX input stacking this many observations.
     ``env_kwargs``, ``env_wrappers`` (``class.path[:{json kwargs}]``) and ``frame_stack``: how the env
@@ -185,6 +187,7 @@ class SourceConfig(_Section):
     action_low: float | tuple[float, ...] | None = None
     action_high: float | tuple[float, ...] | None = None
     history: int | None = None
+    history_reset: str | None = None
     env_kwargs: dict[str, Any] | None = None
     env_wrappers: tuple[str, ...] | None = None
     frame_stack: int | None = None
@@ -514,6 +517,7 @@ KEYWORD_FIELDS: dict[str, str] = {
     # source
     "vecnormalize": "source.vecnormalize", "onnx_input": "source.onnx_input", "onnx_output": "source.onnx_output",
     "action_low": "source.action_low", "action_high": "source.action_high", "history": "source.history",
+    "history_reset": "source.history_reset",
     "env_kwargs": "source.env_kwargs", "env_wrappers": "source.env_wrappers", "env_wrapper": "source.env_wrappers",
     "frame_stack": "source.frame_stack",
     # calibration

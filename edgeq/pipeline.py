@@ -29,7 +29,7 @@ from edgeq.deploy.bundle_format import (
 )
 from edgeq.describe import build_environment, made_utc
 from edgeq.envs import WrapperSpec, check_env_matches, env_factory, parse_wrapper, resolve_env_id
-from edgeq.errors import EdgeqError
+from edgeq.errors import EdgeqError, InputError
 from edgeq.export import ort_cpu
 from edgeq.export.bundle import BundleWriter
 from edgeq.export.cpu_select import replay_record, select_cpu_float_layers
@@ -87,6 +87,35 @@ def _episode_steps(make_env: Callable[[], Any]) -> int | None:
         return getattr(spec, "max_episode_steps", None)
     finally:
         env.close()
+
+
+def _with_history_reset(fp: FloatPolicy, reset: str) -> FloatPolicy:
+    """``fp`` whose observation history starts episodes with ``reset`` (``"zeros"``, ``"first-observation"``)."""
+    from edgeq.deploy.history import check_reset
+
+    if fp.history is None:
+        raise EdgeqError(f"{fp.source.path}: --history-reset applies to policies that read an observation history; "
+                         "this one reads one observation (give --history K for a flat frame stack)")
+    try:
+        return replace(fp, history=replace(fp.history, reset=check_reset(reset)))
+    except InputError as exc:
+        raise EdgeqError(f"--history-reset: {exc}") from None
+
+
+def _torchscript_obs_dim(policy: Any, env: str | None, env_kwargs: dict[str, Any] | None,
+                         wrappers: Sequence[WrapperSpec], stack: int) -> int | None:
+    """The env's observation size, which a TorchScript module with its own forward() needs to be exported."""
+    from edgeq.ingest.torchscript import TORCHSCRIPT_SUFFIXES
+
+    paths = [policy] if isinstance(policy, str | Path) else list(policy) if isinstance(policy, list | tuple) else []
+    if env is None or not paths or not all(Path(q).suffix.lower() in TORCHSCRIPT_SUFFIXES for q in paths):
+        return None
+    probe = env_factory(env, env_kwargs, wrappers, stack)()
+    try:
+        shape = tuple(getattr(probe.observation_space, "shape", None) or ())
+    finally:
+        probe.close()
+    return int(np.prod(shape)) if len(shape) == 1 else None
 
 
 def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str | None, out: str | Path,
@@ -167,7 +196,9 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
     fp = policy if isinstance(policy, FloatPolicy) else load_policy(
         policy, vecnormalize=vecnormalize, input_name=src.onnx_input, output_name=src.onnx_output,
         action_low=_bound(src.action_low), action_high=_bound(src.action_high), history=src.history,
-        frame_stack=stack or None)
+        frame_stack=stack or None, obs_dim=_torchscript_obs_dim(policy, env, env_kwargs, wrappers, stack))
+    if src.history_reset is not None:
+        fp = _with_history_reset(fp, src.history_reset)
     if zoo is not None:
         fp.source.details["rl_zoo"] = zoo.describe()
     if zoo is not None and env == zoo.env_id:

@@ -34,11 +34,15 @@ def quantize(
              "export). TorchScript is code: pass only files you trust. Two .onnx files are an encoder and a body. "
              "Omit it with -f/--algo/--env.")] = None,
     policy_files: Annotated[list[Path] | None, typer.Option(
-        "--policy", help="Policy file, repeatable: --policy encoder.onnx --policy body.onnx joins a history encoder "
-                         "and a body into one policy (the same as giving them as arguments).")] = None,
+        "--policy", help="Policy file, repeatable: --policy encoder.onnx --policy body.onnx (or two TorchScript .pt "
+                         "files) joins a history encoder and a body into one policy (the same as giving them as "
+                         "arguments).")] = None,
     history: Annotated[int | None, typer.Option(
-        help="ONNX policies whose one flat input stacks this many observations (oldest first); a [batch, K, "
-             "obs_dim] input needs no option.")] = None,
+        help="ONNX/TorchScript policies whose one flat input stacks this many observations (oldest first); a "
+             "[batch, K, obs_dim] input needs no option (for TorchScript, K is found by running the module).")] = None,
+    history_reset: Annotated[str | None, typer.Option(
+        "--history-reset", help="What fills a history policy's window at an episode start, as it was trained: "
+                                "zeros (default) or first-observation (the first observation repeated).")] = None,
     env: Annotated[str | None, typer.Option("--env", help="Gymnasium env id (e.g. HalfCheetah-v5) or module:callable "
                                                           "(imported from the current directory too). Optional "
                                                           "with --calib-data and RL Zoo folders; with -f, the "

@@ -62,7 +62,7 @@ def cpu_float_layers(model: onnx.ModelProto) -> list[str]:
 def int8_layer_names(qdq: onnx.ModelProto) -> list[str]:
     """The INT8 MatMul layers of an edgeq QDQ graph (the ones :func:`specialize_for_ort_cpu` rewrites)."""
     producer = {o: n for n in qdq.graph.node for o in n.output}
-    inits = {t.name for t in qdq.graph.initializer}
+    inits = {t.name: t for t in qdq.graph.initializer}
     names = []
     for node in qdq.graph.node:
         a_dq = producer.get(node.input[0]) if node.op_type == "MatMul" else None
@@ -70,7 +70,8 @@ def int8_layer_names(qdq: onnx.ModelProto) -> list[str]:
         if a_dq is None or w_dq is None or a_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
             continue
         q = producer.get(a_dq.input[0])
-        if q is not None and q.op_type == "QuantizeLinear" and w_dq.input[0] in inits and q.input[1] in inits:
+        if (q is not None and q.op_type == "QuantizeLinear" and w_dq.input[0] in inits and q.input[1] in inits
+                and inits[w_dq.input[0]].data_type == onnx.TensorProto.INT8):
             names.append(node.name or node.output[0])
     return names
 
@@ -119,6 +120,8 @@ def specialize_for_ort_cpu(qdq: onnx.ModelProto, min_int8_width: int = 0,
         q = producer.get(a_dq.input[0])
         if q is None or q.op_type != "QuantizeLinear" or w_dq.input[0] not in inits:
             continue
+        if inits[w_dq.input[0]].data_type != onnx.TensorProto.INT8:
+            continue  # int4 weights (W4A8): edgeq.export.int4 writes those layers
         add = _bias_add(node, consumers, inits)
         k_in, n_out = (int(d) for d in inits[w_dq.input[0]].dims)
         wanted = (min(k_in, n_out) < min_int8_width if float_layers is None

@@ -1,0 +1,145 @@
+"""int4 weights (W4A8): exact packing, the quantizer, the QDQ opset-21 export ORT runs, MatMulNBits, plan round-trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, numpy_helper
+
+from edgeq.deploy.runtime import OrtPolicy
+from edgeq.export.int4 import (
+    int4_layer_names,
+    int4_tensor,
+    specialize_int4_for_ort_cpu,
+    tensor_int4_values,
+    weight_only,
+)
+from edgeq.export.ort_cpu import int8_layer_names, specialize_for_ort_cpu
+from edgeq.export.qdq import apply_plan
+from edgeq.graph.analysis import constant_value, find_weighted_layers
+from edgeq.quantizers.int4 import Int4Weight, pack_int4, quantize_weight_int4, unpack_int4
+from edgeq.quantizers.mixed import with_int4
+from edgeq.quantizers.plan import QuantPlan, make_plan
+from tests.quant_helpers import mlp, stats_for
+
+
+def test_pack_unpack_exact_and_onnx_agrees() -> None:
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 64, 257):
+        v = rng.integers(-8, 8, size=n).astype(np.int8)
+        raw = pack_int4(v)
+        assert len(raw) == (n + 1) // 2
+        assert np.array_equal(unpack_int4(raw, n), v)
+        t = int4_tensor(v.reshape(1, n), "t")
+        assert np.array_equal(np.asarray(numpy_helper.to_array(t), np.int8).reshape(-1), v)  # onnx's own reader
+        assert np.array_equal(tensor_int4_values(t).reshape(-1), v)
+    assert pack_int4(np.array([1, -1], np.int8)) == bytes([0xF1])  # element 0 in the low nibble
+    with pytest.raises(ValueError):
+        pack_int4(np.array([8]))
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("block", [0, 16])
+def test_int4_quantizer_range_error_and_layout(axis: int, block: int) -> None:
+    rng = np.random.default_rng(1)
+    w_oi = rng.standard_normal((6, 40)).astype(np.float32)
+    w_oi[2] = 0.0  # a dead channel dequantizes to exact zeros
+    w = w_oi if axis == 0 else w_oi.T
+    for method in ("absmax", "mse"):
+        q = quantize_weight_int4(w, axis, block_size=block, method=method)
+        assert q.q.shape == w.shape and np.abs(q.q).max() <= 7
+        assert q.scale.shape == ((6,) if block == 0 else ((6, 3) if axis == 0 else (3, 6)))
+        deq = q.dequantize()
+        assert np.all(deq[(2, slice(None)) if axis == 0 else (slice(None), 2)] == 0)
+        if method == "absmax":  # nothing clipped: every error within half a step
+            assert np.all(np.abs(deq - w) <= q.scale_full() / 2 + 1e-6)
+    a = quantize_weight_int4(w, axis, block_size=block, method="absmax")
+    m = quantize_weight_int4(w, axis, block_size=block, method="mse")
+    assert np.square(m.dequantize() - w).sum() <= np.square(a.dequantize() - w).sum()
+    # blocks of 16 fit the weight better than one scale per channel
+    if block:
+        pc = quantize_weight_int4(w, axis, method="mse")
+        assert np.square(m.dequantize() - w).sum() < np.square(pc.dequantize() - w).sum()
+    with pytest.raises(ValueError):
+        Int4Weight(np.full((2, 2), 8, np.int8), np.ones(2, np.float32), 0)
+
+
+def _mlp_plan(block: int = 0) -> tuple[onnx.ModelProto, QuantPlan, QuantPlan, np.ndarray]:
+    rng = np.random.default_rng(2)
+    sizes = [(8, 64), (64, 64), (64, 3)]
+    model = mlp([(rng.standard_normal((o, i)).astype(np.float32) / np.sqrt(i), rng.standard_normal(o) * 0.1)
+                 for i, o in sizes])
+    states = rng.standard_normal((512, 8)).astype(np.float32)
+    base = make_plan(model, stats_for(model, states).observers, calibrator="max")
+    plan = base
+    for wl in find_weighted_layers(model)[:2]:
+        plan = with_int4(plan, wl.node, np.asarray(constant_value(model, wl.weight)), block_size=block)
+    return model, base, plan, states
+
+
+def _reference(model: onnx.ModelProto, plan: QuantPlan, x: np.ndarray) -> np.ndarray:
+    """numpy W4A8: int8 fake-quant of each quantized layer's input, int4/int8 dequantized weights, tanh-free MLP."""
+    h = x.astype(np.float32)
+    layers = find_weighted_layers(model)
+    for i, wl in enumerate(layers):
+        la = plan.layer(wl.node)
+        s = np.float32(plan.activations[la.input].scale)
+        hq = (np.clip(np.rint(h / s), -127, 127) * s).astype(np.float32)
+        w = la.weight4.dequantize() if la.precision == "int4" else la.weight.dequantize()
+        b = np.asarray(constant_value(model, wl.bias), np.float32)
+        h = hq @ w.T + b
+        if i < len(layers) - 1:
+            h = np.maximum(h, 0)
+    return h
+
+
+@pytest.mark.parametrize("block", [0, 32])
+def test_w4a8_qdq_file_runs_in_ort_and_matches_numpy(block: int, tmp_path) -> None:
+    model, base, plan, states = _mlp_plan(block)
+    q = apply_plan(model, plan)  # full ONNX check inside
+    assert max(op.version for op in q.opset_import if op.domain in ("", "ai.onnx")) >= 21 and q.ir_version >= 10
+    inits = {t.name: t for t in q.graph.initializer}
+    dqs = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
+           and inits[n.input[0]].data_type == TensorProto.INT4]
+    assert len(dqs) == 2
+    for n in dqs:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs == ({"axis": 1} if block == 0 else {"axis": 0, "block_size": 32})
+        assert np.all(tensor_int4_values(inits[n.input[2]]) == 0)
+    assert len(int4_layer_names(q)) == 2 and len(int8_layer_names(q)) == 1
+    got = OrtPolicy(q.SerializeToString()).act(states[:64])
+    np.testing.assert_allclose(got, _reference(model, plan, states[:64]), atol=2e-5, rtol=1e-5)
+    # smaller than the all-int8 file: the two hidden layers' weights take half the bytes
+    assert len(q.SerializeToString()) < len(apply_plan(model, base).SerializeToString()) - 64 * 64 // 2 + 200
+    # the CPU file: int8 layer → MatMulIntegerToFloat, int4 layers → MatMulNBits after their activation Q/DQ
+    cpu = specialize_int4_for_ort_cpu(specialize_for_ort_cpu(q))
+    ops = [n.op_type for n in cpu.graph.node]
+    assert ops.count("MatMulNBits") == 2 and ops.count("MatMulIntegerToFloat") == 1
+    assert all(n.op_type != "DequantizeLinear" or inits.get(n.input[0]) is None
+               or inits[n.input[0]].data_type != TensorProto.INT4 for n in cpu.graph.node)
+    np.testing.assert_allclose(OrtPolicy(cpu.SerializeToString()).act(states[:64]), got, atol=2e-4, rtol=1e-4)
+    # TensorRT's weight-only form: no Q/DQ before the int4 MatMuls
+    wo = weight_only(q)
+    producer = {o: n for n in wo.graph.node for o in n.output}
+    for mm in [n for n in wo.graph.node if n.name in int4_layer_names(wo)]:
+        assert producer.get(mm.input[0]) is None or producer[mm.input[0]].op_type != "DequantizeLinear"
+    onnx.checker.check_model(wo, full_check=True)
+    ort.InferenceSession(wo.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_plan_with_int4_round_trips(tmp_path) -> None:
+    model, _, plan, states = _mlp_plan(32)
+    back = QuantPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert [la.precision for la in back.layers] == ["int4", "int4", "int8"]
+    for a, b in zip(plan.int4_layers(), back.int4_layers(), strict=True):
+        assert b.weight4 is not None and a.weight4 is not None
+        assert np.array_equal(a.weight4.q, b.weight4.q) and np.array_equal(a.weight4.scale, b.weight4.scale)
+        assert b.weight4.block_size == 32
+    assert apply_plan(model, back).SerializeToString() == apply_plan(model, plan).SerializeToString()
+    assert not plan.tensorrt_compatible
+    row = plan.to_json()["layers"][0]
+    assert row["precision"] == "int4" and row["weight_bits"] == 4 and row["activation"] == "int8"
