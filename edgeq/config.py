@@ -244,7 +244,8 @@ class QuantizationConfig(_Section):
     rounding: str = "adaround"
     adaround_iters: int = 0
     bias_correction: bool = True
-    fp16_fallback: int = 1
+    # 0: every layer int8; mixed precision is the search's job (issue 12 part 4), labelled as such
+    fp16_fallback: int = 0
     max_action_error: float = 0.1
     tail_weight: float = 0.1
     tail_fraction: float = 0.01

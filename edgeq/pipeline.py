@@ -33,6 +33,7 @@ from edgeq.errors import EdgeqError, InputError
 from edgeq.export import ort_cpu
 from edgeq.export.bundle import BundleWriter
 from edgeq.export.cpu_select import replay_record, select_cpu_float_layers
+from edgeq.export.file_precision import file_record
 from edgeq.export.ort_cpu import specialize_for_ort_cpu
 from edgeq.export.ort_cuda import specialize_for_ort_cuda
 from edgeq.export.qdq import apply_plan
@@ -120,19 +121,20 @@ def _torchscript_obs_dim(policy: Any, env: str | None, env_kwargs: dict[str, Any
 
 def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str | None, out: str | Path,
              config: QuantizeConfig | None = None, *, overrides: Mapping[str, Any] | None = None,
-             recipe: str | None = None, profile: str | None = None, progress: ProgressFactory = _no_progress,
+             recipe: str | None = None, profile: str | ExportConfig | None = None,
+             progress: ProgressFactory = _no_progress,
              overwrite: bool = False, sign_key: str | Path | None = None, executor: ExecutorConfig | None = None,
              **keywords: Any) -> QuantizeResult:
     """Quantize ``policy`` for ``env`` and write a validated bundle to ``out``, as ``config`` says.
 
     ``config`` (:class:`~edgeq.config.QuantizeConfig`) holds every setting; without it, the defaults with
-    ``recipe`` (default: ``calibration/<env>.yaml``, else ``default.yaml``) and ``profile`` (default
-    ``cpu-ort``) applied (:meth:`QuantizeConfig.from_recipe`). ``overrides`` (``{"quantization.rounding":
-    "nearest", ...}``) and the flat ``keywords`` of earlier versions (``episodes=5``, ``calib_episodes=4``,
-    ``recipe_overrides={...}``, ``tolerance=Tolerance(...)``, ...; the table
-    :data:`edgeq.config.KEYWORD_FIELDS`) are applied on top. The manifest stores the config used
-    (``manifest["config"]``): ``quantize(policy, env, out2, QuantizeConfig.from_bundle(out))`` makes the same
-    files. What each section means: :mod:`edgeq.config`.
+    ``recipe`` (default: ``calibration/<env>.yaml``, else ``default.yaml``) and ``profile`` (a name, default
+    ``cpu-ort``, or an :class:`~edgeq.config.ExportConfig`) applied (:meth:`QuantizeConfig.from_recipe`).
+    ``overrides`` (``{"quantization.rounding": "nearest", ...}``) and the flat ``keywords`` of earlier
+    versions (``episodes=5``, ``calib_episodes=4``, ``recipe_overrides={...}``, ``tolerance=Tolerance(...)``,
+    ...; the table :data:`edgeq.config.KEYWORD_FIELDS`) are applied on top. The manifest stores the config
+    used (``manifest["config"]``): ``quantize(policy, env, out2, QuantizeConfig.from_bundle(out))`` makes the
+    same files. What each section means: :mod:`edgeq.config`.
 
     ``policy``: an SB3/sb3-contrib zip, an RL Zoo run folder (its archive, ``vecnormalize.pkl``, env id,
     ``env_kwargs``, wrappers and ``frame_stack`` are used unless the config sets them; an env id
@@ -163,8 +165,10 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
     if env is None and given.calibration.data is None:
         raise EdgeqError("nothing to calibrate with: give an environment (--env) for rollouts, or logged "
                          "observations (--calib-data)")
-    cfg = given if config is not None else \
-        QuantizeConfig.from_recipe(recipe, profile or "cpu-ort", env=env).with_overrides(overrides)
+    if config is None:
+        base = QuantizeConfig.from_recipe(recipe, profile if isinstance(profile, str) else "cpu-ort", env=env)
+        config = replace(base, export=profile) if isinstance(profile, ExportConfig) else base
+    cfg = config.with_overrides(overrides)
     src, cal, val, prof = cfg.source, cfg.calibration, cfg.validation, cfg.export
     vecnormalize: str | Path | None = src.vecnormalize
     env_kwargs, env_wrappers, frame_stack = src.env_kwargs, src.env_wrappers, src.frame_stack
@@ -295,7 +299,11 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
         cpu_timing = {k: cpu_selection.pop(k) for k in ("batch1_median_us", "chosen_us", "fp32_us", "summary")
                       if k in cpu_selection}
         cpath = w.save_model(cmodel, INT8_CPU_MODEL)
-        gpath = w.save_model(specialize_for_ort_cuda(qmodel), INT8_CUDA_MODEL)
+        gmodel = specialize_for_ort_cuda(qmodel)
+        gpath = w.save_model(gmodel, INT8_CUDA_MODEL)
+        # what each shipped file really computes in, read from the file (never from the plan alone)
+        file_precision = {INT8_MODEL: file_record(qmodel), INT8_CPU_MODEL: file_record(cmodel),
+                          INT8_CUDA_MODEL: file_record(gmodel)}
         w.write_json(PLAN, plan.to_dict())  # the plan as data: QuantPlan.from_bundle reads it back
         int8_for = {"cpu": cpath, "cuda": gpath}
         t0 = time.perf_counter()
@@ -350,6 +358,7 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
                        "int8-cuda": INT8_CUDA_MODEL},
             "cpu_float_layers": ort_cpu.cpu_float_layers(cmodel),
             "cpu_layer_selection": cpu_selection,
+            "file_precision": file_precision,
             "preprocess": fp.preprocess,
             "postprocess": fp.postprocess,
             "profile": prof.to_json(),

@@ -108,7 +108,8 @@ def quantize(
     bias_correction: Annotated[bool | None, typer.Option("--bias-correction/--no-bias-correction",
                                                          help="Empirical bias correction per layer.")] = None,
     fp16_fallback: Annotated[int | None, typer.Option(help="At most this many layers go to fp16 when int8 "
-                                                           "cannot reach --max-action-error (0: never).")] = None,
+                                                           "cannot reach --max-action-error (default 0: every "
+                                                           "layer int8; fp16 layers are reported as such).")] = None,
     max_action_error: Annotated[float | None, typer.Option(help="Held-out mean action error (fraction of the "
                                                                 "action half-range) the fp16 fallback aims for.")
                                 ] = None,
