@@ -49,6 +49,7 @@ from edgeq.deploy.runtime import OrtPolicy
 from edgeq.envs import env_factory_for
 from edgeq.errors import EdgeqError
 from edgeq.export.bundle import BundleWriter
+from edgeq.export.file_precision import file_record
 from edgeq.export.int4 import specialize_int4_for_ort_cpu, weight_only
 from edgeq.export.ort_cpu import specialize_for_ort_cpu
 from edgeq.export.ort_cuda import specialize_for_ort_cuda
@@ -376,6 +377,9 @@ def _write_best(dest: Path, base_manifest: dict[str, Any], root: Path, fmodel: o
             "mixed_precision": {**_precision_record(cand.plan, cand), "search": {
                 "max_loss": max_loss, "objective": objective, "file_bytes": row["file_bytes"],
                 "tensorrt_file": W4_TRT_MODEL if "w4-trt" in paths else models.get("int8", "policy.int8.onnx")}},
+            "file_precision": {models.get(k, f): file_record(onnx.load(str(w.path / models.get(k, f))))
+                               for k, f in (("int8", "policy.int8.onnx"), ("int8-cpu", "policy.int8.cpu.onnx"),
+                                            ("int8-cuda", "policy.int8.cuda.onnx"))},
             "cpu_float_layers": [],
             "cpu_layer_selection": {"method": "precision-search", "float_layers": []},
             "decision": decision_record(val),
