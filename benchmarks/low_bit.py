@@ -57,14 +57,17 @@ def run_fixture(spec: str, args: argparse.Namespace, cmd: str) -> None:
         quantize(policy, env, bundle, episodes=args.episodes, seed=args.seed, report=False, overwrite=True)
     t_q = time.perf_counter() - t0
     t0 = time.perf_counter()
-    res = search(bundle, work / f"search-b{args.block_size}", max_loss=args.max_loss, episodes=args.episodes,
+    sdir = work / f"search-b{args.block_size}-{args.rounding}"
+    res = search(bundle, sdir, max_loss=args.max_loss, episodes=args.episodes,
                  max_episodes=args.max_episodes, seed=args.seed, block_size=args.block_size, evaluate_all=True,
+                 rounding=args.rounding,
                  overwrite=True, log=lambda s: print(f"[{name}] {s}", flush=True))
     t_s = time.perf_counter() - t0
-    rec = json.loads((work / f"search-b{args.block_size}" / "search.json").read_text())
+    rec = json.loads((sdir / "search.json").read_text())
     rows = {r["name"]: r for r in res.rows}
     base = rows["W8A8"]
-    lines = [f"### {name} ({env}), int4 {'per channel' if args.block_size == 0 else f'blocks of {args.block_size}'}",
+    gran = "per channel" if args.block_size == 0 else f"blocks of {args.block_size}"
+    lines = [f"### {name} ({env}), int4 {gran}, {args.rounding} rounding",
              "", f"`{cmd}`", "",
              f"Float policy.fp32.onnx: batch 1 {rec['float_latency_us']['batch1_median']} us, batch 32 "
              f"{rec['float_latency_us']['batch32_median']} us. Validation: CPU target, each candidate's "
@@ -203,6 +206,7 @@ def main() -> None:
     ap.add_argument("--max-episodes", type=int, default=200)
     ap.add_argument("--max-loss", type=float, default=0.01)
     ap.add_argument("--block-size", type=int, default=0)
+    ap.add_argument("--rounding", default="gptq", choices=["gptq", "nearest"], help="int4 rounding")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kernels", action="store_true", help="measure ORT's int4 kernels (one layer)")
     ap.add_argument("--calls", type=int, default=2000)

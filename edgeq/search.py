@@ -159,7 +159,8 @@ def _precision_record(plan: QuantPlan, cand: MixedCandidate) -> dict[str, Any]:
 
 
 def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objective: str = "size",
-           block_size: int = 0, episodes: int | str = "auto", max_episodes: int = 200, seed: int = 0,
+           block_size: int = 0, rounding: str = "gptq", episodes: int | str = "auto", max_episodes: int = 200,
+           seed: int = 0,
            fail_tol: float = 0.02, failure: str | None = None, score: Score | None = None,
            fp16_layers: int = 1, state_episodes: int = 6, max_states: int = 6000, num_envs: int = 8,
            evaluate_all: bool = False, latency_calls: int = 2000, overwrite: bool = False,
@@ -173,6 +174,8 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
         max_loss: Return loss allowed, relative to |float mean| (0.01 = 1%).
         objective: ``size`` (file bytes of the portable file) or ``latency`` (batch-1 median of the CPU file).
         block_size: int4 weights per output channel (0) or in blocks of this many inputs.
+        rounding: int4 rounding, ``gptq`` (error compensation, kept per layer only where it lowers the
+            held-out layer output error) or ``nearest``; bias correction follows either.
         episodes, max_episodes, seed: Validation design (``auto``: 30, then +10 up to ``max_episodes``)
             and first seed.
         score: Sensitivity score of a plan (lower is better); default the held-out action error.
@@ -255,7 +258,8 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
             continue
         w = np.asarray(constant_value(work, wl.weight), np.float32)
         b = np.asarray(constant_value(work, wl.bias), np.float32) if wl.bias else None
-        one4[la.node] = with_int4(base, la.node, w, block_size=block_size, inputs=layer_inputs, original_bias=b)
+        one4[la.node] = with_int4(base, la.node, w, block_size=block_size, inputs=layer_inputs, original_bias=b,
+                                  rounding=rounding)
     if not one4:
         raise EdgeqError(f"{root}: no static int8 layer with a 2-D weight to put in int4")
     sizes = layer_sizes(base, {n: tuple(np.asarray(constant_value(work, wl.weight)).shape) for n, wl in wls.items()})
@@ -341,7 +345,7 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
         status, code = "INCONCLUSIVE", 3
     result = SearchResult(rows, best, best_bundle, status, code, ranking)
     record = {**result.to_json(), "bundle": str(root), "max_loss": max_loss, "objective": objective,
-              "block_size": block_size, "float_latency_us": float_lat,
+              "block_size": block_size, "int4_rounding": rounding, "float_latency_us": float_lat,
               "design": design.to_json(), "tolerance": tol.to_json(), "failure_rule": rule.to_json()}
     (out / "search.json").write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")
     return result

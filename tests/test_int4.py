@@ -242,3 +242,23 @@ def test_candidates_rank_int4_moves_by_error_per_byte_and_start_from_the_smalles
     assert names[0] == "W4A8" and names.index("W8A8") < names.index("int8+fp16x1")
     assert [c.weight_bytes for c in cands] == sorted(c.weight_bytes for c in cands)
     assert all(c.proxy is not None for c in cands)
+
+
+def test_gptq_int4_lowers_the_heldout_output_error_or_keeps_nearest() -> None:
+    from edgeq.quantizers.mixed import gptq_int4
+
+    rng = np.random.default_rng(5)
+    k, n = 48, 16
+    mix = rng.standard_normal((k, k)) / np.sqrt(k)
+    x = (rng.standard_normal((2000, k)) @ mix + 0.3).astype(np.float32)  # correlated inputs
+    s = np.abs(x).max() / 127
+    x_hat = (np.clip(np.rint(x / s), -127, 127) * s).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    for block in (0, 16):
+        near = quantize_weight_int4(w, 0, block_size=block)
+        got, rep = gptq_int4(w, near, x_hat, x)
+        assert rep["used"] and rep["heldout_output_mse_gptq"] < 0.9 * rep["heldout_output_mse_nearest"]
+        assert np.abs(got.q).max() <= 7 and np.array_equal(got.scale, near.scale) and got.block_size == block
+        # [in, out] storage (MatMul weights) gives the same integers, transposed
+        got_t, _ = gptq_int4(w, quantize_weight_int4(w.T, 1, block_size=block), x_hat, x)
+        assert np.array_equal(got_t.q.T, got.q)
