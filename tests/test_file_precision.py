@@ -108,12 +108,12 @@ def test_headline_counts_from_the_file_and_says_why() -> None:
 
 
 def test_fp16_fallback_is_off_by_default() -> None:
-    from edgeq.config import CalibrationRecipe, load_recipe
+    from edgeq.config import QuantizeConfig
     from edgeq.quantizers.build import QuantOptions
 
-    assert CalibrationRecipe().fp16_fallback == 0 and QuantOptions().fp16_fallback == 0
+    assert QuantizeConfig().quantization.fp16_fallback == 0 and QuantOptions().fp16_fallback == 0
     for name in ("default", "HalfCheetah-v5", "Pendulum-v1", "BipedalWalker-v3"):
-        assert load_recipe(name).quant_options().fp16_fallback == 0, name
+        assert QuantizeConfig.from_recipe(name).quant_options().fp16_fallback == 0, name
 
 
 def test_bundle_reports_each_file_and_validates_the_all_int8_file_on_cpu(tmp_path: Path) -> None:

@@ -36,9 +36,29 @@ console = make_console()
 err_console = make_console(stderr=True)
 _state = {"debug": False}
 
-# Boolean flags are flags: typer's rich help would show them as "--json <bool>" as if they took a value.
-_display_type_rich = TyperOption.display_type_rich
-TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _display_type_rich(self, ctx)  # type: ignore[method-assign]
+
+
+def patch_flag_help(option_class: Any = TyperOption) -> bool:
+    """Show boolean flags as flags in the rich help: typer versions that have
+    ``TyperOption.display_type_rich`` would print "--json <bool>" as if the flag took a value.
+
+    Feature-detected: typer versions without that method (their help does not print the type of a
+    flag, or prints it another way) are left alone, so the CLI starts with any typer edgeq supports.
+    Returns whether the method was patched.
+    """
+    original = getattr(option_class, "display_type_rich", None)
+    if not callable(original) or getattr(original, "_edgeq_flag_patch", False):
+        return False
+
+    def display_type_rich(self: Any, ctx: Any) -> Any:
+        return None if getattr(self, "is_flag", False) else original(self, ctx)
+
+    display_type_rich._edgeq_flag_patch = True  # type: ignore[attr-defined]
+    option_class.display_type_rich = display_type_rich
+    return True
+
+
+patch_flag_help()
 
 
 def _print_version(value: bool) -> None:

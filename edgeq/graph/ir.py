@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 __all__ = [
     "array_of",
@@ -30,6 +29,7 @@ __all__ = [
     "op",
     "remove_dead_code",
     "replace_node",
+    "rewire",
     "to_ir",
     "to_onnx",
 ]
@@ -98,22 +98,29 @@ def op(nodes: list[ir.Node], op_type: str, inputs: Sequence[ir.Value | None], ou
     return node.outputs[0]
 
 
+def rewire(before: ir.Value, after: ir.Value) -> None:
+    """Every reader (and graph output) of ``before`` reads ``after``, which takes ``before``'s name and type."""
+    name = before.name
+    after.type = before.type if before.type is not None else after.type
+    after.shape = before.shape if before.shape is not None else after.shape
+    before.replace_all_uses_with(after, replace_graph_outputs=True)
+    before.name = None
+    after.name = name
+
+
 def replace_node(graph: ir.Graph, old: ir.Node | Sequence[ir.Node], new: Iterable[ir.Node],
                  outputs: Mapping[ir.Value, ir.Value]) -> None:
     """Put ``new`` where the first of ``old`` stood; ``outputs`` maps each old value read later to its new one.
 
     Every reader (and graph output) of an old value reads the new one, which takes the old value's
-    name; then the old nodes leave the graph and stop reading their inputs.
+    name (:func:`rewire`); then the old nodes leave the graph and stop reading their inputs.
     """
     olds = [old] if isinstance(old, ir.Node) else list(old)
     new = list(new)
     if new:
         graph.insert_before(olds[0], new)
     for before, after in outputs.items():
-        name = before.name
-        before.replace_all_uses_with(after, replace_graph_outputs=True)
-        before.name = None
-        after.name = name
+        rewire(before, after)
     graph.remove(olds, safe=True)
 
 
@@ -127,6 +134,15 @@ def drop_unused_initializers(graph: ir.Graph, values: Iterable[ir.Value | None])
             del graph.initializers[name]
 
 
-def remove_dead_code(model: ir.Model) -> None:
-    """Remove nodes none of whose outputs is read and initializers nothing reads (``onnx_ir``'s pass)."""
-    RemoveUnusedNodesPass()(model)
+def remove_dead_code(graph: ir.Graph) -> None:
+    """Remove nodes none of whose outputs is read (or is a graph output), then initializers nothing reads.
+
+    Not ``onnx_ir.passes.common.RemoveUnusedNodesPass``: besides dead nodes it renames a live node's
+    unused optional outputs (an LSTM's ``Y``) and drops trailing empty inputs, which would change
+    nodes a pass did not touch.
+    """
+    outputs = set(graph.outputs)
+    for node in reversed(list(graph)):
+        if not any(o.uses() or o in outputs for o in node.outputs):
+            graph.remove(node, safe=True)
+    drop_unused_initializers(graph, list(graph.initializers.values()))
