@@ -325,7 +325,8 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
         f_mean, q_mean = float(t["float"]["mean"]), float(t["int8"]["mean"])
         r.update({"verdict": vd["status"], "episodes": len(t["float"]["returns"]),
                   "float_mean": round(f_mean, 3), "mean": round(q_mean, 3),
-                  "return_ratio": round(q_mean / f_mean, 5) if f_mean else None,
+                  # the return kept, 1 + mean(cand - float) / |mean(float)|: reads the same for negative returns
+                  "return_ratio": round(1.0 + (q_mean - f_mean) / abs(f_mean), 5) if f_mean else None,
                   "loss_interval": vd.get("returns", {}).get("interval"),
                   "failures": {"float": (t.get("outcomes") or {}).get("float", {}).get("failure", 0),
                                "candidate": (t.get("outcomes") or {}).get("int8", {}).get("failure", 0)},
