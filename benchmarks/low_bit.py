@@ -214,7 +214,7 @@ def main() -> None:
     ap.add_argument("--max-episodes", type=int, default=200)
     ap.add_argument("--max-loss", type=float, default=0.01)
     ap.add_argument("--block-size", type=int, default=0)
-    ap.add_argument("--rounding", default="nearest", choices=["gptq", "nearest"], help="int4 rounding")
+    ap.add_argument("--rounding", default="both", choices=["both", "gptq", "nearest"], help="int4 rounding")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kernels", action="store_true", help="measure ORT's int4 kernels (one layer)")
     ap.add_argument("--calls", type=int, default=2000)
