@@ -22,7 +22,8 @@ def base_bundle(sac_pendulum: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from edgeq.validate.validator import ValidationOptions
 
     out = tmp_path_factory.mktemp("search") / "bundle"
-    quantize(sac_pendulum, "Pendulum-v1", out, episodes=4, seed=3, report=False, recipe_overrides={"episodes": 6},
+    quantize(sac_pendulum, "Pendulum-v1", out, episodes=4, seed=3, report=False,
+             recipe_overrides={"episodes": 4, "auto": False},
              profile=replace(load_profile("cpu-ort"), cpu_layer_selection="width"),
              validation=ValidationOptions.light(floor_draws=0, per_layer=False, latency_calls=0))
     return out

@@ -40,9 +40,9 @@ def search(
                                                 "measured here).")] = "size",
     block_size: Annotated[int, typer.Option(help="int4 weights per output channel (0) or in blocks of this many "
                                                  "inputs (32, 64).")] = 0,
-    int4_rounding: Annotated[str, typer.Option(help="int4 rounding: nearest, or gptq (error compensation, kept "
-                                                    "per layer only where it lowers the held-out output "
-                                                    "error; lowers the proxy, not always the return).")] = "nearest",
+    int4_rounding: Annotated[str, typer.Option(help="int4 rounding: both (every int4 candidate with nearest and "
+                                                    "with GPTQ rounding; the verdict decides), nearest or "
+                                                    "gptq.")] = "both",
     episodes: Annotated[str, typer.Option(help="Paired episodes per candidate: auto (30, then +10 until decided) or "
                                                "N.")] = "auto",
     max_episodes: Annotated[int, typer.Option(help="Cap of the auto design per candidate.")] = 200,
