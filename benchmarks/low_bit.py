@@ -37,8 +37,8 @@ def _row(r: dict[str, Any], base_bytes: int, kind: str) -> str:
     fails = r.get("failures") or {}
     iv = r.get("loss_interval")
     iv_s = f"[{iv[0]:+.1f}, {iv[1]:+.1f}]" if isinstance(iv, list) and len(iv) == 2 else ""
-    ratio = r.get("return_ratio")
-    kept = "" if ratio is None else f"{100 * ratio:.2f}%"
+    f, q = r.get("float_mean"), r.get("mean")
+    kept = "" if not f or q is None else f"{100 * (1 + (q - f) / abs(f)):.2f}%"
     return (f"| {kind} | {r['name']} | {r['label']} | {r['file_bytes']} ({r['file_bytes'] / base_bytes:.2f}x) | "
             f"{lat['batch1_median']} | {lat['batch32_median']} | {kept} | {iv_s} | {r.get('verdict')} | "
             f"{r.get('episodes', '')} | {fails.get('float', '')}/{fails.get('candidate', '')} |")
@@ -49,22 +49,27 @@ def run_fixture(spec: str, args: argparse.Namespace, cmd: str) -> None:
     from edgeq.search import search
 
     name, env = spec.split(":", 1)
-    policy = ROOT / "tests" / "fixtures" / "policies" / f"{name}.zip"
+    policy = Path(args.policies) / f"{name}.zip"
     work = Path(args.work) / name
     bundle = work / f"bundle-{args.seed}"
-    t0 = time.perf_counter()
-    if not (bundle / "manifest.json").is_file():
-        quantize(policy, env, bundle, episodes=args.episodes, seed=args.seed, report=False, overwrite=True)
-    t_q = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    sdir = work / f"search-b{args.block_size}-{args.rounding}"
-    res = search(bundle, sdir, max_loss=args.max_loss, episodes=args.episodes,
-                 max_episodes=args.max_episodes, seed=args.seed, block_size=args.block_size, evaluate_all=True,
-                 rounding=args.rounding,
-                 overwrite=True, log=lambda s: print(f"[{name}] {s}", flush=True))
-    t_s = time.perf_counter() - t0
+    sdir = work / f"search-b{args.block_size}-{args.rounding}{args.tag}"
+    t_q = t_s = 0.0
+    rec_path = sdir / "search.json"
+    done = rec_path.is_file() and json.loads(rec_path.read_text()).get("status") != "RUNNING"
+    if not (args.render and done):
+        t0 = time.perf_counter()
+        if not (bundle / "manifest.json").is_file():
+            quantize(policy, env, bundle, episodes=args.episodes, seed=args.seed, report=False, overwrite=True)
+        t_q = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        search(bundle, sdir, max_loss=args.max_loss, episodes=args.episodes, max_episodes=args.max_episodes,
+               seed=args.seed, block_size=args.block_size, evaluate_all=True, rounding=args.rounding, overwrite=True,
+               log=lambda s: print(f"[{name}] {s}", flush=True))
+        t_s = time.perf_counter() - t0
     rec = json.loads((sdir / "search.json").read_text())
-    rows = {r["name"]: r for r in res.rows}
+    all_rows = rec["candidates"]
+    rows = {r["name"]: r for r in all_rows}
+    best = rec.get("best")
     base = rows["W8A8"]
     gran = "per channel" if args.block_size == 0 else f"blocks of {args.block_size}"
     lines = [f"### {name} ({env}), int4 {gran}, {args.rounding} rounding",
@@ -74,22 +79,25 @@ def run_fixture(spec: str, args: argparse.Namespace, cmd: str) -> None:
              f"policy.int8.cpu.onnx (int8 layers MatMulIntegerToFloat, int4 layers MatMulNBits after their int8 "
              f"activation Q/DQ: int4 weights, fp32 accumulation), seeds {args.seed}.., "
              f"`--episodes {args.episodes}`, band {100 * args.max_loss:g}% of |float mean|. "
-             f"File = portable policy.int8.onnx bytes (x W8A8). Latency: median us, 1 ORT thread, shared 2-core VM.",
-             "", "| row | candidate | precisions | file bytes | CPU b1 us | CPU b32 us | return kept | loss CI "
+             "Return kept = 1 + mean(cand - float) / |mean(float)|; CI = 95% interval of the paired difference "
+             "cand - float (return units). File = portable policy.int8.onnx bytes (x W8A8). Latency: median us, "
+             "1 ORT thread, shared 2-core VM.",
+             "", "| row | candidate | precisions | file bytes | CPU b1 us | CPU b32 us | return kept | diff CI "
              "| verdict | episodes | failures float/cand |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines.append(_row(base, base["file_bytes"], "W8A8 (all-INT8)"))
     if "W4A8" in rows:
         lines.append(_row(rows["W4A8"], base["file_bytes"], "W4A8 (all int4)"))
-    if res.best is not None:
-        lines.append(_row(res.best, base["file_bytes"], f"mixed, {100 * args.max_loss:g}% budget"))
+    if best is not None:
+        lines.append(_row(best, base["file_bytes"], f"mixed, {100 * args.max_loss:g}% budget"))
     else:
-        lines.append(f"| mixed, {100 * args.max_loss:g}% budget | none PASSed ({res.status}) | | | | | | | | | |")
-    others = [r for r in res.rows if r["name"] not in ("W8A8", "W4A8") and r is not res.best]
-    for r in others:
-        lines.append(_row(r, base["file_bytes"], "other candidate"))
+        lines.append(f"| mixed, {100 * args.max_loss:g}% budget | none PASSed ({rec['status']}) | | | | | | | | | |")
+    for r in all_rows:
+        if r["name"] not in ("W8A8", "W4A8") and (best is None or r["name"] != best["name"]):
+            lines.append(_row(r, base["file_bytes"], "other candidate"))
     ranking = ", ".join(f"{x['layer']} {x['heldout_action_error']:.4g}" for x in rec["int4_sensitivity_ranking"])
-    lines += ["", f"int4 sensitivity (held-out action error with one layer in int4, lower = less sensitive): "
-              f"{ranking}. Search status {res.status}; quantize {t_q:.0f} s, search {t_s:.0f} s.", ""]
+    timing = f"; quantize {t_q:.0f} s, search {t_s:.0f} s" if t_s else " (rendered from search.json)"
+    lines += ["", f"int4 moves in ranked order (held-out action error with that layer alone in int4): {ranking}. "
+              f"Search status {rec['status']}{timing}.", ""]
     append_section(args.out, "\n".join(lines))
 
 
@@ -206,11 +214,14 @@ def main() -> None:
     ap.add_argument("--max-episodes", type=int, default=200)
     ap.add_argument("--max-loss", type=float, default=0.01)
     ap.add_argument("--block-size", type=int, default=0)
-    ap.add_argument("--rounding", default="nearest", choices=["gptq", "nearest"], help="int4 rounding")
+    ap.add_argument("--rounding", default="both", choices=["both", "gptq", "nearest"], help="int4 rounding")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kernels", action="store_true", help="measure ORT's int4 kernels (one layer)")
     ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--tag", default="", help="suffix of the search directory name")
+    ap.add_argument("--render", action="store_true", help="re-render a finished search (its search.json) only")
     ap.add_argument("--work", default="/tmp/edgeq-low-bit")
+    ap.add_argument("--policies", default=str(ROOT / "tests" / "fixtures" / "policies"), help="fixture folder")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "low_bit.md"))
     args = ap.parse_args()
     args.episodes = args.episodes if args.episodes == "auto" else int(args.episodes)

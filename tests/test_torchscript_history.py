@@ -69,3 +69,21 @@ def test_torchscript_history_input_errors_name_the_fix() -> None:
         _load(TS["framestack"], obs_dim=3, history=5)  # the module holds 8
     with pytest.raises(PolicyFormatError, match="none of the inputs"):
         _load(TS["framestack"], obs_dim=4)  # the env's observation does not fit
+
+
+def test_flat_frame_stack_sequential_takes_the_history_option(tmp_path: Path) -> None:
+    """A humanoid-gym style export: a scripted Sequential over K * obs_dim stacked features."""
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4 * 3, 16), torch.nn.ELU(), torch.nn.Linear(16, 2))
+    path = tmp_path / "policy.pt"
+    torch.jit.script(net).save(str(path))
+    fp = load_policy(path, history=4, obs_dim=3)
+    assert fp.history is not None and (fp.history.length, fp.history.obs_dim) == (4, 3)
+    assert fp.obs_space.shape == (3,) and fp.source.details["modules"] == {"actor": "Sequential"}
+    x = np.random.default_rng(0).normal(size=(8, 12)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(_act(fp, x), net(torch.from_numpy(x)).numpy(), atol=1e-5)
+    with pytest.raises(PolicyFormatError, match="give --history 4"):
+        load_policy(path, obs_dim=3)  # 12 inputs, a 3-feature env: the stack length must be given
