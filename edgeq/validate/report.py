@@ -237,12 +237,10 @@ def _verdict_label(r: dict[str, Any]) -> str:
     return "95% confidence sequence (verdict)" if "sequence" in method else "95% t-interval (verdict)"
 
 
-def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = None) -> list[Section]:
-    """The sections of a bundle's validation report (verdict first, then each measurement)."""
+def _verdict_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Section | None:
+    """The verdict per target, how it was reached, and the summary table."""
     targets = val["targets"]
     tol = val.get("tolerance", {})
-    sections: list[Section] = []
-
     v = val.get("verdict", {})
     head = Section("Verdict")
     n = len(val["seeds"])
@@ -310,11 +308,18 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
            "float policy re-run with 1e-6 action noise (what rounding alone moves); int8 ≠ floor = whether int8's "
            "difference is distinguishable from that floor; action err = |int8 − float| action on the float "
            "policy's states, mean / max, in action units; verdict = PASS / FAIL / INCONCLUSIVE.")
-    sections.append(head)
-    sat_section = saturation_section(targets)
-    if sat_section is not None:
-        sections.append(sat_section)
+    return head
 
+
+def _saturation_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Section | None:
+    """Saturation of the INT8 tensors (when measured)."""
+    targets = val["targets"]
+    return saturation_section(targets)
+
+
+def _returns_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Section | None:
+    """Episode returns and early terminations per target."""
+    targets = val["targets"]
     s = Section("Returns")
     groups = []
     for t, r in targets.items():
@@ -333,8 +338,12 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
             "where the env reports one (info['is_success']):")
         s.table(["target", "float terminated", "int8 terminated", "float mean length", "int8 mean length",
                  "seeds only int8 terminated", "float success", "int8 success"], term_rows)
-    sections.append(s)
+    return s
 
+
+def _paired_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Section | None:
+    """Per-seed paired differences against the float noise floor."""
+    targets = val["targets"]
     s = Section("Paired differences and the noise floor")
     s.p("Each bar is one seed's int8 − float return. Grey crosses: the float policy re-rolled on the same seed with "
         "Gaussian action noise of 1e-6 × action half-range (float32 rounding level), one cross per independent draw. "
@@ -363,8 +372,12 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
     if frows:
         s.table(["target", "draws", "floor mean diff", "std of draw means", "floor per-episode RMS",
                  "int8 per-episode RMS", "int8 / floor spread", "int8 − floor [95% CI]", "distinguishable"], frows)
-    sections.append(s)
+    return s
 
+
+def _sensitivity_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Section | None:
+    """The float return under injected action noise: the error budget."""
+    targets = val["targets"]
     sens = val.get("sensitivity")
     if sens:
         s = Section("Sensitivity: the error budget")
@@ -386,8 +399,13 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
         s.table(["noise σ / half-range", "mean return", "std of draw means", "mean paired diff", "relative drop"],
                 [[r["sigma"], r["mean"], r["std_of_draw_means"], r["mean_difference"], f"{r['relative_drop']:+.3%}"]
                  for r in sens["levels"]])
-        sections.append(s)
+        return s
+    return None
 
+
+def _action_error_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Section | None:
+    """INT8 vs float action error on the same states."""
+    targets = val["targets"]
     s = Section("Action error")
     first_t, first = next(iter(targets.items()))
     ae = first["action_error"]["on_float_trajectory"]
@@ -412,8 +430,12 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
                    ae["per_dim_max_abs"], strict=True)
         s.table(["dim", "mean", "RMS", "p99", "max"],
                 [[f"a[{i}]", m, r_, p, mx] for i, (m, r_, p, mx) in enumerate(cols)])
-    sections.append(s)
+    return s
 
+
+def _divergence_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Section | None:
+    """How far the INT8 and float trajectories of a seed drift apart."""
+    targets = val["targets"]
     divs = [(t, r["divergence"]) for t, r in targets.items() if r.get("divergence", {}).get("steps")]
     if divs:
         s = Section("Trajectory divergence")
@@ -433,8 +455,12 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
                                                              if hits1 else "")])
         s.table(["target", "episodes", "median at step 10", "median at step 100", "median at last step",
                  "episodes > 0.1", "episodes > 1"], rows)
-        sections.append(s)
+        return s
+    return None
 
+
+def _per_layer_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Section | None:
+    """Per-layer SQNR and the one-layer-at-a-time ranking."""
     pl = val.get("per_layer")
     if pl:
         s = Section("Per-layer error")
@@ -462,8 +488,13 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
             s.table(["layer", "role", "share", "action RMS error", "action max |error|", "own output SQNR (dB)"],
                     [[r["node"], r.get("role", "layer"), f"{r['share']:.1%}", r["action_rms_error"],
                       r["action_max_abs_error"], r.get("own_output_sqnr_db")] for r in pl["ranking"]])
-        sections.append(s)
+        return s
+    return None
 
+
+def _latency_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Section | None:
+    """Batch-1 and large-batch latency per model and target, and file sizes."""
+    targets = val["targets"]
     lats = [(t, r["latency"]) for t, r in targets.items() if r.get("latency")]
     if lats:
         s = Section("Latency")
@@ -489,11 +520,20 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
         sizes = val.get("sizes", {})
         if sizes:
             s.table(["file", "size (bytes)"], [[k, v] for k, v in sizes.items()])
-        sections.append(s)
+        return s
+    return None
 
+
+def _layers_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Section | None:
+    """What each layer runs as in each file (from the manifest)."""
     if manifest and manifest.get("quantization", {}).get("layers"):
-        sections.append(layers_section(manifest))
+        return layers_section(manifest)
+    return None
 
+
+def _settings_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Section | None:
+    """The environment, seeds, versions and validation options."""
+    n = len(val["seeds"])
     s = Section("Settings")
     rows = [["environment", val["env_id"]], ["seeds", f"{val['seeds'][0]} … {val['seeds'][-1]} ({n} episodes)"]]
     if manifest:
@@ -536,8 +576,19 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
     for k, t in {**val.get("timings", {}), **val.get("validation_timings", {})}.items():
         rows.append([k, f"{t:.2f}"])
     s.table(["setting", "value"], rows)
-    sections.append(s)
-    return sections
+    return s
+
+
+#: The sections of a validation report, in order; each returns None when it has nothing to show.
+VALIDATION_SECTIONS: tuple[Callable[[dict[str, Any], dict[str, Any] | None], Section | None], ...] = (
+    _verdict_section, _saturation_section, _returns_section, _paired_section, _sensitivity_section,
+    _action_error_section, _divergence_section, _per_layer_section, _latency_section, _layers_section,
+    _settings_section)
+
+
+def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = None) -> list[Section]:
+    """The sections of a bundle's validation report (verdict first, then each measurement)."""
+    return [s for s in (section(val, manifest) for section in VALIDATION_SECTIONS) if s is not None]
 
 
 def layers_section(manifest: dict[str, Any]) -> Section:
