@@ -11,11 +11,12 @@ import html
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeq.deploy.contracts import ValidationResult
 from edgeq.validate import plots
 
 REPORT_HTML, REPORT_MD, REPORT_DIR = "report.html", "report.md", "report"
@@ -176,7 +177,7 @@ def _maybe(fn: Callable[[], bytes]) -> bytes | None:
         return None
 
 
-def _pct(rate: float | None, episodes: dict[str, Any] | None = None) -> str:
+def _pct(rate: float | None, episodes: Mapping[str, Any] | None = None) -> str:
     """A failure / success rate as a percentage, with the count when the episodes are known."""
     if rate is None:
         return "—"
@@ -220,7 +221,7 @@ def saturation_section(targets: dict[str, Any]) -> Section | None:
     return sec
 
 
-def _verdict_interval(r: dict[str, Any]) -> list[float]:
+def _verdict_interval(r: Mapping[str, Any]) -> list[float]:
     """The interval the verdict used (unbounded ends drawn at the bootstrap CI's), else the bootstrap CI."""
     boot = r["paired_difference"]["ci95"]
     iv = (r.get("verdict", {}).get("returns") or {}).get("interval")
@@ -229,7 +230,7 @@ def _verdict_interval(r: dict[str, Any]) -> list[float]:
     return [boot[0] if iv[0] is None else iv[0], boot[1] if iv[1] is None else iv[1]]
 
 
-def _verdict_label(r: dict[str, Any]) -> str:
+def _verdict_label(r: Mapping[str, Any]) -> str:
     ret = r.get("verdict", {}).get("returns") or {}
     method = str(ret.get("method", ""))
     if not method:
@@ -237,7 +238,7 @@ def _verdict_label(r: dict[str, Any]) -> str:
     return "95% confidence sequence (verdict)" if "sequence" in method else "95% t-interval (verdict)"
 
 
-def _verdict_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Section | None:
+def _verdict_section(val: ValidationResult, manifest: Mapping[str, Any] | None) -> Section | None:
     """The verdict per target, how it was reached, and the summary table."""
     targets = val["targets"]
     tol = val.get("tolerance", {})
@@ -311,13 +312,13 @@ def _verdict_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Se
     return head
 
 
-def _saturation_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Section | None:
+def _saturation_section(val: ValidationResult, manifest: Mapping[str, Any] | None) -> Section | None:
     """Saturation of the INT8 tensors (when measured)."""
     targets = val["targets"]
     return saturation_section(targets)
 
 
-def _returns_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Section | None:
+def _returns_section(val: ValidationResult, manifest: Mapping[str, Any] | None) -> Section | None:
     """Episode returns and early terminations per target."""
     targets = val["targets"]
     s = Section("Returns")
@@ -341,7 +342,7 @@ def _returns_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Se
     return s
 
 
-def _paired_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Section | None:
+def _paired_section(val: ValidationResult, manifest: Mapping[str, Any] | None) -> Section | None:
     """Per-seed paired differences against the float noise floor."""
     targets = val["targets"]
     s = Section("Paired differences and the noise floor")
@@ -375,7 +376,7 @@ def _paired_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Sec
     return s
 
 
-def _sensitivity_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Section | None:
+def _sensitivity_section(val: ValidationResult, manifest: Mapping[str, Any] | None) -> Section | None:
     """The float return under injected action noise: the error budget."""
     targets = val["targets"]
     sens = val.get("sensitivity")
@@ -403,7 +404,7 @@ def _sensitivity_section(val: dict[str, Any], manifest: dict[str, Any] | None) -
     return None
 
 
-def _action_error_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Section | None:
+def _action_error_section(val: ValidationResult, manifest: Mapping[str, Any] | None) -> Section | None:
     """INT8 vs float action error on the same states."""
     targets = val["targets"]
     s = Section("Action error")
@@ -433,7 +434,7 @@ def _action_error_section(val: dict[str, Any], manifest: dict[str, Any] | None) 
     return s
 
 
-def _divergence_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Section | None:
+def _divergence_section(val: ValidationResult, manifest: Mapping[str, Any] | None) -> Section | None:
     """How far the INT8 and float trajectories of a seed drift apart."""
     targets = val["targets"]
     divs = [(t, r["divergence"]) for t, r in targets.items() if r.get("divergence", {}).get("steps")]
@@ -459,7 +460,7 @@ def _divergence_section(val: dict[str, Any], manifest: dict[str, Any] | None) ->
     return None
 
 
-def _per_layer_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Section | None:
+def _per_layer_section(val: ValidationResult, manifest: Mapping[str, Any] | None) -> Section | None:
     """Per-layer SQNR and the one-layer-at-a-time ranking."""
     pl = val.get("per_layer")
     if pl:
@@ -492,7 +493,7 @@ def _per_layer_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> 
     return None
 
 
-def _latency_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Section | None:
+def _latency_section(val: ValidationResult, manifest: Mapping[str, Any] | None) -> Section | None:
     """Batch-1 and large-batch latency per model and target, and file sizes."""
     targets = val["targets"]
     lats = [(t, r["latency"]) for t, r in targets.items() if r.get("latency")]
@@ -524,18 +525,19 @@ def _latency_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Se
     return None
 
 
-def _layers_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Section | None:
+def _layers_section(val: ValidationResult, manifest: Mapping[str, Any] | None) -> Section | None:
     """What each layer runs as in each file (from the manifest)."""
     if manifest and manifest.get("quantization", {}).get("layers"):
         return layers_section(manifest)
     return None
 
 
-def _settings_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> Section | None:
+def _settings_section(val: ValidationResult, manifest: Mapping[str, Any] | None) -> Section | None:
     """The environment, seeds, versions and validation options."""
     n = len(val["seeds"])
     s = Section("Settings")
-    rows = [["environment", val["env_id"]], ["seeds", f"{val['seeds'][0]} … {val['seeds'][-1]} ({n} episodes)"]]
+    rows: list[list[Any]] = [["environment", val["env_id"]],
+                             ["seeds", f"{val['seeds'][0]} … {val['seeds'][-1]} ({n} episodes)"]]
     if manifest:
         from edgeq.describe import loaded_lines
 
@@ -580,18 +582,18 @@ def _settings_section(val: dict[str, Any], manifest: dict[str, Any] | None) -> S
 
 
 #: The sections of a validation report, in order; each returns None when it has nothing to show.
-VALIDATION_SECTIONS: tuple[Callable[[dict[str, Any], dict[str, Any] | None], Section | None], ...] = (
+VALIDATION_SECTIONS: tuple[Callable[[ValidationResult, Mapping[str, Any] | None], Section | None], ...] = (
     _verdict_section, _saturation_section, _returns_section, _paired_section, _sensitivity_section,
     _action_error_section, _divergence_section, _per_layer_section, _latency_section, _layers_section,
     _settings_section)
 
 
-def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = None) -> list[Section]:
+def validation_sections(val: ValidationResult, manifest: Mapping[str, Any] | None = None) -> list[Section]:
     """The sections of a bundle's validation report (verdict first, then each measurement)."""
     return [s for s in (section(val, manifest) for section in VALIDATION_SECTIONS) if s is not None]
 
 
-def layers_section(manifest: dict[str, Any]) -> Section:
+def layers_section(manifest: Mapping[str, Any]) -> Section:
     """What each layer really runs as in each file, and the quantizers the per-layer search chose."""
     from edgeq.describe import cpu_float_text, file_headlines, layer_precisions, precision_counts
 
@@ -628,8 +630,8 @@ def layers_section(manifest: dict[str, Any]) -> Section:
     return s
 
 
-def write_validation_report(directory: str | Path, val: dict[str, Any],
-                            manifest: dict[str, Any] | None = None) -> list[Path]:
+def write_validation_report(directory: str | Path, val: ValidationResult,
+                            manifest: Mapping[str, Any] | None = None) -> list[Path]:
     """Write report.html, report.md and report/*.png for a bundle's validation into ``directory``."""
     algo = (manifest or {}).get("source", {}).get("algorithm") or "policy"
     from edgeq._version import __version__
