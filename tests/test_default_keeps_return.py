@@ -51,6 +51,6 @@ def test_cli_selects_the_quantization_options(sac_pendulum: Path, tmp_path: Path
     assert m["quantization"]["transforms"][0]["method"] == "equalize"
     assert "per-layer quantization" in res.stdout and "equalize(alpha=0.4)" in res.stdout
     bad = subprocess.run([sys.executable, "-m", "edgeq.cli", "quantize", str(sac_pendulum), "--env", "Pendulum-v1",
-                          "--out", str(tmp_path / "c"), "--rounding", "stochastic"],
+                          "--out", str(tmp_path / "c"), "--rounding", "magic"],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "rounding must be one of" in bad.stderr and "Traceback" not in bad.stderr

@@ -104,7 +104,9 @@ def quantize(
                                                  "row scales; ONNX Runtime CPU only, not TensorRT).")] = None,
     auto: Annotated[bool | None, typer.Option("--auto/--no-auto", help="Choose each layer's calibrator and rewrite "
                                               "by the action error on held-out states.")] = None,
-    rounding: Annotated[str | None, typer.Option(help="Weight rounding: nearest or adaround.")] = None,
+    rounding: Annotated[str | None, typer.Option(help="Weight rounding: nearest, adaround, gptq, stochastic, brecq "
+                                                      "(every layer's rounding and input scale jointly against the "
+                                                      "float actions) or gptq+brecq.")] = None,
     bias_correction: Annotated[bool | None, typer.Option("--bias-correction/--no-bias-correction",
                                                          help="Empirical bias correction per layer.")] = None,
     fp16_fallback: Annotated[int | None, typer.Option(help="At most this many layers go to fp16 when int8 "

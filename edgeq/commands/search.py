@@ -40,6 +40,9 @@ def search(
                                                 "measured here).")] = "size",
     block_size: Annotated[int, typer.Option(help="int4 weights per output channel (0) or in blocks of this many "
                                                  "inputs (32, 64).")] = 0,
+    int4_rounding: Annotated[str, typer.Option(help="int4 rounding: both (every int4 candidate with nearest and "
+                                                    "with GPTQ rounding; the verdict decides), nearest or "
+                                                    "gptq.")] = "both",
     episodes: Annotated[str, typer.Option(help="Paired episodes per candidate: auto (30, then +10 until decided) or "
                                                "N.")] = "auto",
     max_episodes: Annotated[int, typer.Option(help="Cap of the auto design per candidate.")] = 200,
@@ -59,7 +62,8 @@ def search(
     def go() -> object:
         loss = parse_loss(max_loss)
         n = parse_episodes(episodes)
-        return run_search(bundle, out, max_loss=loss, objective=objective, block_size=block_size, episodes=n,
+        return run_search(bundle, out, max_loss=loss, objective=objective, block_size=block_size,
+                          rounding=int4_rounding, episodes=n,
                           max_episodes=max_episodes, seed=seed, fp16_layers=fp16_layers, evaluate_all=evaluate_all,
                           overwrite=overwrite, log=lambda s: err_console.print(f"[edgeq] {s}", highlight=False,
                                                                                markup=False))

@@ -148,6 +148,7 @@ class ManifestBody(TypedDict, total=False):
     calibration: dict[str, Any]
     quantization: dict[str, Any]
     config: dict[str, Any]
+    mixed_precision: dict[str, Any]
     decision: Decision
     tensorrt_qdq_check: dict[str, Any]
 
