@@ -137,6 +137,7 @@ class ManifestBody(TypedDict, total=False):
     cpu_float_layers: list[str]
     cpu_layer_selection: dict[str, Any]
     file_precision: dict[str, dict[str, Any]]
+    pruning: dict[str, Any]
     engines: list[EngineRecord]
     edgeq_version: str
     environment: dict[str, Any]
