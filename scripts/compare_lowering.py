@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 FILES = ("policy.int8.onnx", "policy.int8.cpu.onnx", "policy.int8.cuda.onnx")
 CPU_FLOAT_BELOW = 32
+FP16_FILE = "policy.fp16.onnx"
 
 
 def _lower(job_dir: Path) -> None:
@@ -60,6 +61,14 @@ def _lower(job_dir: Path) -> None:
         cpu = specialize_for_ort_cpu(q, min_int8_width=CPU_FLOAT_BELOW, keep_int8=keep_int8)
         for name, m in zip(FILES, (q, cpu, specialize_for_ort_cuda(q)), strict=True):
             (out / name).write_bytes(m.SerializeToString(deterministic=True))
+        if job.name.endswith("__default"):  # the fp16 pass of TensorRT's strongly typed fp16 build
+            from edgeq.export.tensorrt_engine import fp16_onnx_with_casts
+
+            try:
+                half = fp16_onnx_with_casts(model).SerializeToString(deterministic=True)
+            except ValueError as exc:
+                half = f"refused: {exc}".encode()
+            (out / FP16_FILE).write_bytes(half)
 
 
 def _fixtures(names: list[str] | None) -> list[dict[str, Any]]:
@@ -135,6 +144,20 @@ def _run_lowering(tree: Path, job_root: Path, label: str) -> None:
     subprocess.run([sys.executable, __file__, "--lower", str(job_root), label], env=env, check=True)
 
 
+def _delta(a: Path, b: Path, measure: Any) -> float | str:
+    """max |Δaction| of two files, or why it cannot be measured (a refusal both sides wrote, no CPU kernel)."""
+    if a.read_bytes().startswith(b"refused:"):
+        return "both refused" if a.read_bytes() == b.read_bytes() else "refusals differ"
+    try:
+        return float(measure(a, b))
+    except Exception as exc:  # noqa: BLE001 - e.g. ONNX Runtime's CPU provider lacks an fp16 kernel
+        return f"not run on ORT CPU ({type(exc).__name__})"
+
+
+def _fmt(delta: float | str) -> str:
+    return f"{delta:.3g}" if isinstance(delta, float) else delta
+
+
 def main() -> int:
     if "--lower" in sys.argv:
         _lower(Path(sys.argv[sys.argv.index("--lower") + 1]))
@@ -161,17 +184,19 @@ def main() -> int:
         _run_lowering(ROOT, jobs, "new")
         for job in sorted(p for p in jobs.iterdir() if p.is_dir()):
             fixture, variant = job.name.split("__")
-            for name in FILES:
+            for name in (*FILES, FP16_FILE):
                 a, b = job / "old" / name, job / "new" / name
+                if not a.exists():
+                    continue
                 same = a.read_bytes() == b.read_bytes()
-                delta = max_action_difference(a, b)
-                worst = max(worst, delta)
+                delta = _delta(a, b, max_action_difference)
+                worst = max(worst, delta if isinstance(delta, float) else 0.0 if same else float("inf"))
                 rows.append((fixture, variant, name, same, delta, hashlib.sha256(b.read_bytes()).hexdigest()[:12]))
                 print(f"{fixture:34s} {variant:20s} {name:22s} bytes {'same' if same else 'DIFFER':6s} "
-                      f"max|Δaction| {delta:.3g}", flush=True)
+                      f"max|Δaction| {_fmt(delta)}", flush=True)
     table = ["| fixture | plan | file | bytes identical | max abs Δaction (10k states) | sha256 (new) |",
              "|---|---|---|---|---|---|"]
-    table += [f"| {f} | {v} | {n} | {'yes' if s else 'no'} | {d:.3g} | {h} |" for f, v, n, s, d, h in rows]
+    table += [f"| {f} | {v} | {n} | {'yes' if s else 'no'} | {_fmt(d)} | {h} |" for f, v, n, s, d, h in rows]
     summary = (f"{len(rows)} files, {sum(r[3] for r in rows)} byte-identical, worst max|Δaction| {worst:.3g} "
                f"({time.perf_counter() - t0:.0f} s)")
     print(summary)

@@ -40,6 +40,9 @@ def to_ir(model: onnx.ModelProto) -> ir.Model:
     return ir.from_proto(model)
 
 
+_MODEL_FIELDS = ("producer_name", "producer_version", "domain", "model_version", "doc_string")
+
+
 def to_onnx(model: ir.Model, like: onnx.ModelProto | None = None, *, value_info: bool = True) -> onnx.ModelProto:
     """Serialize ``model`` as its source ``like`` was written: only ``like``'s ``value_info``, metadata in
     insertion order, an opset entry's empty domain written only where ``like`` wrote it.
@@ -55,10 +58,16 @@ def to_onnx(model: ir.Model, like: onnx.ModelProto | None = None, *, value_info:
     del proto.metadata_props[:]
     for key, value in model.metadata_props.items():
         proto.metadata_props.add(key=key, value=value)
-    implicit = like is not None and any(o.version and not o.HasField("domain") for o in like.opset_import)
+    if like is None:
+        return proto
+    implicit = any(o.version and not o.HasField("domain") for o in like.opset_import)
     for entry in proto.opset_import:
         if implicit and entry.domain == "":
             entry.ClearField("domain")
+    for mine, theirs, fields in ((proto, like, _MODEL_FIELDS), (proto.graph, like.graph, ("name", "doc_string"))):
+        for f in fields:  # an empty field the source wrote explicitly (onnx_ir writes only non-empty ones)
+            if theirs.HasField(f) and not mine.HasField(f) and not getattr(theirs, f):
+                setattr(mine, f, getattr(theirs, f))
     return proto
 
 
