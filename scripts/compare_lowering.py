@@ -47,10 +47,12 @@ def _lower(job_dir: Path) -> None:
     """Write the three files of every job under ``job_dir`` with the ``edgeq`` on ``sys.path``."""
     import onnx
 
+    import edgeq
     from edgeq.export.ort_cpu import specialize_for_ort_cpu
     from edgeq.export.ort_cuda import specialize_for_ort_cuda
     from edgeq.export.qdq import apply_plan
 
+    (job_dir / f"{sys.argv[-1]}.edgeq").write_text(str(Path(edgeq.__file__).resolve()))
     for job in sorted(p for p in job_dir.iterdir() if p.is_dir()):
         model = onnx.load(str(job / "policy.fp32.onnx"))
         with open(job / "plan.pkl", "rb") as f:  # written by this script in this run
@@ -82,8 +84,12 @@ def _fixtures(names: list[str] | None) -> list[dict[str, Any]]:
         if names and name not in names:
             continue
         history = record.get("history")
-        out.append({"name": name, "paths": [FIXTURES / f for f in files], "env": record["env_id"],
-                    "history": history.get("length") if isinstance(history, dict) else None})
+        options: dict[str, Any] = {}
+        if isinstance(history, dict):
+            options["history"] = history.get("length")
+            if files[0].endswith(".pt"):  # a scripted module's own forward(): torch.onnx needs the size
+                options["obs_dim"] = history.get("obs_dim")
+        out.append({"name": name, "paths": [FIXTURES / f for f in files], "env": record["env_id"], "options": options})
     return out
 
 
@@ -100,8 +106,7 @@ def _plans(fx: dict[str, Any], job_root: Path) -> list[str]:
     from edgeq.quantizers.precision import with_precision
 
     paths = fx["paths"]
-    policy = load_policy(paths if len(paths) > 1 else paths[0],
-                         **({"history": fx["history"]} if fx["history"] else {}))
+    policy = load_policy(paths if len(paths) > 1 else paths[0], **fx["options"])
     stats = calibrate_rollouts(policy, env_factory(fx["env"]), [0, 1], noise=ExplorationNoise(gaussian=0.1),
                                num_envs=2, max_steps_per_episode=200, holdout_seeds=[2])
     hr = action_half_range(policy.action_space.low_array, policy.action_space.high_array)
@@ -180,8 +185,13 @@ def main() -> int:
         for fx in _fixtures(args.fixtures):
             print(f"plan: {fx['name']}", flush=True)
             _plans(fx, jobs)
-        _run_lowering(_old_tree(args.old, tmpd), jobs, "old")
+        old_tree = _old_tree(args.old, tmpd)
+        _run_lowering(old_tree, jobs, "old")
         _run_lowering(ROOT, jobs, "new")
+        for label, tree in (("old", old_tree), ("new", ROOT)):  # each side ran the code it names
+            used = Path((jobs / f"{label}.edgeq").read_text())
+            if not used.is_relative_to(tree.resolve()):
+                raise SystemExit(f"the {label} lowering imported {used}, not the tree {tree}")
         for job in sorted(p for p in jobs.iterdir() if p.is_dir()):
             fixture, variant = job.name.split("__")
             for name in (*FILES, FP16_FILE):
