@@ -143,3 +143,122 @@ def test_plan_with_int4_round_trips(tmp_path) -> None:
     assert not plan.tensorrt_compatible
     row = plan.to_json()["layers"][0]
     assert row["precision"] == "int4" and row["weight_bits"] == 4 and row["activation"] == "int8"
+
+
+# ---------------------------------------------------------------------------------------------------
+# TensorRT's INT4 rules (docs/tensorrt-int4-rules.md): weight-only INT4, blocks INT4-only, 2-D, along K
+
+
+def _rules(model: onnx.ModelProto) -> dict[str, str]:
+    from edgeq.export.trt_rules import check_qdq_model
+
+    return {v.rule: v.severity for v in check_qdq_model(model)}
+
+
+def _graph(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], k: int = 64, n: int = 8) -> onnx.ModelProto:
+    g = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                               [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], inits)
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    return m
+
+
+def _w4(k: int = 64, n: int = 8, block: int = 32, axis: int = 0, name: str = "w") -> list[onnx.TensorProto]:
+    q = np.random.default_rng(3).integers(-7, 8, size=(k, n)).astype(np.int8)
+    shape = [k // block, n] if axis == 0 else [k, n // block]
+    return [int4_tensor(q, name), numpy_helper.from_array(np.full(shape, 0.01, np.float32), f"{name}_s"),
+            int4_tensor(np.zeros(shape, np.int8), f"{name}_z")]
+
+
+def test_trt_int4_rules_accept_the_weight_only_files_and_flag_w4a8() -> None:
+    for block in (0, 32):
+        model, _, plan, _ = _mlp_plan(block)
+        w4a8 = apply_plan(model, plan)
+        found = _rules(w4a8)
+        assert found.get("int4-weight-only") == "error"
+        wo = _rules(weight_only(w4a8))
+        assert not [r for r, s in wo.items() if s == "error"], wo
+        assert "one-input-quantized" not in wo  # INT4 weight-only is TensorRT's INT4 mode, not a half-quantized GEMM
+        assert "per-channel-axis" not in found  # blocked along K (axis 0 of [K, N]) is right for a MatMul
+
+
+def test_trt_int4_rules_flag_bad_files() -> None:
+    dq = onnx.helper.make_node("DequantizeLinear", ["w", "w_s", "w_z"], ["wd"], axis=0, block_size=32)
+    good = _graph([dq, onnx.helper.make_node("MatMul", ["x", "wd"], ["y"])], _w4())
+    assert not [r for r, s in _rules(good).items() if s == "error"]
+    # blocks along N (the output channels) instead of K
+    dq_n = onnx.helper.make_node("DequantizeLinear", ["w", "w_s", "w_z"], ["wd"], axis=1, block_size=4)
+    assert _rules(_graph([dq_n, onnx.helper.make_node("MatMul", ["x", "wd"], ["y"])], _w4(block=4, axis=1))
+                  ).get("block-axis") == "warning"
+    # block quantization of an INT8 weight: TensorRT blocks INT4 only
+    q8 = numpy_helper.from_array(np.ones((64, 8), np.int8), "w")
+    inits8 = [q8, numpy_helper.from_array(np.full((2, 8), 0.01, np.float32), "w_s"),
+              numpy_helper.from_array(np.zeros((2, 8), np.int8), "w_z")]
+    assert _rules(_graph([dq, onnx.helper.make_node("MatMul", ["x", "wd"], ["y"])], inits8)).get("block-not-int4") \
+        == "error"
+    # an activation quantized to INT4
+    acts = [numpy_helper.from_array(np.array(0.1, np.float32), "a_s"), int4_tensor(np.zeros((), np.int8), "a_z")]
+    qa = [onnx.helper.make_node("QuantizeLinear", ["x", "a_s", "a_z"], ["xq"]),
+          onnx.helper.make_node("DequantizeLinear", ["xq", "a_s", "a_z"], ["xd"])]
+    w = numpy_helper.from_array(np.ones((64, 8), np.float32), "wf")
+    bad_act = _graph([*qa, onnx.helper.make_node("MatMul", ["xd", "wf"], ["y"])], [*acts, w])
+    assert _rules(bad_act).get("int4-activation") == "error"
+    # an INT4 weight feeding something other than a GEMM's weight input
+    add = _graph([dq, onnx.helper.make_node("MatMul", ["x", "wf"], ["m"]),
+                  onnx.helper.make_node("ReduceSum", ["wd"], ["r"], keepdims=0),
+                  onnx.helper.make_node("Add", ["m", "r"], ["y"])], [*_w4(), w])
+    assert _rules(add).get("int4-consumer") == "error"
+    # a 3-D blocked weight
+    q3 = np.zeros((2, 64, 8), np.int8)
+    i3 = [int4_tensor(q3, "w"), numpy_helper.from_array(np.full((2, 2, 8), 0.01, np.float32), "w_s"),
+          int4_tensor(np.zeros((2, 2, 8), np.int8), "w_z")]
+    dq3 = onnx.helper.make_node("DequantizeLinear", ["w", "w_s", "w_z"], ["wd"], axis=1, block_size=32)
+    bad3 = _graph([dq3, onnx.helper.make_node("MatMul", ["x", "wd"], ["m"]),
+                   onnx.helper.make_node("ReduceSum", ["m", "axes"], ["y"], keepdims=0)],
+                  [*i3, numpy_helper.from_array(np.array([0], np.int64), "axes")])
+    assert _rules(bad3).get("block-rank") == "error"
+
+
+def test_candidates_rank_int4_moves_by_error_per_byte_and_start_from_the_smallest() -> None:
+    from edgeq.quantizers.mixed import candidate_plans, layer_sizes, plan_weight_bytes, rank_layers
+
+    model, base, _, _ = _mlp_plan(0)
+    wls = find_weighted_layers(model)
+    one = {wl.node: with_int4(base, wl.node, np.asarray(constant_value(model, wl.weight))) for wl in wls}
+    sizes = layer_sizes(base, {wl.node: np.asarray(constant_value(model, wl.weight)).shape for wl in wls})
+    saved = {n: plan_weight_bytes(base, sizes) - plan_weight_bytes(p, sizes) for n, p in one.items()}
+    assert saved[wls[1].node] > saved[wls[0].node] > saved[wls[2].node] > 0  # 64x64 > 8x64 > 64x3
+    fake = {wls[0].node: 2.0, wls[1].node: 3.0, wls[2].node: 1.5}  # the big layer hurts most, but per byte least
+
+    def score(p: QuantPlan) -> float:
+        moved = [la.node for la in p.int4_layers()]
+        return 1.0 + sum(fake[n] - 1.0 for n in moved)
+
+    ranking = rank_layers(base, one, score, saved)
+    assert [n for n, _ in ranking][0] == wls[1].node
+    assert [n for n, _ in rank_layers(base, one, score)][0] == wls[2].node  # by sensitivity alone: the tiny layer
+    cands = candidate_plans(base, one, ranking, sizes, fp16_layers=[wls[0].node], score=score)
+    names = [c.name for c in cands]
+    assert names[0] == "W4A8" and names.index("W8A8") < names.index("int8+fp16x1")
+    assert [c.weight_bytes for c in cands] == sorted(c.weight_bytes for c in cands)
+    assert all(c.proxy is not None for c in cands)
+
+
+def test_gptq_int4_lowers_the_heldout_output_error_or_keeps_nearest() -> None:
+    from edgeq.quantizers.mixed import gptq_int4
+
+    rng = np.random.default_rng(5)
+    k, n = 48, 16
+    mix = rng.standard_normal((k, k)) / np.sqrt(k)
+    x = (rng.standard_normal((2000, k)) @ mix + 0.3).astype(np.float32)  # correlated inputs
+    s = np.abs(x).max() / 127
+    x_hat = (np.clip(np.rint(x / s), -127, 127) * s).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    for block in (0, 16):
+        near = quantize_weight_int4(w, 0, block_size=block)
+        got, rep = gptq_int4(w, near, x_hat, x)
+        assert rep["used"] and rep["heldout_output_mse_gptq"] < 0.9 * rep["heldout_output_mse_nearest"]
+        assert np.abs(got.q).max() <= 7 and np.array_equal(got.scale, near.scale) and got.block_size == block
+        # [in, out] storage (MatMul weights) gives the same integers, transposed
+        got_t, _ = gptq_int4(w, quantize_weight_int4(w.T, 1, block_size=block), x_hat, x)
+        assert np.array_equal(got_t.q.T, got.q)

@@ -55,6 +55,7 @@ def test_torchscript_transformer_keeps_its_attention_products() -> None:
     from edgeq.graph.analysis import find_activation_matmuls
 
     fp = _load(TS["transformer"], obs_dim=3)
+    assert _load(TS["transformer"], obs_dim=3).model == fp.model  # the export is deterministic
     roles = sorted(a.role for a in find_activation_matmuls(fp.model))
     assert roles == ["attention-scores"] * 2 + ["attention-values"] * 2
     record = json.loads((FIXTURES / "torchscript-transformer-pendulum.json").read_text())

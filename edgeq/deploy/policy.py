@@ -90,6 +90,18 @@ def resolve_backend(backend: str, manifest: dict[str, Any] | None = None, precis
 Runtime = PolicyRuntime | OrtCudaPolicy | FusedCudaPolicy
 
 
+def _finite_fast(batch: np.ndarray) -> bool:
+    """True if every value is finite: x·x is finite only then (NaN and inf propagate). An overflow of x·x
+    (|x| > 1e19) reads as False too; the caller's element-wise check then decides."""
+    flat = batch.reshape(-1)
+    return math.isfinite(float(flat.dot(flat)))
+
+
+def _no_check(batch: np.ndarray) -> bool:
+    """``nan_policy="pass"``: nothing to check."""
+    return True
+
+
 class DeployedPolicy:
     """A bundle's policy: checks inputs, carries recurrent state, records latency; thread-safe.
 
@@ -115,6 +127,10 @@ class DeployedPolicy:
         #: Why faster backends were not used (``load(backend="auto"|"cuda")``).
         self.backend_notes: list[str] = []
         self._act_latency = LatencyStats()
+        # the fused kernel's hot path (see act): bound once
+        self._fused = runtime if type(runtime) is FusedCudaPolicy and len(self.obs_shape) == 1 else None
+        self._batch_limit = self.max_batch or (1 << 62)
+        self._check = _no_check if nan_policy == "pass" else _finite_fast
 
     def __repr__(self) -> str:
         return (f"DeployedPolicy({str(self.bundle)!r}, precision={self.precision!r}, backend={self.backend!r}, "
@@ -188,10 +204,7 @@ class DeployedPolicy:
         """``batch`` after the NaN policy (raises for ``"error"``, zeroes for ``"zero"``)."""
         if self.nan_policy == "pass":
             return batch
-        # fast path: x·x is finite only if every element is (NaN and inf propagate); an overflow of x·x
-        # (|x| > 1e19) falls through to the element-wise check
-        flat = batch.reshape(-1)
-        if math.isfinite(float(flat.dot(flat))):
+        if _finite_fast(batch):  # else an element-wise look (an overflow of x·x is no error)
             return batch
         finite = np.isfinite(batch)
         if not finite.all():
@@ -206,6 +219,23 @@ class DeployedPolicy:
     def act(self, obs: Any) -> np.ndarray:
         """Actions for one observation or a batch (numpy in, float32 numpy out)."""
         t0 = time.perf_counter()
+        fused = self._fused
+        if fused is not None and type(obs) is np.ndarray and obs.dtype is _F32 and obs.flags.c_contiguous:
+            # the hot path (cuda-fused, a C-contiguous float32 array): one shape test, then the copy into
+            # the pinned buffer and the graph launch; the finite check runs while the GPU computes
+            shape = obs.shape
+            if shape == self.obs_shape:
+                out, ok = fused.act_overlapped(obs, 1, self._check)
+                if ok:
+                    actions = out[0]
+                    self._act_latency.add(time.perf_counter() - t0)
+                    return actions
+            elif len(shape) == 2 and shape[1] == self.obs_shape[0] and 0 < shape[0] <= self._batch_limit:
+                out, ok = fused.act_overlapped(obs, shape[0], self._check)
+                if ok:
+                    self._act_latency.add(time.perf_counter() - t0)
+                    return out
+            # anything else (a non-finite value, a wrong shape): the general path says what is wrong
         batch, single = self.check_obs(obs)
         actions = self.runtime.act(batch)
         out = actions[0] if single else actions

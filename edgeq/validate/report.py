@@ -253,12 +253,16 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
     head.p("Tolerance: " + Tolerance.from_json(tol).describe() + ". PASS needs the whole interval inside the band "
            "and the failure comparison within its tolerance; FAIL needs an interval wholly beyond; anything else is "
            "INCONCLUSIVE (exit code 3), which is not a pass.")
-    for t, r in targets.items():
+    from edgeq.describe import file_headline, result_rows, return_ratio_text
+
+    for t, r in result_rows(val):
         vd = r.get("verdict", {})
         files = f"{t} ({r.get('runtime', '?')}: {r.get('float_model', '?')} vs {r.get('int8_model', '?')})"
-        head.p(f"{files}: {vd.get('status', '?')} — " + "; ".join(vd.get("reasons", [])) + ".")
+        hl = file_headline(manifest or {}, str(r.get("int8_model")))
+        head.p(f"{files}: {vd.get('status', '?')} — " + "; ".join(vd.get("reasons", [])) + f". {return_ratio_text(r)}"
+               + (f"; {hl}" if hl else "") + ".")
         eps = r.get("episodes") or {}
-        if eps:
+        if eps and t in targets:
             design = eps.get("design", {})
             head.p(f"{t}: {eps.get('episodes')} paired episodes ({eps.get('stop_reason')}); returns judged by the "
                    f"{design.get('returns_procedure', '?')}, failures by the {design.get('failures_procedure', '?')}."
@@ -270,7 +274,7 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
     for t, reason in val.get("unavailable_targets", {}).items():
         head.p(f"{t}: not validated — unavailable here ({reason}).")
     rows = []
-    for t, r in targets.items():
+    for t, r in result_rows(val):
         d = r["paired_difference"]
         fl = r.get("noise_floor")
         ae = r["action_error"]["on_float_trajectory"]
@@ -538,10 +542,12 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
 
 def layers_section(manifest: dict[str, Any]) -> Section:
     """What each layer really runs as in each file, and the quantizers the per-layer search chose."""
-    from edgeq.describe import cpu_float_text, layer_precisions, precision_counts
+    from edgeq.describe import cpu_float_text, file_headlines, layer_precisions, precision_counts
 
     s = Section("Quantized layers")
-    s.p(precision_counts(manifest) + ".")
+    heads = file_headlines(manifest)  # counted from each shipped file's graph
+    for line in heads or [precision_counts(manifest)]:
+        s.p(line + ".")
     text = cpu_float_text(manifest)
     if text:
         s.p(text + ".")

@@ -68,6 +68,11 @@ class ValidationOptions:
       :mod:`edgeq.validate.sequential`; ``fixed``: every seed given);
     * ``failure``: which episode ends are failures (:mod:`edgeq.validate.outcomes`);
     * ``detail_episodes``: the noise floor runs on the first this-many validation seeds only.
+    * ``all_int8_on_cpu``: where the ``cpu`` target runs a specialized file (``policy.int8.cpu.onnx``) that
+      differs from the all-INT8 ``int8_model``, also run ``int8_model`` on the CPU (same seeds, the same
+      sequential procedure, no noise floor or latency) as its own row with its own verdict
+      (``validation["all_int8_cpu"]``): it is what TensorRT and CUDA run. The overall verdict stays the
+      targets' (the files they run).
     * ``executor``: where the rollouts run (this process, worker processes, a Ray cluster); the
       results are the same for every executor (:mod:`edgeq.validate.spread`).
     """
@@ -88,6 +93,7 @@ class ValidationOptions:
     latency_calls: int = 10_000
     latency_large_batch: int = 4096
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    all_int8_on_cpu: bool = True
 
     @classmethod
     def light(cls, **overrides: Any) -> ValidationOptions:
@@ -181,7 +187,11 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
     timings: dict[str, float] = {}
     float_traj_for_layers = None
     stateless = not io.get("state")
-    for target in opts.targets:
+    traj_box: dict[str, Any] = {}
+
+    def one_target(target: str, forced_int8: Path | None = None) -> dict[str, Any] | str:
+        """Paired validation on ``target``; ``forced_int8``: this INT8 file instead of the target's own, light
+        (no noise floor, no latency: the all-INT8 file's extra row). Returns the result or why it cannot run."""
         reason = unavailable_reason(target)
         runtimes = None
         if reason is None:
@@ -189,7 +199,10 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
                 # TensorRT builds from the portable QDQ file; ONNX Runtime targets run their specialized copy
                 int8_here = (int8_model if target_runtime(target) == RUNTIME_TENSORRT
                              else (int8_for_target or {}).get(target, int8_model))
-                if target_runtime(target) == RUNTIME_ORT_CUDA and fused_cuda_reason(int8_model, io) is None:
+                if forced_int8 is not None:
+                    int8_here = forced_int8
+                if (forced_int8 is None and target_runtime(target) == RUNTIME_ORT_CUDA
+                        and fused_cuda_reason(int8_model, io) is None):
                     # what edgeq.deploy's cuda backend runs: the fused INT8 kernel on the all-INT8 file
                     int8_here = int8_model
                 f_spec = RuntimeSpec.of(target, float_model, io, "fp32")
@@ -200,11 +213,11 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
             except Exception as exc:  # a provider that is listed but cannot start (missing libraries)
                 reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if runtimes is None:
-            val["unavailable_targets"][target] = reason
-            continue
+            return str(reason)
         f_rt, q_rt, f_shadow, q_shadow = runtimes
         t0 = time.perf_counter()
-        stage = progress(f"{target}: float + int8 rollouts",
+        stage = progress(f"{target}: float + int8 rollouts" + ("" if forced_int8 is None else
+                                                               f" ({Path(forced_int8).name})"),
                          2 * steps_per_rollout if steps_per_rollout and not opts.design.sequential else None)
         box: dict[str, PairedRun] = {}
 
@@ -236,8 +249,9 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
         first = used[0]
         res["action_error_series"] = _series_json(
             first, action_error_series(f_shadow, q_shadow, run.reference_traj.observations(first)[:-1]))
-        timings[f"{target}_rollouts_s"] = time.perf_counter() - t0
-        if opts.floor_draws > 0:
+        timings[f"{target}_rollouts_s" if forced_int8 is None else f"{target}_all_int8_rollouts_s"] = \
+            time.perf_counter() - t0
+        if opts.floor_draws > 0 and forced_int8 is None:
             t0 = time.perf_counter()
             k = max(1, min(len(used), opts.detail_episodes))
             fl = perturbed_returns_spread(make_env, f_spec, used[:k], sigma=opts.floor_sigma, draws=opts.floor_draws,
@@ -254,7 +268,7 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
         res["verdict"]["files"] = {"float": res["float_model"], "int8": res["int8_model"], "target": target,
                                    "runtime": res["runtime"]}
         res["verdict"]["stop_reason"] = record.stop_reason
-        if opts.latency_calls > 0:
+        if opts.latency_calls > 0 and forced_int8 is None:
             t0 = time.perf_counter()
             lat = measure_latency({"float": make_runtime(target, float_model, io, precision="fp32"),
                                    "int8": make_runtime(target, int8_here, io, precision="int8")},
@@ -266,9 +280,26 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
             if note:
                 res["latency_notes"] = [*res.get("latency_notes", []), note]
             timings[f"{target}_latency_s"] = time.perf_counter() - t0
-        val["targets"][target] = res
-        if float_traj_for_layers is None:
-            float_traj_for_layers = (target, run, f_rt)
+        if forced_int8 is None:
+            traj_box.setdefault("first", (target, run, f_rt))
+        return res
+
+    for target in opts.targets:
+        got = one_target(target)
+        if isinstance(got, str):
+            val["unavailable_targets"][target] = got
+        else:
+            val["targets"][target] = got
+    float_traj_for_layers = traj_box.get("first")
+    cpu_file = (int8_for_target or {}).get("cpu")
+    if ("cpu" in val["targets"] and opts.all_int8_on_cpu and cpu_file is not None
+            and Path(cpu_file).name != Path(int8_model).name and _computes_differently(cpu_file, int8_model)):
+        # the all-INT8 file (what TensorRT / CUDA run) on the CPU too: its own row and verdict, same seeds
+        got = one_target("cpu", Path(int8_model))
+        if not isinstance(got, str):
+            got["role"] = ("all-INT8 file on the CPU (what TensorRT/CUDA run); the cpu target's verdict is for "
+                           f"{Path(cpu_file).name}")
+            val["all_int8_cpu"] = got
     if not val["targets"]:
         raise EdgeqError("none of the requested targets can run here: " + "; ".join(
             f"{t}: {r}" for t, r in val["unavailable_targets"].items()))
@@ -310,6 +341,17 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
                     Path(int8_model).name: Path(int8_model).stat().st_size}
     val["validation_timings"] = {k: round(v, 3) for k, v in timings.items()}
     return json_safe(val)  # type: ignore[no-any-return]
+
+
+def _computes_differently(a: str | Path, b: str | Path) -> bool:
+    """True when two INT8 files run some layer in a different precision (read from the graphs)."""
+    from edgeq.export.file_precision import layer_precisions
+
+    def statuses(path: str | Path) -> list[tuple[str, str]]:
+        return [(r.node, r.status.replace("int8-rounded, float32 compute", "int8"))
+                for r in layer_precisions(onnx.load(str(path)))]
+
+    return statuses(a) != statuses(b)
 
 
 def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: ValidationOptions = ValidationOptions(),
@@ -376,20 +418,25 @@ def decision_record(validation: dict[str, Any]) -> dict[str, Any]:
     """
     v = validation["verdict"]
     opts = validation.get("options", {})
-    targets = {}
-    for t, r in validation["targets"].items():
-        vd = r.get("verdict", {})
-        ret, fail = vd.get("returns", {}), vd.get("failures", {})
-        targets[t] = {
-            "status": vd.get("status"), "float_model": r.get("float_model"), "int8_model": r.get("int8_model"),
-            "runtime": r.get("runtime"), "episodes": (r.get("episodes") or {}).get("episodes"),
-            "stop_reason": vd.get("stop_reason"), "needed_episodes": vd.get("needed_episodes"),
-            "returns": {k: ret.get(k) for k in ("status", "mean", "sd", "interval", "band", "method", "level")},
-            "failures": {k: fail.get(k) for k in ("status", "float_failures", "int8_failures", "only_int8",
-                                                   "only_float", "interval", "fail_tol", "rule")},
-            "outcomes": {side: (r.get("outcomes") or {}).get(side) for side in ("float", "int8")}}
+    targets = {t: _target_record(r) for t, r in validation["targets"].items()}
+    extra = {"all_int8_cpu": _target_record(validation["all_int8_cpu"])} if validation.get("all_int8_cpu") else {}
     return {"status": v["status"], "exit_code": v["exit_code"], "procedure": opts.get("design"),
-            "tolerance": validation.get("tolerance"), "failure_rule": opts.get("failure"), "targets": targets}
+            "tolerance": validation.get("tolerance"), "failure_rule": opts.get("failure"), "targets": targets,
+            **extra}
+
+
+def _target_record(r: dict[str, Any]) -> dict[str, Any]:
+    """One target's (or the all-INT8 row's) entry in the decision record."""
+    vd = r.get("verdict", {})
+    ret, fail = vd.get("returns", {}), vd.get("failures", {})
+    return {
+        "status": vd.get("status"), "float_model": r.get("float_model"), "int8_model": r.get("int8_model"),
+        "runtime": r.get("runtime"), "episodes": (r.get("episodes") or {}).get("episodes"),
+        "stop_reason": vd.get("stop_reason"), "needed_episodes": vd.get("needed_episodes"),
+        "returns": {k: ret.get(k) for k in ("status", "mean", "sd", "interval", "band", "method", "level")},
+        "failures": {k: fail.get(k) for k in ("status", "float_failures", "int8_failures", "only_int8",
+                                               "only_float", "interval", "fail_tol", "rule")},
+        "outcomes": {side: (r.get("outcomes") or {}).get(side) for side in ("float", "int8")}}
 
 
 def atomic_write(path: Path, data: bytes) -> None:
