@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 
 from edgeq.export.ort_cpu import cpu_float_layers, specialize_for_ort_cpu
-from edgeq.export.ort_cuda import specialize_for_ort_cuda
+from edgeq.export.ort_cuda import DEQUANTIZED_DOC, specialize_for_ort_cuda
 from edgeq.export.qdq import apply_plan
 from edgeq.export.tensorrt_engine import fp16_onnx_with_casts
 from edgeq.ingest import load_policy
@@ -42,6 +42,16 @@ def _sha(model: onnx.ModelProto) -> str:
     return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
 
 
+def _unmarked(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The CUDA file without the marks 0c7ed69 put on its dequantized weights (the only change since fc4f45a)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.doc_string == DEQUANTIZED_DOC:
+            t.ClearField("doc_string")
+    return out
+
+
 def _actions(model: onnx.ModelProto, states: np.ndarray) -> np.ndarray:
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     feeds = {i.name: (states if k == 0 else np.zeros([len(states), *i.shape[1:]], np.float32))
@@ -54,7 +64,7 @@ def test_v2_bundle_rebuilt_byte_for_byte() -> None:
     stored = (V2 / "policy.int8.onnx").read_bytes()
     q = apply_plan(fp32, QuantPlan.from_bundle(V2))
     assert q.SerializeToString(deterministic=True) == stored
-    cuda = specialize_for_ort_cuda(q).SerializeToString(deterministic=True)
+    cuda = _unmarked(specialize_for_ort_cuda(q)).SerializeToString(deterministic=True)
     assert cuda == (V2 / "policy.int8.cuda.onnx").read_bytes()
     # the stored CPU file predates the zero-offset Add drop (f380c6b): compare with fc4f45a's output
     cpu = specialize_for_ort_cpu(q, float_layers=cpu_float_layers(onnx.load(str(V2 / "policy.int8.cpu.onnx"))))
@@ -79,7 +89,7 @@ def test_frozen_plan_lowers_to_the_old_bytes_and_actions(job: str) -> None:
     lower = {"policy.int8.onnx": lambda: q,
              "policy.int8.cpu.onnx": lambda: specialize_for_ort_cpu(q, min_int8_width=record["cpu_float_below"],
                                                                     keep_int8=record["keep_int8"]),
-             "policy.int8.cuda.onnx": lambda: specialize_for_ort_cuda(q),
+             "policy.int8.cuda.onnx": lambda: _unmarked(specialize_for_ort_cuda(q)),
              "policy.fp16.onnx": lambda: fp16_onnx_with_casts(fp32)}
     states = np.asarray(record["states"], np.float32)
     assert set(record["sha256"]) >= {"policy.int8.onnx", "policy.int8.cpu.onnx", "policy.int8.cuda.onnx"}
