@@ -70,7 +70,7 @@ def test_int4_fp16_float_and_integer_kernels() -> None:
     assert row.status == "float"
     # a float initializer on an int8 grid behind QDQ activations (the CUDA file): int8 rounding, float compute
     grid = (rng.integers(-127, 128, size=(4, 3)) * np.array([0.01, 0.02, 0.03])).astype(np.float32)
-    grid[0] = [1.27, -2.54, 3.81]
+    grid[0], grid[1] = [1.27, -2.54, 3.81], [0.03, -0.04, 0.09]
     [row] = graph_layers(_model([*an, helper.make_node("MatMul", ["x.dq", "wg"], ["y"], name="L")],
                                 ai + [_init("wg", grid)]))
     assert (row.weight, row.status) == ("float (int8 grid)", "int8-rounded, float32 compute")
@@ -108,12 +108,12 @@ def test_headline_counts_from_the_file_and_says_why() -> None:
 
 
 def test_fp16_fallback_is_off_by_default() -> None:
-    from edgeq.config import CalibrationRecipe, load_recipe
+    from edgeq.config import QuantizeConfig
     from edgeq.quantizers.build import QuantOptions
 
-    assert CalibrationRecipe().fp16_fallback == 0 and QuantOptions().fp16_fallback == 0
+    assert QuantizeConfig().quantization.fp16_fallback == 0 and QuantOptions().fp16_fallback == 0
     for name in ("default", "HalfCheetah-v5", "Pendulum-v1", "BipedalWalker-v3"):
-        assert load_recipe(name).quant_options().fp16_fallback == 0, name
+        assert QuantizeConfig.from_recipe(name).quant_options().fp16_fallback == 0, name
 
 
 def test_bundle_reports_each_file_and_validates_the_all_int8_file_on_cpu(tmp_path: Path) -> None:

@@ -10,7 +10,9 @@
    tensor is exactly ``X / d`` of the original input ``X``, so its statistics (the "second pass")
    are computed from the original input's values on the stored calibration states divided by
    ``d``; untouched tensors keep the streamed first-pass statistics.
-2. **AdaRound** per layer in graph order (inputs as the partially quantized graph feeds the layer).
+2. **Rounding** (``rounding``): AdaRound, GPTQ or stochastic rounding per layer in graph order (inputs
+   as the partially quantized graph feeds the layer), or ``brecq``: every layer's rounding and input
+   scale jointly against the float actions (:mod:`edgeq.quantizers.reconstruct`).
 3. **Bias correction** per layer in graph order.
 4. **fp16 fallback** for the most sensitive layers while the held-out action error is above
    ``max_action_error``.
@@ -49,12 +51,16 @@ from edgeq.quantizers.bias_correction import bias_correction_delta, corrected_bi
 from edgeq.quantizers.evaluate import ActionErrorScorer, Lowering
 from edgeq.quantizers.plan import LayerQuant, QuantPlan, make_plan
 from edgeq.quantizers.precision import fp16_fallback
+from edgeq.quantizers.reconstruct import reconstruct
+from edgeq.quantizers.rounding import gptq_round, stochastic_round
 from edgeq.quantizers.transforms import InputScaling, apply_input_scalings, weight_in_view
 from edgeq.quantizers.weights import QuantizedWeight, quantize_weight
 
 __all__ = ["QuantOptions", "build_plan"]
 
-ROUNDINGS = ("nearest", "adaround")
+#: Weight rounding methods (``QuantOptions.rounding``): per layer in graph order (``adaround``, ``gptq``,
+#: ``stochastic``) or the whole network at once (``brecq``: :mod:`edgeq.quantizers.reconstruct`).
+ROUNDINGS = ("nearest", "adaround", "gptq", "stochastic", "brecq", "gptq+brecq")
 TRANSFORM_LAYERS = ("first", "all")
 
 
@@ -77,8 +83,15 @@ class QuantOptions:
         auto_sweeps: Coordinate-descent sweeps.
         auto_weight_methods: After the activation search, each layer's weight quantizer is chosen
             among these the same way (default ``["absmax", "mse"]``; ``[]`` skips it).
-        rounding: ``nearest`` or ``adaround``; adaround_iters: Adam steps of AdaRound's soft-rounding
-            stage per layer (0: only the exact flip descent on the same objective).
+        rounding: ``nearest``, ``adaround`` (per layer, :mod:`~edgeq.quantizers.adaround`), ``gptq``
+            (per layer, error-compensating, :mod:`~edgeq.quantizers.rounding`), ``stochastic`` (seeded,
+            a candidate) or ``brecq`` (every layer's rounding and input scale jointly against the float
+            actions, :mod:`~edgeq.quantizers.reconstruct`); each is kept only if it lowers the held-out
+            score; ``gptq+brecq``: GPTQ, then the joint reconstruction from GPTQ's integers (each
+            stage kept on its own). adaround_iters: Adam steps of AdaRound's soft-rounding stage per layer (0: only the
+            exact flip descent on the same objective). reconstruct_iters, reconstruct_seconds: the
+            ``brecq`` optimization's Adam steps and time bound; reconstruct_scales: learn the input
+            scales too.
         bias_correction: Empirical bias correction per layer.
         fp16_fallback: At most this many layers go to fp16 when the held-out action error stays
             above ``max_action_error`` (mean ``|a_int8 - a_float|`` in units of the action
@@ -106,6 +119,9 @@ class QuantOptions:
     auto_weight_methods: list[str] | None = None
     rounding: str = "nearest"
     adaround_iters: int = 0
+    reconstruct_iters: int = 600
+    reconstruct_seconds: float = 90.0
+    reconstruct_scales: bool = True
     bias_correction: bool = False
     fp16_fallback: int = 0
     max_action_error: float = 0.01
@@ -140,6 +156,8 @@ class QuantOptions:
             raise ValueError("dynamic is CrossQuant's run-time form; it cannot combine with equalization")
         if self.alpha is not None and not 0.0 <= float(self.alpha) <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if int(self.reconstruct_iters) < 0 or float(self.reconstruct_seconds) <= 0:
+            raise ValueError("reconstruct_iters must be >= 0 and reconstruct_seconds > 0")
         if int(self.fp16_fallback) < 0:
             raise ValueError(f"fp16_fallback must be >= 0, got {self.fp16_fallback}")
 
@@ -311,12 +329,28 @@ class _Builder:
         return x_hat, x_f, w.astype(np.float32), wq
 
     def refine(self, plan: QuantPlan, stage: str) -> tuple[QuantPlan, dict[str, Any]]:
-        """AdaRound or bias correction on every int8 layer, in graph order."""
+        """AdaRound, GPTQ, stochastic rounding or bias correction on every int8 layer, in graph order."""
         report: dict[str, Any] = {}
         work = apply_input_scalings(self.model, plan.transforms) if plan.transforms else self.model
         for layer in list(plan.int8_layers()):
             x_hat, x_f, w, wq = self.layer_io(plan, layer.node)
-            if stage == "adaround":
+            if stage in ("gptq", "stochastic"):
+                assert layer.weight is not None
+                near = layer.weight if layer.weight_axis == 0 else QuantizedWeight(
+                    np.ascontiguousarray(layer.weight.q.T), layer.weight.scale, 0)
+                if stage == "gptq":
+                    rr = gptq_round(w, near, x_hat, x_f, seed=self.opt.seed)
+                    qv, used, rep = rr.weight, rr.used, rr.to_json()
+                else:
+                    seed = self.opt.seed + [la.node for la in plan.layers].index(layer.node)
+                    qv = stochastic_round(w, near, seed=seed)
+                    used, rep = True, {"method": "stochastic", "seed": seed,
+                                       "changed_fraction": float(np.mean(qv.q != near.q))}
+                qw = qv if layer.weight_axis == 0 else QuantizedWeight(np.ascontiguousarray(qv.q.T), qv.scale, 1)
+                new = replace(layer, weight=qw, rounding=stage if used else "nearest",
+                              notes={**layer.notes, stage: rep})
+                report[layer.node] = rep
+            elif stage == "adaround":
                 assert layer.weight is not None
                 near = layer.weight if layer.weight_axis == 0 else QuantizedWeight(
                     np.ascontiguousarray(layer.weight.q.T), layer.weight.scale, 0)
@@ -334,6 +368,14 @@ class _Builder:
                 report[layer.node] = {"max_abs_shift": float(np.abs(delta).max())}
             plan = replace(plan, layers=[new if la.node == layer.node else la for la in plan.layers])
         return plan, report
+
+    def reconstruct(self, plan: QuantPlan) -> tuple[QuantPlan, dict[str, Any]]:
+        """Every static int8 layer's rounding and input scale at once against the float actions (BRECQ-style)."""
+        work = apply_input_scalings(self.model, plan.transforms) if plan.transforms else self.model
+        o = self.opt
+        res = reconstruct(work, plan, self.calib, self.scorer.half_range, iters=o.reconstruct_iters,
+                          learn_scales=o.reconstruct_scales, seed=o.seed, time_limit_s=o.reconstruct_seconds)
+        return res.plan, res.report
 
     def kernels(self, plan: QuantPlan) -> QuantPlan:
         """Fill each int8 layer's quantization kernel (and the plain per-tensor one) on calibration states."""
@@ -436,10 +478,11 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
         errors["auto"] = b.scorer(plan)
     current = b.scorer(plan) if not opt.auto else errors["auto"]
     stage_reports: dict[str, Any] = {}
-    for stage, on in (("adaround", opt.rounding == "adaround"), ("bias_correction", opt.bias_correction)):
-        if not on or not plan.int8_layers():
+    roundings = [r for r in opt.rounding.split("+") if r != "nearest"]
+    for stage in [*roundings, *(["bias_correction"] if opt.bias_correction else [])]:
+        if not plan.int8_layers():
             continue
-        cand, rep = b.refine(plan, stage)
+        cand, rep = b.reconstruct(plan) if stage == "brecq" else b.refine(plan, stage)
         e = b.scorer(cand)
         kept = e < current
         stage_reports[stage] = {"kept": kept, "heldout_action_error": e, "layers": rep}
