@@ -195,6 +195,19 @@ def return_ratio_text(result: dict[str, Any]) -> str:
             f"{name}: return {q:.4g} vs float {f:.4g} ({(q - f) / abs(f):+.2%})")
 
 
+def pruning_text(manifest: dict[str, Any]) -> str | None:
+    """``"pruned before quantization: 25% of hidden units (256->192, 256->192; 64 constant units removed exactly);
+    every verdict is against the unpruned policy.fp32.onnx"``, or None."""
+    rec = manifest.get("pruning")
+    if not rec:
+        return None
+    widths = ", ".join(f"{r['width']}->{r['kept']}" for r in rec.get("layers", []))
+    const = sum(int(r.get("constant_units_removed", 0)) for r in rec.get("layers", []))
+    return (f"pruned before quantization: {100 * float(rec['ratio']):g}% of each hidden layer's units ({widths}; "
+            f"{const} constant on calibration states, removed exactly); every verdict is against the unpruned "
+            f"policy.fp32.onnx, the pruned float graph is {rec.get('file')}")
+
+
 def file_headlines(manifest: dict[str, Any]) -> list[str]:
     """:func:`file_headline` for every shipped INT8 file the manifest records, in :data:`SHIPPED_FILES` order."""
     out = []
@@ -256,6 +269,9 @@ def info_lines(manifest: dict[str, Any], validation: dict[str, Any] | None) -> l
     """``edgeq info``: the bundle in a dozen lines."""
     lines = loaded_lines(manifest)
     lines.append("layers: " + precision_counts(manifest))
+    pruned = pruning_text(manifest)
+    if pruned:
+        lines.append(pruned)
     lines.append("activations: " + activation_choices(manifest))
     files = manifest.get("files", {})
     onnx_files = sorted(f for f in files if f.endswith(".onnx"))

@@ -231,6 +231,10 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
 
     fpath = root / models["fp32"]
     fmodel = onnx.load(str(fpath))
+    pruned_file = (manifest.get("pruning") or {}).get("file")
+    if pruned_file:  # a pruned bundle: its plan quantizes the pruned float graph; verdicts stay vs the unpruned one
+        verify_files(root, manifest, [pruned_file])
+        fmodel = onnx.load(str(root / pruned_file))
     base = QuantPlan.from_bundle(root)
     make_env = env_factory_for(env)
     act = manifest["action_space"]
@@ -412,6 +416,9 @@ def _write_best(dest: Path, base_manifest: dict[str, Any], root: Path, fmodel: o
     models = base_manifest["models"]
     with BundleWriter(dest, overwrite=True) as w:
         shutil.copyfile(root / models["fp32"], w.path / models["fp32"])
+        pruned_file = (base_manifest.get("pruning") or {}).get("file")
+        if pruned_file:
+            shutil.copyfile(root / pruned_file, w.path / pruned_file)
         portable = onnx.load(str(paths["int8"]))
         w.save_model(portable, models.get("int8", "policy.int8.onnx"))
         shutil.copyfile(paths["int8-cpu"], w.path / models.get("int8-cpu", "policy.int8.cpu.onnx"))

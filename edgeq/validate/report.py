@@ -542,12 +542,15 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
 
 def layers_section(manifest: dict[str, Any]) -> Section:
     """What each layer really runs as in each file, and the quantizers the per-layer search chose."""
-    from edgeq.describe import cpu_float_text, file_headlines, layer_precisions, precision_counts
+    from edgeq.describe import cpu_float_text, file_headlines, layer_precisions, precision_counts, pruning_text
 
     s = Section("Quantized layers")
     heads = file_headlines(manifest)  # counted from each shipped file's graph
     for line in heads or [precision_counts(manifest)]:
         s.p(line + ".")
+    pruned = pruning_text(manifest)
+    if pruned:
+        s.p(pruned + ".")
     text = cpu_float_text(manifest)
     if text:
         s.p(text + ".")
