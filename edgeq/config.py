@@ -243,6 +243,10 @@ class QuantizationConfig(_Section):
     auto_sweeps: int = 1
     rounding: str = "adaround"
     adaround_iters: int = 0
+    reconstruct_iters: int = 600
+    reconstruct_seconds: float = 90.0
+    reconstruct_scales: bool = True
+    objective: str = "action"
     bias_correction: bool = True
     # 0: every layer int8; mixed precision is the search's job (issue 12 part 4), labelled as such
     fp16_fallback: int = 0
@@ -475,6 +479,8 @@ class QuantizeConfig:
                 calibrator=c.calibrator, calibrator_params=dict(c.calibrator_params), weight_method=q.weight_method,
                 transform=q.transform, transform_layers=q.transform_layers, alpha=q.alpha, dynamic=q.dynamic,
                 auto=q.auto, auto_sweeps=q.auto_sweeps, rounding=q.rounding, adaround_iters=q.adaround_iters,
+                reconstruct_iters=q.reconstruct_iters, reconstruct_seconds=q.reconstruct_seconds,
+                reconstruct_scales=q.reconstruct_scales, objective=q.objective,
                 bias_correction=q.bias_correction, fp16_fallback=q.fp16_fallback,
                 max_action_error=q.max_action_error, tail_weight=q.tail_weight, tail_fraction=q.tail_fraction,
                 tail_on_calibration_states=q.tail_on_calibration_states, keep_float=list(q.keep_float))
