@@ -62,7 +62,7 @@ __all__ = ["QuantOptions", "build_plan"]
 
 #: Weight rounding methods (``QuantOptions.rounding``): per layer in graph order (``adaround``, ``gptq``,
 #: ``stochastic``) or the whole network at once (``brecq``: :mod:`edgeq.quantizers.reconstruct`).
-ROUNDINGS = ("nearest", "adaround", "gptq", "stochastic", "brecq", "gptq+brecq")
+ROUNDINGS = ("nearest", "adaround", "gptq", "stochastic", "brecq", "gptq+brecq", "adaround+brecq")
 TRANSFORM_LAYERS = ("first", "all")
 
 
@@ -89,8 +89,8 @@ class QuantOptions:
             (per layer, error-compensating, :mod:`~edgeq.quantizers.rounding`), ``stochastic`` (seeded,
             a candidate) or ``brecq`` (every layer's rounding and input scale jointly against the float
             actions, :mod:`~edgeq.quantizers.reconstruct`); each is kept only if it lowers the held-out
-            score; ``gptq+brecq``: GPTQ, then the joint reconstruction from GPTQ's integers (each
-            stage kept on its own). adaround_iters: Adam steps of AdaRound's soft-rounding stage per layer (0: only the
+            score; ``gptq+brecq`` / ``adaround+brecq``: GPTQ or AdaRound, then the joint reconstruction
+            from their integers (each stage kept on its own). adaround_iters: Adam steps of AdaRound's soft-rounding stage per layer (0: only the
             exact flip descent on the same objective). reconstruct_iters, reconstruct_seconds: the
             ``brecq`` optimization's Adam steps and time bound; reconstruct_scales: learn the input
             scales too.
