@@ -256,6 +256,9 @@ class QuantizationConfig(_Section):
     tail_on_calibration_states: bool = True
     keep_float: tuple[str, ...] = ()
     cell_precision: str = "int8"
+    #: structured pruning before quantization (edgeq.quantizers.prune): this fraction of every hidden
+    #: layer's units (lowest saliency) removed; 0 = none. Validated against the unpruned float policy.
+    prune: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -538,7 +541,7 @@ KEYWORD_FIELDS: dict[str, str] = {
     # quantization
     **{name: f"quantization.{name}" for name in (
         "weight_method", "transform", "transform_layers", "alpha", "dynamic", "auto", "rounding", "bias_correction",
-        "fp16_fallback", "max_action_error", "cell_precision")},
+        "fp16_fallback", "max_action_error", "cell_precision", "prune")},
     # export
     "cpu_float_layers": "export.cpu_float_layers",
     # validation

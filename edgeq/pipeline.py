@@ -25,6 +25,7 @@ from edgeq.deploy.bundle_format import (
     INT8_MODEL,
     MEASUREMENTS,
     PLAN,
+    PRUNED_FLOAT_MODEL,
     VALIDATION,
 )
 from edgeq.describe import build_environment, made_utc
@@ -267,12 +268,34 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
     else:
         assert make_calib_env is not None
         n_episodes = cal.episodes + len(holdout_seeds)
-        stats = calibrate_rollouts(
-            fp, make_calib_env, calib_seeds, noise=noise, num_envs=min(num_envs, cal.num_envs),
-            max_steps_per_episode=cal.max_steps_per_episode, holdout_seeds=holdout_seeds,
-            holdout_noise=None if cal.holdout_exploration is None else ExplorationNoise(
-                gaussian=cal.holdout_exploration.gaussian, epsilon=cal.holdout_exploration.epsilon),
-            progress=progress("calibrate", n_episodes * ep_len if ep_len else None))
+
+        def rollouts(policy: FloatPolicy, stage: str = "calibrate") -> CalibrationStats:
+            assert make_calib_env is not None
+            return calibrate_rollouts(
+                policy, make_calib_env, calib_seeds, noise=noise, num_envs=min(num_envs, cal.num_envs),
+                max_steps_per_episode=cal.max_steps_per_episode, holdout_seeds=holdout_seeds,
+                holdout_noise=None if cal.holdout_exploration is None else ExplorationNoise(
+                    gaussian=cal.holdout_exploration.gaussian, epsilon=cal.holdout_exploration.epsilon),
+                progress=progress(stage, n_episodes * ep_len if ep_len else None))
+
+        stats = rollouts(fp)
+    reference = fp  # the float policy every verdict compares against (the unpruned one)
+    pruning: dict[str, Any] | None = None
+    if cfg.quantization.prune > 0:
+        from edgeq.quantizers.prune import prune_hidden_units
+
+        if fp.recurrent or fp.history is not None:
+            raise EdgeqError("quantization.prune: structured pruning needs a feed-forward policy of one observation; "
+                             "this one is recurrent or reads a history (run without --prune)")
+        states = stats.observations if stats.holdout is None or not len(stats.holdout) else np.concatenate(
+            [stats.observations, stats.holdout])
+        pruned, prune_report = prune_hidden_units(fp.model, states, float(cfg.quantization.prune),
+                                                  input_name=fp.input_name)
+        fp = replace(fp, model=pruned)
+        pruning = {**prune_report.to_json(), "file": PRUNED_FLOAT_MODEL}
+        # calibrate again on the pruned policy's own states (its hidden tensors changed width)
+        stats = _calibrate_logged(fp, calib_obs, progress) if calib_data is not None else rollouts(
+            fp, "calibrate (pruned)")
     timings["calibration_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -293,9 +316,11 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
         io["history"] = fp.history.to_json()
     val_seeds = list(range(val.seed, val.seed + (design.max_episodes if design.sequential else int(val.episodes))))
     with writer as w:
-        fpath = w.save_model(fp.model, FLOAT_MODEL)
+        fpath = w.save_model(reference.model, FLOAT_MODEL)
+        # pruned: the pruned float policy too (what the INT8 files quantize; per-layer error is measured on it)
+        ppath = w.save_model(fp.model, PRUNED_FLOAT_MODEL) if pruning is not None else None
         qpath = w.save_model(qmodel, INT8_MODEL)
-        cmodel, cpu_selection = _cpu_model(qmodel, fp.model, prof, gate_nodes)
+        cmodel, cpu_selection = _cpu_model(qmodel, reference.model, prof, gate_nodes)
         # the timings behind a measured choice go to measurements.json; the manifest keeps the choice
         cpu_timing = {k: cpu_selection.pop(k) for k in ("batch1_median_us", "chosen_us", "fp32_us", "summary")
                       if k in cpu_selection}
@@ -319,7 +344,7 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
             result = validate_models(
                 fpath, qpath, io, make_env, val_seeds, env_id=env, action_low=fp.action_space.low_array,
                 action_high=fp.action_space.high_array, options=vopts, plan=plan, episode_steps=ep_len,
-                progress=progress, int8_for_target=int8_for)
+                progress=progress, int8_for_target=int8_for, layer_float_model=ppath)
             result["closed_loop"] = True
             # saturation of every INT8 tensor on the validation rollouts (and robustness under disturbances)
             # the tensors the CPU file really quantizes (its tiny layers run in float there)
@@ -360,6 +385,7 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
             "cpu_float_layers": ort_cpu.cpu_float_layers(cmodel),
             "cpu_layer_selection": cpu_selection,
             "file_precision": file_precision,
+            **({"pruning": pruning} if pruning is not None else {}),
             "preprocess": fp.preprocess,
             "postprocess": fp.postprocess,
             "profile": prof.to_json(),

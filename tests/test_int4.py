@@ -217,3 +217,48 @@ def test_trt_int4_rules_flag_bad_files() -> None:
                    onnx.helper.make_node("ReduceSum", ["m", "axes"], ["y"], keepdims=0)],
                   [*i3, numpy_helper.from_array(np.array([0], np.int64), "axes")])
     assert _rules(bad3).get("block-rank") == "error"
+
+
+def test_candidates_rank_int4_moves_by_error_per_byte_and_start_from_the_smallest() -> None:
+    from edgeq.quantizers.mixed import candidate_plans, layer_sizes, plan_weight_bytes, rank_layers
+
+    model, base, _, _ = _mlp_plan(0)
+    wls = find_weighted_layers(model)
+    one = {wl.node: with_int4(base, wl.node, np.asarray(constant_value(model, wl.weight))) for wl in wls}
+    sizes = layer_sizes(base, {wl.node: np.asarray(constant_value(model, wl.weight)).shape for wl in wls})
+    saved = {n: plan_weight_bytes(base, sizes) - plan_weight_bytes(p, sizes) for n, p in one.items()}
+    assert saved[wls[1].node] > saved[wls[0].node] > saved[wls[2].node] > 0  # 64x64 > 8x64 > 64x3
+    fake = {wls[0].node: 2.0, wls[1].node: 3.0, wls[2].node: 1.5}  # the big layer hurts most, but per byte least
+
+    def score(p: QuantPlan) -> float:
+        moved = [la.node for la in p.int4_layers()]
+        return 1.0 + sum(fake[n] - 1.0 for n in moved)
+
+    ranking = rank_layers(base, one, score, saved)
+    assert [n for n, _ in ranking][0] == wls[1].node
+    assert [n for n, _ in rank_layers(base, one, score)][0] == wls[2].node  # by sensitivity alone: the tiny layer
+    cands = candidate_plans(base, one, ranking, sizes, fp16_layers=[wls[0].node], score=score)
+    names = [c.name for c in cands]
+    assert names[0] == "W4A8" and names.index("W8A8") < names.index("int8+fp16x1")
+    assert [c.weight_bytes for c in cands] == sorted(c.weight_bytes for c in cands)
+    assert all(c.proxy is not None for c in cands)
+
+
+def test_gptq_int4_lowers_the_heldout_output_error_or_keeps_nearest() -> None:
+    from edgeq.quantizers.mixed import gptq_int4
+
+    rng = np.random.default_rng(5)
+    k, n = 48, 16
+    mix = rng.standard_normal((k, k)) / np.sqrt(k)
+    x = (rng.standard_normal((2000, k)) @ mix + 0.3).astype(np.float32)  # correlated inputs
+    s = np.abs(x).max() / 127
+    x_hat = (np.clip(np.rint(x / s), -127, 127) * s).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    for block in (0, 16):
+        near = quantize_weight_int4(w, 0, block_size=block)
+        got, rep = gptq_int4(w, near, x_hat, x)
+        assert rep["used"] and rep["heldout_output_mse_gptq"] < 0.9 * rep["heldout_output_mse_nearest"]
+        assert np.abs(got.q).max() <= 7 and np.array_equal(got.scale, near.scale) and got.block_size == block
+        # [in, out] storage (MatMul weights) gives the same integers, transposed
+        got_t, _ = gptq_int4(w, quantize_weight_int4(w.T, 1, block_size=block), x_hat, x)
+        assert np.array_equal(got_t.q.T, got.q)

@@ -42,6 +42,8 @@ FLOAT_MODEL = "policy.fp32.onnx"
 INT8_MODEL = "policy.int8.onnx"
 INT8_CPU_MODEL = "policy.int8.cpu.onnx"
 INT8_CUDA_MODEL = "policy.int8.cuda.onnx"
+#: with pruning (manifest ``pruning``): the pruned float policy the INT8 files quantize (not run by robots)
+PRUNED_FLOAT_MODEL = "policy.pruned.fp32.onnx"
 VALIDATION = "validation.json"
 #: Timings and latency of the run that made the bundle (differ from run to run), and the report that shows
 #: them: not hashed, not signed, never read by a robot. Everything else is byte-identical for the same

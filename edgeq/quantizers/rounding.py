@@ -52,15 +52,17 @@ class RoundingResult:
 
 
 def gptq_quantize(w_target: npt.ArrayLike, scale: npt.ArrayLike, hessian: npt.ArrayLike, *,
-                  live: npt.ArrayLike | None = None, damp: float = 0.01) -> np.ndarray:
+                  live: npt.ArrayLike | None = None, damp: float = 0.01, qmax: int = QMAX) -> np.ndarray:
     """The GPTQ integers of ``w_target`` (``[out, in]``) for fixed per-row ``scale`` and input Gram ``hessian``.
 
     Columns are quantized in order; after column ``j`` the error ``(w_j - s q_j) / U_jj`` times row
     ``j`` of ``U`` (the upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``) is subtracted
-    from the later columns. Returns float64 integers in ``[-127, 127]`` (dead rows: 0).
+    from the later columns. Returns float64 integers in ``[-qmax, qmax]`` (dead rows: 0). ``scale`` is
+    per row (``[out]``) or per element (``[out, in]``: int4 blocks, :mod:`edgeq.quantizers.int4`).
     """
     w = np.array(w_target, np.float64, copy=True)
-    s = np.asarray(scale, np.float64).reshape(-1, 1)
+    s_in = np.asarray(scale, np.float64)
+    s = s_in if s_in.ndim == 2 else s_in.reshape(-1, 1)
     h = np.array(hessian, np.float64, copy=True)
     n = h.shape[0]
     dead = np.diag(h) <= 0
@@ -71,9 +73,10 @@ def gptq_quantize(w_target: npt.ArrayLike, scale: npt.ArrayLike, hessian: npt.Ar
     q = np.zeros_like(w)
     for j in range(n):
         col = w[:, j]
-        qj = np.clip(np.rint(col / s[:, 0]), -QMAX, QMAX)
+        sj = s[:, j] if s.shape[1] > 1 else s[:, 0]
+        qj = np.clip(np.rint(col / sj), -qmax, qmax)
         q[:, j] = qj
-        err = (col - s[:, 0] * qj) / hinv[j, j]
+        err = (col - sj * qj) / hinv[j, j]
         if j + 1 < n:
             w[:, j + 1:] -= np.outer(err, hinv[j, j + 1:])
     if live is not None:

@@ -146,7 +146,8 @@ def validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], mak
                     options: ValidationOptions = ValidationOptions(), plan: QuantPlan | None = None,
                     episode_steps: int | None = None,
                     progress: ProgressFactory = _no_progress,
-                    int8_for_target: dict[str, Path] | None = None) -> dict[str, Any]:
+                    int8_for_target: dict[str, Path] | None = None,
+                    layer_float_model: Path | None = None) -> dict[str, Any]:
     """Validate ``int8_model`` against ``float_model`` in closed loop; returns ``validation.json``'s content.
 
     ``int8_for_target`` names a target-specialized INT8 file (e.g. ``policy.int8.cpu.onnx`` for
@@ -157,20 +158,25 @@ def validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], mak
     them batch by batch until its verdict is decided (or the cap / time budget is reached); with
     ``fixed`` it runs them all.
 
+    ``layer_float_model``: the float graph the INT8 files were made from when it is not ``float_model``
+    (a pruned policy: ``float_model`` is the unpruned reference of the closed-loop verdict); the per-layer
+    error is measured against it.
+
     Targets that cannot run here are listed under ``unavailable_targets`` with the reason. Raises
     :class:`EdgeqError` only when no requested target can run.
     """
     with options.executor.make() as executor:
         return _validate_models(float_model, int8_model, io, make_env, seeds, env_id=env_id, action_low=action_low,
                                 action_high=action_high, options=options, plan=plan, episode_steps=episode_steps,
-                                progress=progress, int8_for_target=int8_for_target, executor=executor)
+                                progress=progress, int8_for_target=int8_for_target, executor=executor,
+                                layer_float_model=layer_float_model)
 
 
 def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], make_env: Callable[[], Any],
                      seeds: Sequence[int], *, env_id: str, action_low: np.ndarray, action_high: np.ndarray,
                      options: ValidationOptions, plan: QuantPlan | None, episode_steps: int | None,
                      progress: ProgressFactory, int8_for_target: dict[str, Path] | None,
-                     executor: Executor) -> dict[str, Any]:
+                     executor: Executor, layer_float_model: Path | None = None) -> dict[str, Any]:
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise EdgeqError("validation needs at least one episode (--episodes >= 1)")
@@ -334,7 +340,8 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
         progress("per-layer error", None)
         assert run.reference_traj is not None
         episodes = _per_layer_episodes(run.reference_traj, seeds, stateless, opts.per_layer_states)
-        val["per_layer"] = per_layer_error(onnx.load(str(float_model)), str(int8_model), io, episodes, plan=plan)
+        val["per_layer"] = per_layer_error(onnx.load(str(layer_float_model or float_model)), str(int8_model), io,
+                                           episodes, plan=plan)
         val["per_layer"]["target"] = "cpu"
         timings["per_layer_s"] = time.perf_counter() - t0
     val["sizes"] = {Path(float_model).name: Path(float_model).stat().st_size,
@@ -405,7 +412,9 @@ def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: Valida
                           action_high=np.asarray(act["high"], np.float64), options=options, plan=plan,
                           episode_steps=ep_len, progress=progress,
                           int8_for_target={t: root / models[f"int8-{t}"] for t in ("cpu", "cuda", "trt")
-                                           if f"int8-{t}" in models})
+                                           if f"int8-{t}" in models},
+                          layer_float_model=root / pruned if (pruned := (manifest.get("pruning") or {}).get("file"))
+                          else None)
     return val, manifest
 
 
