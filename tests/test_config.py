@@ -112,7 +112,7 @@ def test_bad_recipe_values_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no export file 'nope'"):
         QuantizeConfig.from_recipe(None, "nope")
     with pytest.raises(ConfigError, match="rounding must be one of"):
-        QuantizeConfig().with_overrides({"quantization.rounding": "stochastic"}).quant_options()
+        QuantizeConfig().with_overrides({"quantization.rounding": "magic"}).quant_options()
 
 
 def test_keyword_layer_maps_onto_the_config() -> None:

@@ -90,10 +90,10 @@ class QuantOptions:
             a candidate) or ``brecq`` (every layer's rounding and input scale jointly against the float
             actions, :mod:`~edgeq.quantizers.reconstruct`); each is kept only if it lowers the held-out
             score; ``gptq+brecq`` / ``adaround+brecq``: GPTQ or AdaRound, then the joint reconstruction
-            from their integers (each stage kept on its own). adaround_iters: Adam steps of AdaRound's soft-rounding stage per layer (0: only the
-            exact flip descent on the same objective). reconstruct_iters, reconstruct_seconds: the
-            ``brecq`` optimization's Adam steps and time bound; reconstruct_scales: learn the input
-            scales too.
+            from their integers (each stage kept on its own). adaround_iters: Adam steps of AdaRound's
+            soft-rounding stage per layer (0: only the exact flip descent on the same objective).
+            reconstruct_iters, reconstruct_seconds: the ``brecq`` optimization's Adam steps and time
+            bound; reconstruct_scales: learn the input scales too.
         objective: ``action`` (the held-out action error) or ``critic``: the errors weighted per state
             and action dimension by the value they cost under the policy's own Q critic
             (:mod:`edgeq.quantizers.sensitivity`; needs ``build_plan(critic=...)``, else plain).
