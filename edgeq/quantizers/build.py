@@ -68,7 +68,11 @@ TRANSFORM_LAYERS = ("first", "all")
 
 @dataclass
 class QuantOptions:
-    """What :func:`build_plan` does; every field is a recipe field of the same name.
+    """What :func:`build_plan` does; every field is a config field of the same name.
+
+    The defaults here are the plain baseline (every later stage off) that unit tests start from; the
+    defaults ``edgeq quantize`` uses are :class:`edgeq.config.QuantizeConfig`'s, and the pipeline makes
+    its options from the config only (:meth:`~edgeq.config.QuantizeConfig.quant_options`).
 
     Attributes:
         calibrator, calibrator_params: Activation calibrator for every tensor (without ``auto``),
