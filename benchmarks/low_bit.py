@@ -49,7 +49,7 @@ def run_fixture(spec: str, args: argparse.Namespace, cmd: str) -> None:
     from edgeq.search import search
 
     name, env = spec.split(":", 1)
-    policy = ROOT / "tests" / "fixtures" / "policies" / f"{name}.zip"
+    policy = Path(args.policies) / f"{name}.zip"
     work = Path(args.work) / name
     bundle = work / f"bundle-{args.seed}"
     sdir = work / f"search-b{args.block_size}-{args.rounding}{args.tag}"
@@ -221,6 +221,7 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the search directory name")
     ap.add_argument("--render", action="store_true", help="re-render a finished search (its search.json) only")
     ap.add_argument("--work", default="/tmp/edgeq-low-bit")
+    ap.add_argument("--policies", default=str(ROOT / "tests" / "fixtures" / "policies"), help="fixture folder")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "low_bit.md"))
     args = ap.parse_args()
     args.episodes = args.episodes if args.episodes == "auto" else int(args.episodes)

@@ -243,6 +243,10 @@ class QuantizationConfig(_Section):
     auto_sweeps: int = 1
     rounding: str = "adaround"
     adaround_iters: int = 0
+    reconstruct_iters: int = 600
+    reconstruct_seconds: float = 90.0
+    reconstruct_scales: bool = True
+    objective: str = "action"
     bias_correction: bool = True
     # 0: every layer int8; mixed precision is the search's job (issue 12 part 4), labelled as such
     fp16_fallback: int = 0
@@ -252,6 +256,9 @@ class QuantizationConfig(_Section):
     tail_on_calibration_states: bool = True
     keep_float: tuple[str, ...] = ()
     cell_precision: str = "int8"
+    #: structured pruning before quantization (edgeq.quantizers.prune): this fraction of every hidden
+    #: layer's units (lowest saliency) removed; 0 = none. Validated against the unpruned float policy.
+    prune: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -475,6 +482,8 @@ class QuantizeConfig:
                 calibrator=c.calibrator, calibrator_params=dict(c.calibrator_params), weight_method=q.weight_method,
                 transform=q.transform, transform_layers=q.transform_layers, alpha=q.alpha, dynamic=q.dynamic,
                 auto=q.auto, auto_sweeps=q.auto_sweeps, rounding=q.rounding, adaround_iters=q.adaround_iters,
+                reconstruct_iters=q.reconstruct_iters, reconstruct_seconds=q.reconstruct_seconds,
+                reconstruct_scales=q.reconstruct_scales, objective=q.objective,
                 bias_correction=q.bias_correction, fp16_fallback=q.fp16_fallback,
                 max_action_error=q.max_action_error, tail_weight=q.tail_weight, tail_fraction=q.tail_fraction,
                 tail_on_calibration_states=q.tail_on_calibration_states, keep_float=list(q.keep_float))
@@ -532,7 +541,7 @@ KEYWORD_FIELDS: dict[str, str] = {
     # quantization
     **{name: f"quantization.{name}" for name in (
         "weight_method", "transform", "transform_layers", "alpha", "dynamic", "auto", "rounding", "bias_correction",
-        "fp16_fallback", "max_action_error", "cell_precision")},
+        "fp16_fallback", "max_action_error", "cell_precision", "prune")},
     # export
     "cpu_float_layers": "export.cpu_float_layers",
     # validation

@@ -18,8 +18,11 @@ within ``max_loss`` of |float mean|, and no significant rise of the failure rate
    the all-INT8 plan with its most sensitive layer(s) in fp16.
 4. **Acceptance.** Candidates are validated in objective order (smallest/fastest first) by the same
    closed-loop validation as ``edgeq validate`` (paired episodes on the CPU target, ``auto`` design) on
-   the candidate's CPU file; the first PASS is the best (every later one is larger/slower) and is written
-   at once as a bundle (``OUT/best``), so the best valid policy is saved however the search ends.
+   the candidate's CPU file; a PASS is confirmed by a second verdict on fresh seeds (``confirm``: the
+   search tests several candidates, and keeping the first that passes once would inflate the chance of
+   keeping one beyond the budget); the first confirmed PASS is the best (every later one is
+   larger/slower) and is written at once as a bundle (``OUT/best``), so the best valid policy is saved
+   however the search ends.
    ``evaluate_all`` keeps validating the rest (the Pareto table). The all-INT8 plan is returned only
    if it PASSes; if nothing PASSes the result says so (exit code 1 if every candidate FAILed, else 3).
 
@@ -35,16 +38,17 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
 
 from edgeq.calibration.collect import layer_rows, tensor_values
 from edgeq.deploy.bundle_format import PLAN, read_manifest, verify_files
+from edgeq.deploy.contracts import ValidationResult
 from edgeq.deploy.runtime import OrtPolicy
 from edgeq.envs import env_factory_for
 from edgeq.errors import EdgeqError
@@ -82,6 +86,8 @@ OBJECTIVES = ("size", "latency")
 ROUNDING_SETS: dict[str, tuple[str, ...]] = {"nearest": ("nearest",), "gptq": ("gptq",), "both": ("nearest", "gptq")}
 #: First seed of the float rollouts that give the search its states (far from validation seeds 0..).
 STATE_SEED = 1_000_000
+#: Offset of the confirmation seeds: a PASSing candidate is judged again on ``CONFIRM_SEED + seed ..``.
+CONFIRM_SEED = 100_000
 W4_TRT_MODEL = "policy.w4.trt.onnx"
 
 Score = Callable[[QuantPlan], float]
@@ -166,7 +172,7 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
            seed: int = 0,
            fail_tol: float = 0.02, failure: str | None = None, score: Score | None = None,
            fp16_layers: int = 1, state_episodes: int = 6, max_states: int = 6000, num_envs: int = 8,
-           evaluate_all: bool = False, latency_calls: int = 2000, overwrite: bool = False,
+           evaluate_all: bool = False, confirm: bool = True, latency_calls: int = 2000, overwrite: bool = False,
            log: Callable[[str], None] | None = None) -> SearchResult:
     """Search per-layer precision over {int4, int8, fp16} for the bundle's policy under a return budget.
 
@@ -187,7 +193,10 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
             and first seed.
         score: Sensitivity score of a plan (lower is better); default the held-out action error.
         fp16_layers: How many of the most sensitive layers the fp16 candidates may move (0: none).
-        evaluate_all: Validate every candidate (the Pareto table) instead of stopping at the first PASS.
+        evaluate_all: Validate every candidate (the Pareto table) instead of stopping at the first accepted one.
+        confirm: Accept a PASSing candidate only if it PASSes again on fresh seeds (``CONFIRM_SEED`` + the
+            validation seeds): the search tests several candidates and keeps the first that passes, so
+            without it the chance of keeping one that loses more than the budget grows with their number.
 
     Returns:
         A :class:`SearchResult`; ``best_bundle`` is ``out/best`` when a candidate PASSed.
@@ -223,11 +232,16 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
 
     fpath = root / models["fp32"]
     fmodel = onnx.load(str(fpath))
+    pruned_file = (manifest.get("pruning") or {}).get("file")
+    if pruned_file:  # a pruned bundle: its plan quantizes the pruned float graph; verdicts stay vs the unpruned one
+        verify_files(root, manifest, [pruned_file])
+        fmodel = onnx.load(str(root / pruned_file))
     base = QuantPlan.from_bundle(root)
     make_env = env_factory_for(env)
     act = manifest["action_space"]
     low, high = np.asarray(act["low"], np.float64), np.asarray(act["high"], np.float64)
-    stored_rule = ((manifest.get("decision") or {}).get("failure_rule") or {}).get("rule")
+    decision = manifest.get("decision")
+    stored_rule = (decision.get("failure_rule") or {}).get("rule") if decision else None
     rule = parse_failure(failure if failure is not None else stored_rule)
     tol = Tolerance(relative=float(max_loss), fail_tol=fail_tol)
     design = episode_design(episodes, max_episodes=max_episodes)
@@ -329,31 +343,50 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
                                     num_envs=num_envs, design=design, failure=rule, tolerance=tol)
     best: dict[str, Any] | None = None
     best_bundle: Path | None = None
-    for r in rows:
-        c = by_name[r["name"]]
+
+    def validate(c: MixedCandidate, run_seeds: list[int]) -> tuple[ValidationResult, dict[str, Any]]:
         paths = files_of[c.name]
-        say(f"validating {c.name} ({c.label()}) on {paths['int8-cpu'].name} ...")
-        val = validate_models(fpath, paths["int8"], io, make_env, seeds, env_id=env["id"], action_low=low,
+        val = validate_models(fpath, paths["int8"], io, make_env, run_seeds, env_id=env["id"], action_low=low,
                               action_high=high, options=vopts, plan=c.plan, episode_steps=ep_len,
                               int8_for_target={"cpu": paths["int8-cpu"]})
         t = val["targets"]["cpu"]
         vd = t["verdict"]
         f_mean, q_mean = float(t["float"]["mean"]), float(t["int8"]["mean"])
-        r.update({"verdict": vd["status"], "episodes": len(t["float"]["returns"]),
-                  "float_mean": round(f_mean, 3), "mean": round(q_mean, 3),
-                  # the return kept, 1 + mean(cand - float) / |mean(float)|: reads the same for negative returns
-                  "return_ratio": round(1.0 + (q_mean - f_mean) / abs(f_mean), 5) if f_mean else None,
-                  "loss_interval": vd.get("returns", {}).get("interval"),
-                  "failures": {"float": (t.get("outcomes") or {}).get("float", {}).get("failure", 0),
-                               "candidate": (t.get("outcomes") or {}).get("int8", {}).get("failure", 0)},
-                  "outcomes": t.get("outcomes")})
-        say(f"  {c.name}: {vd['status']} after {r['episodes']} episodes, return ratio {r['return_ratio']}")
-        if vd["status"] == PASS and (best is None or order_key(r) < order_key(best)):
-            best = r
-            best_bundle = _write_best(out / "best", manifest, root, fmodel, c, paths, val, r, max_loss, objective)
-            say(f"  saved {best_bundle} (best PASS so far)")
-            if not evaluate_all:
-                break
+        outcomes = t.get("outcomes") or {}
+        return val, {"verdict": vd["status"], "episodes": len(t["float"]["returns"]),
+                     "seeds": [run_seeds[0], run_seeds[0] + len(t["float"]["returns"]) - 1],
+                     "float_mean": round(f_mean, 3), "mean": round(q_mean, 3),
+                     # the return kept, 1 + mean(cand - float) / |mean(float)|: reads the same for negative returns
+                     "return_ratio": round(1.0 + (q_mean - f_mean) / abs(f_mean), 5) if f_mean else None,
+                     "loss_interval": vd.get("returns", {}).get("interval"),
+                     "failures": {"float": outcomes.get("float", {}).get("failure", 0),
+                                  "candidate": outcomes.get("int8", {}).get("failure", 0)},
+                     "outcomes": outcomes}
+
+    confirm_seeds = [CONFIRM_SEED + s for s in seeds]
+    for r in rows:
+        c = by_name[r["name"]]
+        say(f"validating {c.name} ({c.label()}) on {files_of[c.name]['int8-cpu'].name} ...")
+        val, res = validate(c, seeds)
+        r.update(res)
+        say(f"  {c.name}: {res['verdict']} after {res['episodes']} episodes, return kept {res['return_ratio']}")
+        if res["verdict"] != PASS or (best is not None and order_key(r) >= order_key(best)):
+            continue
+        if confirm:  # a second, independent verdict on fresh seeds: several candidates are tested, one is kept
+            val2, res2 = validate(c, confirm_seeds)
+            r["confirmation"] = res2
+            say(f"  {c.name} confirmation on seeds {res2['seeds']}: {res2['verdict']} after {res2['episodes']} "
+                f"episodes, return kept {res2['return_ratio']}")
+            if res2["verdict"] != PASS:
+                continue
+            val = val2 if res2["episodes"] >= res["episodes"] else val
+        r["accepted"] = True
+        best = r
+        best_bundle = _write_best(out / "best", manifest, root, fmodel, c, files_of[c.name], val, r, max_loss,
+                                  objective)
+        say(f"  saved {best_bundle} (best accepted candidate so far)")
+        if not evaluate_all:
+            break
     for r in rows:
         r.setdefault("verdict", "NOT RUN")
     if best is not None:
@@ -378,13 +411,16 @@ def _jsonable(x: Any) -> Any:
     raise TypeError(type(x).__name__)
 
 
-def _write_best(dest: Path, base_manifest: dict[str, Any], root: Path, fmodel: onnx.ModelProto, cand: MixedCandidate,
-                paths: dict[str, Path], val: dict[str, Any], row: dict[str, Any], max_loss: float,
+def _write_best(dest: Path, base_manifest: Mapping[str, Any], root: Path, fmodel: onnx.ModelProto, cand: MixedCandidate,
+                paths: dict[str, Path], val: Mapping[str, Any], row: dict[str, Any], max_loss: float,
                 objective: str) -> Path:
     """The candidate as a bundle (the base bundle's float model, env and spaces; this plan, files and verdict)."""
     models = base_manifest["models"]
     with BundleWriter(dest, overwrite=True) as w:
         shutil.copyfile(root / models["fp32"], w.path / models["fp32"])
+        pruned_file = (base_manifest.get("pruning") or {}).get("file")
+        if pruned_file:
+            shutil.copyfile(root / pruned_file, w.path / pruned_file)
         portable = onnx.load(str(paths["int8"]))
         w.save_model(portable, models.get("int8", "policy.int8.onnx"))
         shutil.copyfile(paths["int8-cpu"], w.path / models.get("int8-cpu", "policy.int8.cpu.onnx"))
@@ -410,7 +446,7 @@ def _write_best(dest: Path, base_manifest: dict[str, Any], root: Path, fmodel: o
                                    "findings": [f"{v.severity} {v.rule}: {v.node}" for v in findings]},
         })
         w.manifest = manifest
-        save_validation(w.path, val, manifest, report=False)
+        save_validation(w.path, cast(ValidationResult, val), manifest, report=False)
     return dest
 
 

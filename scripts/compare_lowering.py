@@ -40,16 +40,19 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 FILES = ("policy.int8.onnx", "policy.int8.cpu.onnx", "policy.int8.cuda.onnx")
 CPU_FLOAT_BELOW = 32
+FP16_FILE = "policy.fp16.onnx"
 
 
 def _lower(job_dir: Path) -> None:
     """Write the three files of every job under ``job_dir`` with the ``edgeq`` on ``sys.path``."""
     import onnx
 
+    import edgeq
     from edgeq.export.ort_cpu import specialize_for_ort_cpu
     from edgeq.export.ort_cuda import specialize_for_ort_cuda
     from edgeq.export.qdq import apply_plan
 
+    (job_dir / f"{sys.argv[-1]}.edgeq").write_text(str(Path(edgeq.__file__).resolve()))
     for job in sorted(p for p in job_dir.iterdir() if p.is_dir()):
         model = onnx.load(str(job / "policy.fp32.onnx"))
         with open(job / "plan.pkl", "rb") as f:  # written by this script in this run
@@ -60,6 +63,14 @@ def _lower(job_dir: Path) -> None:
         cpu = specialize_for_ort_cpu(q, min_int8_width=CPU_FLOAT_BELOW, keep_int8=keep_int8)
         for name, m in zip(FILES, (q, cpu, specialize_for_ort_cuda(q)), strict=True):
             (out / name).write_bytes(m.SerializeToString(deterministic=True))
+        if job.name.endswith("__default"):  # the fp16 pass of TensorRT's strongly typed fp16 build
+            from edgeq.export.tensorrt_engine import fp16_onnx_with_casts
+
+            try:
+                half = fp16_onnx_with_casts(model).SerializeToString(deterministic=True)
+            except ValueError as exc:
+                half = f"refused: {exc}".encode()
+            (out / FP16_FILE).write_bytes(half)
 
 
 def _fixtures(names: list[str] | None) -> list[dict[str, Any]]:
@@ -73,8 +84,12 @@ def _fixtures(names: list[str] | None) -> list[dict[str, Any]]:
         if names and name not in names:
             continue
         history = record.get("history")
-        out.append({"name": name, "paths": [FIXTURES / f for f in files], "env": record["env_id"],
-                    "history": history.get("length") if isinstance(history, dict) else None})
+        options: dict[str, Any] = {}
+        if isinstance(history, dict):
+            options["history"] = history.get("length")
+            if files[0].endswith(".pt"):  # a scripted module's own forward(): torch.onnx needs the size
+                options["obs_dim"] = history.get("obs_dim")
+        out.append({"name": name, "paths": [FIXTURES / f for f in files], "env": record["env_id"], "options": options})
     return out
 
 
@@ -91,8 +106,7 @@ def _plans(fx: dict[str, Any], job_root: Path) -> list[str]:
     from edgeq.quantizers.precision import with_precision
 
     paths = fx["paths"]
-    policy = load_policy(paths if len(paths) > 1 else paths[0],
-                         **({"history": fx["history"]} if fx["history"] else {}))
+    policy = load_policy(paths if len(paths) > 1 else paths[0], **fx["options"])
     stats = calibrate_rollouts(policy, env_factory(fx["env"]), [0, 1], noise=ExplorationNoise(gaussian=0.1),
                                num_envs=2, max_steps_per_episode=200, holdout_seeds=[2])
     hr = action_half_range(policy.action_space.low_array, policy.action_space.high_array)
@@ -135,6 +149,36 @@ def _run_lowering(tree: Path, job_root: Path, label: str) -> None:
     subprocess.run([sys.executable, __file__, "--lower", str(job_root), label], env=env, check=True)
 
 
+def _delta(a: Path, b: Path, measure: Any) -> float | str:
+    """max |Δaction| of two files, or why it cannot be measured (a refusal both sides wrote, no CPU kernel)."""
+    if a.read_bytes().startswith(b"refused:"):
+        return "both refused" if a.read_bytes() == b.read_bytes() else "refusals differ"
+    try:
+        return float(measure(a, b))
+    except Exception as exc:  # noqa: BLE001 - e.g. ONNX Runtime's CPU provider lacks an fp16 kernel
+        return f"not run on ORT CPU ({type(exc).__name__})"
+
+
+def _without_tensor_docs(path: Path) -> bytes:
+    """The file with its initializers' doc strings cleared (0c7ed69 marks the CUDA file's dequantized weights)."""
+    import onnx
+
+    if path.read_bytes().startswith(b"refused:"):
+        return path.read_bytes()
+    m = onnx.load(str(path))
+    for t in m.graph.initializer:
+        t.ClearField("doc_string")
+    return m.SerializeToString(deterministic=True)
+
+
+def _same(same: bool | str) -> str:
+    return same if isinstance(same, str) else "yes" if same else "no"
+
+
+def _fmt(delta: float | str) -> str:
+    return f"{delta:.3g}" if isinstance(delta, float) else delta
+
+
 def main() -> int:
     if "--lower" in sys.argv:
         _lower(Path(sys.argv[sys.argv.index("--lower") + 1]))
@@ -157,22 +201,33 @@ def main() -> int:
         for fx in _fixtures(args.fixtures):
             print(f"plan: {fx['name']}", flush=True)
             _plans(fx, jobs)
-        _run_lowering(_old_tree(args.old, tmpd), jobs, "old")
+        old_tree = _old_tree(args.old, tmpd)
+        _run_lowering(old_tree, jobs, "old")
         _run_lowering(ROOT, jobs, "new")
+        for label, tree in (("old", old_tree), ("new", ROOT)):  # each side ran the code it names
+            used = Path((jobs / f"{label}.edgeq").read_text())
+            if not used.is_relative_to(tree.resolve()):
+                raise SystemExit(f"the {label} lowering imported {used}, not the tree {tree}")
         for job in sorted(p for p in jobs.iterdir() if p.is_dir()):
             fixture, variant = job.name.split("__")
-            for name in FILES:
+            for name in (*FILES, FP16_FILE):
                 a, b = job / "old" / name, job / "new" / name
-                same = a.read_bytes() == b.read_bytes()
-                delta = max_action_difference(a, b)
-                worst = max(worst, delta)
+                if not a.exists():
+                    continue
+                same: bool | str = a.read_bytes() == b.read_bytes()
+                if not same and _without_tensor_docs(a) == _without_tensor_docs(b):
+                    same = "initializer doc strings only"
+                delta = _delta(a, b, max_action_difference)
+                worst = max(worst, delta if isinstance(delta, float) else 0.0 if same else float("inf"))
                 rows.append((fixture, variant, name, same, delta, hashlib.sha256(b.read_bytes()).hexdigest()[:12]))
-                print(f"{fixture:34s} {variant:20s} {name:22s} bytes {'same' if same else 'DIFFER':6s} "
-                      f"max|Δaction| {delta:.3g}", flush=True)
+                print(f"{fixture:34s} {variant:20s} {name:22s} bytes {_same(same):6s} "
+                      f"max|Δaction| {_fmt(delta)}", flush=True)
     table = ["| fixture | plan | file | bytes identical | max abs Δaction (10k states) | sha256 (new) |",
              "|---|---|---|---|---|---|"]
-    table += [f"| {f} | {v} | {n} | {'yes' if s else 'no'} | {d:.3g} | {h} |" for f, v, n, s, d, h in rows]
-    summary = (f"{len(rows)} files, {sum(r[3] for r in rows)} byte-identical, worst max|Δaction| {worst:.3g} "
+    table += [f"| {f} | {v} | {n} | {_same(s)} | {_fmt(d)} | {h} |" for f, v, n, s, d, h in rows]
+    marks = sum(isinstance(r[3], str) for r in rows)
+    summary = (f"{len(rows)} files, {sum(r[3] is True for r in rows)} byte-identical, {marks} identical but for "
+               f"initializer doc strings, worst max|Δaction| {worst:.3g} "
                f"({time.perf_counter() - t0:.0f} s)")
     print(summary)
     if args.out:

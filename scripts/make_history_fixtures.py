@@ -74,6 +74,9 @@ ACT_HIGH = 2.0
 OBS_SCALE: tuple[float, ...] = (1.0, 1.0, 1.0 / 8.0)  # Pendulum: cos, sin in [-1, 1], angular velocity in [-8, 8]
 OBS_SHIFT: tuple[float, ...] = (0.0, 0.0, 0.0)
 EVAL_SEEDS = list(range(10000, 10020))
+#: What fills the window at an episode start (edgeq.deploy.history): "zeros", or "first-observation"
+#: (--history-reset; those fixtures are named ``*-firstobs-<task>``).
+RESET = "zeros"
 TRAIN_SEED0 = 20000
 #: Episodes: (expert with noise, per DAgger round); HalfCheetah episodes are 1000 steps, Pendulum's 200.
 EPISODES = (30, 20)
@@ -207,7 +210,7 @@ class TorchHistoryPolicy:
     """A torch student behind act/reset with edgeq's history convention; records windows."""
 
     def __init__(self, module: nn.Module) -> None:
-        self.module, self.history = module, HistoryBuffer(K, OBS_DIM)
+        self.module, self.history = module, HistoryBuffer(K, OBS_DIM, RESET)
         self.last = np.zeros((0, K * OBS_DIM), np.float32)
 
     def act(self, obs: np.ndarray) -> np.ndarray:
@@ -223,7 +226,7 @@ class ExpertHistoryPolicy:
     """The expert acts on the current observation; its windows are recorded for the student."""
 
     def __init__(self, expert: OrtPolicy) -> None:
-        self.expert, self.history = expert, HistoryBuffer(K, OBS_DIM)
+        self.expert, self.history = expert, HistoryBuffer(K, OBS_DIM, RESET)
         self.last = np.zeros((0, K * OBS_DIM), np.float32)
 
     def act(self, obs: np.ndarray) -> np.ndarray:
@@ -303,7 +306,7 @@ class _Reshape:
 
 
 def onnx_runtime(path: Path) -> ObservationHistory:
-    return ObservationHistory(_Reshape(path), K, OBS_DIM)
+    return ObservationHistory(_Reshape(path), K, OBS_DIM, reset=RESET)
 
 
 # -- TorchScript twins of the committed ONNX fixtures (no retraining) -----------------------------
@@ -352,7 +355,7 @@ class _TorchScriptRuntime:
     """A TorchScript student (or encoder → body pair) behind act/reset, window kept by HistoryBuffer."""
 
     def __init__(self, *modules: Any) -> None:
-        self.modules, self.history = modules, HistoryBuffer(K, OBS_DIM)
+        self.modules, self.history = modules, HistoryBuffer(K, OBS_DIM, RESET)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.modules) == 1:
@@ -409,7 +412,7 @@ def make_torchscript(name: str, task: str) -> None:
     res = run_episodes(env_factory(ENV_ID), rt, EVAL_SEEDS, num_envs=10)
     record = {
         "fixture": f"torchscript-{base}", "files": files, "format": "TorchScript", "export": how,
-        "env_id": ENV_ID, "history": {"length": K, "obs_dim": OBS_DIM, "layout": "oldest first", "reset": "zeros"},
+        "env_id": ENV_ID, "history": {"length": K, "obs_dim": OBS_DIM, "layout": "oldest first", "reset": RESET},
         "weights_from": [{"path": f"tests/fixtures/policies/{q.name}",
                           "sha256": hashlib.sha256(q.read_bytes()).hexdigest()} for q in sources],
         "training": f"none: the weights of {', '.join(q.name for q in sources)} (see {base}.json)",
@@ -435,10 +438,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500, help="Adam steps per round")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--task", choices=sorted(TASKS), default="pendulum", help="env and expert (default pendulum)")
+    ap.add_argument("--history-reset", choices=["zeros", "first-observation"], default="zeros",
+                    help="what fills the window at an episode start, in training and evaluation (default zeros)")
     ap.add_argument("--torchscript", action="store_true",
                     help="no training: save TorchScript twins of the committed ONNX fixtures")
     args = ap.parse_args()
     globals().update(TASKS[args.task])
+    globals().update(RESET=args.history_reset)
     torch.set_num_threads(1)
     if args.torchscript:
         for name in args.fixtures:
@@ -469,11 +475,12 @@ def main() -> None:
                   flush=True)
             x, y = np.concatenate([x, xs]), np.concatenate([y, ys])
             loss = fit(module, x, y, args.steps, args.seed + r + 1)
-        base = f"{FILES[name]}-{SUFFIX}"
+        base = f"{FILES[name]}{'-firstobs' if RESET != 'zeros' else ''}-{SUFFIX}"
         example = torch.zeros(1, K, OBS_DIM)
         if name == "encoder-body":
             assert isinstance(module, EncoderBody)
-            enc, body = OUT / f"encoder-{SUFFIX}.onnx", OUT / f"body-{SUFFIX}.onnx"
+            tag = "-firstobs" if RESET != "zeros" else ""
+            enc, body = OUT / f"encoder{tag}-{SUFFIX}.onnx", OUT / f"body{tag}-{SUFFIX}.onnx"
             export(module.encoder, (example,), enc, ["obs_history"], "latent")
             export(module.body, (torch.zeros(1, OBS_DIM), torch.zeros(1, 8)), body, ["obs", "latent"], "actions")
             files = [enc.name, body.name]
@@ -488,7 +495,7 @@ def main() -> None:
         record = {
             "fixture": base, "files": files, "env_id": ENV_ID, "expert": EXPERT.name,
             "method": "behaviour cloning on noisy expert rollouts, then DAgger (expert relabels the student's states)",
-            "history": {"length": K, "obs_dim": OBS_DIM, "layout": "oldest first", "reset": "zeros"},
+            "history": {"length": K, "obs_dim": OBS_DIM, "layout": "oldest first", "reset": RESET},
             "seed": args.seed, "dagger_rounds": args.dagger_rounds, "adam_steps_per_round": args.steps,
             "training_states": int(len(x)), "final_loss": round(loss, 6), "rounds": history,
             "parameters": int(sum(p.numel() for p in module.parameters())),
@@ -501,6 +508,7 @@ def main() -> None:
                      "returns": [round(float(r), 3) for r in res.returns]},
             "train_seconds": round(time.perf_counter() - t0, 1),
             "command": (f"python scripts/make_history_fixtures.py {name} --task {args.task} --steps {args.steps} "
+                        f"--history-reset {RESET} "
                         f"--dagger-rounds {args.dagger_rounds} --seed {args.seed}"),
             "versions": {"python": platform.python_version(), "torch": torch.__version__},
         }
@@ -532,7 +540,7 @@ class _ComposedRuntime:
 
         self.enc = ort.InferenceSession(str(enc), providers=["CPUExecutionProvider"])
         self.body = ort.InferenceSession(str(body), providers=["CPUExecutionProvider"])
-        self.history = HistoryBuffer(K, OBS_DIM)
+        self.history = HistoryBuffer(K, OBS_DIM, RESET)
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         w = self.history.push(obs).reshape(-1, K, OBS_DIM)

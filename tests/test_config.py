@@ -99,6 +99,11 @@ def test_one_set_of_defaults() -> None:
             want = getattr(getattr(pend, section), name)
             assert getattr(opts, key) == (list(want) if isinstance(want, tuple) else want), key
     assert all(p.count(".") >= 1 and p.split(".")[0] in plain.to_dict() for p in KEYWORD_FIELDS.values())
+    # every stage option is a config field (new QuantOptions fields must be added to the config too)
+    from edgeq.quantizers.build import QuantOptions
+
+    internal = {"auto_calibrators", "auto_transforms", "auto_weight_methods", "seed"}
+    assert {f.name for f in dataclasses.fields(QuantOptions)} - internal - set(RECIPE_FIELDS) == set()
 
 
 def test_bad_recipe_values_are_one_line_errors(tmp_path: Path) -> None:
@@ -112,7 +117,7 @@ def test_bad_recipe_values_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no export file 'nope'"):
         QuantizeConfig.from_recipe(None, "nope")
     with pytest.raises(ConfigError, match="rounding must be one of"):
-        QuantizeConfig().with_overrides({"quantization.rounding": "stochastic"}).quant_options()
+        QuantizeConfig().with_overrides({"quantization.rounding": "bogus"}).quant_options()
 
 
 def test_keyword_layer_maps_onto_the_config() -> None:

@@ -70,7 +70,7 @@ def test_int4_fp16_float_and_integer_kernels() -> None:
     assert row.status == "float"
     # a float initializer on an int8 grid behind QDQ activations (the CUDA file): int8 rounding, float compute
     grid = (rng.integers(-127, 128, size=(4, 3)) * np.array([0.01, 0.02, 0.03])).astype(np.float32)
-    grid[0] = [1.27, -2.54, 3.81]
+    grid[0], grid[1] = [1.27, -2.54, 3.81], [0.03, -0.04, 0.09]
     [row] = graph_layers(_model([*an, helper.make_node("MatMul", ["x.dq", "wg"], ["y"], name="L")],
                                 ai + [_init("wg", grid)]))
     assert (row.weight, row.status) == ("float (int8 grid)", "int8-rounded, float32 compute")

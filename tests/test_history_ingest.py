@@ -286,3 +286,27 @@ def test_flat_stack_needs_the_history_option(tmp_path: Path) -> None:
     assert fp.history is not None and (fp.history.length, fp.history.obs_dim) == (K, D)
     with pytest.raises(PolicyFormatError, match="multiple"):
         load_policy(p, history=4)
+
+
+def test_serve_snapshot_keeps_which_rows_start_an_episode() -> None:
+    from types import SimpleNamespace
+
+    from edgeq.deploy.serve import _restore, _snapshot
+
+    class Echo:
+        state_specs: list[dict[str, object]] = []
+
+        def act(self, x: np.ndarray) -> np.ndarray:
+            return x
+
+        def reset(self, mask: np.ndarray | None = None) -> None:
+            return None  # stateless
+
+    rt = ObservationHistory(Echo(), 2, 1, reset="first-observation")
+    policy = SimpleNamespace(runtime=rt)
+    rt.act(np.array([[1.0]]))
+    rt.reset(np.array([True]))  # client A: a new episode starts on its next observation
+    saved = _snapshot(policy)  # type: ignore[arg-type]
+    rt.act(np.array([[5.0]]))  # client B uses the runtime meanwhile
+    _restore(saved)
+    np.testing.assert_array_equal(rt.act(np.array([[3.0]])), [[3.0, 3.0]])  # A's episode starts filled with 3

@@ -78,8 +78,9 @@ def test_history_fixture_records_a_competent_float_return(record: Path) -> None:
 
 def test_framestack_bundle_carries_history_and_deploy_keeps_the_window(tmp_path: Path) -> None:
     out = tmp_path / "b"
-    res = edgeq.quantize(FRAMESTACK, "Pendulum-v1", out, episodes=2, recipe_overrides=QUICK,
-                         history_reset="first-observation")
+    # a frame stack trained with the first observation repeated at episode starts (the same architecture)
+    res = edgeq.quantize(FIXTURES / "framestack-mlp-firstobs-pendulum.onnx", "Pendulum-v1", out, episodes=2,
+                         recipe_overrides=QUICK, history_reset="first-observation")
     io = res.manifest["io"]
     assert io["history"] == {"input": "obs", "length": 8, "obs_dim": 3, "reset": "first-observation",
                              "layout": "oldest-first, flattened [batch, length * obs_dim]"}

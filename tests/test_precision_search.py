@@ -39,9 +39,11 @@ def test_search_returns_a_passing_candidate_smaller_than_int8_and_saves_it(base_
     rows = {r["name"]: r for r in res.rows}
     assert rows["W4A8"]["file_bytes"] < rows["W8A8"]["file_bytes"]
     assert res.best["verdict"] == "PASS" and res.best["file_bytes"] < rows["W8A8"]["file_bytes"]
-    # validated in size order and stopped at the first PASS: every smaller candidate was validated and did not PASS
+    # validated in size order and stopped at the first confirmed PASS: every smaller candidate was validated and
+    # did not PASS, or did not PASS again on the confirmation seeds
+    assert res.best["confirmation"]["verdict"] == "PASS" and res.best["confirmation"]["seeds"][0] == 100_000
     smaller = [r for r in res.rows if r["file_bytes"] < res.best["file_bytes"]]
-    assert all(r["verdict"] in ("FAIL", "INCONCLUSIVE") for r in smaller)
+    assert all(r["verdict"] in ("FAIL", "INCONCLUSIVE") or r["confirmation"]["verdict"] != "PASS" for r in smaller)
     assert all(r["verdict"] == "NOT RUN" for r in res.rows if r["file_bytes"] > res.best["file_bytes"])
     best = out / "best"
     m = read_manifest(best)  # every SHA-256 verifies

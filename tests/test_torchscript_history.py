@@ -69,3 +69,50 @@ def test_torchscript_history_input_errors_name_the_fix() -> None:
         _load(TS["framestack"], obs_dim=3, history=5)  # the module holds 8
     with pytest.raises(PolicyFormatError, match="none of the inputs"):
         _load(TS["framestack"], obs_dim=4)  # the env's observation does not fit
+
+
+def test_flat_frame_stack_sequential_takes_the_history_option(tmp_path: Path) -> None:
+    """A humanoid-gym style export: a scripted Sequential over K * obs_dim stacked features."""
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4 * 3, 16), torch.nn.ELU(), torch.nn.Linear(16, 2))
+    path = tmp_path / "policy.pt"
+    torch.jit.script(net).save(str(path))
+    fp = load_policy(path, history=4, obs_dim=3)
+    assert fp.history is not None and (fp.history.length, fp.history.obs_dim) == (4, 3)
+    assert fp.obs_space.shape == (3,) and fp.source.details["modules"] == {"actor": "Sequential"}
+    x = np.random.default_rng(0).normal(size=(8, 12)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(_act(fp, x), net(torch.from_numpy(x)).numpy(), atol=1e-5)
+    with pytest.raises(PolicyFormatError, match="give --history 4"):
+        load_policy(path, obs_dim=3)  # 12 inputs, a 3-feature env: the stack length must be given
+
+
+def test_torchscript_conv1d_encoder_with_stride_padding_dilation_groups(tmp_path: Path) -> None:
+    import torch
+    from torch import nn
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Sequential(nn.Conv1d(3, 6, 3, stride=2, padding=1, dilation=2, groups=3), nn.ELU(),
+                                      nn.Conv1d(6, 4, 2, padding="same", groups=2), nn.ELU())
+            self.head = nn.Linear(4 * 3, 2)
+
+        def forward(self, obs_history: torch.Tensor) -> torch.Tensor:  # [B, 8, 3]
+            return torch.tanh(self.head(self.conv(obs_history.transpose(1, 2)).flatten(1)))
+
+    torch.manual_seed(0)
+    path = tmp_path / "encoder.pt"
+    module = Encoder().eval()
+    torch.jit.script(module).save(str(path))
+    with pytest.raises(PolicyFormatError, match=r"history lengths \[7, 8\]; give --history K"):
+        load_policy(path, obs_dim=3)  # stride 2 with padding: 7 steps give the head its 3 outputs too
+    fp = load_policy(path, obs_dim=3, history=8)
+    assert fp.history is not None and fp.history.length == 8
+    assert not any(n.op_type == "Conv" for n in fp.model.graph.node)
+    assert len(fp.source.details["normalization"]["lowered_convs"]) == 2
+    x = np.random.default_rng(0).normal(size=(16, 24)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(_act(fp, x), module(torch.from_numpy(x).reshape(-1, 8, 3)).numpy(), atol=1e-5)

@@ -112,6 +112,9 @@ def quantize(
     fp16_fallback: Annotated[int | None, typer.Option(help="At most this many layers go to fp16 when int8 "
                                                            "cannot reach --max-action-error (default 0: every "
                                                            "layer int8; fp16 layers are reported as such).")] = None,
+    prune: Annotated[float | None, typer.Option(help="Structured pruning before quantization: remove this fraction "
+                                                    "of every hidden layer's units (lowest saliency, e.g. 0.25); "
+                                                    "validated against the unpruned float policy.")] = None,
     max_action_error: Annotated[float | None, typer.Option(help="Held-out mean action error (fraction of the "
                                                                 "action half-range) the fp16 fallback aims for.")
                                 ] = None,

@@ -51,6 +51,8 @@ def search(
                                                   "move (0: none).")] = 1,
     evaluate_all: Annotated[bool, typer.Option("--evaluate-all", help="Validate every candidate (the Pareto table), "
                                                                       "not only up to the first PASS.")] = False,
+    confirm: Annotated[bool, typer.Option("--confirm/--no-confirm", help="Accept a PASS only if it PASSes again on "
+                                                                        "fresh seeds (default on).")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing search directory.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the search record as JSON.")] = False,
 ) -> None:
@@ -62,11 +64,13 @@ def search(
     def go() -> object:
         loss = parse_loss(max_loss)
         n = parse_episodes(episodes)
+        def log(s: str) -> None:
+            err_console.print(f"[edgeq] {s}", highlight=False, markup=False)
+
         return run_search(bundle, out, max_loss=loss, objective=objective, block_size=block_size,
-                          rounding=int4_rounding, episodes=n,
-                          max_episodes=max_episodes, seed=seed, fp16_layers=fp16_layers, evaluate_all=evaluate_all,
-                          overwrite=overwrite, log=lambda s: err_console.print(f"[edgeq] {s}", highlight=False,
-                                                                               markup=False))
+                          rounding=int4_rounding, episodes=n, max_episodes=max_episodes, seed=seed,
+                          fp16_layers=fp16_layers, evaluate_all=evaluate_all, confirm=confirm, overwrite=overwrite,
+                          log=log)
 
     result = run_guarded(go)
     if as_json:

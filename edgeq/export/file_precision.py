@@ -115,14 +115,23 @@ class _Graph:
 
 
 def _int8_grid(w: np.ndarray) -> bool:
-    """True when every output channel of a float weight holds at most 255 levels ``k * s``, ``|k| <= 127``."""
+    """True when every output channel of a float weight is ``k * s`` with integer ``|k| <= 127`` (one ``s`` per
+    channel): the smallest nonzero magnitude is ``k_min * s`` for a small ``k_min``, tried from 1 to 16."""
     if w.ndim < 2 or w.size < 4 or not np.all(np.isfinite(w)):
         return False
     cols = w.reshape(w.shape[0], -1).T if w.ndim == 2 else w.reshape(w.shape[0], -1)
-    amax = np.abs(cols).max(axis=1, keepdims=True)
-    scale = np.where(amax > 0, amax / 127.0, 1.0)
-    k = cols / scale
-    return bool(np.all(np.abs(k - np.round(k)) <= 1e-3))
+    for col in cols:
+        mag = np.abs(col[col != 0])
+        if not len(mag):
+            continue
+        smallest = mag.min()
+        for k_min in range(1, 17):
+            k = mag / (smallest / k_min)
+            if k.max() <= 127.5 and np.all(np.abs(k - np.round(k)) <= 2e-3 * np.maximum(1.0, k / 64)):
+                break
+        else:
+            return False
+    return True
 
 
 def _weight_kind(node: onnx.NodeProto, g: _Graph, t: dict[str, Any]) -> str:
@@ -139,6 +148,8 @@ def _weight_kind(node: onnx.NodeProto, g: _Graph, t: dict[str, Any]) -> str:
         return "int8"
     if dt in _FP16 or t["cast_to"] in _FP16:
         return "fp16"
+    if dt == TensorProto.FLOAT and init.doc_string == "edgeq: int8 weight dequantized at export":
+        return "float (int8 grid)"  # edgeq.export.ort_cuda.DEQUANTIZED_DOC
     if node.op_type in ("MatMul", "Gemm") and not t["dq"] and dt == TensorProto.FLOAT:
         w = numpy_helper.to_array(init)
         if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute) and w.ndim == 2:

@@ -39,6 +39,8 @@ import onnx_ir as ir
 from edgeq.export.passes import bypass_output_identities
 from edgeq.graph.ir import array_of, check, drop_unused_initializers, rewire, to_ir, to_onnx
 
+#: ``doc_string`` of a weight initializer folded from an int8 ``DequantizeLinear`` (read by edgeq.export.file_precision)
+DEQUANTIZED_DOC = "edgeq: int8 weight dequantized at export"
 DOC = "edgeq INT8 policy specialized for ONNX Runtime's CUDA EP (weights dequantized at export; same arithmetic)"
 
 
@@ -81,7 +83,8 @@ def specialize_for_ort_cuda(qdq: onnx.ModelProto) -> onnx.ModelProto:
             continue  # fp16/bf16 scales: the runtime's arithmetic differs; not edgeq's form
         axis = node.attributes.get_int("axis")
         value = ir.Value(const_value=ir.Tensor(dequantize_initializer(q, scale, zp[0] if zp else None,
-                                                                      1 if axis is None else axis)))
+                                                                      1 if axis is None else axis),
+                                               doc_string=DEQUANTIZED_DOC))
         rewire(node.outputs[0], value)
         g.remove(node, safe=True)
         folded.append(value)

@@ -45,7 +45,7 @@ from edgeq.graph.ir import array_of, const, drop_unused_initializers, make_node,
 from edgeq.graph.ir import check as full_check
 from edgeq.quantizers.crossquant import dynamic_layer_nodes
 from edgeq.quantizers.plan import LayerQuant, QuantPlan
-from edgeq.quantizers.transforms import apply_input_scalings
+from edgeq.quantizers.transforms import scale_inputs
 
 MIN_OPSET = 13
 FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
@@ -186,8 +186,8 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan, *, check: bool = True) -
 
     ``check=False`` skips ONNX's full model check (for the many candidate graphs of a search).
     """
-    source = apply_input_scalings(model, plan.transforms) if plan.transforms else model
-    irm = to_ir(source)
+    irm = to_ir(model)
+    scale_inputs(irm.graph, plan.transforms)  # exact float rewrites first (their Mul pre-ops stay fp32)
     low = _Lowering(irm, plan)
     int8 = {layer.node: layer for layer in plan.int8_layers()}
     fp16 = {layer.node: layer for layer in plan.layers if layer.precision == "fp16"}
@@ -207,6 +207,6 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan, *, check: bool = True) -
         "edgeq INT8 policy (CrossQuant dynamic layers: ONNX Runtime only, not TensorRT-compatible)"
     if plan.int4_layers():
         irm.doc_string = "edgeq mixed-precision QDQ policy (int4 weights with int8 activations: W4A8)"
-    out = to_onnx(irm, source)
+    out = to_onnx(irm, model)
     lower_int4_layers(out, plan)  # int4 layers (W4A8, edgeq.export.int4): left as float nodes above
     return full_check(out) if check else out

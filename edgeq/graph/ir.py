@@ -40,13 +40,34 @@ def to_ir(model: onnx.ModelProto) -> ir.Model:
     return ir.from_proto(model)
 
 
+def _opsets_like(proto: onnx.ModelProto, versions: dict[str, int], like: onnx.ModelProto) -> None:
+    """The source's opset entries, as written (an implicit default domain, duplicates), at the new versions;
+    domains the source lacked after them."""
+    entries, seen = [], set()
+    for entry in like.opset_import:
+        key = "" if entry.domain == "ai.onnx" and "ai.onnx" not in versions else entry.domain
+        if key in versions:
+            copy = onnx.OperatorSetIdProto()
+            copy.CopyFrom(entry)
+            copy.version = versions[key]
+            entries.append(copy)
+            seen.add(key)
+    entries += [onnx.helper.make_opsetid(d, v) for d, v in versions.items() if d not in seen]
+    del proto.opset_import[:]
+    proto.opset_import.extend(entries)
+
+
+_MODEL_FIELDS = ("producer_name", "producer_version", "domain", "model_version", "doc_string")
+
+
 def to_onnx(model: ir.Model, like: onnx.ModelProto | None = None, *, value_info: bool = True) -> onnx.ModelProto:
     """Serialize ``model`` as its source ``like`` was written: only ``like``'s ``value_info``, metadata in
-    insertion order, an opset entry's empty domain written only where ``like`` wrote it.
+    insertion order, ``like``'s opset entries as written, its explicitly empty fields.
 
-    ``onnx_ir`` writes a ``value_info`` for every typed value, sorts metadata keys and always writes
-    the default domain; edgeq's files carry what their source carried, so that an edit leaves the
-    bytes of everything it did not touch as they were. ``value_info=False`` drops them all.
+    ``onnx_ir`` writes a ``value_info`` for every typed value, sorts metadata keys, merges duplicate
+    opset entries, writes the default domain and leaves empty fields out; edgeq's files carry what
+    their source carried, so that an edit leaves the bytes of everything it did not touch as they
+    were. ``value_info=False`` drops them all.
     """
     proto = ir.to_proto(model)
     del proto.graph.value_info[:]
@@ -55,10 +76,13 @@ def to_onnx(model: ir.Model, like: onnx.ModelProto | None = None, *, value_info:
     del proto.metadata_props[:]
     for key, value in model.metadata_props.items():
         proto.metadata_props.add(key=key, value=value)
-    implicit = like is not None and any(o.version and not o.HasField("domain") for o in like.opset_import)
-    for entry in proto.opset_import:
-        if implicit and entry.domain == "":
-            entry.ClearField("domain")
+    if like is None:
+        return proto
+    _opsets_like(proto, dict(model.opset_imports), like)
+    for mine, theirs, fields in ((proto, like, _MODEL_FIELDS), (proto.graph, like.graph, ("name", "doc_string"))):
+        for f in fields:  # an empty field the source wrote explicitly (onnx_ir writes only non-empty ones)
+            if theirs.HasField(f) and not mine.HasField(f) and not getattr(theirs, f):
+                setattr(mine, f, getattr(theirs, f))
     return proto
 
 

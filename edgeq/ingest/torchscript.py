@@ -337,8 +337,10 @@ def load_torchscript(path: str | Path | Sequence[str | Path], *, verify_steps: i
                                     "is exported through torch.onnx: give the env (--env) for its input size") from None
         return load_torchscript_graph(paths, modules, obs_dim=obs_dim, history=history, seed=seed)
     if structure.cell is None and obs_dim is not None and structure.obs_dim != obs_dim and history is None:
-        # a Sequential over a stacked window: exported through torch.onnx, which finds the history length
-        return load_torchscript_graph(paths, modules, obs_dim=obs_dim, history=history, seed=seed)
+        stack = (f"; if it stacks {structure.obs_dim // obs_dim} observations, give --history "
+                 f"{structure.obs_dim // obs_dim}" if structure.obs_dim % obs_dim == 0 else "")
+        raise PolicyFormatError(f"{p}: the module reads {structure.obs_dim} features, the env's observation has "
+                                f"{obs_dim}{stack}")
     return _load_structured(p, module, structure, verify_steps=verify_steps, seed=seed, history=history)
 
 
