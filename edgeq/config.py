@@ -246,6 +246,7 @@ class QuantizationConfig(_Section):
     reconstruct_iters: int = 600
     reconstruct_seconds: float = 90.0
     reconstruct_scales: bool = True
+    objective: str = "action"
     bias_correction: bool = True
     # 0: every layer int8; mixed precision is the search's job (issue 12 part 4), labelled as such
     fp16_fallback: int = 0
@@ -490,7 +491,7 @@ class QuantizeConfig:
                 transform=q.transform, transform_layers=q.transform_layers, alpha=q.alpha, dynamic=q.dynamic,
                 auto=q.auto, auto_sweeps=q.auto_sweeps, rounding=q.rounding, adaround_iters=q.adaround_iters,
                 reconstruct_iters=q.reconstruct_iters, reconstruct_seconds=q.reconstruct_seconds,
-                reconstruct_scales=q.reconstruct_scales,
+                reconstruct_scales=q.reconstruct_scales, objective=q.objective,
                 bias_correction=q.bias_correction, fp16_fallback=q.fp16_fallback,
                 max_action_error=q.max_action_error, tail_weight=q.tail_weight, tail_fraction=q.tail_fraction,
                 tail_on_calibration_states=q.tail_on_calibration_states, keep_float=list(q.keep_float))

@@ -61,6 +61,9 @@ class ActionErrorScorer:
     tail_states: np.ndarray | None = None
     evaluations: int = 0
     lower: Lowering = field(kw_only=True)
+    #: ``[rows of states, act]`` weights of the errors (the critic's value sensitivity,
+    #: :mod:`edgeq.quantizers.sensitivity`); None: every state and dimension alike. Set with :meth:`set_weights`.
+    weights: np.ndarray | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         self.states = np.ascontiguousarray(self.states, np.float32)
@@ -85,8 +88,18 @@ class ActionErrorScorer:
         k = max(1, int(np.ceil(self.tail_fraction * len(worst))))
         return float(worst[:k].mean())
 
+    def set_weights(self, weights: np.ndarray | None) -> None:
+        """Weight the errors of ``states`` (``[len(states), act]``, as :attr:`states` is ordered) from now on."""
+        if weights is not None:
+            weights = np.asarray(weights, np.float64)
+            if weights.shape != self.reference.shape:
+                raise ValueError(f"weights of shape {weights.shape}; expected {self.reference.shape}")
+        self.weights = weights
+
     def score_errors(self, e: np.ndarray) -> float:
-        """The score of per-state, per-dimension errors ``e`` (rows as in ``states``)."""
+        """The score of per-state, per-dimension errors ``e`` (rows as in ``states``), weighted if weights are set."""
+        if self.weights is not None:
+            e = e * self.weights
         mean = float(e[: self._n_mean].mean())
         return mean if self.tail_weight <= 0 else mean + self.tail_weight * self._cvar(e)
 
@@ -96,5 +109,8 @@ class ActionErrorScorer:
     def summary(self, plan: QuantPlan) -> dict[str, float]:
         e = self.errors(plan)
         h = e[: self._n_mean]
-        return {"mean": float(h.mean()), "p99": float(np.percentile(h.max(axis=1), 99)), "max": float(h.max()),
-                "cvar": self._cvar(e), "score": self.score_errors(e)}
+        out = {"mean": float(h.mean()), "p99": float(np.percentile(h.max(axis=1), 99)), "max": float(h.max()),
+               "cvar": self._cvar(e), "score": self.score_errors(e)}
+        if self.weights is not None:
+            out["weighted_mean"] = float((h * self.weights[: self._n_mean]).mean())
+        return out
