@@ -301,7 +301,8 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
 
     t0 = time.perf_counter()
     plan: QuantPlan = build_plan(fp.model, stats, options, lower=apply_plan, recurrent=fp.recurrent,
-                                 half_range=action_half_range(fp.action_space.low_array, fp.action_space.high_array))
+                                 half_range=action_half_range(fp.action_space.low_array, fp.action_space.high_array),
+                                 critic=_critic(fp, vecnormalize))
     if gate_nodes:
         plan.settings["recurrent_cell"] = {"precision": cell_precision, "gate_nodes": gate_nodes}
     qmodel = apply_plan(fp.model, plan)
@@ -440,6 +441,21 @@ def _without_seconds(quantization: dict[str, Any], result: ValidationResult) -> 
     if seconds is not None:
         result.setdefault("timings", {})["quantize_search_s"] = seconds
     return quantization
+
+
+def _critic(fp: FloatPolicy, vecnormalize: str | Path | None) -> Any:
+    """The SB3 archive's Q critic (off-policy algorithms), or None: it weights the plan's errors by value."""
+    if fp.source.kind != "sb3" or fp.recurrent or fp.history is not None:
+        return None
+    from edgeq.ingest.sb3_critic import load_sb3_critic
+
+    try:
+        critic = load_sb3_critic(fp.source.path, vecnormalize=vecnormalize)
+    except Exception:  # a critic that cannot be read only loses the weighting, never the quantization
+        return None
+    if critic is None or critic.obs_mean is None and fp.preprocess.get("normalize"):
+        return None
+    return critic
 
 
 def _calibrate_logged(fp: FloatPolicy, observations: Any, progress: ProgressFactory) -> CalibrationStats:
