@@ -389,8 +389,12 @@ class QuantizeConfig:
         return cls.from_dict(_read_yaml(Path(path)), origin=str(path))
 
     @classmethod
-    def from_bundle(cls, bundle: str | Path) -> QuantizeConfig:
-        """The config a bundle was made with (its manifest's ``config``)."""
+    def from_bundle(cls, bundle: str | Path, *, replay_cpu_layers: bool = True) -> QuantizeConfig:
+        """The config a bundle was made with (its manifest's ``config``).
+
+        With ``replay_cpu_layers`` the CPU file's float layers that were chosen by timing at export
+        (``cpu_layer_selection.float_layers``) are replayed (``export.cpu_float_layers``), so quantizing
+        again makes the same ``policy.int8.cpu.onnx`` too, whatever this machine's timings."""
         path = Path(bundle) / "manifest.json"
         try:
             manifest = json.loads(path.read_text())
@@ -398,7 +402,11 @@ class QuantizeConfig:
             raise ConfigError(f"{path}: cannot read the manifest ({exc})") from None
         if "config" not in manifest:
             raise ConfigError(f"{path}: no 'config' (the bundle was made before edgeq stored its config)")
-        return cls.from_dict(manifest["config"], origin=f"{path} config")
+        config = cls.from_dict(manifest["config"], origin=f"{path} config")
+        chosen = (manifest.get("cpu_layer_selection") or {}).get("float_layers")
+        if replay_cpu_layers and config.export.cpu_float_layers is None and isinstance(chosen, list):
+            config = config.with_overrides({"export.cpu_float_layers": chosen})
+        return config
 
     @classmethod
     def from_recipe(cls, recipe: str | None = None, profile: str = "cpu-ort", *,

@@ -71,6 +71,17 @@ def test_override_errors_name_the_field(overrides: dict[str, object], needle: st
     assert needle in str(exc.value) and "\n" not in str(exc.value)
 
 
+def test_from_bundle_replays_the_measured_cpu_choice(tmp_path: Path) -> None:
+    config = _some_config().with_overrides({"export.cpu_float_layers": None})
+    manifest = {"config": config.to_dict(), "cpu_layer_selection": {"method": "measured", "float_layers": ["a/Gemm"]}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert QuantizeConfig.from_bundle(tmp_path).export.cpu_float_layers == ("a/Gemm",)
+    assert QuantizeConfig.from_bundle(tmp_path, replay_cpu_layers=False) == config
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 2}))
+    with pytest.raises(ConfigError, match="no 'config'"):
+        QuantizeConfig.from_bundle(tmp_path)
+
+
 def test_from_dict_refuses_unknown_sections_and_newer_versions() -> None:
     with pytest.raises(ConfigError, match="unknown config section"):
         QuantizeConfig.from_dict({"calibrate": {}})

@@ -68,7 +68,11 @@ TRANSFORM_LAYERS = ("first", "all")
 
 @dataclass
 class QuantOptions:
-    """What :func:`build_plan` does; every field is a recipe field of the same name.
+    """What :func:`build_plan` does; every field is a config field of the same name.
+
+    The defaults here are the plain baseline (every later stage off) that unit tests start from; the
+    defaults ``edgeq quantize`` uses are :class:`edgeq.config.QuantizeConfig`'s, and the pipeline makes
+    its options from the config only (:meth:`~edgeq.config.QuantizeConfig.quant_options`).
 
     Attributes:
         calibrator, calibrator_params: Activation calibrator for every tensor (without ``auto``),
@@ -217,6 +221,7 @@ class _Builder:
         self._obs_cache: dict[tuple[Any, ...], TensorObserver] = {}
         self._factor_cache: dict[tuple[Any, ...], np.ndarray] = {}
         self._weight_cache: dict[tuple[str, int, str], QuantizedWeight] = {}
+        self._amax_cache: dict[tuple[Any, ...], float] = {}  # make_plan's thresholds, per observer and calibrator
 
     # -- per-layer choices → plan -------------------------------------------------------------
     def factors(self, node: str, choice: LayerChoice) -> np.ndarray:
@@ -274,7 +279,8 @@ class _Builder:
         plan = make_plan(self.model, observers, calibrator=self.opt.calibrator,
                          calibrator_params=self.opt.calibrator_params, weight_method=self.opt.weight_method,
                          keep_float=self.opt.keep_float, per_tensor_calibrator=per_tensor, transforms=transforms,
-                         per_layer_weight_method={n: c.weight_method for n, c in choices.items() if c.weight_method})
+                         per_layer_weight_method={n: c.weight_method for n, c in choices.items() if c.weight_method},
+                         amax_cache=self._amax_cache, weight_quantizer=self.quantize_weight)
         layers: list[LayerQuant] = []
         for layer in plan.layers:
             ch = choices[layer.node]
