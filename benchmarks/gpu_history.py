@@ -12,9 +12,9 @@ wall-clock time of one observation in (host numpy) → one action out, after war
   IO binding + CUDA graph + pinned async copies, fed the same windows (no edgeq input checks);
 * ``ORT CPU int8``                         ``deploy.load(bundle, "cpu")`` for reference (1 thread).
 
-Each row also gives the largest |action − CPU| over 16 steps: the deploy rows against
-``deploy.load(bundle, "cpu")`` (``policy.int8.cpu.onnx``, which may run narrow layers in float), the
-fp32 row against ONNX Runtime CPU on the same float file.
+Each row also gives the largest |action − ONNX Runtime CPU on the same file| over 16 steps (the
+file the backend runs: ``policy.int8.onnx`` for the fused kernel, ``policy.int8.cuda.onnx`` for
+``cuda-ort``, ``policy.int8.cpu.onnx`` for ``cpu``, ``policy.fp32.onnx`` for the fp32 row).
 
     python benchmarks/gpu_history.py LABEL=BUNDLE ... --calls 5000 --json out.json
 """
@@ -74,11 +74,17 @@ def run(bundles: list[tuple[str, Path]], calls: int) -> dict[str, Any]:
         out["bundles"][label] = rows
         cpu = edgeq.deploy.load(bundle, backend="cpu", allow_unsigned=True)
         windows = _windows(cpu, pool)
-        ref = [np.asarray(cpu.runtime.runtime.act(w)) for w in windows]  # the int8 CPU file on each window
+        # ONNX Runtime CPU on the file each backend runs (fused: the portable policy.int8.onnx; cuda-ort: the
+        # CUDA-specialized file; cpu: the CPU file), on the windows the runtime feeds
+        files = {"cuda-fused": manifest["models"]["int8"],
+                 "cuda-ort": manifest["models"].get("int8-cuda", manifest["models"]["int8"]),
+                 "cpu": manifest["models"].get("int8-cpu", manifest["models"]["int8"])}
+        refs = {k: [r[0] for r in _ort_cpu(bundle / f, windows)] for k, f in files.items()}
 
-        def check(policy: Any, ref: list[np.ndarray] = ref, pool: list[np.ndarray] = pool) -> float:
+        def check(policy: Any, pool: list[np.ndarray] = pool, refs: dict[str, list[np.ndarray]] = refs) -> float:
             policy.reset()
-            errs = [float(np.abs(np.asarray(policy.act(x)) - r[0]).max()) for x, r in zip(pool, ref, strict=True)]
+            ref = refs[policy.backend]
+            errs = [float(np.abs(np.asarray(policy.act(x)) - r).max()) for x, r in zip(pool, ref, strict=True)]
             return max(errs)
 
         for name, backend in (("deploy.load(bundle, \"cuda\").act", "cuda"),
@@ -89,7 +95,7 @@ def run(bundles: list[tuple[str, Path]], calls: int) -> dict[str, Any]:
                 err = check(pol)
                 pol.reset()
                 rows[name] = {"backend": pol.backend, "notes": pol.backend_notes, "providers": pol.providers[:1],
-                              **timed(pol.act, pool, calls), "max_abs_err_vs_cpu_backend": err}
+                              **timed(pol.act, pool, calls), "max_abs_err_vs_ort_cpu_same_file": err}
             except Exception as exc:  # noqa: BLE001 - a refused variant is a result
                 rows[name] = {"error": str(exc)[:400]}
         fp32 = bundle / manifest["models"]["fp32"]
@@ -123,15 +129,14 @@ def _ort_cpu(path: Path, windows: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def print_table(res: dict[str, Any]) -> None:
-    print("\n| policy | variant | backend | p50 / p99 / p99.9 µs | max abs err vs edgeq CPU int8 (deploy rows) "
-          "or ORT CPU fp32 (fp32 row) |")
+    print("\n| policy | variant | backend | p50 / p99 / p99.9 µs | max abs err vs ORT CPU on the same file |")
     print("|---|---|---|---|---|")
     for label, rows in res["bundles"].items():
         for name, r in rows.items():
             if "p50_us" not in r:
                 print(f"| {label} | {name} | refused: {r['error'][:160]} | | |")
                 continue
-            err = r.get("max_abs_err_vs_cpu_backend", r.get("max_abs_err_vs_ort_cpu_fp32"))
+            err = r.get("max_abs_err_vs_ort_cpu_same_file", r.get("max_abs_err_vs_ort_cpu_fp32"))
             print(f"| {label} | {name} | {r.get('backend', 'onnxruntime CUDA EP')} | "
                   f"{r['p50_us']:.1f} / {r['p99_us']:.1f} / {r['p999_us']:.1f} | {err:.1e} |")
 

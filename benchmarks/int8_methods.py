@@ -6,7 +6,7 @@ layers) builds the plan, writes it into the float graph exactly as ``edgeq quant
 ``policy.int8.onnx`` (:func:`edgeq.export.qdq.apply_plan`) and validates **that file** against the
 float file on ONNX Runtime CPU with paired episodes (seeds 0..N-1, or ``--episodes auto``: the
 sequential verdict). Records the return kept with its 95% CI, the verdict, the failures of each side,
-the held-out action error the planner saw (plain, and weighted by the critic's curvature where the
+the held-out action error the planner saw (plain, and weighted by the critic's value sensitivity where the
 zip has a Q critic: :mod:`edgeq.quantizers.sensitivity`) and the planning time.
 
     python benchmarks/int8_methods.py --fixture sac-halfcheetah:HalfCheetah-v5 --episodes 20 \\
@@ -24,7 +24,6 @@ import shlex
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import append_section  # noqa: E402
 
-ALL_INT8: dict[str, Any] = {"fp16_fallback": 0, "keep_float": [], "dynamic": False}
+ALL_INT8: dict[str, Any] = {"fp16_fallback": 0, "keep_float": (), "dynamic": False}
 
 #: name -> recipe overrides on top of the env's recipe (every one all-INT8, TensorRT-compatible).
 METHODS: dict[str, dict[str, Any]] = {
@@ -48,6 +47,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "gptq": {"rounding": "gptq"},
     "brecq": {"rounding": "brecq"},
     "gptq+brecq": {"rounding": "gptq+brecq"},
+    "adaround+brecq": {"rounding": "adaround+brecq"},
+    "brecq-200": {"rounding": "brecq", "reconstruct_iters": 200},
+    "adaround+brecq-200": {"rounding": "adaround+brecq", "reconstruct_iters": 200},
+    "brecq-long": {"rounding": "brecq", "reconstruct_iters": 2000, "reconstruct_seconds": 240.0},
     "equalize-all": {"transform": "equalize", "transform_layers": "all", "alpha": 0.5, "auto": False},
     "crossquant-all": {"transform": "crossquant", "transform_layers": "all", "alpha": 0.0, "auto": False},
     "brecq+critic": {"rounding": "brecq", "objective": "critic"},
@@ -64,9 +67,17 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 
+def method_config(config: Any, method: str) -> Any:
+    """``config`` (a :class:`edgeq.config.QuantizeConfig`) with the method's overrides, all-INT8."""
+    section = {"calibrator": "calibration", "calibrator_params": "calibration"}
+    over = {f"{section.get(k, 'quantization')}.{k}": v for k, v in {**METHODS[method], **ALL_INT8}.items()}
+    return config.with_overrides(over)
+
+
 def _fixture_path(name: str) -> Path:
     for cand in (ROOT / "tests" / "fixtures" / "policies" / f"{name}.zip",
-                 Path("/work/main/tests/fixtures/policies") / f"{name}.zip"):
+                 Path("/work/main/tests/fixtures/policies") / f"{name}.zip",
+                 Path("/work/wt-me/tests/fixtures/policies") / f"{name}.zip"):  # fixtures still being committed
         if cand.exists():
             return cand
     raise SystemExit(f"fixture {name!r}: no tests/fixtures/policies/{name}.zip")
@@ -77,7 +88,7 @@ class Fixture:
 
     def __init__(self, name: str, env: str) -> None:
         from edgeq.calibration.collect import ExplorationNoise, calibrate_rollouts
-        from edgeq.config import load_recipe
+        from edgeq.config import QuantizeConfig
         from edgeq.envs import env_factory
         from edgeq.ingest import load_policy
         from edgeq.ingest.onnx_policy import bind_env_spaces
@@ -85,7 +96,7 @@ class Fixture:
         self.name, self.env = name, env
         self.path = _fixture_path(name)
         vecnorm = self.path.with_suffix("") / "vecnormalize.pkl"
-        self.rec = load_recipe(None, env)
+        self.config = QuantizeConfig.from_recipe(None, "cpu-ort", env=env)
         fp = load_policy(self.path, vecnormalize=vecnorm if vecnorm.exists() else None)
         self.make_env = env_factory(env)
         probe = self.make_env()
@@ -95,12 +106,15 @@ class Fixture:
         finally:
             probe.close()
         self.fp = fp
-        rec = self.rec
-        hold = list(range(rec.seed + rec.episodes, rec.seed + rec.episodes + rec.holdout_episodes))
+        from edgeq.ingest.sb3_critic import load_sb3_critic
+
+        self.critic = load_sb3_critic(self.path, vecnormalize=vecnorm if vecnorm.exists() else None)
+        c = self.config.calibration
+        hold = list(range(c.seed + c.episodes, c.seed + c.episodes + c.holdout_episodes))
         t0 = time.perf_counter()
-        self.stats = calibrate_rollouts(fp, self.make_env, list(range(rec.seed, rec.seed + rec.episodes)),
-                                        noise=ExplorationNoise(**rec.exploration), num_envs=rec.num_envs,
-                                        holdout_seeds=hold)
+        self.stats = calibrate_rollouts(fp, self.make_env, list(range(c.seed, c.seed + c.episodes)),
+                                        noise=ExplorationNoise(c.exploration.gaussian, c.exploration.epsilon),
+                                        num_envs=c.num_envs, holdout_seeds=hold)
         self.calib_s = time.perf_counter() - t0
 
 
@@ -114,13 +128,10 @@ def run_method(fx: Fixture, method: str, episodes: str, tmp: Path) -> dict[str, 
     from edgeq.validate.sequential import episode_design
     from edgeq.validate.validator import ValidationOptions, validate_models
 
-    rec = replace(fx.rec)
-    for k, v in {**METHODS[method], **ALL_INT8}.items():
-        setattr(rec, k, v)
-    opts = rec.quant_options()
+    opts = method_config(fx.config, method).quant_options()
     t0 = time.perf_counter()
     hr = action_half_range(fx.fp.action_space.low_array, fx.fp.action_space.high_array)
-    plan = build_plan(fx.fp.model, fx.stats, opts, lower=apply_plan, half_range=hr)
+    plan = build_plan(fx.fp.model, fx.stats, opts, lower=apply_plan, half_range=hr, critic=fx.critic)
     plan_s = time.perf_counter() - t0
     assert all(la.precision == "int8" for la in plan.layers), "every layer must be INT8"
     qmodel = apply_plan(fx.fp.model, plan)
@@ -130,7 +141,7 @@ def run_method(fx: Fixture, method: str, episodes: str, tmp: Path) -> dict[str, 
     design = episode_design(episodes, max_episodes=100)
     n_seeds = design.max_episodes if design.sequential else int(episodes)
     vopts = ValidationOptions(targets=("cpu",), floor_draws=0, sensitivity=False, per_layer=False, latency_calls=0,
-                              design=design, failure=parse_failure(fx.rec.failure))
+                              design=design, failure=parse_failure(fx.config.validation.failure))
     io = {"input": fx.fp.input_name, "output": fx.fp.output_name, "state": []}
     t0 = time.perf_counter()
     val = validate_models(fpath, qpath, io, fx.make_env, list(range(n_seeds)), env_id=fx.env,
@@ -147,7 +158,8 @@ def run_method(fx: Fixture, method: str, episodes: str, tmp: Path) -> dict[str, 
            "kept": 1.0 + float((q - f).mean()) / abs(float(f.mean())),
            "ci": vd["returns"].get("interval"), "verdict": vd.get("status"),
            "failures": {"float": vd["failures"].get("float_failures"), "int8": vd["failures"].get("int8_failures")},
-           "heldout_mean": ha["mean"], "heldout_score": ha["score"], "heldout_weighted": ha.get("weighted"),
+           "heldout_mean": ha["mean"], "heldout_score": ha["score"], "heldout_weighted": ha.get("weighted_mean"),
+           "critic_value_loss": plan.metrics.get("critic_value_loss", {}).get("relative"),
            "plan_s": round(plan_s, 1), "validate_s": round(time.perf_counter() - t0, 1),
            "stages": {k: v.get("kept") for k, v in plan.metrics.get("stages", {}).items()},
            "verdict_raw": vd}

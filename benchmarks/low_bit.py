@@ -59,7 +59,8 @@ def run_fixture(spec: str, args: argparse.Namespace, cmd: str) -> None:
     if not (args.render and done):
         t0 = time.perf_counter()
         if not (bundle / "manifest.json").is_file():
-            quantize(policy, env, bundle, episodes=args.episodes, seed=args.seed, report=False, overwrite=True)
+            quantize(policy, env, bundle, episodes=args.episodes, max_episodes=args.max_episodes, seed=args.seed,
+                     report=False, overwrite=True)
         t_q = time.perf_counter() - t0
         t0 = time.perf_counter()
         search(bundle, sdir, max_loss=args.max_loss, episodes=args.episodes, max_episodes=args.max_episodes,

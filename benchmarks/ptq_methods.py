@@ -62,15 +62,17 @@ QUANTIZE_METHODS: dict[str, dict[str, Any]] = {
     "prune25": {"quantization.prune": 0.25},
     "prune50": {"quantization.prune": 0.50},
 }
-SEARCH_METHODS = ("w4a8", "mixed")
+#: method -> (the bundle the precision search starts from, which row of the search)
+SEARCH_METHODS = {"w4a8": ("default", "w4a8"), "mixed": ("default", "mixed"),
+                  "prune25+w4a8": ("prune25", "w4a8"), "prune25+mixed": ("prune25", "mixed")}
 METHODS = (*QUANTIZE_METHODS, *SEARCH_METHODS, "ort-static")
-DEFAULT_METHODS = ("default", "gptq", "brecq", "w4a8", "mixed", "prune25", "ort-static")
+DEFAULT_METHODS = ("default", "gptq", "brecq", "w4a8", "mixed", "prune25", "prune25+mixed", "ort-static")
 
 
-def fixtures() -> dict[str, str]:
-    """``{name: env id}`` of every SB3 fixture (``*.zip`` with its ``.json``)."""
+def fixtures(folder: Path | None = None) -> dict[str, str]:
+    """``{name: env id}`` of every SB3 fixture (``*.zip`` with its ``.json``) in ``folder`` (default the repo's)."""
     out = {}
-    for z in sorted(FIXTURES.glob("*.zip")):
+    for z in sorted((folder or FIXTURES).glob("*.zip")):
         meta = z.with_suffix(".json")
         if meta.is_file():
             out[z.stem] = json.loads(meta.read_text())["env_id"]
@@ -81,9 +83,15 @@ def _load_cache(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {"rows": {}}
 
 
-def _save_cache(path: Path, cache: dict[str, Any]) -> None:
+def _save_cache(path: Path, cache: dict[str, Any], keys: list[str] | None = None) -> None:
+    """Write ``cache``; with ``keys``, only those rows are merged into the file as it is now (several pieces
+    may run one after another or side by side)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
+    if keys is not None:
+        on_disk = _load_cache(path)
+        on_disk["rows"].update({k: cache["rows"][k] for k in keys})
+        cache = on_disk
+    tmp = path.with_suffix(f".json.tmp{os.getpid()}")
     tmp.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
@@ -106,6 +114,33 @@ def _row_from_result(r: dict[str, Any], path: Path, method: str, **extra: Any) -
             "kept_ci": [None if x is None else 1 + x / abs(fm) for x in iv], "verdict": vd.get("status"),
             "failures": [fails.get("float_failures"), fails.get("int8_failures")],
             "file_bytes": path.stat().st_size, "batch1_us": batch1_us(path), **extra}
+
+
+def _cpu_latency(bundle: Path) -> dict[str, float]:
+    """Batch-1 µs of the bundle's CPU file and of its (unpruned) float file, timed together."""
+    from edgeq.export.cpu_select import ort_batch1_timer
+
+    cpu, flt = ort_batch1_timer(calls=300, rounds=3)([(bundle / "policy.int8.cpu.onnx").read_bytes(),
+                                                       (bundle / "policy.fp32.onnx").read_bytes()])
+    return {"cpu_file_b1_us": round(cpu, 2), "float_b1_us": round(flt, 2)}
+
+
+def fill_latency(cache: dict[str, Any], work: Path) -> None:
+    """Add the CPU-file and float batch-1 latency to cached edgeq rows whose bundle is still in ``work``."""
+    for row in cache["rows"].values():
+        method = row.get("method", "").removesuffix("/cpu")
+        bundle = work / row.get("fixture", "") / method
+        if method in SEARCH_METHODS and "confirmation" not in row:
+            start = SEARCH_METHODS[method][0]
+            rec = work / row.get("fixture", "") / f"search-{start}" / "search.json"
+            rec = rec if rec.is_file() else work / row.get("fixture", "") / "search" / "search.json"
+            name = (row.get("file") or "").split("/")[0]
+            if rec.is_file() and name:
+                cands = {c["name"]: c for c in json.loads(rec.read_text()).get("candidates", [])}
+                row.update(_confirmation(cands.get(name, {})))
+        if method in QUANTIZE_METHODS and "cpu_file_b1_us" not in row and (bundle / "manifest.json").is_file():
+            row.update(_cpu_latency(bundle))
+            print(f"{row['fixture']} {row['method']}: {row['cpu_file_b1_us']} us (float {row['float_b1_us']})")
 
 
 def _validate_file(bundle: Path, candidate: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -147,7 +182,7 @@ def run_quantize(name: str, env: str, method: str, args: argparse.Namespace) -> 
     bundle = Path(args.work) / name / method
     overrides = {**QUANTIZE_METHODS[method], "validation.rel_tol": args.rel_tol}
     t0 = time.perf_counter()
-    res = quantize(FIXTURES / f"{name}.zip", env, bundle, overrides=overrides, episodes=args.episodes,
+    res = quantize(Path(args.fixtures) / f"{name}.zip", env, bundle, overrides=overrides, episodes=args.episodes,
                    max_episodes=args.max_episodes, seed=args.seed, report=False, overwrite=True)
     secs = round(time.perf_counter() - t0, 1)
     val = res.validation
@@ -157,6 +192,7 @@ def run_quantize(name: str, env: str, method: str, args: argparse.Namespace) -> 
     pruning = res.manifest.get("pruning")
     extra = {"seconds": secs, "layers": heads.get("policy.int8.onnx"),
              "pruned_widths": [f"{r['width']}->{r['kept']}" for r in pruning["layers"]] if pruning else None}
+    extra.update(_cpu_latency(bundle))
     rows = [_row_from_result(all8, bundle / "policy.int8.onnx", method, **extra)]
     if method == "default":  # the file the CPU target runs, next to the all-INT8 file
         rows.append(_row_from_result(val["targets"]["cpu"], bundle / "policy.int8.cpu.onnx", "default/cpu",
@@ -164,14 +200,17 @@ def run_quantize(name: str, env: str, method: str, args: argparse.Namespace) -> 
     return rows
 
 
-def run_search(name: str, env: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """W4A8 and the mixed search's choice (edgeq.search) on the default bundle; their own validation rows."""
+def run_search(name: str, env: str, method: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """W4A8 and the mixed search's choice (edgeq.search) on the default (or pruned) bundle: both rows of one
+    search, each validated by the search itself (same seeds, the verdict at --rel-tol)."""
     from edgeq.search import search
 
-    base = Path(args.work) / name / "default"
+    start, _ = SEARCH_METHODS[method]
+    base = Path(args.work) / name / start
     if not (base / "manifest.json").is_file():
-        run_quantize(name, env, "default", args)
-    sdir = Path(args.work) / name / "search"
+        run_quantize(name, env, start, args)
+    prefix = "" if start == "default" else f"{start}+"
+    sdir = Path(args.work) / name / f"search-{start}"
     t0 = time.perf_counter()
     res = search(base, sdir, max_loss=args.rel_tol, episodes=args.episodes, max_episodes=args.max_episodes,
                  seed=args.seed, evaluate_all=False, overwrite=True, log=lambda s: print(f"[{name}] {s}", flush=True))
@@ -179,9 +218,10 @@ def run_search(name: str, env: str, args: argparse.Namespace) -> list[dict[str, 
     rows = {r["name"]: r for r in res.rows}
     out: list[dict[str, Any]] = []
     best_name = (res.best or {}).get("name")
-    for method, cand in (("w4a8", rows.get("W4A8")), ("mixed", rows.get(best_name) if best_name else None)):
+    for method, cand in ((f"{prefix}w4a8", rows.get("W4A8")),
+                         (f"{prefix}mixed", rows.get(best_name) if best_name else None)):
         if cand is None or cand.get("verdict") in (None, "NOT RUN"):
-            note = ("no W4A8 candidate" if method == "w4a8" else f"no candidate PASSed under the budget "
+            note = ("no W4A8 candidate" if method.endswith("w4a8") else f"no candidate PASSed under the budget "
                     f"(search {res.status})") if cand is None else "not validated"
             out.append({"method": method, "verdict": "none", "note": note, "seconds": secs})
             continue
@@ -197,8 +237,19 @@ def run_search(name: str, env: str, args: argparse.Namespace) -> list[dict[str, 
                     "verdict": cand.get("verdict"), "failures": [fails.get("float"), fails.get("candidate")],
                     "file_bytes": path.stat().st_size,
                     "batch1_us": batch1_us(sdir / "candidates" / cand["name"] / "policy.int8.cpu.onnx"),
-                    "layers": cand.get("label"), "seconds": secs})
+                    "layers": cand.get("label"), "seconds": secs, **_confirmation(cand)})
     return out
+
+
+def _confirmation(cand: dict[str, Any]) -> dict[str, Any]:
+    """The search's confirmation of a PASS on fresh seeds (edgeq.search), when it ran."""
+    conf = cand.get("confirmation")
+    if not isinstance(conf, dict):
+        return {}
+    fm, qm = conf.get("float_mean"), conf.get("mean")
+    kept = None if fm is None or qm is None or not fm else (qm / fm if fm > 0 else 1 + (qm - fm) / abs(fm))
+    return {"confirmation": {"verdict": conf.get("verdict"), "return_ratio": kept,
+                             "seeds": conf.get("seeds"), "episodes": conf.get("episodes")}}
 
 
 def run_ort_static(name: str, env: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -262,6 +313,14 @@ def run_ort_static(name: str, env: str, args: argparse.Namespace) -> list[dict[s
                              calibration_states=int(len(obs)))]
 
 
+def _verdict(r: dict[str, Any]) -> str:
+    conf = r.get("confirmation")
+    if not conf:
+        return str(r.get("verdict"))
+    return (f"{r.get('verdict')}; on fresh seeds {conf['seeds'][0]}..{conf['seeds'][1]}: {conf.get('verdict')} "
+            f"({_pct(conf.get('return_ratio'))})")
+
+
 def _pct(x: Any) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
@@ -272,7 +331,9 @@ def render(cache: dict[str, Any], out: Path, command: str) -> None:
     for r in rows:
         by_fix.setdefault(r["fixture"], []).append(r)
     order: dict[str, int] = {}
-    for m in ["default", "default/cpu", *METHODS]:
+    prunes = [m for m in METHODS if m.startswith("prune")]
+    for m in ["default", "default/cpu", *[m for m in METHODS if m not in prunes and m != "ort-static"], *prunes,
+              "ort-static"]:
         order.setdefault(m, len(order))
     lines = ["# PTQ methods in closed loop (issue 12 part 6)", "",
              "Generated by `benchmarks/ptq_methods.py` from its cache (`benchmarks/results/ptq_methods.json`); "
@@ -284,7 +345,9 @@ def render(cache: dict[str, Any], out: Path, command: str) -> None:
              "file = bytes of that file; b1 = batch-1 median µs on ORT CPU, 1 thread, on a shared 2-core VM "
              "(the files differ: `default` is `policy.int8.onnx`, every layer W8A8, what TensorRT runs; "
              "`default/cpu` is `policy.int8.cpu.onnx`, whose float layers were chosen by measured latency; "
-             "w4a8/mixed b1 is their CPU file with MatMulNBits). The QDQ files (`policy.int8.onnx`, prune rows) are "
+             "w4a8/mixed b1 is their CPU file with MatMulNBits; `CPU file b1` = the bundle's `policy.int8.cpu.onnx` "
+             "and, in brackets, its unpruned float `policy.fp32.onnx`, timed together). "
+             "The QDQ files (`policy.int8.onnx`, prune rows) are "
              "timed as they are: ONNX Runtime's CPU EP does not fuse edgeq's QDQ MatMul + bias Add into an integer "
              "kernel and dequantizes the weights on every call, which is why edgeq ships `policy.int8.cpu.onnx`; "
              "ort-static's QDQ Gemm is fused by ORT. INCONCLUSIVE is not a pass.", ""]
@@ -293,10 +356,10 @@ def render(cache: dict[str, Any], out: Path, command: str) -> None:
         env = rs[0].get("env", "")
         lines += [f"## {fix} ({env})", "",
                   "| method | file | layers (counted from the file) | episodes | float | int8 | kept | 95% CI "
-                  "| verdict | failures f/q | file bytes | b1 µs |", "|---" * 12 + "|"]
+                  "| verdict | failures f/q | file bytes | b1 µs | CPU file b1 µs (float) |", "|---" * 13 + "|"]
         for r in rs:
             if r.get("note"):
-                lines.append(f"| {r['method']} | - | {r['note']} | | | | | | {r.get('verdict')} | | | |")
+                lines.append(f"| {r['method']} | - | {r['note']} | | | | | | {r.get('verdict')} | | | | |")
                 continue
             ci = r.get("kept_ci") or [None, None]
             lay = r.get("layers")
@@ -305,8 +368,10 @@ def render(cache: dict[str, Any], out: Path, command: str) -> None:
                 lay_s += f"; widths {', '.join(r['pruned_widths'])}"
             lines.append(f"| {r['method']} | {r.get('file')} | {lay_s} | {r.get('episodes')} | "
                          f"{r.get('float_mean', 0):.1f} | {r.get('int8_mean', 0):.1f} | {_pct(r.get('kept'))} | "
-                         f"[{_pct(ci[0])}, {_pct(ci[1])}] | {r.get('verdict')} | "
-                         f"{r['failures'][0]}/{r['failures'][1]} | {r.get('file_bytes')} | {r.get('batch1_us')} |")
+                         f"[{_pct(ci[0])}, {_pct(ci[1])}] | {_verdict(r)} | "
+                         f"{r['failures'][0]}/{r['failures'][1]} | {r.get('file_bytes')} | {r.get('batch1_us')} | "
+                         + (f"{r['cpu_file_b1_us']} ({r['float_b1_us']})" if "cpu_file_b1_us" in r else "-")
+                         + " |")
         lines.append("")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
@@ -322,16 +387,22 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rel-tol", type=float, default=0.01)
     ap.add_argument("--work", default="/tmp/edgeq-ptq-methods", help="where bundles are written")
+    ap.add_argument("--fixtures", default=str(FIXTURES), help="folder of the fixture zips (default the repo's)")
     ap.add_argument("--cache", default=str(CACHE))
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--render", action="store_true", help="only rewrite --out from the cache")
     ap.add_argument("--redo", action="store_true", help="recompute rows already in the cache")
+    ap.add_argument("--fill-latency", action="store_true", help="time the CPU files of cached rows whose bundles "
+                    "are still under --work, then render")
     args = ap.parse_args()
     command = "python benchmarks/ptq_methods.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     cache_path = Path(args.cache)
     cache = _load_cache(cache_path)
-    if not args.render:
-        known = fixtures()
+    if args.fill_latency:
+        fill_latency(cache, Path(args.work))
+        _save_cache(cache_path, cache, list(cache["rows"]))
+    elif not args.render:
+        known = fixtures(Path(args.fixtures))
         names = args.fixture or list(known)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         bad = [m for m in methods if m not in METHODS] + [n for n in names if n not in known]
@@ -342,13 +413,19 @@ def main() -> None:
             env = known[name]
             for method in methods:
                 key = f"{name}|{method}|{args.episodes}|{args.seed}"
+                if method in SEARCH_METHODS and not args.redo and any(  # one search makes both rows
+                        f"{name}|{m}|{args.episodes}|{args.seed}" in cache["rows"] for m in SEARCH_METHODS
+                        if SEARCH_METHODS[m][0] == SEARCH_METHODS[method][0] and m != method) and key not in \
+                        cache["rows"]:
+                    print(f"cached (same search): {key}", flush=True)
+                    continue
                 if key in cache["rows"] and not args.redo:
                     print(f"cached: {key}", flush=True)
                     continue
                 print(f"== {key}", flush=True)
                 try:
                     if method in SEARCH_METHODS:
-                        got = run_search(name, env, args)
+                        got = run_search(name, env, method, args)
                     elif method == "ort-static":
                         got = run_ort_static(name, env, args)
                     else:
@@ -357,12 +434,15 @@ def main() -> None:
                     traceback.print_exc()
                     got = [{"method": method, "verdict": "error", "note": f"{type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:160] if str(exc) else ''}"}]
+                keys = []
                 for row in got:
                     row.update(fixture=name, env=env, episodes_arg=args.episodes, seed=args.seed, command=command)
-                    cache["rows"][f"{name}|{row['method']}|{args.episodes}|{args.seed}"] = row
+                    keys.append(f"{name}|{row['method']}|{args.episodes}|{args.seed}")
+                    cache["rows"][keys[-1]] = row
                     print(json.dumps({k: row.get(k) for k in ("method", "kept", "kept_ci", "verdict", "failures",
                                                                "file_bytes", "batch1_us")}), flush=True)
-                _save_cache(cache_path, cache)
+                _save_cache(cache_path, cache, keys)
+        cache = _load_cache(cache_path)
     render(cache, Path(args.out), command)
 
 

@@ -243,6 +243,10 @@ class QuantizationConfig(_Section):
     auto_sweeps: int = 1
     rounding: str = "adaround"
     adaround_iters: int = 0
+    reconstruct_iters: int = 600
+    reconstruct_seconds: float = 90.0
+    reconstruct_scales: bool = True
+    objective: str = "action"
     bias_correction: bool = True
     # 0: every layer int8; mixed precision is the search's job (issue 12 part 4), labelled as such
     fp16_fallback: int = 0
@@ -385,8 +389,12 @@ class QuantizeConfig:
         return cls.from_dict(_read_yaml(Path(path)), origin=str(path))
 
     @classmethod
-    def from_bundle(cls, bundle: str | Path) -> QuantizeConfig:
-        """The config a bundle was made with (its manifest's ``config``)."""
+    def from_bundle(cls, bundle: str | Path, *, replay_cpu_layers: bool = True) -> QuantizeConfig:
+        """The config a bundle was made with (its manifest's ``config``).
+
+        With ``replay_cpu_layers`` the CPU file's float layers that were chosen by timing at export
+        (``cpu_layer_selection.float_layers``) are replayed (``export.cpu_float_layers``), so quantizing
+        again makes the same ``policy.int8.cpu.onnx`` too, whatever this machine's timings."""
         path = Path(bundle) / "manifest.json"
         try:
             manifest = json.loads(path.read_text())
@@ -394,7 +402,11 @@ class QuantizeConfig:
             raise ConfigError(f"{path}: cannot read the manifest ({exc})") from None
         if "config" not in manifest:
             raise ConfigError(f"{path}: no 'config' (the bundle was made before edgeq stored its config)")
-        return cls.from_dict(manifest["config"], origin=f"{path} config")
+        config = cls.from_dict(manifest["config"], origin=f"{path} config")
+        chosen = (manifest.get("cpu_layer_selection") or {}).get("float_layers")
+        if replay_cpu_layers and config.export.cpu_float_layers is None and isinstance(chosen, list):
+            config = config.with_overrides({"export.cpu_float_layers": chosen})
+        return config
 
     @classmethod
     def from_recipe(cls, recipe: str | None = None, profile: str = "cpu-ort", *,
@@ -478,6 +490,8 @@ class QuantizeConfig:
                 calibrator=c.calibrator, calibrator_params=dict(c.calibrator_params), weight_method=q.weight_method,
                 transform=q.transform, transform_layers=q.transform_layers, alpha=q.alpha, dynamic=q.dynamic,
                 auto=q.auto, auto_sweeps=q.auto_sweeps, rounding=q.rounding, adaround_iters=q.adaround_iters,
+                reconstruct_iters=q.reconstruct_iters, reconstruct_seconds=q.reconstruct_seconds,
+                reconstruct_scales=q.reconstruct_scales, objective=q.objective,
                 bias_correction=q.bias_correction, fp16_fallback=q.fp16_fallback,
                 max_action_error=q.max_action_error, tail_weight=q.tail_weight, tail_fraction=q.tail_fraction,
                 tail_on_calibration_states=q.tail_on_calibration_states, keep_float=list(q.keep_float))

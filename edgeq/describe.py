@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ def made_utc() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def loaded_lines(manifest: dict[str, Any]) -> list[str]:
+def loaded_lines(manifest: Mapping[str, Any]) -> list[str]:
     """What was loaded and how the env is built: policy file and hash, normalization, wrappers, env."""
     src = manifest.get("source", {})
     det = src.get("details", {})
@@ -100,13 +100,13 @@ SHIPPED_FILES = {"policy.int8.onnx": "TensorRT, edgeq's fused CUDA kernel",
 _STATUS_TEXT = {"float on int8 weights": "float (int8 weights)"}
 
 
-def _file_status(manifest: dict[str, Any], file: str) -> dict[str, str]:
+def _file_status(manifest: Mapping[str, Any], file: str) -> dict[str, str]:
     rec = (manifest.get("file_precision") or {}).get(file) or {}
     return {r["node"]: _STATUS_TEXT.get(r["status"], r["status"]) for r in rec.get("layers", [])
             if r.get("weight") != "none"}
 
 
-def layer_precisions(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+def layer_precisions(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Per layer, what it really runs as in each file: ``{"node", "tensorrt", "cpu", "cuda", "choice"}``.
 
     Read from the files themselves where the manifest has ``file_precision`` (bundles since issue 12):
@@ -129,7 +129,7 @@ def layer_precisions(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _why(manifest: dict[str, Any], file: str, status: str, nodes: list[str]) -> str:
+def _why(manifest: Mapping[str, Any], file: str, status: str, nodes: list[str]) -> str:
     """Why these layers of ``file`` are not int8 (from the manifest's records), for the headline."""
     if status == "float on int8 weights" and file == "policy.int8.cpu.onnx":
         method = (manifest.get("cpu_layer_selection") or {}).get("method")
@@ -142,7 +142,7 @@ def _why(manifest: dict[str, Any], file: str, status: str, nodes: list[str]) -> 
     return "; ".join(why) if why else "kept in float by the plan"
 
 
-def file_headline(manifest: dict[str, Any], file: str) -> str | None:
+def file_headline(manifest: Mapping[str, Any], file: str) -> str | None:
     """``"policy.int8.cpu.onnx: 2 of 3 layers int8 (weights+activations), 1 float on int8 weights (chosen by
     measured latency)"``: counted from the file (``manifest["file_precision"]``); None if not recorded."""
     rec = (manifest.get("file_precision") or {}).get(file)
@@ -174,7 +174,7 @@ def file_headline(manifest: dict[str, Any], file: str) -> str | None:
     return head + (", " + ", ".join(parts) if parts else "")
 
 
-def result_rows(validation: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def result_rows(validation: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """The rows of a validation: each target (on the file it runs), then the all-INT8 file on the CPU where the
     CPU target ran a different file (``validation["all_int8_cpu"]``, with its own verdict)."""
     rows = list(validation.get("targets", {}).items())
@@ -195,7 +195,20 @@ def return_ratio_text(result: dict[str, Any]) -> str:
             f"{name}: return {q:.4g} vs float {f:.4g} ({(q - f) / abs(f):+.2%})")
 
 
-def file_headlines(manifest: dict[str, Any]) -> list[str]:
+def pruning_text(manifest: Mapping[str, Any]) -> str | None:
+    """``"pruned before quantization: 25% of hidden units (256->192, 256->192; 64 constant units removed exactly);
+    every verdict is against the unpruned policy.fp32.onnx"``, or None."""
+    rec = manifest.get("pruning")
+    if not rec:
+        return None
+    widths = ", ".join(f"{r['width']}->{r['kept']}" for r in rec.get("layers", []))
+    const = sum(int(r.get("constant_units_removed", 0)) for r in rec.get("layers", []))
+    return (f"pruned before quantization: {100 * float(rec['ratio']):g}% of each hidden layer's units ({widths}; "
+            f"{const} constant on calibration states, removed exactly); every verdict is against the unpruned "
+            f"policy.fp32.onnx, the pruned float graph is {rec.get('file')}")
+
+
+def file_headlines(manifest: Mapping[str, Any]) -> list[str]:
     """:func:`file_headline` for every shipped INT8 file the manifest records, in :data:`SHIPPED_FILES` order."""
     out = []
     for f in SHIPPED_FILES:
@@ -205,7 +218,7 @@ def file_headlines(manifest: dict[str, Any]) -> list[str]:
     return out
 
 
-def precision_counts(manifest: dict[str, Any]) -> str:
+def precision_counts(manifest: Mapping[str, Any]) -> str:
     """Per shipped file, its layers as the file computes them (:func:`file_headlines`); bundles made before
     the files were read: ``"int8: 3/3 in policy.int8.onnx; ORT CPU file: 1 int8, 2 float on int8 weights"``."""
     heads = file_headlines(manifest)
@@ -224,7 +237,7 @@ def precision_counts(manifest: dict[str, Any]) -> str:
     return text
 
 
-def cpu_float_text(manifest: dict[str, Any]) -> str:
+def cpu_float_text(manifest: Mapping[str, Any]) -> str:
     """Which layers policy.int8.cpu.onnx runs in float (on int8 weights) and why (measured or by width)."""
     cpu_float = manifest.get("cpu_float_layers") or []
     if not cpu_float:
@@ -252,10 +265,18 @@ def activation_choices(manifest: dict[str, Any]) -> str:
         f"{distinct[0]} (every layer)"
 
 
+def _status_of(verdict: dict[str, Any]) -> str:
+    """PASS / FAIL / INCONCLUSIVE (bundles before the three-way verdict: from ``passed``)."""
+    return str(verdict.get("status") or ("PASS" if verdict.get("passed") else "FAIL"))
+
+
 def info_lines(manifest: dict[str, Any], validation: dict[str, Any] | None) -> list[str]:
     """``edgeq info``: the bundle in a dozen lines."""
     lines = loaded_lines(manifest)
     lines.append("layers: " + precision_counts(manifest))
+    pruned = pruning_text(manifest)
+    if pruned:
+        lines.append(pruned)
     lines.append("activations: " + activation_choices(manifest))
     files = manifest.get("files", {})
     onnx_files = sorted(f for f in files if f.endswith(".onnx"))
@@ -279,8 +300,7 @@ def info_lines(manifest: dict[str, Any], validation: dict[str, Any] | None) -> l
             lines.append(f"validation {target}: float {r['float']['mean']:.1f}, int8 {r['int8']['mean']:.1f} "
                          f"over {len(validation.get('seeds', []))} paired episodes (diff {d['mean']:+.3g}, 95% CI "
                          f"[{d['ci95'][0]:+.3g}, {d['ci95'][1]:+.3g}])"
-                         + (f", verdict {'PASS' if r['verdict'].get('passed') else 'FAIL'}" if r.get("verdict")
-                            else ""))
+                         + (f", verdict {_status_of(r['verdict'])}" if r.get("verdict") else ""))
         if verdict.get("status"):
             lines.append(f"verdict: {verdict['status']}")
     return lines

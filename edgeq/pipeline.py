@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from edgeq.deploy.bundle_format import (
     PRUNED_FLOAT_MODEL,
     VALIDATION,
 )
+from edgeq.deploy.contracts import ManifestBody, ManifestIO, Space, TargetResult, ValidationResult
 from edgeq.describe import build_environment, made_utc
 from edgeq.envs import WrapperSpec, check_env_matches, env_factory, parse_wrapper, resolve_env_id
 from edgeq.errors import EdgeqError, InputError
@@ -73,8 +74,8 @@ ProgressFactory = Callable[[str, int | None], Callable[[int], None]]
 @dataclass
 class QuantizeResult:
     bundle: Path
-    manifest: dict[str, Any]
-    validation: dict[str, Any]
+    manifest: ManifestBody  # without the writer's format_version and files
+    validation: ValidationResult
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -300,7 +301,8 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
 
     t0 = time.perf_counter()
     plan: QuantPlan = build_plan(fp.model, stats, options, lower=apply_plan, recurrent=fp.recurrent,
-                                 half_range=action_half_range(fp.action_space.low_array, fp.action_space.high_array))
+                                 half_range=action_half_range(fp.action_space.low_array, fp.action_space.high_array),
+                                 critic=_critic(fp, vecnormalize))
     if gate_nodes:
         plan.settings["recurrent_cell"] = {"precision": cell_precision, "gate_nodes": gate_nodes}
     qmodel = apply_plan(fp.model, plan)
@@ -321,8 +323,8 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
         qpath = w.save_model(qmodel, INT8_MODEL)
         cmodel, cpu_selection = _cpu_model(qmodel, reference.model, prof, gate_nodes)
         # the timings behind a measured choice go to measurements.json; the manifest keeps the choice
-        cpu_timing = {k: cpu_selection.pop(k) for k in ("batch1_median_us", "chosen_us", "fp32_us", "summary")
-                      if k in cpu_selection}
+        cpu_timing: dict[str, Any] = {k: cpu_selection.pop(k) for k in ("batch1_median_us", "chosen_us", "fp32_us",
+                                                                         "summary") if k in cpu_selection}
         cpath = w.save_model(cmodel, INT8_CPU_MODEL)
         gmodel = specialize_for_ort_cuda(qmodel)
         gpath = w.save_model(gmodel, INT8_CUDA_MODEL)
@@ -332,7 +334,7 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
         w.write_json(PLAN, plan.to_dict())  # the plan as data: QuantPlan.from_bundle reads it back
         int8_for = {"cpu": cpath, "cuda": gpath}
         t0 = time.perf_counter()
-        result: dict[str, Any]
+        result: ValidationResult
         if make_env is None:
             assert log is not None and held_out is not None
             result = _validate_open_loop(fpath, {t: int8_for.get(t, qpath) for t in targets}, io, log,
@@ -359,9 +361,10 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
                     act_dim=fp.action_space.size, ranges=ranges, perturbed_env=make_perturbed_env,
                     perturbation=[p.to_json() for p in val_specs], saturation_warn=val.saturation_warn,
                     num_envs=num_envs, progress=stage)
-                for key in ("saturation", "perturbed"):
-                    if rob.get(key) is not None:
-                        result["targets"][target][key] = rob[key]
+                if rob.get("saturation") is not None:
+                    result["targets"][target]["saturation"] = rob["saturation"]
+                if rob.get("perturbed") is not None:
+                    result["targets"][target]["perturbed"] = rob["perturbed"]
             if val_specs:
                 result["perturbation"] = [p.to_json() for p in val_specs]
             result["warnings"] = _saturation_warnings(result["targets"])
@@ -371,45 +374,47 @@ def quantize(policy: str | Path | Sequence[str | Path] | FloatPolicy, env: str |
         if cpu_timing:
             result["cpu_layer_timing"] = cpu_timing
         result["sizes"] = {p.name: p.stat().st_size for p in (fpath, qpath, cpath, gpath)}
-        w.manifest = {
+        manifest: ManifestBody = {
             "edgeq_version": __version__,
             "environment": build_environment(),
             "source": fp.source.to_json(),
             "env": _env_record(env, env_kwargs, wrappers, stack, frame_pad, zoo, env_note),
-            "observation_space": fp.obs_space.to_json(),
-            "action_space": fp.action_space.to_json(),
-            "io": io,
+            "observation_space": cast(Space, fp.obs_space.to_json()),
+            "action_space": cast(Space, fp.action_space.to_json()),
+            "io": cast(ManifestIO, io),
             "models": {"fp32": FLOAT_MODEL, "int8": INT8_MODEL, "int8-cpu": INT8_CPU_MODEL,
                        "int8-cuda": INT8_CUDA_MODEL},
             "cpu_float_layers": ort_cpu.cpu_float_layers(cmodel),
             "cpu_layer_selection": cpu_selection,
             "file_precision": file_precision,
-            **({"pruning": pruning} if pruning is not None else {}),
-            "preprocess": fp.preprocess,
-            "postprocess": fp.postprocess,
-            "profile": prof.to_json(),
-            "calibration": ({"recipe": cfg.recipe_record(), "steps": stats.steps, "episodes": len(calib_seeds),
-                             "seeds": [calib_seeds[0], calib_seeds[-1]], "exploration": noise.to_json(),
-                             "holdout_seeds": [holdout_seeds[0], holdout_seeds[-1]] if holdout_seeds else [],
-                             "env": {"id": calib_id, "kwargs": calib_kwargs or {}},
-                             "perturbations": [p.to_json() for p in calib_specs]}
-                            if log is None else
-                            {"recipe": cfg.recipe_record(), "steps": stats.steps, "source": "observations",
-                             "data": log.describe(), "held_out": 0 if held_out is None else len(held_out)}),
-            "quantization": _without_seconds(plan.to_json(), result),
-            **({"decision": decision_record(result)} if make_env is not None else {}),
-            "config": cfg.to_dict(),
-            "tensorrt_qdq_check": {"errors": len(trt_errors),
-                                   "tensorrt_compatible": not trt_errors,
-                                   "findings": [f"{v.severity} {v.rule}: {v.node}" for v in conformance]},
         }
+        if pruning is not None:
+            manifest["pruning"] = pruning
+        manifest["preprocess"] = fp.preprocess
+        manifest["postprocess"] = fp.postprocess
+        manifest["profile"] = prof.to_json()
+        manifest["calibration"] = ({"recipe": cfg.recipe_record(), "steps": stats.steps, "episodes": len(calib_seeds),
+                                    "seeds": [calib_seeds[0], calib_seeds[-1]], "exploration": noise.to_json(),
+                                    "holdout_seeds": [holdout_seeds[0], holdout_seeds[-1]] if holdout_seeds else [],
+                                    "env": {"id": calib_id, "kwargs": calib_kwargs or {}},
+                                    "perturbations": [p.to_json() for p in calib_specs]}
+                                   if log is None else
+                                   {"recipe": cfg.recipe_record(), "steps": stats.steps, "source": "observations",
+                                    "data": log.describe(), "held_out": 0 if held_out is None else len(held_out)})
+        manifest["quantization"] = _without_seconds(plan.to_json(), result)
+        if make_env is not None:
+            manifest["decision"] = decision_record(result)
+        manifest["config"] = cfg.to_dict()
+        manifest["tensorrt_qdq_check"] = {"errors": len(trt_errors), "tensorrt_compatible": not trt_errors,
+                                          "findings": [f"{v.severity} {v.rule}: {v.node}" for v in conformance]}
+        w.manifest = dict(manifest)
         if make_env is None:
             deterministic, measured = split_measurements(result)
             w.write_json(VALIDATION, deterministic)
             w.write_json(MEASUREMENTS, measured)
         else:
-            save_validation(w.path, result, w.manifest, report=val.report)
-    return QuantizeResult(out, w.manifest, result, timings)
+            save_validation(w.path, result, manifest, report=val.report)
+    return QuantizeResult(out, manifest, result, timings)
 
 
 def _bound(value: float | tuple[float, ...] | None) -> float | list[float] | None:
@@ -429,13 +434,28 @@ def _validation_options(val: ValidationConfig, design: Any, rule: Any, executor:
         executor=executor or ExecutorConfig())
 
 
-def _without_seconds(quantization: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+def _without_seconds(quantization: dict[str, Any], result: ValidationResult) -> dict[str, Any]:
     """The plan for the manifest without its wall-clock time (moved to the measured ``timings``), so that the
     manifest is the same for the same inputs and seeds."""
     seconds = quantization.get("metrics", {}).pop("seconds", None)
     if seconds is not None:
         result.setdefault("timings", {})["quantize_search_s"] = seconds
     return quantization
+
+
+def _critic(fp: FloatPolicy, vecnormalize: str | Path | None) -> Any:
+    """The SB3 archive's Q critic (off-policy algorithms), or None: it weights the plan's errors by value."""
+    if fp.source.kind != "sb3" or fp.recurrent or fp.history is not None:
+        return None
+    from edgeq.ingest.sb3_critic import load_sb3_critic
+
+    try:
+        critic = load_sb3_critic(fp.source.path, vecnormalize=vecnormalize)
+    except Exception:  # a critic that cannot be read only loses the weighting, never the quantization
+        return None
+    if critic is None or critic.obs_mean is None and fp.preprocess.get("normalize"):
+        return None
+    return critic
 
 
 def _calibrate_logged(fp: FloatPolicy, observations: Any, progress: ProgressFactory) -> CalibrationStats:
@@ -450,17 +470,18 @@ def _calibrate_logged(fp: FloatPolicy, observations: Any, progress: ProgressFact
 
 def _validate_open_loop(fpath: Path, qpaths: dict[str, Path], io: dict[str, Any], log: ObservationLog, held_out: Any,
                         holdout_fraction: float, targets: tuple[str, ...], act_dim: int,
-                        progress: ProgressFactory) -> dict[str, Any]:
+                        progress: ProgressFactory) -> ValidationResult:
     """``validation.json`` without an env: action error on the held-out logged observations."""
     n = len(log.observations)
-    validation: dict[str, Any] = {
+    validation: ValidationResult = {
         "env_id": None, "closed_loop": False, "reason": OPEN_LOOP_REASON,
         "held_out": {"source": log.source, "rows": [n - len(held_out), n], "samples": len(held_out),
                      "fraction": holdout_fraction},
         "targets": {}}
     for target in targets:
-        validation["targets"][target] = validate_offline(target, fpath, qpaths[target], io, held_out, act_dim=act_dim,
-                                                         progress=progress(f"validate {target}", len(held_out)))
+        validation["targets"][target] = cast(TargetResult, validate_offline(
+            target, fpath, qpaths[target], io, held_out, act_dim=act_dim,
+            progress=progress(f"validate {target}", len(held_out))))
     return validation
 
 

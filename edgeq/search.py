@@ -38,16 +38,17 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
 
 from edgeq.calibration.collect import layer_rows, tensor_values
 from edgeq.deploy.bundle_format import PLAN, read_manifest, verify_files
+from edgeq.deploy.contracts import ValidationResult
 from edgeq.deploy.runtime import OrtPolicy
 from edgeq.envs import env_factory_for
 from edgeq.errors import EdgeqError
@@ -231,11 +232,16 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
 
     fpath = root / models["fp32"]
     fmodel = onnx.load(str(fpath))
+    pruned_file = (manifest.get("pruning") or {}).get("file")
+    if pruned_file:  # a pruned bundle: its plan quantizes the pruned float graph; verdicts stay vs the unpruned one
+        verify_files(root, manifest, [pruned_file])
+        fmodel = onnx.load(str(root / pruned_file))
     base = QuantPlan.from_bundle(root)
     make_env = env_factory_for(env)
     act = manifest["action_space"]
     low, high = np.asarray(act["low"], np.float64), np.asarray(act["high"], np.float64)
-    stored_rule = ((manifest.get("decision") or {}).get("failure_rule") or {}).get("rule")
+    decision = manifest.get("decision")
+    stored_rule = (decision.get("failure_rule") or {}).get("rule") if decision else None
     rule = parse_failure(failure if failure is not None else stored_rule)
     tol = Tolerance(relative=float(max_loss), fail_tol=fail_tol)
     design = episode_design(episodes, max_episodes=max_episodes)
@@ -338,7 +344,7 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
     best: dict[str, Any] | None = None
     best_bundle: Path | None = None
 
-    def validate(c: MixedCandidate, run_seeds: list[int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    def validate(c: MixedCandidate, run_seeds: list[int]) -> tuple[ValidationResult, dict[str, Any]]:
         paths = files_of[c.name]
         val = validate_models(fpath, paths["int8"], io, make_env, run_seeds, env_id=env["id"], action_low=low,
                               action_high=high, options=vopts, plan=c.plan, episode_steps=ep_len,
@@ -405,13 +411,16 @@ def _jsonable(x: Any) -> Any:
     raise TypeError(type(x).__name__)
 
 
-def _write_best(dest: Path, base_manifest: dict[str, Any], root: Path, fmodel: onnx.ModelProto, cand: MixedCandidate,
-                paths: dict[str, Path], val: dict[str, Any], row: dict[str, Any], max_loss: float,
+def _write_best(dest: Path, base_manifest: Mapping[str, Any], root: Path, fmodel: onnx.ModelProto, cand: MixedCandidate,
+                paths: dict[str, Path], val: Mapping[str, Any], row: dict[str, Any], max_loss: float,
                 objective: str) -> Path:
     """The candidate as a bundle (the base bundle's float model, env and spaces; this plan, files and verdict)."""
     models = base_manifest["models"]
     with BundleWriter(dest, overwrite=True) as w:
         shutil.copyfile(root / models["fp32"], w.path / models["fp32"])
+        pruned_file = (base_manifest.get("pruning") or {}).get("file")
+        if pruned_file:
+            shutil.copyfile(root / pruned_file, w.path / pruned_file)
         portable = onnx.load(str(paths["int8"]))
         w.save_model(portable, models.get("int8", "policy.int8.onnx"))
         shutil.copyfile(paths["int8-cpu"], w.path / models.get("int8-cpu", "policy.int8.cpu.onnx"))
@@ -437,7 +446,7 @@ def _write_best(dest: Path, base_manifest: dict[str, Any], root: Path, fmodel: o
                                    "findings": [f"{v.severity} {v.rule}: {v.node}" for v in findings]},
         })
         w.manifest = manifest
-        save_validation(w.path, val, manifest, report=False)
+        save_validation(w.path, cast(ValidationResult, val), manifest, report=False)
     return dest
 
 

@@ -71,6 +71,17 @@ def test_override_errors_name_the_field(overrides: dict[str, object], needle: st
     assert needle in str(exc.value) and "\n" not in str(exc.value)
 
 
+def test_from_bundle_replays_the_measured_cpu_choice(tmp_path: Path) -> None:
+    config = _some_config().with_overrides({"export.cpu_float_layers": None})
+    manifest = {"config": config.to_dict(), "cpu_layer_selection": {"method": "measured", "float_layers": ["a/Gemm"]}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert QuantizeConfig.from_bundle(tmp_path).export.cpu_float_layers == ("a/Gemm",)
+    assert QuantizeConfig.from_bundle(tmp_path, replay_cpu_layers=False) == config
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 2}))
+    with pytest.raises(ConfigError, match="no 'config'"):
+        QuantizeConfig.from_bundle(tmp_path)
+
+
 def test_from_dict_refuses_unknown_sections_and_newer_versions() -> None:
     with pytest.raises(ConfigError, match="unknown config section"):
         QuantizeConfig.from_dict({"calibrate": {}})
@@ -99,6 +110,11 @@ def test_one_set_of_defaults() -> None:
             want = getattr(getattr(pend, section), name)
             assert getattr(opts, key) == (list(want) if isinstance(want, tuple) else want), key
     assert all(p.count(".") >= 1 and p.split(".")[0] in plain.to_dict() for p in KEYWORD_FIELDS.values())
+    # every stage option is a config field (new QuantOptions fields must be added to the config too)
+    from edgeq.quantizers.build import QuantOptions
+
+    internal = {"auto_calibrators", "auto_transforms", "auto_weight_methods", "seed"}
+    assert {f.name for f in dataclasses.fields(QuantOptions)} - internal - set(RECIPE_FIELDS) == set()
 
 
 def test_bad_recipe_values_are_one_line_errors(tmp_path: Path) -> None:
@@ -112,7 +128,7 @@ def test_bad_recipe_values_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no export file 'nope'"):
         QuantizeConfig.from_recipe(None, "nope")
     with pytest.raises(ConfigError, match="rounding must be one of"):
-        QuantizeConfig().with_overrides({"quantization.rounding": "stochastic"}).quant_options()
+        QuantizeConfig().with_overrides({"quantization.rounding": "bogus"}).quant_options()
 
 
 def test_keyword_layer_maps_onto_the_config() -> None:

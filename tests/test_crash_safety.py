@@ -85,6 +85,11 @@ def test_two_runs_are_byte_identical_except_the_measurements(tmp_path: Path) -> 
     assert MEASUREMENTS in unhashed and not unhashed & set(m["files"])
     assert set(differ) <= unhashed, differ  # manifest.json (with its config), validation.json, models, plan
     assert m["config"]["validation"]["episodes"] == 3 and m["config"]["calibration"]["episodes"] == 3
+    # a freshly written bundle fits the typed records (edgeq.deploy.contracts)
+    from test_contracts import check_manifest_contract, check_validation_contract
+
+    check_manifest_contract(m)
+    check_validation_contract({**json.loads((a / "validation.json").read_text())})
     assert {"manifest.json", "validation.json", "policy.int8.onnx"} <= set(files_a) - set(differ)
     assert set(m["files"]) == set(files_a) - unhashed - {"manifest.json"}
     # the measured values live in measurements.json only
@@ -93,7 +98,7 @@ def test_two_runs_are_byte_identical_except_the_measurements(tmp_path: Path) -> 
     text = json.dumps(val)
     assert '"latency"' not in text and '"timings"' not in text and '"seconds"' not in text
     assert meas["targets"]["cpu"]["latency"]["models"]["int8"]["batch1"] and meas["timings"]["ingest_s"] >= 0
-    assert "seconds" not in json.dumps(m)
+    assert '"seconds"' not in json.dumps(m)  # no measured time (the config's reconstruct_seconds is a setting)
     # files follow the umask (0644 under umask 022; validation.json was 0600), the directory 0755
     for name in files_a:
         assert stat.S_IMODE((a / name).stat().st_mode) == 0o644, name

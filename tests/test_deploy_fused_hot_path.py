@@ -106,3 +106,14 @@ def test_nan_policies_on_the_hot_path() -> None:
     pol, runner = _policy("error")
     np.testing.assert_array_equal(pol.act(obs[1:]), reference_forward(runner.plan, obs[1:]))
     assert runner.overlapped == [1] and runner.plain == [1]  # the overflow is re-checked element-wise
+
+
+def test_recurrent_bundles_go_to_onnx_runtime_with_the_reason() -> None:
+    """``cuda``/``auto`` never hand a recurrent policy to the fused kernel, and say why (no GPU needed)."""
+    from edgeq.deploy.policy import resolve_backend, unavailable_backend_reason
+
+    manifest = {"io": {"input": "obs", "output": "actions",
+                       "state": [{"input": "h_in", "output": "h_out", "shape": [1, 64]}]}}
+    reason = unavailable_backend_reason("cuda-fused", manifest, "int8")
+    assert reason is not None and reason.startswith("recurrent policy") and "CUDA EP" in reason
+    assert resolve_backend("cuda", manifest, "int8") == "cuda-ort"

@@ -128,3 +128,10 @@ def test_pruned_bundle_runs_and_is_judged_against_the_unpruned_float(tmp_path: P
     assert val["targets"]["cpu"]["float_model"] == "policy.fp32.onnx"  # the unpruned reference
     assert "layers" in val["per_layer"]  # measured against the pruned float graph
     assert res.manifest["config"]["quantization"]["prune"] == 0.5
+    from edgeq.commands._app import console, print_summary
+
+    with console.capture() as cap:
+        print_summary(res.validation, res.manifest)
+    text = " ".join(cap.get().split())
+    assert "pruned before quantization: 50% of each hidden layer's units" in text
+    assert "against the unpruned policy.fp32.onnx" in text

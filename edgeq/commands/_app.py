@@ -212,7 +212,7 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
         f, q = sizes.get("policy.fp32.onnx", 0), sizes.get("policy.int8.onnx", 0)
         console.print(f"files: policy.fp32.onnx {_fmt_size(f)}, policy.int8.onnx {_fmt_size(q)} "
                       f"({f / max(q, 1):.2f}x smaller)")
-    from edgeq.describe import cpu_float_text, file_headlines, precision_counts
+    from edgeq.describe import cpu_float_text, file_headlines, precision_counts, pruning_text
 
     settings = manifest.get("quantization", {}).get("settings", {})
     heads = file_headlines(manifest)
@@ -225,6 +225,9 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
     cpu_text = cpu_float_text(manifest)
     if cpu_text:
         console.print(cpu_text, highlight=False, markup=False, soft_wrap=True)
+    pruned = pruning_text(manifest)
+    if pruned:
+        console.print(pruned, highlight=False, markup=False, soft_wrap=True)
     matmuls = manifest.get("quantization", {}).get("activation_matmuls", [])
     if matmuls:
         roles: dict[str, list[int]] = {}

@@ -173,7 +173,8 @@ def quantize(
                       ] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", help="Start from this config: a YAML file of sections (edgeq.config.QuantizeConfig) or a "
-                         "bundle directory (the config it was made with), instead of a recipe and a profile.")
+                         "bundle directory (the config it was made with, its measured CPU layer choice replayed), "
+                         "instead of a recipe and a profile.")
                       ] = None,
 ) -> None:
     """Calibrate, export and validate POLICY in one go; writes a bundle to --out.

@@ -6,7 +6,18 @@ same file (:mod:`edgeq.deploy.mlp_plan`, no ``onnx`` import), generates one CUDA
 whole network with every dimension and offset a compile-time constant, compiles it with NVRTC for
 the GPU at hand (:mod:`edgeq.deploy.cuda`, cuda-python; no torch, no ONNX Runtime), and captures
 *pinned host → device copy, kernel, device → pinned host copy* as one CUDA graph per batch size:
-one ``cuGraphLaunch`` and one ``cuStreamSynchronize`` per call.
+one graph launch and one wait per call.
+
+The per-call host path is short on purpose (benchmarks/results/gpu_h200.md measures each piece):
+the observation is copied into the batch size's pinned buffer, the graph launched and the stream
+waited for through the driver's C entry points (:class:`edgeq.deploy.cuda.HotCalls`: plain ctypes
+calls, no argument wrapping, nothing allocated), and the wait **spins** on ``cuStreamQuery`` for
+batches up to :data:`SPIN_MAX_BATCH` (``sync="auto"``): the calling thread stays on its core and
+sees the result as soon as it is there, whatever scheduling flags the context was given (with
+``CU_CTX_SCHED_BLOCKING_SYNC``, set by some robot stacks to save CPU, ``cuStreamSynchronize`` of
+an empty graph took 26 µs instead of 7 on the H200 machine). Larger batches block in
+``cuStreamSynchronize``. ``edgeq.deploy.load(...).act`` checks the observation for NaN/inf *while
+the GPU computes* (:meth:`FusedCudaPolicy.act_overlapped`) and discards the result if it was bad.
 
 Arithmetic (the same as ONNX Runtime's integer CPU path, ``MatMulIntegerToFloat``; see
 :func:`edgeq.deploy.mlp_plan.reference_forward`): each layer quantizes its input with

@@ -6,6 +6,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ def _ort_has_cuda() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def _fused_reason(root: Path | None, manifest: dict[str, Any] | None, precision: str) -> str | None:
+def _fused_reason(root: Path | None, manifest: Mapping[str, Any] | None, precision: str) -> str | None:
     """Why the fused kernel cannot run this bundle here (None: it can)."""
     if precision != "int8":
         return f"the fused kernel runs INT8 models (precision {precision!r})"
@@ -53,7 +54,7 @@ def _fused_reason(root: Path | None, manifest: dict[str, Any] | None, precision:
     return None
 
 
-def unavailable_backend_reason(backend: str, manifest: dict[str, Any] | None = None, precision: str = "int8",
+def unavailable_backend_reason(backend: str, manifest: Mapping[str, Any] | None = None, precision: str = "int8",
                                root: Path | None = None) -> str | None:
     """Why ``backend`` (a concrete one, not ``auto``/``cuda``) cannot run this bundle here; None if it can."""
     if backend == "cpu":
@@ -115,7 +116,7 @@ class DeployedPolicy:
     state is shared by all callers, so give each robot (or episode stream) its own policy.
     """
 
-    def __init__(self, runtime: Runtime | ObservationHistory, manifest: dict[str, Any], *,
+    def __init__(self, runtime: Runtime | ObservationHistory, manifest: Mapping[str, Any], *,
                  precision: str, backend: str, nan_policy: str = "error", bundle: Path | None = None) -> None:
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy {nan_policy!r}; expected one of {NAN_POLICIES}")
@@ -245,7 +246,7 @@ class DeployedPolicy:
     __call__ = act
 
 
-def _check_input_shape(path: Path, runtime: Any, manifest: dict[str, Any]) -> None:
+def _check_input_shape(path: Path, runtime: Any, manifest: Mapping[str, Any]) -> None:
     """The graph's observation input must take ``[batch, *observation_space.shape]`` (a manifest edited to
     another shape would otherwise fail inside ONNX Runtime on the first call)."""
     io = manifest["io"]
@@ -261,7 +262,7 @@ def _check_input_shape(path: Path, runtime: Any, manifest: dict[str, Any]) -> No
                           "describe this model")
 
 
-def _make_runtime(chosen: str, root: Path, manifest: dict[str, Any], precision: str, *, intra_op_threads: int,
+def _make_runtime(chosen: str, root: Path, manifest: Mapping[str, Any], precision: str, *, intra_op_threads: int,
                   cuda_graph: bool, verify: bool = True) -> Runtime:
     """The runtime of one concrete backend; raises on any problem (the caller decides what follows).
 

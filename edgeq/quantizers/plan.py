@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -373,7 +373,9 @@ def make_plan(model: onnx.ModelProto, observers: Mapping[str, TensorObserver], *
               weight_method: str = "absmax", keep_float: Sequence[str] = (),
               per_tensor_calibrator: Mapping[str, CalibratorSpec] | None = None,
               transforms: Sequence[InputScaling] = (),
-              per_layer_weight_method: Mapping[str, str] | None = None) -> QuantPlan:
+              per_layer_weight_method: Mapping[str, str] | None = None,
+              amax_cache: dict[tuple[Any, ...], float] | None = None,
+              weight_quantizer: Callable[..., QuantizedWeight] | None = None) -> QuantPlan:
     """Choose static int8 scales for every weighted layer of ``model`` (after ``transforms``), and for
     both inputs of every MatMul of two activations (attention's Q·Kᵀ and A·V).
 
@@ -382,7 +384,21 @@ def make_plan(model: onnx.ModelProto, observers: Mapping[str, TensorObserver], *
     ``per_tensor_calibrator`` overrides the activation calibrator for named tensors (a method, or
     ``(method, params)``; a bare method other than ``calibrator`` gets its default parameters);
     ``per_layer_weight_method`` overrides ``weight_method`` for named layers.
+
+    ``amax_cache`` (a dict the caller keeps) and ``weight_quantizer`` (``quantize_weight``'s
+    signature, e.g. a caching wrapper) let a search that makes many plans from the same observers
+    and weights compute each threshold and each quantized weight once; the plan is the same.
     """
+    quantize_w = weight_quantizer or quantize_weight
+
+    def amax(obs: TensorObserver, method: str, p: dict[str, Any]) -> float:
+        if amax_cache is None:
+            return float(compute_amax(obs, method, **p))
+        key = (id(obs), obs.count, method, repr(sorted(p.items())))
+        if key not in amax_cache:
+            amax_cache[key] = float(compute_amax(obs, method, **p))
+        return amax_cache[key]
+
     params = dict(calibrator_params or {})
     overrides = dict(per_tensor_calibrator or {})
     work = apply_input_scalings(model, transforms) if transforms else model
@@ -401,11 +417,11 @@ def make_plan(model: onnx.ModelProto, observers: Mapping[str, TensorObserver], *
         if wl.input not in activations:
             spec = overrides.get(wl.input, calibrator)
             method, p = _spec(spec, params if spec == calibrator else {})
-            activations[wl.input] = ActivationQuant(wl.input, float(compute_amax(obs, method, **p)), method, p)
+            activations[wl.input] = ActivationQuant(wl.input, amax(obs, method, p), method, p)
         w = constant_value(work, wl.weight)
         assert w is not None
         wm = (per_layer_weight_method or {}).get(wl.node, weight_method)
-        qw = quantize_weight(np.asarray(w, np.float32), axis=wl.weight_axis, method=wm)
+        qw = quantize_w(np.asarray(w, np.float32), axis=wl.weight_axis, method=wm)
         layers.append(LayerQuant(wl.node, wl.op_type, wl.input, wl.weight, wl.weight_axis, "int8", qw,
                                  wm, bias_name=wl.bias))
     matmuls: list[MatMulQuant] = []
@@ -422,7 +438,7 @@ def make_plan(model: onnx.ModelProto, observers: Mapping[str, TensorObserver], *
             if t not in activations:
                 spec = overrides.get(t, calibrator)
                 method, p = _spec(spec, params if spec == calibrator else {})
-                activations[t] = ActivationQuant(t, float(compute_amax(observers[t], method, **p)), method, p)
+                activations[t] = ActivationQuant(t, amax(observers[t], method, p), method, p)
         matmuls.append(MatMulQuant(am.node, am.inputs, "int8", am.role, am.block))
     settings = {"activation_calibrator": calibrator, "calibrator_params": params, "weight_method": weight_method,
                 "activation_granularity": "per-tensor", "weight_granularity": "per-output-channel",

@@ -11,14 +11,22 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
 
+from edgeq.deploy.contracts import (
+    Decision,
+    DecisionFailures,
+    DecisionReturns,
+    DecisionTarget,
+    Manifest,
+    ValidationResult,
+)
 from edgeq.errors import EdgeqError
 from edgeq.quantizers.plan import QuantPlan
 from edgeq.validate.executor import Executor, ExecutorConfig
@@ -141,14 +149,15 @@ def _per_layer_episodes(traj: Any, seeds: Sequence[int], stateless: bool, max_st
     return out
 
 
-def validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], make_env: Callable[[], Any],
+def validate_models(float_model: Path, int8_model: Path, io: Mapping[str, Any], make_env: Callable[[], Any],
                     seeds: Sequence[int], *, env_id: str, action_low: np.ndarray, action_high: np.ndarray,
                     options: ValidationOptions = ValidationOptions(), plan: QuantPlan | None = None,
                     episode_steps: int | None = None,
                     progress: ProgressFactory = _no_progress,
                     int8_for_target: dict[str, Path] | None = None,
-                    layer_float_model: Path | None = None) -> dict[str, Any]:
-    """Validate ``int8_model`` against ``float_model`` in closed loop; returns ``validation.json``'s content.
+                    layer_float_model: Path | None = None) -> ValidationResult:
+    """Validate ``int8_model`` against ``float_model`` in closed loop; returns ``validation.json``'s content
+    (with the measured values :func:`split_measurements` moves to ``measurements.json``).
 
     ``int8_for_target`` names a target-specialized INT8 file (e.g. ``policy.int8.cpu.onnx`` for
     ``cpu``): that target validates the file that actually runs there. Each target's result names
@@ -166,17 +175,17 @@ def validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], mak
     :class:`EdgeqError` only when no requested target can run.
     """
     with options.executor.make() as executor:
-        return _validate_models(float_model, int8_model, io, make_env, seeds, env_id=env_id, action_low=action_low,
-                                action_high=action_high, options=options, plan=plan, episode_steps=episode_steps,
-                                progress=progress, int8_for_target=int8_for_target, executor=executor,
-                                layer_float_model=layer_float_model)
+        return _validate_models(float_model, int8_model, dict(io), make_env, seeds, env_id=env_id,
+                                action_low=action_low, action_high=action_high, options=options, plan=plan,
+                                episode_steps=episode_steps, progress=progress, int8_for_target=int8_for_target,
+                                executor=executor, layer_float_model=layer_float_model)
 
 
 def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], make_env: Callable[[], Any],
                      seeds: Sequence[int], *, env_id: str, action_low: np.ndarray, action_high: np.ndarray,
                      options: ValidationOptions, plan: QuantPlan | None, episode_steps: int | None,
                      progress: ProgressFactory, int8_for_target: dict[str, Path] | None,
-                     executor: Executor, layer_float_model: Path | None = None) -> dict[str, Any]:
+                     executor: Executor, layer_float_model: Path | None = None) -> ValidationResult:
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise EdgeqError("validation needs at least one episode (--episodes >= 1)")
@@ -347,7 +356,7 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
     val["sizes"] = {Path(float_model).name: Path(float_model).stat().st_size,
                     Path(int8_model).name: Path(int8_model).stat().st_size}
     val["validation_timings"] = {k: round(v, 3) for k, v in timings.items()}
-    return json_safe(val)  # type: ignore[no-any-return]
+    return cast(ValidationResult, json_safe(val))
 
 
 def _computes_differently(a: str | Path, b: str | Path) -> bool:
@@ -363,7 +372,7 @@ def _computes_differently(a: str | Path, b: str | Path) -> bool:
 
 def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: ValidationOptions = ValidationOptions(),
                     progress: ProgressFactory = _no_progress,
-                    failure: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                    failure: str | None = None) -> tuple[ValidationResult, Manifest]:
     """Validate an existing bundle (files checked against the manifest first); returns (validation, manifest).
 
     ``failure`` (a rule, see :mod:`edgeq.validate.outcomes`) overrides the one the bundle was
@@ -387,7 +396,8 @@ def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: Valida
                          "observations, or env.id is missing); closed-loop validation needs one: quantize again "
                          "with --env")
     make_env = env_factory_for(env)  # with the wrappers / frame stack the policy was trained with
-    stored = ((manifest.get("decision") or {}).get("failure_rule") or {}).get("rule") or (
+    decision = manifest.get("decision")
+    stored = ((decision.get("failure_rule") or {}).get("rule") if decision else None) or (
         ((manifest.get("calibration") or {}).get("recipe") or {}).get("failure"))
     if failure is not None or stored:
         options = replace(options, failure=parse_failure(failure if failure is not None else stored))
@@ -418,7 +428,7 @@ def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: Valida
     return val, manifest
 
 
-def decision_record(validation: dict[str, Any]) -> dict[str, Any]:
+def decision_record(validation: Mapping[str, Any]) -> Decision:
     """What the bundle's manifest records of a validation (``manifest["decision"]``, docs/bundle-format.md).
 
     The verdict, the procedure with its parameters, the tolerance and failure rule, and per target
@@ -427,14 +437,15 @@ def decision_record(validation: dict[str, Any]) -> dict[str, Any]:
     """
     v = validation["verdict"]
     opts = validation.get("options", {})
-    targets = {t: _target_record(r) for t, r in validation["targets"].items()}
-    extra = {"all_int8_cpu": _target_record(validation["all_int8_cpu"])} if validation.get("all_int8_cpu") else {}
-    return {"status": v["status"], "exit_code": v["exit_code"], "procedure": opts.get("design"),
-            "tolerance": validation.get("tolerance"), "failure_rule": opts.get("failure"), "targets": targets,
-            **extra}
+    record: Decision = {"status": v["status"], "exit_code": v["exit_code"], "procedure": opts.get("design"),
+                        "tolerance": validation.get("tolerance"), "failure_rule": opts.get("failure"),
+                        "targets": {t: _target_record(r) for t, r in validation["targets"].items()}}
+    if validation.get("all_int8_cpu"):
+        record["all_int8_cpu"] = _target_record(validation["all_int8_cpu"])
+    return record
 
 
-def _target_record(r: dict[str, Any]) -> dict[str, Any]:
+def _target_record(r: Mapping[str, Any]) -> DecisionTarget:
     """One target's (or the all-INT8 row's) entry in the decision record."""
     vd = r.get("verdict", {})
     ret, fail = vd.get("returns", {}), vd.get("failures", {})
@@ -442,9 +453,8 @@ def _target_record(r: dict[str, Any]) -> dict[str, Any]:
         "status": vd.get("status"), "float_model": r.get("float_model"), "int8_model": r.get("int8_model"),
         "runtime": r.get("runtime"), "episodes": (r.get("episodes") or {}).get("episodes"),
         "stop_reason": vd.get("stop_reason"), "needed_episodes": vd.get("needed_episodes"),
-        "returns": {k: ret.get(k) for k in ("status", "mean", "sd", "interval", "band", "method", "level")},
-        "failures": {k: fail.get(k) for k in ("status", "float_failures", "int8_failures", "only_int8",
-                                               "only_float", "interval", "fail_tol", "rule")},
+        "returns": cast(DecisionReturns, {k: ret.get(k) for k in DecisionReturns.__annotations__}),
+        "failures": cast(DecisionFailures, {k: fail.get(k) for k in DecisionFailures.__annotations__}),
         "outcomes": {side: (r.get("outcomes") or {}).get(side) for side in ("float", "int8")}}
 
 
@@ -469,7 +479,7 @@ MEASURED_KEYS = ("timings", "validation_timings", "latency", "latency_notes", "s
                  "cpu_layer_timing")
 
 
-def split_measurements(validation: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_measurements(validation: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``validation`` without :data:`MEASURED_KEYS` (at any depth), and those values in the same nesting.
 
     The first part is deterministic for the same inputs and seeds (``validation.json``); the second
@@ -498,7 +508,7 @@ def split_measurements(validation: dict[str, Any]) -> tuple[dict[str, Any], dict
     return kept, measured
 
 
-def save_validation(directory: str | Path, validation: dict[str, Any], manifest: dict[str, Any] | None = None, *,
+def save_validation(directory: str | Path, validation: ValidationResult, manifest: Mapping[str, Any] | None = None, *,
                     report: bool = True, update_manifest: bool = False) -> list[Path]:
     """Write ``validation.json``, ``measurements.json`` (and report.html, report.md, report/*.png) into
     ``directory``: the measured values (:data:`MEASURED_KEYS`) go to ``measurements.json`` only; the
