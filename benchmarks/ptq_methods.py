@@ -83,9 +83,15 @@ def _load_cache(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {"rows": {}}
 
 
-def _save_cache(path: Path, cache: dict[str, Any]) -> None:
+def _save_cache(path: Path, cache: dict[str, Any], keys: list[str] | None = None) -> None:
+    """Write ``cache``; with ``keys``, only those rows are merged into the file as it is now (several pieces
+    may run one after another or side by side)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
+    if keys is not None:
+        on_disk = _load_cache(path)
+        on_disk["rows"].update({k: cache["rows"][k] for k in keys})
+        cache = on_disk
+    tmp = path.with_suffix(f".json.tmp{os.getpid()}")
     tmp.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
@@ -124,6 +130,14 @@ def fill_latency(cache: dict[str, Any], work: Path) -> None:
     for row in cache["rows"].values():
         method = row.get("method", "").removesuffix("/cpu")
         bundle = work / row.get("fixture", "") / method
+        if method in SEARCH_METHODS and "confirmation" not in row:
+            start = SEARCH_METHODS[method][0]
+            rec = work / row.get("fixture", "") / f"search-{start}" / "search.json"
+            rec = rec if rec.is_file() else work / row.get("fixture", "") / "search" / "search.json"
+            name = (row.get("file") or "").split("/")[0]
+            if rec.is_file() and name:
+                cands = {c["name"]: c for c in json.loads(rec.read_text()).get("candidates", [])}
+                row.update(_confirmation(cands.get(name, {})))
         if method in QUANTIZE_METHODS and "cpu_file_b1_us" not in row and (bundle / "manifest.json").is_file():
             row.update(_cpu_latency(bundle))
             print(f"{row['fixture']} {row['method']}: {row['cpu_file_b1_us']} us (float {row['float_b1_us']})")
@@ -223,8 +237,19 @@ def run_search(name: str, env: str, method: str, args: argparse.Namespace) -> li
                     "verdict": cand.get("verdict"), "failures": [fails.get("float"), fails.get("candidate")],
                     "file_bytes": path.stat().st_size,
                     "batch1_us": batch1_us(sdir / "candidates" / cand["name"] / "policy.int8.cpu.onnx"),
-                    "layers": cand.get("label"), "seconds": secs})
+                    "layers": cand.get("label"), "seconds": secs, **_confirmation(cand)})
     return out
+
+
+def _confirmation(cand: dict[str, Any]) -> dict[str, Any]:
+    """The search's confirmation of a PASS on fresh seeds (edgeq.search), when it ran."""
+    conf = cand.get("confirmation")
+    if not isinstance(conf, dict):
+        return {}
+    fm, qm = conf.get("float_mean"), conf.get("mean")
+    kept = None if fm is None or qm is None or not fm else (qm / fm if fm > 0 else 1 + (qm - fm) / abs(fm))
+    return {"confirmation": {"verdict": conf.get("verdict"), "return_ratio": kept,
+                             "seeds": conf.get("seeds"), "episodes": conf.get("episodes")}}
 
 
 def run_ort_static(name: str, env: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -288,6 +313,14 @@ def run_ort_static(name: str, env: str, args: argparse.Namespace) -> list[dict[s
                              calibration_states=int(len(obs)))]
 
 
+def _verdict(r: dict[str, Any]) -> str:
+    conf = r.get("confirmation")
+    if not conf:
+        return str(r.get("verdict"))
+    return (f"{r.get('verdict')}; on fresh seeds {conf['seeds'][0]}..{conf['seeds'][1]}: {conf.get('verdict')} "
+            f"({_pct(conf.get('return_ratio'))})")
+
+
 def _pct(x: Any) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
@@ -335,7 +368,7 @@ def render(cache: dict[str, Any], out: Path, command: str) -> None:
                 lay_s += f"; widths {', '.join(r['pruned_widths'])}"
             lines.append(f"| {r['method']} | {r.get('file')} | {lay_s} | {r.get('episodes')} | "
                          f"{r.get('float_mean', 0):.1f} | {r.get('int8_mean', 0):.1f} | {_pct(r.get('kept'))} | "
-                         f"[{_pct(ci[0])}, {_pct(ci[1])}] | {r.get('verdict')} | "
+                         f"[{_pct(ci[0])}, {_pct(ci[1])}] | {_verdict(r)} | "
                          f"{r['failures'][0]}/{r['failures'][1]} | {r.get('file_bytes')} | {r.get('batch1_us')} | "
                          + (f"{r['cpu_file_b1_us']} ({r['float_b1_us']})" if "cpu_file_b1_us" in r else "-")
                          + " |")
@@ -367,7 +400,7 @@ def main() -> None:
     cache = _load_cache(cache_path)
     if args.fill_latency:
         fill_latency(cache, Path(args.work))
-        _save_cache(cache_path, cache)
+        _save_cache(cache_path, cache, list(cache["rows"]))
     elif not args.render:
         known = fixtures(Path(args.fixtures))
         names = args.fixture or list(known)
@@ -401,12 +434,15 @@ def main() -> None:
                     traceback.print_exc()
                     got = [{"method": method, "verdict": "error", "note": f"{type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:160] if str(exc) else ''}"}]
+                keys = []
                 for row in got:
                     row.update(fixture=name, env=env, episodes_arg=args.episodes, seed=args.seed, command=command)
-                    cache["rows"][f"{name}|{row['method']}|{args.episodes}|{args.seed}"] = row
+                    keys.append(f"{name}|{row['method']}|{args.episodes}|{args.seed}")
+                    cache["rows"][keys[-1]] = row
                     print(json.dumps({k: row.get(k) for k in ("method", "kept", "kept_ci", "verdict", "failures",
                                                                "file_bytes", "batch1_us")}), flush=True)
-                _save_cache(cache_path, cache)
+                _save_cache(cache_path, cache, keys)
+        cache = _load_cache(cache_path)
     render(cache, Path(args.out), command)
 
 

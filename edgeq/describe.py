@@ -265,6 +265,11 @@ def activation_choices(manifest: dict[str, Any]) -> str:
         f"{distinct[0]} (every layer)"
 
 
+def _status_of(verdict: dict[str, Any]) -> str:
+    """PASS / FAIL / INCONCLUSIVE (bundles before the three-way verdict: from ``passed``)."""
+    return str(verdict.get("status") or ("PASS" if verdict.get("passed") else "FAIL"))
+
+
 def info_lines(manifest: dict[str, Any], validation: dict[str, Any] | None) -> list[str]:
     """``edgeq info``: the bundle in a dozen lines."""
     lines = loaded_lines(manifest)
@@ -295,8 +300,7 @@ def info_lines(manifest: dict[str, Any], validation: dict[str, Any] | None) -> l
             lines.append(f"validation {target}: float {r['float']['mean']:.1f}, int8 {r['int8']['mean']:.1f} "
                          f"over {len(validation.get('seeds', []))} paired episodes (diff {d['mean']:+.3g}, 95% CI "
                          f"[{d['ci95'][0]:+.3g}, {d['ci95'][1]:+.3g}])"
-                         + (f", verdict {'PASS' if r['verdict'].get('passed') else 'FAIL'}" if r.get("verdict")
-                            else ""))
+                         + (f", verdict {_status_of(r['verdict'])}" if r.get("verdict") else ""))
         if verdict.get("status"):
             lines.append(f"verdict: {verdict['status']}")
     return lines

@@ -148,3 +148,18 @@ def test_bundle_reports_each_file_and_validates_the_all_int8_file_on_cpu(tmp_pat
            "(a replayed measured-latency choice: actor.mu/Gemm)" in " ".join(text.split())
     report = (out / "report.md").read_text()
     assert "cpu, policy.int8.onnx (all-INT8)" in report and "2 of 3 layers int8" in report
+
+
+def test_info_lists_the_all_int8_row_with_its_own_status() -> None:
+    from edgeq.describe import info_lines
+
+    def row(model: str, status: str) -> dict:
+        return {"float": {"mean": 100.0}, "int8": {"mean": 99.0}, "int8_model": model,
+                "paired_difference": {"mean": -1.0, "ci95": [-2.0, 0.5]}, "verdict": {"status": status}}
+
+    val = {"seeds": list(range(20)), "targets": {"cpu": row("policy.int8.cpu.onnx", "INCONCLUSIVE")},
+           "all_int8_cpu": row("policy.int8.onnx", "PASS"), "verdict": {"status": "INCONCLUSIVE"}}
+    lines = info_lines(_manifest([("a", "int8"), ("b", "float on int8 weights")]), val)
+    assert any(line.startswith("validation cpu:") and line.endswith("verdict INCONCLUSIVE") for line in lines)
+    assert any(line.startswith("validation cpu, policy.int8.onnx (all-INT8):") and line.endswith("verdict PASS")
+               for line in lines)
