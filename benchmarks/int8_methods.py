@@ -48,6 +48,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "brecq": {"rounding": "brecq"},
     "gptq+brecq": {"rounding": "gptq+brecq"},
     "adaround+brecq": {"rounding": "adaround+brecq"},
+    "brecq-200": {"rounding": "brecq", "reconstruct_iters": 200},
+    "adaround+brecq-200": {"rounding": "adaround+brecq", "reconstruct_iters": 200},
     "brecq-long": {"rounding": "brecq", "reconstruct_iters": 2000, "reconstruct_seconds": 240.0},
     "equalize-all": {"transform": "equalize", "transform_layers": "all", "alpha": 0.5, "auto": False},
     "crossquant-all": {"transform": "crossquant", "transform_layers": "all", "alpha": 0.0, "auto": False},

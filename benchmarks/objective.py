@@ -71,7 +71,10 @@ def main() -> None:
              "predicts a larger loss.", "",
              "| fixtures | points | " + " | ".join(f"{p} rho (p)" for p in PROXIES) + " |",
              "|---|---|" + "---|" * len(PROXIES)]
-    groups = [(f, [r for r in rows if r["fixture"] == f]) for f in fixtures] + [("pooled", rows)]
+    real = [r for r in rows if not r["method"].startswith("coarse")]
+    groups = ([(f, [r for r in rows if r["fixture"] == f]) for f in fixtures] + [("pooled", rows)]
+              + [(f"{f}, without the coarse stand-ins", [r for r in real if r["fixture"] == f]) for f in fixtures]
+              + [("pooled, without the coarse stand-ins", real)])
     for name, group in groups:
         c = correlations(group)
         cells = [f"{c[p][0]:+.2f} ({c[p][1]:.2g}, n={c[p][2]})" if p in c else "-" for p in PROXIES]

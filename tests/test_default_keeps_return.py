@@ -28,6 +28,9 @@ def test_default_quantize_keeps_pendulum_return(sac_pendulum: Path, tmp_path: Pa
             assert layer["reason"]  # anything not int8 says why
     m = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     assert m["quantization"]["metrics"]["heldout_action_error"]["mean"] < 0.2
+    # SAC archives carry their Q critic: the plan reports the critic-weighted error and value loss (issue 12 part 2)
+    assert "weighted_mean" in m["quantization"]["metrics"]["heldout_action_error"]
+    assert abs(m["quantization"]["metrics"]["critic_value_loss"]["relative"]) < 0.05
     assert m["calibration"]["holdout_seeds"]
 
 

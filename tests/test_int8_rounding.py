@@ -134,3 +134,12 @@ def test_build_plan_rounding_stage_is_recorded_and_never_worse(tiny: tuple, roun
 def test_unknown_rounding_is_refused() -> None:
     with pytest.raises(ValueError, match="rounding must be one of"):
         QuantOptions(rounding="gptq+magic")
+
+
+def test_reconstruction_stops_when_it_no_longer_improves(tiny: tuple) -> None:
+    model, calib, hold = tiny
+    plan = make_plan(model, stats_for(model, calib, hold).observers, calibrator="max")
+    res = reconstruct(model, plan, calib, np.ones(3), iters=5000, eval_every=5, patience=2, seed=0)
+    rep = res.report
+    assert rep["iters"] < 5000 and rep["iters"] - rep["best_iter"] <= 2 * 5
+    assert rep["calibration_loss_best"] <= rep["calibration_loss_start"]

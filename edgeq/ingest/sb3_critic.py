@@ -64,18 +64,18 @@ class Critic:
                 x = np.clip(x, -self.obs_clip, self.obs_clip)
         lo, hi = self.action_low.astype(np.float64), self.action_high.astype(np.float64)
         a = 2.0 * (np.asarray(actions, np.float64) - lo) / (hi - lo) - 1.0
-        xa = np.concatenate([x, a], axis=1)
+        xa = np.concatenate([x, a], axis=1).astype(np.float32)  # the critic's own precision
         outs = []
         for net in self.nets:
             h = xa
             for layer in net:
                 if isinstance(layer, Linear):
-                    h = h @ layer.weight.T.astype(np.float64) + (0.0 if layer.bias is None else layer.bias)
+                    h = h @ layer.weight.T + (0.0 if layer.bias is None else layer.bias)
                 elif isinstance(layer, Affine):
                     h = h * layer.scale + layer.shift
                 elif isinstance(layer, Activation):
                     h = _ACT[layer.kind](h)
-            outs.append(h.mean(axis=1))
+            outs.append(h.astype(np.float64).mean(axis=1))
         return np.mean(outs, axis=0)
 
 

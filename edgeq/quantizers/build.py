@@ -458,7 +458,9 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
     objective_note = "plain action error"
     if critic is not None:
         low, high = getattr(critic, "action_low", None), getattr(critic, "action_high", None)
-        weights = value_sensitivity(critic, b.scorer.states, b.scorer.reference, hr, low=low, high=high)
+        # every scored row when the weights drive the search; else only the held-out rows the metrics report
+        rows = len(b.scorer.states) if opt.objective == "critic" else len(b.held)
+        weights = value_sensitivity(critic, b.scorer.states[:rows], b.scorer.reference[:rows], hr, low=low, high=high)
         if opt.objective == "critic":
             b.scorer.set_weights(weights)
             b.state_weights = value_sensitivity(critic, b.calib, OrtPolicy(model.SerializeToString()).act(b.calib),

@@ -140,7 +140,8 @@ def _interpreter(model: onnx.ModelProto) -> Callable[..., Any]:
 def reconstruct(work: onnx.ModelProto, plan: QuantPlan, states: np.ndarray, half_range: np.ndarray, *,
                 state_weights: np.ndarray | None = None, iters: int = 1000, batch: int = 512,
                 lr: float = 0.005, scale_lr: float = 2e-3, eval_every: int = 25, eval_rows: int = 4096,
-                learn_scales: bool = True, seed: int = 0, time_limit_s: float = 120.0) -> ReconstructResult:
+                learn_scales: bool = True, seed: int = 0, time_limit_s: float = 120.0,
+                patience: int = 0) -> ReconstructResult:
     """Jointly round every static int8 layer's weight and learn every input scale of ``plan``.
 
     Args:
@@ -158,6 +159,7 @@ def reconstruct(work: onnx.ModelProto, plan: QuantPlan, states: np.ndarray, half
         learn_scales: Also learn the activation scales (else only the rounding).
         seed: Mini-batch order.
         time_limit_s: Stop the optimization after this many seconds.
+        patience: Stop after this many evaluations without a better point (0: run every step).
     """
     import torch
 
@@ -176,7 +178,8 @@ def reconstruct(work: onnx.ModelProto, plan: QuantPlan, states: np.ndarray, half
     try:
         return _reconstruct(work, plan, layers, inits, states, half_range, state_weights, iters=iters, batch=batch,
                             lr=lr, scale_lr=scale_lr, eval_every=eval_every, eval_rows=eval_rows,
-                            learn_scales=learn_scales, seed=seed, time_limit_s=time_limit_s, t0=t0)
+                            learn_scales=learn_scales, seed=seed, time_limit_s=time_limit_s, patience=patience,
+                            t0=t0)
     finally:
         torch.set_num_threads(threads)
 
@@ -184,7 +187,7 @@ def reconstruct(work: onnx.ModelProto, plan: QuantPlan, states: np.ndarray, half
 def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], inits: dict[str, np.ndarray],
                  states: np.ndarray, half_range: np.ndarray, state_weights: np.ndarray | None, *, iters: int,
                  batch: int, lr: float, scale_lr: float, eval_every: int, eval_rows: int, learn_scales: bool,
-                 seed: int, time_limit_s: float, t0: float) -> ReconstructResult:
+                 seed: int, time_limit_s: float, patience: int, t0: float) -> ReconstructResult:
     import torch
 
     run = _interpreter(work)
@@ -282,6 +285,8 @@ def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], init
                 print(done, float(loss), e / norm)
             if e < best:
                 best, best_state, best_it = e, snapshot(), done
+            elif patience and done - best_it >= patience * max(1, eval_every):
+                break  # no better point for `patience` evaluations
     up_best, amax_best = best_state
     new_layers = []
     flipped = total = 0
