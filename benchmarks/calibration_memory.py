@@ -42,7 +42,7 @@ def measure(policy: Path, env: str, steps: int, num_envs: int) -> dict[str, Any]
     does (the recipe's exploration noise and held-out episodes), then build the recipe's quantization plan;
     peak RSS of each part and timings."""
     from edgeq.calibration.collect import ExplorationNoise, calibrate_rollouts
-    from edgeq.config import load_recipe
+    from edgeq.config import QuantizeConfig
     from edgeq.envs import env_factory
     from edgeq.export.qdq import apply_plan
     from edgeq.ingest import load_policy
@@ -58,22 +58,24 @@ def measure(policy: Path, env: str, steps: int, num_envs: int) -> dict[str, Any]
         ep_len = int(probe.spec.max_episode_steps)
     finally:
         probe.close()
-    recipe = load_recipe(None, env)
+    config = QuantizeConfig.from_recipe(None, env=env)
+    recipe = config.calibration
     episodes = max(1, round(steps / ep_len))
     seeds = list(range(recipe.seed, recipe.seed + episodes))
     held = list(range(recipe.seed + episodes, recipe.seed + episodes + recipe.holdout_episodes))
-    hold_noise = None if recipe.holdout_exploration is None else ExplorationNoise(**recipe.holdout_exploration)
+    hold = recipe.holdout_exploration
+    hold_noise = None if hold is None else ExplorationNoise(**hold.to_dict())
     mem = PeakRss()
     mem.start()
     t0 = time.perf_counter()
-    stats = calibrate_rollouts(fp, make_env, seeds, noise=ExplorationNoise(**recipe.exploration), num_envs=num_envs,
-                               holdout_seeds=held, holdout_noise=hold_noise)
+    stats = calibrate_rollouts(fp, make_env, seeds, noise=ExplorationNoise(**recipe.exploration.to_dict()),
+                               num_envs=num_envs, holdout_seeds=held, holdout_noise=hold_noise)
     seconds = time.perf_counter() - t0
     mem.stop()
     calib_mem = mem.to_json()
     mem.start()
     t0 = time.perf_counter()
-    plan = build_plan(fp.model, stats, recipe.quant_options(), recurrent=fp.recurrent,
+    plan = build_plan(fp.model, stats, config.quant_options(), recurrent=fp.recurrent,
                       half_range=action_half_range(fp.action_space.low_array, fp.action_space.high_array),
                       lower=apply_plan)
     plan_s = time.perf_counter() - t0

@@ -108,11 +108,11 @@ PLAIN_STAGES: dict[str, Any] = {"transform": "none", "dynamic": False, "auto": F
                                 "bias_correction": False, "fp16_fallback": 0}
 
 
-#: edgeq rows: overrides of the fixture's calibration recipe (``edgeq.config.CalibrationRecipe``
-#: fields). A row whose fields this checkout's recipe does not have is skipped and listed.
+#: edgeq rows: overrides of the fixture's calibration recipe (recipe fields,
+#: ``edgeq.config.RECIPE_FIELDS``). A row whose fields this checkout's recipe does not have is skipped and listed.
 EDGEQ_CONFIGS: list[Config] = [
     _edgeq("edgeq default", "the recipe as shipped (calibration/<env>.yaml, else default.yaml, over the "
-           "CalibrationRecipe defaults)", headline=True, plain=False),
+           "QuantizeConfig defaults)", headline=True, plain=False),
     Config("edgeq default (shipped CPU file)", "edgeq", {},
            "the shipped recipe and the shipped cpu-ort profile: policy.int8.cpu.onnx as edgeq.deploy runs it on a "
            "CPU (layers narrower than cpu_float_below = 32, i.e. the observation and action layers, in float on "
@@ -194,13 +194,13 @@ def all_configs() -> list[Config]:
 
 
 def recipe_fields() -> set[str]:
-    from edgeq.config import CalibrationRecipe
+    from edgeq.config import RECIPE_FIELDS
 
-    return {f.name for f in dataclasses.fields(CalibrationRecipe)}
+    return set(RECIPE_FIELDS)
 
 
 def unsupported_fields(config: Config) -> list[str]:
-    """Recipe fields ``config`` sets that this checkout's :class:`CalibrationRecipe` lacks."""
+    """Recipe fields ``config`` sets that this checkout's recipes lack."""
     if config.kind != "edgeq":
         return []
     return sorted(set(config.settings) - recipe_fields())
@@ -298,15 +298,16 @@ def _profile_for(config: Config) -> Any:
 
 
 def _recipe_for(fixture: Fixture, config: Config | None) -> Any:
-    """The fixture's shipped recipe; for ``plain`` rows with the later stages off; then the row's settings."""
-    from edgeq.config import load_recipe
+    """The fixture's shipped recipe (a :class:`~edgeq.config.QuantizeConfig`); for ``plain`` rows with the later
+    stages off; then the row's settings."""
+    from edgeq.config import RECIPE_FIELDS, QuantizeConfig
 
-    recipe = load_recipe(None, fixture.env)
+    recipe = QuantizeConfig.from_recipe(None, env=fixture.env)
     if config is None:
         return recipe
     known = recipe_fields()
     plain = {k: v for k, v in PLAIN_STAGES.items() if k in known} if config.plain else {}
-    return dataclasses.replace(recipe, **{**plain, **config.settings})
+    return recipe.with_overrides({RECIPE_FIELDS[k]: v for k, v in {**plain, **config.settings}.items()})
 
 
 def run_edgeq_row(fixture: Fixture, config: Config, episodes: int, work: Path, num_envs: int = 8) -> dict[str, Any]:
@@ -325,8 +326,8 @@ def run_edgeq_row(fixture: Fixture, config: Config, episodes: int, work: Path, n
 
     bundle = work / "bundle"
     t0 = time.perf_counter()
-    result = quantize(fixture.path, fixture.env, bundle, episodes=episodes, seed=0, recipe=recipe, num_envs=num_envs,
-                      profile=_profile_for(config), validation=light_validation(num_envs), report=False,
+    result = quantize(fixture.path, fixture.env, bundle, dataclasses.replace(recipe, export=_profile_for(config)),
+                      episodes=episodes, seed=0, num_envs=num_envs, validation=light_validation(num_envs), report=False,
                       overwrite=True, progress=progress)
     wall = time.perf_counter() - t0
     mem.stop()
@@ -358,7 +359,7 @@ def bound_policy(fixture: Fixture) -> tuple[Any, Callable[[], Any], int | None]:
     return fp, make_env, steps
 
 
-def calibration_states(fp: Any, make_env: Callable[[], Any], recipe: Any, num_envs: int = 8,
+def calibration_states(fp: Any, make_env: Callable[[], Any], config: Any, num_envs: int = 8,
                        holdout: bool = True) -> Any:
     """Every state edgeq's calibration rollouts visit: the calibration episodes, then (``holdout``) the
     held-out episodes, with the same seeds, exploration noise and noise streams as
@@ -373,12 +374,13 @@ def calibration_states(fp: Any, make_env: Callable[[], Any], recipe: Any, num_en
     from edgeq.deploy.runtime import OrtPolicy
     from edgeq.rollout import run_episodes
 
+    recipe = config.calibration  # the calibration section of an edgeq.config.QuantizeConfig
     seeds = list(range(recipe.seed, recipe.seed + recipe.episodes))
-    n_hold = max(0, int(getattr(recipe, "holdout_episodes", 0))) if holdout else 0
+    n_hold = max(0, int(recipe.holdout_episodes)) if holdout else 0
     held = list(range(recipe.seed + recipe.episodes, recipe.seed + recipe.episodes + n_hold))
-    noise = ExplorationNoise(**recipe.exploration)
-    hold_cfg = getattr(recipe, "holdout_exploration", None)
-    hold_noise = noise if hold_cfg is None else ExplorationNoise(**hold_cfg)
+    noise = ExplorationNoise(**recipe.exploration.to_dict())
+    hold_cfg = recipe.holdout_exploration
+    hold_noise = noise if hold_cfg is None else ExplorationNoise(**hold_cfg.to_dict())
     low, high = fp.action_space.low_array.ravel(), fp.action_space.high_array.ravel()
     rows: list[np.ndarray] = []
 
@@ -503,7 +505,7 @@ def run_row(fixture: Fixture, config: Config, episodes: int, work: Path, num_env
             "settings": config.settings, "describe": config.describe, "headline": config.headline}
     missing = unsupported_fields(config)
     if missing:
-        return {**base, "skipped": f"this checkout's CalibrationRecipe has no field(s) {missing}"}
+        return {**base, "skipped": f"this checkout's recipes have no field(s) {missing}"}
     try:
         fn = {"edgeq": run_edgeq_row, "ort": run_ort_row, "noise": run_noise_row}[config.kind]
         return {**base, **fn(fixture, config, episodes, work, num_envs)}

@@ -16,7 +16,8 @@ Variants (each where it can run on the machine):
   graph, without and with pinned async copies;
 * ``edgeq cuda-fused``                 the fused INT8 kernel (:class:`FusedCudaPolicy`), one CUDA graph
   per batch size; ``... via deploy.load`` adds ``DeployedPolicy.act``'s input checks;
-* ``edgeq cuda-fused kernel only``     CUDA-event time of the kernel alone (device time, no copies).
+* ``edgeq cuda-fused kernel only``     CUDA-event time of the kernel alone (device time, no copies);
+* ``host: 20 µs of CPU work``           a busy loop, no GPU: the host's own tail on a call that long.
 
 Each variant's output is checked against ONNX Runtime on the CPU running the same file with edgeq's
 session options (int8: the integer ``MatMulIntegerToFloat`` path; fp32: the float graph).
@@ -95,7 +96,14 @@ def floor_calls(batch: int, obs_dim: int, act_dim: int) -> dict[str, Call]:
         stream.synchronize()
         return h_out.array.copy()
 
-    return {"floor: graph launch + sync": launch_sync, "floor: pinned copies (graph) + sync": copy_round_trip}
+    def busy_20us(obs: np.ndarray) -> np.ndarray:
+        end = time.perf_counter() + 20e-6
+        while time.perf_counter() < end:
+            pass
+        return obs
+
+    return {"floor: graph launch + sync": launch_sync, "floor: pinned copies (graph) + sync": copy_round_trip,
+            "host: 20 µs of CPU work, no GPU (the host's own tail)": busy_20us}
 
 
 def fused_kernel_time(runner: Any, batch: int, reps: int = 200) -> float:
@@ -235,6 +243,9 @@ def run(bundles: list[tuple[Path, str]], batches: list[int], json_out: Path | No
             record("edgeq cuda-fused int8", lambda: fused.act, ref_int8)  # noqa: B023 - called at once
             if deployed is not None:
                 record("edgeq cuda-fused int8 via deploy.load (input checks)", lambda: deployed.act, ref_int8)  # noqa: B023 - called at once
+                if batch == 1:
+                    record("edgeq cuda-fused int8 via deploy.load, one observation [obs_dim]",
+                           lambda: lambda x: deployed.act(x[0])[None], ref_int8)  # noqa: B023 - called at once
             rows["edgeq cuda-fused kernel only (device time)"] = {"p50_us": fused_kernel_time(fused.runner, batch)}
             print(f"{tag}  fused kernel alone {rows['edgeq cuda-fused kernel only (device time)']['p50_us']:.1f} us",
                   flush=True)

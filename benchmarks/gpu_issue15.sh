@@ -2,7 +2,9 @@
 # The GPU run of issue 15 (fused INT8 backend, pinned ORT copies, torch-free TensorRT runner).
 # Runs on the GPU machine from a copy of the repository (the command `cd`s there first), with bundles
 # made here in ./bundles (halfcheetah, elu512). Writes to $OUT: env.txt, pytest-*.txt, bench.json/.txt.
-#   bash benchmarks/gpu_issue15.sh [tests] [ort-tests] [returns] [validate] [bench]     (default: tests bench)
+#   bash benchmarks/gpu_issue15.sh [tests] [ort-tests] [returns] [validate] [bench] [history] [jitter]  (default: tests bench)
+# history: benchmarks/gpu_history.py on bundles/{fs-hc,eb-hc,tf-hc} (issue 16's HalfCheetah history fixtures);
+# jitter: benchmarks/gpu_jitter.py, batch 1, the default configuration and torch's graph, JITTER_REPEATS runs.
 # ONNX Runtime GPU, gymnasium and MuJoCo come from ../shared/tools/ort-gpu-wheels.sh's parts, installed
 # by benchmarks/gpu_env.sh when /tmp/ortparts is there (the stages that need them say so and skip otherwise).
 set -uo pipefail
@@ -26,12 +28,14 @@ stages=${*:-tests bench}
 for stage in $stages; do
   case $stage in
   tests)   # the GPU tests that need no onnxruntime-gpu
-    python3 -m pytest -q -p no:cacheprovider -rs tests/test_fused_mlp.py tests/test_trt_runner.py 2>&1 | tee "$OUT/pytest-fused.txt" | tail -25 ;;
+    python3 -m pytest -q -p no:cacheprovider -rs tests/test_fused_mlp.py tests/test_trt_runner.py \
+      tests/test_deploy_fused_hot_path.py tests/test_cli_typer_compat.py 2>&1 | tee "$OUT/pytest-fused.txt" | tail -25 ;;
   returns)   # CPU and CUDA int8 returns on the same file (gymnasium/MuJoCo wheels from /tmp/extra)
     python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_returns.py 2>&1 | tee "$OUT/pytest-returns.txt" | tail -12 ;;
   ort-tests)   # with onnxruntime-gpu (and gymnasium/MuJoCo for the returns)
     python3 -m pytest -q -p no:cacheprovider -rs tests/test_ort_cuda_pinned.py tests/test_gpu_returns.py tests/test_cuda_target.py \
-      tests/test_deploy_policy.py tests/test_fused_mlp.py tests/test_trt_runner.py 2>&1 | tee "$OUT/pytest-all.txt" | tail -30 ;;
+      tests/test_deploy_policy.py tests/test_fused_mlp.py tests/test_trt_runner.py tests/test_deploy_fused_hot_path.py \
+      tests/test_cli_typer_compat.py 2>&1 | tee "$OUT/pytest-all.txt" | tail -30 ;;
   validate)   # the CLI end to end: cpu and cuda targets, the same verdict code (cuda: fused kernel on policy.int8.onnx)
     timeout 240 python3 -m edgeq.cli validate bundles/halfcheetah --targets cpu,cuda --episodes 10 --json \
       > "$OUT/validate-halfcheetah.json" 2> "$OUT/validate-halfcheetah.err"; echo "validate exit $?"
@@ -43,6 +47,12 @@ for t, v in r["targets"].items():
           "int8", round(v["int8"]["mean"], 1), "verdict", v["verdict"]["status"])
 PY
     ;;
+  history)
+    args=(); for b in fs-hc eb-hc tf-hc; do [ -d "bundles/$b" ] && args+=("$b=bundles/$b"); done
+    python3 benchmarks/gpu_history.py "${args[@]}" --calls 5000 --json "$OUT/history.json" 2>&1 | tee "$OUT/history.txt" | grep -av "^\[" ;;
+  jitter)
+    python3 benchmarks/gpu_jitter.py bundles/halfcheetah bundles/elu512 --calls 20000 --repeats "${JITTER_REPEATS:-1}" \
+      --configs "native, spin (new default)" --json "$OUT/jitter-${JITTER_TAG:-0}.json" 2>&1 | grep -a "^\[" ;;
   bench)
     python3 benchmarks/gpu_backends.py bundles/halfcheetah="SAC HalfCheetah-v5 [256,256] ReLU (trained fixture)" \
       bundles/elu512="ELU [512,256,128] (random weights, torch module)" --batches 1 32 256 4096 \

@@ -53,16 +53,16 @@ def run_fixture(name: str, work: Path, episodes: int, latency_calls: int) -> dic
 def compare_top_layer_float(name: str, policy: Path, env: str, bundle: Path, layer: str, work: Path,
                             episodes: int) -> dict[str, Any]:
     """Act on the per-layer ranking: re-quantize with its top layer kept in float, compare both bundles."""
-    from edgeq.config import load_recipe
+    from edgeq.config import QuantizeConfig
     from edgeq.envs import env_factory
     from edgeq.pipeline import quantize
     from edgeq.validate.compare import compare_models, load_candidate
     from edgeq.validate.report import write_compare_report
 
-    recipe = load_recipe(None, env)
-    recipe.keep_float = [*recipe.keep_float, layer]
+    config = QuantizeConfig.from_recipe(None, env=env)
+    config = config.with_overrides({"quantization.keep_float": [*config.quantization.keep_float, layer]})
     variant = work / f"{name}-keep-{layer.split('/')[0]}"
-    quantize(policy, env, variant, episodes=episodes, recipe=recipe, report=False)
+    quantize(policy, env, variant, config, episodes=episodes, report=False)
     make_env = env_factory(env)
     probe = make_env()
     low, high = probe.action_space.low, probe.action_space.high

@@ -13,6 +13,7 @@ import typer
 from edgeq.commands import check as _check  # noqa: F401  (registers check)
 from edgeq.commands import compare as _compare  # noqa: F401  (registers compare)
 from edgeq.commands import quantize as _quantize  # noqa: F401  (registers quantize, info)
+from edgeq.commands import search as _search  # noqa: F401  (registers search)
 from edgeq.commands import serve as _serve  # noqa: F401  (registers serve)
 from edgeq.commands import validate as _validate  # noqa: F401  (registers validate)
 from edgeq.commands._app import app

@@ -38,8 +38,9 @@ class HistorySpec:
     """The observation history a policy reads, kept by the runtime (:mod:`edgeq.deploy.history`).
 
     The graph input ``input_name`` is ``[batch, length * obs_dim]``: the last ``length``
-    observations, oldest first (the current one last), with zeros for steps before the episode
-    start. ``act(obs)`` still takes one observation: the runtime keeps the window.
+    observations, oldest first (the current one last); before the episode start the window holds
+    zeros (``reset="zeros"``) or the episode's first observation (``reset="first-observation"``).
+    ``act(obs)`` still takes one observation: the runtime keeps the window.
     """
 
     length: int
@@ -54,7 +55,8 @@ class HistorySpec:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> HistorySpec:
-        return cls(int(d["length"]), int(d["obs_dim"]), str(d.get("input", OBS_INPUT)))
+        return cls(int(d["length"]), int(d["obs_dim"]), str(d.get("input", OBS_INPUT)),
+                   reset=str(d.get("reset", "zeros")))
 
 
 @dataclass(frozen=True)

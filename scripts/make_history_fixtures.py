@@ -27,6 +27,17 @@ a fixed observation normalization from the expert's states, files ``*-halfcheeta
 Usage (1 torch thread, a few minutes of CPU each)::
 
     python scripts/make_history_fixtures.py framestack transformer encoder-body
+
+TorchScript twins (``--torchscript``, no training): the same students rebuilt from the committed ONNX
+files' weights (``from_onnx``; the module must reproduce the ONNX file to 1e-5), then saved as
+TorchScript as legged_gym/Unitree export policies: the frame stack and the encoder + body with
+``torch.jit.script``, the Transformer with ``torch.jit.trace``. Files
+``torchscript-{framestack-mlp,transformer,encoder,body}-<task>.pt``; the record
+``torchscript-<fixture>-<task>.json`` holds the source ONNX hashes, the largest TorchScript-vs-ONNX
+difference and the float return of the TorchScript module itself (same evaluation seeds)::
+
+    python scripts/make_history_fixtures.py --torchscript framestack transformer encoder-body
+    python scripts/make_history_fixtures.py --torchscript --task halfcheetah framestack transformer encoder-body
 """
 
 from __future__ import annotations
@@ -63,6 +74,9 @@ ACT_HIGH = 2.0
 OBS_SCALE: tuple[float, ...] = (1.0, 1.0, 1.0 / 8.0)  # Pendulum: cos, sin in [-1, 1], angular velocity in [-8, 8]
 OBS_SHIFT: tuple[float, ...] = (0.0, 0.0, 0.0)
 EVAL_SEEDS = list(range(10000, 10020))
+#: What fills the window at an episode start (edgeq.deploy.history): "zeros", or "first-observation"
+#: (--history-reset; those fixtures are named ``*-firstobs-<task>``).
+RESET = "zeros"
 TRAIN_SEED0 = 20000
 #: Episodes: (expert with noise, per DAgger round); HalfCheetah episodes are 1000 steps, Pendulum's 200.
 EPISODES = (30, 20)
@@ -82,7 +96,7 @@ class Scale(nn.Module):
         super().__init__()
         self.register_buffer("scale", torch.tensor(OBS_SCALE, dtype=torch.float32))
         self.register_buffer("shift", torch.tensor(OBS_SHIFT, dtype=torch.float32))
-        self.shifted = any(OBS_SHIFT)  # Pendulum: a scale only (the graph then has no Add)
+        self.shifted = bool(any(OBS_SHIFT))  # Pendulum: a scale only (the graph then has no Add)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale + self.shift if self.shifted else x * self.scale
@@ -91,13 +105,14 @@ class Scale(nn.Module):
 class FrameStackMLP(nn.Module):
     def __init__(self, hidden: int = 64) -> None:
         super().__init__()
+        self.act_high = float(ACT_HIGH)  # an attribute, not a global: TorchScript can script it
         self.scale = Scale()
         self.net = nn.Sequential(nn.Linear(K * OBS_DIM, hidden), nn.ELU(), nn.Linear(hidden, hidden), nn.ELU(),
                                  nn.Linear(hidden, ACT_DIM))
 
     def forward(self, obs_history: torch.Tensor) -> torch.Tensor:  # [B, K, obs_dim]
         x = self.scale(obs_history).flatten(1)
-        return torch.tanh(self.net(x)) * ACT_HIGH
+        return torch.tanh(self.net(x)) * self.act_high
 
 
 class CausalSelfAttention(nn.Module):
@@ -138,6 +153,7 @@ class Block(nn.Module):
 class TransformerPolicy(nn.Module):
     def __init__(self, dim: int = 32, heads: int = 2, layers: int = 2) -> None:
         super().__init__()
+        self.act_high = float(ACT_HIGH)  # an attribute, not a global: TorchScript can script it
         self.scale = Scale()
         self.embed = nn.Linear(OBS_DIM, dim)
         self.pos = nn.Parameter(torch.zeros(K, dim))
@@ -148,7 +164,7 @@ class TransformerPolicy(nn.Module):
     def forward(self, obs_history: torch.Tensor) -> torch.Tensor:
         x = self.embed(self.scale(obs_history)) + self.pos
         x = self.ln(self.blocks(x))
-        return torch.tanh(self.head(x[:, -1])) * ACT_HIGH
+        return torch.tanh(self.head(x[:, -1])) * self.act_high
 
 
 class ConvEncoder(nn.Module):
@@ -166,12 +182,13 @@ class ConvEncoder(nn.Module):
 class Body(nn.Module):
     def __init__(self, latent: int = 8, hidden: int = 64) -> None:
         super().__init__()
+        self.act_high = float(ACT_HIGH)  # an attribute, not a global: TorchScript can script it
         self.scale = Scale()
         self.net = nn.Sequential(nn.Linear(OBS_DIM + latent, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                                  nn.Linear(hidden, ACT_DIM))
 
     def forward(self, obs: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.net(torch.cat([self.scale(obs), latent], dim=1))) * ACT_HIGH
+        return torch.tanh(self.net(torch.cat([self.scale(obs), latent], dim=1))) * self.act_high
 
 
 class EncoderBody(nn.Module):
@@ -193,7 +210,7 @@ class TorchHistoryPolicy:
     """A torch student behind act/reset with edgeq's history convention; records windows."""
 
     def __init__(self, module: nn.Module) -> None:
-        self.module, self.history = module, HistoryBuffer(K, OBS_DIM)
+        self.module, self.history = module, HistoryBuffer(K, OBS_DIM, RESET)
         self.last = np.zeros((0, K * OBS_DIM), np.float32)
 
     def act(self, obs: np.ndarray) -> np.ndarray:
@@ -209,7 +226,7 @@ class ExpertHistoryPolicy:
     """The expert acts on the current observation; its windows are recorded for the student."""
 
     def __init__(self, expert: OrtPolicy) -> None:
-        self.expert, self.history = expert, HistoryBuffer(K, OBS_DIM)
+        self.expert, self.history = expert, HistoryBuffer(K, OBS_DIM, RESET)
         self.last = np.zeros((0, K * OBS_DIM), np.float32)
 
     def act(self, obs: np.ndarray) -> np.ndarray:
@@ -289,7 +306,129 @@ class _Reshape:
 
 
 def onnx_runtime(path: Path) -> ObservationHistory:
-    return ObservationHistory(_Reshape(path), K, OBS_DIM)
+    return ObservationHistory(_Reshape(path), K, OBS_DIM, reset=RESET)
+
+
+# -- TorchScript twins of the committed ONNX fixtures (no retraining) -----------------------------
+def onnx_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The torch parameters of an ONNX fixture exported from ``_Export(student)``.
+
+    Named initializers keep their torch names (``inner.net.0.weight``); weights the exporter folded
+    into ``MatMul`` operands (``onnx::MatMul_231``, transposed) get their name from the node's scope
+    (``/inner/blocks/blocks.0/attn/q/MatMul`` → ``blocks.0.attn.q.weight``).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    sd = {k[len("inner."):]: torch.from_numpy(v.copy()) for k, v in inits.items() if k.startswith("inner.")}
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits or not node.input[1].startswith("onnx::"):
+            continue
+        parts = node.name.strip("/").split("/")[1:-1]  # drop "inner" and "MatMul"
+        parts = [q for i, q in enumerate(parts) if not (i + 1 < len(parts) and parts[i + 1].startswith(q + "."))]
+        sd[".".join(parts) + ".weight"] = torch.from_numpy(inits[node.input[1]].T.copy())
+    return sd
+
+
+def from_onnx(module: nn.Module, path: Path) -> nn.Module:
+    """``module`` with the weights of the ONNX file at ``path`` (every parameter must be there)."""
+    sd = onnx_state_dict(path)
+    missing, unexpected = module.load_state_dict(sd, strict=False)
+    # the exporter keeps one copy of the (constant) mask, and drops an unused zero shift
+    missing = [m for m in missing
+               if not m.endswith("attn.mask") and not (m.endswith("scale.shift") and not any(OBS_SHIFT))]
+    if missing or unexpected:
+        raise SystemExit(f"{path}: cannot rebuild the torch module: missing {missing}, unexpected {unexpected}")
+    return module.eval()
+
+
+def _set_scale(path: Path) -> None:
+    sd = onnx_state_dict(path)
+    scale = sd["scale.scale"].numpy()
+    shift = sd["scale.shift"].numpy() if "scale.shift" in sd else np.zeros_like(scale)
+    globals().update(OBS_SCALE=tuple(scale.tolist()), OBS_SHIFT=tuple(shift.tolist()))
+
+
+class _TorchScriptRuntime:
+    """A TorchScript student (or encoder → body pair) behind act/reset, window kept by HistoryBuffer."""
+
+    def __init__(self, *modules: Any) -> None:
+        self.modules, self.history = modules, HistoryBuffer(K, OBS_DIM, RESET)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.modules) == 1:
+            return self.modules[0](x)
+        enc, body = self.modules
+        return body(x[:, -1], enc(x))
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        w = torch.from_numpy(self.history.push(obs)).reshape(-1, K, OBS_DIM)
+        with torch.no_grad():
+            return self(w).numpy()
+
+    def reset(self, mask: np.ndarray | None = None) -> None:
+        self.history.reset(mask)
+
+
+def make_torchscript(name: str, task: str) -> None:
+    """Save the TorchScript twin of fixture ``name`` and its record (see the module docstring)."""
+    import hashlib
+
+    t0 = time.perf_counter()
+    base = f"{FILES[name]}-{SUFFIX}"
+    x = torch.from_numpy(_probe())
+    if name == "encoder-body":
+        sources = [OUT / f"encoder-{SUFFIX}.onnx", OUT / f"body-{SUFFIX}.onnx"]
+        _set_scale(sources[0])
+        enc, body = from_onnx(ConvEncoder(), sources[0]), from_onnx(Body(), sources[1])
+        saved = [torch.jit.script(enc), torch.jit.script(body)]
+        files = [f"torchscript-encoder-{SUFFIX}.pt", f"torchscript-body-{SUFFIX}.pt"]
+        how = "torch.jit.script (encoder: obs_history [B, K, obs_dim] -> latent; body: (obs, latent) -> actions)"
+        onnx_ref = _ComposedRuntime(*sources)
+        z = onnx_ref.enc.run(["latent"], {"obs_history": x.numpy()})[0]
+        ref = onnx_ref.body.run(["actions"], {"obs": x.numpy()[:, -1], "latent": z})[0]
+    else:
+        sources = [OUT / f"{base}.onnx"]
+        _set_scale(sources[0])
+        module = from_onnx(STUDENTS[name](), sources[0])
+        if name == "transformer":
+            saved = [torch.jit.trace(module, (torch.zeros(1, K, OBS_DIM),))]
+            how = "torch.jit.trace with a [1, K, obs_dim] example (obs_history -> actions)"
+        else:
+            saved = [torch.jit.script(module)]
+            how = "torch.jit.script (obs_history [B, K, obs_dim] -> actions)"
+        files = [f"torchscript-{base}.pt"]
+        ref = OrtPolicy(sources[0], input_name="obs_history").act(x.numpy())
+    for m, f in zip(saved, files, strict=True):
+        m.save(str(OUT / f))
+    loaded = [torch.jit.load(str(OUT / f)) for f in files]
+    rt = _TorchScriptRuntime(*loaded)
+    with torch.no_grad():
+        diff = float(np.abs(rt(x).numpy() - ref).max())
+    if diff > 1e-5:
+        raise SystemExit(f"{files}: the TorchScript module differs from {sources} by {diff:.3g}")
+    res = run_episodes(env_factory(ENV_ID), rt, EVAL_SEEDS, num_envs=10)
+    record = {
+        "fixture": f"torchscript-{base}", "files": files, "format": "TorchScript", "export": how,
+        "env_id": ENV_ID, "history": {"length": K, "obs_dim": OBS_DIM, "layout": "oldest first", "reset": RESET},
+        "weights_from": [{"path": f"tests/fixtures/policies/{q.name}",
+                          "sha256": hashlib.sha256(q.read_bytes()).hexdigest()} for q in sources],
+        "training": f"none: the weights of {', '.join(q.name for q in sources)} (see {base}.json)",
+        "torchscript_vs_onnx_max_abs_diff": diff,
+        "eval": {"runtime": "the TorchScript module(s), torch CPU, edgeq.deploy.history.HistoryBuffer",
+                 "episodes": len(EVAL_SEEDS), "seeds": f"{EVAL_SEEDS[0]}..{EVAL_SEEDS[-1]}",
+                 "mean_return": round(float(res.returns.mean()), 3),
+                 "std_return": round(float(res.returns.std(ddof=1)), 3),
+                 "returns": [round(float(r), 3) for r in res.returns]},
+        "seconds": round(time.perf_counter() - t0, 1),
+        "command": f"python scripts/make_history_fixtures.py --torchscript --task {task} {name}",
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+    }
+    (OUT / f"torchscript-{base}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"{name}: TorchScript {files}, vs ONNX {diff:.2e}, eval return {res.returns.mean():.1f} ± "
+          f"{res.returns.std(ddof=1):.1f}", flush=True)
 
 
 def main() -> None:
@@ -299,9 +438,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500, help="Adam steps per round")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--task", choices=sorted(TASKS), default="pendulum", help="env and expert (default pendulum)")
+    ap.add_argument("--history-reset", choices=["zeros", "first-observation"], default="zeros",
+                    help="what fills the window at an episode start, in training and evaluation (default zeros)")
+    ap.add_argument("--torchscript", action="store_true",
+                    help="no training: save TorchScript twins of the committed ONNX fixtures")
     args = ap.parse_args()
     globals().update(TASKS[args.task])
+    globals().update(RESET=args.history_reset)
     torch.set_num_threads(1)
+    if args.torchscript:
+        for name in args.fixtures:
+            make_torchscript(name, args.task)
+        return
     expert = OrtPolicy(load_sb3(EXPERT).model.SerializeToString())
     n_expert, n_round = EPISODES
     for name in args.fixtures:
@@ -327,11 +475,12 @@ def main() -> None:
                   flush=True)
             x, y = np.concatenate([x, xs]), np.concatenate([y, ys])
             loss = fit(module, x, y, args.steps, args.seed + r + 1)
-        base = f"{FILES[name]}-{SUFFIX}"
+        base = f"{FILES[name]}{'-firstobs' if RESET != 'zeros' else ''}-{SUFFIX}"
         example = torch.zeros(1, K, OBS_DIM)
         if name == "encoder-body":
             assert isinstance(module, EncoderBody)
-            enc, body = OUT / f"encoder-{SUFFIX}.onnx", OUT / f"body-{SUFFIX}.onnx"
+            tag = "-firstobs" if RESET != "zeros" else ""
+            enc, body = OUT / f"encoder{tag}-{SUFFIX}.onnx", OUT / f"body{tag}-{SUFFIX}.onnx"
             export(module.encoder, (example,), enc, ["obs_history"], "latent")
             export(module.body, (torch.zeros(1, OBS_DIM), torch.zeros(1, 8)), body, ["obs", "latent"], "actions")
             files = [enc.name, body.name]
@@ -346,7 +495,7 @@ def main() -> None:
         record = {
             "fixture": base, "files": files, "env_id": ENV_ID, "expert": EXPERT.name,
             "method": "behaviour cloning on noisy expert rollouts, then DAgger (expert relabels the student's states)",
-            "history": {"length": K, "obs_dim": OBS_DIM, "layout": "oldest first", "reset": "zeros"},
+            "history": {"length": K, "obs_dim": OBS_DIM, "layout": "oldest first", "reset": RESET},
             "seed": args.seed, "dagger_rounds": args.dagger_rounds, "adam_steps_per_round": args.steps,
             "training_states": int(len(x)), "final_loss": round(loss, 6), "rounds": history,
             "parameters": int(sum(p.numel() for p in module.parameters())),
@@ -359,6 +508,7 @@ def main() -> None:
                      "returns": [round(float(r), 3) for r in res.returns]},
             "train_seconds": round(time.perf_counter() - t0, 1),
             "command": (f"python scripts/make_history_fixtures.py {name} --task {args.task} --steps {args.steps} "
+                        f"--history-reset {RESET} "
                         f"--dagger-rounds {args.dagger_rounds} --seed {args.seed}"),
             "versions": {"python": platform.python_version(), "torch": torch.__version__},
         }
@@ -390,7 +540,7 @@ class _ComposedRuntime:
 
         self.enc = ort.InferenceSession(str(enc), providers=["CPUExecutionProvider"])
         self.body = ort.InferenceSession(str(body), providers=["CPUExecutionProvider"])
-        self.history = HistoryBuffer(K, OBS_DIM)
+        self.history = HistoryBuffer(K, OBS_DIM, RESET)
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         w = self.history.push(obs).reshape(-1, K, OBS_DIM)

@@ -16,7 +16,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 def qdq_mlp(path: Path, obs_dim: int = 17, hidden: tuple[int, ...] = (512, 256, 128), act_dim: int = 6, *,
             activation: str = "Elu", seed: int = 0, inv_factors: bool = True, rescale: bool = True,
-            pre_sub_div: bool = False) -> Path:
+            pre_sub_div: bool = False, window: tuple[int, int] | None = None) -> Path:
+    """``window=(L, D)``: a history policy's input (``obs_dim`` = L·D): ``Reshape [-1, L, D] → Mul, Add`` by
+    per-feature ``[D]`` constants ``→ Flatten``, as edgeq's frame-stack bundles start."""
     rng = np.random.default_rng(seed)
     inits: list[onnx.TensorProto] = []
     nodes: list[onnx.NodeProto] = []
@@ -26,6 +28,17 @@ def qdq_mlp(path: Path, obs_dim: int = 17, hidden: tuple[int, ...] = (512, 256, 
         return name
 
     cur = "obs"
+    if window is not None:
+        length, dim = window
+        assert length * dim == obs_dim
+        nodes.append(helper.make_node("Reshape", [cur, const("win.shape", np.array([-1, length, dim], np.int64))],
+                                      ["win"], name="edgeq/history_reshape"))
+        nodes.append(helper.make_node("Mul", ["win", const("win.scale", rng.uniform(0.5, 2, dim).astype(np.float32))],
+                                      ["win_s"]))
+        nodes.append(helper.make_node("Add", ["win_s", const("win.shift", rng.normal(size=dim).astype(np.float32))],
+                                      ["win_t"]))
+        nodes.append(helper.make_node("Flatten", ["win_t"], ["win_flat"], axis=1))
+        cur = "win_flat"
     if pre_sub_div:
         nodes.append(helper.make_node("Sub", [cur, const("obs_mean", rng.normal(size=obs_dim).astype(np.float32))],
                                       ["obs_c"]))

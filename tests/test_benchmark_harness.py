@@ -12,7 +12,6 @@ What must hold for the benchmark's table to mean anything:
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -43,16 +42,18 @@ def test_equal_batches_split_every_row(bench: ModuleType) -> None:
 
 def test_ort_calibrates_on_the_states_edgeq_calibrates_on(bench: ModuleType) -> None:
     from edgeq.calibration.collect import ExplorationNoise, calibrate_rollouts
-    from edgeq.config import load_recipe
+    from edgeq.config import QuantizeConfig
 
     fx = bench.FIXTURES["sac-pendulum"]
     fp, make_env, ep_len = bench.bound_policy(fx)
-    recipe = dataclasses.replace(load_recipe(None, fx.env), episodes=3, holdout_episodes=2)
-    states = bench.calibration_states(fp, make_env, recipe)
+    config = QuantizeConfig.from_recipe(None, env=fx.env).with_overrides(
+        {"calibration.episodes": 3, "calibration.holdout_episodes": 2})
+    states = bench.calibration_states(fp, make_env, config)
+    recipe = config.calibration
     seeds = list(range(recipe.seed, recipe.seed + recipe.episodes))
     held = list(range(recipe.seed + 3, recipe.seed + 5))
     big = 10 * ep_len * recipe.episodes
-    stats = calibrate_rollouts(fp, make_env, seeds, noise=ExplorationNoise(**recipe.exploration),
+    stats = calibrate_rollouts(fp, make_env, seeds, noise=ExplorationNoise(**recipe.exploration.to_dict()),
                                num_envs=recipe.num_envs, reservoir_size=big, holdout_seeds=held, holdout_size=big)
     assert states.shape == (5 * ep_len, fp.obs_space.size)
     # reservoirs larger than the stream keep every row in order: the same states, calibration then held-out

@@ -168,11 +168,11 @@ def test_mse_is_fast() -> None:
     assert np.count_nonzero(counts) > 2000
     compute_amax(obs, "mse")
     best = math.inf
-    for _ in range(5):
-        t0 = time.perf_counter()
+    for _ in range(5):  # CPU time of this process: other jobs on a shared machine (or an xdist worker) do not count
+        t0 = time.process_time()
         compute_amax(obs, "mse")
-        best = min(best, time.perf_counter() - t0)
-    assert best < 0.05, f"mse calibration took {best * 1e3:.1f} ms"
+        best = min(best, time.process_time() - t0)
+    assert best < 0.05, f"mse calibration took {best * 1e3:.1f} ms of CPU"
 
 
 # ------------------------------------------------------------------------------- entropy

@@ -60,12 +60,9 @@ def test_a_killed_run_leaves_a_temporary_that_the_next_run_removes(tmp_path: Pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
 
 
-def _quantize(out: Path) -> None:
+def _quantize(out: Path, *settings: str) -> None:
     res = subprocess.run([sys.executable, "-m", "edgeq.cli", "quantize", str(SAC_PENDULUM), "--env", "Pendulum-v1",
-                          "--out", str(out), "--episodes", "3", "--calib-episodes", "3", "--json",
-                          # the CPU file's float layers are chosen by timing (recorded, replayable); fixed here
-                          "--cpu-float-layers", "none"],
-                         capture_output=True, text=True, timeout=600)
+                          "--out", str(out), "--json", *settings], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
 
 
@@ -74,8 +71,9 @@ def test_two_runs_are_byte_identical_except_the_measurements(tmp_path: Path) -> 
     old = os.umask(0o022)
     try:
         a, b = tmp_path / "a", tmp_path / "b"
-        _quantize(a)
-        _quantize(b)
+        # the CPU file's float layers are chosen by timing (recorded, replayable); fixed here
+        _quantize(a, "--episodes", "3", "--calib-episodes", "3", "--cpu-float-layers", "none")
+        _quantize(b, "--config", str(a))  # the config stored in a's manifest makes the same bundle
     finally:
         os.umask(old)
     files_a = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
@@ -85,7 +83,13 @@ def test_two_runs_are_byte_identical_except_the_measurements(tmp_path: Path) -> 
     m = read_manifest(a)
     unhashed = set(m["unhashed"])
     assert MEASUREMENTS in unhashed and not unhashed & set(m["files"])
-    assert set(differ) <= unhashed, differ  # manifest.json, validation.json, models, plan: identical
+    assert set(differ) <= unhashed, differ  # manifest.json (with its config), validation.json, models, plan
+    assert m["config"]["validation"]["episodes"] == 3 and m["config"]["calibration"]["episodes"] == 3
+    # a freshly written bundle fits the typed records (edgeq.deploy.contracts)
+    from test_contracts import check_manifest_contract, check_validation_contract
+
+    check_manifest_contract(m)
+    check_validation_contract({**json.loads((a / "validation.json").read_text())})
     assert {"manifest.json", "validation.json", "policy.int8.onnx"} <= set(files_a) - set(differ)
     assert set(m["files"]) == set(files_a) - unhashed - {"manifest.json"}
     # the measured values live in measurements.json only
@@ -94,7 +98,7 @@ def test_two_runs_are_byte_identical_except_the_measurements(tmp_path: Path) -> 
     text = json.dumps(val)
     assert '"latency"' not in text and '"timings"' not in text and '"seconds"' not in text
     assert meas["targets"]["cpu"]["latency"]["models"]["int8"]["batch1"] and meas["timings"]["ingest_s"] >= 0
-    assert "seconds" not in json.dumps(m)
+    assert '"seconds"' not in json.dumps(m)  # no measured time (the config's reconstruct_seconds is a setting)
     # files follow the umask (0644 under umask 022; validation.json was 0600), the directory 0755
     for name in files_a:
         assert stat.S_IMODE((a / name).stat().st_mode) == 0o644, name

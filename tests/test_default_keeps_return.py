@@ -7,7 +7,7 @@ from pathlib import Path
 
 import edgeq
 import edgeq.quantizers.build  # noqa: F401  (the callable package must survive its submodules being imported)
-from edgeq.config import load_recipe
+from edgeq.config import QuantizeConfig
 
 
 def test_default_quantize_keeps_pendulum_return(sac_pendulum: Path, tmp_path: Path) -> None:
@@ -17,7 +17,7 @@ def test_default_quantize_keeps_pendulum_return(sac_pendulum: Path, tmp_path: Pa
     kept = 1.0 + (q - f) / abs(f)  # reads the same for negative returns
     assert kept >= 0.99, f"int8 kept {100 * kept:.2f}% of the float return ({q:.1f} vs {f:.1f})"
     # the defaults are what the recipe says, and the manifest shows every layer's choice
-    rec = load_recipe(None, "Pendulum-v1")
+    rec = QuantizeConfig.from_recipe(None, env="Pendulum-v1").quantization
     quant = res.manifest["quantization"]
     assert quant["settings"]["options"]["auto"] == rec.auto
     assert quant["settings"]["options"]["transform"] == rec.transform
@@ -28,6 +28,9 @@ def test_default_quantize_keeps_pendulum_return(sac_pendulum: Path, tmp_path: Pa
             assert layer["reason"]  # anything not int8 says why
     m = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     assert m["quantization"]["metrics"]["heldout_action_error"]["mean"] < 0.2
+    # SAC archives carry their Q critic: the plan reports the critic-weighted error and value loss (issue 12 part 2)
+    assert "weighted_mean" in m["quantization"]["metrics"]["heldout_action_error"]
+    assert abs(m["quantization"]["metrics"]["critic_value_loss"]["relative"]) < 0.05
     assert m["calibration"]["holdout_seeds"]
 
 
@@ -51,6 +54,6 @@ def test_cli_selects_the_quantization_options(sac_pendulum: Path, tmp_path: Path
     assert m["quantization"]["transforms"][0]["method"] == "equalize"
     assert "per-layer quantization" in res.stdout and "equalize(alpha=0.4)" in res.stdout
     bad = subprocess.run([sys.executable, "-m", "edgeq.cli", "quantize", str(sac_pendulum), "--env", "Pendulum-v1",
-                          "--out", str(tmp_path / "c"), "--rounding", "stochastic"],
+                          "--out", str(tmp_path / "c"), "--rounding", "magic"],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "rounding must be one of" in bad.stderr and "Traceback" not in bad.stderr

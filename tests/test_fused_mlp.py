@@ -44,6 +44,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "relu256_norm": qdq_mlp(d / "relu.onnx", 17, (256, 256), 6, activation="Relu", seed=2, pre_sub_div=True,
                                 inv_factors=False),
         "wide1024": qdq_mlp(d / "wide.onnx", 40, (1024, 1024), 12, activation="Relu", seed=3, rescale=False),
+        # a frame-stack history policy's input: Reshape [-1, 8, 17], per-feature Mul/Add, Flatten
+        "window8x17": qdq_mlp(d / "window.onnx", 136, (256, 256), 6, activation="Relu", seed=4, window=(8, 17)),
     }
 
 
@@ -101,6 +103,24 @@ def test_unsupported_graphs_name_the_node(tmp_path: Path) -> None:
     onnx.save(m, str(tmp_path / "bad.onnx"))
     with pytest.raises(UnsupportedGraph, match="Softplus"):
         plan_from_graph(load_graph(tmp_path / "bad.onnx"))
+
+
+def test_history_window_view_runs_as_a_flat_row(models: dict[str, Path], tmp_path: Path) -> None:
+    """``Reshape [-1, L, D] → per-feature ops → Flatten`` is elementwise on the flat row with each constant
+    repeated L times; any other use of the view is refused, naming the node."""
+    plan = plan_from_graph(load_graph(models["window8x17"]))
+    assert plan.obs_dim == 136 and [o.op for o in plan.pre[:2]] == ["Mul", "Add"]
+    scale = plan.pre[0].const
+    assert scale is not None and scale.shape == (136,)
+    np.testing.assert_array_equal(scale[:17], scale[17 * 7:])
+    m = onnx.load(str(models["window8x17"]))
+    flatten = next(n for n in m.graph.node if n.op_type == "Flatten")
+    m.graph.node.remove(flatten)
+    for n in m.graph.node:  # the view goes straight into the first quantizer
+        n.input[:] = ["win_t" if i == "win_flat" else i for i in n.input]
+    onnx.save(m, str(tmp_path / "no_flatten.onnx"))
+    with pytest.raises(UnsupportedGraph, match=r"\[batch, L, D\] view|does not broadcast per feature \(width 17\)"):
+        plan_from_graph(load_graph(tmp_path / "no_flatten.onnx"))
 
 
 def test_packed_weight_layouts(models: dict[str, Path]) -> None:

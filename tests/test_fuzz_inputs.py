@@ -225,16 +225,18 @@ def test_fuzz_every_input_is_accepted_or_one_line_exit_2(seeds: dict[str, Any], 
     import edgeq.export.bundle
 
     monkeypatch.setattr(edgeq.export.bundle, "check_writable", lambda out: None)
-    for name in ("load_recipe", "load_profile"):
-        real = getattr(edgeq.pipeline, name)
-        cache: dict[Any, Any] = {}
+    from edgeq.config import QuantizeConfig
 
-        def cached(*a: Any, _real: Any = real, _cache: dict[Any, Any] = cache) -> Any:
-            if a not in _cache:
-                _cache[a] = _real(*a)
-            return copy.deepcopy(_cache[a])
+    real = QuantizeConfig.from_recipe.__func__  # type: ignore[attr-defined]
+    cache: dict[Any, QuantizeConfig] = {}
 
-        monkeypatch.setattr(edgeq.pipeline, name, cached)
+    def cached(cls: type[QuantizeConfig], *a: Any, **k: Any) -> QuantizeConfig:
+        key = (a, tuple(sorted(k.items())))
+        if key not in cache:
+            cache[key] = real(cls, *a, **k)
+        return cache[key]  # frozen: shared safely
+
+    monkeypatch.setattr(QuantizeConfig, "from_recipe", classmethod(cached))
     rng = np.random.default_rng(20261203)
     tally = Tally()
     out = str(tmp_path / "never-written")

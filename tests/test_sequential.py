@@ -176,9 +176,10 @@ def test_failure_rules() -> None:
 
 
 def test_bipedalwalker_recipe_declares_its_failures() -> None:
-    from edgeq.config import load_recipe
+    from edgeq.config import QuantizeConfig
 
-    rule = parse_failure(load_recipe(None, "BipedalWalker-v3").failure)
+    rule = parse_failure(QuantizeConfig.from_recipe(None, env="BipedalWalker-v3").validation.failure)
     assert rule.declared and rule.outcome(True, False, -100.0, None) == "failure"
     assert rule.outcome(True, False, 0.3, None) == "success"  # the end of the course
-    assert load_recipe(None, "HalfCheetah-v5").failure is None  # default: a termination is a failure
+    # default: a termination is a failure
+    assert QuantizeConfig.from_recipe(None, env="HalfCheetah-v5").validation.failure is None

@@ -294,15 +294,14 @@ def test_success_rate_from_env_info(bundle: Path) -> None:
 def test_revalidation_ranks_layers_of_a_crossquant_bundle(sac_pendulum: Path, tmp_path: Path) -> None:
     """The manifest stores the input scalings' factors, so ``edgeq validate`` rebuilds the plan and
     ranks the layers one at a time for a bundle made with CrossQuant on every layer."""
-    from dataclasses import replace
-
-    from edgeq.config import load_recipe
+    from edgeq.config import QuantizeConfig
     from edgeq.pipeline import quantize
 
-    recipe = replace(load_recipe(None, "Pendulum-v1"), auto=False, transform="crossquant", transform_layers="all",
-                     alpha=0.15, fp16_fallback=0)
+    config = QuantizeConfig.from_recipe(None, env="Pendulum-v1").with_overrides(
+        {"quantization.auto": False, "quantization.transform": "crossquant", "quantization.transform_layers": "all",
+         "quantization.alpha": 0.15, "quantization.fp16_fallback": 0})
     out = tmp_path / "bundle"
-    quantize(sac_pendulum, "Pendulum-v1", out, episodes=2, calib_episodes=4, num_envs=4, recipe=recipe)
+    quantize(sac_pendulum, "Pendulum-v1", out, config, episodes=2, calib_episodes=4, num_envs=4)
     quant = json.loads((out / MANIFEST).read_text())["quantization"]
     assert len(quant["transforms"]) == 3 and all(len(t["factors"]) > 0 for t in quant["transforms"])
     res = CliRunner().invoke(app, ["validate", str(out), *FAST, "--no-report", "--json"])

@@ -174,7 +174,8 @@ def _runtime(model: onnx.ModelProto, policy: FloatPolicy) -> Any:
     rt = OrtPolicy(model.SerializeToString(), state=[s.to_json() for s in policy.state])
     if policy.history is None:
         return rt
-    return ObservationHistory(rt, policy.history.length, policy.history.obs_dim, policy.history.input_name)
+    h = policy.history
+    return ObservationHistory(rt, h.length, h.obs_dim, h.input_name, h.reset)
 
 
 def _graph_input(runtime: Any, obs: np.ndarray) -> np.ndarray:

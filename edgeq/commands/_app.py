@@ -36,9 +36,29 @@ console = make_console()
 err_console = make_console(stderr=True)
 _state = {"debug": False}
 
-# Boolean flags are flags: typer's rich help would show them as "--json <bool>" as if they took a value.
-_display_type_rich = TyperOption.display_type_rich
-TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _display_type_rich(self, ctx)  # type: ignore[method-assign]
+
+
+def patch_flag_help(option_class: Any = TyperOption) -> bool:
+    """Show boolean flags as flags in the rich help: typer versions that have
+    ``TyperOption.display_type_rich`` would print "--json <bool>" as if the flag took a value.
+
+    Feature-detected: typer versions without that method (their help does not print the type of a
+    flag, or prints it another way) are left alone, so the CLI starts with any typer edgeq supports.
+    Returns whether the method was patched.
+    """
+    original = getattr(option_class, "display_type_rich", None)
+    if not callable(original) or getattr(original, "_edgeq_flag_patch", False):
+        return False
+
+    def display_type_rich(self: Any, ctx: Any) -> Any:
+        return None if getattr(self, "is_flag", False) else original(self, ctx)
+
+    display_type_rich._edgeq_flag_patch = True  # type: ignore[attr-defined]
+    option_class.display_type_rich = display_type_rich
+    return True
+
+
+patch_flag_help()
 
 
 def _print_version(value: bool) -> None:
@@ -99,12 +119,12 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
     """Float vs int8 per target, each row naming the files and runtime that produced it: returns, the
     verdict's interval and band, success/failure/time-out counts, action error, verdict; then the
     reasons (generated from the numbers), noise floor, latency notes and file sizes."""
-    from edgeq.describe import loaded_lines
+    from edgeq.describe import loaded_lines, result_rows
 
     for line in loaded_lines(manifest):
         console.print(f"loaded: {line}", highlight=False, markup=False, soft_wrap=True)
     label = manifest["source"]["algorithm"] or manifest["source"]["kind"]
-    eps = sorted({len(r["float"]["returns"]) for r in validation["targets"].values()})
+    eps = sorted({len(r["float"]["returns"]) for _, r in result_rows(validation)})
     table = Table(title=f"edgeq: {label} on {validation['env_id']} "
                         f"({'/'.join(map(str, eps))} paired episodes)")
     has_floor = any("noise_floor" in r for r in validation["targets"].values())
@@ -115,7 +135,7 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
     cols += ["action err mean / max"] + (["verdict"] if has_verdict else [])
     for col in cols:
         table.add_column(col, justify="right")
-    for target, r in validation["targets"].items():
+    for target, r in result_rows(validation):
         d = r["paired_difference"]
         ae = r["action_error"]["on_float_trajectory"]
         v = r.get("verdict", {})
@@ -134,16 +154,20 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
         table.add_row(*row)
     console.print(table)
     console.print(SUMMARY_LEGEND, highlight=False, markup=False, soft_wrap=True)
-    for target, r in validation["targets"].items():
+    from edgeq.describe import file_headline, return_ratio_text
+
+    for target, r in result_rows(validation):
+        head = file_headline(manifest, str(r.get("int8_model")))
         console.print(f"{target}: every figure above is {r.get('float_model', '?')} vs {r.get('int8_model', '?')} on "
-                      f"{r.get('runtime', '?')}, {len(r['float']['returns'])} paired episodes", highlight=False,
+                      f"{r.get('runtime', '?')}, {len(r['float']['returns'])} paired episodes; "
+                      f"{return_ratio_text(r)}" + (f"; {head}" if head else ""), highlight=False,
                       soft_wrap=True, markup=False)
     for target, reason in validation.get("unavailable_targets", {}).items():
         console.print(f"{target}: unavailable here ({reason})", highlight=False, markup=False)
     verdict = validation.get("verdict")
     if verdict:
         console.print(f"verdict: {_status(verdict['status'])} (exit code {verdict.get('exit_code')})", highlight=False)
-        for target, r in validation["targets"].items():
+        for target, r in result_rows(validation):
             vd = r.get("verdict", {})
             files = f"{target}, {r.get('float_model', '?')} vs {r.get('int8_model', '?')}"
             for line in [*vd.get("reasons", []), vd.get("floor_text")]:
@@ -188,21 +212,29 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
         f, q = sizes.get("policy.fp32.onnx", 0), sizes.get("policy.int8.onnx", 0)
         console.print(f"files: policy.fp32.onnx {_fmt_size(f)}, policy.int8.onnx {_fmt_size(q)} "
                       f"({f / max(q, 1):.2f}x smaller)")
-    from edgeq.describe import cpu_float_text, precision_counts
+    from edgeq.describe import cpu_float_text, file_headlines, precision_counts, pruning_text
 
     settings = manifest.get("quantization", {}).get("settings", {})
-    console.print(f"layers: {precision_counts(manifest)}; weights: per-channel int8 (per-layer method in the table)",
-                  highlight=False, markup=False, soft_wrap=True)
+    heads = file_headlines(manifest)
+    if heads:  # counted from each shipped file's graph
+        for line in heads:
+            console.print(f"layers: {line}", highlight=False, markup=False, soft_wrap=True)
+    else:
+        console.print(f"layers: {precision_counts(manifest)}; weights: per-channel int8 (per-layer method in the "
+                      "table)", highlight=False, markup=False, soft_wrap=True)
     cpu_text = cpu_float_text(manifest)
     if cpu_text:
         console.print(cpu_text, highlight=False, markup=False, soft_wrap=True)
+    pruned = pruning_text(manifest)
+    if pruned:
+        console.print(pruned, highlight=False, markup=False, soft_wrap=True)
     matmuls = manifest.get("quantization", {}).get("activation_matmuls", [])
     if matmuls:
         roles: dict[str, list[int]] = {}
         for m in matmuls:
-            r = roles.setdefault(m.get("role", "matmul"), [0, 0])
-            r[0] += m["precision"] == "int8"
-            r[1] += 1
+            cnt = roles.setdefault(m.get("role", "matmul"), [0, 0])
+            cnt[0] += m["precision"] == "int8"
+            cnt[1] += 1
         console.print("activation x activation MatMuls (both inputs per-tensor int8): "
                       + ", ".join(f"{role} {a}/{b} int8" for role, (a, b) in roles.items())
                       + "; Softmax, LayerNorm and residual Adds in float", highlight=False, soft_wrap=True)
@@ -218,7 +250,7 @@ def print_summary(validation: dict[str, Any], manifest: dict[str, Any]) -> None:
     cell = settings.get("recurrent_cell")
     if cell:
         console.print(f"recurrent cell: {cell['precision']} ({len(cell.get('gate_nodes', []))} gate MatMuls)")
-    print_layer_choices(manifest.get("quantization", {}), manifest.get("cpu_float_layers") or [])
+    print_layer_choices(manifest.get("quantization", {}), manifest.get("cpu_float_layers") or [], manifest)
     t = validation.get("timings", {})
     if t:
         console.print("time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in t.items()))
@@ -244,11 +276,16 @@ LAYER_LEGEND = (
     "of the layer's int8 inputs that round to zero with the chosen quantizer (with a plain per-tensor one)")
 
 
-def print_layer_choices(quantization: dict[str, Any], cpu_float_layers: list[str] | tuple[str, ...] = ()) -> None:
-    """Per layer: what it runs as in each file, the input quantizer chosen, rounding, bias correction, kernel."""
+def print_layer_choices(quantization: dict[str, Any], cpu_float_layers: list[str] | tuple[str, ...] = (),
+                        manifest: dict[str, Any] | None = None) -> None:
+    """Per layer: what it runs as in each file (read from the files when ``manifest`` records them), the input
+    quantizer chosen, rounding, bias correction, kernel."""
+    from edgeq.describe import layer_precisions
+
     layers = quantization.get("layers", [])
     if not layers:
         return
+    in_files = {r["node"]: r for r in layer_precisions(manifest)} if manifest else {}
     table = Table(title="per-layer quantization", title_justify="left")
     for col in ("layer", "policy.int8.onnx", "cpu file", "input quantizer", "weights", "bias corr.",
                 "kernel (per-tensor)"):
@@ -261,7 +298,10 @@ def print_layer_choices(quantization: dict[str, Any], cpu_float_layers: list[str
         weights = f"{la.get('weight_method', '')} {la.get('rounding', '')}".strip() if la["precision"] == "int8" else ""
         cpu = "float (int8 weights)" if la["precision"] == "int8" and la["node"] in cpu_float_layers \
             else la["precision"]
-        table.add_row(escape(la["node"]), la["precision"], cpu, escape(choice), weights,
+        qdq = la["precision"]
+        if la["node"] in in_files:
+            qdq, cpu = in_files[la["node"]]["tensorrt"], in_files[la["node"]]["cpu"]
+        table.add_row(escape(la["node"]), qdq, cpu, escape(choice), weights,
                       "yes" if la.get("bias_corrected") else "", kernel)
     console.print(table)
     console.print(LAYER_LEGEND, highlight=False, markup=False, soft_wrap=True)

@@ -21,6 +21,7 @@ from edgeq.commands._app import (
     run_guarded,
 )
 from edgeq.commands._progress import progress_reporter
+from edgeq.config import KEYWORD_FIELDS
 
 
 @app.command()
@@ -33,11 +34,15 @@ def quantize(
              "export). TorchScript is code: pass only files you trust. Two .onnx files are an encoder and a body. "
              "Omit it with -f/--algo/--env.")] = None,
     policy_files: Annotated[list[Path] | None, typer.Option(
-        "--policy", help="Policy file, repeatable: --policy encoder.onnx --policy body.onnx joins a history encoder "
-                         "and a body into one policy (the same as giving them as arguments).")] = None,
+        "--policy", help="Policy file, repeatable: --policy encoder.onnx --policy body.onnx (or two TorchScript .pt "
+                         "files) joins a history encoder and a body into one policy (the same as giving them as "
+                         "arguments).")] = None,
     history: Annotated[int | None, typer.Option(
-        help="ONNX policies whose one flat input stacks this many observations (oldest first); a [batch, K, "
-             "obs_dim] input needs no option.")] = None,
+        help="ONNX/TorchScript policies whose one flat input stacks this many observations (oldest first); a "
+             "[batch, K, obs_dim] input needs no option (for TorchScript, K is found by running the module).")] = None,
+    history_reset: Annotated[str | None, typer.Option(
+        "--history-reset", help="What fills a history policy's window at an episode start, as it was trained: "
+                                "zeros (default) or first-observation (the first observation repeated).")] = None,
     env: Annotated[str | None, typer.Option("--env", help="Gymnasium env id (e.g. HalfCheetah-v5) or module:callable "
                                                           "(imported from the current directory too). Optional "
                                                           "with --calib-data and RL Zoo folders; with -f, the "
@@ -56,25 +61,26 @@ def quantize(
              "from manifest cpu_layer_selection.float_layers, or 'none') instead of timing them at export.")] = None,
     frame_stack: Annotated[int | None, typer.Option(help="Observations stacked as SB3's VecFrameStack in training "
                                                          "(RL Zoo's frame_stack).")] = None,
-    episodes: Annotated[str, typer.Option(help="Paired validation episodes (float vs int8, same seeds): 'auto' "
+    episodes: Annotated[str | None, typer.Option(help="Paired validation episodes (float vs int8, same seeds): 'auto' "
                                                "(batches until PASS or FAIL, at most --max-episodes) or a number.")
-                        ] = "auto",
-    max_episodes: Annotated[int, typer.Option(help="--episodes auto: at most this many paired episodes (then "
-                                                   "INCONCLUSIVE).")] = 200,
+                        ] = None,
+    max_episodes: Annotated[int | None, typer.Option(help="--episodes auto: at most this many paired episodes (then "
+                                                   "INCONCLUSIVE; default 200).")] = None,
     time_budget: Annotated[float | None, typer.Option(help="--episodes auto: stop adding batches after this many "
                                                            "seconds of validation rollouts.")] = None,
-    rel_tol: Annotated[float, typer.Option(help="The band: int8 may lose at most rel_tol x |float mean| of return.")
-                       ] = 0.01,
+    rel_tol: Annotated[float | None, typer.Option(help="The band: int8 may lose at most rel_tol x |float mean| of "
+                                                       "return (default 0.01).")] = None,
     abs_tol: Annotated[float | None, typer.Option(help="The band in return units instead of --rel-tol.")] = None,
-    fail_tol: Annotated[float, typer.Option(help="int8's failure rate may exceed float's by at most this (0.02 = 2 "
-                                                 "percentage points).")] = 0.02,
+    fail_tol: Annotated[float | None, typer.Option(help="int8's failure rate may exceed float's by at most this "
+                                                        "(0.02 = 2 percentage points; default 0.02).")] = None,
     failure: Annotated[str | None, typer.Option(help="Which episode ends are failures: 'terminated' (default, or the "
                                                      "recipe's 'failure'), 'none', or a predicate on the last step "
                                                      "such as 'reward<=-100' or 'info.fell'.")] = None,
-    seed: Annotated[int, typer.Option(help="First validation seed; episode k uses seed+k.")] = 0,
+    seed: Annotated[int | None, typer.Option(help="First validation seed; episode k uses seed+k (default 0).")] = None,
     recipe: Annotated[str | None, typer.Option(help="Calibration recipe: a YAML path or a name in calibration/.")
                       ] = None,
-    profile: Annotated[str, typer.Option(help="Export profile: a YAML path or a name in export/.")] = "cpu-ort",
+    profile: Annotated[str | None, typer.Option(help="Export profile: a YAML path or a name in export/ (default "
+                                                     "cpu-ort).")] = None,
     calibrator: Annotated[str | None, typer.Option(help="Activation calibrator: max, percentile, mse, entropy.")
                           ] = None,
     percentile: Annotated[float | None, typer.Option(help="Percentile for the percentile calibrator.")] = None,
@@ -98,11 +104,17 @@ def quantize(
                                                  "row scales; ONNX Runtime CPU only, not TensorRT).")] = None,
     auto: Annotated[bool | None, typer.Option("--auto/--no-auto", help="Choose each layer's calibrator and rewrite "
                                               "by the action error on held-out states.")] = None,
-    rounding: Annotated[str | None, typer.Option(help="Weight rounding: nearest or adaround.")] = None,
+    rounding: Annotated[str | None, typer.Option(help="Weight rounding: nearest, adaround, gptq, stochastic, brecq "
+                                                      "(every layer's rounding and input scale jointly against the "
+                                                      "float actions) or gptq+brecq.")] = None,
     bias_correction: Annotated[bool | None, typer.Option("--bias-correction/--no-bias-correction",
                                                          help="Empirical bias correction per layer.")] = None,
     fp16_fallback: Annotated[int | None, typer.Option(help="At most this many layers go to fp16 when int8 "
-                                                           "cannot reach --max-action-error (0: never).")] = None,
+                                                           "cannot reach --max-action-error (default 0: every "
+                                                           "layer int8; fp16 layers are reported as such).")] = None,
+    prune: Annotated[float | None, typer.Option(help="Structured pruning before quantization: remove this fraction "
+                                                    "of every hidden layer's units (lowest saliency, e.g. 0.25); "
+                                                    "validated against the unpruned float policy.")] = None,
     max_action_error: Annotated[float | None, typer.Option(help="Held-out mean action error (fraction of the "
                                                                 "action half-range) the fp16 fallback aims for.")
                                 ] = None,
@@ -119,11 +131,14 @@ def quantize(
     perturb: Annotated[list[str] | None, typer.Option(
         help="Also validate float and int8 under this disturbance schedule (same syntax, repeatable); reports "
              "termination/fall rates with 95% CIs.")] = None,
-    cell_precision: Annotated[str, typer.Option(help="Recurrent policies: LSTM/GRU gate MatMuls in 'int8' or kept "
-                                                     "in 'fp32' (the MLP is int8 either way).")] = "int8",
-    saturation_warn: Annotated[float, typer.Option(help="Warn when a quantized tensor's values fall outside its "
-                                                        "calibrated range more often than this fraction.")] = 1e-3,
-    num_envs: Annotated[int, typer.Option(help="Environments stepped in parallel (vector env).")] = 8,
+    cell_precision: Annotated[str | None, typer.Option(help="Recurrent policies: LSTM/GRU gate MatMuls in 'int8' or "
+                                                            "kept in 'fp32' (the MLP is int8 either way; default "
+                                                            "int8).")] = None,
+    saturation_warn: Annotated[float | None, typer.Option(help="Warn when a quantized tensor's values fall outside its "
+                                                        "calibrated range more often than this fraction "
+                                                        "(default 0.001).")] = None,
+    num_envs: Annotated[int | None, typer.Option(help="Environments stepped in parallel (vector env; default 8).")
+                        ] = None,
     workers: WorkersOption = 1,
     executor: ExecutorOption = "serial",
     ray_address: RayAddressOption = None,
@@ -142,8 +157,8 @@ def quantize(
                              "minari:DATASET_ID or a Minari dataset directory. Without --env, validation is the "
                              "open-loop action error on the held-out end of the data.")] = None,
     calib_key: Annotated[str | None, typer.Option(help="Array name in the --calib-data .npz.")] = None,
-    holdout: Annotated[float, typer.Option(help="Fraction of --calib-data held out for validation (without --env).")
-                       ] = 0.2,
+    holdout: Annotated[float | None, typer.Option(help="Fraction of --calib-data held out for validation (without "
+                                                       "--env; default 0.2).")] = None,
     action_low: Annotated[str | None, typer.Option(help="ONNX policies: action lower bound, one number or a comma "
                                                         "list (default: from --env, else unbounded).")] = None,
     action_high: Annotated[str | None, typer.Option(help="ONNX policies: action upper bound (see --action-low).")
@@ -152,18 +167,51 @@ def quantize(
                           ] = None,
     onnx_output: Annotated[str | None, typer.Option(help="ONNX policies: the action output's name, if several.")
                            ] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Set any config field, repeatable: --set quantization.rounding=nearest --set "
+                      "calibration.exploration.gaussian=0.2 (the value is read as YAML; fields: edgeq.config).")
+                      ] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="Start from this config: a YAML file of sections (edgeq.config.QuantizeConfig) or a "
+                         "bundle directory (the config it was made with, its measured CPU layer choice replayed), "
+                         "instead of a recipe and a profile.")
+                      ] = None,
 ) -> None:
-    """Calibrate, export and validate POLICY in one go; writes a bundle to --out."""
-    from edgeq.calibration.collect import ExplorationNoise
-    from edgeq.commands.validate import parse_episodes
-    from edgeq.envs import parse_env_kwargs
-    from edgeq.pipeline import quantize as run_quantize
-    from edgeq.validate.verdict import Tolerance
+    """Calibrate, export and validate POLICY in one go; writes a bundle to --out.
+
+    Every setting is a field of edgeq's config (edgeq.config.QuantizeConfig): the options below set the
+    fields of the table edgeq.config.KEYWORD_FIELDS, --set SECTION.FIELD=VALUE any field, --config a whole
+    config (a YAML file or a bundle, to make it again)."""
+    options = {k: v for k, v in locals().items() if k in KEYWORD_FIELDS}
 
     def go() -> Any:
+        from edgeq.commands.validate import parse_episodes
+        from edgeq.config import QuantizeConfig, keyword_overrides, parse_set
+        from edgeq.envs import parse_env_kwargs
         from edgeq.errors import EdgeqError
+        from edgeq.pipeline import quantize as run_quantize
 
         nonlocal env
+        # the config's overrides, checked before anything is read
+        given = dict(options, env=None, episodes=None if episodes is None else parse_episodes(episodes),
+                     env_kwargs=parse_env_kwargs(env_kwargs) if env_kwargs else None,
+                     calib_env_kwargs=parse_env_kwargs(calib_env_kwargs) if calib_env_kwargs else None,
+                     action_low=_numbers(action_low, "--action-low"),
+                     action_high=_numbers(action_high, "--action-high"),
+                     calibrator_params={"percentile": percentile} if percentile is not None else None,
+                     cpu_float_layers=None if cpu_float_layers is None else
+                     [] if cpu_float_layers.strip() in ("", "none") else
+                     [n.strip() for n in cpu_float_layers.split(",") if n.strip()])
+        given = {k: (v or None) if isinstance(v, list) and k != "cpu_float_layers" else v for k, v in given.items()}
+        given.pop("env")
+        overrides = {**keyword_overrides(given), **parse_set(set_ or [])}
+        base = None
+        if config is not None:
+            if recipe is not None or profile is not None:
+                raise EdgeqError("--config already holds a recipe and a profile; drop --recipe/--profile (or "
+                                 "use --set to change fields)")
+            base = (QuantizeConfig.from_bundle(config) if config.is_dir() else QuantizeConfig.from_yaml(config))
+        (base or QuantizeConfig()).with_overrides(overrides)
         paths = [*(policy or []), *(policy_files or [])]
         if folder is not None:
             from edgeq.ingest.rl_zoo import find_zoo_run
@@ -176,44 +224,10 @@ def quantize(
             raise EdgeqError("Missing argument 'POLICY': pass a .zip, an RL Zoo run folder, an .onnx or a .pt (or "
                              "--policy FILE, twice for an encoder and a body), or name an RL Zoo run with -f FOLDER "
                              "--algo ALGO --env ENV_ID (see edgeq quantize --help)")
-        tolerance = Tolerance(relative=rel_tol, absolute=abs_tol, fail_tol=fail_tol)
-        params = {"percentile": percentile} if percentile is not None else None
-        given = {"holdout_episodes": holdout_episodes, "transform": transform, "alpha": alpha,
-                 "transform_layers": transform_layers, "dynamic": dynamic, "auto": auto, "rounding": rounding,
-                 "bias_correction": bias_correction, "fp16_fallback": fp16_fallback,
-                 "max_action_error": max_action_error}
-        overrides = {k: v for k, v in given.items() if v is not None}
-        exploration = None
-        if noise is not None or noise_epsilon is not None:
-            from edgeq.config import load_recipe
-
-            base = load_recipe(recipe, env).exploration
-            exploration = ExplorationNoise(gaussian=base.get("gaussian", 0.0) if noise is None else noise,
-                                           epsilon=base.get("epsilon", 0.0) if noise_epsilon is None else noise_epsilon)
         with progress_reporter(err_console, quiet=quiet or json_out) as prog:
-            return run_quantize(paths[0] if len(paths) == 1 else paths, env, out,
-                                episodes=parse_episodes(episodes), seed=seed,
-                                max_episodes=max_episodes, time_budget=time_budget, failure=failure,
-                                tolerance=tolerance, recipe=recipe, profile=profile,
-                                calibrator=calibrator, calibrator_params=params, weight_method=weight_method,
-                                calib_episodes=calib_episodes, exploration=exploration,
-                                vecnormalize=vecnormalize, env_kwargs=parse_env_kwargs(env_kwargs),
-                                num_envs=num_envs, overwrite=overwrite, recipe_overrides=overrides,
-                                sign_key=sign_key,
-                                progress=prog,
-                                calib_data=calib_data, calib_data_key=calib_key, holdout_fraction=holdout,
-                                action_low=_numbers(action_low, "--action-low"),
-                                action_high=_numbers(action_high, "--action-high"),
-                                onnx_input=onnx_input, onnx_output=onnx_output, history=history,
-                                calib_env=calib_env,
-                                calib_env_kwargs=parse_env_kwargs(calib_env_kwargs) if calib_env_kwargs else None,
-                                calib_perturb=calib_perturb or (), perturb=perturb or (),
-                                cell_precision=cell_precision, saturation_warn=saturation_warn,
-                                executor=executor_config(executor, workers, ray_address),
-                                env_wrappers=env_wrapper or None, frame_stack=frame_stack,
-                                cpu_float_layers=None if cpu_float_layers is None else
-                                [] if cpu_float_layers.strip() in ("", "none") else
-                                [n.strip() for n in cpu_float_layers.split(",") if n.strip()])
+            return run_quantize(paths[0] if len(paths) == 1 else paths, env, out, base, overrides=overrides,
+                                recipe=recipe, profile=profile, progress=prog, overwrite=overwrite,
+                                sign_key=sign_key, executor=executor_config(executor, workers, ray_address))
 
     result = run_guarded(go)
     if json_out:

@@ -201,7 +201,9 @@ def validate(
         err_console.print("[yellow]deprecated:[/] --no-ci-pass has no effect and will be removed: a CI containing 0 "
                           "never passes now", highlight=False, soft_wrap=True)
 
-    def go() -> tuple[dict[str, Any], dict[str, Any]]:
+    from edgeq.deploy.contracts import Manifest, ValidationResult
+
+    def go() -> tuple[ValidationResult, Manifest]:
         design = (fixed_design() if seeds else
                   episode_design(parse_episodes(episodes), max_episodes=max_episodes, time_budget=time_budget,
                                  min_episodes=min_episodes))

@@ -26,9 +26,11 @@ full specification; :func:`check_manifest` enforces the part a reader relies on.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from edgeq.deploy.contracts import Manifest
 from edgeq.errors import BundleError
 from edgeq.hashing import sha256_of
 
@@ -42,6 +44,8 @@ FLOAT_MODEL = "policy.fp32.onnx"
 INT8_MODEL = "policy.int8.onnx"
 INT8_CPU_MODEL = "policy.int8.cpu.onnx"
 INT8_CUDA_MODEL = "policy.int8.cuda.onnx"
+#: with pruning (manifest ``pruning``): the pruned float policy the INT8 files quantize (not run by robots)
+PRUNED_FLOAT_MODEL = "policy.pruned.fp32.onnx"
 VALIDATION = "validation.json"
 #: Timings and latency of the run that made the bundle (differ from run to run), and the report that shows
 #: them: not hashed, not signed, never read by a robot. Everything else is byte-identical for the same
@@ -70,7 +74,7 @@ MAX_MANIFEST_BYTES = 16 << 20
 
 
 def read_manifest(bundle: str | Path, *, verify: bool = True, trusted_keys: Any = None,
-                  allow_unsigned: bool | None = None) -> dict[str, Any]:
+                  allow_unsigned: bool | None = None) -> Manifest:
     """Load ``manifest.json``, check its signature, version and fields; with ``verify`` check every file's
     SHA-256.
 
@@ -110,7 +114,7 @@ def read_manifest(bundle: str | Path, *, verify: bool = True, trusted_keys: Any 
     check_manifest(manifest, path)
     if verify:
         verify_files(root, manifest)
-    return manifest
+    return cast(Manifest, manifest)  # checked above: the fields a reader relies on
 
 
 def _check_signature(root: Path, data: bytes, trusted_keys: Any, allow_unsigned: bool | None) -> None:
@@ -138,7 +142,7 @@ def _check_signature(root: Path, data: bytes, trusted_keys: Any, allow_unsigned:
                   "nothing proves who made these files", UserWarning, stacklevel=3)
 
 
-def _field(manifest: dict[str, Any], dotted: str, kind: type | tuple[type, ...], path: Path) -> Any:
+def _field(manifest: Mapping[str, Any], dotted: str, kind: type | tuple[type, ...], path: Path) -> Any:
     value: Any = manifest
     for part in dotted.split("."):
         if not isinstance(value, dict) or part not in value:
@@ -162,7 +166,7 @@ def _check_relpath(name: Any, where: str, path: Path) -> None:
         raise BundleError(f"{path}: {where} is {name!r}, expected a relative path inside the bundle")
 
 
-def check_manifest(manifest: dict[str, Any], path: Path = Path(MANIFEST)) -> None:
+def check_manifest(manifest: Mapping[str, Any], path: Path = Path(MANIFEST)) -> None:
     """Raise :class:`BundleError` naming the first field a reader needs that is missing or malformed."""
     files = _field(manifest, "files", dict, path)
     for name, digest in files.items():
@@ -257,7 +261,7 @@ def inside_path(root: Path, name: str) -> Path:
     return p
 
 
-def read_verified(root: Path, manifest: dict[str, Any], name: str) -> bytes:
+def read_verified(root: Path, manifest: Mapping[str, Any], name: str) -> bytes:
     """The bytes of the listed file ``name``, checked against the manifest's SHA-256 (read once: the bytes
     checked are the bytes returned, so the file cannot change between the check and the use)."""
     import hashlib
@@ -279,7 +283,7 @@ def read_verified(root: Path, manifest: dict[str, Any], name: str) -> bytes:
     return data
 
 
-def verify_files(root: Path, manifest: dict[str, Any], names: list[str] | None = None) -> None:
+def verify_files(root: Path, manifest: Mapping[str, Any], names: list[str] | None = None) -> None:
     """Raise :class:`BundleError` if a listed file is missing, is (or lies under) a symbolic link, or its
     SHA-256 differs from the manifest."""
     files: dict[str, str] = manifest.get("files", {})
@@ -298,7 +302,7 @@ def verify_files(root: Path, manifest: dict[str, Any], names: list[str] | None =
                               "the file was modified after export")
 
 
-def model_for(manifest: dict[str, Any], precision: str, backend: str) -> str:
+def model_for(manifest: Mapping[str, Any], precision: str, backend: str) -> str:
     """The bundle file that runs ``precision`` on ``backend`` (a backend-specialized copy if any)."""
     models: dict[str, str] = manifest.get("models", {"fp32": FLOAT_MODEL, "int8": INT8_MODEL})
     if precision not in models:

@@ -81,9 +81,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     signature = (f"verified (key {sig['key_id']})" if policy["trusted_keys"] else "not checked") if sig else "unsigned"
     _print({"bundle": str(args.bundle), "signature": signature, "format_version": m["format_version"],
             "edgeq_version": m.get("edgeq_version"),
-            "env": m.get("env", {}).get("id"), "algorithm": m.get("source", {}).get("algorithm"),
+            "env": (m.get("env") or {}).get("id"), "algorithm": m.get("source", {}).get("algorithm"),
             "models": m["models"], "engines": [e.get("file") for e in m.get("engines", [])],
-            "decision": (m.get("decision") or {}).get("status"), "files_verified": sorted(m["files"])})
+            "decision": m["decision"]["status"] if "decision" in m else None, "files_verified": sorted(m["files"])})
     return 0
 
 

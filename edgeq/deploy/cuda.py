@@ -216,6 +216,62 @@ def copy_dtoh_async(dst: int, src: int, nbytes: int, stream: Stream) -> None:
     check(_driver().cuMemcpyDtoHAsync(dst, src, nbytes, stream.handle), "cuMemcpyDtoHAsync")
 
 
+#: ``CUDA_ERROR_NOT_READY``: what ``cuStreamQuery`` returns while the stream still has work.
+CUDA_ERROR_NOT_READY = 600
+
+
+class HotCalls:
+    """``cuGraphLaunch``, ``cuStreamQuery`` and ``cuStreamSynchronize`` as plain C calls, for a per-step hot path.
+
+    The driver's own entry points, looked up once with cuda-python's ``cuGetProcAddress`` and called
+    through ctypes with integer handles: each call returns the ``CUresult`` as an ``int``, with no
+    argument wrapping and no result tuple (nothing allocated per call, so nothing for Python's
+    garbage collector to walk later). The GIL is released during each call. Where the lookup fails
+    (``native`` is False), the same calls go through cuda-python's bindings.
+    """
+
+    def __init__(self) -> None:
+        driver = _driver()
+        self.native = False
+        vp = ctypes.c_void_p
+        signatures = {"cuGraphLaunch": (vp, vp), "cuStreamQuery": (vp,), "cuStreamSynchronize": (vp,)}
+        try:
+            version = int(check(driver.cuDriverGetVersion(), "cuDriverGetVersion"))
+            flags = driver.CUdriverProcAddress_flags.CU_GET_PROC_ADDRESS_DEFAULT
+            fns = {}
+            for name, args in signatures.items():
+                result = driver.cuGetProcAddress(name.encode(), version, flags)
+                address = int(result[1]) if int(result[0]) == 0 and result[1] is not None else 0
+                if not address:
+                    raise CudaError(f"cuGetProcAddress({name}) found no entry point")
+                fns[name] = ctypes.CFUNCTYPE(ctypes.c_int, *args)(address)
+        except Exception:  # noqa: BLE001 - an older driver or bindings: the Python bindings do the same
+            self.graph_launch: Callable[[int, int], int] = lambda g, s: int(
+                driver.cuGraphLaunch(driver.CUgraphExec(g), driver.CUstream(s))[0])
+            self.stream_query: Callable[[int], int] = lambda s: int(driver.cuStreamQuery(driver.CUstream(s))[0])
+            self.stream_synchronize: Callable[[int], int] = lambda s: int(
+                driver.cuStreamSynchronize(driver.CUstream(s))[0])
+            return
+        self.graph_launch = fns["cuGraphLaunch"]
+        self.stream_query = fns["cuStreamQuery"]
+        self.stream_synchronize = fns["cuStreamSynchronize"]
+        self.native = True
+
+    def spin(self, stream: int) -> int:
+        """Poll ``stream`` until its work is done (busy wait, no sleep); returns the final ``CUresult``."""
+        query = self.stream_query
+        err = query(stream)
+        while err == CUDA_ERROR_NOT_READY:
+            err = query(stream)
+        return int(err)
+
+
+def raise_for(err: int, what: str) -> None:
+    """Raise :class:`CudaError` for a non-zero ``CUresult`` ``err`` returned by a :class:`HotCalls` call."""
+    if err:
+        check((_driver().CUresult(err),), what)
+
+
 class Module:
     """A compiled CUDA module and its kernels by name."""
 
@@ -377,6 +433,7 @@ class Graph:
             self.graph = None
 
 
-__all__ = ["CudaError", "DeviceBuffer", "Graph", "Module", "PinnedBuffer", "Stream", "available", "bindings", "check",
+__all__ = ["CUDA_ERROR_NOT_READY", "CudaError", "DeviceBuffer", "Graph", "HotCalls", "Module", "PinnedBuffer", "Stream",
+           "available", "bindings", "check",
            "compile_cubin", "compile_module", "context", "copy_dtoh_async", "copy_htod_async", "device_info",
-           "graph_node_count", "graph_node_types", "launch", "set_max_dynamic_shared_memory"]
+           "graph_node_count", "graph_node_types", "launch", "raise_for", "set_max_dynamic_shared_memory"]

@@ -6,7 +6,18 @@ same file (:mod:`edgeq.deploy.mlp_plan`, no ``onnx`` import), generates one CUDA
 whole network with every dimension and offset a compile-time constant, compiles it with NVRTC for
 the GPU at hand (:mod:`edgeq.deploy.cuda`, cuda-python; no torch, no ONNX Runtime), and captures
 *pinned host → device copy, kernel, device → pinned host copy* as one CUDA graph per batch size:
-one ``cuGraphLaunch`` and one ``cuStreamSynchronize`` per call.
+one graph launch and one wait per call.
+
+The per-call host path is short on purpose (benchmarks/results/gpu_h200.md measures each piece):
+the observation is copied into the batch size's pinned buffer, the graph launched and the stream
+waited for through the driver's C entry points (:class:`edgeq.deploy.cuda.HotCalls`: plain ctypes
+calls, no argument wrapping, nothing allocated), and the wait **spins** on ``cuStreamQuery`` for
+batches up to :data:`SPIN_MAX_BATCH` (``sync="auto"``): the calling thread stays on its core and
+sees the result as soon as it is there, whatever scheduling flags the context was given (with
+``CU_CTX_SCHED_BLOCKING_SYNC``, set by some robot stacks to save CPU, ``cuStreamSynchronize`` of
+an empty graph took 26 µs instead of 7 on the H200 machine). Larger batches block in
+``cuStreamSynchronize``. ``edgeq.deploy.load(...).act`` checks the observation for NaN/inf *while
+the GPU computes* (:meth:`FusedCudaPolicy.act_overlapped`) and discards the result if it was bad.
 
 Arithmetic (the same as ONNX Runtime's integer CPU path, ``MatMulIntegerToFloat``; see
 :func:`edgeq.deploy.mlp_plan.reference_forward`): each layer quantizes its input with
@@ -40,6 +51,7 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +69,10 @@ ROWS_THREADS = 512
 TILE_THREADS = 256
 #: Captured CUDA graphs (one per batch size) kept at most; further batch sizes launch without a graph.
 MAX_GRAPHS = 16
+#: ``sync="auto"``: batches up to this size wait for the GPU by polling the stream (busy wait), larger
+#: ones block in ``cuStreamSynchronize`` (benchmarks/results/gpu_h200.md: why).
+SPIN_MAX_BATCH = 256
+SYNC_MODES = ("auto", "spin", "block")
 _MAX_WIDTH = 2048
 
 
@@ -343,19 +359,25 @@ def _rows_per_block(name: str) -> int:
 
 
 class _BatchPath:
-    """Pinned and device buffers for one batch size, and its captured graph (None: launch directly)."""
+    """Pinned and device buffers for one batch size, and its captured graph (None: launch directly).
+
+    ``in_array``/``out_array`` are the pinned buffers' numpy views and ``exec_handle`` the graph's
+    ``CUgraphExec`` as an integer, bound once so that the hot path looks nothing up."""
 
     def __init__(self, runner: FusedMlpRunner, batch: int, capture: bool) -> None:
         self.batch = batch
         self.host_in = cuda.PinnedBuffer((batch, runner.obs_dim), np.float32, runner.device)
         self.host_out = cuda.PinnedBuffer((batch, runner.act_dim), np.float32, runner.device)
+        self.in_array, self.out_array = self.host_in.array, self.host_out.array
         self.dev_in = cuda.DeviceBuffer(self.host_in.nbytes, runner.device)
         self.dev_out = cuda.DeviceBuffer(self.host_out.nbytes, runner.device)
         self.graph: cuda.Graph | None = None
         self.runner = runner
         self.kernel = runner.choose_kernel(batch, int(self.dev_in), int(self.dev_out))
+        self.spin = runner.sync == "spin" or (runner.sync == "auto" and batch <= runner.spin_max_batch)
         if capture:
             self.graph = cuda.Graph(runner.stream, self.enqueue)
+        self.exec_handle = int(self.graph.exec) if self.graph is not None else 0
 
     def enqueue(self) -> None:
         r = self.runner
@@ -373,14 +395,26 @@ class FusedMlpRunner:
         cuda_graph: capture copies + kernel per batch size as a CUDA graph (else enqueue them each call).
         autotune: time the candidate kernels once per batch size (a few hundred microseconds, at the
             first call of that size) and run the fastest; all candidates compute the same bits.
+        sync: how a call waits for its graph: ``"spin"`` polls the stream (``cuStreamQuery`` in a
+            loop: the calling thread stays on its core and sees the result at once; it burns that
+            core while the GPU works), ``"block"`` calls ``cuStreamSynchronize`` (the driver's wait,
+            which the context's scheduling flags decide), ``"auto"`` spins for batches up to
+            ``spin_max_batch`` (a few tens of microseconds) and blocks above.
+        spin_max_batch: the largest batch that ``sync="auto"`` waits for by spinning.
+        native_calls: launch and wait through the driver's C entry points (:class:`edgeq.deploy.cuda.HotCalls`)
+            instead of cuda-python's Python wrappers (same calls, less Python per call).
 
     Raises:
         CudaError: no driver, no GPU, no cuda-python, or a CUDA call that failed.
         UnsupportedGraph: a plan the kernel generator does not handle.
     """
 
-    def __init__(self, plan: MlpPlan, *, device: int = 0, cuda_graph: bool = True, autotune: bool = True) -> None:
+    def __init__(self, plan: MlpPlan, *, device: int = 0, cuda_graph: bool = True, autotune: bool = True,
+                 sync: str = "auto", spin_max_batch: int = SPIN_MAX_BATCH, native_calls: bool = True) -> None:
+        if sync not in SYNC_MODES:
+            raise ValueError(f"sync {sync!r}; expected one of {', '.join(SYNC_MODES)}")
         self.plan = plan
+        self.sync, self.spin_max_batch = sync, int(spin_max_batch)
         self.autotune = autotune
         #: the kernel run for each batch size, and the autotuning times (µs per launch) behind the choice
         self.choice: dict[int, str] = {}
@@ -402,6 +436,8 @@ class FusedMlpRunner:
             if need > 48 * 1024:
                 cuda.set_max_dynamic_shared_memory(self.module.function(f"mlp_tiles_tm{tm}"), need)
         self.stream = cuda.Stream(device)
+        self._stream = int(self.stream.handle)
+        self.hot = cuda.HotCalls() if native_calls else None
         self.params = cuda.DeviceBuffer(self.program.params.nbytes, device)
         self.params.upload(self.program.params)
         self.wt = cuda.DeviceBuffer(self.program.wt.nbytes, device)
@@ -409,6 +445,8 @@ class FusedMlpRunner:
         self.w4 = cuda.DeviceBuffer(self.program.w4.nbytes, device)
         self.w4.upload(self.program.w4)
         self._paths: dict[int, _BatchPath] = {}
+        #: the time from graph launch to the end of the wait, per call (recorded under the runner's lock)
+        self.latency = LatencyStats()
         self._graphs = 0
         self._lock = threading.Lock()
 
@@ -469,22 +507,61 @@ class FusedMlpRunner:
             self._paths[batch] = p
         return p
 
+    def _start(self, p: _BatchPath) -> None:
+        """Enqueue ``p``'s copies and kernel (one graph launch)."""
+        if p.graph is None:
+            p.enqueue()
+        elif self.hot is not None:
+            err = self.hot.graph_launch(p.exec_handle, self._stream)
+            if err:
+                cuda.raise_for(err, "cuGraphLaunch")
+        else:
+            cuda.check(self._driver.cuGraphLaunch(p.graph.exec, self.stream.handle), "cuGraphLaunch")
+
+    def _wait(self, p: _BatchPath) -> None:
+        """Wait until the stream's work is done: spin (poll) or block, as ``p.spin`` says."""
+        hot = self.hot
+        if hot is None:
+            if p.spin:
+                err, = self._driver.cuStreamQuery(self.stream.handle)
+                while int(err) == cuda.CUDA_ERROR_NOT_READY:
+                    err, = self._driver.cuStreamQuery(self.stream.handle)
+                cuda.check((err,), "cuStreamQuery")
+            else:
+                cuda.check(self._driver.cuStreamSynchronize(self.stream.handle), "cuStreamSynchronize")
+            return
+        err = hot.spin(self._stream) if p.spin else hot.stream_synchronize(self._stream)
+        if err:
+            cuda.raise_for(err, "cuStreamQuery" if p.spin else "cuStreamSynchronize")
+
     def run(self, obs: np.ndarray) -> np.ndarray:
         """Actions for ``obs`` float32 [batch, obs_dim] (a new array)."""
         batch = int(obs.shape[0])
         with self._lock:
             p = self._paths.get(batch) or self.path(batch)
-            np.copyto(p.host_in.array, obs, casting="same_kind")
-            if p.graph is not None:
-                err, = self._driver.cuGraphLaunch(p.graph.exec, self.stream.handle)
-                if int(err) != 0:
-                    cuda.check((err,), "cuGraphLaunch")
-            else:
-                p.enqueue()
-            err, = self._driver.cuStreamSynchronize(self.stream.handle)
-            if int(err) != 0:
-                cuda.check((err,), "cuStreamSynchronize")
-            return p.host_out.array.copy()
+            np.copyto(p.in_array, obs, casting="same_kind")
+            t0 = time.perf_counter()
+            self._start(p)
+            self._wait(p)
+            self.latency.add_serialized(time.perf_counter() - t0)
+            return p.out_array.copy()
+
+    def run_overlapped(self, obs: np.ndarray, batch: int,
+                       work: Callable[[np.ndarray], bool]) -> tuple[np.ndarray, bool]:
+        """:meth:`run` for a float32 ``obs`` of ``batch`` rows (or one observation, ``batch`` 1), with
+        ``work(obs)`` done on the host while the GPU computes; returns the actions and what ``work``
+        returned. ``work`` must not raise (the stream is always waited for)."""
+        with self._lock:
+            p = self._paths.get(batch) or self.path(batch)
+            np.copyto(p.in_array, obs, casting="same_kind")
+            t0 = time.perf_counter()
+            self._start(p)
+            try:
+                ok = work(obs)
+            finally:
+                self._wait(p)
+            self.latency.add_serialized(time.perf_counter() - t0)
+            return p.out_array.copy(), ok
 
     def graph_nodes(self, batch: int) -> dict[str, int]:
         """Kernels and copies captured in ``batch``'s graph (``{"KERNEL": 1, "MEMCPY": 2}``)."""
@@ -500,6 +577,8 @@ class FusedCudaPolicy:
         input_name, output_name: the model's observation input and action output.
         device: the CUDA device.
         cuda_graph: replay each batch size's copies + kernel as a CUDA graph.
+        sync: how a call waits for the GPU (:class:`FusedMlpRunner`): ``"auto"`` (spin up to
+            :data:`SPIN_MAX_BATCH` observations, block above), ``"spin"`` or ``"block"``.
 
     Raises:
         UnsupportedGraph: not a chain of INT8 layers this backend runs (recurrent, float layers, ...).
@@ -509,7 +588,7 @@ class FusedCudaPolicy:
     state_specs: list[dict[str, Any]] = []
 
     def __init__(self, model: str | Path | bytes, *, input_name: str = "obs", output_name: str = "actions",
-                 device: int = 0, cuda_graph: bool = True) -> None:
+                 device: int = 0, cuda_graph: bool = True, sync: str = "auto") -> None:
         graph = parse_model(model, "model bytes") if isinstance(model, bytes) else load_graph(model)
         plan = plan_from_graph(graph)
         self.model = "(verified bytes)" if isinstance(model, bytes) else Path(model).name
@@ -517,12 +596,12 @@ class FusedCudaPolicy:
             raise UnsupportedGraph(f"{self.model}: input/output are {plan.input_name!r}/{plan.output_name!r}, the "
                                    f"manifest names {input_name!r}/{output_name!r}")
         self.plan = plan
-        self.runner = FusedMlpRunner(plan, device=device, cuda_graph=cuda_graph)
+        self.runner = FusedMlpRunner(plan, device=device, cuda_graph=cuda_graph, sync=sync)
         self.input_name, self.output_name = input_name, output_name
         self.output_names = [output_name]
         self.state_specs = []
         self.obs_dim = plan.obs_dim
-        self.latency = LatencyStats()
+        self._latency = self.runner.latency
 
     @property
     def providers(self) -> list[str]:
@@ -531,7 +610,9 @@ class FusedCudaPolicy:
 
     def describe(self) -> dict[str, Any]:
         return {"runtime": "edgeq-fused-cuda", "model": self.model, "device": self.runner.info,
-                "cuda_graph": self.runner.cuda_graph, "plan": self.plan.describe()}
+                "cuda_graph": self.runner.cuda_graph, "sync": self.runner.sync,
+                "spin_max_batch": self.runner.spin_max_batch,
+                "native_calls": self.runner.hot is not None and self.runner.hot.native, "plan": self.plan.describe()}
 
     def reset(self, mask: np.ndarray | None = None) -> None:
         """No recurrent state: nothing to reset."""
@@ -542,15 +623,25 @@ class FusedCudaPolicy:
             raise InputError(f"the fused backend computes only {self.output_name!r} (asked for {names})")
         return {self.output_name: self.act(obs)}
 
+    @property
+    def latency(self) -> LatencyStats:
+        """Backend latency: graph launch to the end of the wait, per call."""
+        return self._latency
+
+    def act_overlapped(self, obs: np.ndarray, batch: int,
+                       work: Callable[[np.ndarray], bool]) -> tuple[np.ndarray, bool]:
+        """The hot path of ``edgeq.deploy.load(...).act``: actions for a C-contiguous float32 ``obs``
+        (``batch`` rows, or one observation with ``batch`` 1), with ``work(obs)`` (the caller's input
+        check) run on the host while the GPU computes. Returns the actions ``[batch, act_dim]`` and
+        ``work``'s result; the caller discards the actions when that says the input was bad."""
+        return self.runner.run_overlapped(obs, batch, work)
+
     def act(self, obs: np.ndarray) -> np.ndarray:
         """Actions for a batch of observations (float32 [batch, obs_dim] → [batch, act_dim])."""
         obs = np.ascontiguousarray(obs, dtype=np.float32)
         if obs.ndim != 2 or obs.shape[1] != self.obs_dim:
             raise InputError(f"observation batch of shape {obs.shape}; expected (batch, {self.obs_dim})")
-        t0 = time.perf_counter()
-        out = self.runner.run(obs)
-        self.latency.add(time.perf_counter() - t0)
-        return out
+        return self.runner.run(obs)
 
 
 def fused_support(model: str | Path) -> str | None:

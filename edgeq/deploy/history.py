@@ -3,10 +3,16 @@
 A history policy's graph reads the last ``length`` observations as one input ``obs_history``
 [batch, length * obs_dim], flattened **oldest first** (row ``length - 1`` is the current
 observation). Before an episode has produced ``length`` observations the missing older rows are
-**zeros** (SB3's ``VecFrameStack`` convention, and the same as recurrent state at an episode start);
-:meth:`ObservationHistory.reset` zeroes the rows of new episodes. The fixtures in
-``tests/fixtures/policies/`` were trained with exactly this convention
-(``scripts/make_history_fixtures.py`` uses this class).
+filled as the policy was trained (``reset``):
+
+* ``"zeros"`` (default): SB3's ``VecFrameStack`` convention, the same as recurrent state at an
+  episode start; the fixtures in ``tests/fixtures/policies/`` were trained with it
+  (``scripts/make_history_fixtures.py`` uses this class);
+* ``"first-observation"``: the episode's first observation fills every row (what many deployed
+  humanoid policies do: the history starts as ``length`` copies of the first observation, then
+  shifts as usual).
+
+:meth:`ObservationHistory.reset` starts new episodes for the rows in its mask.
 
 The manifest describes it as ``io.history`` = ``{"input", "length", "obs_dim", "layout", "reset"}``
 (``docs/bundle-format.md``). Only numpy is imported here.
@@ -25,16 +31,32 @@ from edgeq.errors import InputError
 #: How the window is laid out in the graph input, and what fills it at an episode start.
 LAYOUT = "oldest-first, flattened [batch, length * obs_dim]"
 RESET = "zeros"
+FIRST_OBSERVATION = "first-observation"
+#: The values of ``io.history.reset`` this runtime honours.
+RESET_MODES = (RESET, FIRST_OBSERVATION)
+
+
+def check_reset(reset: str) -> str:
+    """``reset`` if it is one of :data:`RESET_MODES`, else an :class:`InputError` naming them."""
+    if reset not in RESET_MODES:
+        raise InputError(f"history reset {reset!r}; expected one of {', '.join(map(repr, RESET_MODES))}")
+    return reset
 
 
 class HistoryBuffer:
-    """The last ``length`` observations per batch row: ``push(obs)`` returns the window to feed."""
+    """The last ``length`` observations per batch row: ``push(obs)`` returns the window to feed.
 
-    def __init__(self, length: int, obs_dim: int) -> None:
+    ``reset`` says what fills a new episode's window before it has ``length`` observations
+    (``"zeros"``, or ``"first-observation"``: its first observation repeated).
+    """
+
+    def __init__(self, length: int, obs_dim: int, reset: str = RESET) -> None:
         if length < 1 or obs_dim < 1:
             raise ValueError(f"history length and obs_dim must be >= 1, got {length}, {obs_dim}")
         self.length, self.obs_dim = int(length), int(obs_dim)
+        self.reset_mode = check_reset(reset)
         self._buf = np.zeros((0, self.length, self.obs_dim), np.float32)
+        self._fresh = np.zeros(0, bool)  # rows whose next push starts an episode
 
     def push(self, obs: np.ndarray) -> np.ndarray:
         """Append ``obs`` [batch, obs_dim] as the newest row; returns ``[batch, length * obs_dim]`` float32."""
@@ -43,8 +65,12 @@ class HistoryBuffer:
             raise InputError(f"observation has {obs.shape[1]} features; the history holds {self.obs_dim}")
         if self._buf.shape[0] != obs.shape[0]:
             self._buf = np.zeros((obs.shape[0], self.length, self.obs_dim), np.float32)
+            self._fresh = np.ones(obs.shape[0], bool)
         self._buf[:, :-1] = self._buf[:, 1:].copy()
         self._buf[:, -1] = obs
+        if self.reset_mode == FIRST_OBSERVATION and self._fresh.any():
+            self._buf[self._fresh] = obs[self._fresh][:, None, :]
+        self._fresh[:] = False
         return self.window()
 
     def window(self) -> np.ndarray:
@@ -52,11 +78,15 @@ class HistoryBuffer:
         return self._buf.reshape(self._buf.shape[0], -1).copy()
 
     def reset(self, mask: np.ndarray | None = None) -> None:
-        """Zero the rows in ``mask`` (all rows, forgetting the batch size, if None)."""
+        """Start new episodes in the rows in ``mask`` (all rows, forgetting the batch size, if None): their
+        windows are zeroed, and with ``"first-observation"`` filled by their next observation."""
         if mask is None:
             self._buf = np.zeros((0, self.length, self.obs_dim), np.float32)
+            self._fresh = np.zeros(0, bool)
         elif self._buf.shape[0]:
-            self._buf[np.asarray(mask, bool)] = 0.0
+            rows = np.asarray(mask, bool)
+            self._buf[rows] = 0.0
+            self._fresh[rows] = True
 
 
 class ObservationHistory:
@@ -68,9 +98,9 @@ class ObservationHistory:
     by a lock; like recurrent state, one history belongs to one episode stream (or batch).
     """
 
-    def __init__(self, runtime: Any, length: int, obs_dim: int, input_name: str = "obs") -> None:
+    def __init__(self, runtime: Any, length: int, obs_dim: int, input_name: str = "obs", reset: str = RESET) -> None:
         self.runtime = runtime
-        self.history = HistoryBuffer(length, obs_dim)
+        self.history = HistoryBuffer(length, obs_dim, reset)
         self.input_name = input_name
         self._history_lock = threading.Lock()
 
@@ -109,23 +139,29 @@ def history_spec(io: Mapping[str, Any]) -> dict[str, Any] | None:
     if not isinstance(h, Mapping) or not isinstance(h.get("length"), int) or not isinstance(h.get("obs_dim"), int):
         raise InputError(f"io.history is {h!r}; expected {{input, length, obs_dim, layout, reset}} with integer "
                          "length and obs_dim")
-    if h.get("reset", RESET) != RESET:
-        raise InputError(f"io.history.reset is {h.get('reset')!r}; this runtime supports only {RESET!r}")
+    if h.get("reset", RESET) not in RESET_MODES:
+        raise InputError(f"io.history.reset is {h.get('reset')!r}; this runtime supports "
+                         f"{', '.join(map(repr, RESET_MODES))}")
     return dict(h)
 
 
 def with_history(runtime: Any, io: Mapping[str, Any]) -> Any:
     """``runtime`` wrapped in an :class:`ObservationHistory` when ``io`` has a ``history`` entry."""
     h = history_spec(io)
-    return runtime if h is None else ObservationHistory(runtime, h["length"], h["obs_dim"], str(h.get("input", "obs")))
+    return runtime if h is None else ObservationHistory(runtime, h["length"], h["obs_dim"], str(h.get("input", "obs")),
+                                                        str(h.get("reset", RESET)))
 
 
-def episode_windows(observations: np.ndarray, length: int) -> np.ndarray:
+def episode_windows(observations: np.ndarray, length: int, reset: str = RESET) -> np.ndarray:
     """The windows a history policy sees along one episode's observations ``[T, obs_dim]``.
 
-    Returns ``[T, length * obs_dim]`` (zeros before the episode start), what the runtime feeds.
+    Returns ``[T, length * obs_dim]``, what the runtime feeds: before the episode start, zeros or
+    (``reset="first-observation"``) the first observation.
     """
     obs = np.asarray(observations, np.float32).reshape(len(observations), -1)
-    padded = np.concatenate([np.zeros((length - 1, obs.shape[1]), np.float32), obs])
+    pad = np.zeros((length - 1, obs.shape[1]), np.float32)
+    if check_reset(reset) == FIRST_OBSERVATION and len(obs):
+        pad[:] = obs[0]
+    padded = np.concatenate([pad, obs])
     return np.stack([padded[t:t + length].reshape(-1) for t in range(len(obs))]) if len(obs) else \
         np.zeros((0, length * obs.shape[1]), np.float32)

@@ -145,6 +145,7 @@ def plan_from_graph(graph: Graph) -> MlpPlan:
             weight_dq[n.outputs[0]] = n
     cur = graph.inputs[0]
     width: int | None = None
+    window: tuple[int, int] | None = None  # a history input viewed as [batch, L, D] (Reshape ... Flatten)
     pre: list[ElementOp] = []
     layers: list[Layer] = []
     ops = pre
@@ -165,6 +166,8 @@ def plan_from_graph(graph: Graph) -> MlpPlan:
         if node.domain not in ("", "ai.onnx"):
             raise UnsupportedGraph(f"node {name}: op {node.domain}.{op} is not supported by the fused backend")
         consts = [i for i in node.inputs if i and i in inits]
+        if window is not None and op in ("QuantizeLinear", "MatMul"):
+            raise UnsupportedGraph(f"node {name}: {op} on a [batch, L, D] view (no Flatten before it)")
         if op == "QuantizeLinear":
             scale = float(_scalar(inits[node.inputs[1]], "QuantizeLinear scale", node))
             zp_arr = inits.get(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
@@ -232,6 +235,24 @@ def plan_from_graph(graph: Graph) -> MlpPlan:
             continue
         if pending_q is not None:
             raise UnsupportedGraph(f"node {name}: {op} on dequantized activations before a MatMul")
+        if op == "Reshape" and window is None and not layers and len(node.inputs) > 1 and node.inputs[1] in inits:
+            # a history window [batch, L·D] viewed as [batch, L, D] for per-feature constants, then Flatten:
+            # elementwise on the flat row with the constants repeated L times
+            dims = [int(d) for d in np.asarray(inits[node.inputs[1]]).reshape(-1)]
+            if len(dims) != 3 or dims[0] not in (-1, 0) or min(dims[1:]) < 1 or (
+                    width is not None and width != dims[1] * dims[2]):
+                raise UnsupportedGraph(f"node {name}: Reshape to {dims}; the fused backend runs a [-1, L, D] view "
+                                       "of the input")
+            window, width = (dims[1], dims[2]), dims[1] * dims[2]
+            cur = node.outputs[0]
+            continue
+        if op == "Flatten" and window is not None and int(node.attributes.get("axis", 1)) == 1:
+            window = None
+            cur = node.outputs[0]
+            continue
+        if window is not None and op not in ACTIVATIONS and op not in BINARY and op != "Clip":
+            raise UnsupportedGraph(f"node {name}: {op} on a [batch, L, D] view; the fused backend runs elementwise "
+                                   "ops there")
         if op in ACTIVATIONS:
             if op in ("Elu", "LeakyRelu"):
                 alpha = float(node.attributes.get("alpha", 1.0 if op == "Elu" else 0.01))
@@ -241,7 +262,11 @@ def plan_from_graph(graph: Graph) -> MlpPlan:
         elif op in BINARY:
             if len(consts) != 1 or len(node.inputs) != 2:
                 raise UnsupportedGraph(f"node {name}: {op} of two computed tensors")
-            c = _vector(inits[consts[0]], width, node)
+            if window is not None:
+                c = _vector(inits[consts[0]], window[1], node)
+                c = np.tile(c, window[0]) if c.size == window[1] and c.size != 1 else c
+            else:
+                c = _vector(inits[consts[0]], width, node)
             ops.append(ElementOp(op, const=c, const_first=node.inputs[0] in inits))
         elif op == "Clip":
             lo, hi = -np.inf, np.inf
@@ -253,6 +278,8 @@ def plan_from_graph(graph: Graph) -> MlpPlan:
         else:
             raise UnsupportedGraph(f"node {name}: op {op} is not supported by the fused backend")
         cur = node.outputs[0]
+    if window is not None:
+        raise UnsupportedGraph("the graph ends on a [batch, L, D] view")
     if not layers:
         raise UnsupportedGraph("the graph has no INT8 MatMul layer")
     if pending_q is not None:

@@ -6,6 +6,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ def _ort_has_cuda() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def _fused_reason(root: Path | None, manifest: dict[str, Any] | None, precision: str) -> str | None:
+def _fused_reason(root: Path | None, manifest: Mapping[str, Any] | None, precision: str) -> str | None:
     """Why the fused kernel cannot run this bundle here (None: it can)."""
     if precision != "int8":
         return f"the fused kernel runs INT8 models (precision {precision!r})"
@@ -53,7 +54,7 @@ def _fused_reason(root: Path | None, manifest: dict[str, Any] | None, precision:
     return None
 
 
-def unavailable_backend_reason(backend: str, manifest: dict[str, Any] | None = None, precision: str = "int8",
+def unavailable_backend_reason(backend: str, manifest: Mapping[str, Any] | None = None, precision: str = "int8",
                                root: Path | None = None) -> str | None:
     """Why ``backend`` (a concrete one, not ``auto``/``cuda``) cannot run this bundle here; None if it can."""
     if backend == "cpu":
@@ -90,6 +91,18 @@ def resolve_backend(backend: str, manifest: dict[str, Any] | None = None, precis
 Runtime = PolicyRuntime | OrtCudaPolicy | FusedCudaPolicy
 
 
+def _finite_fast(batch: np.ndarray) -> bool:
+    """True if every value is finite: x·x is finite only then (NaN and inf propagate). An overflow of x·x
+    (|x| > 1e19) reads as False too; the caller's element-wise check then decides."""
+    flat = batch.reshape(-1)
+    return math.isfinite(float(flat.dot(flat)))
+
+
+def _no_check(batch: np.ndarray) -> bool:
+    """``nan_policy="pass"``: nothing to check."""
+    return True
+
+
 class DeployedPolicy:
     """A bundle's policy: checks inputs, carries recurrent state, records latency; thread-safe.
 
@@ -103,7 +116,7 @@ class DeployedPolicy:
     state is shared by all callers, so give each robot (or episode stream) its own policy.
     """
 
-    def __init__(self, runtime: Runtime | ObservationHistory, manifest: dict[str, Any], *,
+    def __init__(self, runtime: Runtime | ObservationHistory, manifest: Mapping[str, Any], *,
                  precision: str, backend: str, nan_policy: str = "error", bundle: Path | None = None) -> None:
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy {nan_policy!r}; expected one of {NAN_POLICIES}")
@@ -115,6 +128,10 @@ class DeployedPolicy:
         #: Why faster backends were not used (``load(backend="auto"|"cuda")``).
         self.backend_notes: list[str] = []
         self._act_latency = LatencyStats()
+        # the fused kernel's hot path (see act): bound once
+        self._fused = runtime if type(runtime) is FusedCudaPolicy and len(self.obs_shape) == 1 else None
+        self._batch_limit = self.max_batch or (1 << 62)
+        self._check = _no_check if nan_policy == "pass" else _finite_fast
 
     def __repr__(self) -> str:
         return (f"DeployedPolicy({str(self.bundle)!r}, precision={self.precision!r}, backend={self.backend!r}, "
@@ -188,10 +205,7 @@ class DeployedPolicy:
         """``batch`` after the NaN policy (raises for ``"error"``, zeroes for ``"zero"``)."""
         if self.nan_policy == "pass":
             return batch
-        # fast path: x·x is finite only if every element is (NaN and inf propagate); an overflow of x·x
-        # (|x| > 1e19) falls through to the element-wise check
-        flat = batch.reshape(-1)
-        if math.isfinite(float(flat.dot(flat))):
+        if _finite_fast(batch):  # else an element-wise look (an overflow of x·x is no error)
             return batch
         finite = np.isfinite(batch)
         if not finite.all():
@@ -206,6 +220,23 @@ class DeployedPolicy:
     def act(self, obs: Any) -> np.ndarray:
         """Actions for one observation or a batch (numpy in, float32 numpy out)."""
         t0 = time.perf_counter()
+        fused = self._fused
+        if fused is not None and type(obs) is np.ndarray and obs.dtype is _F32 and obs.flags.c_contiguous:
+            # the hot path (cuda-fused, a C-contiguous float32 array): one shape test, then the copy into
+            # the pinned buffer and the graph launch; the finite check runs while the GPU computes
+            shape = obs.shape
+            if shape == self.obs_shape:
+                out, ok = fused.act_overlapped(obs, 1, self._check)
+                if ok:
+                    actions = out[0]
+                    self._act_latency.add(time.perf_counter() - t0)
+                    return actions
+            elif len(shape) == 2 and shape[1] == self.obs_shape[0] and 0 < shape[0] <= self._batch_limit:
+                out, ok = fused.act_overlapped(obs, shape[0], self._check)
+                if ok:
+                    self._act_latency.add(time.perf_counter() - t0)
+                    return out
+            # anything else (a non-finite value, a wrong shape): the general path says what is wrong
         batch, single = self.check_obs(obs)
         actions = self.runtime.act(batch)
         out = actions[0] if single else actions
@@ -215,7 +246,7 @@ class DeployedPolicy:
     __call__ = act
 
 
-def _check_input_shape(path: Path, runtime: Any, manifest: dict[str, Any]) -> None:
+def _check_input_shape(path: Path, runtime: Any, manifest: Mapping[str, Any]) -> None:
     """The graph's observation input must take ``[batch, *observation_space.shape]`` (a manifest edited to
     another shape would otherwise fail inside ONNX Runtime on the first call)."""
     io = manifest["io"]
@@ -231,7 +262,7 @@ def _check_input_shape(path: Path, runtime: Any, manifest: dict[str, Any]) -> No
                           "describe this model")
 
 
-def _make_runtime(chosen: str, root: Path, manifest: dict[str, Any], precision: str, *, intra_op_threads: int,
+def _make_runtime(chosen: str, root: Path, manifest: Mapping[str, Any], precision: str, *, intra_op_threads: int,
                   cuda_graph: bool, verify: bool = True) -> Runtime:
     """The runtime of one concrete backend; raises on any problem (the caller decides what follows).
 

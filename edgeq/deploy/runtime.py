@@ -84,6 +84,13 @@ class LatencyStats:
             self._buf[self._n % len(self._buf)] = seconds
             self._n += 1
 
+    def add_serialized(self, seconds: float) -> None:
+        """:meth:`add` without taking the lock, for a caller whose own lock already serializes every
+        ``add`` to this record (a backend's hot path)."""
+        n = self._n
+        self._buf[n % len(self._buf)] = seconds
+        self._n = n + 1
+
     def clear(self) -> None:
         with self._lock:
             self._n = 0

@@ -146,7 +146,7 @@ def run_selftest(bundle: str | Path | None = None, *, backend: str = "auto", pre
         state["manifest"] = m
         signed = "signature verified" if trusted_keys else "UNSIGNED (allowed)" if caught else "signature not checked"
         rep.info["bundle"] = {"path": str(root), "format_version": m["format_version"],
-                              "edgeq_version": m.get("edgeq_version"), "env": m.get("env", {}).get("id"),
+                              "edgeq_version": m.get("edgeq_version"), "env": (m.get("env") or {}).get("id"),
                               "algorithm": m.get("source", {}).get("algorithm"), "files": sorted(m["files"])}
         rep.info["bundle"]["signature"] = signed
         return f"format_version {m['format_version']}, {len(m['files'])} files match their SHA-256; {signed}"

@@ -127,6 +127,8 @@ def _snapshot(policy: DeployedPolicy) -> list[tuple[Any, str, Any]]:
         history = h.__dict__.get("history")
         if history is not None and hasattr(history, "_buf"):
             saved.append((history, "_buf", np.array(history._buf, copy=True)))
+            if hasattr(history, "_fresh"):  # which rows start an episode on their next observation
+                saved.append((history, "_fresh", np.array(history._fresh, copy=True)))
     return saved
 
 

@@ -38,10 +38,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+import onnx_ir as ir
+
+from edgeq.export.passes import bypass_output_identities, drop_zero_adds
+from edgeq.graph.ir import array_of, check, const, op, remove_dead_code, replace_node, to_ir, to_onnx
 
 MS_DOMAIN = "com.microsoft"
 
@@ -49,6 +53,7 @@ MS_DOMAIN = "com.microsoft"
 #: Default ``min_int8_width``: layers with fewer inputs or outputs than this run in float on the CPU.
 DEFAULT_CPU_FLOAT_BELOW = 32
 CPU_FLOAT_LAYERS_KEY = "edgeq.cpu_float_layers"
+FLOAT = onnx.TensorProto.FLOAT
 
 
 def cpu_float_layers(model: onnx.ModelProto) -> list[str]:
@@ -59,20 +64,66 @@ def cpu_float_layers(model: onnx.ModelProto) -> list[str]:
     return []
 
 
+@dataclass(frozen=True)
+class _Layer:
+    """``Q → DQ(x), DQ(int8 W) → MatMul`` of an edgeq QDQ graph, and the bias ``Add`` that alone reads it."""
+
+    matmul: ir.Node
+    q: ir.Node
+    a_dq: ir.Node
+    w_dq: ir.Node
+    add: ir.Node | None
+    bias: ir.Value | None
+
+    @property
+    def name(self) -> str:
+        return self.matmul.name or self.matmul.outputs[0].name or ""
+
+    @property
+    def nodes(self) -> list[ir.Node]:
+        """The MatMul and its bias Add (the nodes the CPU form replaces)."""
+        return [self.matmul, *([self.add] if self.add is not None else [])]
+
+    @property
+    def out(self) -> ir.Value:
+        """The value the layer's result ends in (the bias Add's output, else the MatMul's)."""
+        return (self.add or self.matmul).outputs[0]
+
+
+def _made_by(value: ir.Value | None, op_type: str) -> ir.Node | None:
+    node = None if value is None else value.producer()
+    return node if node is not None and node.op_type == op_type else None
+
+
+def _int8_layer(node: ir.Node) -> _Layer | None:
+    if node.op_type != "MatMul":
+        return None
+    a_dq, w_dq = _made_by(node.inputs[0], "DequantizeLinear"), _made_by(node.inputs[1], "DequantizeLinear")
+    q = None if a_dq is None else _made_by(a_dq.inputs[0], "QuantizeLinear")
+    w = None if w_dq is None else w_dq.inputs[0]
+    if q is None or a_dq is None or w_dq is None or w is None or not w.is_initializer():
+        return None
+    if w.const_value is None or w.const_value.dtype != ir.DataType.INT8:
+        return None  # int4 weights (W4A8): edgeq.export.int4 writes those layers
+    add, bias = None, None
+    uses = list(node.outputs[0].uses())
+    if len(uses) == 1 and uses[0].node.op_type == "Add":  # a 1-D constant bias that alone reads the MatMul
+        cand = uses[0].node
+        other = cand.inputs[1] if cand.inputs[0] is node.outputs[0] else cand.inputs[0]
+        if other is not None and other.is_initializer() and other.const_value is not None \
+                and len(other.const_value.shape) == 1:
+            add, bias = cand, other
+    return _Layer(node, q, a_dq, w_dq, add, bias)
+
+
+def _layers(graph: ir.Graph) -> list[_Layer]:
+    return [layer for node in graph if (layer := _int8_layer(node)) is not None]
+
+
 def int8_layer_names(qdq: onnx.ModelProto) -> list[str]:
     """The INT8 MatMul layers of an edgeq QDQ graph (the ones :func:`specialize_for_ort_cpu` rewrites)."""
-    producer = {o: n for n in qdq.graph.node for o in n.output}
-    inits = {t.name for t in qdq.graph.initializer}
-    names = []
-    for node in qdq.graph.node:
-        a_dq = producer.get(node.input[0]) if node.op_type == "MatMul" else None
-        w_dq = producer.get(node.input[1]) if node.op_type == "MatMul" else None
-        if a_dq is None or w_dq is None or a_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
-            continue
-        q = producer.get(a_dq.input[0])
-        if q is not None and q.op_type == "QuantizeLinear" and w_dq.input[0] in inits and q.input[1] in inits:
-            names.append(node.name or node.output[0])
-    return names
+    return [la.name for la in _layers(to_ir(qdq).graph)
+            if la.q.inputs[1] is not None and la.q.inputs[1].is_initializer()]
 
 
 def specialize_for_ort_cpu(qdq: onnx.ModelProto, min_int8_width: int = 0,
@@ -87,133 +138,83 @@ def specialize_for_ort_cpu(qdq: onnx.ModelProto, min_int8_width: int = 0,
     to run in float instead of the width rule (a measured or replayed choice, see
     :mod:`edgeq.export.cpu_select`).
     """
-    m = onnx.ModelProto()
-    m.CopyFrom(qdq)
-    g = m.graph
-    inits = {t.name: t for t in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-
-    graph_outputs = {o.name for o in g.output}
+    model = to_ir(qdq)
+    g = model.graph
     try:
         inferred = onnx.shape_inference.infer_shapes(qdq)
         ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*inferred.graph.value_info, *inferred.graph.input)
                  if v.type.tensor_type.HasField("shape")}
     except Exception:  # noqa: BLE001 - without shapes every layer is taken as 2-D, as before
         ranks = {}
-    drop: set[int] = set()
-    replace: dict[int, list[onnx.NodeProto]] = {}
-    new_inits: list[onnx.TensorProto] = []
-    u8_of_q: dict[str, str] = {}
+    # every decision on the graph as it came (later edits must not change an earlier layer's reading)
+    plan: list[tuple[_Layer, tuple[ir.Node, ir.Value] | None, bool]] = []
+    for layer in _layers(g):
+        w = array_of(layer.w_dq.inputs[0])
+        assert w is not None
+        k_in, n_out = (int(d) for d in w.shape)
+        wanted = min(k_in, n_out) < min_int8_width if float_layers is None else layer.name in float_layers
+        scale = layer.q.inputs[1]
+        in_float = wanted and scale is not None and scale.is_initializer() and layer.matmul.name not in keep_int8
+        plan.append((layer, _input_factor(layer, k_in) if in_float else None, in_float))
     chosen_float: list[str] = []
-    float_weights: set[str] = set()
-    for node in g.node:
-        if node.op_type != "MatMul":
-            continue
-        a_dq, w_dq = producer.get(node.input[0]), producer.get(node.input[1])
-        if a_dq is None or w_dq is None or a_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
-            continue
-        q = producer.get(a_dq.input[0])
-        if q is None or q.op_type != "QuantizeLinear" or w_dq.input[0] not in inits:
-            continue
-        add = _bias_add(node, consumers, inits)
-        k_in, n_out = (int(d) for d in inits[w_dq.input[0]].dims)
-        wanted = (min(k_in, n_out) < min_int8_width if float_layers is None
-                  else (node.name or node.output[0]) in float_layers)
-        if wanted and q.input[1] in inits and node.name not in keep_int8:
-            replace[id(node)] = _float_layer(node, q, w_dq, add, producer, consumers, inits, new_inits,
-                                             gemm=ranks.get(q.input[0]) == 2)
-            base = node.name or node.output[0]
-            float_weights.add(next(n for n in replace[id(node)] if n.name == base).input[1])
-            drop.update({id(a_dq), id(w_dq)} | ({id(add[0])} if add is not None else set()))
-            chosen_float.append(node.name or node.output[0])
+    float_weights: set[ir.Value] = set()
+    u8_of_q: dict[ir.Node, tuple[ir.Value, ir.Value]] = {}
+    for layer, fold, in_float in plan:
+        if in_float:
+            x = layer.q.inputs[0]
+            assert x is not None
+            nodes, weight = _float_layer(g, layer, x, fold, gemm=ranks.get(x.name or "") == 2)
+            float_weights.add(weight)
+            chosen_float.append(layer.name)
+            replace_node(g, layer.nodes, nodes, {layer.out: nodes[-1].outputs[0]})
             continue
         # activation: Q(int8, zp 0) → Q(uint8, zp 128), shared by every layer reading it
-        if q.output[0] not in u8_of_q:
-            zp_name = f"{q.output[0]}.u8_zero_point"
-            src = q.input[0]
-            new_inits.append(numpy_helper.from_array(np.array(128, np.uint8), zp_name))
-            u8 = f"{q.output[0]}.u8"
-            replace[id(q)] = [helper.make_node("QuantizeLinear", [src, q.input[1], zp_name], [u8],
-                                               name=f"{q.name}.u8")]
-            u8_of_q[q.output[0]] = u8
-        inputs = [u8_of_q[q.output[0]], w_dq.input[0], a_dq.input[1], w_dq.input[1],
-                  f"{q.output[0]}.u8_zero_point", w_dq.input[2] if len(w_dq.input) > 2 else ""]
-        outputs = [node.output[0]]
-        if add is not None:
-            inputs.append(add[1])
-            outputs = [add[0].output[0]]
-            drop.add(id(add[0]))
-        replace[id(node)] = [helper.make_node("MatMulIntegerToFloat", inputs, outputs, name=node.name,
-                                              domain=MS_DOMAIN)]
-        drop.update({id(a_dq), id(w_dq)})
-
-    nodes: list[onnx.NodeProto] = []
-    for n in g.node:
-        if id(n) in replace:
-            nodes.extend(replace[id(n)])
-        elif id(n) not in drop:
-            nodes.append(n)
-    nodes = _drop_zero_adds(nodes, inits, graph_outputs)
-    nodes = _drop_dead_nodes(bypass_output_identities(nodes, graph_outputs), graph_outputs)
+        q = layer.q
+        if q not in u8_of_q:
+            qname = q.outputs[0].name
+            zp = const(g, np.array(128, np.uint8), f"{qname}.u8_zero_point")
+            u8: list[ir.Node] = []
+            u8_of_q[q] = (op(u8, "QuantizeLinear", [q.inputs[0], q.inputs[1], zp], f"{qname}.u8",
+                             name=f"{q.name}.u8"), zp)
+            g.insert_before(q, u8)
+        act, zp = u8_of_q[q]
+        w_dq = layer.w_dq
+        inputs = [act, w_dq.inputs[0], layer.a_dq.inputs[1], w_dq.inputs[1], zp,
+                  w_dq.inputs[2] if len(w_dq.inputs) > 2 else None, *([layer.bias] if layer.add else [])]
+        mitf: list[ir.Node] = []
+        y = op(mitf, "MatMulIntegerToFloat", inputs, layer.out.name or "", name=layer.matmul.name or "",
+               domain=MS_DOMAIN)
+        replace_node(g, layer.nodes, mitf, {layer.out: y})
+    drop_zero_adds(g)
+    bypass_output_identities(g)
+    remove_dead_code(g)
     if chosen_float:
-        nodes = _move_weight_scales_into_float_layers(nodes, inits, new_inits, graph_outputs, float_weights)
-    used = {i for n in nodes for i in n.input}
-    kept = [t for t in g.initializer if t.name in used]
-    del g.node[:]
-    g.node.extend(nodes)
-    del g.initializer[:]
-    g.initializer.extend(kept + [t for t in new_inits if t.name in used])
-    if not any(op.domain == MS_DOMAIN for op in m.opset_import):
-        m.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        _move_weight_scales_into_float_layers(g, float_weights)
+        remove_dead_code(g)
+    if MS_DOMAIN not in model.opset_imports:
+        model.opset_imports[MS_DOMAIN] = 1
     if chosen_float:
-        helper.set_model_props(m, {**{p.key: p.value for p in m.metadata_props},
-                                   CPU_FLOAT_LAYERS_KEY: json.dumps(chosen_float)})
-        m.doc_string = ("edgeq INT8 policy specialized for ONNX Runtime CPU (the QDQ graph's arithmetic; these "
-                        f"layers run in float on their int8 weights: {', '.join(chosen_float)})")
+        model.metadata_props[CPU_FLOAT_LAYERS_KEY] = json.dumps(chosen_float)
+        model.doc_string = ("edgeq INT8 policy specialized for ONNX Runtime CPU (the QDQ graph's arithmetic; these "
+                            f"layers run in float on their int8 weights: {', '.join(chosen_float)})")
     else:
-        m.doc_string = "edgeq INT8 policy specialized for ONNX Runtime CPU (same arithmetic as the QDQ graph)"
-    onnx.checker.check_model(m)
-    return m
+        model.doc_string = "edgeq INT8 policy specialized for ONNX Runtime CPU (same arithmetic as the QDQ graph)"
+    return check(to_onnx(model, qdq))
 
 
-def bypass_output_identities(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
-    """Let the node feeding an ``Identity → graph output`` write the output itself (one kernel less).
-
-    Shared by the ONNX Runtime CPU and CUDA specializations (:mod:`edgeq.export.ort_cuda`).
-    """
-    out = list(nodes)
-    for ident in [n for n in nodes if n.op_type == "Identity" and n.output[0] in outputs]:
-        src = ident.input[0]
-        producers = [n for n in out if src in n.output]
-        users = [n for n in out if src in n.input]
-        if len(producers) != 1 or len(users) != 1:
-            continue
-        p = producers[0]
-        p.output[list(p.output).index(src)] = ident.output[0]
-        out.remove(ident)
-    return out
+def _input_factor(layer: _Layer, k_in: int) -> tuple[ir.Node, ir.Value] | None:
+    """The ``Mul`` by a per-column constant (CrossQuant, equalization) that alone feeds the layer's quantizer."""
+    x = layer.q.inputs[0]
+    pre = _made_by(x, "Mul")
+    if x is None or pre is None or len(x.uses()) != 1:
+        return None
+    factor = next((i for i in pre.inputs if i is not None and i.is_initializer() and i.const_value is not None
+                   and list(i.const_value.shape) == [k_in]), None)
+    return None if factor is None else (pre, factor)
 
 
-def _bias_add(node: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]],
-              inits: dict[str, onnx.TensorProto]) -> tuple[onnx.NodeProto, str] | None:
-    """The ``Add`` of a 1-D constant bias that alone consumes ``node``'s output, with the bias name."""
-    users = consumers.get(node.output[0], [])
-    if len(users) == 1 and users[0].op_type == "Add":
-        cand = users[0]
-        other = cand.input[1] if cand.input[0] == node.output[0] else cand.input[0]
-        if other in inits and len(inits[other].dims) == 1:
-            return cand, other
-    return None
-
-
-def _float_layer(node: onnx.NodeProto, q: onnx.NodeProto, w_dq: onnx.NodeProto,
-                 add: tuple[onnx.NodeProto, str] | None, producer: dict[str, onnx.NodeProto],
-                 consumers: dict[str, list[onnx.NodeProto]], inits: dict[str, onnx.TensorProto],
-                 new_inits: list[onnx.TensorProto], *, gemm: bool = True) -> list[onnx.NodeProto]:
+def _float_layer(g: ir.Graph, layer: _Layer, x: ir.Value, fold: tuple[ir.Node, ir.Value] | None, *,
+                 gemm: bool = True) -> tuple[list[ir.Node], ir.Value]:
     """``Gemm(x, Cast(W_int8) × w_scale [× column factors], bias)`` in place of an INT8 layer.
 
     With ``gemm=False`` (an input of rank 3, such as a Transformer's [batch, steps, features]),
@@ -221,141 +222,87 @@ def _float_layer(node: onnx.NodeProto, q: onnx.NodeProto, w_dq: onnx.NodeProto,
 
     ``x`` is the float tensor the layer's activation quantizer read. If that tensor is a ``Mul``
     by a per-column constant (CrossQuant's static column factors, an equalization scale) read by
-    nothing else, the factors move into the weight rows: (x · f) W = x (diag(f) W).
+    nothing else (``fold``), the factors move into the weight rows: (x · f) W = x (diag(f) W).
+    Returns the nodes (the last writes the layer's result) and the float weight value.
     """
-    base = node.name or node.output[0]
-    w_int8, w_scale = w_dq.input[0], w_dq.input[1]
-    zp = w_dq.input[2] if len(w_dq.input) > 2 else ""
-    if zp and np.any(numpy_helper.to_array(inits[zp]) != 0):
+    base = layer.name
+    w_dq = layer.w_dq
+    w_int8, w_scale = w_dq.inputs[0], w_dq.inputs[1]
+    zp = array_of(w_dq.inputs[2]) if len(w_dq.inputs) > 2 else None
+    if zp is not None and np.any(zp != 0):
         raise ValueError(f"{w_dq.name}: edgeq weights are symmetric (zero point 0)")
-    k_in = int(inits[w_int8].dims[0])
-    x = q.input[0]
+    w = array_of(w_int8)
+    assert w is not None and w_scale is not None
+    k_in = int(w.shape[0])
     # A Gemm holds its weight as [N, K] (transB=1), as the float graph does: ONNX Runtime's batch-1
     # float GEMM is measurably faster in that layout than on a [K, N] weight; the int8 values are the
     # same, stored transposed (a MatMul keeps [K, N]).
-    transposed = add is not None and gemm
+    transposed = layer.add is not None and gemm
     if transposed:
-        w_t = f"{base}/w.int8_t"
-        new_inits.append(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(inits[w_int8]).T), w_t))
-        scale = numpy_helper.to_array(inits[w_scale]).astype(np.float32)
-        new_inits.append(numpy_helper.from_array(scale.reshape(-1, 1) if scale.ndim == 1 else scale,
-                                                 f"{base}/w.scale_t"))
-        w_int8, w_scale = w_t, f"{base}/w.scale_t"
-    nodes = [helper.make_node("Cast", [w_int8], [f"{base}/w.f32"], to=onnx.TensorProto.FLOAT, name=f"{base}/w.cast"),
-             helper.make_node("Mul", [f"{base}/w.f32", w_scale], [f"{base}/w.dequantized"], name=f"{base}/w.scale")]
-    weight = f"{base}/w.dequantized"
-    pre = producer.get(x)
-    if pre is not None and pre.op_type == "Mul" and len(consumers.get(x, [])) == 1:
-        factor = next((i for i in pre.input if i in inits and list(inits[i].dims) == [k_in]), None)
-        if factor is not None:
-            f = numpy_helper.to_array(inits[factor]).astype(np.float32).reshape((1, k_in) if transposed else (k_in, 1))
-            new_inits.append(numpy_helper.from_array(f, f"{base}/w.row_factors"))
-            nodes.append(helper.make_node("Mul", [weight, f"{base}/w.row_factors"], [f"{base}/w.folded"],
-                                          name=f"{base}/w.fold_input_scale"))
-            weight = f"{base}/w.folded"
-            x = pre.input[0] if pre.input[1] == factor else pre.input[1]
+        w_int8 = const(g, np.ascontiguousarray(w.T), f"{base}/w.int8_t")
+        scale = array_of(w_scale)
+        assert scale is not None
+        scale = scale.astype(np.float32)
+        w_scale = const(g, scale.reshape(-1, 1) if scale.ndim == 1 else scale, f"{base}/w.scale_t")
+    nodes: list[ir.Node] = []
+    w32 = op(nodes, "Cast", [w_int8], f"{base}/w.f32", name=f"{base}/w.cast", to=FLOAT)
+    weight = op(nodes, "Mul", [w32, w_scale], f"{base}/w.dequantized", name=f"{base}/w.scale")
+    if fold is not None:
+        pre, factor = fold
+        f = array_of(factor)
+        assert f is not None
+        rows = const(g, f.astype(np.float32).reshape((1, k_in) if transposed else (k_in, 1)), f"{base}/w.row_factors")
+        weight = op(nodes, "Mul", [weight, rows], f"{base}/w.folded", name=f"{base}/w.fold_input_scale")
+        x = pre.inputs[0] if pre.inputs[1] is factor else pre.inputs[1]  # type: ignore[assignment]
+    out = layer.out.name or ""
     if transposed:
-        assert add is not None
-        nodes.append(helper.make_node("Gemm", [x, weight, add[1]], [add[0].output[0]], name=base, transB=1))
-    elif add is not None:
-        nodes.append(helper.make_node("MatMul", [x, weight], [f"{base}/matmul"], name=base))
-        nodes.append(helper.make_node("Add", [f"{base}/matmul", add[1]], [add[0].output[0]], name=f"{base}/bias"))
+        op(nodes, "Gemm", [x, weight, layer.bias], out, name=base, transB=1)
+    elif layer.add is not None:
+        mm = op(nodes, "MatMul", [x, weight], f"{base}/matmul", name=base)
+        op(nodes, "Add", [mm, layer.bias], out, name=f"{base}/bias")
     else:
-        nodes.append(helper.make_node("MatMul", [x, weight], [node.output[0]], name=base))
-    return nodes
+        op(nodes, "MatMul", [x, weight], out, name=base)
+    return nodes, weight
 
 
-def _drop_zero_adds(nodes: list[onnx.NodeProto], inits: dict[str, onnx.TensorProto],
-                    outputs: set[str]) -> list[onnx.NodeProto]:
-    """Drop ``Add(x, 0)`` with a 1-D all-zero constant (the action rescale of a symmetric box, [-a, a]).
-
-    ONNX Runtime removes such a no-op itself, except when it writes a graph output, which it does in
-    this file once output Identities are bypassed; at batch 1 the kernel is ~0.2 µs. The producer of
-    ``x`` then writes the Add's output (``x`` has no other reader), so names and results are unchanged.
-    """
-    out = list(nodes)
-    for add in [n for n in out if n.op_type == "Add" and len(n.input) == 2]:
-        const = [i for i in add.input if i in inits]
-        if len(const) != 1 or len(inits[const[0]].dims) > 1:
-            continue
-        if np.any(numpy_helper.to_array(inits[const[0]]) != 0):
-            continue
-        x = add.input[1] if add.input[0] == const[0] else add.input[0]
-        producer = next((n for n in out if x in n.output), None)
-        readers = [n for n in out if x in n.input]
-        if producer is None or readers != [add] or x in outputs:
-            continue
-        producer.output[list(producer.output).index(x)] = add.output[0]
-        out.remove(add)
-    return out
-
-
-def _drop_dead_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
-    """Remove nodes none of whose outputs is read (e.g. an activation quantizer of a float layer)."""
-    out = list(nodes)
-    while True:
-        used = {i for n in out for i in n.input} | outputs
-        keep = [n for n in out if any(o in used for o in n.output)]
-        if len(keep) == len(out):
-            return out
-        out = keep
-
-
-def _move_weight_scales_into_float_layers(nodes: list[onnx.NodeProto], inits: dict[str, onnx.TensorProto],
-                                          new_inits: list[onnx.TensorProto], outputs: set[str],
-                                          float_weights: set[str]) -> list[onnx.NodeProto]:
+def _move_weight_scales_into_float_layers(g: ir.Graph, float_weights: set[ir.Value]) -> None:
     """Give an INT8 layer feeding only float layers a scalar weight scale (see the module docstring).
 
-    ``float_weights``: the (load-time folded) weight tensors of the layers written in float.
+    ``float_weights``: the (load-time folded) weight values of the layers written in float.
     """
-    new_by_name = {t.name: t for t in new_inits}
-
-    def const(name: str) -> np.ndarray | None:
-        t = inits.get(name) or new_by_name.get(name)
-        return None if t is None else numpy_helper.to_array(t)
-
-    out = list(nodes)
-    for mm in [n for n in out if n.op_type == "MatMulIntegerToFloat" and n.domain == MS_DOMAIN]:
-        w_scale = const(mm.input[3])
-        bias = const(mm.input[6]) if len(mm.input) > 6 and mm.input[6] else None
+    columns: dict[ir.Node, ir.Value] = {}
+    for mm in [n for n in g if n.op_type == "MatMulIntegerToFloat" and n.domain == MS_DOMAIN]:
+        w_scale = array_of(mm.inputs[3])
+        bias = array_of(mm.inputs[6]) if len(mm.inputs) > 6 else None
         if w_scale is None or w_scale.ndim != 1 or w_scale.size < 2 or np.any(w_scale <= 0):
             continue
-        users = [n for n in out if mm.output[0] in n.input]
+        users = [u.node for u in mm.outputs[0].uses()]
         relu = users[0] if len(users) == 1 and users[0].op_type == "Relu" else None
-        act = relu.output[0] if relu is not None else mm.output[0]
-        readers = [n for n in out if act in n.input]
-        if act in outputs or mm.output[0] in outputs or not readers or not all(
-                n.op_type in ("Gemm", "MatMul") and n.input[0] == act and n.input[1] in float_weights
-                and act not in n.input[1:] for n in readers):
+        act = (relu or mm).outputs[0]
+        readers = [u.node for u in act.uses()]
+        if act.is_graph_output() or mm.outputs[0].is_graph_output() or not readers or not all(
+                n.op_type in ("Gemm", "MatMul") and n.inputs[0] is act and n.inputs[1] in float_weights
+                and act not in n.inputs[1:] for n in readers):
             continue
-        base = mm.name or mm.output[0]
-        one, factors = f"{base}/unit_weight_scale", f"{base}/weight_scale_rows"
-        new_inits.append(numpy_helper.from_array(np.array(1.0, np.float32), one))
-        new_inits.append(numpy_helper.from_array(w_scale.astype(np.float32).reshape(-1, 1), factors))
-        mm.input[3] = one
+        base = mm.name or mm.outputs[0].name
+        mm.replace_input_with(3, const(g, np.array(1.0, np.float32), f"{base}/unit_weight_scale"))
+        factors = const(g, w_scale.astype(np.float32).reshape(-1, 1), f"{base}/weight_scale_rows")
         if bias is not None:
-            name = f"{base}/bias_over_weight_scale"
-            new_inits.append(numpy_helper.from_array((bias / w_scale).astype(np.float32), name))
-            mm.input[6] = name
+            mm.replace_input_with(6, const(g, (bias / w_scale).astype(np.float32), f"{base}/bias_over_weight_scale"))
         # the tensors now hold act / w_j per channel: rename them so nothing reads them as the originals
-        renamed = f"{act}/over_weight_scale"
+        renamed = f"{act.name}/over_weight_scale"
         if relu is not None:
-            mid = f"{mm.output[0]}/over_weight_scale"
-            mm.output[0] = mid
-            relu.input[0], relu.output[0] = mid, renamed
-        else:
-            mm.output[0] = renamed
-        for reader in readers:
-            reader.input[0] = renamed
-            scaled = f"{reader.name or reader.output[0]}/w.rows_times_input_scale"
-            idx = out.index(reader)
-            trans_b = any(a.name == "transB" and a.i == 1 for a in reader.attribute)
+            mm.outputs[0].name = f"{mm.outputs[0].name}/over_weight_scale"
+        act.name = renamed
+        for reader in dict.fromkeys(readers):
+            rname = reader.name or reader.outputs[0].name
             use = factors
-            if trans_b:  # an [N, K] weight: the input's channels are its columns
-                use = f"{base}/weight_scale_columns"
-                if use not in {t.name for t in new_inits}:
-                    new_inits.append(numpy_helper.from_array(w_scale.astype(np.float32).reshape(1, -1), use))
-            out.insert(idx, helper.make_node("Mul", [reader.input[1], use], [scaled],
-                                             name=f"{reader.name or reader.output[0]}/w.absorb_input_scale"))
-            reader.input[1] = scaled
-    return out
+            if reader.attributes.get_int("transB") == 1:  # an [N, K] weight: the input's channels are its columns
+                if mm not in columns:
+                    columns[mm] = const(g, w_scale.astype(np.float32).reshape(1, -1), f"{base}/weight_scale_columns")
+                use = columns[mm]
+            nodes: list[ir.Node] = []
+            scaled = op(nodes, "Mul", [reader.inputs[1], use], f"{rname}/w.rows_times_input_scale",
+                        name=f"{rname}/w.absorb_input_scale")
+            g.insert_before(reader, nodes)
+            reader.replace_input_with(1, scaled)

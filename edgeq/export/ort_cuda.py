@@ -34,10 +34,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+import onnx_ir as ir
 
-from edgeq.export.ort_cpu import bypass_output_identities
+from edgeq.export.passes import bypass_output_identities
+from edgeq.graph.ir import array_of, check, drop_unused_initializers, rewire, to_ir, to_onnx
 
+#: ``doc_string`` of a weight initializer folded from an int8 ``DequantizeLinear`` (read by edgeq.export.file_precision)
+DEQUANTIZED_DOC = "edgeq: int8 weight dequantized at export"
 DOC = "edgeq INT8 policy specialized for ONNX Runtime's CUDA EP (weights dequantized at export; same arithmetic)"
 
 
@@ -67,40 +70,32 @@ def specialize_for_ort_cuda(qdq: onnx.ModelProto) -> onnx.ModelProto:
     Returns a new model; ``qdq`` is left untouched. A graph without weight ``DequantizeLinear`` nodes
     comes back with only its output ``Identity`` bypassed.
     """
-    m = onnx.ModelProto()
-    m.CopyFrom(qdq)
-    g = m.graph
-    inits = {t.name: t for t in g.initializer}
-    folded: dict[str, np.ndarray] = {}
-    keep: list[onnx.NodeProto] = []
-    for node in g.node:
-        if node.op_type == "DequantizeLinear" and all(i in inits for i in node.input if i):
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-            if any(a.name == "block_size" and a.i for a in node.attribute):
-                keep.append(node)  # blocked quantization: leave to the runtime
-                continue
-            q = numpy_helper.to_array(inits[node.input[0]])
-            scale = numpy_helper.to_array(inits[node.input[1]])
-            zp = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] else None
-            if scale.dtype != np.float32:
-                keep.append(node)  # fp16/bf16 scales: the runtime's arithmetic differs; not edgeq's form
-                continue
-            folded[node.output[0]] = dequantize_initializer(q, scale, zp, axis)
-        else:
-            keep.append(node)
-    nodes = bypass_output_identities(keep, {o.name for o in g.output})
-    used = {i for n in nodes for i in n.input} | {o.name for o in g.output}
-    new_inits = [t for t in g.initializer if t.name in used] + [
-        numpy_helper.from_array(v, name) for name, v in folded.items() if name in used
-    ]
-    del g.node[:]
-    g.node.extend(nodes)
-    del g.initializer[:]
-    g.initializer.extend(new_inits)
-    del g.value_info[:]
-    m.doc_string = DOC
-    onnx.checker.check_model(m, full_check=True)
-    return m
+    model = to_ir(qdq)
+    g = model.graph
+    folded: list[ir.Value] = []
+    for node in [n for n in g if n.op_type == "DequantizeLinear"]:
+        arrays = [array_of(v) for v in node.inputs if v is not None]
+        if any(a is None for a in arrays) or node.attributes.get_int("block_size"):
+            continue  # a computed input, or blocked quantization: leave to the runtime
+        q, scale, *zp = arrays
+        assert q is not None and scale is not None
+        if scale.dtype != np.float32:
+            continue  # fp16/bf16 scales: the runtime's arithmetic differs; not edgeq's form
+        axis = node.attributes.get_int("axis")
+        value = ir.Value(const_value=ir.Tensor(dequantize_initializer(q, scale, zp[0] if zp else None,
+                                                                      1 if axis is None else axis),
+                                               doc_string=DEQUANTIZED_DOC))
+        rewire(node.outputs[0], value)
+        g.remove(node, safe=True)
+        folded.append(value)
+    for value in folded:  # after the existing initializers, in node order
+        assert value.const_value is not None
+        value.const_value.name = value.name
+        g.register_initializer(value)
+    bypass_output_identities(g)
+    drop_unused_initializers(g, list(g.initializers.values()))
+    model.doc_string = DOC
+    return check(to_onnx(model, qdq, value_info=False))
 
 
 def kernel_count(model: onnx.ModelProto) -> dict[str, int]:

@@ -28,54 +28,157 @@ Beyond plain int8 layers a plan may hold:
   → MatMul(x16, W16) [→ Add(b16)] → Cast(→ fp32)`` with the weight and bias stored as fp16
   initializers, so TensorRT's strongly typed builder runs the layer in fp16 and ONNX Runtime's CPU
   provider (which has fp16 MatMul/Add kernels) runs the same graph; no Q/DQ touches them;
+* **int4** layers (W4A8, :mod:`edgeq.export.int4`): int8 input Q/DQ as above, INT4 weight initializer
+  per channel or in blocks (opset 21);
 * **CrossQuant-dynamic** layers (:mod:`edgeq.quantizers.crossquant`): run-time per-row scales with
   ``MatMulInteger``; ONNX Runtime CPU only, and the plan says ``tensorrt_compatible: false``.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+import onnx_ir as ir
 
+from edgeq.export.int4 import lower_int4_layers
+from edgeq.graph.ir import array_of, const, drop_unused_initializers, make_node, op, replace_node, to_ir, to_onnx
+from edgeq.graph.ir import check as full_check
 from edgeq.quantizers.crossquant import dynamic_layer_nodes
 from edgeq.quantizers.plan import LayerQuant, QuantPlan
-from edgeq.quantizers.transforms import apply_input_scalings
+from edgeq.quantizers.transforms import scale_inputs
 
 MIN_OPSET = 13
+FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 
 
-def _set_opset(model: onnx.ModelProto, minimum: int) -> None:
-    for op in model.opset_import:
-        if op.domain in ("", "ai.onnx") and op.version < minimum:
-            op.version = minimum
+def _gemm_plain(node: ir.Node) -> bool:
+    """A Gemm that is a MatMul plus bias: alpha = beta = 1, no transposed A."""
+    attrs = node.attributes
+    return (attrs.get_float("alpha", 1.0) == 1.0 and attrs.get_float("beta", 1.0) == 1.0
+            and not attrs.get_int("transA", 0))
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    return max((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), default=MIN_OPSET)
+def _gemm_bias(node: ir.Node) -> ir.Value | None:
+    return node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
 
 
-def _fp16_layer(node: onnx.NodeProto, layer: LayerQuant, w: np.ndarray, bias: np.ndarray | None,
-                add_init: Any) -> list[onnx.NodeProto]:
-    """``Cast → MatMul [→ Add] → Cast`` with fp16 weight/bias initializers (weight stored [K, N])."""
-    x = node.input[0]
-    base = layer.node.replace("/", "_")
-    wt = np.ascontiguousarray(w.T) if layer.weight_axis == 0 else w
-    w16 = add_init(wt.astype(np.float16), f"{layer.weight_name}.fp16")
-    x16 = f"{base}.input_fp16"
-    mm = f"{base}.matmul_fp16"
-    nodes = [helper.make_node("Cast", [x], [x16], name=f"{base}/cast_fp16", to=onnx.TensorProto.FLOAT16),
-             helper.make_node("MatMul", [x16, w16], [mm], name=node.name)]
-    y16 = mm
-    if bias is not None:
-        b16 = add_init(bias.astype(np.float16), f"{layer.bias_name or base}.fp16")
-        y16 = f"{base}.out_fp16"
-        nodes.append(helper.make_node("Add", [mm, b16], [y16], name=f"{node.name}/bias"))
-    nodes.append(helper.make_node("Cast", [y16], [node.output[0]], name=f"{base}/cast_fp32",
-                                  to=onnx.TensorProto.FLOAT))
-    return nodes
+class _Lowering:
+    """One plan applied to one IR graph (each method rewrites one kind of layer in place)."""
+
+    def __init__(self, model: ir.Model, plan: QuantPlan) -> None:
+        self.graph, self.plan = model.graph, plan
+        self.opset = max(model.opset_imports.get("", MIN_OPSET), MIN_OPSET)
+        self.dq_of: dict[str, ir.Value] = {}
+        self.touched: list[ir.Value | None] = []
+
+    def bias_value(self, layer: LayerQuant, node: ir.Node) -> np.ndarray | None:
+        if layer.bias is not None:
+            return np.asarray(layer.bias, np.float32).reshape(-1)
+        b = array_of(_gemm_bias(node))
+        return None if b is None else np.asarray(b, np.float32).reshape(-1)
+
+    def dq_for(self, x: ir.Value, before: ir.Node) -> ir.Value:
+        """The DequantizeLinear output of activation ``x`` (one per-tensor Q→DQ pair per tensor, shared)."""
+        assert x.name is not None
+        if x.name not in self.dq_of:
+            base = x.name.replace("/", "_")
+            scale = const(self.graph, np.array(self.plan.activations[x.name].scale, np.float32), f"{base}.act_scale")
+            zp = const(self.graph, np.array(0, np.int8), f"{base}.act_zero_point")
+            nodes: list[ir.Node] = []
+            q = op(nodes, "QuantizeLinear", [x, scale, zp], f"{base}.q", name=f"{base}/QuantizeLinear")
+            self.dq_of[x.name] = op(nodes, "DequantizeLinear", [q, scale, zp], f"{base}.dq",
+                                    name=f"{base}/DequantizeLinear")
+            self.graph.insert_before(before, nodes)
+        return self.dq_of[x.name]
+
+    def act_matmul(self, node: ir.Node) -> None:
+        """Both activation inputs per-tensor int8 (attention's Q·Kᵀ, A·V)."""
+        for i, x in enumerate(list(node.inputs)):
+            assert x is not None
+            node.replace_input_with(i, self.dq_for(x, node))
+
+    def fp16(self, node: ir.Node, layer: LayerQuant) -> None:
+        """``Cast → MatMul [→ Add] → Cast`` with fp16 weight/bias initializers (weight stored [K, N])."""
+        if node.op_type == "Gemm" and not _gemm_plain(node):
+            raise ValueError(f"layer {node.name}: fp16 export supports Gemm with alpha=beta=1, transA=0")
+        w_value = self.graph.initializers[layer.weight_name]
+        w = array_of(w_value)
+        assert w is not None
+        bias = self.bias_value(layer, node)
+        base = layer.node.replace("/", "_")
+        wt = np.ascontiguousarray(w.T) if layer.weight_axis == 0 else w
+        w16 = const(self.graph, wt.astype(np.float16), f"{layer.weight_name}.fp16")
+        nodes: list[ir.Node] = []
+        x16 = op(nodes, "Cast", [node.inputs[0]], f"{base}.input_fp16", name=f"{base}/cast_fp16", to=FLOAT16)
+        y16 = op(nodes, "MatMul", [x16, w16], f"{base}.matmul_fp16", name=node.name or "")
+        if bias is not None:
+            b16 = const(self.graph, bias.astype(np.float16), f"{layer.bias_name or base}.fp16")
+            y16 = op(nodes, "Add", [y16, b16], f"{base}.out_fp16", name=f"{node.name}/bias")
+        y = op(nodes, "Cast", [y16], node.outputs[0].name or "", name=f"{base}/cast_fp32", to=FLOAT)
+        self.touched += [w_value, _gemm_bias(node)]
+        replace_node(self.graph, node, nodes, {node.outputs[0]: y})
+
+    def dynamic(self, node: ir.Node, layer: LayerQuant, x: ir.Value) -> None:
+        """A CrossQuant-dynamic layer (:func:`edgeq.quantizers.crossquant.dynamic_layer_nodes`)."""
+        qw = layer.weight
+        assert qw is not None and layer.dynamic_factors is not None and layer.dynamic_alpha is not None
+        q_kn = qw.q.T if layer.weight_axis == 0 else qw.q
+        b = self.bias_value(layer, node)
+        base = layer.node.replace("/", "_")
+        bias = const(self.graph, b, f"{base}.bias_f32") if b is not None else None
+        nodes, y = dynamic_layer_nodes(self.graph, x, node.outputs[0].name or "", base + ".cq",
+                                       np.ascontiguousarray(q_kn), qw.scale, bias, layer.dynamic_factors,
+                                       layer.dynamic_alpha, self.opset)
+        self.touched += [node.inputs[1], _gemm_bias(node)]
+        replace_node(self.graph, node, nodes, {node.outputs[0]: y})
+
+    def int8(self, node: ir.Node, layer: LayerQuant) -> None:
+        """Activation Q→DQ, int8 weight → DQ (per output channel), MatMul [+ float bias Add]."""
+        x = node.inputs[0]
+        if x is None or x.name != layer.input:
+            x = self._value(layer.input)
+        if layer.scheme == "crossquant-dynamic":
+            self.dynamic(node, layer, x)
+            return
+        x_dq = self.dq_for(x, node)
+        qw = layer.weight
+        assert qw is not None
+        as_matmul = node.op_type == "MatMul" or _gemm_plain(node)
+        q, axis = qw.q, layer.weight_axis
+        if as_matmul and node.op_type == "Gemm" and axis == 0:  # stored [N, K] → [K, N]
+            q, axis = np.ascontiguousarray(q.T), 1
+        wbase = layer.weight_name
+        w_q = const(self.graph, q.astype(np.int8), f"{wbase}.int8")
+        w_s = const(self.graph, qw.scale.astype(np.float32), f"{wbase}.scale")
+        w_z = const(self.graph, np.zeros(qw.scale.shape, np.int8), f"{wbase}.zero_point")
+        nodes = [make_node("DequantizeLinear", [w_q, w_s, w_z], f"{wbase}.dq", name=f"{wbase}/DequantizeLinear",
+                           axis=axis)]
+        w_dq = nodes[0].outputs[0]
+        self.touched.append(self.graph.initializers.get(layer.weight_name))
+        bias = _gemm_bias(node)
+        if bias is not None and layer.bias is not None:
+            self.touched.append(bias)
+            shape = array_of(bias)
+            assert shape is not None and bias.name is not None
+            bias = const(self.graph, np.asarray(layer.bias, np.float32).reshape(shape.shape), f"{bias.name}.corrected")
+        if not as_matmul:  # the node stays, reading the dequantized tensors
+            self.graph.insert_before(node, nodes)
+            node.replace_input_with(0, x_dq)
+            node.replace_input_with(1, w_dq)
+            if bias is not None:
+                node.replace_input_with(2, bias)
+            return
+        out = node.outputs[0].name or ""
+        y = op(nodes, "MatMul", [x_dq, w_dq], f"{out}.matmul" if bias is not None else out, name=node.name or "")
+        if bias is not None:
+            y = op(nodes, "Add", [y, bias], out, name=f"{node.name}/bias")
+        replace_node(self.graph, node, nodes, {node.outputs[0]: y})
+
+    def _value(self, name: str) -> ir.Value:
+        for v in (*self.graph.inputs, *self.graph.initializers.values()):
+            if v.name == name:
+                return v
+        return next(o for n in self.graph for o in n.outputs if o.name == name)
 
 
 def apply_plan(model: onnx.ModelProto, plan: QuantPlan, *, check: bool = True) -> onnx.ModelProto:
@@ -83,139 +186,27 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan, *, check: bool = True) -
 
     ``check=False`` skips ONNX's full model check (for the many candidate graphs of a search).
     """
-    m = apply_input_scalings(model, plan.transforms) if plan.transforms else onnx.ModelProto()
-    if not plan.transforms:
-        m.CopyFrom(model)
-    graph = m.graph
-    opset = max(_opset(m), MIN_OPSET)
+    irm = to_ir(model)
+    scale_inputs(irm.graph, plan.transforms)  # exact float rewrites first (their Mul pre-ops stay fp32)
+    low = _Lowering(irm, plan)
     int8 = {layer.node: layer for layer in plan.int8_layers()}
     fp16 = {layer.node: layer for layer in plan.layers if layer.precision == "fp16"}
-    inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
-
-    new_inits: list[onnx.TensorProto] = []
-    dq_of_tensor: dict[str, str] = {}
-    new_nodes: list[onnx.NodeProto] = []
-    removed_weights: set[str] = set()
-
-    def add_init(array: np.ndarray, name: str) -> str:
-        new_inits.append(numpy_helper.from_array(array, name))
-        return name
-
-    def bias_value(layer: LayerQuant, node: onnx.NodeProto) -> np.ndarray | None:
-        if layer.bias is not None:
-            return np.asarray(layer.bias, np.float32).reshape(-1)
-        if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
-            return np.asarray(numpy_helper.to_array(inits[node.input[2]]), np.float32).reshape(-1)
-        return None
-
-    def dq_for(x: str) -> str:
-        """The DequantizeLinear output of activation ``x`` (one per-tensor Q→DQ pair per tensor, shared)."""
-        if x not in dq_of_tensor:
-            act = plan.activations[x]
-            base = x.replace("/", "_")
-            scale = add_init(np.array(act.scale, np.float32), f"{base}.act_scale")
-            zp = add_init(np.array(0, np.int8), f"{base}.act_zero_point")
-            q_name = f"{base}.q"
-            dq = f"{base}.dq"
-            new_nodes.append(helper.make_node("QuantizeLinear", [x, scale, zp], [q_name],
-                                              name=f"{base}/QuantizeLinear"))
-            new_nodes.append(helper.make_node("DequantizeLinear", [q_name, scale, zp], [dq],
-                                              name=f"{base}/DequantizeLinear"))
-            dq_of_tensor[x] = dq
-        return dq_of_tensor[x]
-
-    act_matmuls = {m.node: m for m in plan.int8_matmuls()}
-    for node in graph.node:
-        if node.name in act_matmuls:  # both activation inputs per-tensor int8 (attention Q·Kᵀ, A·V)
-            mm = onnx.NodeProto()
-            mm.CopyFrom(node)
-            del mm.input[:]
-            mm.input.extend([dq_for(x) for x in node.input])
-            new_nodes.append(mm)
-            continue
-        if node.name in fp16:
-            half = fp16[node.name]
-            if node.op_type == "Gemm":
-                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-                if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
-                    raise ValueError(f"layer {node.name}: fp16 export supports Gemm with alpha=beta=1, transA=0")
-            w = numpy_helper.to_array(inits[half.weight_name])
-            new_nodes.extend(_fp16_layer(node, half, w, bias_value(half, node), add_init))
-            if consumers.get(half.weight_name, 0) == 1:
-                removed_weights.add(half.weight_name)
-            if node.op_type == "Gemm" and len(node.input) > 2 and consumers.get(node.input[2], 0) == 1:
-                removed_weights.add(node.input[2])
-            continue
-        layer = int8.get(node.name)
-        if layer is None:
-            new_nodes.append(node)
-            continue
-        x = layer.input
-        if layer.scheme == "crossquant-dynamic":
-            qw = layer.weight
-            assert qw is not None and layer.dynamic_factors is not None and layer.dynamic_alpha is not None
-            q_kn = qw.q.T if layer.weight_axis == 0 else qw.q
-            b = bias_value(layer, node)
-            bname = add_init(b, f"{layer.node.replace('/', '_')}.bias_f32") if b is not None else None
-            nodes, dyn_inits = dynamic_layer_nodes(x, node.output[0], layer.node.replace("/", "_") + ".cq",
-                                                   np.ascontiguousarray(q_kn), qw.scale, bname,
-                                                   layer.dynamic_factors, layer.dynamic_alpha, opset)
-            new_nodes.extend(nodes)
-            new_inits.extend(dyn_inits)
-            if consumers.get(layer.weight_name, 0) == 1 and layer.weight_name in inits:
-                removed_weights.add(layer.weight_name)
-            if node.op_type == "Gemm" and len(node.input) > 2 and consumers.get(node.input[2], 0) == 1:
-                removed_weights.add(node.input[2])
-            continue
-        dq_for(x)
-        qw = layer.weight
-        assert qw is not None
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        as_matmul = node.op_type == "MatMul" or (
-            attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0))
-        q, axis = qw.q, layer.weight_axis
-        if as_matmul and node.op_type == "Gemm" and axis == 0:  # stored [N, K] → [K, N]
-            q, axis = np.ascontiguousarray(q.T), 1
-        wbase = layer.weight_name
-        w_q = add_init(q.astype(np.int8), f"{wbase}.int8")
-        w_s = add_init(qw.scale.astype(np.float32), f"{wbase}.scale")
-        w_z = add_init(np.zeros(qw.scale.shape, np.int8), f"{wbase}.zero_point")
-        w_dq = f"{wbase}.dq"
-        new_nodes.append(helper.make_node("DequantizeLinear", [w_q, w_s, w_z], [w_dq],
-                                          name=f"{wbase}/DequantizeLinear", axis=axis))
-        if consumers.get(layer.weight_name, 0) == 1 and layer.weight_name in inits:
-            removed_weights.add(layer.weight_name)
-        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
-        if bias and layer.bias is not None:
-            if consumers.get(bias, 0) == 1:
-                removed_weights.add(bias)
-            bias = add_init(np.asarray(layer.bias, np.float32).reshape(inits[bias].dims),
-                            f"{bias}.corrected")
-        if as_matmul:
-            out = node.output[0]
-            mm_out = f"{out}.matmul" if bias else out
-            new_nodes.append(helper.make_node("MatMul", [dq_of_tensor[x], w_dq], [mm_out], name=node.name))
-            if bias:
-                new_nodes.append(helper.make_node("Add", [mm_out, bias], [out], name=f"{node.name}/bias"))
-        else:
-            q_node = onnx.NodeProto()
-            q_node.CopyFrom(node)
-            del q_node.input[:]
-            q_node.input.extend([dq_of_tensor[x], w_dq, *([bias] if bias else node.input[2:])])
-            new_nodes.append(q_node)
-
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    kept = [t for t in graph.initializer if t.name not in removed_weights]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
-    _set_opset(m, MIN_OPSET)
-    m.doc_string = "edgeq INT8 QDQ policy" if plan.tensorrt_compatible else \
+    act_matmuls = {m.node for m in plan.int8_matmuls()}
+    for node in list(irm.graph):
+        if node.name in act_matmuls:
+            low.act_matmul(node)
+        elif node.name in fp16:
+            low.fp16(node, fp16[node.name])
+        elif node.name in int8:
+            low.int8(node, int8[node.name])
+    drop_unused_initializers(irm.graph, low.touched)
+    for domain in ("", "ai.onnx"):
+        if domain in irm.opset_imports and irm.opset_imports[domain] < MIN_OPSET:
+            irm.opset_imports[domain] = MIN_OPSET
+    irm.doc_string = "edgeq INT8 QDQ policy" if plan.tensorrt_compatible else \
         "edgeq INT8 policy (CrossQuant dynamic layers: ONNX Runtime only, not TensorRT-compatible)"
-    if check:
-        onnx.checker.check_model(m, full_check=True)
-    return m
+    if plan.int4_layers():
+        irm.doc_string = "edgeq mixed-precision QDQ policy (int4 weights with int8 activations: W4A8)"
+    out = to_onnx(irm, model)
+    lower_int4_layers(out, plan)  # int4 layers (W4A8, edgeq.export.int4): left as float nodes above
+    return full_check(out) if check else out

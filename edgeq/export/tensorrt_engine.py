@@ -33,8 +33,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-
 from edgeq.deploy.tensorrt_runner import (
     TensorRTUnavailableError,
     TrtPolicyRunner,
@@ -81,7 +79,6 @@ _log = logging.getLogger("edgeq.tensorrt")
 
 Precision = Literal["int8", "fp16", "fp32"]
 _PRECISIONS = ("int8", "fp16", "fp32")
-_FP16_MAX = 65504.0
 
 
 class EngineBuildError(EdgeqError):
@@ -509,124 +506,12 @@ def build_engine(
 
 # --- fp16 model for strongly typed builds ------------------------------------------------------------
 
-# Inputs that ONNX requires to be float32 whatever the data type (they are not data).
-_KEEP_FP32_INPUTS: dict[str, tuple[int, ...]] = {"Resize": (1, 2), "Upsample": (1,)}
-_NOT_FLOAT_GRAPH = frozenset(
-    {"QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "QLinearConv", "MatMulInteger", "ConvInteger"}
-)
-_CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
-
 
 def fp16_onnx_with_casts(float_model: onnx.ModelProto) -> onnx.ModelProto:
-    """Cast a float32 ONNX graph to fp16 inside, keeping fp32 inputs and outputs.
+    """A float32 graph cast to fp16 inside, fp32 inputs and outputs: :func:`edgeq.export.fp16.fp16_onnx_with_casts`.
 
-    For strongly typed TensorRT engines (TensorRT 11 has no FP16 builder flag): every float32
-    initializer and Constant becomes fp16, every ``Cast(to=FLOAT)`` becomes ``Cast(to=FLOAT16)``, a
-    ``Cast(to=FLOAT16)`` follows each float32 graph input and a ``Cast(to=FLOAT)`` precedes each float32
-    graph output, so callers still feed and read float32.
-
-    Args:
-        float_model: a float32 model (not quantized, no control-flow subgraphs). It is not modified.
-
-    Returns:
-        A new, shape-checked model.
-
-    Raises:
-        ValueError: the model holds Q/DQ or control flow, or a weight is beyond fp16's range (65504).
+    Imported on first use, so that importing this module needs neither onnx nor onnx_ir.
     """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from edgeq.export.fp16 import fp16_onnx_with_casts as convert
 
-    model = onnx.ModelProto()
-    model.CopyFrom(float_model)
-    graph = model.graph
-    fp32, fp16 = TensorProto.FLOAT, TensorProto.FLOAT16
-    for node in graph.node:
-        if node.op_type in _NOT_FLOAT_GRAPH:
-            raise ValueError(f"fp16_onnx_with_casts expects a float model; node {node.name!r} is {node.op_type}")
-        if node.op_type in _CONTROL_FLOW:
-            raise ValueError(f"fp16_onnx_with_casts does not convert control flow ({node.op_type} {node.name!r})")
-
-    keep_fp32 = {
-        node.input[i]
-        for node in graph.node
-        for i in _KEEP_FP32_INPUTS.get(node.op_type, ())
-        if i < len(node.input) and node.input[i]
-    }
-
-    def to_fp16(tensor: onnx.TensorProto, name: str) -> onnx.TensorProto:
-        arr = numpy_helper.to_array(tensor)
-        finite = arr[np.isfinite(arr)]
-        if finite.size and float(np.abs(finite).max()) > _FP16_MAX:
-            raise ValueError(
-                f"{name!r} holds values up to {float(np.abs(finite).max()):.3g}, beyond fp16's range "
-                f"({_FP16_MAX:g}): rescale the model or build fp32"
-            )
-        converted: onnx.TensorProto = numpy_helper.from_array(arr.astype(np.float16), tensor.name)
-        return converted
-
-    for init in graph.initializer:
-        if init.data_type == fp32 and init.name not in keep_fp32:
-            init.CopyFrom(to_fp16(init, init.name))
-    for node in graph.node:
-        if node.op_type == "Constant" and node.output and node.output[0] not in keep_fp32:
-            for attr in node.attribute:
-                if attr.name == "value" and attr.t.data_type == fp32:
-                    attr.t.CopyFrom(to_fp16(attr.t, node.output[0]))
-                elif attr.name in ("value_float", "value_floats"):
-                    values = np.asarray(attr.f if attr.name == "value_float" else list(attr.floats), np.float32)
-                    tensor = numpy_helper.from_array(values.astype(np.float16))
-                    attr.CopyFrom(helper.make_attribute("value", tensor))
-        elif node.op_type == "ConstantOfShape":
-            for attr in node.attribute:
-                if attr.name == "value" and attr.t.data_type == fp32:
-                    attr.t.CopyFrom(to_fp16(attr.t, node.name or node.output[0]))
-        elif node.op_type == "Cast":
-            for attr in node.attribute:
-                if attr.name == "to" and attr.i == fp32:
-                    attr.i = fp16
-
-    taken = {name for node in graph.node for name in (*node.input, *node.output)}
-    taken |= {t.name for t in graph.initializer} | {v.name for v in graph.input}
-
-    def fresh(base: str) -> str:
-        name, k = f"{base}_fp16", 1
-        while name in taken:
-            name, k = f"{base}_fp16_{k}", k + 1
-        taken.add(name)
-        return name
-
-    init_names = {t.name for t in graph.initializer}
-    head: list[onnx.NodeProto] = []
-    for inp in graph.input:
-        if inp.name in init_names or inp.type.tensor_type.elem_type != fp32:
-            continue
-        cast_out = fresh(inp.name)
-        for node in graph.node:
-            for i, name in enumerate(node.input):
-                if name == inp.name:
-                    node.input[i] = cast_out
-        head.append(helper.make_node("Cast", [inp.name], [cast_out], name=f"{inp.name}_to_fp16", to=fp16))
-    tail: list[onnx.NodeProto] = []
-    producers = {out: node for node in graph.node for out in node.output}
-    for out in graph.output:
-        if out.type.tensor_type.elem_type != fp32 or out.name not in producers:
-            continue
-        internal = fresh(out.name)
-        for node in graph.node:
-            for i, name in enumerate(node.output):
-                if name == out.name:
-                    node.output[i] = internal
-            for i, name in enumerate(node.input):
-                if name == out.name:
-                    node.input[i] = internal
-        tail.append(helper.make_node("Cast", [internal], [out.name], name=f"{out.name}_to_fp32", to=fp32))
-    nodes = [*head, *graph.node, *tail]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.value_info[:]  # stale float32 annotations; re-inferred below
-    try:
-        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-    except Exception as exc:
-        raise ValueError(f"the fp16 graph does not type-check: {exc}") from exc
-    return model
+    return convert(float_model)

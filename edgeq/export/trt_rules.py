@@ -62,6 +62,13 @@ RULES: dict[str, str] = {
     "layernorm-quantized-input": "a LayerNormalization reads an int8 (Q/DQ) tensor: normalization stays float",
     "layernorm-fp16": "a LayerNormalization computes in fp16 (overflow risk after attention): keep it fp32",
     "residual-add-quantized": "a transformer residual Add (feeding LayerNormalization) has a Q/DQ input",
+    "int4-weight-only": "an INT4 weight's Gemm/MatMul also has a quantized (Q/DQ) activation: TensorRT runs INT4 "
+                        "as weight-only quantization (activations float/fp16), W4A8 is not a TensorRT mode",
+    "int4-activation": "an activation is quantized to INT4: TensorRT quantizes only weights to INT4",
+    "int4-consumer": "an INT4 weight feeds something other than a Gemm/MatMul (weight-only INT4 is for GEMMs)",
+    "block-not-int4": "block quantization (a block_size attribute / a 2-D scale) on a non-INT4 tensor",
+    "block-rank": "a blocked Q/DQ on a tensor that is not 2-D (TensorRT blocks 2-D weights only)",
+    "block-axis": "an INT4 weight is blocked along its output-channel axis instead of the reduction axis K",
 }
 
 _INTEGER_OPS = frozenset(
@@ -101,6 +108,7 @@ _INT8_CONSUMERS = _WEIGHTED_OPS | {
 # Shape-only ops that TensorRT propagates Q/DQ through.
 _PASS_THROUGH = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"})
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+_INT4_TYPES = (TensorProto.INT4, TensorProto.UINT4)
 
 
 @dataclass(frozen=True)
@@ -352,6 +360,7 @@ def check_qdq_model(model: onnx.ModelProto | str | Path) -> list[Violation]:
     _check_concat(g, add)
     _check_graph_outputs(g, add)
     _check_attention(g, add)
+    _check_int4(g, add)
     if not qdq_nodes and not any(n.op_type in _INTEGER_OPS | _DYNAMIC_OPS for n in g.nodes):
         add(
             "no-qdq",
@@ -669,6 +678,8 @@ def _check_weights(g: _Graph, add: _AddFn) -> None:
                 axis = _int_attr(qnode, "axis", 1)
                 if axis < 0:
                     axis += rank
+                if _int_attr(qnode, "block_size", 0):
+                    continue  # blocked (INT4): the axis is the reduction axis K, checked by _check_int4
                 if axis != exp_axis:
                     add(
                         "per-channel-axis",
@@ -688,7 +699,10 @@ def _check_weighted_inputs(g: _Graph, add: _AddFn) -> None:
         if node.op_type == "MatMul" and not any(_is_weight(g, i) for i in node.input[:2]):
             continue  # two activations (attention): bmm-one-input-quantized
         data_q = g.dq_source(node.input[0]) is not None
-        weight_q = g.dq_source(node.input[1]) is not None
+        weight_dq = g.dq_source(node.input[1])
+        weight_q = weight_dq is not None
+        if weight_dq is not None and g.quant_elem_type(weight_dq) in _INT4_TYPES:
+            continue  # INT4 weight-only is TensorRT's INT4 mode: rule int4-weight-only
         if data_q != weight_q:
             which, other = ("weight", "data (input 0)") if weight_q else ("data", "weight (input 1)")
             add(
@@ -898,3 +912,69 @@ def _check_attention(g: _Graph, add: _AddFn) -> None:
                     "a residual Add that feeds LayerNormalization reads an int8 (Q/DQ) input; the residual stream "
                     "is rounded to int8", "leave transformer residual Adds in float (Q/DQ only on BMM and "
                     "Gemm/MatMul inputs)", WARNING)
+
+
+def _check_int4(g: _Graph, add: _AddFn) -> None:
+    """INT4 and block quantization (docs/tensorrt-int4-rules.md).
+
+    TensorRT quantizes activations and weights for INT8 (FP8, FP4) but supports INT4 only as
+    weight-only quantization; its Dequantize layer takes a 2-D scale (block quantization) for INT4
+    only. So an INT4 DequantizeLinear must read a constant 2-D weight and feed a Gemm/MatMul whose
+    activation input is float (no Q/DQ), and a blocked Q/DQ must be INT4.
+    """
+    for node in g.nodes:
+        if node.op_type not in _QDQ_OPS:
+            continue
+        name = g.name_of(node)
+        qtype = g.quant_elem_type(node)
+        block = _int_attr(node, "block_size", 0)
+        scale = g.input(node, 1)
+        scale_shape = g.shape.get(scale) if scale is not None else None
+        blocked = bool(block) or (scale_shape is not None and len(scale_shape) >= 2)
+        if blocked and qtype not in _INT4_TYPES:
+            add("block-not-int4", name,
+                f"{node.op_type} {name!r} uses block quantization on a {_dtype_name(qtype)} tensor; TensorRT "
+                "supports block quantization for INT4 only",
+                "quantize this tensor per tensor / per channel, or make it an INT4 weight")
+        if qtype not in _INT4_TYPES:
+            continue
+        if node.op_type == "QuantizeLinear" or g.weight_root(node) is None:
+            if node.op_type == "QuantizeLinear" and g.input(node, 0) is not None and g.is_const(str(g.input(node, 0))):
+                continue  # a float weight quantized to INT4 at build: its DequantizeLinear is checked below
+            add("int4-activation", name,
+                f"{node.op_type} {name!r} quantizes a computed tensor to INT4; TensorRT supports INT4 only for "
+                "weights (weight-only quantization)",
+                "keep activations float/fp16 next to INT4 weights, or quantize them to INT8 with INT8 weights")
+            continue
+        x = g.input(node, 0)
+        x_shape = g.shape.get(x) if x is not None else None
+        if blocked and x_shape is not None and len(x_shape) != 2:
+            add("block-rank", name,
+                f"blocked {node.op_type} {name!r} reads a {len(x_shape)}-D tensor; TensorRT block-quantizes "
+                "2-D weights only",
+                "block-quantize 2-D GEMM weights only (reshape the weight to [K, N] first)")
+        for consumer, index in g.consumers.get(node.output[0], []):
+            if consumer.op_type not in ("Gemm", "MatMul") or index != 1:
+                add("int4-consumer", name,
+                    f"INT4 weight {x!r} feeds {consumer.op_type} {g.name_of(consumer)!r} (input {index}); "
+                    "TensorRT's INT4 weight-only quantization is for the weight (B) input of a GEMM",
+                    "keep this weight INT8 or float")
+                continue
+            if block and x_shape is not None and len(x_shape) == 2:
+                trans_b = consumer.op_type == "Gemm" and _int_attr(consumer, "transB", 0)
+                k_axis = 1 if trans_b else 0
+                axis = _int_attr(node, "axis", 1) % 2
+                if axis != k_axis:
+                    add("block-axis", name,
+                        f"INT4 weight {x!r} of {consumer.op_type} {g.name_of(consumer)!r} is blocked along axis "
+                        f"{axis}, its output channels; blocks run along the reduction axis K (axis {k_axis})",
+                        f"block the weight along axis {k_axis} (one scale per block of K per output channel)",
+                        WARNING)
+            data = g.input(consumer, 0)
+            if data is not None and g.dq_source(data) is not None:
+                add("int4-weight-only", g.name_of(consumer),
+                    f"{consumer.op_type} {g.name_of(consumer)!r} has an INT4 weight ({x!r}) and a quantized "
+                    "(Q/DQ) activation: TensorRT supports INT4 as weight-only quantization, so this W4A8 layer "
+                    "does not build as written",
+                    "ship the weight-only form for TensorRT (edgeq.export.int4.weight_only: the activation "
+                    "Q/DQ removed, fp16/fp32 GEMM on dequantized INT4 weights), or INT8 weights for W8A8")

@@ -44,15 +44,35 @@ def constant_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
     return None
 
 
+def _constant_index(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Name → tensor of every constant :func:`constant_value` would find (the first of a name wins, as there),
+    built once so that a question about every node does not scan the graph per node."""
+    index: dict[str, onnx.TensorProto] = {}
+    for t in model.graph.initializer:
+        index.setdefault(t.name, t)
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output and node.output[0] not in index:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                index[node.output[0]] = value
+    return index
+
+
+#: ONNX element types find_weighted_layers accepts as a float weight.
+_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16})
+
+
 def find_weighted_layers(model: onnx.ModelProto) -> list[WeightedLayer]:
     """Every Gemm/MatMul with a 2-D constant weight, in graph order."""
     layers = []
+    constants = _constant_index(model)
     for node in model.graph.node:
         if node.op_type not in ("Gemm", "MatMul") or len(node.input) < 2:
             continue
-        w = constant_value(model, node.input[1])
-        if w is None or w.ndim != 2 or w.dtype not in (np.float32, np.float64, np.float16):
+        t = constants.get(node.input[1])
+        if t is None or len(t.dims) != 2 or t.data_type not in _FLOAT_TYPES:
             continue
+        shape = tuple(int(d) for d in t.dims)
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "Gemm":
             if attrs.get("transA", 0):
@@ -61,9 +81,8 @@ def find_weighted_layers(model: onnx.ModelProto) -> list[WeightedLayer]:
             bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         else:
             axis, bias = 1, None
-        out_f = int(w.shape[axis])
         layers.append(WeightedLayer(node.name, node.op_type, node.input[0], node.input[1], bias, axis,
-                                    int(w.shape[1 - axis]), out_f))
+                                    shape[1 - axis], shape[axis]))
     return layers
 
 
@@ -92,8 +111,8 @@ def node_scope(name: str) -> str:
     return name.rsplit("/", 1)[0] if "/" in name.strip("/") else ""
 
 
-def _dequantized_constant(model: onnx.ModelProto, node: onnx.NodeProto | None) -> bool:
-    return node is not None and node.op_type == "DequantizeLinear" and constant_value(model, node.input[0]) is not None
+def _dequantized_constant(constants: dict[str, onnx.TensorProto], node: onnx.NodeProto | None) -> bool:
+    return node is not None and node.op_type == "DequantizeLinear" and node.input[0] in constants
 
 
 def find_activation_matmuls(model: onnx.ModelProto) -> list[ActivationMatMul]:
@@ -118,12 +137,12 @@ def find_activation_matmuls(model: onnx.ModelProto) -> list[ActivationMatMul]:
         return p.op_type == "Softmax" or (p.op_type in _ATTENTION_GLUE and depth < 4 and bool(p.input)
                                           and from_softmax(p.input[0], depth + 1))
 
+    constants = _constant_index(model)
     out = []
     for node in model.graph.node:
         if node.op_type != "MatMul" or len(node.input) != 2:
             continue
-        if any(constant_value(model, i) is not None or _dequantized_constant(model, producer.get(i))
-               for i in node.input):
+        if any(i in constants or _dequantized_constant(constants, producer.get(i)) for i in node.input):
             continue
         role = ("attention-scores" if feeds_softmax(node.output[0]) else
                 "attention-values" if from_softmax(node.input[0]) else "matmul")

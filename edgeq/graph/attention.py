@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
 from edgeq.graph.analysis import constant_value, find_activation_matmuls
+from edgeq.graph.ir import const, make_node, rewire, to_ir, to_onnx
 
 
 def move_attention_scale(model: onnx.ModelProto) -> list[str]:
@@ -23,54 +23,31 @@ def move_attention_scale(model: onnx.ModelProto) -> list[str]:
     Only a scalar constant ``s`` and a MatMul whose output has that one consumer are rewritten.
     Returns the names of the moved scale nodes.
     """
-    g = model.graph
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    by_name = {n.name: n for n in g.node}
+    scores = {am.node for am in find_activation_matmuls(model) if am.role == "attention-scores"}
+    irm = to_ir(model)
+    g = irm.graph
     moved: list[str] = []
-    replace: dict[int, list[onnx.NodeProto]] = {}
-    drop: set[int] = set()
-    new_inits: list[onnx.TensorProto] = []
-    for am in find_activation_matmuls(model):
-        if am.role != "attention-scores":
+    for mm in [n for n in g if n.name in scores]:
+        out = mm.outputs[0]
+        uses = list(out.uses())
+        if len(uses) != 1 or uses[0].node.op_type not in ("Mul", "Div") or out.is_graph_output():
             continue
-        mm = by_name.get(am.node)
-        if mm is None:
+        sc = uses[0].node
+        other = [v for v in sc.inputs if v is not out]
+        if len(other) != 1 or other[0] is None or (sc.op_type == "Div" and sc.inputs[0] is not out):
             continue
-        cons = consumers.get(mm.output[0], [])
-        if len(cons) != 1 or cons[0].op_type not in ("Mul", "Div") or mm.output[0] in {o.name for o in g.output}:
-            continue
-        sc = cons[0]
-        other = [i for i in sc.input if i != mm.output[0]]
-        if len(other) != 1 or (sc.op_type == "Div" and sc.input[0] != mm.output[0]):
-            continue
-        value = constant_value(model, other[0])
+        value = constant_value(model, other[0].name or "")
         if value is None or np.asarray(value).size != 1 or not np.isfinite(value).all() or float(value) == 0.0:
             continue
         s = float(np.asarray(value).reshape(())) if sc.op_type == "Mul" else 1.0 / float(np.asarray(value).reshape(()))
-        base = (mm.name or mm.output[0]).replace("/", "_")
-        s_name = f"{base}.attention_scale"
-        new_inits.append(numpy_helper.from_array(np.array(s, np.float32), s_name))
-        scaled = f"{base}.scaled_query"
-        pre = helper.make_node("Mul", [mm.input[0], s_name], [scaled], name=f"{mm.name}/attention_scale")
-        new_mm = onnx.NodeProto()
-        new_mm.CopyFrom(mm)
-        new_mm.input[0] = scaled
-        new_mm.output[0] = sc.output[0]
-        replace[id(mm)] = [pre, new_mm]
-        drop.add(id(sc))
-        moved.append(sc.name or sc.output[0])
-    if not moved:
-        return []
-    nodes: list[onnx.NodeProto] = []
-    for n in g.node:
-        if id(n) in drop:
-            continue
-        nodes.extend(replace.get(id(n), [n]))
-    del g.node[:]
-    g.node.extend(nodes)
-    g.initializer.extend(new_inits)
-    del g.value_info[:]
+        base = (mm.name or out.name or "").replace("/", "_")
+        scale = const(g, np.array(s, np.float32), f"{base}.attention_scale")
+        pre = make_node("Mul", [mm.inputs[0], scale], f"{base}.scaled_query", name=f"{mm.name}/attention_scale")
+        g.insert_before(mm, pre)
+        mm.replace_input_with(0, pre.outputs[0])
+        moved.append(sc.name or sc.outputs[0].name or "")
+        rewire(sc.outputs[0], out)  # the MatMul now writes what the scale node wrote
+        g.remove(sc, safe=True)
+    if moved:
+        model.CopyFrom(to_onnx(irm, model, value_info=False))
     return moved

@@ -16,6 +16,7 @@ __all__ = ["from_torch_module", "load_policy"]
 
 _EXPECTED = "a Stable-Baselines3 / sb3-contrib .zip, a float ONNX policy (.onnx) or a TorchScript policy.pt"
 _ONNX_OPTIONS = ("input_name", "output_name", "obs_dim", "action_low", "action_high", "history")
+_TORCHSCRIPT_OPTIONS = ("history", "obs_dim")
 
 
 def load_policy(path: str | Path | Sequence[str | Path], **options: Any) -> FloatPolicy:
@@ -28,7 +29,9 @@ def load_policy(path: str | Path | Sequence[str | Path], **options: Any) -> Floa
       stacked observations); two ``.onnx`` files are an encoder and a body, joined into one graph;
 
       ``RecurrentPPO`` archives go to :func:`edgeq.ingest.sb3_recurrent.load_sb3_recurrent`;
-    * ``.pt`` / ``.jit`` / ``.pth`` / ``.ts``: a TorchScript module (:mod:`edgeq.ingest.torchscript`).
+    * ``.pt`` / ``.jit`` / ``.pth`` / ``.ts``: a TorchScript module (:mod:`edgeq.ingest.torchscript`;
+      options ``history``, and ``obs_dim``, the env's observation size, for modules with their own
+      ``forward()``: :mod:`edgeq.ingest.torchscript_graph`); two such files are an encoder and a body.
       TorchScript is code: pass only files you trust.
 
     Options that do not apply to the file's kind and are None are ignored.
@@ -39,10 +42,15 @@ def load_policy(path: str | Path | Sequence[str | Path], **options: Any) -> Floa
     if not isinstance(path, str | Path):
         paths = [Path(q) for q in path]
         if len(paths) != 1:
+            from edgeq.ingest.torchscript import TORCHSCRIPT_SUFFIXES, load_torchscript
+
+            if len(paths) == 2 and all(q.suffix.lower() in TORCHSCRIPT_SUFFIXES for q in paths):
+                _reject(paths[0], options, _TORCHSCRIPT_OPTIONS)
+                return load_torchscript(paths, **{k: v for k, v in options.items() if k in _TORCHSCRIPT_OPTIONS})
             for q in paths:
                 if not q.exists() or q.suffix.lower() != ".onnx":
-                    raise PolicyFormatError(f"{q}: a two-module policy needs two existing .onnx files "
-                                            "(encoder, then body)")
+                    raise PolicyFormatError(f"{q}: a two-module policy needs two existing .onnx files, or two "
+                                            "TorchScript .pt files (encoder, then body)")
             from edgeq.ingest.onnx_policy import load_onnx_policy
 
             _reject(paths[0], options, _ONNX_OPTIONS)
@@ -90,8 +98,8 @@ def _load_by_kind(p: Path, options: dict[str, Any]) -> FloatPolicy:
     from edgeq.ingest.torchscript import TORCHSCRIPT_SUFFIXES, load_torchscript
 
     if suffix in TORCHSCRIPT_SUFFIXES:
-        _reject(p, options, ())
-        return load_torchscript(p)
+        _reject(p, options, _TORCHSCRIPT_OPTIONS)
+        return load_torchscript(p, **{k: v for k, v in options.items() if k in _TORCHSCRIPT_OPTIONS})
     raise PolicyFormatError(f"{p}: unsupported policy file type {suffix or '(none)'}; expected {_EXPECTED}")
 
 

@@ -15,13 +15,13 @@ normalization (:func:`edgeq.ingest.onnx_policy.normalize_onnx`):
   (``onnx.compose.merge_models``), the body's input named like the encoder's output (or, failing
   that, of the same shape) fed by it, then as above.
 
-``Conv`` over time (1-D: weight [C_out, C_in, k], stride 1, dilation 1, no padding, one group)
-is lowered to an im2col ``MatMul`` (:func:`lower_conv1d`): the ``k`` time-shifted slices of the
-input are concatenated on the channel axis and multiplied by the weight reshaped to
-[k * C_in, C_out]. That is the same sum of products in another order, so the policy is unchanged
-(checked to 1e-5 by the ingest tests), and every later stage (per-channel int8 weights, the
-per-layer search, the ONNX Runtime CPU integer kernel) treats the convolution as the weighted
-layer it is.
+``Conv`` over time (1-D: weight [C_out, C_in / groups, k], any stride, dilation, zero padding and
+groups) is lowered to an im2col ``MatMul`` (:func:`lower_conv1d`): the ``k`` taps of the (padded)
+input, each a strided slice starting at ``j * dilation``, are concatenated on the channel axis and
+multiplied by the weight as a [k * C_in, C_out] matrix (block-diagonal for groups). That is the
+same sum of products in another order, so the policy is unchanged (checked to 1e-5 by the ingest
+tests), and every later stage (per-channel int8 weights, the per-layer search, the ONNX Runtime
+CPU integer kernel) treats the convolution as the weighted layer it is.
 """
 
 from __future__ import annotations
@@ -166,17 +166,51 @@ def history_input(model: onnx.ModelProto, *, origin: str,
     return m, HistorySpec(int(k), int(d), OBS_INPUT)
 
 
+def _conv_pads(attrs: dict[str, object], length: int, k: int, stride: int, dilation: int) -> tuple[int, int]:
+    """(left, right) zero padding of a 1-D Conv, from ``pads`` or ``auto_pad``."""
+    auto = attrs.get("auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        total = max((-(-length // stride) - 1) * stride + dilation * (k - 1) + 1 - length, 0)
+        small = total // 2
+        return (small, total - small) if auto == "SAME_UPPER" else (total - small, small)
+    if auto == "VALID":
+        return 0, 0
+    pads = [int(v) for v in attrs.get("pads", [0, 0])]  # type: ignore[attr-defined]
+    return pads[0], pads[1]
+
+
+def conv1d_as_matrix(w: np.ndarray, group: int) -> np.ndarray:
+    """A Conv1d weight ``[C_out, C_in / group, k]`` as the im2col matrix ``[k * C_in, C_out]``.
+
+    Row ``j * C_in + c`` multiplies input channel ``c`` at tap ``j``; with groups the matrix is
+    block-diagonal (an output channel reads only its group's input channels; the other entries
+    are exact zeros, which stay zero in INT8).
+    """
+    c_out, c_in_g, k = w.shape
+    c_in, out_g = c_in_g * group, c_out // group
+    m = np.zeros((k, c_in, c_out), np.float32)
+    for g in range(group):
+        block = w[g * out_g:(g + 1) * out_g]  # [out_g, c_in_g, k]
+        m[:, g * c_in_g:(g + 1) * c_in_g, g * out_g:(g + 1) * out_g] = block.transpose(2, 1, 0)
+    return np.ascontiguousarray(m.reshape(k * c_in, c_out))
+
+
 def lower_conv1d(model: onnx.ModelProto, *, origin: str) -> list[str]:
     """Rewrite every 1-D ``Conv`` with a constant weight into an im2col ``MatMul`` (in place).
 
-    Returns the names of the rewritten nodes. A 1-D Conv with stride, dilation, padding or groups
-    other than the plain ones raises (it would stay float otherwise, silently).
+    Stride, dilation, zero padding (``pads`` or ``auto_pad``) and groups are kept: the padded input
+    (a ``Pad``) is cut into ``k`` taps ``Slice(start=j * dilation, step=stride)``, concatenated on the
+    channel axis and multiplied by :func:`conv1d_as_matrix`. Returns the names of the rewritten
+    nodes; a 1-D Conv over a length that is not a fixed number raises (it would stay float otherwise,
+    silently).
     """
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     if not any(n.op_type == "Conv" for n in g.node):
         return []
     shapes = {v.name: _dims(v) for v in (*onnx.shape_inference.infer_shapes(model).graph.value_info, *g.input)}
+    opset = _opset(model)
     out: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
     lowered: list[str] = []
@@ -190,33 +224,40 @@ def lower_conv1d(model: onnx.ModelProto, *, origin: str) -> list[str]:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         label = node.name or node.output[0]
-        plain = (all(int(s) == 1 for s in attrs.get("strides", [1]))
-                 and all(int(s) == 1 for s in attrs.get("dilations", [1]))
-                 and all(int(p) == 0 for p in attrs.get("pads", [0, 0])) and int(attrs.get("group", 1)) == 1
-                 and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID"))
         length = (shapes.get(node.input[0]) or [None, None, None])[-1]
-        if not plain or not isinstance(length, int):
-            raise PolicyFormatError(f"{origin}: Conv {label!r} (attributes {attrs}, input length {length}) is not a "
-                                    "plain 1-D convolution over a fixed number of steps (stride 1, dilation 1, no "
-                                    "padding, one group); re-export it that way")
-        c_out, c_in, k = w.shape
-        l_out = length - k + 1
+        stride = int(attrs.get("strides", [1])[0])
+        dilation = int(attrs.get("dilations", [1])[0])
+        group = int(attrs.get("group", 1))
+        c_out, c_in_g, k = w.shape
+        if not isinstance(length, int) or group < 1 or c_out % group or opset < 11:
+            raise PolicyFormatError(f"{origin}: Conv {label!r} (attributes {attrs}, input length {length}, opset "
+                                    f"{opset}) is not a 1-D convolution over a fixed number of steps edgeq can "
+                                    "lower; export it with a fixed history length (and opset >= 11)")
+        left, right = _conv_pads(attrs, length, k, stride, dilation)
+        l_out = (length + left + right - dilation * (k - 1) - 1) // stride + 1
+        if l_out < 1:
+            raise PolicyFormatError(f"{origin}: Conv {label!r} has no output step (input length {length}, kernel "
+                                    f"{k}, dilation {dilation}, padding {left}+{right})")
         base = label.replace("/", "_")
         xt = f"{base}.im2col_in"
         out.append(helper.make_node("Transpose", [node.input[0]], [xt], name=f"{label}/to_time_major", perm=[0, 2, 1]))
+        if left or right:
+            padded = f"{base}.padded"
+            new_inits.append(numpy_helper.from_array(np.array([0, left, 0, 0, right, 0], np.int64), f"{base}.pads"))
+            out.append(helper.make_node("Pad", [xt, f"{base}.pads"], [padded], name=f"{label}/pad", mode="constant"))
+            xt = padded
         taps = []
         for j in range(k):
-            st, en, ax = (f"{base}.tap{j}.{s}" for s in ("start", "end", "axes"))
-            new_inits += [numpy_helper.from_array(np.array([j], np.int64), st),
-                          numpy_helper.from_array(np.array([j + l_out], np.int64), en),
-                          numpy_helper.from_array(np.array([1], np.int64), ax)]
+            names = [f"{base}.tap{j}.{q}" for q in ("start", "end", "axes", "steps")]
+            start = j * dilation
+            for name, value in zip(names, (start, start + (l_out - 1) * stride + 1, 1, stride), strict=True):
+                new_inits.append(numpy_helper.from_array(np.array([value], np.int64), name))
             taps.append(f"{base}.tap{j}")
-            out.append(helper.make_node("Slice", [xt, st, en, ax], [taps[-1]], name=f"{label}/tap{j}"))
+            out.append(helper.make_node("Slice", [xt, *names], [taps[-1]], name=f"{label}/tap{j}"))
         cols = f"{base}.im2col"
         out.append(helper.make_node("Concat", taps, [cols], name=f"{label}/im2col", axis=2))
         wname = f"{base}.im2col_weight"
-        new_inits.append(numpy_helper.from_array(np.ascontiguousarray(w.transpose(2, 1, 0).reshape(k * c_in, c_out)),
-                                                 wname))
+        new_inits.append(numpy_helper.from_array(conv1d_as_matrix(w, group), wname))
         mm = f"{base}.matmul"
         out.append(helper.make_node("MatMul", [cols, wname], [mm], name=label))
         y = mm

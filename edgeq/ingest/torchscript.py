@@ -38,6 +38,8 @@ from __future__ import annotations
 import hashlib
 import warnings
 import zipfile
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -285,11 +287,8 @@ def verify_against_torchscript(module: Any, policy: FloatPolicy, *, steps: int =
     return report
 
 
-def load_torchscript(path: str | Path, *, verify_steps: int = VERIFY_STEPS, seed: int = 0) -> FloatPolicy:
-    """Load a trusted TorchScript policy file as a float ONNX policy and check it step by step.
-
-    TorchScript is code: only pass files you trust (see the module docstring).
-    """
+def load_torchscript_module(path: str | Path) -> Any:
+    """``torch.jit.load`` a trusted TorchScript file (in eval mode), refusing anything else with one line."""
     import torch
 
     p = Path(path)
@@ -307,7 +306,46 @@ def load_torchscript(path: str | Path, *, verify_steps: int = VERIFY_STEPS, seed
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
         raise PolicyFormatError(f"{p}: torch.jit.load failed: {str(exc).splitlines()[0]}") from None
     module.eval()
-    structure = TorchScriptStructure(module, p)
+    return module
+
+
+def load_torchscript(path: str | Path | Sequence[str | Path], *, verify_steps: int = VERIFY_STEPS, seed: int = 0,
+                     history: int | None = None, obs_dim: int | None = None) -> FloatPolicy:
+    """Load a trusted TorchScript policy file as a float ONNX policy and check it step by step.
+
+    A module in legged_gym/rsl_rl's layout (normalizer → LSTM/GRU → ``Sequential`` MLP) is read
+    layer by layer; with ``history=K`` its flat input holds ``K`` stacked observations (a frame-stacked
+    MLP exported flat). Any other module (its own ``forward()``: a Transformer over past
+    observations, an MLP that flattens a ``[batch, K, obs_dim]`` history), and two files (an
+    encoder and a body), go through :func:`edgeq.ingest.torchscript_graph.load_torchscript_graph`,
+    which needs the env's observation size ``obs_dim``.
+
+    TorchScript is code: only pass files you trust (see the module docstring).
+    """
+    from edgeq.ingest.torchscript_graph import load_torchscript_graph
+
+    paths = [Path(path)] if isinstance(path, str | Path) else [Path(q) for q in path]
+    modules = [load_torchscript_module(q) for q in paths]
+    if len(paths) != 1:
+        return load_torchscript_graph(paths, modules, obs_dim=obs_dim, history=history, seed=seed)
+    p, module = paths[0], modules[0]
+    try:
+        structure = TorchScriptStructure(module, p)
+    except PolicyFormatError as exc:
+        if obs_dim is None:
+            raise PolicyFormatError(f"{exc}; a module with its own forward() (a Transformer, a history encoder) "
+                                    "is exported through torch.onnx: give the env (--env) for its input size") from None
+        return load_torchscript_graph(paths, modules, obs_dim=obs_dim, history=history, seed=seed)
+    if structure.cell is None and obs_dim is not None and structure.obs_dim != obs_dim and history is None:
+        stack = (f"; if it stacks {structure.obs_dim // obs_dim} observations, give --history "
+                 f"{structure.obs_dim // obs_dim}" if structure.obs_dim % obs_dim == 0 else "")
+        raise PolicyFormatError(f"{p}: the module reads {structure.obs_dim} features, the env's observation has "
+                                f"{obs_dim}{stack}")
+    return _load_structured(p, module, structure, verify_steps=verify_steps, seed=seed, history=history)
+
+
+def _load_structured(p: Path, module: Any, structure: TorchScriptStructure, *, verify_steps: int, seed: int,
+                     history: int | None) -> FloatPolicy:
     obs_dim, act_dim = structure.obs_dim, structure.act_dim
     pre: list[Layer] = [structure.normalizer] if structure.normalizer is not None else []
     meta = {"edgeq.source": p.name, "edgeq.algorithm": "TorchScript"}
@@ -335,4 +373,12 @@ def load_torchscript(path: str | Path, *, verify_steps: int = VERIFY_STEPS, seed
                          postprocess={"clip": None})
     if verify_steps > 0:
         details["verification"] = verify_against_torchscript(module, policy, steps=verify_steps, seed=seed)
+    if history is not None:
+        if structure.cell is not None or obs_dim % history:
+            raise PolicyFormatError(f"{p}: --history {history} does not apply: the module "
+                                    f"{'is recurrent' if structure.cell is not None else f'reads {obs_dim} features'}")
+        from edgeq.policy import HistorySpec
+
+        d = obs_dim // history
+        policy = replace(policy, obs_space=unbounded(d), history=HistorySpec(int(history), d))
     return policy

@@ -10,7 +10,9 @@
    tensor is exactly ``X / d`` of the original input ``X``, so its statistics (the "second pass")
    are computed from the original input's values on the stored calibration states divided by
    ``d``; untouched tensors keep the streamed first-pass statistics.
-2. **AdaRound** per layer in graph order (inputs as the partially quantized graph feeds the layer).
+2. **Rounding** (``rounding``): AdaRound, GPTQ or stochastic rounding per layer in graph order (inputs
+   as the partially quantized graph feeds the layer), or ``brecq``: every layer's rounding and input
+   scale jointly against the float actions (:mod:`edgeq.quantizers.reconstruct`).
 3. **Bias correction** per layer in graph order.
 4. **fp16 fallback** for the most sensitive layers while the held-out action error is above
    ``max_action_error``.
@@ -35,6 +37,7 @@ import onnx
 from edgeq.calibration.calibrators import compute_amax, quantization_kernel_fraction
 from edgeq.calibration.collect import CalibrationStats, layer_rows, tensor_values
 from edgeq.calibration.observers import TensorObserver
+from edgeq.deploy.runtime import OrtPolicy
 from edgeq.graph.analysis import WeightedLayer, constant_value, find_activation_matmuls, find_weighted_layers
 from edgeq.quantizers import crossquant, equalize
 from edgeq.quantizers.adaround import adaround
@@ -49,18 +52,27 @@ from edgeq.quantizers.bias_correction import bias_correction_delta, corrected_bi
 from edgeq.quantizers.evaluate import ActionErrorScorer, Lowering
 from edgeq.quantizers.plan import LayerQuant, QuantPlan, make_plan
 from edgeq.quantizers.precision import fp16_fallback
+from edgeq.quantizers.reconstruct import reconstruct
+from edgeq.quantizers.rounding import gptq_round, stochastic_round
+from edgeq.quantizers.sensitivity import OBJECTIVES, ValueFn, value_loss, value_sensitivity
 from edgeq.quantizers.transforms import InputScaling, apply_input_scalings, weight_in_view
 from edgeq.quantizers.weights import QuantizedWeight, quantize_weight
 
 __all__ = ["QuantOptions", "build_plan"]
 
-ROUNDINGS = ("nearest", "adaround")
+#: Weight rounding methods (``QuantOptions.rounding``): per layer in graph order (``adaround``, ``gptq``,
+#: ``stochastic``) or the whole network at once (``brecq``: :mod:`edgeq.quantizers.reconstruct`).
+ROUNDINGS = ("nearest", "adaround", "gptq", "stochastic", "brecq", "gptq+brecq", "adaround+brecq")
 TRANSFORM_LAYERS = ("first", "all")
 
 
 @dataclass
 class QuantOptions:
-    """What :func:`build_plan` does; every field is a recipe field of the same name.
+    """What :func:`build_plan` does; every field is a config field of the same name.
+
+    The defaults here are the plain baseline (every later stage off) that unit tests start from; the
+    defaults ``edgeq quantize`` uses are :class:`edgeq.config.QuantizeConfig`'s, and the pipeline makes
+    its options from the config only (:meth:`~edgeq.config.QuantizeConfig.quant_options`).
 
     Attributes:
         calibrator, calibrator_params: Activation calibrator for every tensor (without ``auto``),
@@ -77,8 +89,18 @@ class QuantOptions:
         auto_sweeps: Coordinate-descent sweeps.
         auto_weight_methods: After the activation search, each layer's weight quantizer is chosen
             among these the same way (default ``["absmax", "mse"]``; ``[]`` skips it).
-        rounding: ``nearest`` or ``adaround``; adaround_iters: Adam steps of AdaRound's soft-rounding
-            stage per layer (0: only the exact flip descent on the same objective).
+        rounding: ``nearest``, ``adaround`` (per layer, :mod:`~edgeq.quantizers.adaround`), ``gptq``
+            (per layer, error-compensating, :mod:`~edgeq.quantizers.rounding`), ``stochastic`` (seeded,
+            a candidate) or ``brecq`` (every layer's rounding and input scale jointly against the float
+            actions, :mod:`~edgeq.quantizers.reconstruct`); each is kept only if it lowers the held-out
+            score; ``gptq+brecq`` / ``adaround+brecq``: GPTQ or AdaRound, then the joint reconstruction
+            from their integers (each stage kept on its own). adaround_iters: Adam steps of AdaRound's
+            soft-rounding stage per layer (0: only the exact flip descent on the same objective).
+            reconstruct_iters, reconstruct_seconds: the ``brecq`` optimization's Adam steps and time
+            bound; reconstruct_scales: learn the input scales too.
+        objective: ``action`` (the held-out action error) or ``critic``: the errors weighted per state
+            and action dimension by the value they cost under the policy's own Q critic
+            (:mod:`edgeq.quantizers.sensitivity`; needs ``build_plan(critic=...)``, else plain).
         bias_correction: Empirical bias correction per layer.
         fp16_fallback: At most this many layers go to fp16 when the held-out action error stays
             above ``max_action_error`` (mean ``|a_int8 - a_float|`` in units of the action
@@ -106,6 +128,10 @@ class QuantOptions:
     auto_weight_methods: list[str] | None = None
     rounding: str = "nearest"
     adaround_iters: int = 0
+    reconstruct_iters: int = 600
+    reconstruct_seconds: float = 90.0
+    reconstruct_scales: bool = True
+    objective: str = "action"
     bias_correction: bool = False
     fp16_fallback: int = 0
     max_action_error: float = 0.01
@@ -140,6 +166,10 @@ class QuantOptions:
             raise ValueError("dynamic is CrossQuant's run-time form; it cannot combine with equalization")
         if self.alpha is not None and not 0.0 <= float(self.alpha) <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if int(self.reconstruct_iters) < 0 or float(self.reconstruct_seconds) <= 0:
+            raise ValueError("reconstruct_iters must be >= 0 and reconstruct_seconds > 0")
         if int(self.fp16_fallback) < 0:
             raise ValueError(f"fp16_fallback must be >= 0, got {self.fp16_fallback}")
 
@@ -187,9 +217,11 @@ class _Builder:
                                         tail_fraction=options.tail_fraction,
                                         tail_states=self.calib if options.tail_on_calibration_states else None,
                                         lower=lower)
+        self.state_weights: np.ndarray | None = None  # [calibration states, act] (objective: critic)
         self._obs_cache: dict[tuple[Any, ...], TensorObserver] = {}
         self._factor_cache: dict[tuple[Any, ...], np.ndarray] = {}
         self._weight_cache: dict[tuple[str, int, str], QuantizedWeight] = {}
+        self._amax_cache: dict[tuple[Any, ...], float] = {}  # make_plan's thresholds, per observer and calibrator
 
     # -- per-layer choices → plan -------------------------------------------------------------
     def factors(self, node: str, choice: LayerChoice) -> np.ndarray:
@@ -247,7 +279,8 @@ class _Builder:
         plan = make_plan(self.model, observers, calibrator=self.opt.calibrator,
                          calibrator_params=self.opt.calibrator_params, weight_method=self.opt.weight_method,
                          keep_float=self.opt.keep_float, per_tensor_calibrator=per_tensor, transforms=transforms,
-                         per_layer_weight_method={n: c.weight_method for n, c in choices.items() if c.weight_method})
+                         per_layer_weight_method={n: c.weight_method for n, c in choices.items() if c.weight_method},
+                         amax_cache=self._amax_cache, weight_quantizer=self.quantize_weight)
         layers: list[LayerQuant] = []
         for layer in plan.layers:
             ch = choices[layer.node]
@@ -311,12 +344,28 @@ class _Builder:
         return x_hat, x_f, w.astype(np.float32), wq
 
     def refine(self, plan: QuantPlan, stage: str) -> tuple[QuantPlan, dict[str, Any]]:
-        """AdaRound or bias correction on every int8 layer, in graph order."""
+        """AdaRound, GPTQ, stochastic rounding or bias correction on every int8 layer, in graph order."""
         report: dict[str, Any] = {}
         work = apply_input_scalings(self.model, plan.transforms) if plan.transforms else self.model
         for layer in list(plan.int8_layers()):
             x_hat, x_f, w, wq = self.layer_io(plan, layer.node)
-            if stage == "adaround":
+            if stage in ("gptq", "stochastic"):
+                assert layer.weight is not None
+                near = layer.weight if layer.weight_axis == 0 else QuantizedWeight(
+                    np.ascontiguousarray(layer.weight.q.T), layer.weight.scale, 0)
+                if stage == "gptq":
+                    rr = gptq_round(w, near, x_hat, x_f, seed=self.opt.seed)
+                    qv, used, rep = rr.weight, rr.used, rr.to_json()
+                else:
+                    seed = self.opt.seed + [la.node for la in plan.layers].index(layer.node)
+                    qv = stochastic_round(w, near, seed=seed)
+                    used, rep = True, {"method": "stochastic", "seed": seed,
+                                       "changed_fraction": float(np.mean(qv.q != near.q))}
+                qw = qv if layer.weight_axis == 0 else QuantizedWeight(np.ascontiguousarray(qv.q.T), qv.scale, 1)
+                new = replace(layer, weight=qw, rounding=stage if used else "nearest",
+                              notes={**layer.notes, stage: rep})
+                report[layer.node] = rep
+            elif stage == "adaround":
                 assert layer.weight is not None
                 near = layer.weight if layer.weight_axis == 0 else QuantizedWeight(
                     np.ascontiguousarray(layer.weight.q.T), layer.weight.scale, 0)
@@ -334,6 +383,15 @@ class _Builder:
                 report[layer.node] = {"max_abs_shift": float(np.abs(delta).max())}
             plan = replace(plan, layers=[new if la.node == layer.node else la for la in plan.layers])
         return plan, report
+
+    def reconstruct(self, plan: QuantPlan) -> tuple[QuantPlan, dict[str, Any]]:
+        """Every static int8 layer's rounding and input scale at once against the float actions (BRECQ-style)."""
+        work = apply_input_scalings(self.model, plan.transforms) if plan.transforms else self.model
+        o = self.opt
+        res = reconstruct(work, plan, self.calib, self.scorer.half_range, state_weights=self.state_weights,
+                          iters=o.reconstruct_iters,
+                          learn_scales=o.reconstruct_scales, seed=o.seed, time_limit_s=o.reconstruct_seconds)
+        return res.plan, res.report
 
     def kernels(self, plan: QuantPlan) -> QuantPlan:
         """Fill each int8 layer's quantization kernel (and the plain per-tensor one) on calibration states."""
@@ -363,7 +421,7 @@ class _Builder:
 
 def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOptions | None = None, *,
                lower: Lowering, half_range: Sequence[float] | np.ndarray | None = None,
-               recurrent: bool = False) -> QuantPlan:
+               recurrent: bool = False, critic: ValueFn | None = None) -> QuantPlan:
     """Make the quantization plan of ``model`` from calibration ``stats`` (see the module docstring).
 
     Args:
@@ -374,6 +432,10 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
             :func:`edgeq.export.qdq.apply_plan`; passed in so quantizers never import export).
         half_range: Action half-ranges, the units of the action error (default 1 per dimension).
         recurrent: The policy carries state between calls: only the plain static plan is made.
+        critic: The policy's Q critic (:mod:`edgeq.ingest.sb3_critic`), if it has one: with
+            ``objective: critic`` every decision's score weights the errors by the critic's value
+            sensitivity (:mod:`edgeq.quantizers.sensitivity`); in any case the metrics report the
+            weighted error and the critic's value loss next to the plain error.
     """
     opt = options or QuantOptions()
     t0 = time.perf_counter()
@@ -392,6 +454,20 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
         out_dim = dims[-1].dim_value if dims and dims[-1].dim_value else None
     hr = np.ones(out_dim or 1) if half_range is None else np.asarray(half_range, np.float64)
     b = _Builder(model, stats, opt, hr, lower)
+    weights = None
+    objective_note = "plain action error"
+    if critic is not None:
+        low, high = getattr(critic, "action_low", None), getattr(critic, "action_high", None)
+        # every scored row when the weights drive the search; else only the held-out rows the metrics report
+        rows = len(b.scorer.states) if opt.objective == "critic" else len(b.held)
+        weights = value_sensitivity(critic, b.scorer.states[:rows], b.scorer.reference[:rows], hr, low=low, high=high)
+        if opt.objective == "critic":
+            b.scorer.set_weights(weights)
+            b.state_weights = value_sensitivity(critic, b.calib, OrtPolicy(model.SerializeToString()).act(b.calib),
+                                                hr, low=low, high=high)
+            objective_note = "action error weighted by the critic's value sensitivity"
+    elif opt.objective == "critic":
+        objective_note = "objective critic asked, but the policy has no Q critic: plain action error"
     errors: dict[str, Any] = {}
     choices = b.initial_choices()
     plan = b.materialize(choices)
@@ -436,10 +512,11 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
         errors["auto"] = b.scorer(plan)
     current = b.scorer(plan) if not opt.auto else errors["auto"]
     stage_reports: dict[str, Any] = {}
-    for stage, on in (("adaround", opt.rounding == "adaround"), ("bias_correction", opt.bias_correction)):
-        if not on or not plan.int8_layers():
+    roundings = [r for r in opt.rounding.split("+") if r != "nearest"]
+    for stage in [*roundings, *(["bias_correction"] if opt.bias_correction else [])]:
+        if not plan.int8_layers():
             continue
-        cand, rep = b.refine(plan, stage)
+        cand, rep = b.reconstruct(plan) if stage == "brecq" else b.refine(plan, stage)
         e = b.scorer(cand)
         kept = e < current
         stage_reports[stage] = {"kept": kept, "heldout_action_error": e, "layers": rep}
@@ -453,6 +530,15 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
         errors["fp16_fallback"] = current
     plan = b.kernels(plan)
     final = b.scorer.summary(plan)
+    critic_metrics: dict[str, Any] = {}
+    if critic is not None and weights is not None:
+        n_held = len(b.held)
+        err_all = b.scorer.errors(plan)
+        final["weighted_mean"] = float((err_all[:n_held] * weights[:n_held]).mean())
+        vloss = value_loss(critic, b.held, b.scorer.reference[:n_held], b.scorer.actions(plan)[:n_held])
+        q_ref = float(np.mean(np.abs(critic(b.held, b.scorer.reference[:n_held]))))
+        critic_metrics = {"critic_value_loss": {"mean": float(vloss.mean()), "relative": float(vloss.mean() / q_ref),
+                                                "p99": float(np.percentile(vloss, 99))}}
     plan.settings.update({"options": opt.to_json(), "tensorrt_compatible": plan.tensorrt_compatible})
     plan.metrics.update({
         "heldout_states": int(len(b.held)), "calibration_states": int(len(b.calib)),
@@ -460,6 +546,7 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
         "heldout_action_error": {k: round(v, 6) for k, v in final.items()},
         "action_error_units": "|a_int8 - a_float| / action half-range; score = mean + tail_weight * cvar "
                               "(mean of the worst tail_fraction of per-state max errors)",
+        "objective": objective_note, **critic_metrics,
         "stages": stage_reports, "graph_evaluations": b.scorer.evaluations,
         "seconds": round(time.perf_counter() - t0, 3)})
     return plan

@@ -43,7 +43,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from onnx import helper, numpy_helper
+import onnx_ir as ir
+
+from edgeq.graph.ir import const, op
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -110,49 +112,40 @@ def dynamic_reference(x: npt.ArrayLike, weight_q: npt.ArrayLike, weight_scale: n
     return y.astype(np.float32)
 
 
-def dynamic_layer_nodes(x: str, out: str, base: str, weight_q_kn: np.ndarray, weight_scale: np.ndarray,
-                        bias: str | None, factors: np.ndarray, alpha: float, opset: int
-                        ) -> tuple[list[Any], list[Any]]:
-    """ONNX nodes and initializers of one dynamic CrossQuant layer ``x -> out``.
+def dynamic_layer_nodes(graph: ir.Graph, x: ir.Value, out: str, base: str, weight_q_kn: np.ndarray,
+                        weight_scale: np.ndarray, bias: ir.Value | None, factors: np.ndarray, alpha: float,
+                        opset: int) -> tuple[list[ir.Node], ir.Value]:
+    """IR nodes of one dynamic CrossQuant layer ``x -> out`` (its constants registered in ``graph``).
 
-    ``weight_q_kn`` is the int8 weight stored ``[in, out]`` (MatMulInteger's B); ``bias`` names a
-    float initializer or is None. Returns ``(nodes, initializers)``.
+    ``weight_q_kn`` is the int8 weight stored ``[in, out]`` (MatMulInteger's B); ``bias`` is a float
+    initializer value or None. Returns ``(nodes, output value)``; the caller puts the nodes in place.
     """
-    inits = [
-        numpy_helper.from_array(weight_q_kn.astype(np.int8), f"{base}.int8"),
-        numpy_helper.from_array(np.asarray(weight_scale, np.float32), f"{base}.scale"),
-        numpy_helper.from_array((1.0 / np.asarray(factors, np.float64)).astype(np.float32), f"{base}.inv_factors"),
-        numpy_helper.from_array(np.array(ROW_EPS, np.float32), f"{base}.eps"),
-        numpy_helper.from_array(np.array(127.0, np.float32), f"{base}.qmax"),
-        numpy_helper.from_array(np.array(-127.0, np.float32), f"{base}.qmin"),
-    ]
-    n: list[Any] = []
+    w = const(graph, weight_q_kn.astype(np.int8), f"{base}.int8")
+    scale = const(graph, np.asarray(weight_scale, np.float32), f"{base}.scale")
+    inv_factors = const(graph, (1.0 / np.asarray(factors, np.float64)).astype(np.float32), f"{base}.inv_factors")
+    eps = const(graph, np.array(ROW_EPS, np.float32), f"{base}.eps")
+    qmax = const(graph, np.array(127.0, np.float32), f"{base}.qmax")
+    qmin = const(graph, np.array(-127.0, np.float32), f"{base}.qmin")
+    n: list[ir.Node] = []
 
-    def node(op: str, inputs: list[str], name: str, **attrs: Any) -> str:
-        o = f"{base}/{name}"
-        n.append(helper.make_node(op, inputs, [o], name=o, **attrs))
-        return o
+    def node(op_type: str, inputs: list[ir.Value | None], name: str, **attrs: Any) -> ir.Value:
+        return op(n, op_type, inputs, f"{base}/{name}", name=f"{base}/{name}", **attrs)
 
     a = node("Abs", [x], "abs")
     if opset >= 18:
-        inits.append(numpy_helper.from_array(np.array([1], np.int64), f"{base}.axes"))
-        t = node("ReduceMax", [a, f"{base}.axes"], "row_absmax", keepdims=1)
+        t = node("ReduceMax", [a, const(graph, np.array([1], np.int64), f"{base}.axes")], "row_absmax", keepdims=1)
     else:
         t = node("ReduceMax", [a], "row_absmax", axes=[1], keepdims=1)
-    t = node("Max", [t, f"{base}.eps"], "row_absmax_floor")
+    t = node("Max", [t, eps], "row_absmax_floor")
     if alpha != 1.0:
-        inits.append(numpy_helper.from_array(np.array(alpha, np.float32), f"{base}.alpha"))
-        t = node("Pow", [t, f"{base}.alpha"], "row_pow")
-    inv = node("Div", [f"{base}.qmax", t], "row_inv_scale")
-    y = node("Mul", [node("Mul", [x, f"{base}.inv_factors"], "col_scaled"), inv], "scaled")
-    q = node("Cast", [node("Clip", [node("Round", [y], "round"), f"{base}.qmin", f"{base}.qmax"], "clip")],
-             "q", to=3)  # INT8
-    acc = node("MatMulInteger", [q, f"{base}.int8"], "matmul_integer")
-    r = node("Div", [t, f"{base}.qmax"], "row_scale")
-    yf = node("Mul", [node("Mul", [node("Cast", [acc], "acc_float", to=1), r], "row_rescale"), f"{base}.scale"],
-              "col_rescale" if bias else "out")
-    if bias:
-        n.append(helper.make_node("Add", [yf, bias], [out], name=f"{base}/bias"))
-    else:
-        n.append(helper.make_node("Identity", [yf], [out], name=f"{base}/identity"))
-    return n, inits
+        t = node("Pow", [t, const(graph, np.array(alpha, np.float32), f"{base}.alpha")], "row_pow")
+    inv = node("Div", [qmax, t], "row_inv_scale")
+    y = node("Mul", [node("Mul", [x, inv_factors], "col_scaled"), inv], "scaled")
+    q = node("Cast", [node("Clip", [node("Round", [y], "round"), qmin, qmax], "clip")], "q", to=3)  # INT8
+    acc = node("MatMulInteger", [q, w], "matmul_integer")
+    r = node("Div", [t, qmax], "row_scale")
+    yf = node("Mul", [node("Mul", [node("Cast", [acc], "acc_float", to=1), r], "row_rescale"), scale],
+              "col_rescale" if bias is not None else "out")
+    if bias is not None:
+        return n, op(n, "Add", [yf, bias], out, name=f"{base}/bias")
+    return n, op(n, "Identity", [yf], out, name=f"{base}/identity")

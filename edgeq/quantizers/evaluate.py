@@ -11,6 +11,7 @@ flows one way (quantizers never import the export stage).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -61,6 +62,13 @@ class ActionErrorScorer:
     tail_states: np.ndarray | None = None
     evaluations: int = 0
     lower: Lowering = field(kw_only=True)
+    #: ``[rows of states, act]`` weights of the errors (the critic's value sensitivity,
+    #: :mod:`edgeq.quantizers.sensitivity`); None: every state and dimension alike. Set with :meth:`set_weights`.
+    weights: np.ndarray | None = field(default=None, kw_only=True)
+    #: score by the lowered graph's digest: a search meets the same graph again (a candidate whose
+    #: threshold equals the current one's, the chosen plan re-scored), and ONNX Runtime gives it the same
+    #: actions; the score is the same, only not recomputed (cleared when the weights change).
+    _scores: dict[bytes, float] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.states = np.ascontiguousarray(self.states, np.float32)
@@ -71,30 +79,53 @@ class ActionErrorScorer:
             self._n_mean = len(self.states)
         self.reference = OrtPolicy(self.model.SerializeToString()).act(self.states)
 
-    def actions(self, plan: QuantPlan) -> np.ndarray:
-        q = self.lower(self.model, plan, check=False)
+    def _lowered(self, plan: QuantPlan) -> bytes:
         self.evaluations += 1
-        return OrtPolicy(q.SerializeToString()).act(self.states)
+        return self.lower(self.model, plan, check=False).SerializeToString()
+
+    def _errors_of(self, model: bytes) -> np.ndarray:
+        return np.abs(OrtPolicy(model).act(self.states).astype(np.float64) - self.reference) / self.half_range
+
+    def actions(self, plan: QuantPlan) -> np.ndarray:
+        return OrtPolicy(self._lowered(plan)).act(self.states)
 
     def errors(self, plan: QuantPlan) -> np.ndarray:
         """Per-state, per-dimension normalized absolute errors."""
-        return np.abs(self.actions(plan).astype(np.float64) - self.reference) / self.half_range
+        return self._errors_of(self._lowered(plan))
 
     def _cvar(self, e: np.ndarray) -> float:
         worst = np.sort(e.max(axis=1))[::-1]
         k = max(1, int(np.ceil(self.tail_fraction * len(worst))))
         return float(worst[:k].mean())
 
+    def set_weights(self, weights: np.ndarray | None) -> None:
+        """Weight the errors of ``states`` (``[len(states), act]``, as :attr:`states` is ordered) from now on."""
+        if weights is not None:
+            weights = np.asarray(weights, np.float64)
+            if weights.shape != self.reference.shape:
+                raise ValueError(f"weights of shape {weights.shape}; expected {self.reference.shape}")
+        self.weights = weights
+        self._scores.clear()
+
     def score_errors(self, e: np.ndarray) -> float:
-        """The score of per-state, per-dimension errors ``e`` (rows as in ``states``)."""
+        """The score of per-state, per-dimension errors ``e`` (rows as in ``states``), weighted if weights are set."""
+        if self.weights is not None:
+            e = e * self.weights
         mean = float(e[: self._n_mean].mean())
         return mean if self.tail_weight <= 0 else mean + self.tail_weight * self._cvar(e)
 
     def __call__(self, plan: QuantPlan) -> float:
-        return self.score_errors(self.errors(plan))
+        model = self._lowered(plan)
+        key = hashlib.blake2b(model, digest_size=32).digest()
+        if key not in self._scores:
+            self._scores[key] = self.score_errors(self._errors_of(model))
+        return self._scores[key]
 
     def summary(self, plan: QuantPlan) -> dict[str, float]:
         e = self.errors(plan)
         h = e[: self._n_mean]
-        return {"mean": float(h.mean()), "p99": float(np.percentile(h.max(axis=1), 99)), "max": float(h.max()),
-                "cvar": self._cvar(e), "score": self.score_errors(e)}
+        out = {"mean": float(h.mean()), "p99": float(np.percentile(h.max(axis=1), 99)), "max": float(h.max()),
+               "cvar": self._cvar(e), "score": self.score_errors(e)}
+        if self.weights is not None:
+            out["weighted_mean"] = float((h * self.weights[: self._n_mean]).mean())
+        return out

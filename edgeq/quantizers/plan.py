@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,12 +41,13 @@ from edgeq.calibration.calibrators import compute_amax
 from edgeq.calibration.observers import TensorObserver
 from edgeq.deploy.bundle_format import MANIFEST, PLAN, read_manifest, verify_files
 from edgeq.graph.analysis import constant_value, find_activation_matmuls, find_weighted_layers
+from edgeq.quantizers.int4 import Int4Weight
 from edgeq.quantizers.transforms import InputScaling, apply_input_scalings
 from edgeq.quantizers.weights import QuantizedWeight, quantize_weight
 
 INT8_MAX = 127
 #: Per-layer precisions a plan may choose (a field of every :class:`LayerQuant`).
-PRECISIONS = ("int8", "fp16", "float")
+PRECISIONS = ("int8", "int4", "fp16", "float")
 SCHEMES = ("static", "crossquant-dynamic")
 #: Version of :meth:`QuantPlan.to_dict`'s layout (``plan.json`` in a bundle).
 PLAN_FORMAT = 1
@@ -103,6 +104,16 @@ def _weight_from_dict(d: Mapping[str, Any] | None) -> QuantizedWeight | None:
                                                   int(d["axis"]))
 
 
+def _weight4_to_dict(w: Int4Weight | None) -> dict[str, Any] | None:
+    return None if w is None else {"bits": 4, "q": _array_to_dict(w.q), "scale": _array_to_dict(w.scale),
+                                   "axis": w.axis, "block_size": w.block_size}
+
+
+def _weight4_from_dict(d: Mapping[str, Any] | None) -> Int4Weight | None:
+    return None if d is None else Int4Weight(_array_from_dict(d["q"]), _array_from_dict(d["scale"]), int(d["axis"]),
+                                             int(d.get("block_size", 0)))
+
+
 @dataclass(frozen=True, eq=False)
 class LayerQuant:
     """One weighted layer: int8 (static or CrossQuant-dynamic input, per-channel weight), fp16 or float.
@@ -133,10 +144,13 @@ class LayerQuant:
     kernel_per_tensor: float | None = None
     choice: dict[str, Any] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    weight4: Int4Weight | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"layer {self.node}: precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision == "int4" and self.weight4 is None:
+            raise ValueError(f"layer {self.node}: precision int4 needs its int4 weight (weight4)")
         if self.scheme not in SCHEMES:
             raise ValueError(f"layer {self.node}: scheme must be one of {SCHEMES}, got {self.scheme!r}")
 
@@ -152,7 +166,13 @@ class LayerQuant:
             d.update({"weight_axis": self.weight_axis, "weight_method": self.weight_method,
                       "rounding": self.rounding,
                       "weight_scale_min": float(s.min()), "weight_scale_max": float(s.max())})
-        if self.bias is not None and self.precision == "int8":
+        if self.weight4 is not None and self.precision == "int4":
+            s4 = self.weight4.scale
+            d.update({"weight_axis": self.weight_axis, "weight_bits": 4, "weight_granularity":
+                      "per-output-channel" if self.weight4.block_size == 0 else f"blocks of {self.weight4.block_size}",
+                      "block_size": self.weight4.block_size, "weight_range": [-7, 7], "activation": "int8",
+                      "weight_scale_min": float(s4.min()), "weight_scale_max": float(s4.max())})
+        if self.bias is not None and self.precision in ("int8", "int4"):
             d["bias_corrected"] = True
         for key in ("kernel", "kernel_per_tensor"):
             v = getattr(self, key)
@@ -168,13 +188,17 @@ class LayerQuant:
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, exactly (arrays as :func:`_array_to_dict`): the inverse of :meth:`from_dict`."""
-        return {"node": self.node, "op_type": self.op_type, "input": self.input, "weight_name": self.weight_name,
+        d: dict[str, Any] = {
+                "node": self.node, "op_type": self.op_type, "input": self.input, "weight_name": self.weight_name,
                 "weight_axis": self.weight_axis, "precision": self.precision, "weight": _weight_to_dict(self.weight),
                 "weight_method": self.weight_method, "reason": self.reason, "scheme": self.scheme,
                 "dynamic_alpha": self.dynamic_alpha, "dynamic_factors": _optional_array(self.dynamic_factors),
                 "rounding": self.rounding, "bias": _optional_array(self.bias), "bias_name": self.bias_name,
                 "kernel": self.kernel, "kernel_per_tensor": self.kernel_per_tensor, "choice": self.choice,
                 "notes": self.notes}
+        if self.weight4 is not None:  # only int4-capable plans carry the key (older plan.json files unchanged)
+            d["weight4"] = _weight4_to_dict(self.weight4)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LayerQuant:
@@ -187,7 +211,8 @@ class LayerQuant:
                    None if d.get("dynamic_factors") is None else _array_from_dict(d["dynamic_factors"]),
                    str(d.get("rounding", "nearest")), None if d.get("bias") is None else _array_from_dict(d["bias"]),
                    None if d.get("bias_name") is None else str(d["bias_name"]), opt_float("kernel"),
-                   opt_float("kernel_per_tensor"), d.get("choice"), dict(d.get("notes") or {}))
+                   opt_float("kernel_per_tensor"), d.get("choice"), dict(d.get("notes") or {}),
+                   _weight4_from_dict(d.get("weight4")))
 
 
 @dataclass(frozen=True)
@@ -248,12 +273,17 @@ class QuantPlan:
     def int8_layers(self) -> list[LayerQuant]:
         return [layer for layer in self.layers if layer.precision == "int8"]
 
+    def int4_layers(self) -> list[LayerQuant]:
+        """Layers with int4 weights and an int8 input (W4A8)."""
+        return [layer for layer in self.layers if layer.precision == "int4"]
+
     def int8_matmuls(self) -> list[MatMulQuant]:
         return [m for m in self.matmuls if m.precision == "int8"]
 
     def used_activations(self) -> set[str]:
         """Tensors a static int8 layer or an int8 activation MatMul quantizes."""
         return ({la.input for la in self.int8_layers() if la.scheme == "static"}
+                | {la.input for la in self.int4_layers()}
                 | {t for m in self.int8_matmuls() for t in m.inputs})
 
     def layer(self, node: str) -> LayerQuant:
@@ -264,8 +294,10 @@ class QuantPlan:
 
     @property
     def tensorrt_compatible(self) -> bool:
-        """False when a layer needs run-time row scales (CrossQuant dynamic), which TensorRT cannot run."""
-        return all(layer.scheme == "static" for layer in self.int8_layers())
+        """False when a layer needs run-time row scales (CrossQuant dynamic), which TensorRT cannot run, or
+        has int4 weights with an int8 input (W4A8: TensorRT runs INT4 weights only weight-only, see
+        :mod:`edgeq.export.trt_rules`)."""
+        return all(layer.scheme == "static" for layer in self.int8_layers()) and not self.int4_layers()
 
     def to_json(self) -> dict[str, Any]:
         return {"settings": self.settings, "tensorrt_compatible": self.tensorrt_compatible,
@@ -341,7 +373,9 @@ def make_plan(model: onnx.ModelProto, observers: Mapping[str, TensorObserver], *
               weight_method: str = "absmax", keep_float: Sequence[str] = (),
               per_tensor_calibrator: Mapping[str, CalibratorSpec] | None = None,
               transforms: Sequence[InputScaling] = (),
-              per_layer_weight_method: Mapping[str, str] | None = None) -> QuantPlan:
+              per_layer_weight_method: Mapping[str, str] | None = None,
+              amax_cache: dict[tuple[Any, ...], float] | None = None,
+              weight_quantizer: Callable[..., QuantizedWeight] | None = None) -> QuantPlan:
     """Choose static int8 scales for every weighted layer of ``model`` (after ``transforms``), and for
     both inputs of every MatMul of two activations (attention's Q·Kᵀ and A·V).
 
@@ -350,7 +384,21 @@ def make_plan(model: onnx.ModelProto, observers: Mapping[str, TensorObserver], *
     ``per_tensor_calibrator`` overrides the activation calibrator for named tensors (a method, or
     ``(method, params)``; a bare method other than ``calibrator`` gets its default parameters);
     ``per_layer_weight_method`` overrides ``weight_method`` for named layers.
+
+    ``amax_cache`` (a dict the caller keeps) and ``weight_quantizer`` (``quantize_weight``'s
+    signature, e.g. a caching wrapper) let a search that makes many plans from the same observers
+    and weights compute each threshold and each quantized weight once; the plan is the same.
     """
+    quantize_w = weight_quantizer or quantize_weight
+
+    def amax(obs: TensorObserver, method: str, p: dict[str, Any]) -> float:
+        if amax_cache is None:
+            return float(compute_amax(obs, method, **p))
+        key = (id(obs), obs.count, method, repr(sorted(p.items())))
+        if key not in amax_cache:
+            amax_cache[key] = float(compute_amax(obs, method, **p))
+        return amax_cache[key]
+
     params = dict(calibrator_params or {})
     overrides = dict(per_tensor_calibrator or {})
     work = apply_input_scalings(model, transforms) if transforms else model
@@ -369,11 +417,11 @@ def make_plan(model: onnx.ModelProto, observers: Mapping[str, TensorObserver], *
         if wl.input not in activations:
             spec = overrides.get(wl.input, calibrator)
             method, p = _spec(spec, params if spec == calibrator else {})
-            activations[wl.input] = ActivationQuant(wl.input, float(compute_amax(obs, method, **p)), method, p)
+            activations[wl.input] = ActivationQuant(wl.input, amax(obs, method, p), method, p)
         w = constant_value(work, wl.weight)
         assert w is not None
         wm = (per_layer_weight_method or {}).get(wl.node, weight_method)
-        qw = quantize_weight(np.asarray(w, np.float32), axis=wl.weight_axis, method=wm)
+        qw = quantize_w(np.asarray(w, np.float32), axis=wl.weight_axis, method=wm)
         layers.append(LayerQuant(wl.node, wl.op_type, wl.input, wl.weight, wl.weight_axis, "int8", qw,
                                  wm, bias_name=wl.bias))
     matmuls: list[MatMulQuant] = []
@@ -390,7 +438,7 @@ def make_plan(model: onnx.ModelProto, observers: Mapping[str, TensorObserver], *
             if t not in activations:
                 spec = overrides.get(t, calibrator)
                 method, p = _spec(spec, params if spec == calibrator else {})
-                activations[t] = ActivationQuant(t, float(compute_amax(observers[t], method, **p)), method, p)
+                activations[t] = ActivationQuant(t, amax(observers[t], method, p), method, p)
         matmuls.append(MatMulQuant(am.node, am.inputs, "int8", am.role, am.block))
     settings = {"activation_calibrator": calibrator, "calibrator_params": params, "weight_method": weight_method,
                 "activation_granularity": "per-tensor", "weight_granularity": "per-output-channel",

@@ -34,11 +34,13 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+import onnx_ir as ir
 
-from edgeq.graph.analysis import WeightedLayer, find_weighted_layers
+from edgeq.graph.analysis import WeightedLayer
+from edgeq.graph.ir import const, make_node, to_ir, to_onnx
 
-__all__ = ["HOMOGENEOUS_ACTIVATIONS", "InputScaling", "apply_input_scalings", "can_fold", "weight_in_view"]
+__all__ = ["HOMOGENEOUS_ACTIVATIONS", "InputScaling", "apply_input_scalings", "can_fold", "scale_inputs",
+           "weight_in_view"]
 
 #: Activations ``f`` with ``f(z / d) = f(z) / d`` for every ``d > 0`` (positive homogeneity).
 HOMOGENEOUS_ACTIVATIONS = ("Relu", "LeakyRelu")
@@ -96,20 +98,57 @@ def weight_in_view(w: np.ndarray, layer: WeightedLayer) -> np.ndarray:
     return w if layer.weight_axis == 0 else w.T
 
 
-def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    return {o: n for n in model.graph.node for o in n.output}
+@dataclass(frozen=True)
+class _Layer:
+    """A weighted layer as IR handles (what :class:`~edgeq.graph.analysis.WeightedLayer` names)."""
+
+    node: ir.Node
+    input: ir.Value
+    weight: ir.Value
+    bias: ir.Value | None
+    weight_axis: int
+    in_features: int
 
 
-def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    out: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            out.setdefault(i, []).append(n)
+def _weighted_layers(graph: ir.Graph) -> dict[str, _Layer]:
+    """Every Gemm/MatMul with a 2-D float constant weight, by node name (as :func:`find_weighted_layers`)."""
+    out: dict[str, _Layer] = {}
+    for node in graph:
+        if node.op_type not in ("Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        x, wv = node.inputs[0], node.inputs[1]
+        t = None if wv is None else ir.convenience.get_const_tensor(wv)
+        if x is None or wv is None or t is None or len(t.shape) != 2 or \
+                t.dtype not in (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16):
+            continue
+        bias = None
+        axis = 1
+        if node.op_type == "Gemm":
+            if node.attributes.get_int("transA"):
+                continue
+            axis = 0 if node.attributes.get_int("transB") else 1
+            bias = node.inputs[2] if len(node.inputs) > 2 else None
+        out[node.name or ""] = _Layer(node, x, wv, bias, axis, int(t.shape.numpy()[1 - axis]))
     return out
 
 
-def _init_index(model: onnx.ModelProto) -> dict[str, int]:
-    return {t.name: i for i, t in enumerate(model.graph.initializer)}
+def _fold_target(layers: dict[str, _Layer], layer: str) -> str | None:
+    wl = layers.get(layer)
+    if wl is None:
+        return None
+    act = wl.input.producer()
+    if act is None or act.op_type not in HOMOGENEOUS_ACTIVATIONS or len(wl.input.uses()) != 1:
+        return None
+    z = act.inputs[0]
+    prev = None if z is None else z.producer()
+    if z is None or prev is None or prev.name not in layers or len(z.uses()) != 1:
+        return None
+    pl = layers[prev.name or ""]
+    if not pl.weight.is_initializer() or (pl.bias is not None and not pl.bias.is_initializer()):
+        return None
+    if len(pl.weight.uses()) != 1 or (pl.bias is not None and len(pl.bias.uses()) != 1):
+        return None
+    return prev.name
 
 
 def can_fold(model: onnx.ModelProto, layer: str) -> str | None:
@@ -118,29 +157,14 @@ def can_fold(model: onnx.ModelProto, layer: str) -> str | None:
     Folding needs: the layer input is the output of a Relu/LeakyRelu read by this layer only; that
     activation's input is the output of a Gemm (constant weight and bias, no other reader).
     """
-    layers = {wl.node: wl for wl in find_weighted_layers(model)}
-    wl = layers.get(layer)
-    if wl is None:
-        return None
-    prod, cons = _producers(model), _consumers(model)
-    act = prod.get(wl.input)
-    if act is None or act.op_type not in HOMOGENEOUS_ACTIVATIONS or len(cons.get(wl.input, [])) != 1:
-        return None
-    prev = prod.get(act.input[0])
-    if prev is None or prev.name not in layers or len(cons.get(act.input[0], [])) != 1:
-        return None
-    pl = layers[prev.name]
-    inits = _init_index(model)
-    if pl.weight not in inits or (pl.bias is not None and pl.bias not in inits):
-        return None
-    if len(cons.get(pl.weight, [])) != 1 or (pl.bias is not None and len(cons.get(pl.bias, [])) != 1):
-        return None
-    return prev.name
+    return _fold_target(_weighted_layers(to_ir(model).graph), layer)
 
 
-def _set_init(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
-    idx = _init_index(model)[name]
-    model.graph.initializer[idx].CopyFrom(numpy_helper.from_array(value, name))
+def _scaled(value: ir.Value, by: np.ndarray, divide: bool = False) -> None:
+    """Replace an initializer's values by ``value × by`` (or ``/ by``), computed in float64, rounded once."""
+    assert value.const_value is not None
+    w = value.const_value.numpy().astype(np.float64)
+    value.const_value = ir.Tensor(((w / by) if divide else (w * by)).astype(np.float32), name=value.name)
 
 
 def apply_input_scalings(model: onnx.ModelProto, scalings: Sequence[InputScaling]) -> onnx.ModelProto:
@@ -154,30 +178,30 @@ def apply_input_scalings(model: onnx.ModelProto, scalings: Sequence[InputScaling
         ValueError: For an unknown layer, a factor vector of the wrong length, a weight shared
             with another node, or ``placement="folded"`` where folding is impossible.
     """
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    irm = to_ir(model)
+    scale_inputs(irm.graph, scalings)
+    return to_onnx(irm, model)
+
+
+def scale_inputs(graph: ir.Graph, scalings: Sequence[InputScaling]) -> None:
+    """:func:`apply_input_scalings` on an IR graph, in place (the pass itself)."""
     for sc in scalings:
-        _apply_one(m, sc)
-    return m
+        _apply_one(graph, sc)
 
 
-def _apply_one(m: onnx.ModelProto, sc: InputScaling) -> None:
-    layers = {wl.node: wl for wl in find_weighted_layers(m)}
+def _apply_one(g: ir.Graph, sc: InputScaling) -> None:
+    layers = _weighted_layers(g)
     wl = layers.get(sc.layer)
     if wl is None:
         raise ValueError(f"input scaling names layer {sc.layer!r}, which is not a weighted layer of the graph")
     d = sc.factors
     if d.size != wl.in_features:
         raise ValueError(f"{sc.layer}: {d.size} factors for a layer with {wl.in_features} inputs")
-    inits = _init_index(m)
-    cons = _consumers(m)
-    if wl.weight not in inits or len(cons.get(wl.weight, [])) != 1:
-        raise ValueError(f"{sc.layer}: weight {wl.weight!r} is not an initializer read by this layer alone")
-    w = numpy_helper.to_array(m.graph.initializer[inits[wl.weight]]).astype(np.float64)
-    scale_shape = (1, -1) if wl.weight_axis == 0 else (-1, 1)  # multiply the input axis
-    _set_init(m, wl.weight, (w * d.reshape(scale_shape)).astype(np.float32))
+    if not wl.weight.is_initializer() or len(wl.weight.uses()) != 1:
+        raise ValueError(f"{sc.layer}: weight {wl.weight.name!r} is not an initializer read by this layer alone")
+    _scaled(wl.weight, d.reshape((1, -1) if wl.weight_axis == 0 else (-1, 1)))  # multiply the input axis
 
-    prev = can_fold(m, sc.layer)
+    prev = _fold_target(layers, sc.layer)
     placement = sc.placement
     if placement == "auto":
         placement = "folded" if prev is not None else "mul"
@@ -186,23 +210,16 @@ def _apply_one(m: onnx.ModelProto, sc: InputScaling) -> None:
             raise ValueError(f"{sc.layer}: its input cannot take the factors by folding (it is not a ReLU of a "
                              "layer read by it alone)")
         pl = layers[prev]
-        pw = numpy_helper.to_array(m.graph.initializer[inits[pl.weight]]).astype(np.float64)
-        out_shape = (-1, 1) if pl.weight_axis == 0 else (1, -1)  # divide the output axis
-        _set_init(m, pl.weight, (pw / d.reshape(out_shape)).astype(np.float32))
+        _scaled(pl.weight, d.reshape((-1, 1) if pl.weight_axis == 0 else (1, -1)), divide=True)  # output axis
         if pl.bias is not None:
-            pb = numpy_helper.to_array(m.graph.initializer[inits[pl.bias]]).astype(np.float64)
-            _set_init(m, pl.bias, (pb / d.reshape(pb.shape)).astype(np.float32))
+            assert pl.bias.const_value is not None
+            _scaled(pl.bias, d.reshape(pl.bias.const_value.shape.numpy()), divide=True)
         return
     # explicit fp32 pre-op: X' = X * (1/d)
-    node_idx = next(i for i, n in enumerate(m.graph.node) if n.name == sc.layer)
-    const = f"{sc.layer}/input_scale.inv_factors"
-    k = 1
-    while const in inits:
-        const = f"{sc.layer}/input_scale.inv_factors_{k}"
-        k += 1
-    scaled = f"{wl.input}.scaled_for.{sc.layer}"
-    m.graph.initializer.append(numpy_helper.from_array((1.0 / d).astype(np.float32), const))
-    mul = helper.make_node("Mul", [wl.input, const], [scaled], name=f"{sc.layer}/input_scale")
-    node = m.graph.node[node_idx]
-    node.input[0] = scaled
-    m.graph.node.insert(node_idx, mul)
+    name, k = f"{sc.layer}/input_scale.inv_factors", 1
+    while name in g.initializers:
+        name, k = f"{sc.layer}/input_scale.inv_factors_{k}", k + 1
+    inv = const(g, (1.0 / d).astype(np.float32), name)
+    mul = make_node("Mul", [wl.input, inv], f"{wl.input.name}.scaled_for.{sc.layer}", name=f"{sc.layer}/input_scale")
+    g.insert_before(wl.node, mul)
+    wl.node.replace_input_with(0, mul.outputs[0])

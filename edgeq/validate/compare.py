@@ -9,7 +9,7 @@ judged with the same tolerance and noise floor as ``edgeq validate``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ class Candidate:
     model: Path
     io: dict[str, Any]
     kind: str  # "bundle" | "onnx"
-    manifest: dict[str, Any] | None = None
+    manifest: Mapping[str, Any] | None = None
     float_model: Path | None = None  # the bundle's own fp32 model
 
     def plan_for(self, reference: Path) -> QuantPlan | None:

@@ -179,7 +179,7 @@ def _evaluate(rt: Any, episodes: Sequence[np.ndarray], names: Sequence[str]) -> 
     available = set(rt.output_names)
     want = [n for n in names if n in available]
     if isinstance(rt, ObservationHistory) and not rt.runtime.state_specs:  # windows of each episode, one batch
-        obs = np.concatenate([episode_windows(ep, rt.history.length) for ep in episodes])
+        obs = np.concatenate([episode_windows(ep, rt.history.length, rt.history.reset_mode) for ep in episodes])
         values = rt.runtime.run(obs, want)
         return {k: v.reshape(len(obs), -1).astype(np.float64) for k, v in values.items()}
     if not rt.state_specs:

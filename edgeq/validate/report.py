@@ -11,11 +11,12 @@ import html
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeq.deploy.contracts import ValidationResult
 from edgeq.validate import plots
 
 REPORT_HTML, REPORT_MD, REPORT_DIR = "report.html", "report.md", "report"
@@ -176,7 +177,7 @@ def _maybe(fn: Callable[[], bytes]) -> bytes | None:
         return None
 
 
-def _pct(rate: float | None, episodes: dict[str, Any] | None = None) -> str:
+def _pct(rate: float | None, episodes: Mapping[str, Any] | None = None) -> str:
     """A failure / success rate as a percentage, with the count when the episodes are known."""
     if rate is None:
         return "—"
@@ -220,7 +221,7 @@ def saturation_section(targets: dict[str, Any]) -> Section | None:
     return sec
 
 
-def _verdict_interval(r: dict[str, Any]) -> list[float]:
+def _verdict_interval(r: Mapping[str, Any]) -> list[float]:
     """The interval the verdict used (unbounded ends drawn at the bootstrap CI's), else the bootstrap CI."""
     boot = r["paired_difference"]["ci95"]
     iv = (r.get("verdict", {}).get("returns") or {}).get("interval")
@@ -229,7 +230,7 @@ def _verdict_interval(r: dict[str, Any]) -> list[float]:
     return [boot[0] if iv[0] is None else iv[0], boot[1] if iv[1] is None else iv[1]]
 
 
-def _verdict_label(r: dict[str, Any]) -> str:
+def _verdict_label(r: Mapping[str, Any]) -> str:
     ret = r.get("verdict", {}).get("returns") or {}
     method = str(ret.get("method", ""))
     if not method:
@@ -237,12 +238,10 @@ def _verdict_label(r: dict[str, Any]) -> str:
     return "95% confidence sequence (verdict)" if "sequence" in method else "95% t-interval (verdict)"
 
 
-def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = None) -> list[Section]:
-    """The sections of a bundle's validation report (verdict first, then each measurement)."""
+def _verdict_section(val: ValidationResult, manifest: Mapping[str, Any] | None) -> Section | None:
+    """The verdict per target, how it was reached, and the summary table."""
     targets = val["targets"]
     tol = val.get("tolerance", {})
-    sections: list[Section] = []
-
     v = val.get("verdict", {})
     head = Section("Verdict")
     n = len(val["seeds"])
@@ -253,12 +252,16 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
     head.p("Tolerance: " + Tolerance.from_json(tol).describe() + ". PASS needs the whole interval inside the band "
            "and the failure comparison within its tolerance; FAIL needs an interval wholly beyond; anything else is "
            "INCONCLUSIVE (exit code 3), which is not a pass.")
-    for t, r in targets.items():
+    from edgeq.describe import file_headline, result_rows, return_ratio_text
+
+    for t, r in result_rows(val):
         vd = r.get("verdict", {})
         files = f"{t} ({r.get('runtime', '?')}: {r.get('float_model', '?')} vs {r.get('int8_model', '?')})"
-        head.p(f"{files}: {vd.get('status', '?')} — " + "; ".join(vd.get("reasons", [])) + ".")
+        hl = file_headline(manifest or {}, str(r.get("int8_model")))
+        head.p(f"{files}: {vd.get('status', '?')} — " + "; ".join(vd.get("reasons", [])) + f". {return_ratio_text(r)}"
+               + (f"; {hl}" if hl else "") + ".")
         eps = r.get("episodes") or {}
-        if eps:
+        if eps and t in targets:
             design = eps.get("design", {})
             head.p(f"{t}: {eps.get('episodes')} paired episodes ({eps.get('stop_reason')}); returns judged by the "
                    f"{design.get('returns_procedure', '?')}, failures by the {design.get('failures_procedure', '?')}."
@@ -270,7 +273,7 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
     for t, reason in val.get("unavailable_targets", {}).items():
         head.p(f"{t}: not validated — unavailable here ({reason}).")
     rows = []
-    for t, r in targets.items():
+    for t, r in result_rows(val):
         d = r["paired_difference"]
         fl = r.get("noise_floor")
         ae = r["action_error"]["on_float_trajectory"]
@@ -306,11 +309,18 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
            "float policy re-run with 1e-6 action noise (what rounding alone moves); int8 ≠ floor = whether int8's "
            "difference is distinguishable from that floor; action err = |int8 − float| action on the float "
            "policy's states, mean / max, in action units; verdict = PASS / FAIL / INCONCLUSIVE.")
-    sections.append(head)
-    sat_section = saturation_section(targets)
-    if sat_section is not None:
-        sections.append(sat_section)
+    return head
 
+
+def _saturation_section(val: ValidationResult, manifest: Mapping[str, Any] | None) -> Section | None:
+    """Saturation of the INT8 tensors (when measured)."""
+    targets = val["targets"]
+    return saturation_section(targets)
+
+
+def _returns_section(val: ValidationResult, manifest: Mapping[str, Any] | None) -> Section | None:
+    """Episode returns and early terminations per target."""
+    targets = val["targets"]
     s = Section("Returns")
     groups = []
     for t, r in targets.items():
@@ -329,8 +339,12 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
             "where the env reports one (info['is_success']):")
         s.table(["target", "float terminated", "int8 terminated", "float mean length", "int8 mean length",
                  "seeds only int8 terminated", "float success", "int8 success"], term_rows)
-    sections.append(s)
+    return s
 
+
+def _paired_section(val: ValidationResult, manifest: Mapping[str, Any] | None) -> Section | None:
+    """Per-seed paired differences against the float noise floor."""
+    targets = val["targets"]
     s = Section("Paired differences and the noise floor")
     s.p("Each bar is one seed's int8 − float return. Grey crosses: the float policy re-rolled on the same seed with "
         "Gaussian action noise of 1e-6 × action half-range (float32 rounding level), one cross per independent draw. "
@@ -359,8 +373,12 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
     if frows:
         s.table(["target", "draws", "floor mean diff", "std of draw means", "floor per-episode RMS",
                  "int8 per-episode RMS", "int8 / floor spread", "int8 − floor [95% CI]", "distinguishable"], frows)
-    sections.append(s)
+    return s
 
+
+def _sensitivity_section(val: ValidationResult, manifest: Mapping[str, Any] | None) -> Section | None:
+    """The float return under injected action noise: the error budget."""
+    targets = val["targets"]
     sens = val.get("sensitivity")
     if sens:
         s = Section("Sensitivity: the error budget")
@@ -382,8 +400,13 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
         s.table(["noise σ / half-range", "mean return", "std of draw means", "mean paired diff", "relative drop"],
                 [[r["sigma"], r["mean"], r["std_of_draw_means"], r["mean_difference"], f"{r['relative_drop']:+.3%}"]
                  for r in sens["levels"]])
-        sections.append(s)
+        return s
+    return None
 
+
+def _action_error_section(val: ValidationResult, manifest: Mapping[str, Any] | None) -> Section | None:
+    """INT8 vs float action error on the same states."""
+    targets = val["targets"]
     s = Section("Action error")
     first_t, first = next(iter(targets.items()))
     ae = first["action_error"]["on_float_trajectory"]
@@ -408,8 +431,12 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
                    ae["per_dim_max_abs"], strict=True)
         s.table(["dim", "mean", "RMS", "p99", "max"],
                 [[f"a[{i}]", m, r_, p, mx] for i, (m, r_, p, mx) in enumerate(cols)])
-    sections.append(s)
+    return s
 
+
+def _divergence_section(val: ValidationResult, manifest: Mapping[str, Any] | None) -> Section | None:
+    """How far the INT8 and float trajectories of a seed drift apart."""
+    targets = val["targets"]
     divs = [(t, r["divergence"]) for t, r in targets.items() if r.get("divergence", {}).get("steps")]
     if divs:
         s = Section("Trajectory divergence")
@@ -429,8 +456,12 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
                                                              if hits1 else "")])
         s.table(["target", "episodes", "median at step 10", "median at step 100", "median at last step",
                  "episodes > 0.1", "episodes > 1"], rows)
-        sections.append(s)
+        return s
+    return None
 
+
+def _per_layer_section(val: ValidationResult, manifest: Mapping[str, Any] | None) -> Section | None:
+    """Per-layer SQNR and the one-layer-at-a-time ranking."""
     pl = val.get("per_layer")
     if pl:
         s = Section("Per-layer error")
@@ -458,8 +489,13 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
             s.table(["layer", "role", "share", "action RMS error", "action max |error|", "own output SQNR (dB)"],
                     [[r["node"], r.get("role", "layer"), f"{r['share']:.1%}", r["action_rms_error"],
                       r["action_max_abs_error"], r.get("own_output_sqnr_db")] for r in pl["ranking"]])
-        sections.append(s)
+        return s
+    return None
 
+
+def _latency_section(val: ValidationResult, manifest: Mapping[str, Any] | None) -> Section | None:
+    """Batch-1 and large-batch latency per model and target, and file sizes."""
+    targets = val["targets"]
     lats = [(t, r["latency"]) for t, r in targets.items() if r.get("latency")]
     if lats:
         s = Section("Latency")
@@ -485,13 +521,23 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
         sizes = val.get("sizes", {})
         if sizes:
             s.table(["file", "size (bytes)"], [[k, v] for k, v in sizes.items()])
-        sections.append(s)
+        return s
+    return None
 
+
+def _layers_section(val: ValidationResult, manifest: Mapping[str, Any] | None) -> Section | None:
+    """What each layer runs as in each file (from the manifest)."""
     if manifest and manifest.get("quantization", {}).get("layers"):
-        sections.append(layers_section(manifest))
+        return layers_section(manifest)
+    return None
 
+
+def _settings_section(val: ValidationResult, manifest: Mapping[str, Any] | None) -> Section | None:
+    """The environment, seeds, versions and validation options."""
+    n = len(val["seeds"])
     s = Section("Settings")
-    rows = [["environment", val["env_id"]], ["seeds", f"{val['seeds'][0]} … {val['seeds'][-1]} ({n} episodes)"]]
+    rows: list[list[Any]] = [["environment", val["env_id"]],
+                             ["seeds", f"{val['seeds'][0]} … {val['seeds'][-1]} ({n} episodes)"]]
     if manifest:
         from edgeq.describe import loaded_lines
 
@@ -532,16 +578,32 @@ def validation_sections(val: dict[str, Any], manifest: dict[str, Any] | None = N
     for k, t in {**val.get("timings", {}), **val.get("validation_timings", {})}.items():
         rows.append([k, f"{t:.2f}"])
     s.table(["setting", "value"], rows)
-    sections.append(s)
-    return sections
+    return s
 
 
-def layers_section(manifest: dict[str, Any]) -> Section:
+#: The sections of a validation report, in order; each returns None when it has nothing to show.
+VALIDATION_SECTIONS: tuple[Callable[[ValidationResult, Mapping[str, Any] | None], Section | None], ...] = (
+    _verdict_section, _saturation_section, _returns_section, _paired_section, _sensitivity_section,
+    _action_error_section, _divergence_section, _per_layer_section, _latency_section, _layers_section,
+    _settings_section)
+
+
+def validation_sections(val: ValidationResult, manifest: Mapping[str, Any] | None = None) -> list[Section]:
+    """The sections of a bundle's validation report (verdict first, then each measurement)."""
+    return [s for s in (section(val, manifest) for section in VALIDATION_SECTIONS) if s is not None]
+
+
+def layers_section(manifest: Mapping[str, Any]) -> Section:
     """What each layer really runs as in each file, and the quantizers the per-layer search chose."""
-    from edgeq.describe import cpu_float_text, layer_precisions, precision_counts
+    from edgeq.describe import cpu_float_text, file_headlines, layer_precisions, precision_counts, pruning_text
 
     s = Section("Quantized layers")
-    s.p(precision_counts(manifest) + ".")
+    heads = file_headlines(manifest)  # counted from each shipped file's graph
+    for line in heads or [precision_counts(manifest)]:
+        s.p(line + ".")
+    pruned = pruning_text(manifest)
+    if pruned:
+        s.p(pruned + ".")
     text = cpu_float_text(manifest)
     if text:
         s.p(text + ".")
@@ -571,8 +633,8 @@ def layers_section(manifest: dict[str, Any]) -> Section:
     return s
 
 
-def write_validation_report(directory: str | Path, val: dict[str, Any],
-                            manifest: dict[str, Any] | None = None) -> list[Path]:
+def write_validation_report(directory: str | Path, val: ValidationResult,
+                            manifest: Mapping[str, Any] | None = None) -> list[Path]:
     """Write report.html, report.md and report/*.png for a bundle's validation into ``directory``."""
     algo = (manifest or {}).get("source", {}).get("algorithm") or "policy"
     from edgeq._version import __version__

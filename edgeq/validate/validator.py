@@ -11,14 +11,22 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
 
+from edgeq.deploy.contracts import (
+    Decision,
+    DecisionFailures,
+    DecisionReturns,
+    DecisionTarget,
+    Manifest,
+    ValidationResult,
+)
 from edgeq.errors import EdgeqError
 from edgeq.quantizers.plan import QuantPlan
 from edgeq.validate.executor import Executor, ExecutorConfig
@@ -68,6 +76,11 @@ class ValidationOptions:
       :mod:`edgeq.validate.sequential`; ``fixed``: every seed given);
     * ``failure``: which episode ends are failures (:mod:`edgeq.validate.outcomes`);
     * ``detail_episodes``: the noise floor runs on the first this-many validation seeds only.
+    * ``all_int8_on_cpu``: where the ``cpu`` target runs a specialized file (``policy.int8.cpu.onnx``) that
+      differs from the all-INT8 ``int8_model``, also run ``int8_model`` on the CPU (same seeds, the same
+      sequential procedure, no noise floor or latency) as its own row with its own verdict
+      (``validation["all_int8_cpu"]``): it is what TensorRT and CUDA run. The overall verdict stays the
+      targets' (the files they run).
     * ``executor``: where the rollouts run (this process, worker processes, a Ray cluster); the
       results are the same for every executor (:mod:`edgeq.validate.spread`).
     """
@@ -88,6 +101,7 @@ class ValidationOptions:
     latency_calls: int = 10_000
     latency_large_batch: int = 4096
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    all_int8_on_cpu: bool = True
 
     @classmethod
     def light(cls, **overrides: Any) -> ValidationOptions:
@@ -135,13 +149,15 @@ def _per_layer_episodes(traj: Any, seeds: Sequence[int], stateless: bool, max_st
     return out
 
 
-def validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], make_env: Callable[[], Any],
+def validate_models(float_model: Path, int8_model: Path, io: Mapping[str, Any], make_env: Callable[[], Any],
                     seeds: Sequence[int], *, env_id: str, action_low: np.ndarray, action_high: np.ndarray,
                     options: ValidationOptions = ValidationOptions(), plan: QuantPlan | None = None,
                     episode_steps: int | None = None,
                     progress: ProgressFactory = _no_progress,
-                    int8_for_target: dict[str, Path] | None = None) -> dict[str, Any]:
-    """Validate ``int8_model`` against ``float_model`` in closed loop; returns ``validation.json``'s content.
+                    int8_for_target: dict[str, Path] | None = None,
+                    layer_float_model: Path | None = None) -> ValidationResult:
+    """Validate ``int8_model`` against ``float_model`` in closed loop; returns ``validation.json``'s content
+    (with the measured values :func:`split_measurements` moves to ``measurements.json``).
 
     ``int8_for_target`` names a target-specialized INT8 file (e.g. ``policy.int8.cpu.onnx`` for
     ``cpu``): that target validates the file that actually runs there. Each target's result names
@@ -151,20 +167,25 @@ def validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], mak
     them batch by batch until its verdict is decided (or the cap / time budget is reached); with
     ``fixed`` it runs them all.
 
+    ``layer_float_model``: the float graph the INT8 files were made from when it is not ``float_model``
+    (a pruned policy: ``float_model`` is the unpruned reference of the closed-loop verdict); the per-layer
+    error is measured against it.
+
     Targets that cannot run here are listed under ``unavailable_targets`` with the reason. Raises
     :class:`EdgeqError` only when no requested target can run.
     """
     with options.executor.make() as executor:
-        return _validate_models(float_model, int8_model, io, make_env, seeds, env_id=env_id, action_low=action_low,
-                                action_high=action_high, options=options, plan=plan, episode_steps=episode_steps,
-                                progress=progress, int8_for_target=int8_for_target, executor=executor)
+        return _validate_models(float_model, int8_model, dict(io), make_env, seeds, env_id=env_id,
+                                action_low=action_low, action_high=action_high, options=options, plan=plan,
+                                episode_steps=episode_steps, progress=progress, int8_for_target=int8_for_target,
+                                executor=executor, layer_float_model=layer_float_model)
 
 
 def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], make_env: Callable[[], Any],
                      seeds: Sequence[int], *, env_id: str, action_low: np.ndarray, action_high: np.ndarray,
                      options: ValidationOptions, plan: QuantPlan | None, episode_steps: int | None,
                      progress: ProgressFactory, int8_for_target: dict[str, Path] | None,
-                     executor: Executor) -> dict[str, Any]:
+                     executor: Executor, layer_float_model: Path | None = None) -> ValidationResult:
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise EdgeqError("validation needs at least one episode (--episodes >= 1)")
@@ -181,7 +202,11 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
     timings: dict[str, float] = {}
     float_traj_for_layers = None
     stateless = not io.get("state")
-    for target in opts.targets:
+    traj_box: dict[str, Any] = {}
+
+    def one_target(target: str, forced_int8: Path | None = None) -> dict[str, Any] | str:
+        """Paired validation on ``target``; ``forced_int8``: this INT8 file instead of the target's own, light
+        (no noise floor, no latency: the all-INT8 file's extra row). Returns the result or why it cannot run."""
         reason = unavailable_reason(target)
         runtimes = None
         if reason is None:
@@ -189,7 +214,10 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
                 # TensorRT builds from the portable QDQ file; ONNX Runtime targets run their specialized copy
                 int8_here = (int8_model if target_runtime(target) == RUNTIME_TENSORRT
                              else (int8_for_target or {}).get(target, int8_model))
-                if target_runtime(target) == RUNTIME_ORT_CUDA and fused_cuda_reason(int8_model, io) is None:
+                if forced_int8 is not None:
+                    int8_here = forced_int8
+                if (forced_int8 is None and target_runtime(target) == RUNTIME_ORT_CUDA
+                        and fused_cuda_reason(int8_model, io) is None):
                     # what edgeq.deploy's cuda backend runs: the fused INT8 kernel on the all-INT8 file
                     int8_here = int8_model
                 f_spec = RuntimeSpec.of(target, float_model, io, "fp32")
@@ -200,11 +228,11 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
             except Exception as exc:  # a provider that is listed but cannot start (missing libraries)
                 reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if runtimes is None:
-            val["unavailable_targets"][target] = reason
-            continue
+            return str(reason)
         f_rt, q_rt, f_shadow, q_shadow = runtimes
         t0 = time.perf_counter()
-        stage = progress(f"{target}: float + int8 rollouts",
+        stage = progress(f"{target}: float + int8 rollouts" + ("" if forced_int8 is None else
+                                                               f" ({Path(forced_int8).name})"),
                          2 * steps_per_rollout if steps_per_rollout and not opts.design.sequential else None)
         box: dict[str, PairedRun] = {}
 
@@ -236,8 +264,9 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
         first = used[0]
         res["action_error_series"] = _series_json(
             first, action_error_series(f_shadow, q_shadow, run.reference_traj.observations(first)[:-1]))
-        timings[f"{target}_rollouts_s"] = time.perf_counter() - t0
-        if opts.floor_draws > 0:
+        timings[f"{target}_rollouts_s" if forced_int8 is None else f"{target}_all_int8_rollouts_s"] = \
+            time.perf_counter() - t0
+        if opts.floor_draws > 0 and forced_int8 is None:
             t0 = time.perf_counter()
             k = max(1, min(len(used), opts.detail_episodes))
             fl = perturbed_returns_spread(make_env, f_spec, used[:k], sigma=opts.floor_sigma, draws=opts.floor_draws,
@@ -254,7 +283,7 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
         res["verdict"]["files"] = {"float": res["float_model"], "int8": res["int8_model"], "target": target,
                                    "runtime": res["runtime"]}
         res["verdict"]["stop_reason"] = record.stop_reason
-        if opts.latency_calls > 0:
+        if opts.latency_calls > 0 and forced_int8 is None:
             t0 = time.perf_counter()
             lat = measure_latency({"float": make_runtime(target, float_model, io, precision="fp32"),
                                    "int8": make_runtime(target, int8_here, io, precision="int8")},
@@ -266,9 +295,26 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
             if note:
                 res["latency_notes"] = [*res.get("latency_notes", []), note]
             timings[f"{target}_latency_s"] = time.perf_counter() - t0
-        val["targets"][target] = res
-        if float_traj_for_layers is None:
-            float_traj_for_layers = (target, run, f_rt)
+        if forced_int8 is None:
+            traj_box.setdefault("first", (target, run, f_rt))
+        return res
+
+    for target in opts.targets:
+        got = one_target(target)
+        if isinstance(got, str):
+            val["unavailable_targets"][target] = got
+        else:
+            val["targets"][target] = got
+    float_traj_for_layers = traj_box.get("first")
+    cpu_file = (int8_for_target or {}).get("cpu")
+    if ("cpu" in val["targets"] and opts.all_int8_on_cpu and cpu_file is not None
+            and Path(cpu_file).name != Path(int8_model).name and _computes_differently(cpu_file, int8_model)):
+        # the all-INT8 file (what TensorRT / CUDA run) on the CPU too: its own row and verdict, same seeds
+        got = one_target("cpu", Path(int8_model))
+        if not isinstance(got, str):
+            got["role"] = ("all-INT8 file on the CPU (what TensorRT/CUDA run); the cpu target's verdict is for "
+                           f"{Path(cpu_file).name}")
+            val["all_int8_cpu"] = got
     if not val["targets"]:
         raise EdgeqError("none of the requested targets can run here: " + "; ".join(
             f"{t}: {r}" for t, r in val["unavailable_targets"].items()))
@@ -303,18 +349,30 @@ def _validate_models(float_model: Path, int8_model: Path, io: dict[str, Any], ma
         progress("per-layer error", None)
         assert run.reference_traj is not None
         episodes = _per_layer_episodes(run.reference_traj, seeds, stateless, opts.per_layer_states)
-        val["per_layer"] = per_layer_error(onnx.load(str(float_model)), str(int8_model), io, episodes, plan=plan)
+        val["per_layer"] = per_layer_error(onnx.load(str(layer_float_model or float_model)), str(int8_model), io,
+                                           episodes, plan=plan)
         val["per_layer"]["target"] = "cpu"
         timings["per_layer_s"] = time.perf_counter() - t0
     val["sizes"] = {Path(float_model).name: Path(float_model).stat().st_size,
                     Path(int8_model).name: Path(int8_model).stat().st_size}
     val["validation_timings"] = {k: round(v, 3) for k, v in timings.items()}
-    return json_safe(val)  # type: ignore[no-any-return]
+    return cast(ValidationResult, json_safe(val))
+
+
+def _computes_differently(a: str | Path, b: str | Path) -> bool:
+    """True when two INT8 files run some layer in a different precision (read from the graphs)."""
+    from edgeq.export.file_precision import layer_precisions
+
+    def statuses(path: str | Path) -> list[tuple[str, str]]:
+        return [(r.node, r.status.replace("int8-rounded, float32 compute", "int8"))
+                for r in layer_precisions(onnx.load(str(path)))]
+
+    return statuses(a) != statuses(b)
 
 
 def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: ValidationOptions = ValidationOptions(),
                     progress: ProgressFactory = _no_progress,
-                    failure: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                    failure: str | None = None) -> tuple[ValidationResult, Manifest]:
     """Validate an existing bundle (files checked against the manifest first); returns (validation, manifest).
 
     ``failure`` (a rule, see :mod:`edgeq.validate.outcomes`) overrides the one the bundle was
@@ -338,7 +396,8 @@ def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: Valida
                          "observations, or env.id is missing); closed-loop validation needs one: quantize again "
                          "with --env")
     make_env = env_factory_for(env)  # with the wrappers / frame stack the policy was trained with
-    stored = ((manifest.get("decision") or {}).get("failure_rule") or {}).get("rule") or (
+    decision = manifest.get("decision")
+    stored = ((decision.get("failure_rule") or {}).get("rule") if decision else None) or (
         ((manifest.get("calibration") or {}).get("recipe") or {}).get("failure"))
     if failure is not None or stored:
         options = replace(options, failure=parse_failure(failure if failure is not None else stored))
@@ -363,11 +422,13 @@ def validate_bundle(bundle: str | Path, *, seeds: Sequence[int], options: Valida
                           action_high=np.asarray(act["high"], np.float64), options=options, plan=plan,
                           episode_steps=ep_len, progress=progress,
                           int8_for_target={t: root / models[f"int8-{t}"] for t in ("cpu", "cuda", "trt")
-                                           if f"int8-{t}" in models})
+                                           if f"int8-{t}" in models},
+                          layer_float_model=root / pruned if (pruned := (manifest.get("pruning") or {}).get("file"))
+                          else None)
     return val, manifest
 
 
-def decision_record(validation: dict[str, Any]) -> dict[str, Any]:
+def decision_record(validation: Mapping[str, Any]) -> Decision:
     """What the bundle's manifest records of a validation (``manifest["decision"]``, docs/bundle-format.md).
 
     The verdict, the procedure with its parameters, the tolerance and failure rule, and per target
@@ -376,20 +437,25 @@ def decision_record(validation: dict[str, Any]) -> dict[str, Any]:
     """
     v = validation["verdict"]
     opts = validation.get("options", {})
-    targets = {}
-    for t, r in validation["targets"].items():
-        vd = r.get("verdict", {})
-        ret, fail = vd.get("returns", {}), vd.get("failures", {})
-        targets[t] = {
-            "status": vd.get("status"), "float_model": r.get("float_model"), "int8_model": r.get("int8_model"),
-            "runtime": r.get("runtime"), "episodes": (r.get("episodes") or {}).get("episodes"),
-            "stop_reason": vd.get("stop_reason"), "needed_episodes": vd.get("needed_episodes"),
-            "returns": {k: ret.get(k) for k in ("status", "mean", "sd", "interval", "band", "method", "level")},
-            "failures": {k: fail.get(k) for k in ("status", "float_failures", "int8_failures", "only_int8",
-                                                   "only_float", "interval", "fail_tol", "rule")},
-            "outcomes": {side: (r.get("outcomes") or {}).get(side) for side in ("float", "int8")}}
-    return {"status": v["status"], "exit_code": v["exit_code"], "procedure": opts.get("design"),
-            "tolerance": validation.get("tolerance"), "failure_rule": opts.get("failure"), "targets": targets}
+    record: Decision = {"status": v["status"], "exit_code": v["exit_code"], "procedure": opts.get("design"),
+                        "tolerance": validation.get("tolerance"), "failure_rule": opts.get("failure"),
+                        "targets": {t: _target_record(r) for t, r in validation["targets"].items()}}
+    if validation.get("all_int8_cpu"):
+        record["all_int8_cpu"] = _target_record(validation["all_int8_cpu"])
+    return record
+
+
+def _target_record(r: Mapping[str, Any]) -> DecisionTarget:
+    """One target's (or the all-INT8 row's) entry in the decision record."""
+    vd = r.get("verdict", {})
+    ret, fail = vd.get("returns", {}), vd.get("failures", {})
+    return {
+        "status": vd.get("status"), "float_model": r.get("float_model"), "int8_model": r.get("int8_model"),
+        "runtime": r.get("runtime"), "episodes": (r.get("episodes") or {}).get("episodes"),
+        "stop_reason": vd.get("stop_reason"), "needed_episodes": vd.get("needed_episodes"),
+        "returns": cast(DecisionReturns, {k: ret.get(k) for k in DecisionReturns.__annotations__}),
+        "failures": cast(DecisionFailures, {k: fail.get(k) for k in DecisionFailures.__annotations__}),
+        "outcomes": {side: (r.get("outcomes") or {}).get(side) for side in ("float", "int8")}}
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -413,7 +479,7 @@ MEASURED_KEYS = ("timings", "validation_timings", "latency", "latency_notes", "s
                  "cpu_layer_timing")
 
 
-def split_measurements(validation: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_measurements(validation: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``validation`` without :data:`MEASURED_KEYS` (at any depth), and those values in the same nesting.
 
     The first part is deterministic for the same inputs and seeds (``validation.json``); the second
@@ -442,7 +508,7 @@ def split_measurements(validation: dict[str, Any]) -> tuple[dict[str, Any], dict
     return kept, measured
 
 
-def save_validation(directory: str | Path, validation: dict[str, Any], manifest: dict[str, Any] | None = None, *,
+def save_validation(directory: str | Path, validation: ValidationResult, manifest: Mapping[str, Any] | None = None, *,
                     report: bool = True, update_manifest: bool = False) -> list[Path]:
     """Write ``validation.json``, ``measurements.json`` (and report.html, report.md, report/*.png) into
     ``directory``: the measured values (:data:`MEASURED_KEYS`) go to ``measurements.json`` only; the

@@ -1,0 +1,462 @@
+"""Low bits under a return budget: per-layer precision over {int4, int8, fp16}, accepted by the closed-loop verdict.
+
+:func:`search` starts from a quantized bundle (its all-INT8 ``plan.json``, the float model and the env
+in its manifest) and returns the smallest (``objective="size"``) or fastest (``"latency"``: batch-1 median
+of the candidate's CPU file, measured here) policy that **PASSes** the sequential verdict at
+``max_loss`` (the :class:`~edgeq.validate.verdict.Tolerance`: the whole 95% interval of the return loss
+within ``max_loss`` of |float mean|, and no significant rise of the failure rate):
+
+1. **States.** The float policy is rolled out on seeds disjoint from the validation seeds; the states
+   are split into a calibration part (int4 bias correction) and a held-out part (the proxy score).
+2. **int4 plans.** Each static int8 layer with a 2-D weight gets an int4 version (:func:`~edgeq.quantizers.
+   mixed.with_int4`: MSE-clipped symmetric int4 per channel or in blocks, empirical bias correction), its
+   input staying int8 (W4A8).
+3. **Ranking.** Each int4 move is scored by a pluggable sensitivity ``score(plan) -> float`` (default:
+   the held-out action error of the base plan with only that layer in int4; a closed-loop-aware score
+   plugs in the same way) and ranked by the score's increase per byte it saves (a greedy knapsack);
+   the candidates are the first ``k`` moves for ``k = n .. 1`` (W4A8 first), the all-INT8 base, then
+   the all-INT8 plan with its most sensitive layer(s) in fp16.
+4. **Acceptance.** Candidates are validated in objective order (smallest/fastest first) by the same
+   closed-loop validation as ``edgeq validate`` (paired episodes on the CPU target, ``auto`` design) on
+   the candidate's CPU file; a PASS is confirmed by a second verdict on fresh seeds (``confirm``: the
+   search tests several candidates, and keeping the first that passes once would inflate the chance of
+   keeping one beyond the budget); the first confirmed PASS is the best (every later one is
+   larger/slower) and is written at once as a bundle (``OUT/best``), so the best valid policy is saved
+   however the search ends.
+   ``evaluate_all`` keeps validating the rest (the Pareto table). The all-INT8 plan is returned only
+   if it PASSes; if nothing PASSes the result says so (exit code 1 if every candidate FAILed, else 3).
+
+The best bundle's manifest labels its precision per layer (``quantization.layers[*].precision`` and
+``mixed_precision``), its ``policy.int8.onnx`` is the portable QDQ file (W4A8 layers: INT4 weight
+initializers, opset 21), ``policy.int8.cpu.onnx`` the ONNX Runtime CPU form (int4 layers as
+``MatMulNBits``, int8 layers as ``MatMulIntegerToFloat``; see :mod:`edgeq.export.int4` for what runs in
+which arithmetic) and, when int4 layers exist, ``policy.w4.trt.onnx`` TensorRT's weight-only form.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import onnx
+
+from edgeq.calibration.collect import layer_rows, tensor_values
+from edgeq.deploy.bundle_format import PLAN, read_manifest, verify_files
+from edgeq.deploy.contracts import ValidationResult
+from edgeq.deploy.runtime import OrtPolicy
+from edgeq.envs import env_factory_for
+from edgeq.errors import EdgeqError
+from edgeq.export.bundle import BundleWriter
+from edgeq.export.file_precision import file_record
+from edgeq.export.int4 import specialize_int4_for_ort_cpu, weight_only
+from edgeq.export.ort_cpu import specialize_for_ort_cpu
+from edgeq.export.ort_cuda import specialize_for_ort_cuda
+from edgeq.export.qdq import apply_plan
+from edgeq.export.trt_rules import check_qdq_model
+from edgeq.graph.analysis import constant_value, find_weighted_layers
+from edgeq.quantizers.evaluate import ActionErrorScorer, action_half_range
+from edgeq.quantizers.mixed import (
+    MixedCandidate,
+    candidate_plans,
+    layer_sizes,
+    plan_weight_bytes,
+    rank_layers,
+    with_int4,
+)
+from edgeq.quantizers.plan import QuantPlan
+from edgeq.quantizers.precision import layer_sensitivity
+from edgeq.quantizers.transforms import apply_input_scalings
+from edgeq.rollout import run_episodes
+from edgeq.validate.outcomes import parse_failure
+from edgeq.validate.sequential import episode_design
+from edgeq.validate.validator import ValidationOptions, decision_record, save_validation, validate_models
+from edgeq.validate.verdict import FAIL, PASS, Tolerance
+
+__all__ = ["OBJECTIVES", "SearchResult", "search"]
+
+OBJECTIVES = ("size", "latency")
+#: ``rounding`` values of :func:`search`: which int4 roundings make candidates (``both``: each candidate of
+#: int4 layers twice, nearest and GPTQ; the closed-loop verdict, not the proxy, decides between them).
+ROUNDING_SETS: dict[str, tuple[str, ...]] = {"nearest": ("nearest",), "gptq": ("gptq",), "both": ("nearest", "gptq")}
+#: First seed of the float rollouts that give the search its states (far from validation seeds 0..).
+STATE_SEED = 1_000_000
+#: Offset of the confirmation seeds: a PASSing candidate is judged again on ``CONFIRM_SEED + seed ..``.
+CONFIRM_SEED = 100_000
+W4_TRT_MODEL = "policy.w4.trt.onnx"
+
+Score = Callable[[QuantPlan], float]
+
+
+@dataclass
+class SearchResult:
+    """What :func:`search` found: every candidate's row (the Pareto table) and the best PASSing one."""
+
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    best_bundle: Path | None
+    status: str
+    exit_code: int
+    ranking: list[tuple[str, float]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status, "exit_code": self.exit_code, "best": self.best,
+                "best_bundle": None if self.best_bundle is None else str(self.best_bundle),
+                "int4_sensitivity_ranking": [{"layer": n, "heldout_action_error": round(s, 6)}
+                                             for n, s in self.ranking],
+                "candidates": self.rows}
+
+
+def _float_states(fmodel: bytes, io: dict[str, Any], make_env: Callable[[], Any], episodes: int,
+                  num_envs: int, max_states: int) -> np.ndarray:
+    rt = OrtPolicy(fmodel, input_name=io.get("input", "obs"), output_name=io.get("output", "actions"))
+    seen: list[np.ndarray] = []
+
+    def hook(obs: np.ndarray, actions: np.ndarray, active: np.ndarray) -> None:
+        seen.append(np.asarray(obs[active], np.float32).copy())
+
+    run_episodes(make_env, rt, list(range(STATE_SEED, STATE_SEED + episodes)), num_envs=num_envs, on_step=hook)
+    states = np.concatenate(seen) if seen else np.zeros((0, 0), np.float32)
+    if len(states) > max_states:  # a deterministic thinning over the whole episodes
+        states = states[np.linspace(0, len(states) - 1, max_states).astype(np.int64)]
+    return states
+
+
+def _latency_us(model: bytes, io: dict[str, Any], states: np.ndarray, batch: int, calls: int) -> float:
+    rt = OrtPolicy(model, input_name=io.get("input", "obs"), output_name=io.get("output", "actions"))
+    rows = [np.ascontiguousarray(states[(i * batch) % max(1, len(states) - batch):][:batch]) for i in range(16)]
+    for i in range(min(200, calls)):
+        rt.act(rows[i % len(rows)])
+    t = np.empty(calls)
+    for i in range(calls):
+        x = rows[i % len(rows)]
+        t0 = time.perf_counter_ns()
+        rt.act(x)
+        t[i] = (time.perf_counter_ns() - t0) / 1e3
+    return float(np.median(t))
+
+
+def candidate_files(float_model: onnx.ModelProto, plan: QuantPlan) -> dict[str, onnx.ModelProto]:
+    """The files of a candidate plan: portable QDQ, its ONNX Runtime CPU form (every quantized layer in its
+    plan precision: int8 → MatMulIntegerToFloat, int4 → MatMulNBits) and, with int4 layers, TensorRT's
+    weight-only form."""
+    q = apply_plan(float_model, plan)
+    files = {"int8": q, "int8-cpu": specialize_int4_for_ort_cpu(specialize_for_ort_cpu(q, float_layers=[]))}
+    if plan.int4_layers():
+        files["w4-trt"] = weight_only(q)
+    return files
+
+
+def _precision_record(plan: QuantPlan, cand: MixedCandidate) -> dict[str, Any]:
+    layers = []
+    for la in plan.layers:
+        row: dict[str, Any] = {"layer": la.node, "precision": la.precision}
+        if la.precision == "int4" and la.weight4 is not None:
+            row.update({"weights": la.weight4.describe(), "activation": "int8 (per tensor)"})
+        elif la.precision == "int8":
+            row.update({"weights": "int8 per-channel", "activation": "int8 (per tensor)"})
+        else:
+            row.update({"weights": la.precision, "activation": la.precision})
+        layers.append(row)
+    return {"mixed": len({la.precision for la in plan.layers}) > 1, "candidate": cand.name, "label": cand.label(),
+            "layers": layers}
+
+
+def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objective: str = "size",
+           block_size: int = 0, rounding: str = "both", episodes: int | str = "auto", max_episodes: int = 200,
+           seed: int = 0,
+           fail_tol: float = 0.02, failure: str | None = None, score: Score | None = None,
+           fp16_layers: int = 1, state_episodes: int = 6, max_states: int = 6000, num_envs: int = 8,
+           evaluate_all: bool = False, confirm: bool = True, latency_calls: int = 2000, overwrite: bool = False,
+           log: Callable[[str], None] | None = None) -> SearchResult:
+    """Search per-layer precision over {int4, int8, fp16} for the bundle's policy under a return budget.
+
+    Args:
+        bundle: An edgeq bundle made with an env (its plan.json is the all-INT8 base).
+        out: Search directory: ``candidates/NAME/*.onnx``, ``search.json`` (every row) and ``best/``
+            (the best PASSing candidate as a bundle).
+        max_loss: Return loss allowed, relative to |float mean| (0.01 = 1%).
+        objective: ``size`` (file bytes of the portable file) or ``latency`` (batch-1 median of the CPU file).
+        block_size: int4 weights per output channel (0) or in blocks of this many inputs.
+        rounding: int4 rounding: ``nearest``, ``gptq`` (error compensation, kept per layer only where it
+            lowers the held-out layer output error) or ``both`` (default: every int4 candidate in both
+            roundings, validated in size order). Bias correction follows either. GPTQ lowers the held-out
+            action error 2-4x but lost return on SAC HalfCheetah (W4A8 91.0% vs nearest 100.0%) while it
+            made a PPO HalfCheetah candidate PASS (``benchmarks/results/low_bit.md``): the proxy does not
+            predict the return, so the verdict chooses.
+        episodes, max_episodes, seed: Validation design (``auto``: 30, then +10 up to ``max_episodes``)
+            and first seed.
+        score: Sensitivity score of a plan (lower is better); default the held-out action error.
+        fp16_layers: How many of the most sensitive layers the fp16 candidates may move (0: none).
+        evaluate_all: Validate every candidate (the Pareto table) instead of stopping at the first accepted one.
+        confirm: Accept a PASSing candidate only if it PASSes again on fresh seeds (``CONFIRM_SEED`` + the
+            validation seeds): the search tests several candidates and keeps the first that passes, so
+            without it the chance of keeping one that loses more than the budget grows with their number.
+
+    Returns:
+        A :class:`SearchResult`; ``best_bundle`` is ``out/best`` when a candidate PASSed.
+    """
+    if objective not in OBJECTIVES:
+        raise EdgeqError(f"--objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
+    if rounding not in ROUNDING_SETS:
+        raise EdgeqError(f"--int4-rounding {rounding!r}; expected one of {', '.join(ROUNDING_SETS)}")
+    if not 0.0 < max_loss < 1.0:
+        raise EdgeqError(f"--max-loss {max_loss!r}: expected a fraction in (0, 1), e.g. 0.01 for 1%")
+    say = log or (lambda s: None)
+    root = Path(bundle)
+    manifest = read_manifest(root, verify=False)
+    models = manifest.get("models", {})
+    if PLAN not in manifest.get("files", {}):
+        raise EdgeqError(f"{root}: the bundle has no {PLAN}; quantize it again with this edgeq")
+    verify_files(root, manifest, [models["fp32"], PLAN])
+    env = manifest.get("env") or {}
+    if not env.get("id"):
+        raise EdgeqError(f"{root}: made without an environment; the search needs closed-loop episodes (--env)")
+    io = dict(manifest.get("io", {}))
+    if io.get("state"):
+        raise EdgeqError(f"{root}: a recurrent policy; the precision search supports feed-forward policies")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise EdgeqError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists() and overwrite:
+        if not (out / "search.json").is_file() and any(out.iterdir()):
+            raise EdgeqError(f"{out} exists and is not an edgeq search directory; refusing to replace it")
+        shutil.rmtree(out)
+    (out / "candidates").mkdir(parents=True)
+    (out / "search.json").write_text(json.dumps({"status": "RUNNING", "bundle": str(root)}) + "\n")
+
+    fpath = root / models["fp32"]
+    fmodel = onnx.load(str(fpath))
+    pruned_file = (manifest.get("pruning") or {}).get("file")
+    if pruned_file:  # a pruned bundle: its plan quantizes the pruned float graph; verdicts stay vs the unpruned one
+        verify_files(root, manifest, [pruned_file])
+        fmodel = onnx.load(str(root / pruned_file))
+    base = QuantPlan.from_bundle(root)
+    make_env = env_factory_for(env)
+    act = manifest["action_space"]
+    low, high = np.asarray(act["low"], np.float64), np.asarray(act["high"], np.float64)
+    decision = manifest.get("decision")
+    stored_rule = (decision.get("failure_rule") or {}).get("rule") if decision else None
+    rule = parse_failure(failure if failure is not None else stored_rule)
+    tol = Tolerance(relative=float(max_loss), fail_tol=fail_tol)
+    design = episode_design(episodes, max_episodes=max_episodes)
+    probe = make_env()
+    try:
+        ep_len = getattr(getattr(probe, "spec", None), "max_episode_steps", None)
+    finally:
+        probe.close()
+
+    say(f"states: {state_episodes} float episodes (seeds from {STATE_SEED})")
+    states = _float_states(fmodel.SerializeToString(), io, make_env, state_episodes, num_envs, max_states)
+    order = np.random.default_rng(0).permutation(len(states))
+    n_held = max(1, len(states) // 4)
+    held, calib = states[np.sort(order[:n_held])], states[np.sort(order[n_held:])]
+    scorer = ActionErrorScorer(fmodel, held, action_half_range(low, high), lower=apply_plan)
+    score_fn: Score = score if score is not None else scorer
+    work = apply_input_scalings(fmodel, base.transforms) if base.transforms else fmodel
+    wls = {wl.node: wl for wl in find_weighted_layers(work)}
+    x_float = {}
+
+    def layer_inputs(plan: QuantPlan, node: str) -> tuple[np.ndarray, np.ndarray]:
+        layer = plan.layer(node)
+        idx = [la.node for la in plan.layers].index(node)
+        prefix = replace(plan, layers=[la if i < idx else replace(la, precision="float")
+                                       for i, la in enumerate(plan.layers)])
+        x_q = layer_rows(tensor_values(apply_plan(fmodel, prefix, check=False), calib, [layer.input])[layer.input])
+        if layer.input not in x_float:
+            x_float[layer.input] = layer_rows(tensor_values(work, calib, [layer.input])[layer.input])
+        s = np.float32(plan.activations[layer.input].scale)
+        x_hat = (np.clip(np.rint(x_q / s), -127, 127) * s).astype(np.float32)
+        return x_hat, x_float[layer.input]
+
+    roundings = ROUNDING_SETS[rounding]
+    layers4 = []
+    for la in base.int8_layers():
+        wl = wls.get(la.node)
+        if wl is not None and la.scheme == "static":
+            layers4.append((la.node, np.asarray(constant_value(work, wl.weight), np.float32),
+                            np.asarray(constant_value(work, wl.bias), np.float32) if wl.bias else None))
+    if not layers4:
+        raise EdgeqError(f"{root}: no static int8 layer with a 2-D weight to put in int4")
+    sizes = layer_sizes(base, {n: tuple(np.asarray(constant_value(work, wl.weight)).shape) for n, wl in wls.items()})
+    fp16_order: list[str] = []
+    if fp16_layers > 0:
+        sens = layer_sensitivity(base, score_fn)
+        fp16_order = [n for n, _ in sorted(sens.items(), key=lambda kv: (kv[1], kv[0]))][:fp16_layers]
+    cands: list[MixedCandidate] = []
+    ranking: list[tuple[str, float]] = []
+    for i, rnd in enumerate(roundings):
+        one4 = {node: with_int4(base, node, w, block_size=block_size, inputs=layer_inputs, original_bias=b,
+                                rounding=rnd) for node, w, b in layers4}
+        saved = {n: plan_weight_bytes(base, sizes) - plan_weight_bytes(p, sizes) for n, p in one4.items()}
+        rank_r = rank_layers(base, one4, score_fn, saved)
+        ranking = ranking or rank_r
+        say(f"int4 moves ({rnd} rounding), best first (held-out action error with that layer alone in int4; "
+            "bytes saved): " + ", ".join(f"{n} {s:.4g} ({saved[n]:.0f} B)" for n, s in rank_r))
+        for c in candidate_plans(base, one4, rank_r, sizes, fp16_layers=fp16_order if i == 0 else (),
+                                 score=score_fn):
+            has4 = c.plan.int4_layers()
+            if i > 0 and (not has4 or all(la.rounding == "nearest" for la in has4) and "nearest" in roundings):
+                continue  # the base/fp16 candidates and GPTQ variants identical to nearest: already listed
+            cands.append(replace(c, name=f"{c.name}+{rnd}") if i > 0 and has4 else c)
+
+    rows: list[dict[str, Any]] = []
+    files_of: dict[str, dict[str, Path]] = {}
+    for c in cands:
+        d = out / "candidates" / c.name
+        d.mkdir()
+        paths = {}
+        for key, m in candidate_files(fmodel, c.plan).items():
+            p = d / {"int8": "policy.int8.onnx", "int8-cpu": "policy.int8.cpu.onnx", "w4-trt": W4_TRT_MODEL}[key]
+            p.write_bytes(m.SerializeToString(deterministic=True))
+            paths[key] = p
+        files_of[c.name] = paths
+        cpu_bytes = paths["int8-cpu"].read_bytes()
+        rows.append({"name": c.name, "label": c.label(), "precisions": c.choice,
+                     "weight_bytes": round(c.weight_bytes, 1),
+                     "file_bytes": paths["int8"].stat().st_size, "cpu_file_bytes": len(cpu_bytes),
+                     "heldout_action_error": None if c.proxy is None else round(c.proxy, 6),
+                     "latency_us": {"cpu_file": paths["int8-cpu"].name,
+                                    "batch1_median": round(_latency_us(cpu_bytes, io, held, 1, latency_calls), 2),
+                                    "batch32_median": round(_latency_us(cpu_bytes, io, held, 32,
+                                                                        max(200, latency_calls // 4)), 2)}})
+    fl = fpath.read_bytes()
+    float_lat = {"batch1_median": round(_latency_us(fl, io, held, 1, latency_calls), 2),
+                 "batch32_median": round(_latency_us(fl, io, held, 32, max(200, latency_calls // 4)), 2)}
+    def order_key(r: dict[str, Any]) -> tuple[Any, ...]:
+        if objective == "size":
+            return (r["file_bytes"], r["name"])
+        return (r["latency_us"]["batch1_median"], r["file_bytes"])
+
+    by_name = {c.name: c for c in cands}
+    rows.sort(key=order_key)
+    say("candidates in objective order: " + ", ".join(f"{r['name']} ({r['file_bytes']} B, "
+                                                      f"{r['latency_us']['batch1_median']} us)" for r in rows))
+
+    seeds = list(range(seed, seed + (design.max_episodes if design.sequential else int(episodes))))
+    vopts = ValidationOptions.light(targets=("cpu",), floor_draws=0, per_layer=False, latency_calls=0,
+                                    num_envs=num_envs, design=design, failure=rule, tolerance=tol)
+    best: dict[str, Any] | None = None
+    best_bundle: Path | None = None
+
+    def validate(c: MixedCandidate, run_seeds: list[int]) -> tuple[ValidationResult, dict[str, Any]]:
+        paths = files_of[c.name]
+        val = validate_models(fpath, paths["int8"], io, make_env, run_seeds, env_id=env["id"], action_low=low,
+                              action_high=high, options=vopts, plan=c.plan, episode_steps=ep_len,
+                              int8_for_target={"cpu": paths["int8-cpu"]})
+        t = val["targets"]["cpu"]
+        vd = t["verdict"]
+        f_mean, q_mean = float(t["float"]["mean"]), float(t["int8"]["mean"])
+        outcomes = t.get("outcomes") or {}
+        return val, {"verdict": vd["status"], "episodes": len(t["float"]["returns"]),
+                     "seeds": [run_seeds[0], run_seeds[0] + len(t["float"]["returns"]) - 1],
+                     "float_mean": round(f_mean, 3), "mean": round(q_mean, 3),
+                     # the return kept, 1 + mean(cand - float) / |mean(float)|: reads the same for negative returns
+                     "return_ratio": round(1.0 + (q_mean - f_mean) / abs(f_mean), 5) if f_mean else None,
+                     "loss_interval": vd.get("returns", {}).get("interval"),
+                     "failures": {"float": outcomes.get("float", {}).get("failure", 0),
+                                  "candidate": outcomes.get("int8", {}).get("failure", 0)},
+                     "outcomes": outcomes}
+
+    confirm_seeds = [CONFIRM_SEED + s for s in seeds]
+    for r in rows:
+        c = by_name[r["name"]]
+        say(f"validating {c.name} ({c.label()}) on {files_of[c.name]['int8-cpu'].name} ...")
+        val, res = validate(c, seeds)
+        r.update(res)
+        say(f"  {c.name}: {res['verdict']} after {res['episodes']} episodes, return kept {res['return_ratio']}")
+        if res["verdict"] != PASS or (best is not None and order_key(r) >= order_key(best)):
+            continue
+        if confirm:  # a second, independent verdict on fresh seeds: several candidates are tested, one is kept
+            val2, res2 = validate(c, confirm_seeds)
+            r["confirmation"] = res2
+            say(f"  {c.name} confirmation on seeds {res2['seeds']}: {res2['verdict']} after {res2['episodes']} "
+                f"episodes, return kept {res2['return_ratio']}")
+            if res2["verdict"] != PASS:
+                continue
+            val = val2 if res2["episodes"] >= res["episodes"] else val
+        r["accepted"] = True
+        best = r
+        best_bundle = _write_best(out / "best", manifest, root, fmodel, c, files_of[c.name], val, r, max_loss,
+                                  objective)
+        say(f"  saved {best_bundle} (best accepted candidate so far)")
+        if not evaluate_all:
+            break
+    for r in rows:
+        r.setdefault("verdict", "NOT RUN")
+    if best is not None:
+        status, code = PASS, 0
+    elif rows and all(r["verdict"] == FAIL for r in rows):
+        status, code = FAIL, 1
+    else:
+        status, code = "INCONCLUSIVE", 3
+    result = SearchResult(rows, best, best_bundle, status, code, ranking)
+    record = {**result.to_json(), "bundle": str(root), "max_loss": max_loss, "objective": objective,
+              "block_size": block_size, "int4_rounding": rounding, "float_latency_us": float_lat,
+              "design": design.to_json(), "tolerance": tol.to_json(), "failure_rule": rule.to_json()}
+    (out / "search.json").write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")
+    return result
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(type(x).__name__)
+
+
+def _write_best(dest: Path, base_manifest: Mapping[str, Any], root: Path, fmodel: onnx.ModelProto, cand: MixedCandidate,
+                paths: dict[str, Path], val: Mapping[str, Any], row: dict[str, Any], max_loss: float,
+                objective: str) -> Path:
+    """The candidate as a bundle (the base bundle's float model, env and spaces; this plan, files and verdict)."""
+    models = base_manifest["models"]
+    with BundleWriter(dest, overwrite=True) as w:
+        shutil.copyfile(root / models["fp32"], w.path / models["fp32"])
+        pruned_file = (base_manifest.get("pruning") or {}).get("file")
+        if pruned_file:
+            shutil.copyfile(root / pruned_file, w.path / pruned_file)
+        portable = onnx.load(str(paths["int8"]))
+        w.save_model(portable, models.get("int8", "policy.int8.onnx"))
+        shutil.copyfile(paths["int8-cpu"], w.path / models.get("int8-cpu", "policy.int8.cpu.onnx"))
+        w.save_model(specialize_for_ort_cuda(portable), models.get("int8-cuda", "policy.int8.cuda.onnx"))
+        if "w4-trt" in paths:
+            shutil.copyfile(paths["w4-trt"], w.path / W4_TRT_MODEL)
+        w.write_json(PLAN, cand.plan.to_dict())
+        findings = check_qdq_model(portable)
+        errors = [v for v in findings if v.severity == "error"]
+        manifest = {k: v for k, v in base_manifest.items() if k not in ("files", "unhashed", "format_version")}
+        manifest.update({
+            "quantization": cand.plan.to_json(),
+            "mixed_precision": {**_precision_record(cand.plan, cand), "search": {
+                "max_loss": max_loss, "objective": objective, "file_bytes": row["file_bytes"],
+                "tensorrt_file": W4_TRT_MODEL if "w4-trt" in paths else models.get("int8", "policy.int8.onnx")}},
+            "file_precision": {models.get(k, f): file_record(onnx.load(str(w.path / models.get(k, f))))
+                               for k, f in (("int8", "policy.int8.onnx"), ("int8-cpu", "policy.int8.cpu.onnx"),
+                                            ("int8-cuda", "policy.int8.cuda.onnx"))},
+            "cpu_float_layers": [],
+            "cpu_layer_selection": {"method": "precision-search", "float_layers": []},
+            "decision": decision_record(val),
+            "tensorrt_qdq_check": {"errors": len(errors), "tensorrt_compatible": not errors,
+                                   "findings": [f"{v.severity} {v.rule}: {v.node}" for v in findings]},
+        })
+        w.manifest = manifest
+        save_validation(w.path, cast(ValidationResult, val), manifest, report=False)
+    return dest
+
+
+def search_rows_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The Pareto rows as a markdown table (file, size, latency, return ratio, verdict, failures)."""
+    lines = ["| candidate | precisions | file bytes | CPU b1 us | CPU b32 us | return ratio | verdict | episodes "
+             "| failures float/cand |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fails = r.get("failures") or {}
+        lines.append(f"| {r['name']} | {r['label']} | {r['file_bytes']} | {r['latency_us']['batch1_median']} | "
+                     f"{r['latency_us']['batch32_median']} | {r.get('return_ratio')} | {r.get('verdict')} | "
+                     f"{r.get('episodes', '')} | {fails.get('float', '')}/{fails.get('candidate', '')} |")
+    return "\n".join(lines)
