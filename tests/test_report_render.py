@@ -63,10 +63,10 @@ def test_report_renders_in_headless_chromium(validated: Path, tmp_path: Path) ->
     import matplotlib.image
 
     shot = tmp_path / "report.png"
-    subprocess.run(["bash", str(SCRIPT), str(validated / "report.html"), str(shot), "1200,3000"], check=True,
+    subprocess.run(["bash", str(SCRIPT), str(validated / "report.html"), str(shot), "1200,6000"], check=True,
                    timeout=120, capture_output=True)
     img = matplotlib.image.imread(str(shot))[..., :3]
-    assert img.shape[:2] == (3000, 1200)
+    assert img.shape[:2] == (6000, 1200)
     pixels = np.round(img * 255).astype(int)
     status = json.loads((validated / "validation.json").read_text())["verdict"]["status"]
     banner = np.array({"PASS": [0xE3, 0xF6, 0xE5], "INCONCLUSIVE": [0xFF, 0xF4, 0xD6]}.get(status, [0xFD, 0xE6, 0xE6]))
