@@ -127,8 +127,10 @@ def test_concurrent_clients_and_the_client_limit(server: PolicyServer, policy: e
 ])
 def test_serve_commands(command: list[str], stop: signal.Signals, policy: edgeq.deploy.DeployedPolicy) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # started as a background job of a non-interactive shell or by a supervisor is: SIGINT inherited ignored
+    # (Python then raises no KeyboardInterrupt by itself); the server binds SIGINT/SIGTERM explicitly
     proc = subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+                            env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         assert proc.stdout is not None
         first = json.loads(proc.stdout.readline())

@@ -36,6 +36,7 @@ import hmac
 import json
 import os
 import secrets
+import signal
 import socket
 import socketserver
 import struct
@@ -300,7 +301,18 @@ class PolicyServer(socketserver.ThreadingTCPServer):
 
     def serve_until_interrupted(self, poll_interval: float = 0.2) -> None:
         """Print the ``{"serving": "127.0.0.1:PORT", "token_file": ..., ...}`` line (clients read the port
-        and the token file from it), then serve until ``KeyboardInterrupt``, and close the socket."""
+        and the token file from it), then serve until ``KeyboardInterrupt``, SIGINT or SIGTERM, and close the socket.
+
+        In the main thread SIGINT and SIGTERM are bound explicitly (and restored on return): a server started
+        in the background by a non-interactive shell, or by a supervisor, inherits SIGINT *ignored*, and
+        Python then never raises ``KeyboardInterrupt``, so Ctrl-C or ``kill -INT`` would not stop it."""
+        previous: dict[signal.Signals, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            def stop(*_: Any) -> None:
+                raise KeyboardInterrupt
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, stop)
         print(json.dumps({"serving": f"{HOST}:{self.port}",
                           "token_file": str(self.token_file) if self.token_file else None, **self.info()}),
               flush=True)
@@ -310,6 +322,8 @@ class PolicyServer(socketserver.ThreadingTCPServer):
             pass
         finally:
             self.server_close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def info(self) -> dict[str, Any]:
         p = self.policy
