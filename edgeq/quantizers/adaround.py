@@ -57,6 +57,14 @@ class AdaRoundResult:
                 "flipped_fraction": round(self.changed_fraction, 6)}
 
 
+def split_rows(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded split of ``n`` rows into held-out and fit indices (at least one row in each): the rows a
+    rounding method fits on and the ones that decide whether it is kept."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_hold = min(max(1, int(round(holdout_fraction * n))), n - 1)
+    return order[:n_hold], order[n_hold:]
+
+
 def output_error(x_quant: npt.ArrayLike, w_quant: npt.ArrayLike, x_float: npt.ArrayLike,
                  w_float: npt.ArrayLike) -> float:
     """``mean_n || W~ x^_n - W x_n ||^2`` (weights ``[out, in]``), in float64."""
@@ -100,9 +108,7 @@ def adaround(weight: npt.ArrayLike, nearest: QuantizedWeight, x_quant: npt.Array
     xq, xf = np.asarray(x_quant, np.float64), np.asarray(x_float, np.float64)
     if xq.shape != xf.shape or xq.ndim != 2 or xq.shape[1] != w.shape[1] or len(xq) < 2:
         raise ValueError(f"inputs must be matching [rows >= 2, {w.shape[1]}] arrays, got {xq.shape}, {xf.shape}")
-    order = np.random.default_rng(seed).permutation(len(xq))
-    n_hold = min(max(1, int(round(holdout_fraction * len(xq)))), len(xq) - 1)
-    hold, fit = order[:n_hold], order[n_hold:]
+    hold, fit = split_rows(len(xq), holdout_fraction, seed)
     h_mat = xq[fit].T @ xq[fit] / len(fit)
     c_mat = xq[fit].T @ xf[fit] / len(fit)
     wc = w @ c_mat.T  # rows: C w_k

@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.quantizers.adaround import output_error
+from edgeq.quantizers.adaround import output_error, split_rows
 from edgeq.quantizers.bias_correction import bias_correction_delta, corrected_bias
 from edgeq.quantizers.int4 import INT4_QMAX, Int4Weight, quantize_weight_int4
 from edgeq.quantizers.plan import LayerQuant, QuantPlan
 from edgeq.quantizers.precision import with_precision
-from edgeq.quantizers.rounding import gptq_quantize
+from edgeq.quantizers.rounding import gptq_quantize, gptq_target
 
 __all__ = ["BITS", "INT4_ROUNDINGS", "MixedCandidate", "candidate_plans", "gptq_int4", "layer_sizes",
            "plan_weight_bytes", "rank_layers", "with_int4", "with_precisions"]
@@ -49,13 +49,8 @@ def gptq_int4(w_oi: np.ndarray, nearest: Int4Weight, x_hat: np.ndarray, x_f: np.
     below nearest rounding's. ``w_oi``: the float weight ``[out, in]``; scales stay ``nearest``'s."""
     xq, xf = np.asarray(x_hat, np.float64), np.asarray(x_f, np.float64)
     w = np.asarray(w_oi, np.float64)
-    order = np.random.default_rng(seed).permutation(len(xq))
-    n_hold = min(max(1, int(round(holdout_fraction * len(xq)))), len(xq) - 1)
-    hold, fit = order[:n_hold], order[n_hold:]
-    h = xq[fit].T @ xq[fit] / len(fit)
-    c = xf[fit].T @ xq[fit] / len(fit)
-    lam = float(damp) * max(float(np.mean(np.diag(h))), 1e-12)
-    w_t = w + w @ (c - h) @ np.linalg.inv(h + lam * np.eye(len(h)))  # least-squares target for the int8 input
+    hold, fit = split_rows(len(xq), holdout_fraction, seed)
+    h, w_t = gptq_target(w, xq[fit], xf[fit], damp)
     q_near, _ = nearest.out_in()
     s_full = nearest.scale_full() if nearest.axis == 0 else nearest.scale_full().T
     live = ~np.all(q_near == 0, axis=1)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgeq.quantizers.adaround import output_error
+from edgeq.quantizers.adaround import output_error, split_rows
 from edgeq.quantizers.weights import QMAX, QuantizedWeight
 
 __all__ = ["RoundingResult", "gptq_round", "gptq_quantize", "stochastic_round"]
@@ -84,6 +84,17 @@ def gptq_quantize(w_target: npt.ArrayLike, scale: npt.ArrayLike, hessian: npt.Ar
     return q
 
 
+def gptq_target(w: np.ndarray, x_quant: np.ndarray, x_float: np.ndarray, damp: float
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The Hessian ``H = X̂ᵀX̂ / n`` of the quantized inputs and the least-squares weight target for them,
+    ridge-regularized towards ``w`` (not towards 0): ``w + w (C - H) (H + λI)⁻¹`` with ``C = XᵀX̂ / n``,
+    so that ``target · x̂ ≈ w · x`` (the float layer's output on the float model's inputs)."""
+    h = x_quant.T @ x_quant / len(x_quant)
+    c = x_float.T @ x_quant / len(x_quant)
+    lam = float(damp) * max(float(np.mean(np.diag(h))), 1e-12)
+    return h, w + w @ (c - h) @ np.linalg.inv(h + lam * np.eye(len(h)))
+
+
 def gptq_round(weight: npt.ArrayLike, nearest: QuantizedWeight, x_quant: npt.ArrayLike, x_float: npt.ArrayLike, *,
                damp: float = 0.01, holdout_fraction: float = 0.25, seed: int = 0) -> RoundingResult:
     """GPTQ rounding of one layer (``weight`` and ``nearest`` in the ``[out, in]`` view, axis 0).
@@ -98,14 +109,8 @@ def gptq_round(weight: npt.ArrayLike, nearest: QuantizedWeight, x_quant: npt.Arr
     xq, xf = np.asarray(x_quant, np.float64), np.asarray(x_float, np.float64)
     if xq.shape != xf.shape or xq.ndim != 2 or xq.shape[1] != w.shape[1] or len(xq) < 2:
         raise ValueError(f"inputs must be matching [rows >= 2, {w.shape[1]}] arrays, got {xq.shape}, {xf.shape}")
-    order = np.random.default_rng(seed).permutation(len(xq))
-    n_hold = min(max(1, int(round(holdout_fraction * len(xq)))), len(xq) - 1)
-    hold, fit = order[:n_hold], order[n_hold:]
-    h = xq[fit].T @ xq[fit] / len(fit)
-    c = xf[fit].T @ xq[fit] / len(fit)
-    lam = float(damp) * max(float(np.mean(np.diag(h))), 1e-12)
-    # least-squares target for the quantized input, ridge-regularized towards W (not towards 0)
-    w_t = w + w @ (c - h) @ np.linalg.inv(h + lam * np.eye(len(h)))
+    hold, fit = split_rows(len(xq), holdout_fraction, seed)
+    h, w_t = gptq_target(w, xq[fit], xf[fit], damp)
     live = ~np.all(nearest.q == 0, axis=1)
     q = gptq_quantize(w_t, nearest.scale, h, live=live, damp=damp)
     cand = QuantizedWeight(q.astype(np.int8), nearest.scale.copy(), 0)
