@@ -66,6 +66,8 @@ def run_fixture(spec: str, args: argparse.Namespace, cmd: str) -> None:
         search(bundle, sdir, max_loss=args.max_loss, episodes=args.episodes, max_episodes=args.max_episodes,
                seed=args.seed, block_size=args.block_size, evaluate_all=not args.first_pass, rounding=args.rounding,
                overwrite=True, only=args.only.split(",") if args.only else None,
+               reconstruct_iters=args.reconstruct_iters, reconstruct_states=args.reconstruct_states,
+               reconstruct_options={k: json.loads(v) for k, v in (o.split("=", 1) for o in args.reconstruct)},
                log=lambda s: print(f"[{name}] {s}", flush=True))
         t_s = time.perf_counter() - t0
     rec = json.loads((sdir / "search.json").read_text())
@@ -230,6 +232,11 @@ def main() -> None:
                          "or a comma list")
     ap.add_argument("--only", default="", help="validate only these candidates (comma list of names, e.g. "
                                                "W4A8,W4A8+gptq+brecq); the others are built and timed, NOT RUN")
+    ap.add_argument("--reconstruct-iters", type=int, default=600, help="Adam steps of each +brecq reconstruction")
+    ap.add_argument("--reconstruct", action="append", default=[], metavar="KEY=JSON",
+                    help="more options of edgeq.quantizers.reconstruct.reconstruct, e.g. learn_scales=false")
+    ap.add_argument("--reconstruct-states", default="float", choices=["float", "closed-loop"],
+                    help="states of the +brecq reconstruction: the float policy's, or also the candidate's own")
     ap.add_argument("--first-pass", action="store_true",
                     help="stop at the first accepted candidate, as edgeq search does (default: evaluate all)")
     ap.add_argument("--seed", type=int, default=0)

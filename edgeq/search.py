@@ -131,14 +131,15 @@ def int4_roundings(rounding: str) -> tuple[str, ...]:
 
 
 def _float_states(fmodel: bytes, io: dict[str, Any], make_env: Callable[[], Any], episodes: int,
-                  num_envs: int, max_states: int) -> np.ndarray:
+                  num_envs: int, max_states: int, first_seed: int = STATE_SEED) -> np.ndarray:
+    """The states a policy (``fmodel``: the float one, or a candidate's file) visits in ``episodes`` episodes."""
     rt = OrtPolicy(fmodel, input_name=io.get("input", "obs"), output_name=io.get("output", "actions"))
     seen: list[np.ndarray] = []
 
     def hook(obs: np.ndarray, actions: np.ndarray, active: np.ndarray) -> None:
         seen.append(np.asarray(obs[active], np.float32).copy())
 
-    run_episodes(make_env, rt, list(range(STATE_SEED, STATE_SEED + episodes)), num_envs=num_envs, on_step=hook)
+    run_episodes(make_env, rt, list(range(first_seed, first_seed + episodes)), num_envs=num_envs, on_step=hook)
     states = np.concatenate(seen) if seen else np.zeros((0, 0), np.float32)
     if len(states) > max_states:  # a deterministic thinning over the whole episodes
         states = states[np.linspace(0, len(states) - 1, max_states).astype(np.int64)]
@@ -191,7 +192,9 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
            fail_tol: float = 0.02, failure: str | None = None, score: Score | None = None,
            fp16_layers: int = 1, state_episodes: int = 6, max_states: int = 6000, num_envs: int = 8,
            evaluate_all: bool = False, confirm: bool = True, latency_calls: int = 2000, overwrite: bool = False,
-           reconstruct_iters: int = 600, reconstruct_seconds: float = 120.0, only: Sequence[str] | None = None,
+           reconstruct_iters: int = 600, reconstruct_seconds: float = 120.0,
+           reconstruct_options: Mapping[str, Any] | None = None, reconstruct_states: str = "float",
+           only: Sequence[str] | None = None,
            log: Callable[[str], None] | None = None) -> SearchResult:
     """Search per-layer precision over {int4, int8, fp16} for the bundle's policy under a return budget.
 
@@ -221,7 +224,12 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
             validation seeds): the search tests several candidates and keeps the first that passes, so
             without it the chance of keeping one that loses more than the budget grows with their number.
         reconstruct_iters, reconstruct_seconds: Adam steps and time bound of each candidate's joint
-            reconstruction (``brecq`` roundings).
+            reconstruction (``brecq`` roundings); ``reconstruct_options``: more keyword arguments of
+            :func:`~edgeq.quantizers.reconstruct.reconstruct` (``learn_scales``, ``learn_bias``, ``lr``, ...).
+        reconstruct_states: ``float`` (the float policy's calibration states) or ``closed-loop``: also the
+            states the candidate itself visits (its start plan rolled out for ``state_episodes`` episodes,
+            seeds ``STATE_SEED + 500 ..``), labelled with the float policy's actions (DAgger-style), so the
+            reconstruction fits where the quantized policy really goes.
         only: Validate only the candidates of these names (a benchmark's chosen rows); the others are built,
             sized and timed but not run (``NOT RUN``).
 
@@ -231,6 +239,8 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
     if objective not in OBJECTIVES:
         raise EdgeqError(f"--objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
     roundings = int4_roundings(rounding)
+    if reconstruct_states not in ("float", "closed-loop"):
+        raise EdgeqError(f"reconstruct_states {reconstruct_states!r}; expected float or closed-loop")
     if not 0.0 < max_loss < 1.0:
         raise EdgeqError(f"--max-loss {max_loss!r}: expected a fraction in (0, 1), e.g. 0.01 for 1%")
     say = log or (lambda s: None)
@@ -335,8 +345,14 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
             if i > 0 and not has4:
                 continue  # the base/fp16 candidates: already listed
             if joint and has4:
-                c = _reconstructed(c, work, calib, half_range, scorer, score_fn, iters=reconstruct_iters,
-                                   seconds=reconstruct_seconds, seed=seed)
+                rec_states = calib
+                if reconstruct_states == "closed-loop":
+                    own = _float_states(apply_plan(fmodel, c.plan).SerializeToString(), io, make_env, state_episodes,
+                                        num_envs, max_states, first_seed=STATE_SEED + 500)
+                    rec_states = np.concatenate([calib, own[np.sort(np.random.default_rng(1).permutation(
+                        len(own))[: len(calib)])]])
+                c = _reconstructed(c, work, rec_states, half_range, scorer, score_fn, iters=reconstruct_iters,
+                                   seconds=reconstruct_seconds, seed=seed, options=reconstruct_options or {})
                 rec = c.notes["reconstruction"]
                 say(f"  {c.name} ({rnd}): joint reconstruction {'kept' if rec['kept'] else 'not kept'}, held-out "
                     f"action error {rec['heldout_action_error_start']:.4g} -> {rec['heldout_action_error']:.4g} "
@@ -450,17 +466,19 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
 
 def _reconstructed(c: MixedCandidate, work: onnx.ModelProto, states: np.ndarray, half_range: np.ndarray,
                    scorer: ActionErrorScorer, score_fn: Score, *, iters: int, seconds: float,
-                   seed: int) -> MixedCandidate:
+                   seed: int, options: Mapping[str, Any]) -> MixedCandidate:
     """``c`` with its plan reconstructed jointly (every int4 and int8 layer on its own grid, every input scale)
     against the float actions on ``states``, kept only where the held-out action error goes down."""
-    res = reconstruct(work, c.plan, states, half_range, iters=iters, seed=seed, time_limit_s=seconds)
+    res = reconstruct(work, c.plan, states, half_range, **{"iters": iters, "seed": seed, "time_limit_s": seconds,
+                                                          **options})
     e0 = float(scorer(c.plan))
     e1 = float(scorer(res.plan)) if res.supported else e0
     kept = res.supported and e1 < e0
     rep = {"kept": kept, "heldout_action_error_start": e0, "heldout_action_error": e1,
            **{k: v for k, v in res.report.items() if k in ("supported", "reason", "iters", "best_iter", "seconds",
                                                            "calibration_loss_start", "calibration_loss_best",
-                                                           "changed_weight_fraction_by_layer", "amax_ratio")}}
+                                                           "changed_weight_fraction_by_layer", "amax_ratio")},
+           **({"options": dict(options)} if options else {})}
     rep.setdefault("iters", 0)
     rep.setdefault("seconds", 0.0)
     plan = res.plan if kept else c.plan

@@ -49,7 +49,7 @@ from edgeq.quantizers.int4 import INT4_QMAX, Int4Weight
 from edgeq.quantizers.plan import ActivationQuant, LayerQuant, QuantPlan
 from edgeq.quantizers.weights import QMAX, QuantizedWeight
 
-__all__ = ["SUPPORTED_OPS", "Grid", "ReconstructResult", "layer_grid", "reconstruct"]
+__all__ = ["SUPPORTED_OPS", "Grid", "ReconstructResult", "fake_quant_actions", "layer_grid", "reconstruct"]
 
 _DEBUG = bool(__import__("os").environ.get("EDGEQ_RECONSTRUCT_DEBUG"))
 
@@ -317,20 +317,11 @@ def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], init
     acts = sorted({la.input for la in layers})
     log_amax = {t: torch.nn.Parameter(torch.tensor(float(np.log(max(plan.activations[t].amax, 1e-12))),
                                                    dtype=torch.float32)) for t in acts}
-    nodes = {n.name: n for n in work.graph.node}
-
-    def gemm_c(name: str) -> str | None:
-        n = nodes.get(name)
-        return n.input[2] if n is not None and n.op_type == "Gemm" and len(n.input) > 2 and n.input[2] else None
-
-    # the biases the exported file carries: a Gemm's C (corrected or not) and an int4 layer's corrected bias
     biases: dict[str, Any] = {}
     for la in layers:
-        c_name = gemm_c(la.node)
-        if la.bias is not None and (c_name is not None or la.precision == "int4"):
-            biases[la.node] = torch.from_numpy(np.asarray(la.bias, np.float32).reshape(-1).copy())
-        elif learn_bias and c_name is not None:
-            biases[la.node] = torch.from_numpy(np.asarray(inits[c_name], np.float32).reshape(-1).copy())
+        b = _exported_bias(work, la, inits, include_graph_bias=learn_bias)
+        if b is not None:
+            biases[la.node] = torch.from_numpy(b)
     if learn_bias:
         biases = {k: torch.nn.Parameter(v) for k, v in biases.items()}
 
@@ -440,6 +431,52 @@ def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], init
               "learn_scales": learn_scales, "learn_weight_scales": learn_weight_scales, "learn_bias": learn_bias,
               "weighted": sw is not None}
     return ReconstructResult(replace(plan, layers=new_layers, activations=new_acts), True, report)
+
+
+def _exported_bias(work: onnx.ModelProto, layer: LayerQuant, inits: dict[str, np.ndarray], *,
+                   include_graph_bias: bool) -> np.ndarray | None:
+    """The bias the exported file gives ``layer`` where it differs from the graph's (a corrected Gemm C, any
+    int4 layer's corrected bias); with ``include_graph_bias`` also a Gemm's own C (to be learned)."""
+    node = next((n for n in work.graph.node if n.name == layer.node), None)
+    c_name = (node.input[2] if node is not None and node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
+              else None)
+    if layer.bias is not None and (c_name is not None or layer.precision == "int4"):
+        return np.asarray(layer.bias, np.float32).reshape(-1).copy()
+    if include_graph_bias and c_name is not None:
+        return np.asarray(inits[c_name], np.float32).reshape(-1).copy()
+    return None
+
+
+def fake_quant_actions(work: onnx.ModelProto, plan: QuantPlan, states: np.ndarray) -> np.ndarray:
+    """The actions of ``plan`` on ``states`` as the reconstruction models its arithmetic (torch, float32): each
+    static int8 / int4 layer's input fake-quantized to int8 at the plan's scale (round half to even, saturated
+    to ``[-128, 127]``), its weight the plan's integers times their scales, its bias the exported one; every
+    other layer in float. What ONNX Runtime computes from ``apply_plan(work, plan)`` up to float rounding
+    (tests/test_int4_reconstruct.py checks it), so the optimized loss is the exported file's."""
+    import torch
+
+    unsupported = sorted({n.op_type for n in work.graph.node if n.op_type not in SUPPORTED_OPS})
+    if unsupported:
+        raise ValueError(f"ops {unsupported} are not in the reconstruction interpreter")
+    inits = {t.name: np.array(numpy_helper.to_array(t)) for t in work.graph.initializer}
+    tinits: dict[str, Any] = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in inits.items()}
+    by_node = {la.node: la for la in plan.layers if layer_grid(la) is not None}
+
+    def layer_fn(n: onnx.NodeProto, x: Any) -> Any:
+        la = by_node.get(n.name)
+        if la is None:
+            return _float_layer(n, x, tinits)
+        grid = layer_grid(la)
+        assert grid is not None
+        s = float(plan.activations[la.input].scale)
+        xq = torch.clamp(torch.round(x / s), -128.0, 127.0) * s
+        w = torch.from_numpy(grid.q.astype(np.float32) * grid.scale)
+        b = _exported_bias(work, la, inits, include_graph_bias=False)
+        return _float_layer(n, xq, tinits, weight=w, bias=None if b is None else torch.from_numpy(b))
+
+    with torch.no_grad():
+        out = _interpreter(work)(torch.from_numpy(np.ascontiguousarray(states, np.float32)), layer_fn)
+    return np.asarray(out.numpy(), np.float32)
 
 
 def _tensor(v: Any) -> Any:
