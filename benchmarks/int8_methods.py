@@ -54,6 +54,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "equalize-all": {"transform": "equalize", "transform_layers": "all", "alpha": 0.5, "auto": False},
     "crossquant-all": {"transform": "crossquant", "transform_layers": "all", "alpha": 0.0, "auto": False},
     "brecq+critic": {"rounding": "brecq", "objective": "critic"},
+    # outlier channel splitting (edgeq.quantizers.split): up to 5% / 10% of each hidden width added
+    "split": {"split_outliers": 0.05},
+    "split-10": {"split_outliers": 0.1},
+    "split+brecq": {"split_outliers": 0.05, "rounding": "adaround+brecq"},
     "default+critic": {"objective": "critic"},
     # deliberately coarse: development stand-ins for a hard layer (max calibrator, no first-layer fix)
     "coarse": {"transform": "none", "alpha": None, "auto": False, "rounding": "nearest", "bias_correction": False,

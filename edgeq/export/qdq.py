@@ -45,6 +45,7 @@ from edgeq.graph.ir import array_of, const, drop_unused_initializers, make_node,
 from edgeq.graph.ir import check as full_check
 from edgeq.quantizers.crossquant import dynamic_layer_nodes
 from edgeq.quantizers.plan import LayerQuant, QuantPlan
+from edgeq.quantizers.split import apply_splits
 from edgeq.quantizers.transforms import scale_inputs
 
 MIN_OPSET = 13
@@ -186,7 +187,7 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan, *, check: bool = True) -
 
     ``check=False`` skips ONNX's full model check (for the many candidate graphs of a search).
     """
-    irm = to_ir(model)
+    irm = to_ir(apply_splits(model, plan.splits) if plan.splits else model)  # outlier channel splits (exact)
     scale_inputs(irm.graph, plan.transforms)  # exact float rewrites first (their Mul pre-ops stay fp32)
     low = _Lowering(irm, plan)
     int8 = {layer.node: layer for layer in plan.int8_layers()}

@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 
 from edgeq.calibration.calibrators import compute_amax, quantization_kernel_fraction
-from edgeq.calibration.collect import CalibrationStats, layer_rows, tensor_values
+from edgeq.calibration.collect import CalibrationStats, layer_rows, observe_states, tensor_values
 from edgeq.calibration.observers import TensorObserver
 from edgeq.deploy.runtime import OrtPolicy
 from edgeq.graph.analysis import WeightedLayer, constant_value, find_activation_matmuls, find_weighted_layers
@@ -55,6 +55,7 @@ from edgeq.quantizers.precision import fp16_fallback
 from edgeq.quantizers.reconstruct import reconstruct
 from edgeq.quantizers.rounding import gptq_round, stochastic_round
 from edgeq.quantizers.sensitivity import OBJECTIVES, ValueFn, value_loss, value_sensitivity
+from edgeq.quantizers.split import ChannelSplit, apply_splits, choose_splits
 from edgeq.quantizers.transforms import InputScaling, apply_input_scalings, weight_in_view
 from edgeq.quantizers.weights import QuantizedWeight, quantize_weight
 
@@ -111,6 +112,9 @@ class QuantOptions:
             ``max_action_error`` applies to this score. tail_on_calibration_states: take the tail
             over the held-out and the calibration states (whose extremes set the ranges).
         keep_float: Layers (node names) left in float by request.
+        split_outliers: Outlier channel splitting (:mod:`edgeq.quantizers.split`) before everything else:
+            at most this fraction of each hidden layer's width is added as split units (0: off); the
+            splits are kept only if they lower the held-out score of the initial plan.
         seed: Seed of AdaRound's mini-batches.
     """
 
@@ -139,6 +143,7 @@ class QuantOptions:
     tail_fraction: float = 0.01
     tail_on_calibration_states: bool = False
     keep_float: list[str] = field(default_factory=list)
+    split_outliers: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -172,6 +177,9 @@ class QuantOptions:
             raise ValueError("reconstruct_iters must be >= 0 and reconstruct_seconds > 0")
         if int(self.fp16_fallback) < 0:
             raise ValueError(f"fp16_fallback must be >= 0, got {self.fp16_fallback}")
+        if not 0.0 <= float(self.split_outliers) <= 1.0:
+            raise ValueError(f"split_outliers must be in [0, 1] (a fraction of each hidden width), got "
+                             f"{self.split_outliers}")
 
     def default_alpha(self) -> float | None:
         if self.alpha is not None:
@@ -454,6 +462,10 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
         out_dim = dims[-1].dim_value if dims and dims[-1].dim_value else None
     hr = np.ones(out_dim or 1) if half_range is None else np.asarray(half_range, np.float64)
     b = _Builder(model, stats, opt, hr, lower)
+    splits: list[ChannelSplit] = []
+    split_report: dict[str, Any] | None = None
+    if opt.split_outliers > 0:
+        b, splits, split_report = _split_outliers(b, opt, hr, lower)
     weights = None
     objective_note = "plain action error"
     if critic is not None:
@@ -529,7 +541,7 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
         current = rep["error_after"]
         errors["fp16_fallback"] = current
     plan = b.kernels(plan)
-    final = b.scorer.summary(plan)
+    final = b.scorer.summary(plan)  # scored on the builder's (split) model, before the splits join the plan
     critic_metrics: dict[str, Any] = {}
     if critic is not None and weights is not None:
         n_held = len(b.held)
@@ -549,4 +561,29 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
         "objective": objective_note, **critic_metrics,
         "stages": stage_reports, "graph_evaluations": b.scorer.evaluations,
         "seconds": round(time.perf_counter() - t0, 3)})
-    return plan
+    if split_report is not None:
+        plan.metrics["outlier_split"] = split_report
+    return replace(plan, splits=splits) if splits else plan
+
+
+def _split_outliers(b: _Builder, opt: QuantOptions, hr: np.ndarray, lower: Lowering
+                    ) -> tuple[_Builder, list[ChannelSplit], dict[str, Any]]:
+    """Outlier channel splitting: the builder of the split model if its initial plan scores lower, else ``b``.
+
+    The split tensors' statistics are second-pass statistics on the stored calibration states (as for
+    a rewritten tensor); the rest keep the streamed ones. The decision is made on the plain score
+    (before any critic weighting) of the initial plan, nearest rounding.
+    """
+    splits, rows = choose_splits(b.model, b.calib, float(opt.split_outliers))
+    report: dict[str, Any] = {"fraction": float(opt.split_outliers), "layers": rows, "kept": False}
+    if not splits:
+        report["note"] = "no split lowers the modelled quantization error (or no splittable hidden layer)"
+        return b, [], report
+    smodel = apply_splits(b.model, splits)
+    changed = [wl.input for wl in find_weighted_layers(smodel) if wl.node in {sp.layer for sp in splits}]
+    observers = {**b.stats.observers, **observe_states(smodel, b.calib, changed)}
+    sb = _Builder(smodel, replace(b.stats, observers=observers), opt, hr, lower)
+    before = b.scorer(b.materialize(b.initial_choices()))
+    after = sb.scorer(sb.materialize(sb.initial_choices()))
+    report.update({"heldout_score_initial_plan": {"unsplit": before, "split": after}, "kept": after < before})
+    return (sb, splits, report) if after < before else (b, [], report)

@@ -42,6 +42,7 @@ from edgeq.calibration.observers import TensorObserver
 from edgeq.deploy.bundle_format import MANIFEST, PLAN, read_manifest, verify_files
 from edgeq.graph.analysis import constant_value, find_activation_matmuls, find_weighted_layers
 from edgeq.quantizers.int4 import Int4Weight
+from edgeq.quantizers.split import ChannelSplit, apply_splits
 from edgeq.quantizers.transforms import InputScaling, apply_input_scalings
 from edgeq.quantizers.weights import QuantizedWeight, quantize_weight
 
@@ -269,6 +270,13 @@ class QuantPlan:
     transforms: list[InputScaling] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     matmuls: list[MatMulQuant] = field(default_factory=list)
+    #: outlier channel splits (:mod:`edgeq.quantizers.split`), applied to the float graph before ``transforms``
+    splits: list[ChannelSplit] = field(default_factory=list)
+
+    def rewritten(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """The exact float rewrite of ``model`` whose layers this plan quantizes: splits, then input scalings."""
+        work = apply_splits(model, self.splits) if self.splits else model
+        return apply_input_scalings(work, self.transforms) if self.transforms else work
 
     def int8_layers(self) -> list[LayerQuant]:
         return [layer for layer in self.layers if layer.precision == "int8"]
@@ -301,6 +309,7 @@ class QuantPlan:
 
     def to_json(self) -> dict[str, Any]:
         return {"settings": self.settings, "tensorrt_compatible": self.tensorrt_compatible,
+                **({"splits": [sp.to_json() for sp in self.splits]} if self.splits else {}),
                 "transforms": [t.to_json() for t in self.transforms],
                 "activations": [a.to_json() for a in self.activations.values()],
                 "layers": [layer.to_json() for layer in self.layers],
@@ -310,6 +319,7 @@ class QuantPlan:
     def to_dict(self) -> dict[str, Any]:
         """The plan's choices and artifact, exactly and JSON-safe (no metrics): ``plan.json`` of a bundle."""
         return {"format": PLAN_FORMAT, "settings": self.settings,
+                **({"splits": [sp.to_json() for sp in self.splits]} if self.splits else {}),
                 "transforms": [{"layer": t.layer, "factors": _array_to_dict(t.factors), "method": t.method,
                                 "alpha": t.alpha, "placement": t.placement, "details": t.details}
                                for t in self.transforms],
@@ -336,9 +346,10 @@ class QuantPlan:
                     for a in d.get("activations", [])}
             layers = [LayerQuant.from_dict(la) for la in d.get("layers", [])]
             matmuls = [MatMulQuant.from_json(m) for m in d.get("activation_matmuls", [])]
+            splits = [ChannelSplit.from_json(sp) for sp in d.get("splits", [])]
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed plan entry: {type(exc).__name__}: {exc}") from None
-        return cls(acts, layers, dict(d.get("settings") or {}), transforms, dict(metrics or {}), matmuls)
+        return cls(acts, layers, dict(d.get("settings") or {}), transforms, dict(metrics or {}), matmuls, splits)
 
     @classmethod
     def from_bundle(cls, bundle: str | Path) -> QuantPlan:
