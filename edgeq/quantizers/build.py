@@ -64,7 +64,8 @@ __all__ = ["QuantOptions", "build_plan"]
 
 #: Weight rounding methods (``QuantOptions.rounding``): per layer in graph order (``adaround``, ``gptq``,
 #: ``stochastic``) or the whole network at once (``brecq``: :mod:`edgeq.quantizers.reconstruct`).
-ROUNDINGS = ("nearest", "adaround", "gptq", "stochastic", "brecq", "gptq+brecq", "adaround+brecq")
+ROUNDINGS = ("nearest", "adaround", "gptq", "stochastic", "brecq", "gptq+brecq", "adaround+brecq", "discquant",
+             "adaround+discquant")
 TRANSFORM_LAYERS = ("first", "all")
 
 
@@ -98,6 +99,8 @@ class QuantOptions:
             score; ``gptq+brecq`` / ``adaround+brecq``: GPTQ or AdaRound, then the joint reconstruction
             from their integers (each stage kept on its own). adaround_iters: Adam steps of AdaRound's
             soft-rounding stage per layer (0: only the exact flip descent on the same objective).
+            ``discquant`` / ``adaround+discquant``: DiscQuant's relaxed rounding of every layer at once against
+            the float actions (:data:`edgeq.quantizers.reconstruct.METHODS`; the input scales stay).
             reconstruct_iters, reconstruct_seconds: the ``brecq`` optimization's Adam steps and time
             bound; reconstruct_scales: learn the input scales too.
         objective: ``action`` (the held-out action error) or ``critic``: the errors weighted per state
@@ -407,13 +410,16 @@ class _Builder:
             plan = replace(plan, layers=[new if la.node == layer.node else la for la in plan.layers])
         return plan, report
 
-    def reconstruct(self, plan: QuantPlan) -> tuple[QuantPlan, dict[str, Any]]:
-        """Every static int8 layer's rounding and input scale at once against the float actions (BRECQ-style)."""
+    def reconstruct(self, plan: QuantPlan, method: str = "brecq") -> tuple[QuantPlan, dict[str, Any]]:
+        """Every static int8 layer's rounding (and, BRECQ-style, input scale) at once against the float actions;
+        ``method="discquant"``: DiscQuant's relaxed rounding (:data:`edgeq.quantizers.reconstruct.METHODS`)."""
         work = apply_input_scalings(self.model, plan.transforms) if plan.transforms else self.model
         o = self.opt
+        extra: dict[str, Any] = {"lr": 0.05} if method == "discquant" else {}
         res = reconstruct(work, plan, self.calib, self.scorer.half_range, state_weights=self.state_weights,
-                          iters=o.reconstruct_iters,
-                          learn_scales=o.reconstruct_scales, seed=o.seed, time_limit_s=o.reconstruct_seconds)
+                          iters=o.reconstruct_iters, method=method,
+                          learn_scales=o.reconstruct_scales, seed=o.seed, time_limit_s=o.reconstruct_seconds,
+                          **extra)
         return res.plan, res.report
 
     def kernels(self, plan: QuantPlan) -> QuantPlan:
@@ -516,7 +522,7 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
                   *(["bias_correction"] if opt.bias_correction else [])]:
         if not plan.int8_layers():
             continue
-        cand, rep = b.reconstruct(plan) if stage == "brecq" else b.refine(plan, stage)
+        cand, rep = b.reconstruct(plan, stage) if stage in ("brecq", "discquant") else b.refine(plan, stage)
         e = b.scorer(cand)
         kept = e < current
         stage_reports[stage] = {"kept": kept, "heldout_action_error": e, "layers": rep}

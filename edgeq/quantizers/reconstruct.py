@@ -41,7 +41,15 @@ from onnx import numpy_helper
 from edgeq.quantizers.plan import ActivationQuant, QuantPlan
 from edgeq.quantizers.weights import QMAX, QuantizedWeight
 
-__all__ = ["SUPPORTED_OPS", "ReconstructResult", "reconstruct"]
+__all__ = ["METHODS", "SUPPORTED_OPS", "ReconstructResult", "reconstruct"]
+
+#: ``brecq``: AdaRound-style hard rounding variables (straight-through) and learned input scales.
+#: ``discquant``: DiscQuant (Chee et al. 2025): each weight is ``s (floor(W/s) + x)`` with ``x`` in ``[0, 1]``
+#: started at the float weight (``x = y``, its fractional part), optimized by projected gradient steps on
+#: ``rho L(x) - <2y - 1, x>`` (the loss gradient clamped to ``±grad_clamp``): the linear term pulls the
+#: relaxed point to a vertex of the rounding polytope (towards nearest rounding) while the action loss moves
+#: the weights that matter; the result is rounded (``x >= 1/2``). The input scales stay the plan's.
+METHODS = ("brecq", "discquant")
 
 _DEBUG = bool(__import__("os").environ.get("EDGEQ_RECONSTRUCT_DEBUG"))
 
@@ -141,8 +149,13 @@ def reconstruct(work: onnx.ModelProto, plan: QuantPlan, states: np.ndarray, half
                 state_weights: np.ndarray | None = None, iters: int = 1000, batch: int = 512,
                 lr: float = 0.005, scale_lr: float = 2e-3, eval_every: int = 25, eval_rows: int = 4096,
                 learn_scales: bool = True, seed: int = 0, time_limit_s: float = 120.0,
-                patience: int = 0) -> ReconstructResult:
+                patience: int = 0, method: str = "brecq", rho: float = 200.0,
+                grad_clamp: float = 1.0) -> ReconstructResult:
     """Jointly round every static int8 layer's weight and learn every input scale of ``plan``.
+
+    ``method="discquant"`` is DiscQuant's rounding (see :data:`METHODS`): the weights interpolate
+    continuously between their two grid points, the gradient is ``-c + clamp(rho ∇L, ±grad_clamp)``,
+    the scales stay fixed.
 
     Args:
         work: The float graph with the plan's exact rewrites applied (the graph the plan's weights belong to).
@@ -160,7 +173,10 @@ def reconstruct(work: onnx.ModelProto, plan: QuantPlan, states: np.ndarray, half
         seed: Mini-batch order.
         time_limit_s: Stop the optimization after this many seconds.
         patience: Stop after this many evaluations without a better point (0: run every step).
+        method: ``brecq`` or ``discquant``; rho, grad_clamp: DiscQuant's loss weight and gradient clamp.
     """
+    if method not in METHODS:
+        raise ValueError(f"reconstruction method must be one of {METHODS}, got {method!r}")
     import torch
 
     unsupported = sorted({n.op_type for n in work.graph.node if n.op_type not in SUPPORTED_OPS})
@@ -178,8 +194,8 @@ def reconstruct(work: onnx.ModelProto, plan: QuantPlan, states: np.ndarray, half
     try:
         return _reconstruct(work, plan, layers, inits, states, half_range, state_weights, iters=iters, batch=batch,
                             lr=lr, scale_lr=scale_lr, eval_every=eval_every, eval_rows=eval_rows,
-                            learn_scales=learn_scales, seed=seed, time_limit_s=time_limit_s, patience=patience,
-                            t0=t0)
+                            learn_scales=learn_scales and method == "brecq", seed=seed, time_limit_s=time_limit_s,
+                            patience=patience, t0=t0, method=method, rho=rho, grad_clamp=grad_clamp)
     finally:
         torch.set_num_threads(threads)
 
@@ -187,7 +203,8 @@ def reconstruct(work: onnx.ModelProto, plan: QuantPlan, states: np.ndarray, half
 def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], inits: dict[str, np.ndarray],
                  states: np.ndarray, half_range: np.ndarray, state_weights: np.ndarray | None, *, iters: int,
                  batch: int, lr: float, scale_lr: float, eval_every: int, eval_rows: int, learn_scales: bool,
-                 seed: int, time_limit_s: float, patience: int, t0: float) -> ReconstructResult:
+                 seed: int, time_limit_s: float, patience: int, t0: float, method: str = "brecq",
+                 rho: float = 200.0, grad_clamp: float = 1.0) -> ReconstructResult:
     import torch
 
     run = _interpreter(work)
@@ -206,6 +223,8 @@ def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], init
     scale: dict[str, Any] = {}
     live: dict[str, Any] = {}
     u: dict[str, Any] = {}
+    plan_up: dict[str, np.ndarray] = {}
+    c_lin: dict[str, Any] = {}  # DiscQuant's linear term 2y - 1 (y: the weight's place between its grid points)
     for la in layers:
         assert la.weight is not None
         w = np.asarray(inits[la.weight_name], np.float64)
@@ -213,7 +232,9 @@ def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], init
         f = np.floor(w / s)
         frac = np.clip(w / s - f, 0.0, 1.0)
         up = la.weight.q.astype(np.float64) - f >= 1.0  # the plan's own rounding is the start
-        u0 = np.where(up, np.maximum(frac, 0.5), np.minimum(frac, 0.499))
+        u0 = np.where(up, np.maximum(frac, 0.5), np.minimum(frac, 0.499)) if method == "brecq" else frac
+        c_lin[la.node] = torch.from_numpy((2.0 * frac - 1.0).astype(np.float32))
+        plan_up[la.node] = up
         floor[la.node] = torch.from_numpy(f.astype(np.float32))
         scale[la.node] = torch.from_numpy(s.astype(np.float32))
         dead = np.all(la.weight.q == 0, axis=tuple(i for i in range(w.ndim) if i != la.weight_axis), keepdims=True)
@@ -232,6 +253,8 @@ def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], init
         return torch.clamp(z, -128.0, 127.0) * s
 
     def weight(node: str) -> Any:
+        if method == "discquant":  # the continuous interpolation between the two grid points
+            return scale[node] * torch.clamp(floor[node] + u[node], -QMAX, QMAX) * live[node]
         h = u[node] + ((u[node] >= 0.5).float() - u[node]).detach()  # hard forward, straight-through backward
         return scale[node] * torch.clamp(floor[node] + h, -QMAX, QMAX) * live[node]
 
@@ -256,11 +279,28 @@ def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], init
                 {t: float(torch.exp(p.detach())) for t, p in log_amax.items()})
 
     def eval_loss() -> float:
+        """The hard-rounded network's loss (DiscQuant: its relaxed weights rounded to the nearer grid point)."""
         with torch.no_grad():
-            return float(loss_of(run(x_all[ev], layer_fn), target[ev], None if sw is None else sw[ev]))
+            soft = {k: p.detach().clone() for k, p in u.items()} if method == "discquant" else {}
+            for k, v in soft.items():
+                u[k].copy_((v >= 0.5).float())
+            try:
+                return float(loss_of(run(x_all[ev], layer_fn), target[ev], None if sw is None else sw[ev]))
+            finally:
+                for k, v in soft.items():
+                    u[k].copy_(v)
 
-    loss0 = eval_loss()
-    best, best_state, best_it = loss0, snapshot(), 0
+    if method == "discquant":  # the start that counts is the plan's own rounding (x starts at the float weight)
+        with torch.no_grad():
+            relaxed = {k: p.detach().clone() for k, p in u.items()}
+            for k, p in u.items():
+                p.copy_(torch.from_numpy(plan_up[k].astype(np.float32)))
+            loss0, start_state = eval_loss(), snapshot()
+            for k, p in u.items():
+                p.copy_(relaxed[k])
+    else:
+        loss0, start_state = eval_loss(), snapshot()
+    best, best_state, best_it = loss0, start_state, 0
     norm = max(loss0, 1e-12)
     params = [{"params": list(u.values()), "lr": lr}]
     if learn_scales:
@@ -274,6 +314,11 @@ def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], init
         loss = loss_of(run(x_all[idx], layer_fn), target[idx], None if sw is None else sw[idx]) / norm
         optim.zero_grad()
         loss.backward()
+        if method == "discquant":  # -c pulls each weight to its nearer grid point, the loss keeps the actions
+            with torch.no_grad():
+                for k, p in u.items():
+                    assert p.grad is not None
+                    p.grad.copy_(-c_lin[k] + torch.clamp(rho * p.grad, -grad_clamp, grad_clamp))
         optim.step()
         with torch.no_grad():
             for p in u.values():
@@ -297,19 +342,20 @@ def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], init
             q8 = q.astype(np.int8)
             flipped += int(np.sum(q8 != la.weight.q))
             total += q8.size
-            la = replace(la, weight=QuantizedWeight(q8, la.weight.scale.copy(), la.weight.axis), rounding="brecq")
+            la = replace(la, weight=QuantizedWeight(q8, la.weight.scale.copy(), la.weight.axis), rounding=method)
         new_layers.append(la)
     new_acts = dict(plan.activations)
     for t in acts:
         old = plan.activations[t]
-        if amax_best[t] != old.amax:
+        if learn_scales and amax_best[t] != old.amax:  # (a fixed scale would only pick up exp(log()) rounding)
             new_acts[t] = ActivationQuant(t, amax_best[t], old.calibrator,
                                           {**old.params, "reconstructed_from_amax": old.amax})
     report = {"supported": True, "iters": done, "best_iter": best_it, "seconds": round(time.perf_counter() - t0, 2),
               "calibration_loss_start": loss0, "calibration_loss_best": best,
               "changed_weight_fraction": round(flipped / max(total, 1), 6),
               "amax_ratio": {t: round(float(new_acts[t].amax / plan.activations[t].amax), 4) for t in acts},
-              "learn_scales": learn_scales, "weighted": sw is not None}
+              "learn_scales": learn_scales, "weighted": sw is not None, "method": method,
+              **({"rho": rho, "grad_clamp": grad_clamp, "lr": lr} if method == "discquant" else {})}
     return ReconstructResult(replace(plan, layers=new_layers, activations=new_acts), True, report)
 
 
