@@ -73,7 +73,6 @@ from edgeq.quantizers.mixed import (
 from edgeq.quantizers.plan import QuantPlan
 from edgeq.quantizers.precision import layer_sensitivity
 from edgeq.quantizers.reconstruct import reconstruct
-from edgeq.quantizers.transforms import apply_input_scalings
 from edgeq.rollout import run_episodes
 from edgeq.validate.outcomes import parse_failure
 from edgeq.validate.sequential import episode_design
@@ -294,7 +293,7 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
     held, calib = states[np.sort(order[:n_held])], states[np.sort(order[n_held:])]
     scorer = ActionErrorScorer(fmodel, held, action_half_range(low, high), lower=apply_plan)
     score_fn: Score = score if score is not None else scorer
-    work = apply_input_scalings(fmodel, base.transforms) if base.transforms else fmodel
+    work = base.rewritten(fmodel)
     wls = {wl.node: wl for wl in find_weighted_layers(work)}
     x_float = {}
 

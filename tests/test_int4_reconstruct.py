@@ -28,7 +28,6 @@ from edgeq.quantizers.int4 import INT4_QMAX
 from edgeq.quantizers.mixed import with_int4
 from edgeq.quantizers.plan import QuantPlan
 from edgeq.quantizers.reconstruct import fake_quant_actions, layer_grid, reconstruct
-from edgeq.quantizers.transforms import apply_input_scalings
 from edgeq.search import int4_roundings
 
 HALF_RANGE = np.array([2.0])  # Pendulum's torque in [-2, 2]
@@ -44,7 +43,7 @@ def pendulum(sac_pendulum: Path) -> tuple:
                                holdout_seeds=list(range(950, 956)))
     model = policy.model
     base = build_plan(model, stats, QuantOptions(transform="crossquant", alpha=0.0), lower=apply_plan)
-    work = apply_input_scalings(model, base.transforms)
+    work = base.rewritten(model)
     calib = np.asarray(stats.observations, np.float32)
     hold = np.asarray(stats.holdout, np.float32)
     return model, work, base, calib, hold

@@ -49,7 +49,15 @@ from edgeq.quantizers.int4 import INT4_QMAX, Int4Weight
 from edgeq.quantizers.plan import ActivationQuant, LayerQuant, QuantPlan
 from edgeq.quantizers.weights import QMAX, QuantizedWeight
 
-__all__ = ["SUPPORTED_OPS", "Grid", "ReconstructResult", "fake_quant_actions", "layer_grid", "reconstruct"]
+__all__ = ["METHODS", "SUPPORTED_OPS", "Grid", "ReconstructResult", "fake_quant_actions", "layer_grid", "reconstruct"]
+
+#: ``brecq``: AdaRound-style hard rounding variables (straight-through) and learned input scales.
+#: ``discquant``: DiscQuant (Chee et al. 2025): each weight is ``s (floor(W/s) + x)`` with ``x`` in ``[0, 1]``
+#: started at the float weight (``x = y``, its fractional part), optimized by projected gradient steps on
+#: ``rho L(x) - <2y - 1, x>`` (the loss gradient clamped to ``±grad_clamp``): the linear term pulls the
+#: relaxed point to a vertex of the rounding polytope (towards nearest rounding) while the action loss moves
+#: the weights that matter; the result is rounded (``x >= 1/2``). The input scales stay the plan's.
+METHODS = ("brecq", "discquant")
 
 _DEBUG = bool(__import__("os").environ.get("EDGEQ_RECONSTRUCT_DEBUG"))
 
@@ -88,7 +96,8 @@ class Grid:
     live: np.ndarray
     group: np.ndarray
 
-    def with_integers(self, layer: LayerQuant, q: np.ndarray, scale: np.ndarray | None = None) -> LayerQuant:
+    def with_integers(self, layer: LayerQuant, q: np.ndarray, scale: np.ndarray | None = None,
+                      rounding: str = "brecq") -> LayerQuant:
         """``layer`` with its weight's integers replaced by ``q`` (same grid) and, given, its stored scales by
         ``scale`` (one per group, in the order of :attr:`group`)."""
         q8 = np.asarray(q).astype(np.int8)
@@ -96,12 +105,12 @@ class Grid:
             w4 = layer.weight4
             assert w4 is not None
             s4 = w4.scale.copy() if scale is None else np.asarray(scale, np.float32).reshape(w4.scale.shape)
-            return replace(layer, weight4=Int4Weight(q8, s4, w4.axis, w4.block_size), rounding="brecq",
+            return replace(layer, weight4=Int4Weight(q8, s4, w4.axis, w4.block_size), rounding=rounding,
                            notes={**layer.notes, "brecq_start_rounding": layer.rounding})
         w8 = layer.weight
         assert w8 is not None
         s8 = w8.scale.copy() if scale is None else np.asarray(scale, np.float32).reshape(w8.scale.shape)
-        return replace(layer, weight=QuantizedWeight(q8, s8, w8.axis), rounding="brecq")
+        return replace(layer, weight=QuantizedWeight(q8, s8, w8.axis), rounding=rounding)
 
 
 def layer_grid(layer: LayerQuant) -> Grid | None:
@@ -219,8 +228,13 @@ def reconstruct(work: onnx.ModelProto, plan: QuantPlan, states: np.ndarray, half
                 lr: float = 0.005, scale_lr: float = 2e-3, eval_every: int = 25, eval_rows: int = 4096,
                 learn_scales: bool = True, seed: int = 0, time_limit_s: float = 120.0,
                 patience: int = 0, learn_weight_scales: bool = False, weight_scale_lr: float = 5e-4,
-                learn_bias: bool = False, bias_lr: float = 1e-3) -> ReconstructResult:
+                learn_bias: bool = False, bias_lr: float = 1e-3, method: str = "brecq", rho: float = 200.0,
+                grad_clamp: float = 1.0) -> ReconstructResult:
     """Jointly round every static int8 and int4 layer's weight and learn every input scale of ``plan``.
+
+    ``method="discquant"`` is DiscQuant's rounding (see :data:`METHODS`): the weights interpolate
+    continuously between their two grid points, the gradient is ``-c + clamp(rho ∇L, ±grad_clamp)``,
+    the scales stay fixed.
 
     Args:
         work: The float graph with the plan's exact rewrites applied (the graph the plan's weights belong to).
@@ -243,7 +257,10 @@ def reconstruct(work: onnx.ModelProto, plan: QuantPlan, states: np.ndarray, half
             scales change.
         learn_bias, bias_lr: Also learn the float bias of every layer whose bias the exported file
             carries (a Gemm's C input, any int4 layer's bias): a joint bias correction.
+        method: ``brecq`` or ``discquant``; rho, grad_clamp: DiscQuant's loss weight and gradient clamp.
     """
+    if method not in METHODS:
+        raise ValueError(f"reconstruction method must be one of {METHODS}, got {method!r}")
     import torch
 
     unsupported = sorted({n.op_type for n in work.graph.node if n.op_type not in SUPPORTED_OPS})
@@ -261,9 +278,10 @@ def reconstruct(work: onnx.ModelProto, plan: QuantPlan, states: np.ndarray, half
     try:
         return _reconstruct(work, plan, layers, inits, states, half_range, state_weights, iters=iters, batch=batch,
                             lr=lr, scale_lr=scale_lr, eval_every=eval_every, eval_rows=eval_rows,
-                            learn_scales=learn_scales, seed=seed, time_limit_s=time_limit_s, patience=patience,
-                            t0=t0, learn_weight_scales=learn_weight_scales, weight_scale_lr=weight_scale_lr,
-                            learn_bias=learn_bias, bias_lr=bias_lr)
+                            learn_scales=learn_scales and method == "brecq", seed=seed, time_limit_s=time_limit_s,
+                            patience=patience, t0=t0, learn_weight_scales=learn_weight_scales and method == "brecq",
+                            weight_scale_lr=weight_scale_lr, learn_bias=learn_bias and method == "brecq",
+                            bias_lr=bias_lr, method=method, rho=rho, grad_clamp=grad_clamp)
     finally:
         torch.set_num_threads(threads)
 
@@ -272,7 +290,8 @@ def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], init
                  states: np.ndarray, half_range: np.ndarray, state_weights: np.ndarray | None, *, iters: int,
                  batch: int, lr: float, scale_lr: float, eval_every: int, eval_rows: int, learn_scales: bool,
                  seed: int, time_limit_s: float, patience: int, t0: float, learn_weight_scales: bool,
-                 weight_scale_lr: float, learn_bias: bool, bias_lr: float) -> ReconstructResult:
+                 weight_scale_lr: float, learn_bias: bool, bias_lr: float, method: str = "brecq",
+                 rho: float = 200.0, grad_clamp: float = 1.0) -> ReconstructResult:
     import torch
 
     run = _interpreter(work)
@@ -295,6 +314,8 @@ def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], init
     u: dict[str, Any] = {}
     group: dict[str, Any] = {}
     log_ws: dict[str, Any] = {}
+    plan_up: dict[str, np.ndarray] = {}
+    c_lin: dict[str, Any] = {}  # DiscQuant's linear term 2y - 1 (y: the weight's place between its grid points)
     for la in layers:
         grid = grids[la.node]
         assert grid is not None
@@ -306,7 +327,9 @@ def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], init
         f = np.clip(np.floor(w / s), q0 - 1.0, q0)
         frac = np.clip(w / s - f, 0.0, 1.0)
         up = q0 - f >= 1.0
-        u0 = np.where(up, np.maximum(frac, 0.5), np.minimum(frac, 0.499))
+        u0 = np.where(up, np.maximum(frac, 0.5), np.minimum(frac, 0.499)) if method == "brecq" else frac
+        c_lin[la.node] = torch.from_numpy((2.0 * frac - 1.0).astype(np.float32))
+        plan_up[la.node] = up
         floor[la.node] = torch.from_numpy(f.astype(np.float32))
         scale[la.node] = torch.from_numpy(s.astype(np.float32))
         live[la.node] = torch.from_numpy(grid.live.astype(np.float32))
@@ -332,6 +355,8 @@ def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], init
         return torch.clamp(z, -128.0, 127.0) * s
 
     def weight(node: str) -> Any:
+        if method == "discquant":  # the continuous interpolation between the two grid points
+            return scale[node] * torch.clamp(floor[node] + u[node], -qmax[node], qmax[node]) * live[node]
         h = u[node] + ((u[node] >= 0.5).float() - u[node]).detach()  # hard forward, straight-through backward
         s = scale[node] * torch.exp(log_ws[node])[group[node]] if learn_weight_scales else scale[node]
         return s * torch.clamp(floor[node] + h, -qmax[node], qmax[node]) * live[node]
@@ -358,11 +383,28 @@ def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], init
                 {k: p.detach().clone() for k, p in log_ws.items()}, {k: p.detach().clone() for k, p in biases.items()})
 
     def eval_loss() -> float:
+        """The hard-rounded network's loss (DiscQuant: its relaxed weights rounded to the nearer grid point)."""
         with torch.no_grad():
-            return float(loss_of(run(x_all[ev], layer_fn), target[ev], None if sw is None else sw[ev]))
+            soft = {k: p.detach().clone() for k, p in u.items()} if method == "discquant" else {}
+            for k, v in soft.items():
+                u[k].copy_((v >= 0.5).float())
+            try:
+                return float(loss_of(run(x_all[ev], layer_fn), target[ev], None if sw is None else sw[ev]))
+            finally:
+                for k, v in soft.items():
+                    u[k].copy_(v)
 
-    loss0 = eval_loss()
-    best, best_state, best_it = loss0, snapshot(), 0
+    if method == "discquant":  # the start that counts is the plan's own rounding (x starts at the float weight)
+        with torch.no_grad():
+            relaxed = {k: p.detach().clone() for k, p in u.items()}
+            for k, p in u.items():
+                p.copy_(torch.from_numpy(plan_up[k].astype(np.float32)))
+            loss0, start_state = eval_loss(), snapshot()
+            for k, p in u.items():
+                p.copy_(relaxed[k])
+    else:
+        loss0, start_state = eval_loss(), snapshot()
+    best, best_state, best_it = loss0, start_state, 0
     norm = max(loss0, 1e-12)
     params = [{"params": list(u.values()), "lr": lr}]
     if learn_scales:
@@ -380,6 +422,11 @@ def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], init
         loss = loss_of(run(x_all[idx], layer_fn), target[idx], None if sw is None else sw[idx]) / norm
         optim.zero_grad()
         loss.backward()
+        if method == "discquant":  # -c pulls each weight to its nearer grid point, the loss keeps the actions
+            with torch.no_grad():
+                for k, p in u.items():
+                    assert p.grad is not None
+                    p.grad.copy_(-c_lin[k] + torch.clamp(rho * p.grad, -grad_clamp, grad_clamp))
         optim.step()
         with torch.no_grad():
             for p in u.values():
@@ -412,14 +459,14 @@ def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], init
                 old_w = la.weight4 if la.precision == "int4" else la.weight
                 assert old_w is not None
                 new_scale = (old_w.scale.reshape(-1) * np.exp(log_ws_best[la.node].numpy())).astype(np.float32)
-            la = grid.with_integers(la, q8, new_scale)
+            la = grid.with_integers(la, q8, new_scale, rounding=method)
             if learn_bias and la.node in bias_best:
                 la = replace(la, bias=bias_best[la.node].numpy().astype(np.float32).copy())
         new_layers.append(la)
     new_acts = dict(plan.activations)
     for t in acts:
         old = plan.activations[t]
-        if amax_best[t] != old.amax:
+        if learn_scales and amax_best[t] != old.amax:  # (a fixed scale would only pick up exp(log()) rounding)
             new_acts[t] = ActivationQuant(t, amax_best[t], old.calibrator,
                                           {**old.params, "reconstructed_from_amax": old.amax})
     report = {"supported": True, "iters": done, "best_iter": best_it, "seconds": round(time.perf_counter() - t0, 2),
@@ -429,7 +476,8 @@ def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], init
               "grids": {n: f"{by_node[n].precision} [-{int(qmax[n])}, {int(qmax[n])}]" for n in by_node},
               "amax_ratio": {t: round(float(new_acts[t].amax / plan.activations[t].amax), 4) for t in acts},
               "learn_scales": learn_scales, "learn_weight_scales": learn_weight_scales, "learn_bias": learn_bias,
-              "weighted": sw is not None}
+              "weighted": sw is not None, "method": method,
+              **({"rho": rho, "grad_clamp": grad_clamp, "lr": lr} if method == "discquant" else {})}
     return ReconstructResult(replace(plan, layers=new_layers, activations=new_acts), True, report)
 
 
