@@ -65,6 +65,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "discquant": {"rounding": "discquant"},
     "adaround+discquant": {"rounding": "adaround+discquant"},
     "split+discquant": {"rounding": "adaround+discquant", "split_outliers": 0.05},
+    # AffineQuant on the observation input (edgeq.quantizers.affine): learned scale + shift, folded exactly
+    "affine": {"affine_input": True},
+    "affine+split": {"affine_input": True, "split_outliers": 0.05},
     "default+critic": {"objective": "critic"},
     # deliberately coarse: development stand-ins for a hard layer (max calibrator, no first-layer fix)
     "coarse": {"transform": "none", "alpha": None, "auto": False, "rounding": "nearest", "bias_correction": False,
