@@ -176,6 +176,8 @@ def run_method(fx: Fixture, method: str, episodes: str, tmp: Path) -> dict[str, 
            "critic_value_loss": plan.metrics.get("critic_value_loss", {}).get("relative"),
            "plan_s": round(plan_s, 1), "validate_s": round(time.perf_counter() - t0, 1),
            "stages": {k: v.get("kept") for k, v in plan.metrics.get("stages", {}).items()},
+           "outlier_split_kept": plan.metrics.get("outlier_split", {}).get("kept"),
+           "added_units": sum(len(sp.units) for sp in plan.splits),
            "verdict_raw": vd}
     return row
 
