@@ -54,6 +54,17 @@ METHODS: dict[str, dict[str, Any]] = {
     "equalize-all": {"transform": "equalize", "transform_layers": "all", "alpha": 0.5, "auto": False},
     "crossquant-all": {"transform": "crossquant", "transform_layers": "all", "alpha": 0.0, "auto": False},
     "brecq+critic": {"rounding": "brecq", "objective": "critic"},
+    # outlier channel splitting (edgeq.quantizers.split): up to 5% / 10% of each hidden width added
+    "split": {"split_outliers": 0.05},
+    "split-10": {"split_outliers": 0.1},
+    "split+brecq": {"split_outliers": 0.05, "rounding": "adaround+brecq"},
+    # NoisyQuant (edgeq.quantizers.noisy): fixed noise before each input quantizer, removed through the bias
+    "noisy": {"noisy_bias": True},
+    "noisy+split": {"noisy_bias": True, "split_outliers": 0.05},
+    # DiscQuant (edgeq.quantizers.reconstruct METHODS): relaxed rounding of every layer against the float actions
+    "discquant": {"rounding": "discquant"},
+    "adaround+discquant": {"rounding": "adaround+discquant"},
+    "split+discquant": {"rounding": "adaround+discquant", "split_outliers": 0.05},
     "default+critic": {"objective": "critic"},
     # deliberately coarse: development stand-ins for a hard layer (max calibrator, no first-layer fix)
     "coarse": {"transform": "none", "alpha": None, "auto": False, "rounding": "nearest", "bias_correction": False,

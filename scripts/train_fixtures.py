@@ -74,6 +74,10 @@ SPECS: dict[str, FixtureSpec] = {
                     dict(learning_starts=10_000), init_from="sac-halfcheetah", checkpoint=True),
         FixtureSpec("td3-hopper", "TD3", "Hopper-v5", 50_000, 300_000, 2500.0,
                     dict(learning_starts=10_000), checkpoint=True),
+        # A balance task with fall terminations (the episode ends when the tip drops below y = 1) and a
+        # competent off-policy actor: SAC on the double inverted pendulum, [256, 256] ReLU.
+        FixtureSpec("sac-invdoublependulum", "SAC", "InvertedDoublePendulum-v5", 20_000, 80_000, 9300.0,
+                    dict(learning_starts=5_000), chunk=5_000, checkpoint=True),
         # A hopping robot with fall terminations. RL Zoo's PPO Hopper hyperparameters (VecNormalize,
         # [256, 256] ReLU). Not committed: on one core, 1M steps (~70 min) ended in the stand-still optimum
         # (998.6 = 1000 steps of healthy reward, no falls); it hopped and fell at 550-600k steps.

@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 
 from edgeq.calibration.calibrators import compute_amax, quantization_kernel_fraction
-from edgeq.calibration.collect import CalibrationStats, layer_rows, tensor_values
+from edgeq.calibration.collect import CalibrationStats, layer_rows, observe_states, tensor_values
 from edgeq.calibration.observers import TensorObserver
 from edgeq.deploy.runtime import OrtPolicy
 from edgeq.graph.analysis import WeightedLayer, constant_value, find_activation_matmuls, find_weighted_layers
@@ -50,11 +50,13 @@ from edgeq.quantizers.auto import (
 )
 from edgeq.quantizers.bias_correction import bias_correction_delta, corrected_bias
 from edgeq.quantizers.evaluate import ActionErrorScorer, Lowering
+from edgeq.quantizers.noisy import fake_quant_noisy, noisy_bias
 from edgeq.quantizers.plan import LayerQuant, QuantPlan, make_plan
 from edgeq.quantizers.precision import fp16_fallback
 from edgeq.quantizers.reconstruct import reconstruct
 from edgeq.quantizers.rounding import gptq_round, stochastic_round
 from edgeq.quantizers.sensitivity import OBJECTIVES, ValueFn, value_loss, value_sensitivity
+from edgeq.quantizers.split import ChannelSplit, apply_splits, choose_splits
 from edgeq.quantizers.transforms import InputScaling, apply_input_scalings, weight_in_view
 from edgeq.quantizers.weights import QuantizedWeight, quantize_weight
 
@@ -62,7 +64,8 @@ __all__ = ["QuantOptions", "build_plan"]
 
 #: Weight rounding methods (``QuantOptions.rounding``): per layer in graph order (``adaround``, ``gptq``,
 #: ``stochastic``) or the whole network at once (``brecq``: :mod:`edgeq.quantizers.reconstruct`).
-ROUNDINGS = ("nearest", "adaround", "gptq", "stochastic", "brecq", "gptq+brecq", "adaround+brecq")
+ROUNDINGS = ("nearest", "adaround", "gptq", "stochastic", "brecq", "gptq+brecq", "adaround+brecq", "discquant",
+             "adaround+discquant")
 TRANSFORM_LAYERS = ("first", "all")
 
 
@@ -96,6 +99,8 @@ class QuantOptions:
             score; ``gptq+brecq`` / ``adaround+brecq``: GPTQ or AdaRound, then the joint reconstruction
             from their integers (each stage kept on its own). adaround_iters: Adam steps of AdaRound's
             soft-rounding stage per layer (0: only the exact flip descent on the same objective).
+            ``discquant`` / ``adaround+discquant``: DiscQuant's relaxed rounding of every layer at once against
+            the float actions (:data:`edgeq.quantizers.reconstruct.METHODS`; the input scales stay).
             reconstruct_iters, reconstruct_seconds: the ``brecq`` optimization's Adam steps and time
             bound; reconstruct_scales: learn the input scales too.
         objective: ``action`` (the held-out action error) or ``critic``: the errors weighted per state
@@ -111,6 +116,13 @@ class QuantOptions:
             ``max_action_error`` applies to this score. tail_on_calibration_states: take the tail
             over the held-out and the calibration states (whose extremes set the ranges).
         keep_float: Layers (node names) left in float by request.
+        split_outliers: Outlier channel splitting (:mod:`edgeq.quantizers.split`) before everything else:
+            at most this fraction of each hidden layer's width is added as split units (0: off); the
+            splits are kept only if they lower the held-out score of the initial plan.
+        noisy_bias: NoisyQuant (:mod:`edgeq.quantizers.noisy`) before the rounding stages: per static int8
+            layer a fixed seeded noise on its input, removed through the bias, where it lowers the layer's
+            held-out output error; the stage is kept only if it lowers the held-out score. (The ``brecq``
+            reconstruction optimizes without the noise; its result is scored with it.)
         seed: Seed of AdaRound's mini-batches.
     """
 
@@ -139,6 +151,8 @@ class QuantOptions:
     tail_fraction: float = 0.01
     tail_on_calibration_states: bool = False
     keep_float: list[str] = field(default_factory=list)
+    split_outliers: float = 0.0
+    noisy_bias: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -172,6 +186,9 @@ class QuantOptions:
             raise ValueError("reconstruct_iters must be >= 0 and reconstruct_seconds > 0")
         if int(self.fp16_fallback) < 0:
             raise ValueError(f"fp16_fallback must be >= 0, got {self.fp16_fallback}")
+        if not 0.0 <= float(self.split_outliers) <= 1.0:
+            raise ValueError(f"split_outliers must be in [0, 1] (a fraction of each hidden width), got "
+                             f"{self.split_outliers}")
 
     def default_alpha(self) -> float | None:
         if self.alpha is not None:
@@ -184,11 +201,6 @@ class QuantOptions:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _fake_quant_static(x: np.ndarray, amax: float) -> np.ndarray:
-    s = np.float32(amax / 127.0)
-    return (np.clip(np.rint(x / s), -127, 127) * s).astype(np.float32)
 
 
 def _weight_key(w: np.ndarray, axis: int, method: str) -> tuple[str, int, str]:
@@ -313,11 +325,13 @@ class _Builder:
                 out[wl.node] = LayerChoice(o.calibrator, dict(o.calibrator_params))
         return out
 
-    def layer_io(self, plan: QuantPlan, node: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def layer_io(self, plan: QuantPlan, node: str, *, raw: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(x_hat, x_float, w_float, w_quant)`` of one int8 layer, all in the ``[out, in]``/primed view.
 
         ``x_hat``: the layer's int8 input (dequantized) as the graph quantized up to the layer
-        feeds it; ``x_float``: the float input of the rewritten float model; ``w_*`` ``[out, in]``.
+        feeds it (``raw``: that input before the layer's own static quantizer); ``x_float``: the float
+        input of the rewritten float model; ``w_*`` ``[out, in]``.
         """
         layer = plan.layer(node)
         idx = [la.node for la in plan.layers].index(node)
@@ -336,8 +350,10 @@ class _Builder:
             x_hat = q.astype(np.float32) * r
             x_f = (x_f / d[None, :]).astype(np.float32)
             w = w * d[None, :]
-        else:
-            x_hat = _fake_quant_static(x_q, plan.activations[layer.input].amax)
+        elif raw:
+            x_hat = x_q.astype(np.float32)
+        else:  # NoisyQuant: the GEMM reads Q(x + N) - N (the noise leaves through the bias)
+            x_hat = fake_quant_noisy(x_q, plan.activations[layer.input].amax, layer.input_noise)
         assert layer.weight is not None
         wq = layer.weight.dequantize()
         wq = wq if layer.weight_axis == 0 else wq.T
@@ -348,6 +364,16 @@ class _Builder:
         report: dict[str, Any] = {}
         work = apply_input_scalings(self.model, plan.transforms) if plan.transforms else self.model
         for layer in list(plan.int8_layers()):
+            if stage == "noisy":
+                if layer.scheme != "static":
+                    continue
+                x_q, x_f, w, wq = self.layer_io(plan, layer.node, raw=True)
+                seed = self.opt.seed + [la.node for la in plan.layers].index(layer.node)
+                nr = noisy_bias(w, wq, x_q, x_f, plan.activations[layer.input].amax, seed=seed)
+                new = replace(layer, input_noise=nr.noise, notes={**layer.notes, "noisy_bias": nr.to_json()})
+                report[layer.node] = nr.to_json()
+                plan = replace(plan, layers=[new if la.node == layer.node else la for la in plan.layers])
+                continue
             x_hat, x_f, w, wq = self.layer_io(plan, layer.node)
             if stage in ("gptq", "stochastic"):
                 assert layer.weight is not None
@@ -384,13 +410,16 @@ class _Builder:
             plan = replace(plan, layers=[new if la.node == layer.node else la for la in plan.layers])
         return plan, report
 
-    def reconstruct(self, plan: QuantPlan) -> tuple[QuantPlan, dict[str, Any]]:
-        """Every static int8 layer's rounding and input scale at once against the float actions (BRECQ-style)."""
+    def reconstruct(self, plan: QuantPlan, method: str = "brecq") -> tuple[QuantPlan, dict[str, Any]]:
+        """Every static int8 layer's rounding (and, BRECQ-style, input scale) at once against the float actions;
+        ``method="discquant"``: DiscQuant's relaxed rounding (:data:`edgeq.quantizers.reconstruct.METHODS`)."""
         work = apply_input_scalings(self.model, plan.transforms) if plan.transforms else self.model
         o = self.opt
+        extra: dict[str, Any] = {"lr": 0.05} if method == "discquant" else {}
         res = reconstruct(work, plan, self.calib, self.scorer.half_range, state_weights=self.state_weights,
-                          iters=o.reconstruct_iters,
-                          learn_scales=o.reconstruct_scales, seed=o.seed, time_limit_s=o.reconstruct_seconds)
+                          iters=o.reconstruct_iters, method=method,
+                          learn_scales=o.reconstruct_scales, seed=o.seed, time_limit_s=o.reconstruct_seconds,
+                          **extra)
         return res.plan, res.report
 
     def kernels(self, plan: QuantPlan) -> QuantPlan:
@@ -413,7 +442,8 @@ class _Builder:
                     q, _ = crossquant.dynamic_quantize_reference(x, la.dynamic_factors, la.dynamic_alpha)
                     k = float(np.mean(q == 0))
                 else:
-                    k = quantization_kernel_fraction(x, plan.activations[la.input].amax)
+                    xn = x if la.input_noise is None else x + la.input_noise.reshape(1, -1)
+                    k = quantization_kernel_fraction(xn, plan.activations[la.input].amax)
                 la = replace(la, kernel=k, kernel_per_tensor=base)
             layers.append(la)
         return replace(plan, layers=layers)
@@ -468,6 +498,70 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
             objective_note = "action error weighted by the critic's value sensitivity"
     elif opt.objective == "critic":
         objective_note = "objective critic asked, but the policy has no Q critic: plain action error"
+    plan, errors = _first_stage(b, opt)
+    splits: list[ChannelSplit] = []
+    split_report: dict[str, Any] | None = None
+    if opt.split_outliers > 0:
+        sb, splits, split_report = _split_builder(b, opt, hr, lower)
+        if sb is not None:
+            if opt.objective == "critic" and weights is not None:
+                sb.scorer.set_weights(weights)
+                sb.state_weights = b.state_weights
+            splan, serrors = _first_stage(sb, opt)
+            last = "auto" if opt.auto else "initial"
+            kept = serrors[last] < errors[last]
+            split_report.update({"kept": kept, "heldout_score": {"unsplit": errors, "split": serrors}})
+            if kept:
+                b, plan, errors = sb, splan, serrors
+            else:
+                splits = []
+    current = errors["auto"] if opt.auto else errors["initial"]
+    stage_reports: dict[str, Any] = {}
+    roundings = [r for r in opt.rounding.split("+") if r != "nearest"]
+    for stage in [*(["noisy"] if opt.noisy_bias else []), *roundings,
+                  *(["bias_correction"] if opt.bias_correction else [])]:
+        if not plan.int8_layers():
+            continue
+        cand, rep = b.reconstruct(plan, stage) if stage in ("brecq", "discquant") else b.refine(plan, stage)
+        e = b.scorer(cand)
+        kept = e < current
+        stage_reports[stage] = {"kept": kept, "heldout_action_error": e, "layers": rep}
+        errors[stage] = e
+        if kept:
+            plan, current = cand, e
+    if opt.fp16_fallback > 0:
+        plan, rep = fp16_fallback(plan, b.scorer, max_layers=opt.fp16_fallback, target=opt.max_action_error)
+        stage_reports["fp16_fallback"] = rep
+        current = rep["error_after"]
+        errors["fp16_fallback"] = current
+    plan = b.kernels(plan)
+    final = b.scorer.summary(plan)  # scored on the builder's (split) model, before the splits join the plan
+    critic_metrics: dict[str, Any] = {}
+    if critic is not None and weights is not None:
+        n_held = len(b.held)
+        err_all = b.scorer.errors(plan)
+        final["weighted_mean"] = float((err_all[:n_held] * weights[:n_held]).mean())
+        vloss = value_loss(critic, b.held, b.scorer.reference[:n_held], b.scorer.actions(plan)[:n_held])
+        q_ref = float(np.mean(np.abs(critic(b.held, b.scorer.reference[:n_held]))))
+        critic_metrics = {"critic_value_loss": {"mean": float(vloss.mean()), "relative": float(vloss.mean() / q_ref),
+                                                "p99": float(np.percentile(vloss, 99))}}
+    plan.settings.update({"options": opt.to_json(), "tensorrt_compatible": plan.tensorrt_compatible})
+    plan.metrics.update({
+        "heldout_states": int(len(b.held)), "calibration_states": int(len(b.calib)),
+        "heldout_score_by_stage": {k: round(float(v), 6) for k, v in errors.items()},
+        "heldout_action_error": {k: round(v, 6) for k, v in final.items()},
+        "action_error_units": "|a_int8 - a_float| / action half-range; score = mean + tail_weight * cvar "
+                              "(mean of the worst tail_fraction of per-state max errors)",
+        "objective": objective_note, **critic_metrics,
+        "stages": stage_reports, "graph_evaluations": b.scorer.evaluations,
+        "seconds": round(time.perf_counter() - t0, 3)})
+    if split_report is not None:
+        plan.metrics["outlier_split"] = split_report
+    return replace(plan, splits=splits) if splits else plan
+
+
+def _first_stage(b: _Builder, opt: QuantOptions) -> tuple[QuantPlan, dict[str, Any]]:
+    """The initial plan and (with ``auto``) the per-layer search: the plan and the held-out score after each."""
     errors: dict[str, Any] = {}
     choices = b.initial_choices()
     plan = b.materialize(choices)
@@ -510,43 +604,23 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
         if mm_records:
             plan = replace(plan, metrics={**plan.metrics, "activation_matmul_search": mm_records})
         errors["auto"] = b.scorer(plan)
-    current = b.scorer(plan) if not opt.auto else errors["auto"]
-    stage_reports: dict[str, Any] = {}
-    roundings = [r for r in opt.rounding.split("+") if r != "nearest"]
-    for stage in [*roundings, *(["bias_correction"] if opt.bias_correction else [])]:
-        if not plan.int8_layers():
-            continue
-        cand, rep = b.reconstruct(plan) if stage == "brecq" else b.refine(plan, stage)
-        e = b.scorer(cand)
-        kept = e < current
-        stage_reports[stage] = {"kept": kept, "heldout_action_error": e, "layers": rep}
-        errors[stage] = e
-        if kept:
-            plan, current = cand, e
-    if opt.fp16_fallback > 0:
-        plan, rep = fp16_fallback(plan, b.scorer, max_layers=opt.fp16_fallback, target=opt.max_action_error)
-        stage_reports["fp16_fallback"] = rep
-        current = rep["error_after"]
-        errors["fp16_fallback"] = current
-    plan = b.kernels(plan)
-    final = b.scorer.summary(plan)
-    critic_metrics: dict[str, Any] = {}
-    if critic is not None and weights is not None:
-        n_held = len(b.held)
-        err_all = b.scorer.errors(plan)
-        final["weighted_mean"] = float((err_all[:n_held] * weights[:n_held]).mean())
-        vloss = value_loss(critic, b.held, b.scorer.reference[:n_held], b.scorer.actions(plan)[:n_held])
-        q_ref = float(np.mean(np.abs(critic(b.held, b.scorer.reference[:n_held]))))
-        critic_metrics = {"critic_value_loss": {"mean": float(vloss.mean()), "relative": float(vloss.mean() / q_ref),
-                                                "p99": float(np.percentile(vloss, 99))}}
-    plan.settings.update({"options": opt.to_json(), "tensorrt_compatible": plan.tensorrt_compatible})
-    plan.metrics.update({
-        "heldout_states": int(len(b.held)), "calibration_states": int(len(b.calib)),
-        "heldout_score_by_stage": {k: round(float(v), 6) for k, v in errors.items()},
-        "heldout_action_error": {k: round(v, 6) for k, v in final.items()},
-        "action_error_units": "|a_int8 - a_float| / action half-range; score = mean + tail_weight * cvar "
-                              "(mean of the worst tail_fraction of per-state max errors)",
-        "objective": objective_note, **critic_metrics,
-        "stages": stage_reports, "graph_evaluations": b.scorer.evaluations,
-        "seconds": round(time.perf_counter() - t0, 3)})
-    return plan
+    return plan, errors
+
+
+def _split_builder(b: _Builder, opt: QuantOptions, hr: np.ndarray, lower: Lowering
+                   ) -> tuple[_Builder | None, list[ChannelSplit], dict[str, Any]]:
+    """Outlier channel splitting: the builder of the split model (None if nothing is worth splitting).
+
+    The split tensors' statistics are second-pass statistics on the stored calibration states (as for
+    a rewritten tensor); the rest keep the streamed ones. :func:`build_plan` keeps the split model only
+    if its plan scores lower after the per-layer search (or the initial plan, without ``auto``).
+    """
+    splits, rows = choose_splits(b.model, b.calib, float(opt.split_outliers))
+    report: dict[str, Any] = {"fraction": float(opt.split_outliers), "layers": rows, "kept": False}
+    if not splits:
+        report["note"] = "no split lowers the modelled quantization error (or no splittable hidden layer)"
+        return None, [], report
+    smodel = apply_splits(b.model, splits)
+    changed = [wl.input for wl in find_weighted_layers(smodel) if wl.node in {sp.layer for sp in splits}]
+    observers = {**b.stats.observers, **observe_states(smodel, b.calib, changed)}
+    return _Builder(smodel, replace(b.stats, observers=observers), opt, hr, lower), splits, report

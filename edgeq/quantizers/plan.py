@@ -42,6 +42,7 @@ from edgeq.calibration.observers import TensorObserver
 from edgeq.deploy.bundle_format import MANIFEST, PLAN, read_manifest, verify_files
 from edgeq.graph.analysis import constant_value, find_activation_matmuls, find_weighted_layers
 from edgeq.quantizers.int4 import Int4Weight
+from edgeq.quantizers.split import ChannelSplit, apply_splits
 from edgeq.quantizers.transforms import InputScaling, apply_input_scalings
 from edgeq.quantizers.weights import QuantizedWeight, quantize_weight
 
@@ -145,6 +146,9 @@ class LayerQuant:
     choice: dict[str, Any] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     weight4: Int4Weight | None = None
+    #: NoisyQuant's fixed noisy bias ``N`` ``[in]`` (:mod:`edgeq.quantizers.noisy`): the int8 layer quantizes
+    #: ``X + N`` and its float bias subtracts ``N · W_int8ᵀ``, so the noise leaves the output exactly
+    input_noise: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -174,6 +178,8 @@ class LayerQuant:
                       "weight_scale_min": float(s4.min()), "weight_scale_max": float(s4.max())})
         if self.bias is not None and self.precision in ("int8", "int4"):
             d["bias_corrected"] = True
+        if self.input_noise is not None and self.precision == "int8":
+            d["input_noise_range"] = float(np.ptp(self.input_noise)) if self.input_noise.size else 0.0
         for key in ("kernel", "kernel_per_tensor"):
             v = getattr(self, key)
             if v is not None:
@@ -198,6 +204,8 @@ class LayerQuant:
                 "notes": self.notes}
         if self.weight4 is not None:  # only int4-capable plans carry the key (older plan.json files unchanged)
             d["weight4"] = _weight4_to_dict(self.weight4)
+        if self.input_noise is not None:  # likewise: only NoisyQuant layers carry it
+            d["input_noise"] = _array_to_dict(self.input_noise)
         return d
 
     @classmethod
@@ -212,7 +220,8 @@ class LayerQuant:
                    str(d.get("rounding", "nearest")), None if d.get("bias") is None else _array_from_dict(d["bias"]),
                    None if d.get("bias_name") is None else str(d["bias_name"]), opt_float("kernel"),
                    opt_float("kernel_per_tensor"), d.get("choice"), dict(d.get("notes") or {}),
-                   _weight4_from_dict(d.get("weight4")))
+                   _weight4_from_dict(d.get("weight4")),
+                   None if d.get("input_noise") is None else _array_from_dict(d["input_noise"]))
 
 
 @dataclass(frozen=True)
@@ -269,6 +278,13 @@ class QuantPlan:
     transforms: list[InputScaling] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     matmuls: list[MatMulQuant] = field(default_factory=list)
+    #: outlier channel splits (:mod:`edgeq.quantizers.split`), applied to the float graph before ``transforms``
+    splits: list[ChannelSplit] = field(default_factory=list)
+
+    def rewritten(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """The exact float rewrite of ``model`` whose layers this plan quantizes: splits, then input scalings."""
+        work = apply_splits(model, self.splits) if self.splits else model
+        return apply_input_scalings(work, self.transforms) if self.transforms else work
 
     def int8_layers(self) -> list[LayerQuant]:
         return [layer for layer in self.layers if layer.precision == "int8"]
@@ -301,6 +317,7 @@ class QuantPlan:
 
     def to_json(self) -> dict[str, Any]:
         return {"settings": self.settings, "tensorrt_compatible": self.tensorrt_compatible,
+                **({"splits": [sp.to_json() for sp in self.splits]} if self.splits else {}),
                 "transforms": [t.to_json() for t in self.transforms],
                 "activations": [a.to_json() for a in self.activations.values()],
                 "layers": [layer.to_json() for layer in self.layers],
@@ -310,6 +327,7 @@ class QuantPlan:
     def to_dict(self) -> dict[str, Any]:
         """The plan's choices and artifact, exactly and JSON-safe (no metrics): ``plan.json`` of a bundle."""
         return {"format": PLAN_FORMAT, "settings": self.settings,
+                **({"splits": [sp.to_json() for sp in self.splits]} if self.splits else {}),
                 "transforms": [{"layer": t.layer, "factors": _array_to_dict(t.factors), "method": t.method,
                                 "alpha": t.alpha, "placement": t.placement, "details": t.details}
                                for t in self.transforms],
@@ -336,9 +354,10 @@ class QuantPlan:
                     for a in d.get("activations", [])}
             layers = [LayerQuant.from_dict(la) for la in d.get("layers", [])]
             matmuls = [MatMulQuant.from_json(m) for m in d.get("activation_matmuls", [])]
+            splits = [ChannelSplit.from_json(sp) for sp in d.get("splits", [])]
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed plan entry: {type(exc).__name__}: {exc}") from None
-        return cls(acts, layers, dict(d.get("settings") or {}), transforms, dict(metrics or {}), matmuls)
+        return cls(acts, layers, dict(d.get("settings") or {}), transforms, dict(metrics or {}), matmuls, splits)
 
     @classmethod
     def from_bundle(cls, bundle: str | Path) -> QuantPlan:

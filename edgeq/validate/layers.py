@@ -28,6 +28,7 @@ from edgeq.deploy.runtime import OrtPolicy
 from edgeq.export.qdq import apply_plan
 from edgeq.graph.analysis import constant_value, find_activation_matmuls, find_weighted_layers, node_scope
 from edgeq.quantizers.plan import ActivationQuant, LayerQuant, MatMulQuant, QuantPlan
+from edgeq.quantizers.split import merge_split_values
 from edgeq.quantizers.transforms import InputScaling, apply_input_scalings
 from edgeq.quantizers.weights import QuantizedWeight, quantize_weight
 
@@ -239,14 +240,24 @@ def per_layer_error(float_model: onnx.ModelProto, int8_model: onnx.ModelProto | 
     full = _evaluate(_session(int8_model, io, names), episodes, [*names, action])
     # An input scaling folded into the previous layer's weight rows (CrossQuant/equalization) leaves
     # that boundary tensor divided by the factors d in the INT8 graph: compare it with d undone.
+    # Outlier channel splits widened hidden tensors (their factors d are in the split widths): merge the
+    # copies back to the float widths after the scalings are undone.
+    splits = plan.splits if plan is not None else []
+
+    def merged(name: str, v: np.ndarray) -> np.ndarray:
+        return merge_split_values(float_model, splits, {name: v})[name] if splits else v
+
     if plan is not None and plan.transforms:
         inputs = {wl.node: wl.input for wl in find_weighted_layers(float_model)}
         for t in plan.transforms:
             tensor = inputs.get(t.layer)
             if tensor in full and tensor in ref and full[tensor].shape[1] == len(t.factors):
                 undone = full[tensor] * np.asarray(t.factors, np.float64)[None, :]
-                if np.abs(undone - ref[tensor]).mean() < np.abs(full[tensor] - ref[tensor]).mean():
+                if np.abs(merged(tensor, undone) - ref[tensor]).mean() < \
+                        np.abs(merged(tensor, full[tensor]) - ref[tensor]).mean():
                     full[tensor] = undone
+    if splits:
+        full = merge_split_values(float_model, splits, full)
     layers: list[dict[str, Any]] = []
     precision = {layer.node: layer.precision for layer in plan.layers} if plan is not None else {}
     for b in bounds:
@@ -280,6 +291,8 @@ def per_layer_error(float_model: onnx.ModelProto, int8_model: onnx.ModelProto | 
         variant = apply_plan(float_model, only_layer(plan, unit))
         vals = _evaluate(_session(variant, io, [tensor] if tensor else []), episodes,
                          [action, *([tensor] if tensor else [])])
+        if plan.splits:
+            vals = merge_split_values(float_model, plan.splits, vals)
         err = vals[action] - ref[action]
         entry: dict[str, Any] = {"node": unit, "role": roles.get(unit, "layer"), "block": _block_of(unit, att_blocks),
                                  "action_mse": float(np.mean(err ** 2)),
