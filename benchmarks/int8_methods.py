@@ -65,6 +65,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "discquant": {"rounding": "discquant"},
     "adaround+discquant": {"rounding": "adaround+discquant"},
     "split+discquant": {"rounding": "adaround+discquant", "split_outliers": 0.05},
+    # AffineQuant on the observation input (edgeq.quantizers.affine): learned scale + shift, folded exactly
+    "affine": {"affine_input": True},
+    "affine+split": {"affine_input": True, "split_outliers": 0.05},
     "default+critic": {"objective": "critic"},
     # deliberately coarse: development stand-ins for a hard layer (max calibrator, no first-layer fix)
     "coarse": {"transform": "none", "alpha": None, "auto": False, "rounding": "nearest", "bias_correction": False,
@@ -129,7 +132,7 @@ class Fixture:
         self.calib_s = time.perf_counter() - t0
 
 
-def run_method(fx: Fixture, method: str, episodes: str, tmp: Path) -> dict[str, Any]:
+def run_method(fx: Fixture, method: str, episodes: str, tmp: Path, first_seed: int = 0) -> dict[str, Any]:
     import onnx
 
     from edgeq.export.qdq import apply_plan
@@ -155,7 +158,7 @@ def run_method(fx: Fixture, method: str, episodes: str, tmp: Path) -> dict[str, 
                               design=design, failure=parse_failure(fx.config.validation.failure))
     io = {"input": fx.fp.input_name, "output": fx.fp.output_name, "state": []}
     t0 = time.perf_counter()
-    val = validate_models(fpath, qpath, io, fx.make_env, list(range(n_seeds)), env_id=fx.env,
+    val = validate_models(fpath, qpath, io, fx.make_env, list(range(first_seed, first_seed + n_seeds)), env_id=fx.env,
                           action_low=fx.fp.action_space.low_array, action_high=fx.fp.action_space.high_array,
                           options=vopts, episode_steps=fx.ep_len)
     cpu = val["targets"]["cpu"]
@@ -164,7 +167,7 @@ def run_method(fx: Fixture, method: str, episodes: str, tmp: Path) -> dict[str, 
     vd = cpu["verdict"]
     ha = plan.metrics["heldout_action_error"]
     row = {"fixture": fx.name, "env": fx.env, "method": method, "file": "policy.int8.onnx (every layer W8A8)",
-           "target": "cpu (onnxruntime)", "episodes": int(len(f)),
+           "target": "cpu (onnxruntime)", "episodes": int(len(f)), "first_seed": first_seed,
            "float_mean": float(f.mean()), "int8_mean": float(q.mean()),
            "kept": 1.0 + float((q - f).mean()) / abs(float(f.mean())),
            "ci": vd["returns"].get("interval"), "verdict": vd.get("status"),
@@ -173,6 +176,8 @@ def run_method(fx: Fixture, method: str, episodes: str, tmp: Path) -> dict[str, 
            "critic_value_loss": plan.metrics.get("critic_value_loss", {}).get("relative"),
            "plan_s": round(plan_s, 1), "validate_s": round(time.perf_counter() - t0, 1),
            "stages": {k: v.get("kept") for k, v in plan.metrics.get("stages", {}).items()},
+           "outlier_split_kept": plan.metrics.get("outlier_split", {}).get("kept"),
+           "added_units": sum(len(sp.units) for sp in plan.splits),
            "verdict_raw": vd}
     return row
 
@@ -190,6 +195,8 @@ def main() -> None:
     ap.add_argument("--fixture", action="append", required=True, help="NAME:ENV (repeatable)")
     ap.add_argument("--methods", default="default,gptq,brecq")
     ap.add_argument("--episodes", default="20")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="validation seeds start here (e.g. 1000: a confirmation on seeds no earlier run used)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "int8_methods.md"))
     ap.add_argument("--jsonl", default=str(ROOT / "benchmarks" / "results" / "int8_methods.jsonl"))
     args = ap.parse_args()
@@ -201,21 +208,24 @@ def main() -> None:
     for spec in args.fixture:
         name, env = spec.split(":", 1)
         fx = Fixture(name, env)
+        seeds = f", validation seeds from {args.first_seed}" if args.first_seed else ""
         lines = [f"### {name} on {env}: `policy.int8.onnx` (every layer W8A8) on ONNX Runtime CPU, "
-                 f"episodes {args.episodes}", "", f"Command: `{command}`", "",
+                 f"episodes {args.episodes}{seeds}", "", f"Command: `{command}`", "",
                  "| method | float mean | int8 mean | kept | 95% CI of kept | verdict | failures float/int8 | "
                  "held-out action error (mean / score / critic-weighted) | plan s |",
                  "|---|---|---|---|---|---|---|---|---|"]
         with tempfile.TemporaryDirectory() as td:
             for m in methods:
-                row = run_method(fx, m, args.episodes, Path(td))
+                row = run_method(fx, m, args.episodes, Path(td), args.first_seed)
                 row["command"] = command
                 Path(args.jsonl).parent.mkdir(parents=True, exist_ok=True)
                 with open(args.jsonl, "a") as fh:
                     fh.write(json.dumps(row, default=float) + "\n")
                 w = row["heldout_weighted"]
+                ep = f" ({row['episodes']} ep)" if args.episodes == "auto" else ""
                 lines.append(f"| {m} | {row['float_mean']:.1f} | {row['int8_mean']:.1f} | {100 * row['kept']:.2f}% | "
-                             f"{_fmt_ci(row)} | {row['verdict']} | {row['failures']['float']}/{row['failures']['int8']}"
+                             f"{_fmt_ci(row)} | {row['verdict']}{ep} | "
+                             f"{row['failures']['float']}/{row['failures']['int8']}"
                              f" | {row['heldout_mean']:.4f} / {row['heldout_score']:.4f} / "
                              f"{'-' if w is None else f'{w:.4g}'} | {row['plan_s']} |")
                 print(lines[-1], flush=True)
