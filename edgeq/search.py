@@ -199,6 +199,7 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
            evaluate_all: bool = False, confirm: bool = True, latency_calls: int = 2000, overwrite: bool = False,
            reconstruct_iters: int = 600, reconstruct_seconds: float = 120.0,
            reconstruct_options: Mapping[str, Any] | None = None, reconstruct_states: str = "float",
+           int4_input_scaling: bool = False,
            only: Sequence[str] | None = None,
            log: Callable[[str], None] | None = None) -> SearchResult:
     """Search per-layer precision over {int4, int8, fp16} for the bundle's policy under a return budget.
@@ -236,6 +237,10 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
             states the candidate itself visits (its start plan rolled out for ``state_episodes`` episodes,
             seeds ``STATE_SEED + 500 ..``), labelled with the float policy's actions (DAgger-style), so the
             reconstruction fits where the quantized policy really goes.
+        int4_input_scaling: Give the first layer's int4 weight its own input scaling (SmoothQuant-style
+            equalization of the observation columns, ``alpha`` in 0.25..1 and the input's int8 range chosen by
+            the held-out action error; folded into the float pre-op exactly as the int8 scalings): the int8
+            plan's scaling balances an int8 weight grid, not a 15-level one. Used where it lowers the error.
         only: Validate only the candidates of these names (a benchmark's chosen rows); the others are built,
             sized and timed but not run (``NOT RUN``).
 
@@ -302,19 +307,21 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
     score_fn: Score = score if score is not None else scorer
     work = base.rewritten(fmodel)
     wls = {wl.node: wl for wl in find_weighted_layers(work)}
-    x_float = {}
+    x_float: dict[tuple[int, str], np.ndarray] = {}
 
-    def layer_inputs(plan: QuantPlan, node: str) -> tuple[np.ndarray, np.ndarray]:
+    def layer_inputs(plan: QuantPlan, node: str, graph: onnx.ModelProto | None = None) -> tuple[np.ndarray, np.ndarray]:
         layer = plan.layer(node)
+        g = work if graph is None else graph
         idx = [la.node for la in plan.layers].index(node)
         prefix = replace(plan, layers=[la if i < idx else replace(la, precision="float")
                                        for i, la in enumerate(plan.layers)])
         x_q = layer_rows(tensor_values(apply_plan(fmodel, prefix, check=False), calib, [layer.input])[layer.input])
-        if layer.input not in x_float:
-            x_float[layer.input] = layer_rows(tensor_values(work, calib, [layer.input])[layer.input])
+        key = (id(g), layer.input)
+        if key not in x_float:
+            x_float[key] = layer_rows(tensor_values(g, calib, [layer.input])[layer.input])
         s = np.float32(plan.activations[layer.input].scale)
         x_hat = (np.clip(np.rint(x_q / s), -127, 127) * s).astype(np.float32)
-        return x_hat, x_float[layer.input]
+        return x_hat, x_float[key]
 
     layers4 = []
     for la in base.int8_layers():
@@ -332,6 +339,7 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
     cands: list[MixedCandidate] = []
     ranking: list[tuple[str, float]] = []
     one4_by_start: dict[str, dict[str, QuantPlan]] = {}
+    rescaled_done: dict[str, bool] = {}
     half_range = action_half_range(low, high)
     for i, rnd in enumerate(roundings):
         joint = rnd.endswith("brecq")
@@ -340,6 +348,14 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
             one4_by_start[start] = {node: with_int4(base, node, w, block_size=block_size, inputs=layer_inputs,
                                                     original_bias=b, rounding=start) for node, w, b in layers4}
         one4 = one4_by_start[start]
+        if int4_input_scaling and not rescaled_done.get(start):
+            rescaled_done[start] = True
+            first = layers4[0]
+            alt = _int4_input_rescaled(base, first[0], fmodel, calib, scorer, start, block_size, layer_inputs)
+            if alt is not None and scorer(alt) < scorer(one4[first[0]]):
+                say(f"int4 input scaling of {first[0]} ({start}): held-out action error "
+                    f"{scorer(one4[first[0]]):.4g} -> {scorer(alt):.4g} with that layer alone in int4")
+                one4[first[0]] = alt
         saved = {n: plan_weight_bytes(base, sizes) - plan_weight_bytes(p, sizes) for n, p in one4.items()}
         rank_r = rank_layers(base, one4, score_fn, saved)
         ranking = ranking or rank_r
@@ -348,6 +364,7 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
         for c in candidate_plans(base, one4, rank_r, sizes, fp16_layers=fp16_order if i == 0 else (),
                                  score=score_fn):
             has4 = c.plan.int4_layers()
+            c = _with_int4_input_scalings(c, one4, base)
             if i > 0 and not has4:
                 continue  # the base/fp16 candidates: already listed
             if joint and has4:
@@ -357,8 +374,9 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
                                         num_envs, max_states, first_seed=STATE_SEED + 500)
                     rec_states = np.concatenate([calib, own[np.sort(np.random.default_rng(1).permutation(
                         len(own))[: len(calib)])]])
-                c = _reconstructed(c, work, rec_states, half_range, scorer, score_fn, iters=reconstruct_iters,
-                                   seconds=reconstruct_seconds, seed=seed, options=reconstruct_options or {})
+                c = _reconstructed(c, c.plan.rewritten(fmodel), rec_states, half_range, scorer, score_fn,
+                                   iters=reconstruct_iters, seconds=reconstruct_seconds, seed=seed,
+                                   options=reconstruct_options or {})
                 rec = c.notes["reconstruction"]
                 say(f"  {c.name} ({rnd}): joint reconstruction {'kept' if rec['kept'] else 'not kept'}, held-out "
                     f"action error {rec['heldout_action_error_start']:.4g} -> {rec['heldout_action_error']:.4g} "
@@ -468,6 +486,68 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
               "design": design.to_json(), "tolerance": tol.to_json(), "failure_rule": rule.to_json()}
     (out / "search.json").write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")
     return result
+
+
+def _int4_input_rescaled(base: QuantPlan, node: str, fmodel: onnx.ModelProto, calib: np.ndarray,
+                         scorer: ActionErrorScorer, rounding: str, block_size: int,
+                         layer_inputs: Callable[..., tuple[np.ndarray, np.ndarray]]) -> QuantPlan | None:
+    """``base`` with layer ``node`` in int4 under its own input scaling (``d = c^a / w^(1-a)``, SmoothQuant's
+    equalization for the int4 grid) and the int8 range of the rescaled input, the pair with the lowest
+    held-out action error; None where the layer's scaling cannot be replaced (folded, or shifted)."""
+    from edgeq.quantizers.equalize import equalization_factors
+    from edgeq.quantizers.plan import ActivationQuant
+    from edgeq.quantizers.transforms import InputScaling
+
+    old = [t for t in base.transforms if t.layer == node]
+    if old and (old[0].shift is not None or old[0].placement == "folded"):
+        return None
+    others = [t for t in base.transforms if t.layer != node]
+    plain = replace(base, transforms=others).rewritten(fmodel)
+    wl = next(w for w in find_weighted_layers(plain) if w.node == node)
+    if wl.bias is None:
+        return None
+    x = layer_rows(tensor_values(plain, calib, [wl.input])[wl.input]).astype(np.float64)
+    w_oi = np.asarray(constant_value(plain, wl.weight), np.float64)
+    la = base.layer(node)
+    w_oi = w_oi if la.weight_axis == 0 else w_oi.T
+    best: tuple[float, QuantPlan] | None = None
+    for alpha in (0.25, 0.5, 0.75, 1.0):
+        d = equalization_factors(np.abs(x).max(axis=0), np.abs(w_oi).max(axis=0), alpha)
+        tr = InputScaling(node, d, "equalize-int4", alpha)
+        plan_t = replace(base, transforms=[tr, *others])
+        graph = plan_t.rewritten(fmodel)
+        wl_t = next(w for w in find_weighted_layers(graph) if w.node == node)
+        w_t = np.asarray(constant_value(graph, wl_t.weight), np.float32)
+        b_t = None if wl_t.bias is None else np.asarray(constant_value(graph, wl_t.bias), np.float32)
+        for pct in (99.99, 100.0):
+            amax = float(np.percentile(np.abs(x / d), pct))
+            old_act = base.activations[la.input]
+            plan_a = replace(plan_t, activations={**plan_t.activations, la.input: ActivationQuant(
+                la.input, amax, "max" if pct == 100.0 else "percentile",
+                {"percentile": pct, "int4_input_scaling_alpha": alpha, "int8_plan_amax": old_act.amax})})
+            def inputs(p: QuantPlan, n: str, g: onnx.ModelProto = graph) -> tuple[np.ndarray, np.ndarray]:
+                return layer_inputs(p, n, g)
+
+            cand = with_int4(plan_a, node, w_t, block_size=block_size, rounding=rounding, original_bias=b_t,
+                             inputs=inputs,
+                             reason=f"int4 weights with their own input scaling (equalize alpha {alpha}), int8 input")
+            e = float(scorer(cand))
+            if best is None or e < best[0]:
+                best = (e, cand)
+    return None if best is None else best[1]
+
+
+def _with_int4_input_scalings(c: MixedCandidate, one4: Mapping[str, QuantPlan], base: QuantPlan) -> MixedCandidate:
+    """A candidate whose int4 layer came from a plan with its own input scaling takes that scaling and the
+    rescaled input's int8 range too (only that layer's weight depends on them)."""
+    plan = c.plan
+    for la in plan.int4_layers():
+        src = one4.get(la.node)
+        if src is None or src.transforms == base.transforms or src.layer(la.node) is not la:
+            continue
+        plan = replace(plan, transforms=list(src.transforms),
+                       activations={**plan.activations, la.input: src.activations[la.input]})
+    return c if plan is c.plan else replace(c, plan=plan)
 
 
 def _reconstructed(c: MixedCandidate, work: onnx.ModelProto, states: np.ndarray, half_range: np.ndarray,

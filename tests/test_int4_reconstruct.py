@@ -157,3 +157,47 @@ def test_int4_rounding_names() -> None:
     for bad in ("adaround", "", "gptq,magic"):
         with pytest.raises(EdgeqError, match="--int4-rounding"):
             int4_roundings(bad)
+
+
+def test_int4_input_scaling_of_the_first_layer_is_carried_by_every_candidate(pendulum: tuple) -> None:
+    """``edgeq search --int4-input-scaling``: the first layer's int4 weight under its own observation scaling;
+    a candidate with it in int4 takes that scaling and input range, whatever other layers are int4 too."""
+    from edgeq.quantizers.evaluate import ActionErrorScorer
+    from edgeq.quantizers.mixed import MixedCandidate, with_precisions
+    from edgeq.search import _int4_input_rescaled, _with_int4_input_scalings
+
+    model, work, base, calib, hold = pendulum
+    wls = find_weighted_layers(work)
+    scorer = ActionErrorScorer(model, hold, HALF_RANGE, lower=apply_plan)
+
+    def inputs(p: QuantPlan, node: str, graph=None) -> tuple[np.ndarray, np.ndarray]:
+        g = work if graph is None else graph
+        la = p.layer(node)
+        idx = [x.node for x in p.layers].index(node)
+        prefix = replace(p, layers=[x if i < idx else replace(x, precision="float") for i, x in enumerate(p.layers)])
+        x_q = layer_rows(tensor_values(apply_plan(model, prefix, check=False), calib, [la.input])[la.input])
+        s = np.float32(p.activations[la.input].scale)
+        return (np.clip(np.rint(x_q / s), -127, 127) * s).astype(np.float32), layer_rows(
+            tensor_values(g, calib, [la.input])[la.input])
+
+    first = wls[0].node
+    alt = _int4_input_rescaled(base, first, model, calib, scorer, "nearest", 0, inputs)
+    assert alt is not None
+    tr = next(t for t in alt.transforms if t.layer == first)
+    assert tr.method == "equalize-int4" and 0.25 <= tr.alpha <= 1.0
+    others = [t for t in alt.transforms if t.layer != first]
+    assert [t.layer for t in others] == [t.layer for t in base.transforms if t.layer != first]
+    la = alt.layer(first)
+    assert la.precision == "int4" and la.weight4 is not None and int(np.abs(la.weight4.q).max()) <= 7
+    assert alt.activations[la.input].params["int4_input_scaling_alpha"] == tr.alpha
+    # a W4A8 candidate (first layer from `alt`, the others plain int4) carries alt's scaling, not the base's
+    one4 = {wl.node: _w4a8(model, work, base, calib, "nearest", 0, nodes={wl.node}) for wl in wls[1:]}
+    one4[first] = alt
+    plan = with_precisions(base, one4, {n: "int4" for n in one4})
+    cand = _with_int4_input_scalings(MixedCandidate("W4A8", {n: "int4" for n in one4}, plan, 0.0), one4, base)
+    assert cand.plan.transforms == alt.transforms
+    assert cand.plan.activations[la.input] == alt.activations[la.input]
+    # and is the plan it claims: the exported file computes the plan's arithmetic on its rewritten graph
+    got = OrtPolicy(apply_plan(model, cand.plan).SerializeToString()).act(hold)
+    sim = fake_quant_actions(cand.plan.rewritten(model), cand.plan, hold)
+    assert float(np.median(np.abs(got - sim))) < 1e-5

@@ -46,6 +46,10 @@ def search(
                                                     "layer's rounding reconstructed jointly against the float "
                                                     "actions, int4 and int8 layers on their own grids), all "
                                                     "(nearest, gptq, gptq+brecq) or a comma list.")] = "both",
+    int4_input_scaling: Annotated[bool, typer.Option(
+        "--int4-input-scaling", help="Give the first layer's int4 weight its own observation scaling (SmoothQuant-"
+                                     "style, chosen by held-out action error; exact float pre-op); used where it "
+                                     "lowers that error.")] = False,
     episodes: Annotated[str, typer.Option(help="Paired episodes per candidate: auto (30, then +10 until decided) or "
                                                "N.")] = "auto",
     max_episodes: Annotated[int, typer.Option(help="Cap of the auto design per candidate.")] = 200,
@@ -73,7 +77,7 @@ def search(
         return run_search(bundle, out, max_loss=loss, objective=objective, block_size=block_size,
                           rounding=int4_rounding, episodes=n, max_episodes=max_episodes, seed=seed,
                           fp16_layers=fp16_layers, evaluate_all=evaluate_all, confirm=confirm, overwrite=overwrite,
-                          log=log)
+                          int4_input_scaling=int4_input_scaling, log=log)
 
     result = run_guarded(go)
     if as_json:
