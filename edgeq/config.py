@@ -241,6 +241,8 @@ class QuantizationConfig(_Section):
     dynamic: bool = False
     auto: bool = True
     auto_sweeps: int = 1
+    #: one search per input rewrite of the first layer, the best kept (QuantOptions.auto_starts)
+    auto_starts: str = "first-layer"
     rounding: str = "adaround"
     adaround_iters: int = 0
     reconstruct_iters: int = 600
@@ -493,7 +495,8 @@ class QuantizeConfig:
             return QuantOptions(
                 calibrator=c.calibrator, calibrator_params=dict(c.calibrator_params), weight_method=q.weight_method,
                 transform=q.transform, transform_layers=q.transform_layers, alpha=q.alpha, dynamic=q.dynamic,
-                auto=q.auto, auto_sweeps=q.auto_sweeps, rounding=q.rounding, adaround_iters=q.adaround_iters,
+                auto=q.auto, auto_sweeps=q.auto_sweeps, auto_starts=q.auto_starts, rounding=q.rounding,
+                adaround_iters=q.adaround_iters,
                 reconstruct_iters=q.reconstruct_iters, reconstruct_seconds=q.reconstruct_seconds,
                 reconstruct_scales=q.reconstruct_scales, objective=q.objective,
                 bias_correction=q.bias_correction, fp16_fallback=q.fp16_fallback,

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -65,6 +65,7 @@ __all__ = ["QuantOptions", "build_plan"]
 #: ``stochastic``) or the whole network at once (``brecq``: :mod:`edgeq.quantizers.reconstruct`).
 ROUNDINGS = ("nearest", "adaround", "gptq", "stochastic", "brecq", "gptq+brecq", "adaround+brecq")
 TRANSFORM_LAYERS = ("first", "all")
+AUTO_STARTS = ("recipe", "first-layer")
 
 
 @dataclass
@@ -88,6 +89,12 @@ class QuantOptions:
         auto_calibrators, auto_transforms: The candidates (default:
             :data:`~edgeq.quantizers.auto.DEFAULT_CALIBRATOR_CANDIDATES` / ``..._TRANSFORM_...``).
         auto_sweeps: Coordinate-descent sweeps.
+        auto_starts: ``recipe`` (one coordinate descent from the recipe's choices) or ``first-layer``
+            (one descent per input rewrite of the layer reading the observation, that layer held to
+            the rewrite's calibrator candidates; the best :data:`AUTO_STARTS_REFINED` go through the
+            rounding stages and the lowest held-out score after them is kept). Greedy descent from
+            one start can settle the first layer on a rewrite that is best only for the recipe's
+            later layers (benchmarks/results/int8_methods.md, the hard SAC HalfCheetah fixture).
         auto_weight_methods: After the activation search, each layer's weight quantizer is chosen
             among these the same way (default ``["absmax", "mse"]``; ``[]`` skips it).
         rounding: ``nearest``, ``adaround`` (per layer, :mod:`~edgeq.quantizers.adaround`), ``gptq``
@@ -129,6 +136,7 @@ class QuantOptions:
     auto_calibrators: list[tuple[str, dict[str, Any]]] | None = None
     auto_transforms: list[tuple[str, float | None]] | None = None
     auto_sweeps: int = 1
+    auto_starts: str = "recipe"
     auto_weight_methods: list[str] | None = None
     rounding: str = "nearest"
     adaround_iters: int = 0
@@ -167,6 +175,8 @@ class QuantOptions:
             raise ValueError(f"transform_layers must be one of {TRANSFORM_LAYERS}, got {self.transform_layers!r}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.auto_starts not in AUTO_STARTS:
+            raise ValueError(f"auto_starts must be one of {AUTO_STARTS}, got {self.auto_starts!r}")
         if self.dynamic and self.transform not in ("none", "crossquant"):
             raise ValueError("dynamic is CrossQuant's run-time form; it cannot combine with equalization")
         if self.alpha is not None and not 0.0 <= float(self.alpha) <= 1.0:
@@ -427,6 +437,57 @@ class _Builder:
         return replace(plan, layers=layers)
 
 
+@dataclass(frozen=True)
+class _Start:
+    """One per-layer search result: its start's name, held-out score, choices and per-layer records."""
+
+    name: str
+    score: float
+    choices: dict[str, LayerChoice]
+    records: dict[str, dict[str, Any]]
+
+
+#: with ``auto_starts: first-layer``, the best this many starts (by the search's score) go through the
+#: rounding stages, and the lowest score after them is kept: the rounding can reorder close starts
+AUTO_STARTS_REFINED = 2
+#: a first-layer rewrite starts a search only if that layer alone scores within this factor of the best one
+AUTO_STARTS_WITHIN = 1.25
+
+
+def _descend(nodes: list[str], initial: dict[str, LayerChoice], cands: list[LayerChoice],
+             score: Callable[[Mapping[str, LayerChoice]], float], opt: QuantOptions) -> list[_Start]:
+    """The per-layer search (:func:`choose_per_layer`) from one start or, with ``auto_starts:
+    first-layer``, from one start per input rewrite of the first layer; best score first."""
+    free = {n: cands for n in nodes}
+    if opt.auto_starts != "first-layer" or not nodes:
+        ch, rec = choose_per_layer(nodes, initial, free, score, sweeps=opt.auto_sweeps)
+        return [_Start("recipe", float(score(ch)), ch, rec)]
+    first = nodes[0]
+    families: dict[tuple[str, float | None, bool], tuple[float, LayerChoice]] = {}
+    for c in cands:  # each rewrite's best calibrator for the first layer, the later layers as the recipe has them
+        try:
+            sc = float(score({**initial, first: c}))
+        except ValueError:
+            continue
+        fam = (c.transform, c.alpha, c.dynamic)
+        if fam not in families or sc < families[fam][0]:
+            families[fam] = (sc, c)
+    if not families:
+        ch, rec = choose_per_layer(nodes, initial, free, score, sweeps=opt.auto_sweeps)
+        return [_Start("recipe", float(score(ch)), ch, rec)]
+    best_first = min(sc for sc, _ in families.values())
+    out = []
+    for (transform, alpha, dynamic), (sc, c0) in families.items():
+        if sc > AUTO_STARTS_WITHIN * best_first:  # hopeless from the first layer alone
+            continue
+        held = [c for c in cands if (c.transform, c.alpha, c.dynamic) == (transform, alpha, dynamic)]
+        ch, rec = choose_per_layer(nodes, {**initial, first: c0}, {**free, first: held}, score,
+                                   sweeps=opt.auto_sweeps)
+        name = transform + ("" if alpha is None else f"(alpha={alpha:g})") + (" dynamic" if dynamic else "")
+        out.append(_Start(name, float(score(ch)), ch, rec))
+    return sorted(out, key=lambda st: st.score)
+
+
 def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOptions | None = None, *,
                lower: Lowering, half_range: Sequence[float] | np.ndarray | None = None,
                recurrent: bool = False, critic: ValueFn | None = None) -> QuantPlan:
@@ -484,18 +545,11 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
     choices = b.initial_choices()
     plan = b.materialize(choices)
     errors["initial"] = b.scorer(plan)
-    records: dict[str, Any] = {}
-    if opt.auto:
-        cands = candidate_choices(opt.auto_calibrators or DEFAULT_CALIBRATOR_CANDIDATES,
-                                  opt.auto_transforms or DEFAULT_TRANSFORM_CANDIDATES)
-        if opt.dynamic:
-            cands += [LayerChoice(opt.calibrator, dict(opt.calibrator_params), "crossquant", a, dynamic=True)
-                      for a in sorted({opt.default_alpha() or crossquant.DEFAULT_ALPHA, 1.0})]
-        int8_nodes = [wl.node for wl in b.layers if wl.node not in opt.keep_float]
-        score = lambda ch: b.scorer(b.materialize(ch))  # noqa: E731
-        choices, records = choose_per_layer(int8_nodes, choices, {n: cands for n in int8_nodes}, score,
-                                            sweeps=opt.auto_sweeps)
+    def searched(choices: dict[str, LayerChoice], records: dict[str, Any], int8_nodes: list[str],
+                 score: Callable[[Mapping[str, LayerChoice]], float]) -> QuantPlan:
+        """The plan of one per-layer search result: weight quantizers and attention inputs chosen too."""
         methods = ["absmax", "mse"] if opt.auto_weight_methods is None else list(opt.auto_weight_methods)
+        records = {n: dict(r) for n, r in records.items()}
         if methods:
             choices = {n: replace(c, weight_method=c.weight_method or opt.weight_method) if n in int8_nodes else c
                        for n, c in choices.items()}
@@ -521,20 +575,51 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
                                 if m.node in mm_records and m.precision == "int8" else m for m in plan.matmuls])
         if mm_records:
             plan = replace(plan, metrics={**plan.metrics, "activation_matmul_search": mm_records})
-        errors["auto"] = b.scorer(plan)
-    current = b.scorer(plan) if not opt.auto else errors["auto"]
-    stage_reports: dict[str, Any] = {}
-    roundings = [r for r in opt.rounding.split("+") if r != "nearest"]
-    for stage in [*roundings, *(["bias_correction"] if opt.bias_correction else [])]:
-        if not plan.int8_layers():
-            continue
-        cand, rep = b.reconstruct(plan) if stage == "brecq" else b.refine(plan, stage)
-        e = b.scorer(cand)
-        kept = e < current
-        stage_reports[stage] = {"kept": kept, "heldout_action_error": e, "layers": rep}
-        errors[stage] = e
-        if kept:
-            plan, current = cand, e
+        return plan
+
+    def refined(plan: QuantPlan, current: float) -> tuple[QuantPlan, float, dict[str, Any], dict[str, float]]:
+        """The rounding stages and bias correction, each kept only if it lowers the held-out score."""
+        reports: dict[str, Any] = {}
+        errs: dict[str, float] = {}
+        roundings = [r for r in opt.rounding.split("+") if r != "nearest"]
+        for stage in [*roundings, *(["bias_correction"] if opt.bias_correction else [])]:
+            if not plan.int8_layers():
+                continue
+            cand, rep = b.reconstruct(plan) if stage == "brecq" else b.refine(plan, stage)
+            e = b.scorer(cand)
+            kept = e < current
+            reports[stage] = {"kept": kept, "heldout_action_error": e, "layers": rep}
+            errs[stage] = e
+            if kept:
+                plan, current = cand, e
+        return plan, current, reports, errs
+
+    if opt.auto:
+        cands = candidate_choices(opt.auto_calibrators or DEFAULT_CALIBRATOR_CANDIDATES,
+                                  opt.auto_transforms or DEFAULT_TRANSFORM_CANDIDATES)
+        if opt.dynamic:
+            cands += [LayerChoice(opt.calibrator, dict(opt.calibrator_params), "crossquant", a, dynamic=True)
+                      for a in sorted({opt.default_alpha() or crossquant.DEFAULT_ALPHA, 1.0})]
+        int8_nodes = [wl.node for wl in b.layers if wl.node not in opt.keep_float]
+        score = lambda ch: b.scorer(b.materialize(ch))  # noqa: E731
+        starts = _descend(int8_nodes, choices, cands, score, opt)
+        outcomes = []
+        for start in starts[:AUTO_STARTS_REFINED]:
+            p = searched(start.choices, start.records, int8_nodes, score)
+            e_auto = b.scorer(p)
+            outcomes.append((e_auto, *refined(p, e_auto), start))
+        e_auto, plan, current, stage_reports, stage_errors, chosen = min(outcomes, key=lambda o: o[2])
+        errors["auto"] = e_auto
+        errors.update(stage_errors)
+        if len(starts) > 1:
+            plan = replace(plan, metrics={**plan.metrics, "auto_starts": {
+                "first_layer": int8_nodes[0],
+                "score_by_start": {st.name: round(st.score, 6) for st in starts},
+                "refined": {o[-1].name: round(o[2], 6) for o in outcomes},
+                "chosen": chosen.name}})
+    else:
+        plan, current, stage_reports, stage_errors = refined(plan, b.scorer(plan))
+        errors.update(stage_errors)
     if opt.fp16_fallback > 0:
         plan, rep = fp16_fallback(plan, b.scorer, max_layers=opt.fp16_fallback, target=opt.max_action_error)
         stage_reports["fp16_fallback"] = rep
