@@ -2,7 +2,11 @@
 # The GPU run of issue 15 (fused INT8 backend, pinned ORT copies, torch-free TensorRT runner).
 # Runs on the GPU machine from a copy of the repository (the command `cd`s there first), with bundles
 # made here in ./bundles (halfcheetah, elu512). Writes to $OUT: env.txt, pytest-*.txt, bench.json/.txt.
-#   bash benchmarks/gpu_issue15.sh [tests] [ort-tests] [returns] [validate] [bench] [history] [jitter]  (default: tests bench)
+#   bash benchmarks/gpu_issue15.sh [tests] [ort-tests] [returns] [validate] [bench] [history] [jitter] [rnn] [rnn-bench]  (default: tests bench)
+# rnn / rnn-bench: the fused recurrent backend (tests/test_fused_rnn.py; benchmarks/gpu_recurrent.py) on bundles/rppo
+# (recurrentppo-pendulum.zip) and bundles/tslstm (torchscript-lstm-invertedpendulum.pt), made here with
+#   edgeq quantize tests/fixtures/policies/recurrentppo-pendulum.zip --env Pendulum-v1 --out bundles/rppo --episodes 4 --calib-episodes 6
+#   edgeq quantize tests/fixtures/policies/torchscript-lstm-invertedpendulum.pt --env InvertedPendulum-v5 --out bundles/tslstm --episodes 4 --calib-episodes 6
 # history: benchmarks/gpu_history.py on bundles/{fs-hc,eb-hc,tf-hc} (issue 16's HalfCheetah history fixtures);
 # jitter: benchmarks/gpu_jitter.py, batch 1, the default configuration and torch's graph, JITTER_REPEATS runs.
 # ONNX Runtime GPU, gymnasium and MuJoCo come from ../shared/tools/ort-gpu-wheels.sh's parts, installed
@@ -53,6 +57,13 @@ PY
   jitter)
     python3 benchmarks/gpu_jitter.py bundles/halfcheetah bundles/elu512 --calls 20000 --repeats "${JITTER_REPEATS:-1}" \
       --configs "native, spin (new default)" --json "$OUT/jitter-${JITTER_TAG:-0}.json" 2>&1 | grep -a "^\[" ;;
+  rnn)   # the fused recurrent backend against ONNX Runtime's CPU: synthetic LSTM/GRU, batches 1..4096, full episodes
+    EDGEQ_GPU_BUNDLE_RPPO=$PWD/bundles/rppo EDGEQ_GPU_BUNDLE_TSLSTM=$PWD/bundles/tslstm \
+      python3 -m pytest -q -rs -s -p no:cacheprovider tests/test_fused_rnn.py 2>&1 | tee "$OUT/pytest-rnn.txt" | tail -25 ;;
+  rnn-bench)
+    python3 benchmarks/gpu_recurrent.py bundles/rppo="RecurrentPPO Pendulum LSTM 32" \
+      bundles/tslstm="rsl_rl TorchScript LSTM 64 + ELU [64,64]" --batches 1 32 4096 \
+      --json "$OUT/rnn-bench.json" 2>&1 | tee "$OUT/rnn-bench.txt" | grep -av "^\[" ;;
   bench)
     python3 benchmarks/gpu_backends.py bundles/halfcheetah="SAC HalfCheetah-v5 [256,256] ReLU (trained fixture)" \
       bundles/elu512="ELU [512,256,128] (random weights, torch module)" --batches 1 32 256 4096 \

@@ -58,6 +58,13 @@ METHODS: dict[str, dict[str, Any]] = {
     "split": {"split_outliers": 0.05},
     "split-10": {"split_outliers": 0.1},
     "split+brecq": {"split_outliers": 0.05, "rounding": "adaround+brecq"},
+    # NoisyQuant (edgeq.quantizers.noisy): fixed noise before each input quantizer, removed through the bias
+    "noisy": {"noisy_bias": True},
+    "noisy+split": {"noisy_bias": True, "split_outliers": 0.05},
+    # DiscQuant (edgeq.quantizers.reconstruct METHODS): relaxed rounding of every layer against the float actions
+    "discquant": {"rounding": "discquant"},
+    "adaround+discquant": {"rounding": "adaround+discquant"},
+    "split+discquant": {"rounding": "adaround+discquant", "split_outliers": 0.05},
     "default+critic": {"objective": "critic"},
     # deliberately coarse: development stand-ins for a hard layer (max calibrator, no first-layer fix)
     "coarse": {"transform": "none", "alpha": None, "auto": False, "rounding": "nearest", "bias_correction": False,

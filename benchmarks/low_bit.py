@@ -52,7 +52,7 @@ def run_fixture(spec: str, args: argparse.Namespace, cmd: str) -> None:
     policy = Path(args.policies) / f"{name}.zip"
     work = Path(args.work) / name
     bundle = work / f"bundle-{args.seed}"
-    sdir = work / f"search-b{args.block_size}-{args.rounding}{args.tag}"
+    sdir = work / f"search-b{args.block_size}-{args.rounding.replace(',', '_')}{args.tag}"
     t_q = t_s = 0.0
     rec_path = sdir / "search.json"
     done = rec_path.is_file() and json.loads(rec_path.read_text()).get("status") != "RUNNING"
@@ -64,7 +64,10 @@ def run_fixture(spec: str, args: argparse.Namespace, cmd: str) -> None:
         t_q = time.perf_counter() - t0
         t0 = time.perf_counter()
         search(bundle, sdir, max_loss=args.max_loss, episodes=args.episodes, max_episodes=args.max_episodes,
-               seed=args.seed, block_size=args.block_size, evaluate_all=True, rounding=args.rounding, overwrite=True,
+               seed=args.seed, block_size=args.block_size, evaluate_all=not args.first_pass, rounding=args.rounding,
+               overwrite=True, only=args.only.split(",") if args.only else None,
+               reconstruct_iters=args.reconstruct_iters, reconstruct_states=args.reconstruct_states,
+               reconstruct_options={k: json.loads(v) for k, v in (o.split("=", 1) for o in args.reconstruct)},
                log=lambda s: print(f"[{name}] {s}", flush=True))
         t_s = time.perf_counter() - t0
     rec = json.loads((sdir / "search.json").read_text())
@@ -95,6 +98,15 @@ def run_fixture(spec: str, args: argparse.Namespace, cmd: str) -> None:
     for r in all_rows:
         if r["name"] not in ("W8A8", "W4A8") and (best is None or r["name"] != best["name"]):
             lines.append(_row(r, base["file_bytes"], "other candidate"))
+    recon = []
+    for r in all_rows:
+        rc = r.get("reconstruction")
+        if rc:
+            recon.append(f"{r['name']} {rc['heldout_action_error_start']:.4g} -> {rc['heldout_action_error']:.4g} "
+                         f"({'kept' if rc['kept'] else 'not kept'}, {rc['iters']} steps, {rc['seconds']} s)")
+    if recon:
+        lines += ["", "Joint reconstruction (`+brecq`: every int4 and int8 layer's rounding and every input scale "
+                  "against the float actions; held-out action error before -> after): " + "; ".join(recon) + "."]
     ranking = ", ".join(f"{x['layer']} {x['heldout_action_error']:.4g}" for x in rec["int4_sensitivity_ranking"])
     timing = f"; quantize {t_q:.0f} s, search {t_s:.0f} s" if t_s else " (rendered from search.json)"
     lines += ["", f"int4 moves in ranked order (held-out action error with that layer alone in int4): {ranking}. "
@@ -215,7 +227,18 @@ def main() -> None:
     ap.add_argument("--max-episodes", type=int, default=200)
     ap.add_argument("--max-loss", type=float, default=0.01)
     ap.add_argument("--block-size", type=int, default=0)
-    ap.add_argument("--rounding", default="both", choices=["both", "gptq", "nearest"], help="int4 rounding")
+    ap.add_argument("--rounding", default="both",
+                    help="int4 rounding (edgeq search --int4-rounding): nearest, gptq, brecq, gptq+brecq, both, all, "
+                         "or a comma list")
+    ap.add_argument("--only", default="", help="validate only these candidates (comma list of names, e.g. "
+                                               "W4A8,W4A8+gptq+brecq); the others are built and timed, NOT RUN")
+    ap.add_argument("--reconstruct-iters", type=int, default=600, help="Adam steps of each +brecq reconstruction")
+    ap.add_argument("--reconstruct", action="append", default=[], metavar="KEY=JSON",
+                    help="more options of edgeq.quantizers.reconstruct.reconstruct, e.g. learn_scales=false")
+    ap.add_argument("--reconstruct-states", default="float", choices=["float", "closed-loop"],
+                    help="states of the +brecq reconstruction: the float policy's, or also the candidate's own")
+    ap.add_argument("--first-pass", action="store_true",
+                    help="stop at the first accepted candidate, as edgeq search does (default: evaluate all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kernels", action="store_true", help="measure ORT's int4 kernels (one layer)")
     ap.add_argument("--calls", type=int, default=2000)

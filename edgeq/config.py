@@ -265,6 +265,9 @@ class QuantizationConfig(_Section):
     #: width is added as duplicated-and-halved units where they lower the modelled int8 error; exact in
     #: float, kept only if the held-out score of the initial plan drops; 0 = off
     split_outliers: float = 0.0
+    #: NoisyQuant (edgeq.quantizers.noisy): a fixed seeded noise on each int8 layer's input, removed exactly
+    #: through its bias, where it lowers the layer's held-out output error; off by default
+    noisy_bias: bool = False
 
 
 @dataclass(frozen=True)
@@ -502,7 +505,7 @@ class QuantizeConfig:
                 bias_correction=q.bias_correction, fp16_fallback=q.fp16_fallback,
                 max_action_error=q.max_action_error, tail_weight=q.tail_weight, tail_fraction=q.tail_fraction,
                 tail_on_calibration_states=q.tail_on_calibration_states, keep_float=list(q.keep_float),
-                split_outliers=q.split_outliers)
+                split_outliers=q.split_outliers, noisy_bias=q.noisy_bias)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"calibration recipe {c.recipe!r}: {exc}") from None
 

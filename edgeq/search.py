@@ -62,6 +62,7 @@ from edgeq.export.trt_rules import check_qdq_model
 from edgeq.graph.analysis import constant_value, find_weighted_layers
 from edgeq.quantizers.evaluate import ActionErrorScorer, action_half_range
 from edgeq.quantizers.mixed import (
+    INT4_ROUNDINGS,
     MixedCandidate,
     candidate_plans,
     layer_sizes,
@@ -71,18 +72,21 @@ from edgeq.quantizers.mixed import (
 )
 from edgeq.quantizers.plan import QuantPlan
 from edgeq.quantizers.precision import layer_sensitivity
+from edgeq.quantizers.reconstruct import reconstruct
 from edgeq.rollout import run_episodes
 from edgeq.validate.outcomes import parse_failure
 from edgeq.validate.sequential import episode_design
 from edgeq.validate.validator import ValidationOptions, decision_record, save_validation, validate_models
 from edgeq.validate.verdict import FAIL, PASS, Tolerance
 
-__all__ = ["OBJECTIVES", "SearchResult", "search"]
+__all__ = ["OBJECTIVES", "SearchResult", "int4_roundings", "search"]
 
 OBJECTIVES = ("size", "latency")
-#: ``rounding`` values of :func:`search`: which int4 roundings make candidates (``both``: each candidate of
-#: int4 layers twice, nearest and GPTQ; the closed-loop verdict, not the proxy, decides between them).
-ROUNDING_SETS: dict[str, tuple[str, ...]] = {"nearest": ("nearest",), "gptq": ("gptq",), "both": ("nearest", "gptq")}
+#: Named ``rounding`` values of :func:`search`: which int4 roundings make candidates (``both``: each candidate
+#: of int4 layers twice, nearest and GPTQ; ``all``: also GPTQ then the joint reconstruction; the closed-loop
+#: verdict, not the proxy, decides between them). A comma list of :data:`INT4_ROUNDINGS` works too.
+ROUNDING_SETS: dict[str, tuple[str, ...]] = {
+    **{r: (r,) for r in INT4_ROUNDINGS}, "both": ("nearest", "gptq"), "all": ("nearest", "gptq", "gptq+brecq")}
 #: First seed of the float rollouts that give the search its states (far from validation seeds 0..).
 STATE_SEED = 1_000_000
 #: Offset of the confirmation seeds: a PASSing candidate is judged again on ``CONFIRM_SEED + seed ..``.
@@ -111,15 +115,30 @@ class SearchResult:
                 "candidates": self.rows}
 
 
+def int4_roundings(rounding: str) -> tuple[str, ...]:
+    """The int4 roundings of ``--int4-rounding``: a name of :data:`ROUNDING_SETS` or a comma list of
+    :data:`~edgeq.quantizers.mixed.INT4_ROUNDINGS` (``nearest,gptq+brecq``), in order, without repeats."""
+    text = str(rounding).strip()
+    if text in ROUNDING_SETS:
+        return ROUNDING_SETS[text]
+    parts = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    bad = [p for p in parts if p not in INT4_ROUNDINGS]
+    if bad or not parts:
+        raise EdgeqError(f"--int4-rounding {rounding!r}; expected one of {', '.join(ROUNDING_SETS)} or a comma list "
+                         f"of {', '.join(INT4_ROUNDINGS)}")
+    return parts
+
+
 def _float_states(fmodel: bytes, io: dict[str, Any], make_env: Callable[[], Any], episodes: int,
-                  num_envs: int, max_states: int) -> np.ndarray:
+                  num_envs: int, max_states: int, first_seed: int = STATE_SEED) -> np.ndarray:
+    """The states a policy (``fmodel``: the float one, or a candidate's file) visits in ``episodes`` episodes."""
     rt = OrtPolicy(fmodel, input_name=io.get("input", "obs"), output_name=io.get("output", "actions"))
     seen: list[np.ndarray] = []
 
     def hook(obs: np.ndarray, actions: np.ndarray, active: np.ndarray) -> None:
         seen.append(np.asarray(obs[active], np.float32).copy())
 
-    run_episodes(make_env, rt, list(range(STATE_SEED, STATE_SEED + episodes)), num_envs=num_envs, on_step=hook)
+    run_episodes(make_env, rt, list(range(first_seed, first_seed + episodes)), num_envs=num_envs, on_step=hook)
     states = np.concatenate(seen) if seen else np.zeros((0, 0), np.float32)
     if len(states) > max_states:  # a deterministic thinning over the whole episodes
         states = states[np.linspace(0, len(states) - 1, max_states).astype(np.int64)]
@@ -172,6 +191,9 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
            fail_tol: float = 0.02, failure: str | None = None, score: Score | None = None,
            fp16_layers: int = 1, state_episodes: int = 6, max_states: int = 6000, num_envs: int = 8,
            evaluate_all: bool = False, confirm: bool = True, latency_calls: int = 2000, overwrite: bool = False,
+           reconstruct_iters: int = 600, reconstruct_seconds: float = 120.0,
+           reconstruct_options: Mapping[str, Any] | None = None, reconstruct_states: str = "float",
+           only: Sequence[str] | None = None,
            log: Callable[[str], None] | None = None) -> SearchResult:
     """Search per-layer precision over {int4, int8, fp16} for the bundle's policy under a return budget.
 
@@ -182,12 +204,16 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
         max_loss: Return loss allowed, relative to |float mean| (0.01 = 1%).
         objective: ``size`` (file bytes of the portable file) or ``latency`` (batch-1 median of the CPU file).
         block_size: int4 weights per output channel (0) or in blocks of this many inputs.
-        rounding: int4 rounding: ``nearest``, ``gptq`` (error compensation, kept per layer only where it
-            lowers the held-out layer output error) or ``both`` (default: every int4 candidate in both
-            roundings, validated in size order). Bias correction follows either. GPTQ lowers the held-out
-            action error 2-4x but lost return on SAC HalfCheetah (W4A8 91.0% vs nearest 100.0%) while it
-            made a PPO HalfCheetah candidate PASS (``benchmarks/results/low_bit.md``): the proxy does not
-            predict the return, so the verdict chooses.
+        rounding: int4 rounding (:func:`int4_roundings`): ``nearest``, ``gptq`` (error compensation, kept per
+            layer only where it lowers the held-out layer output error), ``brecq`` / ``gptq+brecq`` (nearest
+            or GPTQ integers, then the whole candidate reconstructed jointly against the float actions:
+            every int4 and int8 layer's rounding on its own grid and every input scale,
+            :mod:`edgeq.quantizers.reconstruct`; kept only where it lowers the held-out action error),
+            ``both`` (default: every int4 candidate with nearest and with GPTQ rounding, validated in size
+            order), ``all`` (nearest, gptq, gptq+brecq) or a comma list. Bias correction follows the
+            per-layer roundings. GPTQ lowers the held-out action error 2-4x but lost return on SAC
+            HalfCheetah (W4A8 91.0% vs nearest 100.0%) while it made a PPO HalfCheetah candidate PASS
+            (``benchmarks/results/low_bit.md``): the proxy does not predict the return, so the verdict chooses.
         episodes, max_episodes, seed: Validation design (``auto``: 30, then +10 up to ``max_episodes``)
             and first seed.
         score: Sensitivity score of a plan (lower is better); default the held-out action error.
@@ -196,14 +222,24 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
         confirm: Accept a PASSing candidate only if it PASSes again on fresh seeds (``CONFIRM_SEED`` + the
             validation seeds): the search tests several candidates and keeps the first that passes, so
             without it the chance of keeping one that loses more than the budget grows with their number.
+        reconstruct_iters, reconstruct_seconds: Adam steps and time bound of each candidate's joint
+            reconstruction (``brecq`` roundings); ``reconstruct_options``: more keyword arguments of
+            :func:`~edgeq.quantizers.reconstruct.reconstruct` (``learn_scales``, ``learn_bias``, ``lr``, ...).
+        reconstruct_states: ``float`` (the float policy's calibration states) or ``closed-loop``: also the
+            states the candidate itself visits (its start plan rolled out for ``state_episodes`` episodes,
+            seeds ``STATE_SEED + 500 ..``), labelled with the float policy's actions (DAgger-style), so the
+            reconstruction fits where the quantized policy really goes.
+        only: Validate only the candidates of these names (a benchmark's chosen rows); the others are built,
+            sized and timed but not run (``NOT RUN``).
 
     Returns:
         A :class:`SearchResult`; ``best_bundle`` is ``out/best`` when a candidate PASSed.
     """
     if objective not in OBJECTIVES:
         raise EdgeqError(f"--objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
-    if rounding not in ROUNDING_SETS:
-        raise EdgeqError(f"--int4-rounding {rounding!r}; expected one of {', '.join(ROUNDING_SETS)}")
+    roundings = int4_roundings(rounding)
+    if reconstruct_states not in ("float", "closed-loop"):
+        raise EdgeqError(f"reconstruct_states {reconstruct_states!r}; expected float or closed-loop")
     if not 0.0 < max_loss < 1.0:
         raise EdgeqError(f"--max-loss {max_loss!r}: expected a fraction in (0, 1), e.g. 0.01 for 1%")
     say = log or (lambda s: None)
@@ -273,7 +309,6 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
         x_hat = (np.clip(np.rint(x_q / s), -127, 127) * s).astype(np.float32)
         return x_hat, x_float[layer.input]
 
-    roundings = ROUNDING_SETS[rounding]
     layers4 = []
     for la in base.int8_layers():
         wl = wls.get(la.node)
@@ -289,19 +324,42 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
         fp16_order = [n for n, _ in sorted(sens.items(), key=lambda kv: (kv[1], kv[0]))][:fp16_layers]
     cands: list[MixedCandidate] = []
     ranking: list[tuple[str, float]] = []
+    one4_by_start: dict[str, dict[str, QuantPlan]] = {}
+    half_range = action_half_range(low, high)
     for i, rnd in enumerate(roundings):
-        one4 = {node: with_int4(base, node, w, block_size=block_size, inputs=layer_inputs, original_bias=b,
-                                rounding=rnd) for node, w, b in layers4}
+        joint = rnd.endswith("brecq")
+        start = "nearest" if rnd == "brecq" else rnd.removesuffix("+brecq")
+        if start not in one4_by_start:
+            one4_by_start[start] = {node: with_int4(base, node, w, block_size=block_size, inputs=layer_inputs,
+                                                    original_bias=b, rounding=start) for node, w, b in layers4}
+        one4 = one4_by_start[start]
         saved = {n: plan_weight_bytes(base, sizes) - plan_weight_bytes(p, sizes) for n, p in one4.items()}
         rank_r = rank_layers(base, one4, score_fn, saved)
         ranking = ranking or rank_r
-        say(f"int4 moves ({rnd} rounding), best first (held-out action error with that layer alone in int4; "
+        say(f"int4 moves ({start} rounding), best first (held-out action error with that layer alone in int4; "
             "bytes saved): " + ", ".join(f"{n} {s:.4g} ({saved[n]:.0f} B)" for n, s in rank_r))
         for c in candidate_plans(base, one4, rank_r, sizes, fp16_layers=fp16_order if i == 0 else (),
                                  score=score_fn):
             has4 = c.plan.int4_layers()
-            if i > 0 and (not has4 or all(la.rounding == "nearest" for la in has4) and "nearest" in roundings):
-                continue  # the base/fp16 candidates and GPTQ variants identical to nearest: already listed
+            if i > 0 and not has4:
+                continue  # the base/fp16 candidates: already listed
+            if joint and has4:
+                rec_states = calib
+                if reconstruct_states == "closed-loop":
+                    own = _float_states(apply_plan(fmodel, c.plan).SerializeToString(), io, make_env, state_episodes,
+                                        num_envs, max_states, first_seed=STATE_SEED + 500)
+                    rec_states = np.concatenate([calib, own[np.sort(np.random.default_rng(1).permutation(
+                        len(own))[: len(calib)])]])
+                c = _reconstructed(c, work, rec_states, half_range, scorer, score_fn, iters=reconstruct_iters,
+                                   seconds=reconstruct_seconds, seed=seed, options=reconstruct_options or {})
+                rec = c.notes["reconstruction"]
+                say(f"  {c.name} ({rnd}): joint reconstruction {'kept' if rec['kept'] else 'not kept'}, held-out "
+                    f"action error {rec['heldout_action_error_start']:.4g} -> {rec['heldout_action_error']:.4g} "
+                    f"({rec['iters']} steps, {rec['seconds']} s)")
+                if not rec["kept"] and start in roundings:
+                    continue  # identical to the start candidate, already listed
+            elif i > 0 and all(la.rounding == "nearest" for la in has4) and "nearest" in roundings:
+                continue  # GPTQ variants identical to nearest: already listed
             cands.append(replace(c, name=f"{c.name}+{rnd}") if i > 0 and has4 else c)
 
     rows: list[dict[str, Any]] = []
@@ -317,6 +375,7 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
         files_of[c.name] = paths
         cpu_bytes = paths["int8-cpu"].read_bytes()
         rows.append({"name": c.name, "label": c.label(), "precisions": c.choice,
+                     **({"reconstruction": c.notes["reconstruction"]} if "reconstruction" in c.notes else {}),
                      "weight_bytes": round(c.weight_bytes, 1),
                      "file_bytes": paths["int8"].stat().st_size, "cpu_file_bytes": len(cpu_bytes),
                      "heldout_action_error": None if c.proxy is None else round(c.proxy, 6),
@@ -365,6 +424,8 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
     confirm_seeds = [CONFIRM_SEED + s for s in seeds]
     for r in rows:
         c = by_name[r["name"]]
+        if only is not None and c.name not in only:
+            continue
         say(f"validating {c.name} ({c.label()}) on {files_of[c.name]['int8-cpu'].name} ...")
         val, res = validate(c, seeds)
         r.update(res)
@@ -400,6 +461,28 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
               "design": design.to_json(), "tolerance": tol.to_json(), "failure_rule": rule.to_json()}
     (out / "search.json").write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")
     return result
+
+
+def _reconstructed(c: MixedCandidate, work: onnx.ModelProto, states: np.ndarray, half_range: np.ndarray,
+                   scorer: ActionErrorScorer, score_fn: Score, *, iters: int, seconds: float,
+                   seed: int, options: Mapping[str, Any]) -> MixedCandidate:
+    """``c`` with its plan reconstructed jointly (every int4 and int8 layer on its own grid, every input scale)
+    against the float actions on ``states``, kept only where the held-out action error goes down."""
+    res = reconstruct(work, c.plan, states, half_range, **{"iters": iters, "seed": seed, "time_limit_s": seconds,
+                                                          **options})
+    e0 = float(scorer(c.plan))
+    e1 = float(scorer(res.plan)) if res.supported else e0
+    kept = res.supported and e1 < e0
+    rep = {"kept": kept, "heldout_action_error_start": e0, "heldout_action_error": e1,
+           **{k: v for k, v in res.report.items() if k in ("supported", "reason", "iters", "best_iter", "seconds",
+                                                           "calibration_loss_start", "calibration_loss_best",
+                                                           "changed_weight_fraction_by_layer", "amax_ratio")},
+           **({"options": dict(options)} if options else {})}
+    rep.setdefault("iters", 0)
+    rep.setdefault("seconds", 0.0)
+    plan = res.plan if kept else c.plan
+    proxy = c.proxy if not kept else float(score_fn(plan))
+    return replace(c, plan=plan, proxy=proxy, notes={**c.notes, "reconstruction": rep})
 
 
 def _jsonable(x: Any) -> Any:

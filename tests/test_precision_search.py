@@ -110,3 +110,33 @@ def test_cli_search_says_when_nothing_passes_and_saves_nothing(base_bundle: Path
     rec = json.loads((out / "search.json").read_text())
     assert rec["status"] in ("FAIL", "INCONCLUSIVE") and rec["best"] is None
     assert all(r["verdict"] in ("FAIL", "INCONCLUSIVE") for r in rec["candidates"])
+
+
+def test_search_with_joint_int4_reconstruction(base_bundle: Path, tmp_path: Path) -> None:
+    """``--int4-rounding nearest,gptq+brecq``: the GPTQ int4 candidates are reconstructed jointly (every int4
+    and int8 layer on its own grid), kept only where the held-out action error drops, and validated like any
+    other; ``only`` runs just the chosen one."""
+    import numpy as np
+
+    from edgeq.search import search
+
+    out = tmp_path / "rec"
+    res = search(base_bundle, out, max_loss=0.05, episodes=4, fp16_layers=0, state_episodes=2, max_states=1500,
+                 latency_calls=20, rounding="nearest,gptq+brecq", reconstruct_iters=60, confirm=False,
+                 only=["W4A8+gptq+brecq"])
+    rows = {r["name"]: r for r in res.rows}
+    assert "W4A8" in rows and "W4A8+gptq+brecq" in rows
+    rec = rows["W4A8+gptq+brecq"]["reconstruction"]
+    assert rec["kept"] and rec["heldout_action_error"] < rec["heldout_action_error_start"]
+    assert rows["W4A8+gptq+brecq"]["heldout_action_error"] == pytest.approx(rec["heldout_action_error"], rel=1e-4)
+    assert rows["W4A8+gptq+brecq"]["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
+    assert rows["W4A8+gptq+brecq"]["episodes"] == 4
+    assert all(r["verdict"] == "NOT RUN" for n, r in rows.items() if n != "W4A8+gptq+brecq")
+    # the candidate's portable file holds int4 integers in [-7, 7] for every layer
+    from edgeq.export.int4 import int4_layer_names, tensor_int4_values
+
+    q = onnx.load(str(out / "candidates" / "W4A8+gptq+brecq" / "policy.int8.onnx"))
+    assert len(int4_layer_names(q)) == 3
+    ints = [tensor_int4_values(t) for t in q.graph.initializer if t.data_type == onnx.TensorProto.INT4]
+    assert ints and all(int(np.abs(v).max()) <= 7 for v in ints)
+    assert json.loads((out / "search.json").read_text())["int4_rounding"] == "nearest,gptq+brecq"

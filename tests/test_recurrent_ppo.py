@@ -118,3 +118,49 @@ def test_deployed_recurrent_policy_carries_and_resets_state(bundles: dict[str, P
     assert not np.allclose(first, later)  # the same observation, a different state
     pol.reset()
     assert np.array_equal(pol.act(obs), first)
+
+
+def test_fused_recurrent_plan_is_ort_cpu_over_episodes_and_selection_says_why(bundles: dict[str, Path]) -> None:
+    """The fused LSTM backend's plan of the bundle's policy.int8.onnx (numpy, no GPU): bit-identical actions
+    and state to ONNX Runtime's CPU on the same file over full Pendulum episodes with per-env resets."""
+    from edgeq.deploy import cuda
+    from edgeq.deploy.fused_rnn import fused_rnn_support
+    from edgeq.deploy.onnx_graph import load_graph
+    from edgeq.deploy.rnn_plan import recurrent_plan_from_graph, reference_step
+
+    manifest = json.loads((bundles["int8"] / "manifest.json").read_text())
+    state = manifest["io"]["state"]
+    model = bundles["int8"] / "policy.int8.onnx"
+    plan = recurrent_plan_from_graph(load_graph(model), state)
+    assert (plan.kind, plan.hidden, [la.n for la in plan.head.layers]) == ("lstm", 32, [64, 1])
+    ort = OrtPolicy(model, state=state)
+    envs = [gym.make("Pendulum-v1") for _ in range(3)]
+    obs = np.stack([e.reset(seed=300 + i)[0] for i, e in enumerate(envs)]).astype(np.float32)
+    s = plan.zero_state(3)
+    worst, ends = 0.0, 0
+    for t in range(450):
+        want = ort.act(obs)
+        got, s = reference_step(plan, obs, s)
+        worst = max(worst, float(np.abs(got - want).max()))
+        starts = np.zeros(3, bool)
+        for i, e in enumerate(envs):
+            o, _, term, trunc, _ = e.step(want[i])
+            if term or trunc or (t == 120 and i == 1):  # Pendulum ends by time limit; one early reset
+                o, _ = e.reset(seed=400 + t + i)
+                starts[i] = True
+            obs[i] = o
+        if starts.any():
+            ends += int(starts.sum())
+            ort.reset(starts)
+            for v in s.values():
+                v[starts] = 0.0
+    assert ends >= 6 and worst == 0.0
+    # the fused kernel takes the int8-cell file; an fp32 cell stays on ONNX Runtime, saying why
+    assert fused_rnn_support(model, state) is None
+    fp32_cell = fused_rnn_support(bundles["fp32"] / "policy.int8.onnx", state)
+    assert fp32_cell is not None and "float" in fp32_cell
+    reason = cuda.available()
+    if reason is not None:  # no GPU here: auto runs on the CPU and says why the fused kernel did not
+        pol = deploy.load(bundles["int8"], backend="auto", allow_unsigned=True)
+        assert pol.backend == "cpu"
+        assert any(n.startswith("cuda-fused: ") and reason[:40] in n for n in pol.backend_notes), pol.backend_notes

@@ -41,8 +41,11 @@ def search(
     block_size: Annotated[int, typer.Option(help="int4 weights per output channel (0) or in blocks of this many "
                                                  "inputs (32, 64).")] = 0,
     int4_rounding: Annotated[str, typer.Option(help="int4 rounding: both (every int4 candidate with nearest and "
-                                                    "with GPTQ rounding; the verdict decides), nearest or "
-                                                    "gptq.")] = "both",
+                                                    "with GPTQ rounding; the verdict decides), nearest, gptq, "
+                                                    "brecq / gptq+brecq (nearest or GPTQ integers, then every "
+                                                    "layer's rounding reconstructed jointly against the float "
+                                                    "actions, int4 and int8 layers on their own grids), all "
+                                                    "(nearest, gptq, gptq+brecq) or a comma list.")] = "both",
     episodes: Annotated[str, typer.Option(help="Paired episodes per candidate: auto (30, then +10 until decided) or "
                                                "N.")] = "auto",
     max_episodes: Annotated[int, typer.Option(help="Cap of the auto design per candidate.")] = 200,

@@ -42,8 +42,9 @@ Two kernels, both generated for the plan:
   from shared memory (broadcast across the warp). Activations stay in shared memory as int8
   between layers.
 
-Feed-forward only: recurrent policies (and any graph :func:`plan_from_graph` refuses) stay on ONNX
-Runtime's CUDA EP (:class:`edgeq.deploy.ort_cuda.OrtCudaPolicy`).
+Feed-forward only: recurrent (LSTM/GRU) INT8 policies run on :mod:`edgeq.deploy.fused_rnn` (the same
+arithmetic, the cell added, the state kept on the GPU); any graph neither plan reader accepts stays on
+ONNX Runtime's CUDA EP (:class:`edgeq.deploy.ort_cuda.OrtCudaPolicy`).
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ def plan_from_graph(graph: Graph) -> MlpPlan:
     """The fused-layer plan of an edgeq INT8 QDQ graph; :class:`UnsupportedGraph` if it is not a plain chain."""
     if len(graph.inputs) != 1 or len(graph.outputs) != 1:
         raise UnsupportedGraph(f"the graph has inputs {graph.inputs} and outputs {graph.outputs}; the fused backend "
-                               "runs one input and one output (recurrent policies stay on ONNX Runtime)")
+                               "runs one input and one output (recurrent policies: edgeq.deploy.rnn_plan)")
     inits = graph.initializers
     producer: dict[str, Node] = {}
     consumers: dict[str, list[Node]] = {}

@@ -14,6 +14,7 @@ import numpy as np
 
 from edgeq.deploy.bundle_format import PRECISIONS, inside_path, model_for, read_manifest, read_verified
 from edgeq.deploy.fused_mlp import FusedCudaPolicy
+from edgeq.deploy.fused_rnn import FusedRnnPolicy, fused_rnn_support
 from edgeq.deploy.history import ObservationHistory, history_spec, with_history
 from edgeq.deploy.ort_cuda import OrtCudaPolicy
 from edgeq.deploy.runtime import NAN_POLICIES, LatencyStats, OrtPolicy, PolicyRuntime, ort_providers
@@ -40,17 +41,20 @@ def _fused_reason(root: Path | None, manifest: Mapping[str, Any] | None, precisi
     """Why the fused kernel cannot run this bundle here (None: it can)."""
     if precision != "int8":
         return f"the fused kernel runs INT8 models (precision {precision!r})"
-    if manifest is not None and manifest.get("io", {}).get("state"):
-        return "recurrent policy (the fused kernel runs feed-forward policies; ONNX Runtime's CUDA EP runs these)"
     from edgeq.deploy import cuda
 
     reason = cuda.available()
     if reason is not None:
         return reason
     if root is not None and manifest is not None:
+        io = manifest.get("io", {})
+        model = root / manifest["models"][precision]
+        if io.get("state"):  # recurrent: the fused LSTM/GRU kernel (edgeq.deploy.fused_rnn)
+            return fused_rnn_support(model, list(io["state"]), input_name=io.get("input", "obs"),
+                                     output_name=io.get("output", "actions"))
         from edgeq.deploy.fused_mlp import fused_support
 
-        return fused_support(root / manifest["models"][precision])
+        return fused_support(model)
     return None
 
 
@@ -88,7 +92,7 @@ def resolve_backend(backend: str, manifest: dict[str, Any] | None = None, precis
     return backend
 
 
-Runtime = PolicyRuntime | OrtCudaPolicy | FusedCudaPolicy
+Runtime = PolicyRuntime | OrtCudaPolicy | FusedCudaPolicy | FusedRnnPolicy
 
 
 def _finite_fast(batch: np.ndarray) -> bool:
@@ -290,7 +294,11 @@ def _make_runtime(chosen: str, root: Path, manifest: Mapping[str, Any], precisio
         reason = _fused_reason(root, manifest, precision)
         if reason is not None:
             raise BundleError(f"{root}: backend 'cuda-fused' cannot run here: {reason}")
-        runtime = FusedCudaPolicy(data, input_name=io["input"], output_name=io["output"], cuda_graph=cuda_graph)
+        if io.get("state"):
+            runtime = FusedRnnPolicy(data, state=list(io["state"]), input_name=io["input"], output_name=io["output"],
+                                     cuda_graph=cuda_graph)
+        else:
+            runtime = FusedCudaPolicy(data, input_name=io["input"], output_name=io["output"], cuda_graph=cuda_graph)
     elif chosen == "cuda-ort":
         runtime = OrtCudaPolicy(data, input_name=io["input"], output_name=io["output"],
                                 state=io.get("state", []), io_binding=True, cuda_graph=cuda_graph)
@@ -320,13 +328,15 @@ def load(bundle: str | Path, backend: str = "auto", *, precision: str = "int8", 
 
     ``backend``: ``"auto"`` picks the fastest backend that can run the bundle here, in the order
     :data:`AUTO_ORDER`: ``cuda-fused`` (edgeq's fused INT8 kernel, one CUDA graph per call;
-    feed-forward INT8 policies, cuda-python and an NVIDIA GPU), ``trt`` (TensorRT installed *and* an
-    engine of ``precision`` in the bundle), ``cuda-ort`` (ONNX Runtime's CUDA EP: recurrent policies,
-    fp32), ``cpu``; a backend that fails to start is skipped with a ``RuntimeWarning``. ``"cuda"`` is
-    ``cuda-fused`` where it can run the model, else ``cuda-ort`` (with a ``RuntimeWarning`` saying
-    why). A named backend that cannot run here raises :class:`BundleError`; so does a TensorRT engine
-    built for another GPU or TensorRT version. ``policy.backend`` names the backend that runs and
-    ``policy.backend_notes`` why the faster ones were skipped (also logged on ``edgeq.deploy``).
+    feed-forward INT8 policies, and LSTM/GRU INT8 policies with their state kept on the GPU
+    (:mod:`edgeq.deploy.fused_rnn`); cuda-python and an NVIDIA GPU), ``trt`` (TensorRT installed
+    *and* an engine of ``precision`` in the bundle), ``cuda-ort`` (ONNX Runtime's CUDA EP: fp32, and
+    INT8 graphs the fused kernels do not run), ``cpu``; a backend that fails to start is skipped with a
+    ``RuntimeWarning``. ``"cuda"`` is ``cuda-fused`` where it can run the model, else ``cuda-ort``
+    (with a ``RuntimeWarning`` saying why). A named backend that cannot run here raises
+    :class:`BundleError`; so does a TensorRT engine built for another GPU or TensorRT version.
+    ``policy.backend`` names the backend that runs and ``policy.backend_notes`` why the faster ones
+    were skipped (also logged on ``edgeq.deploy``).
 
     ``precision``: ``"int8"`` (default) or ``"fp32"``. A bundle's backend-specialized copy of the
     model (``policy.int8.cpu.onnx``, ``policy.int8.cuda.onnx``: fewer kernels; the CPU file runs the

@@ -141,10 +141,17 @@ class _Lowering:
         if layer.scheme == "crossquant-dynamic":
             self.dynamic(node, layer, x)
             return
-        x_dq = self.dq_for(x, node)
         qw = layer.weight
         assert qw is not None
         as_matmul = node.op_type == "MatMul" or _gemm_plain(node)
+        denoise = None
+        if layer.input_noise is not None:  # NoisyQuant: quantize X + N, subtract N · W_int8ᵀ after the GEMM
+            if not as_matmul:
+                raise ValueError(f"layer {node.name}: NoisyQuant's denoising bias needs a MatMul or a plain Gemm "
+                                 "(alpha = beta = 1, transA = 0)")
+            x_dq, denoise = self.noisy_input(x, node, layer)
+        else:
+            x_dq = self.dq_for(x, node)
         q, axis = qw.q, layer.weight_axis
         if as_matmul and node.op_type == "Gemm" and axis == 0:  # stored [N, K] → [K, N]
             q, axis = np.ascontiguousarray(q.T), 1
@@ -157,11 +164,15 @@ class _Lowering:
         w_dq = nodes[0].outputs[0]
         self.touched.append(self.graph.initializers.get(layer.weight_name))
         bias = _gemm_bias(node)
-        if bias is not None and layer.bias is not None:
+        if bias is not None and (layer.bias is not None or denoise is not None):
             self.touched.append(bias)
-            shape = array_of(bias)
-            assert shape is not None and bias.name is not None
-            bias = const(self.graph, np.asarray(layer.bias, np.float32).reshape(shape.shape), f"{bias.name}.corrected")
+            b_old = array_of(bias)
+            assert b_old is not None and bias.name is not None
+            b_new = np.asarray(layer.bias if layer.bias is not None else b_old, np.float64).reshape(-1)
+            if denoise is not None:
+                b_new = b_new + denoise
+                denoise = None
+            bias = const(self.graph, b_new.astype(np.float32).reshape(b_old.shape), f"{bias.name}.corrected")
         if not as_matmul:  # the node stays, reading the dequantized tensors
             self.graph.insert_before(node, nodes)
             node.replace_input_with(0, x_dq)
@@ -170,10 +181,31 @@ class _Lowering:
                 node.replace_input_with(2, bias)
             return
         out = node.outputs[0].name or ""
+        if denoise is not None:  # a layer without a bias of its own (MatMul): the denoising bias as an Add
+            bias = const(self.graph, denoise.astype(np.float32), f"{wbase}.denoise_bias")
         y = op(nodes, "MatMul", [x_dq, w_dq], f"{out}.matmul" if bias is not None else out, name=node.name or "")
         if bias is not None:
             y = op(nodes, "Add", [y, bias], out, name=f"{node.name}/bias")
         replace_node(self.graph, node, nodes, {node.outputs[0]: y})
+
+    def noisy_input(self, x: ir.Value, node: ir.Node, layer: LayerQuant) -> tuple[ir.Value, np.ndarray]:
+        """NoisyQuant: ``Add(X, N)`` (fp32 pre-op) and its own Q→DQ at ``X``'s scale; returns the DQ output and
+        the denoising bias ``-N · W_int8ᵀ`` (the layer's int8 weight, so the noise cancels exactly)."""
+        assert layer.input_noise is not None and layer.weight is not None and x.name is not None
+        noise = np.asarray(layer.input_noise, np.float32).reshape(-1)
+        wq = layer.weight.dequantize().astype(np.float64)
+        wq = wq if layer.weight_axis == 0 else wq.T  # [out, in]
+        denoise = -(wq @ noise.astype(np.float64))
+        base = f"{layer.node}.noisy".replace("/", "_")
+        n_val = const(self.graph, noise, f"{base}.noise")
+        scale = const(self.graph, np.array(self.plan.activations[layer.input].scale, np.float32), f"{base}.act_scale")
+        zp = const(self.graph, np.array(0, np.int8), f"{base}.act_zero_point")
+        nodes: list[ir.Node] = []
+        xn = op(nodes, "Add", [x, n_val], f"{base}.input", name=f"{base}/Add")
+        q = op(nodes, "QuantizeLinear", [xn, scale, zp], f"{base}.q", name=f"{base}/QuantizeLinear")
+        dq = op(nodes, "DequantizeLinear", [q, scale, zp], f"{base}.dq", name=f"{base}/DequantizeLinear")
+        self.graph.insert_before(node, nodes)
+        return dq, denoise
 
     def _value(self, name: str) -> ir.Value:
         for v in (*self.graph.inputs, *self.graph.initializers.values()):

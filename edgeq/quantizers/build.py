@@ -50,6 +50,7 @@ from edgeq.quantizers.auto import (
 )
 from edgeq.quantizers.bias_correction import bias_correction_delta, corrected_bias
 from edgeq.quantizers.evaluate import ActionErrorScorer, Lowering
+from edgeq.quantizers.noisy import fake_quant_noisy, noisy_bias
 from edgeq.quantizers.plan import LayerQuant, QuantPlan, make_plan
 from edgeq.quantizers.precision import fp16_fallback
 from edgeq.quantizers.reconstruct import reconstruct
@@ -63,7 +64,8 @@ __all__ = ["QuantOptions", "build_plan"]
 
 #: Weight rounding methods (``QuantOptions.rounding``): per layer in graph order (``adaround``, ``gptq``,
 #: ``stochastic``) or the whole network at once (``brecq``: :mod:`edgeq.quantizers.reconstruct`).
-ROUNDINGS = ("nearest", "adaround", "gptq", "stochastic", "brecq", "gptq+brecq", "adaround+brecq")
+ROUNDINGS = ("nearest", "adaround", "gptq", "stochastic", "brecq", "gptq+brecq", "adaround+brecq", "discquant",
+             "adaround+discquant")
 TRANSFORM_LAYERS = ("first", "all")
 AUTO_STARTS = ("recipe", "first-layer")
 
@@ -104,6 +106,8 @@ class QuantOptions:
             score; ``gptq+brecq`` / ``adaround+brecq``: GPTQ or AdaRound, then the joint reconstruction
             from their integers (each stage kept on its own). adaround_iters: Adam steps of AdaRound's
             soft-rounding stage per layer (0: only the exact flip descent on the same objective).
+            ``discquant`` / ``adaround+discquant``: DiscQuant's relaxed rounding of every layer at once against
+            the float actions (:data:`edgeq.quantizers.reconstruct.METHODS`; the input scales stay).
             reconstruct_iters, reconstruct_seconds: the ``brecq`` optimization's Adam steps and time
             bound; reconstruct_scales: learn the input scales too.
         objective: ``action`` (the held-out action error) or ``critic``: the errors weighted per state
@@ -122,6 +126,10 @@ class QuantOptions:
         split_outliers: Outlier channel splitting (:mod:`edgeq.quantizers.split`) before everything else:
             at most this fraction of each hidden layer's width is added as split units (0: off); the
             splits are kept only if they lower the held-out score of the initial plan.
+        noisy_bias: NoisyQuant (:mod:`edgeq.quantizers.noisy`) before the rounding stages: per static int8
+            layer a fixed seeded noise on its input, removed through the bias, where it lowers the layer's
+            held-out output error; the stage is kept only if it lowers the held-out score. (The ``brecq``
+            reconstruction optimizes without the noise; its result is scored with it.)
         seed: Seed of AdaRound's mini-batches.
     """
 
@@ -152,6 +160,7 @@ class QuantOptions:
     tail_on_calibration_states: bool = False
     keep_float: list[str] = field(default_factory=list)
     split_outliers: float = 0.0
+    noisy_bias: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -202,11 +211,6 @@ class QuantOptions:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _fake_quant_static(x: np.ndarray, amax: float) -> np.ndarray:
-    s = np.float32(amax / 127.0)
-    return (np.clip(np.rint(x / s), -127, 127) * s).astype(np.float32)
 
 
 def _weight_key(w: np.ndarray, axis: int, method: str) -> tuple[str, int, str]:
@@ -331,11 +335,13 @@ class _Builder:
                 out[wl.node] = LayerChoice(o.calibrator, dict(o.calibrator_params))
         return out
 
-    def layer_io(self, plan: QuantPlan, node: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def layer_io(self, plan: QuantPlan, node: str, *, raw: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(x_hat, x_float, w_float, w_quant)`` of one int8 layer, all in the ``[out, in]``/primed view.
 
         ``x_hat``: the layer's int8 input (dequantized) as the graph quantized up to the layer
-        feeds it; ``x_float``: the float input of the rewritten float model; ``w_*`` ``[out, in]``.
+        feeds it (``raw``: that input before the layer's own static quantizer); ``x_float``: the float
+        input of the rewritten float model; ``w_*`` ``[out, in]``.
         """
         layer = plan.layer(node)
         idx = [la.node for la in plan.layers].index(node)
@@ -354,8 +360,10 @@ class _Builder:
             x_hat = q.astype(np.float32) * r
             x_f = (x_f / d[None, :]).astype(np.float32)
             w = w * d[None, :]
-        else:
-            x_hat = _fake_quant_static(x_q, plan.activations[layer.input].amax)
+        elif raw:
+            x_hat = x_q.astype(np.float32)
+        else:  # NoisyQuant: the GEMM reads Q(x + N) - N (the noise leaves through the bias)
+            x_hat = fake_quant_noisy(x_q, plan.activations[layer.input].amax, layer.input_noise)
         assert layer.weight is not None
         wq = layer.weight.dequantize()
         wq = wq if layer.weight_axis == 0 else wq.T
@@ -366,6 +374,16 @@ class _Builder:
         report: dict[str, Any] = {}
         work = apply_input_scalings(self.model, plan.transforms) if plan.transforms else self.model
         for layer in list(plan.int8_layers()):
+            if stage == "noisy":
+                if layer.scheme != "static":
+                    continue
+                x_q, x_f, w, wq = self.layer_io(plan, layer.node, raw=True)
+                seed = self.opt.seed + [la.node for la in plan.layers].index(layer.node)
+                nr = noisy_bias(w, wq, x_q, x_f, plan.activations[layer.input].amax, seed=seed)
+                new = replace(layer, input_noise=nr.noise, notes={**layer.notes, "noisy_bias": nr.to_json()})
+                report[layer.node] = nr.to_json()
+                plan = replace(plan, layers=[new if la.node == layer.node else la for la in plan.layers])
+                continue
             x_hat, x_f, w, wq = self.layer_io(plan, layer.node)
             if stage in ("gptq", "stochastic"):
                 assert layer.weight is not None
@@ -402,13 +420,16 @@ class _Builder:
             plan = replace(plan, layers=[new if la.node == layer.node else la for la in plan.layers])
         return plan, report
 
-    def reconstruct(self, plan: QuantPlan) -> tuple[QuantPlan, dict[str, Any]]:
-        """Every static int8 layer's rounding and input scale at once against the float actions (BRECQ-style)."""
+    def reconstruct(self, plan: QuantPlan, method: str = "brecq") -> tuple[QuantPlan, dict[str, Any]]:
+        """Every static int8 layer's rounding (and, BRECQ-style, input scale) at once against the float actions;
+        ``method="discquant"``: DiscQuant's relaxed rounding (:data:`edgeq.quantizers.reconstruct.METHODS`)."""
         work = apply_input_scalings(self.model, plan.transforms) if plan.transforms else self.model
         o = self.opt
+        extra: dict[str, Any] = {"lr": 0.05} if method == "discquant" else {}
         res = reconstruct(work, plan, self.calib, self.scorer.half_range, state_weights=self.state_weights,
-                          iters=o.reconstruct_iters,
-                          learn_scales=o.reconstruct_scales, seed=o.seed, time_limit_s=o.reconstruct_seconds)
+                          iters=o.reconstruct_iters, method=method,
+                          learn_scales=o.reconstruct_scales, seed=o.seed, time_limit_s=o.reconstruct_seconds,
+                          **extra)
         return res.plan, res.report
 
     def kernels(self, plan: QuantPlan) -> QuantPlan:
@@ -431,7 +452,8 @@ class _Builder:
                     q, _ = crossquant.dynamic_quantize_reference(x, la.dynamic_factors, la.dynamic_alpha)
                     k = float(np.mean(q == 0))
                 else:
-                    k = quantization_kernel_fraction(x, plan.activations[la.input].amax)
+                    xn = x if la.input_noise is None else x + la.input_noise.reshape(1, -1)
+                    k = quantization_kernel_fraction(xn, plan.activations[la.input].amax)
                 la = replace(la, kernel=k, kernel_per_tensor=base)
             layers.append(la)
         return replace(plan, layers=layers)
@@ -523,10 +545,6 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
         out_dim = dims[-1].dim_value if dims and dims[-1].dim_value else None
     hr = np.ones(out_dim or 1) if half_range is None else np.asarray(half_range, np.float64)
     b = _Builder(model, stats, opt, hr, lower)
-    splits: list[ChannelSplit] = []
-    split_report: dict[str, Any] | None = None
-    if opt.split_outliers > 0:
-        b, splits, split_report = _split_outliers(b, opt, hr, lower)
     weights = None
     objective_note = "plain action error"
     if critic is not None:
@@ -541,85 +559,30 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
             objective_note = "action error weighted by the critic's value sensitivity"
     elif opt.objective == "critic":
         objective_note = "objective critic asked, but the policy has no Q critic: plain action error"
-    errors: dict[str, Any] = {}
-    choices = b.initial_choices()
-    plan = b.materialize(choices)
-    errors["initial"] = b.scorer(plan)
-    def searched(choices: dict[str, LayerChoice], records: dict[str, Any], int8_nodes: list[str],
-                 score: Callable[[Mapping[str, LayerChoice]], float]) -> QuantPlan:
-        """The plan of one per-layer search result: weight quantizers and attention inputs chosen too."""
-        methods = ["absmax", "mse"] if opt.auto_weight_methods is None else list(opt.auto_weight_methods)
-        records = {n: dict(r) for n, r in records.items()}
-        if methods:
-            choices = {n: replace(c, weight_method=c.weight_method or opt.weight_method) if n in int8_nodes else c
-                       for n, c in choices.items()}
-            wcands = {n: [replace(choices[n], weight_method=m) for m in methods] for n in int8_nodes}
-            choices, wrec = choose_per_layer(int8_nodes, choices, wcands, score)
-            for n in int8_nodes:
-                records[n]["weights"] = wrec[n]
-                records[n]["chosen"] = wrec[n]["chosen"]
-                records[n]["heldout_action_error"] = wrec[n]["heldout_action_error"]
-        # attention products (MatMuls of two activations): the calibrator of their two inputs, searched the same way
-        mm_nodes = [m.node for m in find_activation_matmuls(b.model) if m.node not in opt.keep_float]
-        mm_records: dict[str, dict[str, Any]] = {}
-        if mm_nodes:
-            mm_cands = candidate_choices(opt.auto_calibrators or DEFAULT_CALIBRATOR_CANDIDATES, [("none", None)])
-            choices = {**choices, **{n: LayerChoice(opt.calibrator, dict(opt.calibrator_params)) for n in mm_nodes}}
-            choices, mm_records = choose_per_layer(mm_nodes, choices, {n: mm_cands for n in mm_nodes}, score,
-                                                   sweeps=opt.auto_sweeps)
-        plan = b.materialize(choices)
-        plan = replace(plan, layers=[replace(la, choice={**la.choice, "search": records[la.node]})
-                                     if la.node in records and la.choice is not None else la
-                                     for la in plan.layers],
-                       matmuls=[replace(m, reason=f"inputs calibrated by {choices[m.node].label} (searched)")
-                                if m.node in mm_records and m.precision == "int8" else m for m in plan.matmuls])
-        if mm_records:
-            plan = replace(plan, metrics={**plan.metrics, "activation_matmul_search": mm_records})
-        return plan
-
-    def refined(plan: QuantPlan, current: float) -> tuple[QuantPlan, float, dict[str, Any], dict[str, float]]:
-        """The rounding stages and bias correction, each kept only if it lowers the held-out score."""
-        reports: dict[str, Any] = {}
-        errs: dict[str, float] = {}
-        roundings = [r for r in opt.rounding.split("+") if r != "nearest"]
-        for stage in [*roundings, *(["bias_correction"] if opt.bias_correction else [])]:
-            if not plan.int8_layers():
-                continue
-            cand, rep = b.reconstruct(plan) if stage == "brecq" else b.refine(plan, stage)
-            e = b.scorer(cand)
-            kept = e < current
-            reports[stage] = {"kept": kept, "heldout_action_error": e, "layers": rep}
-            errs[stage] = e
+    candidates = _first_stage(b, opt)
+    splits: list[ChannelSplit] = []
+    split_report: dict[str, Any] | None = None
+    if opt.split_outliers > 0:
+        sb, splits, split_report = _split_builder(b, opt, hr, lower)
+        if sb is not None:
+            if opt.objective == "critic" and weights is not None:
+                sb.scorer.set_weights(weights)
+                sb.state_weights = b.state_weights
+            scandidates = _first_stage(sb, opt)
+            last = "auto" if opt.auto else "initial"
+            errors, serrors = candidates[0][1], scandidates[0][1]
+            kept = serrors[last] < errors[last]
+            split_report.update({"kept": kept, "heldout_score": {"unsplit": errors, "split": serrors}})
             if kept:
-                plan, current = cand, e
-        return plan, current, reports, errs
-
-    if opt.auto:
-        cands = candidate_choices(opt.auto_calibrators or DEFAULT_CALIBRATOR_CANDIDATES,
-                                  opt.auto_transforms or DEFAULT_TRANSFORM_CANDIDATES)
-        if opt.dynamic:
-            cands += [LayerChoice(opt.calibrator, dict(opt.calibrator_params), "crossquant", a, dynamic=True)
-                      for a in sorted({opt.default_alpha() or crossquant.DEFAULT_ALPHA, 1.0})]
-        int8_nodes = [wl.node for wl in b.layers if wl.node not in opt.keep_float]
-        score = lambda ch: b.scorer(b.materialize(ch))  # noqa: E731
-        starts = _descend(int8_nodes, choices, cands, score, opt)
-        outcomes = []
-        for start in starts[:AUTO_STARTS_REFINED]:
-            p = searched(start.choices, start.records, int8_nodes, score)
-            e_auto = b.scorer(p)
-            outcomes.append((e_auto, *refined(p, e_auto), start))
-        e_auto, plan, current, stage_reports, stage_errors, chosen = min(outcomes, key=lambda o: o[2])
-        errors["auto"] = e_auto
-        errors.update(stage_errors)
-        if len(starts) > 1:
-            plan = replace(plan, metrics={**plan.metrics, "auto_starts": {
-                "first_layer": int8_nodes[0],
-                "score_by_start": {st.name: round(st.score, 6) for st in starts},
-                "refined": {o[-1].name: round(o[2], 6) for o in outcomes},
-                "chosen": chosen.name}})
-    else:
-        plan, current, stage_reports, stage_errors = refined(plan, b.scorer(plan))
-        errors.update(stage_errors)
+                b, candidates = sb, scandidates
+            else:
+                splits = []
+    outcomes = [_refined(b, opt, p, e) for p, e in candidates]
+    plan, current, stage_reports, errors = min(outcomes, key=lambda o: o[1])
+    if "auto_starts" in plan.metrics:
+        refined = {str(o[0].metrics["auto_starts"]["start"]): round(o[1], 6) for o in outcomes}
+        plan = replace(plan, metrics={**plan.metrics, "auto_starts": {**plan.metrics["auto_starts"],
+                                                                      "refined": refined}})
     if opt.fp16_fallback > 0:
         plan, rep = fp16_fallback(plan, b.scorer, max_layers=opt.fp16_fallback, target=opt.max_action_error)
         stage_reports["fp16_fallback"] = rep
@@ -651,24 +614,103 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
     return replace(plan, splits=splits) if splits else plan
 
 
-def _split_outliers(b: _Builder, opt: QuantOptions, hr: np.ndarray, lower: Lowering
-                    ) -> tuple[_Builder, list[ChannelSplit], dict[str, Any]]:
-    """Outlier channel splitting: the builder of the split model if its initial plan scores lower, else ``b``.
+def _first_stage(b: _Builder, opt: QuantOptions) -> list[tuple[QuantPlan, dict[str, Any]]]:
+    """The initial plan and (with ``auto``) the per-layer search: candidate plans, best held-out score
+    first, each with the held-out score after each step (one candidate, or with ``auto_starts:
+    first-layer`` the best :data:`AUTO_STARTS_REFINED` starts, which all go through the rounding stages)."""
+    errors: dict[str, Any] = {}
+    choices = b.initial_choices()
+    plan = b.materialize(choices)
+    errors["initial"] = b.scorer(plan)
+    if not opt.auto:
+        return [(plan, errors)]
+    cands = candidate_choices(opt.auto_calibrators or DEFAULT_CALIBRATOR_CANDIDATES,
+                              opt.auto_transforms or DEFAULT_TRANSFORM_CANDIDATES)
+    if opt.dynamic:
+        cands += [LayerChoice(opt.calibrator, dict(opt.calibrator_params), "crossquant", a, dynamic=True)
+                  for a in sorted({opt.default_alpha() or crossquant.DEFAULT_ALPHA, 1.0})]
+    int8_nodes = [wl.node for wl in b.layers if wl.node not in opt.keep_float]
+    score = lambda ch: b.scorer(b.materialize(ch))  # noqa: E731
+    starts = _descend(int8_nodes, choices, cands, score, opt)
+    out = []
+    for start in starts[:AUTO_STARTS_REFINED]:
+        plan = _searched(b, opt, start.choices, start.records, int8_nodes, score)
+        if len(starts) > 1:
+            plan = replace(plan, metrics={**plan.metrics, "auto_starts": {
+                "first_layer": int8_nodes[0], "start": start.name,
+                "score_by_start": {st.name: round(st.score, 6) for st in starts}}})
+        out.append((plan, {**errors, "auto": b.scorer(plan)}))
+    return out
+
+
+def _searched(b: _Builder, opt: QuantOptions, choices: dict[str, LayerChoice], records: dict[str, Any],
+              int8_nodes: list[str], score: Callable[[Mapping[str, LayerChoice]], float]) -> QuantPlan:
+    """The plan of one per-layer search result: each layer's weight quantizer and the attention inputs chosen too."""
+    records = {n: dict(r) for n, r in records.items()}
+    methods = ["absmax", "mse"] if opt.auto_weight_methods is None else list(opt.auto_weight_methods)
+    if methods:
+        choices = {n: replace(c, weight_method=c.weight_method or opt.weight_method) if n in int8_nodes else c
+                   for n, c in choices.items()}
+        wcands = {n: [replace(choices[n], weight_method=m) for m in methods] for n in int8_nodes}
+        choices, wrec = choose_per_layer(int8_nodes, choices, wcands, score)
+        for n in int8_nodes:
+            records[n]["weights"] = wrec[n]
+            records[n]["chosen"] = wrec[n]["chosen"]
+            records[n]["heldout_action_error"] = wrec[n]["heldout_action_error"]
+    # attention products (MatMuls of two activations): the calibrator of their two inputs, searched the same way
+    mm_nodes = [m.node for m in find_activation_matmuls(b.model) if m.node not in opt.keep_float]
+    mm_records: dict[str, dict[str, Any]] = {}
+    if mm_nodes:
+        mm_cands = candidate_choices(opt.auto_calibrators or DEFAULT_CALIBRATOR_CANDIDATES, [("none", None)])
+        choices = {**choices, **{n: LayerChoice(opt.calibrator, dict(opt.calibrator_params)) for n in mm_nodes}}
+        choices, mm_records = choose_per_layer(mm_nodes, choices, {n: mm_cands for n in mm_nodes}, score,
+                                               sweeps=opt.auto_sweeps)
+    plan = b.materialize(choices)
+    plan = replace(plan, layers=[replace(la, choice={**la.choice, "search": records[la.node]})
+                                 if la.node in records and la.choice is not None else la
+                                 for la in plan.layers],
+                   matmuls=[replace(m, reason=f"inputs calibrated by {choices[m.node].label} (searched)")
+                            if m.node in mm_records and m.precision == "int8" else m for m in plan.matmuls])
+    if mm_records:
+        plan = replace(plan, metrics={**plan.metrics, "activation_matmul_search": mm_records})
+    return plan
+
+
+def _refined(b: _Builder, opt: QuantOptions, plan: QuantPlan, errors: dict[str, Any]
+             ) -> tuple[QuantPlan, float, dict[str, Any], dict[str, Any]]:
+    """NoisyQuant, the rounding stages and bias correction, each kept only if it lowers the held-out score."""
+    errors = dict(errors)
+    current = errors["auto"] if opt.auto else errors["initial"]
+    stage_reports: dict[str, Any] = {}
+    roundings = [r for r in opt.rounding.split("+") if r != "nearest"]
+    for stage in [*(["noisy"] if opt.noisy_bias else []), *roundings,
+                  *(["bias_correction"] if opt.bias_correction else [])]:
+        if not plan.int8_layers():
+            continue
+        cand, rep = b.reconstruct(plan, stage) if stage in ("brecq", "discquant") else b.refine(plan, stage)
+        e = b.scorer(cand)
+        kept = e < current
+        stage_reports[stage] = {"kept": kept, "heldout_action_error": e, "layers": rep}
+        errors[stage] = e
+        if kept:
+            plan, current = cand, e
+    return plan, current, stage_reports, errors
+
+
+def _split_builder(b: _Builder, opt: QuantOptions, hr: np.ndarray, lower: Lowering
+                   ) -> tuple[_Builder | None, list[ChannelSplit], dict[str, Any]]:
+    """Outlier channel splitting: the builder of the split model (None if nothing is worth splitting).
 
     The split tensors' statistics are second-pass statistics on the stored calibration states (as for
-    a rewritten tensor); the rest keep the streamed ones. The decision is made on the plain score
-    (before any critic weighting) of the initial plan, nearest rounding.
+    a rewritten tensor); the rest keep the streamed ones. :func:`build_plan` keeps the split model only
+    if its plan scores lower after the per-layer search (or the initial plan, without ``auto``).
     """
     splits, rows = choose_splits(b.model, b.calib, float(opt.split_outliers))
     report: dict[str, Any] = {"fraction": float(opt.split_outliers), "layers": rows, "kept": False}
     if not splits:
         report["note"] = "no split lowers the modelled quantization error (or no splittable hidden layer)"
-        return b, [], report
+        return None, [], report
     smodel = apply_splits(b.model, splits)
     changed = [wl.input for wl in find_weighted_layers(smodel) if wl.node in {sp.layer for sp in splits}]
     observers = {**b.stats.observers, **observe_states(smodel, b.calib, changed)}
-    sb = _Builder(smodel, replace(b.stats, observers=observers), opt, hr, lower)
-    before = b.scorer(b.materialize(b.initial_choices()))
-    after = sb.scorer(sb.materialize(sb.initial_choices()))
-    report.update({"heldout_score_initial_plan": {"unsplit": before, "split": after}, "kept": after < before})
-    return (sb, splits, report) if after < before else (b, [], report)
+    return _Builder(smodel, replace(b.stats, observers=observers), opt, hr, lower), splits, report

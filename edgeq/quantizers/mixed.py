@@ -27,11 +27,16 @@ from edgeq.quantizers.plan import LayerQuant, QuantPlan
 from edgeq.quantizers.precision import with_precision
 from edgeq.quantizers.rounding import gptq_quantize, gptq_target
 
-__all__ = ["BITS", "INT4_ROUNDINGS", "MixedCandidate", "candidate_plans", "gptq_int4", "layer_sizes",
-           "plan_weight_bytes", "rank_layers", "with_int4", "with_precisions"]
+__all__ = ["BITS", "INT4_ROUNDINGS", "LAYER_INT4_ROUNDINGS", "MixedCandidate", "candidate_plans", "gptq_int4",
+           "layer_sizes", "plan_weight_bytes", "rank_layers", "with_int4", "with_precisions"]
 
-#: Rounding of int4 weights: nearest, or GPTQ error compensation (kept only where it helps).
-INT4_ROUNDINGS = ("nearest", "gptq")
+#: Per-layer rounding of int4 weights (:func:`with_int4`): nearest, or GPTQ error compensation (kept only where
+#: it helps).
+LAYER_INT4_ROUNDINGS = ("nearest", "gptq")
+#: Every int4 rounding a search may propose: the per-layer ones, and ``brecq`` / ``gptq+brecq`` (nearest or
+#: GPTQ integers, then the whole plan reconstructed jointly against the float actions, every layer on its
+#: own grid: :mod:`edgeq.quantizers.reconstruct`, applied by :mod:`edgeq.search` to each candidate).
+INT4_ROUNDINGS = (*LAYER_INT4_ROUNDINGS, "brecq", "gptq+brecq")
 
 #: Bits a weight element takes at each precision ("float" layers keep fp32).
 BITS = {"int4": 4, "int8": 8, "fp16": 16, "float": 32}
@@ -78,8 +83,8 @@ def with_int4(plan: QuantPlan, node: str, weight: np.ndarray, *, block_size: int
     output error) and then empirical bias correction (:mod:`edgeq.quantizers.bias_correction`, the int8
     path's machinery) on top of ``original_bias``.
     """
-    if rounding not in INT4_ROUNDINGS:
-        raise ValueError(f"int4 rounding must be one of {INT4_ROUNDINGS}, got {rounding!r}")
+    if rounding not in LAYER_INT4_ROUNDINGS:
+        raise ValueError(f"int4 rounding must be one of {LAYER_INT4_ROUNDINGS}, got {rounding!r}")
     layer = plan.layer(node)
     if layer.scheme != "static" or node not in {la.node for la in plan.layers}:
         raise ValueError(f"layer {node}: int4 needs a static int8 input (scheme {layer.scheme!r})")

@@ -146,6 +146,9 @@ class LayerQuant:
     choice: dict[str, Any] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     weight4: Int4Weight | None = None
+    #: NoisyQuant's fixed noisy bias ``N`` ``[in]`` (:mod:`edgeq.quantizers.noisy`): the int8 layer quantizes
+    #: ``X + N`` and its float bias subtracts ``N · W_int8ᵀ``, so the noise leaves the output exactly
+    input_noise: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -175,6 +178,8 @@ class LayerQuant:
                       "weight_scale_min": float(s4.min()), "weight_scale_max": float(s4.max())})
         if self.bias is not None and self.precision in ("int8", "int4"):
             d["bias_corrected"] = True
+        if self.input_noise is not None and self.precision == "int8":
+            d["input_noise_range"] = float(np.ptp(self.input_noise)) if self.input_noise.size else 0.0
         for key in ("kernel", "kernel_per_tensor"):
             v = getattr(self, key)
             if v is not None:
@@ -199,6 +204,8 @@ class LayerQuant:
                 "notes": self.notes}
         if self.weight4 is not None:  # only int4-capable plans carry the key (older plan.json files unchanged)
             d["weight4"] = _weight4_to_dict(self.weight4)
+        if self.input_noise is not None:  # likewise: only NoisyQuant layers carry it
+            d["input_noise"] = _array_to_dict(self.input_noise)
         return d
 
     @classmethod
@@ -213,7 +220,8 @@ class LayerQuant:
                    str(d.get("rounding", "nearest")), None if d.get("bias") is None else _array_from_dict(d["bias"]),
                    None if d.get("bias_name") is None else str(d["bias_name"]), opt_float("kernel"),
                    opt_float("kernel_per_tensor"), d.get("choice"), dict(d.get("notes") or {}),
-                   _weight4_from_dict(d.get("weight4")))
+                   _weight4_from_dict(d.get("weight4")),
+                   None if d.get("input_noise") is None else _array_from_dict(d["input_noise"]))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,157 @@
+"""Joint (BRECQ-style) reconstruction on int4 grids (W4A8) and on mixed int8 + int4 plans, on the SAC Pendulum fixture.
+
+The reconstruction must keep every layer on its own grid (int4 in [-7, 7] with the plan's per-channel or
+per-block scales, int8 in [-127, 127]), lower the real ONNX Runtime graph's action error on held-out states
+below nearest and GPTQ int4 rounding, be deterministic for a seed, and optimize what the exported files
+compute (portable QDQ with INT4 initializers, and the CPU file with MatMulNBits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeq.calibration.collect import calibrate_rollouts, layer_rows, tensor_values
+from edgeq.deploy.runtime import OrtPolicy
+from edgeq.envs import env_factory
+from edgeq.errors import EdgeqError
+from edgeq.export.int4 import int4_layer_names, specialize_int4_for_ort_cpu
+from edgeq.export.ort_cpu import specialize_for_ort_cpu
+from edgeq.export.qdq import apply_plan
+from edgeq.graph.analysis import constant_value, find_weighted_layers
+from edgeq.ingest.sb3 import load_sb3
+from edgeq.quantizers.build import QuantOptions, build_plan
+from edgeq.quantizers.int4 import INT4_QMAX
+from edgeq.quantizers.mixed import with_int4
+from edgeq.quantizers.plan import QuantPlan
+from edgeq.quantizers.reconstruct import fake_quant_actions, layer_grid, reconstruct
+from edgeq.search import int4_roundings
+
+HALF_RANGE = np.array([2.0])  # Pendulum's torque in [-2, 2]
+
+
+@pytest.fixture(scope="module")
+def pendulum(sac_pendulum: Path) -> tuple:
+    """The trained SAC Pendulum actor, its all-INT8 plan (the observation's columns scaled as edgeq does, so
+    the velocity's range does not crush the angle's), the graph its weights belong to, calibration and
+    held-out visited states."""
+    policy = load_sb3(sac_pendulum)
+    stats = calibrate_rollouts(policy, env_factory("Pendulum-v1"), list(range(900, 912)),
+                               holdout_seeds=list(range(950, 956)))
+    model = policy.model
+    base = build_plan(model, stats, QuantOptions(transform="crossquant", alpha=0.0), lower=apply_plan)
+    work = base.rewritten(model)
+    calib = np.asarray(stats.observations, np.float32)
+    hold = np.asarray(stats.holdout, np.float32)
+    return model, work, base, calib, hold
+
+
+def _w4a8(model, work, base: QuantPlan, calib: np.ndarray, rounding: str, block: int, nodes=None) -> QuantPlan:
+    """``base`` with the given layers (default all) in int4, ``rounding`` per layer, bias-corrected on the
+    inputs the quantized graph feeds each layer."""
+    plan = base
+    wls = [wl for wl in find_weighted_layers(work) if nodes is None or wl.node in nodes]
+
+    def inputs(p: QuantPlan, node: str) -> tuple[np.ndarray, np.ndarray]:
+        la = p.layer(node)
+        idx = [x.node for x in p.layers].index(node)
+        prefix = replace(p, layers=[x if i < idx else replace(x, precision="float") for i, x in enumerate(p.layers)])
+        x_q = layer_rows(tensor_values(apply_plan(model, prefix, check=False), calib, [la.input])[la.input])
+        x_f = layer_rows(tensor_values(work, calib, [la.input])[la.input])
+        s = np.float32(p.activations[la.input].scale)
+        return (np.clip(np.rint(x_q / s), -127, 127) * s).astype(np.float32), x_f
+
+    for wl in wls:
+        w = np.asarray(constant_value(work, wl.weight), np.float32)
+        b = np.asarray(constant_value(work, wl.bias), np.float32) if wl.bias else None
+        plan = with_int4(plan, wl.node, w, block_size=block, inputs=inputs, original_bias=b, rounding=rounding)
+    return plan
+
+
+def _err(model, plan: QuantPlan, x: np.ndarray) -> tuple[float, float]:
+    """Mean and RMS of |a_q - a_float| / half-range, both from the real ONNX Runtime graphs."""
+    ref = OrtPolicy(model.SerializeToString()).act(x)
+    got = OrtPolicy(apply_plan(model, plan).SerializeToString()).act(x)
+    d = np.abs(got - ref) / HALF_RANGE[0]
+    return float(np.mean(d)), float(np.sqrt(np.mean(d**2)))
+
+
+def test_w4a8_reconstruction_stays_on_the_int4_grid_and_beats_nearest_and_gptq(pendulum: tuple) -> None:
+    model, work, base, calib, hold = pendulum
+    near = _w4a8(model, work, base, calib, "nearest", 0)
+    gptq = _w4a8(model, work, base, calib, "gptq", 0)
+    res = reconstruct(work, gptq, calib, HALF_RANGE, iters=150, eval_every=10, seed=0)
+    assert res.supported and res.report["calibration_loss_best"] < 0.8 * res.report["calibration_loss_start"]
+    assert set(res.report["grids"].values()) == {"int4 [-7, 7]"}
+    for old, new in zip(gptq.layers, res.plan.layers, strict=True):
+        assert new.precision == "int4" and new.weight4 is not None and old.weight4 is not None
+        assert new.weight4.q.dtype == np.int8 and int(np.abs(new.weight4.q).max()) <= INT4_QMAX
+        assert np.array_equal(new.weight4.scale, old.weight4.scale) and new.weight4.block_size == 0
+        assert new.rounding == "brecq" and new.notes["brecq_start_rounding"] in ("gptq", "nearest")
+    assert any(not np.array_equal(a.weight4.q, b.weight4.q) for a, b in zip(gptq.layers, res.plan.layers, strict=True))
+    # held-out states of episodes the reconstruction never saw, on the ONNX Runtime graph
+    (m_near, r_near), (m_gptq, r_gptq), (m_rec, r_rec) = (_err(model, p, hold) for p in (near, gptq, res.plan))
+    assert m_rec < 0.95 * m_gptq and r_rec < r_gptq, (m_gptq, m_rec, r_gptq, r_rec)
+    assert m_rec < 0.5 * m_near and r_rec < 0.6 * r_near, (m_near, m_rec, r_near, r_rec)
+    # from nearest integers too: the joint rounding alone halves nearest int4's error
+    from_near = reconstruct(work, near, calib, HALF_RANGE, iters=150, eval_every=10, seed=0)
+    m_rn, r_rn = _err(model, from_near.plan, hold)
+    assert m_rn < 0.6 * m_near and r_rn < 0.6 * r_near and r_rn < r_gptq, (m_near, m_rn, r_near, r_rn)
+
+
+def test_reconstruction_starts_exactly_at_the_plan_and_is_deterministic(pendulum: tuple) -> None:
+    model, work, base, calib, _ = pendulum
+    gptq = _w4a8(model, work, base, calib, "gptq", 0)
+    # GPTQ moves integers more than one step from floor(w / s): the start must still be the plan itself
+    still = reconstruct(work, gptq, calib, HALF_RANGE, iters=0, seed=0, learn_scales=False)
+    for a, b in zip(gptq.layers, still.plan.layers, strict=True):
+        assert a.weight4 is not None and b.weight4 is not None and np.array_equal(a.weight4.q, b.weight4.q)
+    assert still.report["changed_weight_fraction"] == 0.0
+    one = reconstruct(work, gptq, calib, HALF_RANGE, iters=40, eval_every=10, seed=3)
+    two = reconstruct(work, gptq, calib, HALF_RANGE, iters=40, eval_every=10, seed=3)
+    assert one.report["calibration_loss_best"] == two.report["calibration_loss_best"]
+    for a, b in zip(one.plan.layers, two.plan.layers, strict=True):
+        assert a.weight4 is not None and b.weight4 is not None and np.array_equal(a.weight4.q, b.weight4.q)
+    assert one.plan.activations == two.plan.activations
+
+
+def test_mixed_int8_int4_blocked_reconstruction_matches_the_exported_files_on_ort(pendulum: tuple) -> None:
+    model, work, base, calib, hold = pendulum
+    wls = find_weighted_layers(work)
+    mixed = _w4a8(model, work, base, calib, "nearest", 32, nodes={wls[1].node, wls[2].node})  # first layer stays int8
+    res = reconstruct(work, mixed, calib, HALF_RANGE, iters=150, eval_every=10, seed=0, learn_bias=True,
+                      learn_weight_scales=True)
+    plan = res.plan
+    assert [la.precision for la in plan.layers] == ["int8", "int4", "int4"]
+    assert res.report["grids"][wls[0].node] == "int8 [-127, 127]"
+    l8 = plan.layer(wls[0].node)
+    assert l8.weight is not None and int(np.abs(l8.weight.q.astype(np.int16)).max()) <= 127
+    for la in plan.int4_layers():
+        assert la.weight4 is not None and la.weight4.block_size == 32 and int(np.abs(la.weight4.q).max()) <= 7
+        grid = layer_grid(la)
+        assert grid is not None and grid.scale.shape == la.weight4.q.shape
+        assert np.all(grid.scale == la.weight4.scale_full())
+    assert _err(model, plan, hold)[1] < _err(model, mixed, hold)[1]
+    # what was optimized is what ONNX Runtime runs: the portable QDQ file (INT4 initializers, opset 21) ...
+    sim = fake_quant_actions(work, plan, hold)
+    q = apply_plan(model, plan)
+    assert len(int4_layer_names(q)) == 2
+    got = OrtPolicy(q.SerializeToString()).act(hold)
+    assert float(np.median(np.abs(got - sim))) < 1e-5 and float(np.max(np.abs(got - sim))) < 2e-3
+    # ... and the CPU file (int4 layers as MatMulNBits, the int8 one as MatMulIntegerToFloat)
+    cpu = specialize_int4_for_ort_cpu(specialize_for_ort_cpu(q, float_layers=[]))
+    ops = [n.op_type for n in cpu.graph.node]
+    assert ops.count("MatMulNBits") == 2 and ops.count("MatMulIntegerToFloat") == 1
+    np.testing.assert_allclose(OrtPolicy(cpu.SerializeToString()).act(hold), got, atol=2e-4, rtol=1e-4)
+
+
+def test_int4_rounding_names() -> None:
+    assert int4_roundings("both") == ("nearest", "gptq")
+    assert int4_roundings("all") == ("nearest", "gptq", "gptq+brecq")
+    assert int4_roundings("nearest, gptq+brecq,nearest") == ("nearest", "gptq+brecq")
+    for bad in ("adaround", "", "gptq,magic"):
+        with pytest.raises(EdgeqError, match="--int4-rounding"):
+            int4_roundings(bad)
