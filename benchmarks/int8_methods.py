@@ -40,6 +40,7 @@ ALL_INT8: dict[str, Any] = {"fp16_fallback": 0, "keep_float": (), "dynamic": Fal
 #: name -> recipe overrides on top of the env's recipe (every one all-INT8, TensorRT-compatible).
 METHODS: dict[str, dict[str, Any]] = {
     "default": {},
+    "single-start": {"auto_starts": "recipe"},  # the per-layer search from the recipe's start only (before)
     "plain": {"transform": "none", "alpha": None, "auto": False, "rounding": "nearest", "bias_correction": False,
               "tail_weight": 0.0, "tail_on_calibration_states": False},
     "nearest": {"rounding": "nearest"},
