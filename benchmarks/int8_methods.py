@@ -130,7 +130,7 @@ class Fixture:
         self.calib_s = time.perf_counter() - t0
 
 
-def run_method(fx: Fixture, method: str, episodes: str, tmp: Path) -> dict[str, Any]:
+def run_method(fx: Fixture, method: str, episodes: str, tmp: Path, max_episodes: int = 200) -> dict[str, Any]:
     import onnx
 
     from edgeq.export.qdq import apply_plan
@@ -150,7 +150,7 @@ def run_method(fx: Fixture, method: str, episodes: str, tmp: Path) -> dict[str, 
     fpath, qpath = tmp / f"{fx.name}.fp32.onnx", tmp / f"{fx.name}.{method}.int8.onnx"
     onnx.save(fx.fp.model, str(fpath))
     onnx.save(qmodel, str(qpath))
-    design = episode_design(episodes, max_episodes=100)
+    design = episode_design(episodes, max_episodes=max_episodes)
     n_seeds = design.max_episodes if design.sequential else int(episodes)
     vopts = ValidationOptions(targets=("cpu",), floor_draws=0, sensitivity=False, per_layer=False, latency_calls=0,
                               design=design, failure=parse_failure(fx.config.validation.failure))
@@ -191,6 +191,7 @@ def main() -> None:
     ap.add_argument("--fixture", action="append", required=True, help="NAME:ENV (repeatable)")
     ap.add_argument("--methods", default="default,gptq,brecq")
     ap.add_argument("--episodes", default="20")
+    ap.add_argument("--max-episodes", type=int, default=200, help="cap of --episodes auto (edgeq's default: 200)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "int8_methods.md"))
     ap.add_argument("--jsonl", default=str(ROOT / "benchmarks" / "results" / "int8_methods.jsonl"))
     args = ap.parse_args()
@@ -209,7 +210,7 @@ def main() -> None:
                  "|---|---|---|---|---|---|---|---|---|"]
         with tempfile.TemporaryDirectory() as td:
             for m in methods:
-                row = run_method(fx, m, args.episodes, Path(td))
+                row = run_method(fx, m, args.episodes, Path(td), args.max_episodes)
                 row["command"] = command
                 Path(args.jsonl).parent.mkdir(parents=True, exist_ok=True)
                 with open(args.jsonl, "a") as fh:
