@@ -39,8 +39,10 @@ from typing import Any, ClassVar, Union
 
 from edgeq.errors import EdgeqError
 
-#: Version of the config's layout (``to_dict()["version"]``); bumped when a field is renamed or removed.
-CONFIG_VERSION = 1
+#: Version of the config's layout (``to_dict()["version"]``); bumped when a field is renamed or removed,
+#: or when a new field's default changes what an older config made. 2: ``quantization.auto_starts``
+#: (default ``first-layer``); a version-1 config without it means ``recipe``, what edgeq then did.
+CONFIG_VERSION = 2
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 #: checkout folder → package-data folder of an installed wheel (setup.py copies one into the other)
@@ -381,6 +383,8 @@ class QuantizeConfig:
         if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= CONFIG_VERSION:
             raise ConfigError(f"{origin}: config version {version!r}; this edgeq reads versions 1 to "
                               f"{CONFIG_VERSION} (upgrade edgeq)")
+        if version < 2 and isinstance(body.get("quantization", {}), Mapping):
+            body["quantization"] = {"auto_starts": "recipe", **body.get("quantization", {})}
         unknown = sorted(set(body) - set(SECTIONS))
         if unknown:
             raise ConfigError(f"{origin}: unknown config section(s) {', '.join(unknown)}; expected some of "
