@@ -66,6 +66,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "discquant": {"rounding": "discquant"},
     "adaround+discquant": {"rounding": "adaround+discquant"},
     "split+discquant": {"rounding": "adaround+discquant", "split_outliers": 0.05},
+    # AffineQuant on the observation input (edgeq.quantizers.affine): learned scale + shift, folded exactly
+    "affine": {"affine_input": True},
+    "affine+split": {"affine_input": True, "split_outliers": 0.05},
     "default+critic": {"objective": "critic"},
     # deliberately coarse: development stand-ins for a hard layer (max calibrator, no first-layer fix)
     "coarse": {"transform": "none", "alpha": None, "auto": False, "rounding": "nearest", "bias_correction": False,
@@ -174,6 +177,8 @@ def run_method(fx: Fixture, method: str, episodes: str, tmp: Path, max_episodes:
            "critic_value_loss": plan.metrics.get("critic_value_loss", {}).get("relative"),
            "plan_s": round(plan_s, 1), "validate_s": round(time.perf_counter() - t0, 1),
            "stages": {k: v.get("kept") for k, v in plan.metrics.get("stages", {}).items()},
+           "outlier_split_kept": plan.metrics.get("outlier_split", {}).get("kept"),
+           "added_units": sum(len(sp.units) for sp in plan.splits),
            "verdict_raw": vd}
     return row
 

@@ -270,6 +270,9 @@ class QuantizationConfig(_Section):
     #: NoisyQuant (edgeq.quantizers.noisy): a fixed seeded noise on each int8 layer's input, removed exactly
     #: through its bias, where it lowers the layer's held-out output error; off by default
     noisy_bias: bool = False
+    #: AffineQuant on the observation input (edgeq.quantizers.affine): a learned per-channel scale and shift
+    #: folded exactly into a Sub/Mul pre-op and the first layer; off by default
+    affine_input: bool = False
 
 
 @dataclass(frozen=True)
@@ -509,7 +512,8 @@ class QuantizeConfig:
                 bias_correction=q.bias_correction, fp16_fallback=q.fp16_fallback,
                 max_action_error=q.max_action_error, tail_weight=q.tail_weight, tail_fraction=q.tail_fraction,
                 tail_on_calibration_states=q.tail_on_calibration_states, keep_float=list(q.keep_float),
-                split_outliers=q.split_outliers, noisy_bias=q.noisy_bias)
+                split_outliers=q.split_outliers, noisy_bias=q.noisy_bias,
+                affine_input=q.affine_input)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"calibration recipe {c.recipe!r}: {exc}") from None
 

@@ -161,6 +161,60 @@ def test_plan_refuses_graphs_it_cannot_run() -> None:
         recurrent_plan_from_graph(parse_model(m.SerializeToString()), state)
 
 
+def _nvrtc_reason() -> str | None:
+    try:
+        cuda.compile_cubin('extern "C" __global__ void k() {}', "90")
+    except Exception as exc:  # noqa: BLE001 - NVRTC missing here
+        return str(exc)[:200]
+    return None
+
+
+_NVRTC = _nvrtc_reason()
+
+
+@pytest.mark.skipif(_NVRTC is not None, reason=f"NVRTC (cuda-python) does not compile here: {_NVRTC}")
+@pytest.mark.parametrize("name", ["lstm2-enc-relu"])  # the GRU kernels are compiled by the GPU tests
+def test_generated_kernel_compiles_for_hopper_without_a_gpu(name: str) -> None:
+    """The kernel source generated for the plan compiles with NVRTC for sm_90 (no GPU needed), every rows-per-block
+    variant, with the shared memory each needs within a Hopper block's."""
+    from edgeq.deploy.fused_rnn import ROWS, RecurrentProgram
+
+    data, state = model(name)
+    program = RecurrentProgram(recurrent_plan_from_graph(parse_model(data), state))
+    assert [f"rnn_step_r{r}" for r in ROWS] == program.kernels
+    assert all(f"void __launch_bounds__(256) {k}(" in program.source for k in program.kernels)
+    assert "mlas_logistic" in program.source and "expf(" not in program.source.replace("expm1f(", "")
+    cubin, _ = cuda.compile_cubin(program.source, "90", options=["--fmad=false"])
+    assert len(cubin) > 10_000
+    assert program.shared_bytes(max(ROWS)) < 227 * 1024
+
+
+def test_validation_cuda_target_and_deploy_pick_the_same_fused_recurrent_kernel(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Where CUDA is there, ``edgeq validate --targets cuda`` runs a recurrent INT8 file on the fused LSTM/GRU
+    kernel, as ``edgeq.deploy.load(b, "cuda")`` does (the wiring, with CUDA and the kernel stubbed)."""
+    import edgeq.deploy.fused_rnn as fused_rnn
+    from edgeq.validate import targets
+
+    data, state = model("lstm1-tanh")
+    path = tmp_path / "policy.int8.onnx"
+    path.write_bytes(data)
+    io = {"input": "obs", "output": "actions", "state": state}
+    monkeypatch.setattr(cuda, "available", lambda device=0: None)
+    assert targets.fused_cuda_reason(path, io) is None
+    built: dict[str, object] = {}
+
+    class Recorder:
+        def __init__(self, model: object, **kw: object) -> None:
+            built.update(model=model, **kw)
+
+    monkeypatch.setattr(fused_rnn, "FusedRnnPolicy", Recorder)
+    targets.fused_cuda_policy(path, io)
+    assert built["model"] == path and built["state"] == state and built["cuda_graph"] is True
+    # a graph the kernel does not run stays on ONNX Runtime's CUDA EP, with the reason
+    assert "state tensors" in str(targets.fused_cuda_reason(path, {**io, "state": state * 2}))
+
+
 # -- the kernel on the GPU -----------------------------------------------------------------------------------
 
 _CUDA = cuda.available()

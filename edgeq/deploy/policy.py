@@ -132,7 +132,8 @@ class DeployedPolicy:
         #: Why faster backends were not used (``load(backend="auto"|"cuda")``).
         self.backend_notes: list[str] = []
         self._act_latency = LatencyStats()
-        # the fused kernel's hot path (see act): bound once
+        # the fused kernel's hot path (see act): bound once. Not the recurrent kernel: its observation is
+        # checked before the call, since a refused observation must not advance the state on the GPU
         self._fused = runtime if type(runtime) is FusedCudaPolicy and len(self.obs_shape) == 1 else None
         self._batch_limit = self.max_batch or (1 << 62)
         self._check = _no_check if nan_policy == "pass" else _finite_fast

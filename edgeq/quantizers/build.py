@@ -41,6 +41,7 @@ from edgeq.deploy.runtime import OrtPolicy
 from edgeq.graph.analysis import WeightedLayer, constant_value, find_activation_matmuls, find_weighted_layers
 from edgeq.quantizers import crossquant, equalize
 from edgeq.quantizers.adaround import adaround
+from edgeq.quantizers.affine import learn_input_affine
 from edgeq.quantizers.auto import (
     DEFAULT_CALIBRATOR_CANDIDATES,
     DEFAULT_TRANSFORM_CANDIDATES,
@@ -51,13 +52,13 @@ from edgeq.quantizers.auto import (
 from edgeq.quantizers.bias_correction import bias_correction_delta, corrected_bias
 from edgeq.quantizers.evaluate import ActionErrorScorer, Lowering
 from edgeq.quantizers.noisy import fake_quant_noisy, noisy_bias
-from edgeq.quantizers.plan import LayerQuant, QuantPlan, make_plan
+from edgeq.quantizers.plan import ActivationQuant, LayerQuant, QuantPlan, make_plan
 from edgeq.quantizers.precision import fp16_fallback
 from edgeq.quantizers.reconstruct import reconstruct
 from edgeq.quantizers.rounding import gptq_round, stochastic_round
 from edgeq.quantizers.sensitivity import OBJECTIVES, ValueFn, value_loss, value_sensitivity
 from edgeq.quantizers.split import ChannelSplit, apply_splits, choose_splits
-from edgeq.quantizers.transforms import InputScaling, apply_input_scalings, weight_in_view
+from edgeq.quantizers.transforms import InputScaling, apply_input_scalings, can_fold, weight_in_view
 from edgeq.quantizers.weights import QuantizedWeight, quantize_weight
 
 __all__ = ["QuantOptions", "build_plan"]
@@ -130,6 +131,9 @@ class QuantOptions:
             layer a fixed seeded noise on its input, removed through the bias, where it lowers the layer's
             held-out output error; the stage is kept only if it lowers the held-out score. (The ``brecq``
             reconstruction optimizes without the noise; its result is scored with it.)
+        affine_input: AffineQuant on the observation input (:mod:`edgeq.quantizers.affine`) after the per-layer
+            search: a learned per-channel scale and shift of the first layer's input, folded exactly into a
+            Sub/Mul pre-op and the layer's weight and bias; kept only if it lowers the held-out score.
         seed: Seed of AdaRound's mini-batches.
     """
 
@@ -161,6 +165,7 @@ class QuantOptions:
     keep_float: list[str] = field(default_factory=list)
     split_outliers: float = 0.0
     noisy_bias: bool = False
+    affine_input: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -420,6 +425,57 @@ class _Builder:
             plan = replace(plan, layers=[new if la.node == layer.node else la for la in plan.layers])
         return plan, report
 
+    def affine_input(self, plan: QuantPlan) -> tuple[QuantPlan, dict[str, Any]]:
+        """AffineQuant on the first layer's input (:mod:`edgeq.quantizers.affine`): learned per-channel ``d`` and
+        shift ``δ``, an exact Sub/Mul pre-op and the layer's weight and bias; the layer re-quantized (nearest)."""
+        wl = self.layers[0]
+        layer = plan.layer(wl.node)
+        if layer.precision != "int8" or layer.scheme != "static":
+            return plan, {"skipped": "the first layer is not a static int8 layer"}
+        old = next((t for t in plan.transforms if t.layer == wl.node), None)
+        if old is not None and (old.placement == "folded" or can_fold(self.model, wl.node) is not None):
+            return plan, {"skipped": "the first layer's input is a hidden activation, not the observation"}
+        x = layer_rows(self.inputs[wl.input]).astype(np.float32)
+        w0 = constant_value(self.model, wl.weight)
+        assert w0 is not None
+        w = weight_in_view(np.asarray(w0, np.float64), wl)
+        d0 = old.factors if old is not None else np.ones(w.shape[1])
+        res = learn_input_affine(x, w, d0, plan.activations[layer.input].amax, seed=self.opt.seed)
+        report: dict[str, Any] = res.to_json()
+        if not res.loss_end < res.loss_start:
+            return plan, {**report, "skipped": "the learned transform does not lower the layer's output error"}
+        shift: np.ndarray | None = res.shift
+        new_t = InputScaling(wl.node, res.factors, "affinequant", 0.0, "mul", details=res.to_json(), shift=shift)
+        transforms = [new_t if t is old else t for t in plan.transforms] if old is not None else \
+            [new_t, *plan.transforms]
+        try:
+            work = apply_input_scalings(self.model, transforms)
+        except ValueError as exc:  # no bias to absorb W δ: the scaling alone
+            report["shift_dropped"] = str(exc)
+            shift = None
+            new_t = InputScaling(wl.node, res.factors, "affinequant", 0.0, "mul", details=res.to_json())
+            transforms = [new_t if t is old else t for t in plan.transforms] if old is not None else \
+                [new_t, *plan.transforms]
+            work = apply_input_scalings(self.model, transforms)
+        new_wl = next(w_ for w_ in find_weighted_layers(work) if w_.node == wl.node)
+        xs = x - shift[None, :] if shift is not None else x
+        obs = TensorObserver(new_wl.input)
+        obs.update((xs / res.factors[None, :]).astype(np.float32))
+        ch = layer.choice or {}
+        method = str(ch.get("calibrator", self.opt.calibrator))
+        params = dict(ch.get("params", self.opt.calibrator_params))
+        amax = compute_amax(obs, method, **params)
+        wq = self.quantize_weight(np.asarray(constant_value(work, wl.weight), np.float32), layer.weight_axis,
+                                  layer.weight_method)
+        new_layer = replace(layer, input=new_wl.input, weight=wq, rounding="nearest",
+                            notes={**layer.notes, "affinequant": report})
+        layers = [new_layer if la.node == wl.node else la for la in plan.layers]
+        acts = dict(plan.activations)
+        acts[new_wl.input] = ActivationQuant(new_wl.input, amax, method, params)
+        cand = replace(plan, layers=layers, transforms=transforms, activations=acts)
+        used = cand.used_activations()
+        return replace(cand, activations={k: v for k, v in acts.items() if k in used}), report
+
     def reconstruct(self, plan: QuantPlan, method: str = "brecq") -> tuple[QuantPlan, dict[str, Any]]:
         """Every static int8 layer's rounding (and, BRECQ-style, input scale) at once against the float actions;
         ``method="discquant"``: DiscQuant's relaxed rounding (:data:`edgeq.quantizers.reconstruct.METHODS`)."""
@@ -678,16 +734,22 @@ def _searched(b: _Builder, opt: QuantOptions, choices: dict[str, LayerChoice], r
 
 def _refined(b: _Builder, opt: QuantOptions, plan: QuantPlan, errors: dict[str, Any]
              ) -> tuple[QuantPlan, float, dict[str, Any], dict[str, Any]]:
-    """NoisyQuant, the rounding stages and bias correction, each kept only if it lowers the held-out score."""
+    """AffineQuant's input transform, NoisyQuant, the rounding stages and bias correction, each kept only if
+    it lowers the held-out score."""
     errors = dict(errors)
     current = errors["auto"] if opt.auto else errors["initial"]
     stage_reports: dict[str, Any] = {}
     roundings = [r for r in opt.rounding.split("+") if r != "nearest"]
-    for stage in [*(["noisy"] if opt.noisy_bias else []), *roundings,
+    for stage in [*(["affine"] if opt.affine_input else []), *(["noisy"] if opt.noisy_bias else []), *roundings,
                   *(["bias_correction"] if opt.bias_correction else [])]:
         if not plan.int8_layers():
             continue
-        cand, rep = b.reconstruct(plan, stage) if stage in ("brecq", "discquant") else b.refine(plan, stage)
+        if stage == "affine":
+            cand, rep = b.affine_input(plan)
+        elif stage in ("brecq", "discquant"):
+            cand, rep = b.reconstruct(plan, stage)
+        else:
+            cand, rep = b.refine(plan, stage)
         e = b.scorer(cand)
         kept = e < current
         stage_reports[stage] = {"kept": kept, "heldout_action_error": e, "layers": rep}

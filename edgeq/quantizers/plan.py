@@ -329,7 +329,8 @@ class QuantPlan:
         return {"format": PLAN_FORMAT, "settings": self.settings,
                 **({"splits": [sp.to_json() for sp in self.splits]} if self.splits else {}),
                 "transforms": [{"layer": t.layer, "factors": _array_to_dict(t.factors), "method": t.method,
-                                "alpha": t.alpha, "placement": t.placement, "details": t.details}
+                                "alpha": t.alpha, "placement": t.placement, "details": t.details,
+                                **({"shift": _array_to_dict(t.shift)} if t.shift is not None else {})}
                                for t in self.transforms],
                 "activations": [{"tensor": a.tensor, "amax": a.amax, "calibrator": a.calibrator, "params": a.params}
                                 for a in self.activations.values()],
@@ -347,7 +348,8 @@ class QuantPlan:
             raise ValueError(f"plan format {d.get('format')!r} is not {PLAN_FORMAT} (written by another edgeq)")
         try:
             transforms = [InputScaling(str(t["layer"]), _array_from_dict(t["factors"]), str(t["method"]),
-                                       float(t["alpha"]), str(t.get("placement", "auto")), dict(t.get("details") or {}))
+                                       float(t["alpha"]), str(t.get("placement", "auto")), dict(t.get("details") or {}),
+                                       None if t.get("shift") is None else _array_from_dict(t["shift"]))
                           for t in d.get("transforms", [])]
             acts = {str(a["tensor"]): ActivationQuant(str(a["tensor"]), float(a["amax"]), str(a["calibrator"]),
                                                       dict(a.get("params") or {}))

@@ -65,6 +65,9 @@ class InputScaling:
     alpha: float
     placement: str = "auto"
     details: dict[str, Any] = field(default_factory=dict)
+    #: an input shift ``δ`` (AffineQuant's translation, :mod:`edgeq.quantizers.affine`): the layer reads
+    #: ``(X − δ) / d`` and its bias gains ``W δ``; only with the ``mul`` placement
+    shift: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         d = np.asarray(self.factors, np.float64)
@@ -75,6 +78,13 @@ class InputScaling:
         if self.placement not in ("auto", "folded", "mul"):
             raise ValueError(f"{self.layer}: placement must be auto, folded or mul, got {self.placement!r}")
         object.__setattr__(self, "factors", d)
+        if self.shift is not None:
+            sh = np.asarray(self.shift, np.float64)
+            if sh.shape != d.shape or not np.all(np.isfinite(sh)):
+                raise ValueError(f"{self.layer}: shift must be finite and of the factors' shape {d.shape}")
+            if self.placement == "folded":
+                raise ValueError(f"{self.layer}: a shifted input cannot be folded into the previous layer")
+            object.__setattr__(self, "shift", sh)
 
     def to_json(self) -> dict[str, Any]:
         """Summary for the manifest, with the exact ``factors`` (so a bundle's plan can be rebuilt)."""
@@ -82,15 +92,18 @@ class InputScaling:
         return {"layer": self.layer, "method": self.method, "alpha": self.alpha, "placement": self.placement,
                 "factor_min": float(d.min()), "factor_max": float(d.max()),
                 "factor_geomean": float(np.exp(np.mean(np.log(d)))), **self.details,
-                "factors": [float(x) for x in d]}
+                "factors": [float(x) for x in d],
+                **({"shift": [float(x) for x in self.shift]} if self.shift is not None else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> InputScaling:
         """The scaling a manifest entry describes; ``KeyError`` if it predates stored ``factors``."""
-        summary = {"layer", "method", "alpha", "placement", "factor_min", "factor_max", "factor_geomean", "factors"}
+        summary = {"layer", "method", "alpha", "placement", "factor_min", "factor_max", "factor_geomean", "factors",
+                   "shift"}
         return cls(str(data["layer"]), np.asarray(data["factors"], np.float64), str(data["method"]),
                    float(data["alpha"]), str(data.get("placement", "auto")),
-                   {k: v for k, v in data.items() if k not in summary})
+                   {k: v for k, v in data.items() if k not in summary},
+                   None if data.get("shift") is None else np.asarray(data["shift"], np.float64))
 
 
 def weight_in_view(w: np.ndarray, layer: WeightedLayer) -> np.ndarray:
@@ -199,9 +212,13 @@ def _apply_one(g: ir.Graph, sc: InputScaling) -> None:
         raise ValueError(f"{sc.layer}: {d.size} factors for a layer with {wl.in_features} inputs")
     if not wl.weight.is_initializer() or len(wl.weight.uses()) != 1:
         raise ValueError(f"{sc.layer}: weight {wl.weight.name!r} is not an initializer read by this layer alone")
+    if sc.shift is not None:  # the bias gains W δ (W before the scaling), computed in float64
+        assert wl.weight.const_value is not None
+        w0 = wl.weight.const_value.numpy().astype(np.float64)
+        _add_to_bias(g, wl, (w0 if wl.weight_axis == 0 else w0.T) @ sc.shift)
     _scaled(wl.weight, d.reshape((1, -1) if wl.weight_axis == 0 else (-1, 1)))  # multiply the input axis
 
-    prev = _fold_target(layers, sc.layer)
+    prev = None if sc.shift is not None else _fold_target(layers, sc.layer)
     placement = sc.placement
     if placement == "auto":
         placement = "folded" if prev is not None else "mul"
@@ -215,11 +232,48 @@ def _apply_one(g: ir.Graph, sc: InputScaling) -> None:
             assert pl.bias.const_value is not None
             _scaled(pl.bias, d.reshape(pl.bias.const_value.shape.numpy()), divide=True)
         return
-    # explicit fp32 pre-op: X' = X * (1/d)
+    # explicit fp32 pre-op: X' = X * (1/d), or (X - δ) * (1/d) with a shift
     name, k = f"{sc.layer}/input_scale.inv_factors", 1
     while name in g.initializers:
         name, k = f"{sc.layer}/input_scale.inv_factors_{k}", k + 1
     inv = const(g, (1.0 / d).astype(np.float32), name)
-    mul = make_node("Mul", [wl.input, inv], f"{wl.input.name}.scaled_for.{sc.layer}", name=f"{sc.layer}/input_scale")
+    x_in = wl.input
+    if sc.shift is not None:
+        shift = const(g, sc.shift.astype(np.float32), name.replace("inv_factors", "shift"))
+        sub = make_node("Sub", [wl.input, shift], f"{wl.input.name}.shifted_for.{sc.layer}",
+                        name=f"{sc.layer}/input_shift")
+        g.insert_before(wl.node, sub)
+        x_in = sub.outputs[0]
+    mul = make_node("Mul", [x_in, inv], f"{wl.input.name}.scaled_for.{sc.layer}", name=f"{sc.layer}/input_scale")
     g.insert_before(wl.node, mul)
     wl.node.replace_input_with(0, mul.outputs[0])
+
+
+def _add_to_bias(g: ir.Graph, wl: _Layer, delta: np.ndarray) -> None:
+    """Add ``delta`` ``[out]`` to the layer's float bias: the Gemm's C (created if absent) or the constant of a
+    MatMul's bias Add."""
+    def bump(value: ir.Value) -> None:
+        assert value.const_value is not None
+        b = value.const_value.numpy()
+        value.const_value = ir.Tensor((b.astype(np.float64) + delta.reshape(b.shape)).astype(b.dtype), name=value.name)
+
+    if wl.bias is not None and wl.bias.is_initializer() and len(wl.bias.uses()) == 1:
+        bump(wl.bias)
+        return
+    y = wl.node.outputs[0]
+    uses = list(y.uses())
+    if wl.node.op_type == "MatMul" and len(uses) == 1 and uses[0].node.op_type == "Add":
+        add = uses[0].node
+        other = add.inputs[1 - uses[0].idx]
+        if other is not None and other.is_initializer() and other.const_value is not None and \
+                other.const_value.numpy().size == delta.size and len(other.uses()) == 1:
+            bump(other)
+            return
+    if wl.node.op_type == "Gemm" and wl.bias is None:
+        c = const(g, delta.astype(np.float32), f"{wl.node.name}/input_shift.bias")
+        while len(wl.node.inputs) < 3:
+            wl.node.resize_inputs(len(wl.node.inputs) + 1)
+        wl.node.replace_input_with(2, c)
+        return
+    raise ValueError(f"{wl.node.name}: an input shift needs a bias to absorb W δ (a Gemm, or a MatMul followed by "
+                     "an Add of a constant read by it alone)")

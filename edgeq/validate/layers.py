@@ -253,6 +253,8 @@ def per_layer_error(float_model: onnx.ModelProto, int8_model: onnx.ModelProto | 
             tensor = inputs.get(t.layer)
             if tensor in full and tensor in ref and full[tensor].shape[1] == len(t.factors):
                 undone = full[tensor] * np.asarray(t.factors, np.float64)[None, :]
+                if t.shift is not None:  # AffineQuant's translation: the layer read (X - δ) / d
+                    undone = undone + np.asarray(t.shift, np.float64)[None, :]
                 if np.abs(merged(tensor, undone) - ref[tensor]).mean() < \
                         np.abs(merged(tensor, full[tensor]) - ref[tensor]).mean():
                     full[tensor] = undone

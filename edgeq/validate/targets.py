@@ -156,16 +156,38 @@ def _tensorrt_runtimes(float_model: Path, int8_model: Path, io: dict[str, Any], 
 
 
 def fused_cuda_reason(int8_model: str | Path | bytes, io: dict[str, Any]) -> str | None:
-    """Why the fused INT8 kernel cannot run ``int8_model`` here (None: it can, and ``edgeq.deploy``'s
-    ``cuda`` backend runs it). Recurrent policies stay on ONNX Runtime's CUDA EP."""
+    """Why edgeq's fused INT8 kernels cannot run ``int8_model`` here (None: they can, and ``edgeq.deploy``'s
+    ``cuda`` backend runs it there): the feed-forward kernel (:mod:`edgeq.deploy.fused_mlp`), or for a
+    recurrent policy (``io.state``) the LSTM/GRU kernel (:mod:`edgeq.deploy.fused_rnn`)."""
     if isinstance(int8_model, bytes):
         return "the model is not a file"
-    if io.get("state"):
-        return "recurrent policy (runs on ONNX Runtime's CUDA EP)"
     from edgeq.deploy import cuda
+
+    reason = cuda.available()
+    if reason is not None:
+        return reason
+    if io.get("state"):
+        from edgeq.deploy.fused_rnn import fused_rnn_support
+
+        return fused_rnn_support(int8_model, list(io["state"]), input_name=io.get("input", "obs"),
+                                 output_name=io.get("output", "actions"))
     from edgeq.deploy.fused_mlp import fused_support
 
-    return cuda.available() or fused_support(int8_model)
+    return fused_support(int8_model)
+
+
+def fused_cuda_policy(int8_model: str | Path, io: dict[str, Any], *, cuda_graph: bool = True) -> Any:
+    """The fused INT8 kernel's policy for ``int8_model`` (check :func:`fused_cuda_reason` first): the LSTM/GRU
+    kernel for a recurrent policy, else the feed-forward one; what ``edgeq.deploy.load(b, "cuda")`` runs."""
+    inp, out, state = io.get("input", "obs"), io.get("output", "actions"), io.get("state", [])
+    if state:
+        from edgeq.deploy.fused_rnn import FusedRnnPolicy
+
+        return FusedRnnPolicy(Path(str(int8_model)), state=list(state), input_name=inp, output_name=out,
+                              cuda_graph=cuda_graph)
+    from edgeq.deploy.fused_mlp import FusedCudaPolicy
+
+    return FusedCudaPolicy(Path(str(int8_model)), input_name=inp, output_name=out, cuda_graph=cuda_graph)
 
 
 def validate_target(target: str, float_model: Path, int8_model: Path, io: dict[str, Any],
@@ -206,13 +228,10 @@ def validate_target(target: str, float_model: Path, int8_model: Path, io: dict[s
         fused_reason = fused_cuda_reason(int8_model, io)
         int8_src: Path | bytes
         if fused_reason is None:
-            from edgeq.deploy.fused_mlp import FusedCudaPolicy
-
             int8_src = int8_model
 
             def gpu8(src: Path | bytes) -> Any:
-                return with_history(FusedCudaPolicy(int8_model, input_name=inp, output_name=out,
-                                                    cuda_graph=cuda_graph), io)
+                return with_history(fused_cuda_policy(int8_model, io, cuda_graph=cuda_graph), io)
 
             int8_desc = {"int8_runtime": RUNTIME_FUSED_CUDA, "int8_model": int8_model.name}
         else:
@@ -267,8 +286,9 @@ def make_runtime(target: str, path: str | Path | bytes, io: dict[str, Any], *, p
 
     ``cpu``: :class:`OrtPolicy` on the CPU provider. ``cuda`` through ONNX Runtime:
     :class:`~edgeq.deploy.ort_cuda.OrtCudaPolicy` with IO binding and CUDA graphs (pass the
-    CUDA-specialized INT8 file for int8), or, for an INT8 file the fused kernel runs,
-    :class:`~edgeq.deploy.fused_mlp.FusedCudaPolicy` (what ``edgeq.deploy``'s ``cuda`` backend runs).
+    CUDA-specialized INT8 file for int8), or, for an INT8 file a fused kernel runs,
+    :class:`~edgeq.deploy.fused_mlp.FusedCudaPolicy` or (recurrent)
+    :class:`~edgeq.deploy.fused_rnn.FusedRnnPolicy` (what ``edgeq.deploy``'s ``cuda`` backend runs).
     TensorRT (``trt``, or ``cuda`` where TensorRT is installed): an engine built once per model file
     and precision in a temporary folder. A history policy (``io.history``) gets its observation
     window kept by :class:`~edgeq.deploy.history.ObservationHistory`.
@@ -288,9 +308,7 @@ def _make_runtime(target: str, path: str | Path | bytes, io: dict[str, Any], *, 
         from edgeq.deploy.ort_cuda import OrtCudaPolicy
 
         if precision == "int8" and fused_cuda_reason(path, io) is None:
-            from edgeq.deploy.fused_mlp import FusedCudaPolicy
-
-            return FusedCudaPolicy(Path(str(path)), input_name=inp, output_name=out)
+            return fused_cuda_policy(Path(str(path)), io)
         return OrtCudaPolicy(path, input_name=inp, output_name=out, state=state, io_binding=True, cuda_graph=True)
     if isinstance(path, bytes):
         raise EdgeqError("TensorRT targets build engines from model files, not bytes")
