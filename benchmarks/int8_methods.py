@@ -133,7 +133,8 @@ class Fixture:
         self.calib_s = time.perf_counter() - t0
 
 
-def run_method(fx: Fixture, method: str, episodes: str, tmp: Path, max_episodes: int = 200) -> dict[str, Any]:
+def run_method(fx: Fixture, method: str, episodes: str, tmp: Path, first_seed: int = 0,
+               max_episodes: int = 200) -> dict[str, Any]:
     import onnx
 
     from edgeq.export.qdq import apply_plan
@@ -159,7 +160,7 @@ def run_method(fx: Fixture, method: str, episodes: str, tmp: Path, max_episodes:
                               design=design, failure=parse_failure(fx.config.validation.failure))
     io = {"input": fx.fp.input_name, "output": fx.fp.output_name, "state": []}
     t0 = time.perf_counter()
-    val = validate_models(fpath, qpath, io, fx.make_env, list(range(n_seeds)), env_id=fx.env,
+    val = validate_models(fpath, qpath, io, fx.make_env, list(range(first_seed, first_seed + n_seeds)), env_id=fx.env,
                           action_low=fx.fp.action_space.low_array, action_high=fx.fp.action_space.high_array,
                           options=vopts, episode_steps=fx.ep_len)
     cpu = val["targets"]["cpu"]
@@ -168,7 +169,7 @@ def run_method(fx: Fixture, method: str, episodes: str, tmp: Path, max_episodes:
     vd = cpu["verdict"]
     ha = plan.metrics["heldout_action_error"]
     row = {"fixture": fx.name, "env": fx.env, "method": method, "file": "policy.int8.onnx (every layer W8A8)",
-           "target": "cpu (onnxruntime)", "episodes": int(len(f)),
+           "target": "cpu (onnxruntime)", "episodes": int(len(f)), "first_seed": first_seed,
            "float_mean": float(f.mean()), "int8_mean": float(q.mean()),
            "kept": 1.0 + float((q - f).mean()) / abs(float(f.mean())),
            "ci": vd["returns"].get("interval"), "verdict": vd.get("status"),
@@ -197,6 +198,8 @@ def main() -> None:
     ap.add_argument("--methods", default="default,gptq,brecq")
     ap.add_argument("--episodes", default="20")
     ap.add_argument("--max-episodes", type=int, default=200, help="cap of --episodes auto (edgeq's default: 200)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="validation seeds start here (e.g. 1000: a confirmation on seeds no earlier run used)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "int8_methods.md"))
     ap.add_argument("--jsonl", default=str(ROOT / "benchmarks" / "results" / "int8_methods.jsonl"))
     args = ap.parse_args()
@@ -208,21 +211,24 @@ def main() -> None:
     for spec in args.fixture:
         name, env = spec.split(":", 1)
         fx = Fixture(name, env)
+        seeds = f", validation seeds from {args.first_seed}" if args.first_seed else ""
         lines = [f"### {name} on {env}: `policy.int8.onnx` (every layer W8A8) on ONNX Runtime CPU, "
-                 f"episodes {args.episodes}", "", f"Command: `{command}`", "",
+                 f"episodes {args.episodes}{seeds}", "", f"Command: `{command}`", "",
                  "| method | float mean | int8 mean | kept | 95% CI of kept | verdict | failures float/int8 | "
                  "held-out action error (mean / score / critic-weighted) | plan s |",
                  "|---|---|---|---|---|---|---|---|---|"]
         with tempfile.TemporaryDirectory() as td:
             for m in methods:
-                row = run_method(fx, m, args.episodes, Path(td), args.max_episodes)
+                row = run_method(fx, m, args.episodes, Path(td), args.first_seed, args.max_episodes)
                 row["command"] = command
                 Path(args.jsonl).parent.mkdir(parents=True, exist_ok=True)
                 with open(args.jsonl, "a") as fh:
                     fh.write(json.dumps(row, default=float) + "\n")
                 w = row["heldout_weighted"]
+                ep = f" ({row['episodes']} ep)" if args.episodes == "auto" else ""
                 lines.append(f"| {m} | {row['float_mean']:.1f} | {row['int8_mean']:.1f} | {100 * row['kept']:.2f}% | "
-                             f"{_fmt_ci(row)} | {row['verdict']} | {row['failures']['float']}/{row['failures']['int8']}"
+                             f"{_fmt_ci(row)} | {row['verdict']}{ep} | "
+                             f"{row['failures']['float']}/{row['failures']['int8']}"
                              f" | {row['heldout_mean']:.4f} / {row['heldout_score']:.4f} / "
                              f"{'-' if w is None else f'{w:.4g}'} | {row['plan_s']} |")
                 print(lines[-1], flush=True)

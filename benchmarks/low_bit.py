@@ -67,6 +67,7 @@ def run_fixture(spec: str, args: argparse.Namespace, cmd: str) -> None:
                seed=args.seed, block_size=args.block_size, evaluate_all=not args.first_pass, rounding=args.rounding,
                overwrite=True, only=args.only.split(",") if args.only else None,
                reconstruct_iters=args.reconstruct_iters, reconstruct_states=args.reconstruct_states,
+               state_episodes=args.state_episodes, max_states=args.max_states,
                reconstruct_options={k: json.loads(v) for k, v in (o.split("=", 1) for o in args.reconstruct)},
                log=lambda s: print(f"[{name}] {s}", flush=True))
         t_s = time.perf_counter() - t0
@@ -237,6 +238,8 @@ def main() -> None:
                     help="more options of edgeq.quantizers.reconstruct.reconstruct, e.g. learn_scales=false")
     ap.add_argument("--reconstruct-states", default="float", choices=["float", "closed-loop"],
                     help="states of the +brecq reconstruction: the float policy's, or also the candidate's own")
+    ap.add_argument("--state-episodes", type=int, default=6, help="float episodes giving the search its states")
+    ap.add_argument("--max-states", type=int, default=6000, help="cap of those states (3/4 calibration, 1/4 held out)")
     ap.add_argument("--first-pass", action="store_true",
                     help="stop at the first accepted candidate, as edgeq search does (default: evaluate all)")
     ap.add_argument("--seed", type=int, default=0)

@@ -106,10 +106,12 @@ def test_reconstruction_starts_exactly_at_the_plan_and_is_deterministic(pendulum
     model, work, base, calib, _ = pendulum
     gptq = _w4a8(model, work, base, calib, "gptq", 0)
     # GPTQ moves integers more than one step from floor(w / s): the start must still be the plan itself
-    still = reconstruct(work, gptq, calib, HALF_RANGE, iters=0, seed=0, learn_scales=False)
-    for a, b in zip(gptq.layers, still.plan.layers, strict=True):
-        assert a.weight4 is not None and b.weight4 is not None and np.array_equal(a.weight4.q, b.weight4.q)
-    assert still.report["changed_weight_fraction"] == 0.0
+    for margin in (0.0, 0.25):  # off-nearest integers start inside their side of 1/2: still the plan
+        still = reconstruct(work, gptq, calib, HALF_RANGE, iters=0, seed=0, learn_scales=False, start_margin=margin)
+        for a, b in zip(gptq.layers, still.plan.layers, strict=True):
+            assert a.weight4 is not None and b.weight4 is not None and np.array_equal(a.weight4.q, b.weight4.q)
+        assert still.report["changed_weight_fraction"] == 0.0
+        assert still.plan.activations == gptq.activations
     one = reconstruct(work, gptq, calib, HALF_RANGE, iters=40, eval_every=10, seed=3)
     two = reconstruct(work, gptq, calib, HALF_RANGE, iters=40, eval_every=10, seed=3)
     assert one.report["calibration_loss_best"] == two.report["calibration_loss_best"]

@@ -43,6 +43,32 @@ def _obs(n: int = 2048, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, 6)).astype(np.float32)
 
 
+def test_splits_are_exact_on_a_matmul_graph() -> None:
+    """MatMul + Add layers (ONNX / TorchScript ingest): weights stored [in, out], the bias in the Add."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits, x = [], [], "obs"
+    for i, (w, b) in enumerate(_weights()):
+        inits += [numpy_helper.from_array(w.T.astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array(b.astype(np.float32), f"b{i}")]
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"L{i}"),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"z{i}"], name=f"L{i}/bias")]
+        x = f"z{i}"
+        if i < 2:
+            nodes.append(helper.make_node("Relu", [x], [f"a{i}"], name=f"act{i}"))
+            x = f"a{i}"
+    nodes.append(helper.make_node("Identity", [x], ["actions"], name="out"))
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("obs", TensorProto.FLOAT, ["b", 6])],
+                          [helper.make_tensor_value_info("actions", TensorProto.FLOAT, ["b", 3])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    obs = _obs()
+    split = apply_splits(model, [ChannelSplit("L1", (5, 9), (1.0, 0.5)), ChannelSplit("L2", (3,), (0.5,))])
+    ref = _run(model, obs)
+    assert np.abs(_run(split, obs) - ref).max() <= 1e-6 * max(1.0, np.abs(ref).max())
+    assert _layer_weight(split, "w0").shape == (6, 26) and _layer_weight(split, "b0").shape == (26,)
+    assert _layer_weight(split, "w1").shape == (26, 25) and _layer_weight(split, "w2").shape == (25, 3)
+
+
 def _layer_weight(model: onnx.ModelProto, name: str) -> np.ndarray:
     return onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
 

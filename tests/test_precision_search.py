@@ -128,6 +128,7 @@ def test_search_with_joint_int4_reconstruction(base_bundle: Path, tmp_path: Path
     assert "W4A8" in rows and "W4A8+gptq+brecq" in rows
     rec = rows["W4A8+gptq+brecq"]["reconstruction"]
     assert rec["kept"] and rec["heldout_action_error"] < rec["heldout_action_error_start"]
+    assert rec["options"] == {"start_margin": 0.25}
     assert rows["W4A8+gptq+brecq"]["heldout_action_error"] == pytest.approx(rec["heldout_action_error"], rel=1e-4)
     assert rows["W4A8+gptq+brecq"]["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
     assert rows["W4A8+gptq+brecq"]["episodes"] == 4

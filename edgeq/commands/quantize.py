@@ -106,7 +106,9 @@ def quantize(
                                               "by the action error on held-out states.")] = None,
     rounding: Annotated[str | None, typer.Option(help="Weight rounding: nearest, adaround, gptq, stochastic, brecq "
                                                       "(every layer's rounding and input scale jointly against the "
-                                                      "float actions) or gptq+brecq.")] = None,
+                                                      "float actions), gptq+brecq, adaround+brecq, discquant "
+                                                      "(DiscQuant's relaxed rounding of every layer) or "
+                                                      "adaround+discquant.")] = None,
     bias_correction: Annotated[bool | None, typer.Option("--bias-correction/--no-bias-correction",
                                                          help="Empirical bias correction per layer.")] = None,
     fp16_fallback: Annotated[int | None, typer.Option(help="At most this many layers go to fp16 when int8 "

@@ -229,7 +229,7 @@ def reconstruct(work: onnx.ModelProto, plan: QuantPlan, states: np.ndarray, half
                 learn_scales: bool = True, seed: int = 0, time_limit_s: float = 120.0,
                 patience: int = 0, learn_weight_scales: bool = False, weight_scale_lr: float = 5e-4,
                 learn_bias: bool = False, bias_lr: float = 1e-3, method: str = "brecq", rho: float = 200.0,
-                grad_clamp: float = 1.0) -> ReconstructResult:
+                grad_clamp: float = 1.0, start_margin: float = 0.0) -> ReconstructResult:
     """Jointly round every static int8 and int4 layer's weight and learn every input scale of ``plan``.
 
     ``method="discquant"`` is DiscQuant's rounding (see :data:`METHODS`): the weights interpolate
@@ -258,6 +258,9 @@ def reconstruct(work: onnx.ModelProto, plan: QuantPlan, states: np.ndarray, half
         learn_bias, bias_lr: Also learn the float bias of every layer whose bias the exported file
             carries (a Gemm's C input, any int4 layer's bias): a joint bias correction.
         method: ``brecq`` or ``discquant``; rho, grad_clamp: DiscQuant's loss weight and gradient clamp.
+        start_margin: ``brecq``: a plan integer that is not the float weight's nearest (a GPTQ or AdaRound
+            start) starts this far inside its side of the 1/2 threshold (0: on it, where the first Adam steps
+            flip them all at once); nearest-rounded integers start at their fractional part either way.
     """
     if method not in METHODS:
         raise ValueError(f"reconstruction method must be one of {METHODS}, got {method!r}")
@@ -281,7 +284,7 @@ def reconstruct(work: onnx.ModelProto, plan: QuantPlan, states: np.ndarray, half
                             learn_scales=learn_scales and method == "brecq", seed=seed, time_limit_s=time_limit_s,
                             patience=patience, t0=t0, learn_weight_scales=learn_weight_scales and method == "brecq",
                             weight_scale_lr=weight_scale_lr, learn_bias=learn_bias and method == "brecq",
-                            bias_lr=bias_lr, method=method, rho=rho, grad_clamp=grad_clamp)
+                            bias_lr=bias_lr, method=method, rho=rho, grad_clamp=grad_clamp, start_margin=start_margin)
     finally:
         torch.set_num_threads(threads)
 
@@ -291,7 +294,7 @@ def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], init
                  batch: int, lr: float, scale_lr: float, eval_every: int, eval_rows: int, learn_scales: bool,
                  seed: int, time_limit_s: float, patience: int, t0: float, learn_weight_scales: bool,
                  weight_scale_lr: float, learn_bias: bool, bias_lr: float, method: str = "brecq",
-                 rho: float = 200.0, grad_clamp: float = 1.0) -> ReconstructResult:
+                 rho: float = 200.0, grad_clamp: float = 1.0, start_margin: float = 0.0) -> ReconstructResult:
     import torch
 
     run = _interpreter(work)
@@ -327,7 +330,11 @@ def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], init
         f = np.clip(np.floor(w / s), q0 - 1.0, q0)
         frac = np.clip(w / s - f, 0.0, 1.0)
         up = q0 - f >= 1.0
-        u0 = np.where(up, np.maximum(frac, 0.5), np.minimum(frac, 0.499)) if method == "brecq" else frac
+        # a plan integer that is not the float weight's nearest (GPTQ, AdaRound) starts start_margin inside its
+        # side of 1/2, not on it: else Adam's first steps flip all of them at once on one mini-batch's gradient
+        m = float(start_margin)
+        u0 = (np.where(up, np.maximum(frac, 0.5 + m * (frac < 0.5)), np.minimum(frac, 0.499 - m * (frac >= 0.5)))
+              if method == "brecq" else frac)
         c_lin[la.node] = torch.from_numpy((2.0 * frac - 1.0).astype(np.float32))
         plan_up[la.node] = up
         floor[la.node] = torch.from_numpy(f.astype(np.float32))
