@@ -241,7 +241,9 @@ class PeakRss:
 
     def stop(self) -> None:
         if self.start_bytes is not None and self.peak_bytes is None:
-            self.peak_bytes = _status_kib("VmHWM") * 1024
+            # the kernel updates VmHWM lazily: just after the reset it can read below the RSS measured then
+            self.peak_bytes = max(_status_kib("VmHWM"), _status_kib("VmRSS")) * 1024
+            self.peak_bytes = max(self.peak_bytes, self.start_bytes)
 
     def to_json(self) -> dict[str, Any]:
         return {"rss_at_start_mib": None if self.start_bytes is None else self.start_bytes / MiB,

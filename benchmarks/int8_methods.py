@@ -40,6 +40,7 @@ ALL_INT8: dict[str, Any] = {"fp16_fallback": 0, "keep_float": (), "dynamic": Fal
 #: name -> recipe overrides on top of the env's recipe (every one all-INT8, TensorRT-compatible).
 METHODS: dict[str, dict[str, Any]] = {
     "default": {},
+    "single-start": {"auto_starts": "recipe"},  # the per-layer search from the recipe's start only (before)
     "plain": {"transform": "none", "alpha": None, "auto": False, "rounding": "nearest", "bias_correction": False,
               "tail_weight": 0.0, "tail_on_calibration_states": False},
     "nearest": {"rounding": "nearest"},
@@ -132,7 +133,8 @@ class Fixture:
         self.calib_s = time.perf_counter() - t0
 
 
-def run_method(fx: Fixture, method: str, episodes: str, tmp: Path, first_seed: int = 0) -> dict[str, Any]:
+def run_method(fx: Fixture, method: str, episodes: str, tmp: Path, first_seed: int = 0,
+               max_episodes: int = 200) -> dict[str, Any]:
     import onnx
 
     from edgeq.export.qdq import apply_plan
@@ -152,7 +154,7 @@ def run_method(fx: Fixture, method: str, episodes: str, tmp: Path, first_seed: i
     fpath, qpath = tmp / f"{fx.name}.fp32.onnx", tmp / f"{fx.name}.{method}.int8.onnx"
     onnx.save(fx.fp.model, str(fpath))
     onnx.save(qmodel, str(qpath))
-    design = episode_design(episodes, max_episodes=100)
+    design = episode_design(episodes, max_episodes=max_episodes)
     n_seeds = design.max_episodes if design.sequential else int(episodes)
     vopts = ValidationOptions(targets=("cpu",), floor_draws=0, sensitivity=False, per_layer=False, latency_calls=0,
                               design=design, failure=parse_failure(fx.config.validation.failure))
@@ -195,6 +197,7 @@ def main() -> None:
     ap.add_argument("--fixture", action="append", required=True, help="NAME:ENV (repeatable)")
     ap.add_argument("--methods", default="default,gptq,brecq")
     ap.add_argument("--episodes", default="20")
+    ap.add_argument("--max-episodes", type=int, default=200, help="cap of --episodes auto (edgeq's default: 200)")
     ap.add_argument("--first-seed", type=int, default=0,
                     help="validation seeds start here (e.g. 1000: a confirmation on seeds no earlier run used)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "int8_methods.md"))
@@ -216,7 +219,7 @@ def main() -> None:
                  "|---|---|---|---|---|---|---|---|---|"]
         with tempfile.TemporaryDirectory() as td:
             for m in methods:
-                row = run_method(fx, m, args.episodes, Path(td), args.first_seed)
+                row = run_method(fx, m, args.episodes, Path(td), args.first_seed, args.max_episodes)
                 row["command"] = command
                 Path(args.jsonl).parent.mkdir(parents=True, exist_ok=True)
                 with open(args.jsonl, "a") as fh:

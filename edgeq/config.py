@@ -39,8 +39,10 @@ from typing import Any, ClassVar, Union
 
 from edgeq.errors import EdgeqError
 
-#: Version of the config's layout (``to_dict()["version"]``); bumped when a field is renamed or removed.
-CONFIG_VERSION = 1
+#: Version of the config's layout (``to_dict()["version"]``); bumped when a field is renamed or removed,
+#: or when a new field's default changes what an older config made. 2: ``quantization.auto_starts``
+#: (default ``first-layer``); a version-1 config without it means ``recipe``, what edgeq then did.
+CONFIG_VERSION = 2
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 #: checkout folder → package-data folder of an installed wheel (setup.py copies one into the other)
@@ -241,6 +243,8 @@ class QuantizationConfig(_Section):
     dynamic: bool = False
     auto: bool = True
     auto_sweeps: int = 1
+    #: one search per input rewrite of the first layer, the best kept (QuantOptions.auto_starts)
+    auto_starts: str = "first-layer"
     rounding: str = "adaround"
     adaround_iters: int = 0
     reconstruct_iters: int = 600
@@ -382,6 +386,8 @@ class QuantizeConfig:
         if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= CONFIG_VERSION:
             raise ConfigError(f"{origin}: config version {version!r}; this edgeq reads versions 1 to "
                               f"{CONFIG_VERSION} (upgrade edgeq)")
+        if version < 2 and isinstance(body.get("quantization", {}), Mapping):
+            body["quantization"] = {"auto_starts": "recipe", **body.get("quantization", {})}
         unknown = sorted(set(body) - set(SECTIONS))
         if unknown:
             raise ConfigError(f"{origin}: unknown config section(s) {', '.join(unknown)}; expected some of "
@@ -499,7 +505,8 @@ class QuantizeConfig:
             return QuantOptions(
                 calibrator=c.calibrator, calibrator_params=dict(c.calibrator_params), weight_method=q.weight_method,
                 transform=q.transform, transform_layers=q.transform_layers, alpha=q.alpha, dynamic=q.dynamic,
-                auto=q.auto, auto_sweeps=q.auto_sweeps, rounding=q.rounding, adaround_iters=q.adaround_iters,
+                auto=q.auto, auto_sweeps=q.auto_sweeps, auto_starts=q.auto_starts, rounding=q.rounding,
+                adaround_iters=q.adaround_iters,
                 reconstruct_iters=q.reconstruct_iters, reconstruct_seconds=q.reconstruct_seconds,
                 reconstruct_scales=q.reconstruct_scales, objective=q.objective,
                 bias_correction=q.bias_correction, fp16_fallback=q.fp16_fallback,

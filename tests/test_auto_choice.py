@@ -120,3 +120,43 @@ def test_score_adds_the_tail_of_per_state_errors() -> None:
     assert sc.score_errors(e) == pytest.approx(e[:200].mean() + 0.5 * worst.mean())
     plain = ActionErrorScorer(model, held[:200], np.ones(3), lower=apply_plan)
     assert plain.score_errors(e[:200]) == pytest.approx(e[:200].mean())
+
+
+def _three_layers(seed: int = 0):
+    """obs (channels of very different ranges, as a robot's positions and velocities) -> 32 -> 32 -> 2."""
+    rng = np.random.default_rng(seed)
+    scales = np.array([0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 0.2, 2.0])
+    layers = [(rng.normal(0, 1.0, (32, 8)) / scales, rng.normal(0, 0.1, 32)),
+              (rng.normal(0, 0.3, (32, 32)), rng.normal(0, 0.1, 32)),
+              (rng.normal(0, 0.3, (2, 32)), rng.normal(0, 0.1, 2))]
+
+    def states(n: int) -> np.ndarray:
+        return (rng.standard_t(4, (n, 8)) * scales).astype(np.float32)
+
+    return mlp(layers), states(3000), states(800)
+
+
+def test_first_layer_starts_keep_the_lowest_score_after_rounding() -> None:
+    """auto_starts first-layer: one search per input rewrite of the first layer, the best two refined,
+    the lowest held-out score kept, every start recorded; never worse than the single search here."""
+    model, calib, held = _three_layers()
+    stats = stats_for(model, calib, held)
+    opts = {"auto": True, "rounding": "adaround", "bias_correction": True,
+            "auto_transforms": [("none", None), ("crossquant", 0.0), ("crossquant", 0.5), ("equalize", 0.5)]}
+    single = build_plan(model, stats, QuantOptions(**opts, auto_starts="recipe"), lower=apply_plan)
+    multi = build_plan(model, stats, QuantOptions(**opts, auto_starts="first-layer"), lower=apply_plan)
+    again = build_plan(model, stats, QuantOptions(**opts, auto_starts="first-layer"), lower=apply_plan)
+    assert "auto_starts" not in single.metrics
+    starts = multi.metrics["auto_starts"]
+    assert starts["first_layer"] == multi.layers[0].node
+    scores = starts["score_by_start"]
+    assert len(scores) >= 2 and list(scores.values()) == sorted(scores.values())
+    assert 1 <= len(starts["refined"]) <= 2 and set(starts["refined"]) <= set(scores)
+    assert starts["start"] == min(starts["refined"], key=starts["refined"].get)
+    final = multi.metrics["heldout_action_error"]["score"]
+    assert final == pytest.approx(min(starts["refined"].values()), rel=1e-5)
+    assert final <= single.metrics["heldout_action_error"]["score"] + 1e-9
+    assert json.dumps(again.metrics["auto_starts"]) == json.dumps(starts)  # deterministic
+    assert [la.choice["label"] for la in again.layers] == [la.choice["label"] for la in multi.layers]
+    with pytest.raises(ValueError, match="auto_starts"):
+        QuantOptions(auto=True, auto_starts="every-layer")

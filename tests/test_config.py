@@ -198,3 +198,16 @@ def test_cli_config_errors_are_one_line_exit_2(args: list[str], needle: str, tmp
     assert err.startswith("error:") and needle in " ".join(err.split()), err
     assert len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_a_version_1_config_keeps_the_single_search_start() -> None:
+    """auto_starts came with version 2: an older config (a bundle's manifest) makes what it made then."""
+    old = QuantizeConfig().to_dict()
+    old["version"] = 1
+    del old["quantization"]["auto_starts"]
+    assert QuantizeConfig.from_dict(old).quantization.auto_starts == "recipe"
+    assert QuantizeConfig.from_dict({"version": 1}).quantization.auto_starts == "recipe"
+    assert QuantizeConfig.from_dict({}).quantization.auto_starts == "first-layer"
+    assert QuantizeConfig().quant_options().auto_starts == "first-layer"
+    new = QuantizeConfig().to_dict()
+    assert new["version"] == 2 and QuantizeConfig.from_dict(new) == QuantizeConfig()

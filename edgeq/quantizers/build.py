@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -68,6 +68,7 @@ __all__ = ["QuantOptions", "build_plan"]
 ROUNDINGS = ("nearest", "adaround", "gptq", "stochastic", "brecq", "gptq+brecq", "adaround+brecq", "discquant",
              "adaround+discquant")
 TRANSFORM_LAYERS = ("first", "all")
+AUTO_STARTS = ("recipe", "first-layer")
 
 
 @dataclass
@@ -91,6 +92,12 @@ class QuantOptions:
         auto_calibrators, auto_transforms: The candidates (default:
             :data:`~edgeq.quantizers.auto.DEFAULT_CALIBRATOR_CANDIDATES` / ``..._TRANSFORM_...``).
         auto_sweeps: Coordinate-descent sweeps.
+        auto_starts: ``recipe`` (one coordinate descent from the recipe's choices) or ``first-layer``
+            (one descent per input rewrite of the layer reading the observation, that layer held to
+            the rewrite's calibrator candidates; the best :data:`AUTO_STARTS_REFINED` go through the
+            rounding stages and the lowest held-out score after them is kept). Greedy descent from
+            one start can settle the first layer on a rewrite that is best only for the recipe's
+            later layers (benchmarks/results/int8_methods.md, the hard SAC HalfCheetah fixture).
         auto_weight_methods: After the activation search, each layer's weight quantizer is chosen
             among these the same way (default ``["absmax", "mse"]``; ``[]`` skips it).
         rounding: ``nearest``, ``adaround`` (per layer, :mod:`~edgeq.quantizers.adaround`), ``gptq``
@@ -141,6 +148,7 @@ class QuantOptions:
     auto_calibrators: list[tuple[str, dict[str, Any]]] | None = None
     auto_transforms: list[tuple[str, float | None]] | None = None
     auto_sweeps: int = 1
+    auto_starts: str = "recipe"
     auto_weight_methods: list[str] | None = None
     rounding: str = "nearest"
     adaround_iters: int = 0
@@ -181,6 +189,8 @@ class QuantOptions:
             raise ValueError(f"transform_layers must be one of {TRANSFORM_LAYERS}, got {self.transform_layers!r}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.auto_starts not in AUTO_STARTS:
+            raise ValueError(f"auto_starts must be one of {AUTO_STARTS}, got {self.auto_starts!r}")
         if self.dynamic and self.transform not in ("none", "crossquant"):
             raise ValueError("dynamic is CrossQuant's run-time form; it cannot combine with equalization")
         if self.alpha is not None and not 0.0 <= float(self.alpha) <= 1.0:
@@ -505,6 +515,57 @@ class _Builder:
         return replace(plan, layers=layers)
 
 
+@dataclass(frozen=True)
+class _Start:
+    """One per-layer search result: its start's name, held-out score, choices and per-layer records."""
+
+    name: str
+    score: float
+    choices: dict[str, LayerChoice]
+    records: dict[str, dict[str, Any]]
+
+
+#: with ``auto_starts: first-layer``, the best this many starts (by the search's score) go through the
+#: rounding stages, and the lowest score after them is kept: the rounding can reorder close starts
+AUTO_STARTS_REFINED = 2
+#: a first-layer rewrite starts a search only if that layer alone scores within this factor of the best one
+AUTO_STARTS_WITHIN = 1.25
+
+
+def _descend(nodes: list[str], initial: dict[str, LayerChoice], cands: list[LayerChoice],
+             score: Callable[[Mapping[str, LayerChoice]], float], opt: QuantOptions) -> list[_Start]:
+    """The per-layer search (:func:`choose_per_layer`) from one start or, with ``auto_starts:
+    first-layer``, from one start per input rewrite of the first layer; best score first."""
+    free = {n: cands for n in nodes}
+    if opt.auto_starts != "first-layer" or not nodes:
+        ch, rec = choose_per_layer(nodes, initial, free, score, sweeps=opt.auto_sweeps)
+        return [_Start("recipe", float(score(ch)), ch, rec)]
+    first = nodes[0]
+    families: dict[tuple[str, float | None, bool], tuple[float, LayerChoice]] = {}
+    for c in cands:  # each rewrite's best calibrator for the first layer, the later layers as the recipe has them
+        try:
+            sc = float(score({**initial, first: c}))
+        except ValueError:
+            continue
+        fam = (c.transform, c.alpha, c.dynamic)
+        if fam not in families or sc < families[fam][0]:
+            families[fam] = (sc, c)
+    if not families:
+        ch, rec = choose_per_layer(nodes, initial, free, score, sweeps=opt.auto_sweeps)
+        return [_Start("recipe", float(score(ch)), ch, rec)]
+    best_first = min(sc for sc, _ in families.values())
+    out = []
+    for (transform, alpha, dynamic), (sc, c0) in families.items():
+        if sc > AUTO_STARTS_WITHIN * best_first:  # hopeless from the first layer alone
+            continue
+        held = [c for c in cands if (c.transform, c.alpha, c.dynamic) == (transform, alpha, dynamic)]
+        ch, rec = choose_per_layer(nodes, {**initial, first: c0}, {**free, first: held}, score,
+                                   sweeps=opt.auto_sweeps)
+        name = transform + ("" if alpha is None else f"(alpha={alpha:g})") + (" dynamic" if dynamic else "")
+        out.append(_Start(name, float(score(ch)), ch, rec))
+    return sorted(out, key=lambda st: st.score)
+
+
 def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOptions | None = None, *,
                lower: Lowering, half_range: Sequence[float] | np.ndarray | None = None,
                recurrent: bool = False, critic: ValueFn | None = None) -> QuantPlan:
@@ -554,7 +615,7 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
             objective_note = "action error weighted by the critic's value sensitivity"
     elif opt.objective == "critic":
         objective_note = "objective critic asked, but the policy has no Q critic: plain action error"
-    plan, errors = _first_stage(b, opt)
+    candidates = _first_stage(b, opt)
     splits: list[ChannelSplit] = []
     split_report: dict[str, Any] | None = None
     if opt.split_outliers > 0:
@@ -563,33 +624,21 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
             if opt.objective == "critic" and weights is not None:
                 sb.scorer.set_weights(weights)
                 sb.state_weights = b.state_weights
-            splan, serrors = _first_stage(sb, opt)
+            scandidates = _first_stage(sb, opt)
             last = "auto" if opt.auto else "initial"
+            errors, serrors = candidates[0][1], scandidates[0][1]
             kept = serrors[last] < errors[last]
             split_report.update({"kept": kept, "heldout_score": {"unsplit": errors, "split": serrors}})
             if kept:
-                b, plan, errors = sb, splan, serrors
+                b, candidates = sb, scandidates
             else:
                 splits = []
-    current = errors["auto"] if opt.auto else errors["initial"]
-    stage_reports: dict[str, Any] = {}
-    roundings = [r for r in opt.rounding.split("+") if r != "nearest"]
-    for stage in [*(["affine"] if opt.affine_input else []), *(["noisy"] if opt.noisy_bias else []), *roundings,
-                  *(["bias_correction"] if opt.bias_correction else [])]:
-        if not plan.int8_layers():
-            continue
-        if stage == "affine":
-            cand, rep = b.affine_input(plan)
-        elif stage in ("brecq", "discquant"):
-            cand, rep = b.reconstruct(plan, stage)
-        else:
-            cand, rep = b.refine(plan, stage)
-        e = b.scorer(cand)
-        kept = e < current
-        stage_reports[stage] = {"kept": kept, "heldout_action_error": e, "layers": rep}
-        errors[stage] = e
-        if kept:
-            plan, current = cand, e
+    outcomes = [_refined(b, opt, p, e) for p, e in candidates]
+    plan, current, stage_reports, errors = min(outcomes, key=lambda o: o[1])
+    if "auto_starts" in plan.metrics:
+        refined = {str(o[0].metrics["auto_starts"]["start"]): round(o[1], 6) for o in outcomes}
+        plan = replace(plan, metrics={**plan.metrics, "auto_starts": {**plan.metrics["auto_starts"],
+                                                                      "refined": refined}})
     if opt.fp16_fallback > 0:
         plan, rep = fp16_fallback(plan, b.scorer, max_layers=opt.fp16_fallback, target=opt.max_action_error)
         stage_reports["fp16_fallback"] = rep
@@ -621,51 +670,93 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
     return replace(plan, splits=splits) if splits else plan
 
 
-def _first_stage(b: _Builder, opt: QuantOptions) -> tuple[QuantPlan, dict[str, Any]]:
-    """The initial plan and (with ``auto``) the per-layer search: the plan and the held-out score after each."""
+def _first_stage(b: _Builder, opt: QuantOptions) -> list[tuple[QuantPlan, dict[str, Any]]]:
+    """The initial plan and (with ``auto``) the per-layer search: candidate plans, best held-out score
+    first, each with the held-out score after each step (one candidate, or with ``auto_starts:
+    first-layer`` the best :data:`AUTO_STARTS_REFINED` starts, which all go through the rounding stages)."""
     errors: dict[str, Any] = {}
     choices = b.initial_choices()
     plan = b.materialize(choices)
     errors["initial"] = b.scorer(plan)
-    records: dict[str, Any] = {}
-    if opt.auto:
-        cands = candidate_choices(opt.auto_calibrators or DEFAULT_CALIBRATOR_CANDIDATES,
-                                  opt.auto_transforms or DEFAULT_TRANSFORM_CANDIDATES)
-        if opt.dynamic:
-            cands += [LayerChoice(opt.calibrator, dict(opt.calibrator_params), "crossquant", a, dynamic=True)
-                      for a in sorted({opt.default_alpha() or crossquant.DEFAULT_ALPHA, 1.0})]
-        int8_nodes = [wl.node for wl in b.layers if wl.node not in opt.keep_float]
-        score = lambda ch: b.scorer(b.materialize(ch))  # noqa: E731
-        choices, records = choose_per_layer(int8_nodes, choices, {n: cands for n in int8_nodes}, score,
-                                            sweeps=opt.auto_sweeps)
-        methods = ["absmax", "mse"] if opt.auto_weight_methods is None else list(opt.auto_weight_methods)
-        if methods:
-            choices = {n: replace(c, weight_method=c.weight_method or opt.weight_method) if n in int8_nodes else c
-                       for n, c in choices.items()}
-            wcands = {n: [replace(choices[n], weight_method=m) for m in methods] for n in int8_nodes}
-            choices, wrec = choose_per_layer(int8_nodes, choices, wcands, score)
-            for n in int8_nodes:
-                records[n]["weights"] = wrec[n]
-                records[n]["chosen"] = wrec[n]["chosen"]
-                records[n]["heldout_action_error"] = wrec[n]["heldout_action_error"]
-        # attention products (MatMuls of two activations): the calibrator of their two inputs, searched the same way
-        mm_nodes = [m.node for m in find_activation_matmuls(b.model) if m.node not in opt.keep_float]
-        mm_records: dict[str, dict[str, Any]] = {}
-        if mm_nodes:
-            mm_cands = candidate_choices(opt.auto_calibrators or DEFAULT_CALIBRATOR_CANDIDATES, [("none", None)])
-            choices = {**choices, **{n: LayerChoice(opt.calibrator, dict(opt.calibrator_params)) for n in mm_nodes}}
-            choices, mm_records = choose_per_layer(mm_nodes, choices, {n: mm_cands for n in mm_nodes}, score,
-                                                   sweeps=opt.auto_sweeps)
-        plan = b.materialize(choices)
-        plan = replace(plan, layers=[replace(la, choice={**la.choice, "search": records[la.node]})
-                                     if la.node in records and la.choice is not None else la
-                                     for la in plan.layers],
-                       matmuls=[replace(m, reason=f"inputs calibrated by {choices[m.node].label} (searched)")
-                                if m.node in mm_records and m.precision == "int8" else m for m in plan.matmuls])
-        if mm_records:
-            plan = replace(plan, metrics={**plan.metrics, "activation_matmul_search": mm_records})
-        errors["auto"] = b.scorer(plan)
-    return plan, errors
+    if not opt.auto:
+        return [(plan, errors)]
+    cands = candidate_choices(opt.auto_calibrators or DEFAULT_CALIBRATOR_CANDIDATES,
+                              opt.auto_transforms or DEFAULT_TRANSFORM_CANDIDATES)
+    if opt.dynamic:
+        cands += [LayerChoice(opt.calibrator, dict(opt.calibrator_params), "crossquant", a, dynamic=True)
+                  for a in sorted({opt.default_alpha() or crossquant.DEFAULT_ALPHA, 1.0})]
+    int8_nodes = [wl.node for wl in b.layers if wl.node not in opt.keep_float]
+    score = lambda ch: b.scorer(b.materialize(ch))  # noqa: E731
+    starts = _descend(int8_nodes, choices, cands, score, opt)
+    out = []
+    for start in starts[:AUTO_STARTS_REFINED]:
+        plan = _searched(b, opt, start.choices, start.records, int8_nodes, score)
+        if len(starts) > 1:
+            plan = replace(plan, metrics={**plan.metrics, "auto_starts": {
+                "first_layer": int8_nodes[0], "start": start.name,
+                "score_by_start": {st.name: round(st.score, 6) for st in starts}}})
+        out.append((plan, {**errors, "auto": b.scorer(plan)}))
+    return out
+
+
+def _searched(b: _Builder, opt: QuantOptions, choices: dict[str, LayerChoice], records: dict[str, Any],
+              int8_nodes: list[str], score: Callable[[Mapping[str, LayerChoice]], float]) -> QuantPlan:
+    """The plan of one per-layer search result: each layer's weight quantizer and the attention inputs chosen too."""
+    records = {n: dict(r) for n, r in records.items()}
+    methods = ["absmax", "mse"] if opt.auto_weight_methods is None else list(opt.auto_weight_methods)
+    if methods:
+        choices = {n: replace(c, weight_method=c.weight_method or opt.weight_method) if n in int8_nodes else c
+                   for n, c in choices.items()}
+        wcands = {n: [replace(choices[n], weight_method=m) for m in methods] for n in int8_nodes}
+        choices, wrec = choose_per_layer(int8_nodes, choices, wcands, score)
+        for n in int8_nodes:
+            records[n]["weights"] = wrec[n]
+            records[n]["chosen"] = wrec[n]["chosen"]
+            records[n]["heldout_action_error"] = wrec[n]["heldout_action_error"]
+    # attention products (MatMuls of two activations): the calibrator of their two inputs, searched the same way
+    mm_nodes = [m.node for m in find_activation_matmuls(b.model) if m.node not in opt.keep_float]
+    mm_records: dict[str, dict[str, Any]] = {}
+    if mm_nodes:
+        mm_cands = candidate_choices(opt.auto_calibrators or DEFAULT_CALIBRATOR_CANDIDATES, [("none", None)])
+        choices = {**choices, **{n: LayerChoice(opt.calibrator, dict(opt.calibrator_params)) for n in mm_nodes}}
+        choices, mm_records = choose_per_layer(mm_nodes, choices, {n: mm_cands for n in mm_nodes}, score,
+                                               sweeps=opt.auto_sweeps)
+    plan = b.materialize(choices)
+    plan = replace(plan, layers=[replace(la, choice={**la.choice, "search": records[la.node]})
+                                 if la.node in records and la.choice is not None else la
+                                 for la in plan.layers],
+                   matmuls=[replace(m, reason=f"inputs calibrated by {choices[m.node].label} (searched)")
+                            if m.node in mm_records and m.precision == "int8" else m for m in plan.matmuls])
+    if mm_records:
+        plan = replace(plan, metrics={**plan.metrics, "activation_matmul_search": mm_records})
+    return plan
+
+
+def _refined(b: _Builder, opt: QuantOptions, plan: QuantPlan, errors: dict[str, Any]
+             ) -> tuple[QuantPlan, float, dict[str, Any], dict[str, Any]]:
+    """AffineQuant's input transform, NoisyQuant, the rounding stages and bias correction, each kept only if
+    it lowers the held-out score."""
+    errors = dict(errors)
+    current = errors["auto"] if opt.auto else errors["initial"]
+    stage_reports: dict[str, Any] = {}
+    roundings = [r for r in opt.rounding.split("+") if r != "nearest"]
+    for stage in [*(["affine"] if opt.affine_input else []), *(["noisy"] if opt.noisy_bias else []), *roundings,
+                  *(["bias_correction"] if opt.bias_correction else [])]:
+        if not plan.int8_layers():
+            continue
+        if stage == "affine":
+            cand, rep = b.affine_input(plan)
+        elif stage in ("brecq", "discquant"):
+            cand, rep = b.reconstruct(plan, stage)
+        else:
+            cand, rep = b.refine(plan, stage)
+        e = b.scorer(cand)
+        kept = e < current
+        stage_reports[stage] = {"kept": kept, "heldout_action_error": e, "layers": rep}
+        errors[stage] = e
+        if kept:
+            plan, current = cand, e
+    return plan, current, stage_reports, errors
 
 
 def _split_builder(b: _Builder, opt: QuantOptions, hr: np.ndarray, lower: Lowering
