@@ -42,7 +42,9 @@ from edgeq.errors import EdgeqError
 #: Version of the config's layout (``to_dict()["version"]``); bumped when a field is renamed or removed,
 #: or when a new field's default changes what an older config made. 2: ``quantization.auto_starts``
 #: (default ``first-layer``); a version-1 config without it means ``recipe``, what edgeq then did.
-CONFIG_VERSION = 2
+#: 3: ``quantization.affine_input`` on and ``quantization.split_outliers`` 0.05 by default; an older
+#: config without them means off / 0.
+CONFIG_VERSION = 3
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 #: checkout folder → package-data folder of an installed wheel (setup.py copies one into the other)
@@ -265,14 +267,17 @@ class QuantizationConfig(_Section):
     prune: float = 0.0
     #: outlier channel splitting (edgeq.quantizers.split, OCS): at most this fraction of each hidden layer's
     #: width is added as duplicated-and-halved units where they lower the modelled int8 error; exact in
-    #: float, kept only if the held-out score of the initial plan drops; 0 = off
-    split_outliers: float = 0.0
+    #: float, kept only if the held-out score after the per-layer search drops; 0 = off. Default 0.05
+    #: since config version 3 (benchmarks/results/int8_methods.md: with affine_input, the only setting
+    #: that PASSed the hard fixture with margin, and on fresh seeds)
+    split_outliers: float = 0.05
     #: NoisyQuant (edgeq.quantizers.noisy): a fixed seeded noise on each int8 layer's input, removed exactly
     #: through its bias, where it lowers the layer's held-out output error; off by default
     noisy_bias: bool = False
     #: AffineQuant on the observation input (edgeq.quantizers.affine): a learned per-channel scale and shift
-    #: folded exactly into a Sub/Mul pre-op and the first layer; off by default
-    affine_input: bool = False
+    #: folded exactly into a Sub/Mul pre-op and the first layer, kept only if the held-out score drops;
+    #: on by default since config version 3
+    affine_input: bool = True
 
 
 @dataclass(frozen=True)
@@ -386,8 +391,11 @@ class QuantizeConfig:
         if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= CONFIG_VERSION:
             raise ConfigError(f"{origin}: config version {version!r}; this edgeq reads versions 1 to "
                               f"{CONFIG_VERSION} (upgrade edgeq)")
-        if version < 2 and isinstance(body.get("quantization", {}), Mapping):
-            body["quantization"] = {"auto_starts": "recipe", **body.get("quantization", {})}
+        if isinstance(body.get("quantization", {}), Mapping):
+            before = {**({"auto_starts": "recipe"} if version < 2 else {}),
+                      **({"affine_input": False, "split_outliers": 0.0} if version < 3 else {})}
+            if before:
+                body["quantization"] = {**before, **body.get("quantization", {})}
         unknown = sorted(set(body) - set(SECTIONS))
         if unknown:
             raise ConfigError(f"{origin}: unknown config section(s) {', '.join(unknown)}; expected some of "

@@ -210,4 +210,9 @@ def test_a_version_1_config_keeps_the_single_search_start() -> None:
     assert QuantizeConfig.from_dict({}).quantization.auto_starts == "first-layer"
     assert QuantizeConfig().quant_options().auto_starts == "first-layer"
     new = QuantizeConfig().to_dict()
-    assert new["version"] == 2 and QuantizeConfig.from_dict(new) == QuantizeConfig()
+    assert new["version"] == 3 and QuantizeConfig.from_dict(new) == QuantizeConfig()
+    v2 = {"version": 2}
+    assert QuantizeConfig.from_dict(v2).quantization.affine_input is False
+    assert QuantizeConfig.from_dict(v2).quantization.split_outliers == 0.0
+    assert QuantizeConfig.from_dict(v2).quantization.auto_starts == "first-layer"
+    assert QuantizeConfig().quantization.affine_input is True and QuantizeConfig().quantization.split_outliers == 0.05
