@@ -51,7 +51,8 @@ def test_cli_selects_the_quantization_options(sac_pendulum: Path, tmp_path: Path
     assert (opts["transform"], opts["alpha"], opts["auto"], opts["rounding"], opts["bias_correction"],
             opts["fp16_fallback"]) == ("equalize", 0.4, False, "nearest", False, 0)
     assert m["calibration"]["exploration"] == {"gaussian": 0.2, "epsilon": 0.1}
-    assert m["quantization"]["transforms"][0]["method"] == "equalize"
+    # the equalization asked for, or AffineQuant's input transform (on by default) learned from it
+    assert m["quantization"]["transforms"][0]["method"] in ("equalize", "affinequant")
     assert "per-layer quantization" in res.stdout and "equalize(alpha=0.4)" in res.stdout
     bad = subprocess.run([sys.executable, "-m", "edgeq.cli", "quantize", str(sac_pendulum), "--env", "Pendulum-v1",
                           "--out", str(tmp_path / "c"), "--rounding", "magic"],

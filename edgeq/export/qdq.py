@@ -219,7 +219,9 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan, *, check: bool = True) -
 
     ``check=False`` skips ONNX's full model check (for the many candidate graphs of a search).
     """
-    irm = to_ir(apply_splits(model, plan.splits) if plan.splits else model)  # outlier channel splits (exact)
+    # outlier channel splits (exact); the split graph is also the source its value_info is written like
+    source = apply_splits(model, plan.splits) if plan.splits else model
+    irm = to_ir(source)
     scale_inputs(irm.graph, plan.transforms)  # exact float rewrites first (their Mul pre-ops stay fp32)
     low = _Lowering(irm, plan)
     int8 = {layer.node: layer for layer in plan.int8_layers()}
@@ -240,6 +242,6 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan, *, check: bool = True) -
         "edgeq INT8 policy (CrossQuant dynamic layers: ONNX Runtime only, not TensorRT-compatible)"
     if plan.int4_layers():
         irm.doc_string = "edgeq mixed-precision QDQ policy (int4 weights with int8 activations: W4A8)"
-    out = to_onnx(irm, model)
+    out = to_onnx(irm, source)
     lower_int4_layers(out, plan)  # int4 layers (W4A8, edgeq.export.int4): left as float nodes above
     return full_check(out) if check else out
