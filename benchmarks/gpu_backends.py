@@ -153,19 +153,29 @@ def torch_graph_nodes(module: Any, batch: int, obs_dim: int, act_dim: int) -> di
     return graph_node_types(driver.CUgraph(int(graph.raw_cuda_graph())))
 
 
-def run(bundles: list[tuple[Path, str]], batches: list[int], json_out: Path | None, scale: float) -> dict[str, Any]:
+def run_info() -> dict[str, Any]:
+    """The machine and versions a GPU benchmark ran with (printed as one JSON line, and returned)."""
     import onnxruntime as ort
+    import torch
+
+    from edgeq.deploy import cuda
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
+            "ort_cuda": "CUDAExecutionProvider" in ort.get_available_providers(), "device": cuda.device_info(),
+            "cuda_python": _version("cuda-bindings")}
+    print(json.dumps(info), flush=True)
+    return info
+
+
+def run(bundles: list[tuple[Path, str]], batches: list[int], json_out: Path | None, scale: float) -> dict[str, Any]:
     import torch
     from gpu_latency import torch_eager, torch_graph, torch_module_from_onnx
 
     import edgeq.deploy
-    from edgeq.deploy import cuda
     from edgeq.deploy.fused_mlp import FusedCudaPolicy
 
-    has_ort_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-    info = {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
-            "ort_cuda": has_ort_cuda, "device": cuda.device_info(), "cuda_python": _version("cuda-bindings")}
-    print(json.dumps(info), flush=True)
+    info = run_info()
+    has_ort_cuda = bool(info["ort_cuda"])
     results: dict[str, Any] = {"info": info, "policies": {}}
     rng = np.random.default_rng(0)
     for bundle, label in bundles:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -203,21 +202,17 @@ def fused_kernel_time(runner: Any, batch: int, reps: int = 200) -> float:
 
 
 def run(bundles: list[tuple[Path, str]], batches: list[int], json_out: Path | None, scale: float) -> dict[str, Any]:
-    import onnxruntime as ort
     import torch
-    from gpu_backends import _version, bench, floor_calls
+    from gpu_backends import bench, floor_calls, run_info
 
     import edgeq.deploy
-    from edgeq.deploy import cuda
     from edgeq.deploy.fused_rnn import FusedRnnPolicy
     from edgeq.deploy.onnx_graph import load_graph
     from edgeq.deploy.rnn_plan import recurrent_plan_from_graph
     from edgeq.deploy.runtime import OrtPolicy
 
-    has_ort_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-    info = {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
-            "ort_cuda": has_ort_cuda, "device": cuda.device_info(), "cuda_python": _version("cuda-bindings")}
-    print(json.dumps(info), flush=True)
+    info = run_info()
+    has_ort_cuda = bool(info["ort_cuda"])
     results: dict[str, Any] = {"info": info, "policies": {}}
     rng = np.random.default_rng(0)
     for bundle, label in bundles:

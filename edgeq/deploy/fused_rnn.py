@@ -43,7 +43,16 @@ from typing import Any
 import numpy as np
 
 from edgeq.deploy import cuda
-from edgeq.deploy.fused_mlp import SPIN_MAX_BATCH, SYNC_MODES, FusedProgram, _f, _op_code, _Params
+from edgeq.deploy.fused_mlp import (
+    SPIN_MAX_BATCH,
+    SYNC_MODES,
+    FusedProgram,
+    _ceil,
+    _f,
+    _op_code,
+    _Params,
+    _pow2_floor,
+)
 from edgeq.deploy.mlp_plan import ElementOp, Layer, UnsupportedGraph
 from edgeq.deploy.onnx_graph import load_graph, parse_model
 from edgeq.deploy.rnn_plan import (
@@ -64,17 +73,6 @@ THREADS = 256
 ROWS = (1, 2, 4, 8, 16)
 _MAX_WIDTH = 2048
 MAX_GRAPHS = 16
-
-
-def _ceil(a: int, b: int) -> int:
-    return (a + b - 1) // b * b
-
-
-def _pow2_floor(n: int) -> int:
-    p = 1
-    while p * 2 <= n:
-        p *= 2
-    return p
 
 
 def _device_functions() -> str:
