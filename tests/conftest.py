@@ -21,6 +21,13 @@ SB3_1X = FIXTURES / "sb3-1x" / "sb3-1x-ppo-Pendulum-v1.zip"
 #: test_default_keeps_return.py, test_fixture_returns.py and test_cli.py.
 QUICK_PLAN = ("--set", "quantization.auto_starts=recipe", "--set", "quantization.affine_input=false",
               "--set", "quantization.split_outliers=0")
+#: ``--set`` flags for the validation extras a test does not read: one noise-floor draw, no per-layer error, a
+#: short latency measurement
+QUICK_MEASURE = ("--set", "validation.floor_draws=1", "--set", "validation.per_layer=false",
+                 "--set", "validation.latency_calls=200")
+#: :data:`QUICK_PLAN` as ``edgeq.quantize(..., overrides=QUICK_OVERRIDES)``
+QUICK_OVERRIDES = {"quantization.auto_starts": "recipe", "quantization.affine_input": False,
+                   "quantization.split_outliers": 0.0}
 
 
 def policy_fixture(name: str) -> Path:
