@@ -200,7 +200,8 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
            evaluate_all: bool = False, confirm: bool = True, latency_calls: int = 2000, overwrite: bool = False,
            reconstruct_iters: int = 600, reconstruct_seconds: float = 120.0,
            reconstruct_options: Mapping[str, Any] | None = None, reconstruct_states: str = "float",
-           int4_input_scaling: bool = True, int4_input_affine: bool = True, int4_input_split: float = 0.0,
+           int4_input_scaling: bool = False, int4_input_affine: bool = False, int4_input_split: float = 0.0,
+           int4_hidden_split: float = 0.0,
            only: Sequence[str] | None = None,
            log: Callable[[str], None] | None = None) -> SearchResult:
     """Search per-layer precision over {int4, int8, fp16} for the bundle's policy under a return budget.
@@ -238,19 +239,24 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
             states the candidate itself visits (its start plan rolled out for ``state_episodes`` episodes,
             seeds ``STATE_SEED + 500 ..``), labelled with the float policy's actions (DAgger-style), so the
             reconstruction fits where the quantized policy really goes.
-        int4_input_scaling: (Default on.) Give the first layer's int4 weight its own input scaling (SmoothQuant-style
+        int4_input_scaling: Give the first layer's int4 weight its own input scaling (SmoothQuant-style
             equalization of the observation columns, ``alpha`` in 0.25..1 and the input's int8 range chosen by
             the held-out action error; folded into the float pre-op exactly as the int8 scalings): the int8
             plan's scaling balances an int8 weight grid, not a 15-level one. Used where it lowers the error.
-        int4_input_affine: (Default on.) Also try AffineQuant's learned scale and shift of the observation fitted
-            for the first layer's int4 grid (the int8 plan's transform was fitted for int8), used where it lowers
-            the error. On the hard SAC HalfCheetah fixture these two took W4A8 (gptq+brecq) from 91.3% to 99.6% /
-            100.1% of the float return (``benchmarks/results/low_bit.md``).
+        int4_input_affine: Also try AffineQuant's learned scale and shift of the observation fitted for the first
+            layer's int4 grid (the int8 plan's transform was fitted for int8), used where it lowers the error.
+            On the hard SAC HalfCheetah fixture these two took W4A8 (gptq+brecq) from 91.3% to 99.6% / 100.1% of
+            the float return; on SAC HalfCheetah they lowered it (98.7% -> 96.9%), so both stay opt-in
+            (``benchmarks/results/low_bit.md``).
         int4_input_split: Also try duplicating up to this fraction of the first layer's observation columns
             (``ceil(fraction * obs_dim)``; outlier channel splitting of its input,
             :mod:`edgeq.quantizers.input_split`; exact in float: an fp32 ``Gather`` before the input's int8
             quantizer), chosen by the int4 layer's modelled error; 0, half and all of them are scored and the
             lowest held-out action error is kept.
+        int4_hidden_split: Also propose ``W4A8-ocs``: W4A8 with up to this fraction of each hidden width added as
+            weight splits chosen on the int4 grid (outlier channel splitting, :func:`~edgeq.quantizers.split.
+            choose_splits` with ``weight_qmax=7``, on top of the int8 plan's splits; exact in float), every layer
+            int4 again on the widened graph (0: off).
         only: Validate only the candidates of these names (a benchmark's chosen rows); the others are built,
             sized and timed but not run (``NOT RUN``).
 
@@ -262,6 +268,9 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
     roundings = int4_roundings(rounding)
     if reconstruct_states not in ("float", "closed-loop"):
         raise EdgeqError(f"reconstruct_states {reconstruct_states!r}; expected float or closed-loop")
+    if not 0.0 <= float(int4_hidden_split) <= 1.0:
+        raise EdgeqError(f"--int4-hidden-split {int4_hidden_split!r}: expected a fraction of each hidden width in "
+                         "[0, 1]")
     if not 0.0 <= float(int4_input_split) <= 4.0:
         raise EdgeqError(f"--int4-input-split {int4_input_split!r}: expected a fraction of the observation width in "
                          "[0, 4] (1 = as many columns as the observation has)")
@@ -380,8 +389,21 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
         ranking = ranking or rank_r
         say(f"int4 moves ({start} rounding), best first (held-out action error with that layer alone in int4; "
             "bytes saved): " + ", ".join(f"{n} {s:.4g} ({saved[n]:.0f} B)" for n, s in rank_r))
-        for c in candidate_plans(base, one4, rank_r, sizes, fp16_layers=fp16_order if i == 0 else (),
-                                 score=score_fn):
+        extra: list[MixedCandidate] = []
+        if int4_hidden_split > 0:
+            ocs = _w4a8_hidden_split(base, one4[layers4[0][0]], fmodel, calib, int4_hidden_split, start, block_size,
+                                     layer_inputs)
+            if ocs is not None:
+                g_s = ocs.rewritten(fmodel)
+                sizes_s = layer_sizes(ocs, {n: tuple(np.asarray(constant_value(g_s, wl.weight)).shape)
+                                            for n, wl in ((w.node, w) for w in find_weighted_layers(g_s))})
+                extra.append(MixedCandidate("W4A8-ocs", {la.node: la.precision for la in ocs.layers}, ocs,
+                                            plan_weight_bytes(ocs, sizes_s), proxy=float(score_fn(ocs))))
+                say(f"W4A8 with int4-grid hidden splits ({start}): "
+                    + ", ".join(f"{sp.layer} +{len(sp.units)}" for sp in ocs.splits[len(base.splits):])
+                    + f"; held-out action error {extra[0].proxy:.4g}")
+        for c in [*candidate_plans(base, one4, rank_r, sizes, fp16_layers=fp16_order if i == 0 else (),
+                                   score=score_fn), *extra]:
             has4 = c.plan.int4_layers()
             c = _with_int4_input_scalings(c, one4, base)
             if i > 0 and not has4:
@@ -602,6 +624,49 @@ def _int4_input_rescaled(base: QuantPlan, node: str, fmodel: onnx.ModelProto, ca
                 if best is None or e < best[0]:
                     best = (e, cand)
     return None if best is None else best[1]
+
+
+def _w4a8_hidden_split(base: QuantPlan, first_plan: QuantPlan, fmodel: onnx.ModelProto, calib: np.ndarray,
+                       fraction: float, rounding: str, block_size: int,
+                       layer_inputs: Callable[..., tuple[np.ndarray, np.ndarray]]) -> QuantPlan | None:
+    """W4A8 on a graph widened by weight splits chosen for the int4 grid (None where none lowers the modelled
+    error): ``first_plan``'s input rewrite of the first layer, ``base``'s splits plus the new ones (each
+    hidden layer's input scaling extended by the copied units' factors), every layer int4 in order, each
+    bias-corrected on the inputs the already-int4 layers before it feed it."""
+    from edgeq.quantizers.split import choose_splits
+    from edgeq.quantizers.transforms import InputScaling
+
+    graph0 = replace(first_plan, input_splits=[]).rewritten(fmodel)
+    extra, _ = choose_splits(graph0, calib, float(fraction), weight_qmax=INT4_QMAX, activation_splits=False)
+    if not extra:
+        return None
+    by_layer = {sp.layer: sp for sp in extra}
+    transforms = []
+    for t in first_plan.transforms:
+        sp = by_layer.get(t.layer)
+        if sp is None:
+            transforms.append(t)
+            continue
+        d = np.asarray(t.factors, np.float64)
+        for k in sp.units:
+            d = np.append(d, d[k])
+        transforms.append(InputScaling(t.layer, d, t.method, t.alpha, t.placement, dict(t.details), t.shift))
+    plan = replace(first_plan, splits=[*base.splits, *extra], transforms=transforms)
+    graph = plan.rewritten(fmodel)
+    wls = {wl.node: wl for wl in find_weighted_layers(graph)}
+
+    def inputs(p: QuantPlan, n: str) -> tuple[np.ndarray, np.ndarray]:
+        return layer_inputs(p, n, graph)
+
+    for la in list(plan.layers):
+        wl = wls.get(la.node)
+        if wl is None or la.scheme != "static" or la.precision not in ("int8", "int4"):
+            return None
+        w = np.asarray(constant_value(graph, wl.weight), np.float32)
+        b = np.asarray(constant_value(graph, wl.bias), np.float32) if wl.bias else None
+        plan = with_int4(plan, la.node, w, block_size=block_size, inputs=inputs, original_bias=b, rounding=rounding,
+                         reason="int4 weights on a graph with int4-grid outlier channel splits, int8 input")
+    return plan
 
 
 def _with_int4_input_scalings(c: MixedCandidate, one4: Mapping[str, QuantPlan], base: QuantPlan) -> MixedCandidate:

@@ -269,3 +269,38 @@ def test_int4_input_split_lowers_the_first_layers_int4_error_and_is_carried(pend
     assert float(np.median(np.abs(got - sim))) < 1e-5
     cpu = specialize_int4_for_ort_cpu(specialize_for_ort_cpu(q, float_layers=[]))
     np.testing.assert_allclose(OrtPolicy(cpu.SerializeToString()).act(hold), got, atol=2e-4, rtol=1e-4)
+
+
+def test_w4a8_with_int4_grid_hidden_splits_is_exact_in_float_and_every_layer_int4(pendulum: tuple) -> None:
+    """``edgeq search --int4-hidden-split``: weight splits chosen for the int4 grid on top of the plan's own; the
+    widened float graph is the same policy (each hidden input scaling extended by the copied units' factors), every
+    layer is int4 on it, and the exported file computes that plan."""
+    from edgeq.quantizers.evaluate import ActionErrorScorer
+    from edgeq.search import _w4a8_hidden_split
+
+    model, work, base, calib, hold = pendulum
+
+    def inputs(p: QuantPlan, node: str, graph=None) -> tuple[np.ndarray, np.ndarray]:
+        g = work if graph is None else graph
+        la = p.layer(node)
+        idx = [x.node for x in p.layers].index(node)
+        prefix = replace(p, layers=[x if i < idx else replace(x, precision="float") for i, x in enumerate(p.layers)])
+        x_q = layer_rows(tensor_values(apply_plan(model, prefix, check=False), calib, [la.input])[la.input])
+        s = np.float32(p.activations[la.input].scale)
+        return (np.clip(np.rint(x_q / s), -127, 127) * s).astype(np.float32), layer_rows(
+            tensor_values(g, calib, [la.input])[la.input])
+
+    ocs = _w4a8_hidden_split(base, base, model, calib, 0.1, "nearest", 0, inputs)
+    assert ocs is not None and len(ocs.splits) > len(base.splits)
+    added = ocs.splits[len(base.splits):]
+    assert all(s == 1.0 for sp in added for s in sp.scales)  # weight splits only: the int8 input ranges hold
+    assert all(la.precision == "int4" and la.weight4 is not None for la in ocs.layers)
+    ref = OrtPolicy(model.SerializeToString()).act(hold)
+    np.testing.assert_allclose(OrtPolicy(ocs.rewritten(model).SerializeToString()).act(hold), ref, atol=2e-5)
+    got = OrtPolicy(apply_plan(model, ocs).SerializeToString()).act(hold)
+    sim = fake_quant_actions(ocs.rewritten(model), ocs, hold)
+    assert float(np.median(np.abs(got - sim))) < 1e-5
+    scorer = ActionErrorScorer(model, hold, HALF_RANGE, lower=apply_plan)
+    plain = _w4a8(model, work, base, calib, "nearest", 0)
+    print(f"W4A8 nearest held-out action error {float(scorer(plain)):.4f}, with int4-grid hidden splits "
+          f"{float(scorer(ocs)):.4f}")
