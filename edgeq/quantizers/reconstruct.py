@@ -64,7 +64,7 @@ _DEBUG = bool(__import__("os").environ.get("EDGEQ_RECONSTRUCT_DEBUG"))
 
 #: ONNX ops the torch interpreter evaluates.
 SUPPORTED_OPS = ("Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Relu", "Tanh", "Sigmoid", "Elu", "LeakyRelu",
-                 "Clip", "Identity", "Constant", "Softplus", "Neg", "Selu", "HardSigmoid", "Flatten")
+                 "Clip", "Identity", "Constant", "Softplus", "Neg", "Selu", "HardSigmoid", "Flatten", "Gather")
 
 
 @dataclass(frozen=True)
@@ -206,6 +206,8 @@ def _interpreter(model: onnx.ModelProto) -> Callable[..., Any]:
                 y = -ins[0]
             elif op == "Flatten":
                 y = ins[0].reshape(ins[0].shape[0], -1)
+            elif op == "Gather":  # constant indices (an input split's duplicated columns)
+                y = torch.index_select(ins[0], int(a.get("axis", 0)) % ins[0].dim(), ins[1].long().reshape(-1))
             elif op == "Clip":
                 lo = ins[1] if len(ins) > 1 and ins[1] is not None else a.get("min")
                 hi = ins[2] if len(ins) > 2 and ins[2] is not None else a.get("max")
