@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edgeq.quantizers.adam import Adam
+
 __all__ = ["AffineResult", "learn_input_affine"]
 
 
@@ -96,7 +98,7 @@ def learn_input_affine(x: npt.ArrayLike, weight: npt.ArrayLike, factors0: npt.Ar
         with torch.no_grad():
             start = float(loss_on(every))
         params = [log_d, log_a] + ([delta] if shift else [])
-        opt = torch.optim.Adam(params, lr=lr)
+        opt = Adam(params, lr=lr)
         for _ in range(int(iters)):
             rows = torch.randint(0, len(xs), (min(batch, len(xs)),), generator=gen)
             loss = loss_on(rows)

@@ -406,7 +406,8 @@ def make_plan(model: onnx.ModelProto, observers: Mapping[str, TensorObserver], *
               transforms: Sequence[InputScaling] = (),
               per_layer_weight_method: Mapping[str, str] | None = None,
               amax_cache: dict[tuple[Any, ...], float] | None = None,
-              weight_quantizer: Callable[..., QuantizedWeight] | None = None) -> QuantPlan:
+              weight_quantizer: Callable[..., QuantizedWeight] | None = None,
+              scaled: onnx.ModelProto | None = None) -> QuantPlan:
     """Choose static int8 scales for every weighted layer of ``model`` (after ``transforms``), and for
     both inputs of every MatMul of two activations (attention's Q·Kᵀ and A·V).
 
@@ -418,7 +419,8 @@ def make_plan(model: onnx.ModelProto, observers: Mapping[str, TensorObserver], *
 
     ``amax_cache`` (a dict the caller keeps) and ``weight_quantizer`` (``quantize_weight``'s
     signature, e.g. a caching wrapper) let a search that makes many plans from the same observers
-    and weights compute each threshold and each quantized weight once; the plan is the same.
+    and weights compute each threshold and each quantized weight once; the plan is the same. ``scaled``:
+    ``model`` after ``transforms``, when the caller already has it (it is not made again).
     """
     quantize_w = weight_quantizer or quantize_weight
 
@@ -432,7 +434,7 @@ def make_plan(model: onnx.ModelProto, observers: Mapping[str, TensorObserver], *
 
     params = dict(calibrator_params or {})
     overrides = dict(per_tensor_calibrator or {})
-    work = apply_input_scalings(model, transforms) if transforms else model
+    work = scaled if scaled is not None else apply_input_scalings(model, transforms) if transforms else model
     activations: dict[str, ActivationQuant] = {}
     layers: list[LayerQuant] = []
     for wl in find_weighted_layers(work):

@@ -45,6 +45,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from edgeq.quantizers.adam import Adam
 from edgeq.quantizers.int4 import INT4_QMAX, Int4Weight
 from edgeq.quantizers.plan import ActivationQuant, LayerQuant, QuantPlan
 from edgeq.quantizers.weights import QMAX, QuantizedWeight
@@ -422,7 +423,7 @@ def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], init
         params.append({"params": list(log_ws.values()), "lr": weight_scale_lr})
     if learn_bias and biases:
         params.append({"params": list(biases.values()), "lr": bias_lr})
-    optim = torch.optim.Adam(params)
+    optim = Adam(params)
     done = 0
     for it in range(int(iters)):
         if time.perf_counter() - t0 > time_limit_s:
