@@ -68,7 +68,8 @@ def run_fixture(spec: str, args: argparse.Namespace, cmd: str) -> None:
                overwrite=True, only=args.only.split(",") if args.only else None,
                reconstruct_iters=args.reconstruct_iters, reconstruct_states=args.reconstruct_states,
                state_episodes=args.state_episodes, max_states=args.max_states,
-               int4_input_scaling=args.int4_input_scaling,
+               int4_input_scaling=args.int4_input_scaling, int4_input_affine=args.int4_input_affine,
+               int4_input_split=args.int4_input_split, int4_hidden_split=args.int4_hidden_split,
                reconstruct_options={k: json.loads(v) for k, v in (o.split("=", 1) for o in args.reconstruct)},
                log=lambda s: print(f"[{name}] {s}", flush=True))
         t_s = time.perf_counter() - t0
@@ -243,6 +244,15 @@ def main() -> None:
     ap.add_argument("--max-states", type=int, default=6000, help="cap of those states (3/4 calibration, 1/4 held out)")
     ap.add_argument("--int4-input-scaling", action="store_true",
                     help="the first layer's int4 weight gets its own input scaling (edgeq search --int4-input-scaling)")
+    ap.add_argument("--int4-input-affine", action="store_true",
+                    help="also AffineQuant's observation transform fitted for the first layer's int4 grid "
+                         "(edgeq search --int4-input-affine)")
+    ap.add_argument("--int4-input-split", type=float, default=0.0,
+                    help="duplicate up to this fraction of the first layer's observation columns (input OCS; "
+                         "edgeq search --int4-input-split F)")
+    ap.add_argument("--int4-hidden-split", type=float, default=0.0,
+                    help="also W4A8-ocs: W4A8 with up to this fraction of each hidden width added as weight splits "
+                         "chosen on the int4 grid (edgeq search --int4-hidden-split F)")
     ap.add_argument("--first-pass", action="store_true",
                     help="stop at the first accepted candidate, as edgeq search does (default: evaluate all)")
     ap.add_argument("--seed", type=int, default=0)

@@ -14,6 +14,22 @@ POLICIES = FIXTURES / "policies"
 SB3_1X = FIXTURES / "sb3-1x" / "sb3-1x-ppo-Pendulum-v1.zip"
 
 
+#: ``--set`` flags for a quantize whose test is about something other than the int8 search (envs, ingest,
+#: messages, bundle files, validation plumbing): config version 1's search, one per-layer search from the
+#: recipe's start without the AffineQuant input or outlier splitting, about a third of the default's planning
+#: time. The defaults themselves are tested by test_auto_choice.py, test_affine_input.py, test_outlier_split.py,
+#: test_default_keeps_return.py, test_fixture_returns.py and test_cli.py.
+QUICK_PLAN = ("--set", "quantization.auto_starts=recipe", "--set", "quantization.affine_input=false",
+              "--set", "quantization.split_outliers=0")
+#: ``--set`` flags for the validation extras a test does not read: one noise-floor draw, no per-layer error, a
+#: short latency measurement
+QUICK_MEASURE = ("--set", "validation.floor_draws=1", "--set", "validation.per_layer=false",
+                 "--set", "validation.latency_calls=200")
+#: :data:`QUICK_PLAN` as ``edgeq.quantize(..., overrides=QUICK_OVERRIDES)``
+QUICK_OVERRIDES = {"quantization.auto_starts": "recipe", "quantization.affine_input": False,
+                   "quantization.split_outliers": 0.0}
+
+
 def policy_fixture(name: str) -> Path:
     path = POLICIES / f"{name}.zip"
     if not path.exists():

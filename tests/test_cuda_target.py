@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import QUICK_OVERRIDES
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeq.deploy.bundle_format import INT8_CUDA_MODEL, model_for, read_manifest
@@ -58,7 +59,7 @@ def pendulum_bundle(sac_pendulum: Path, tmp_path_factory: pytest.TempPathFactory
     from edgeq.pipeline import quantize
 
     out = tmp_path_factory.mktemp("cuda") / "bundle"
-    quantize(sac_pendulum, "Pendulum-v1", out, episodes=2, seed=3)
+    quantize(sac_pendulum, "Pendulum-v1", out, episodes=2, seed=3, overrides=QUICK_OVERRIDES)
     return out
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import QUICK_MEASURE, QUICK_OVERRIDES, QUICK_PLAN
 
 import edgeq
 import edgeq.deploy
@@ -132,7 +133,8 @@ def test_history_fixture_runs_int8_and_keeps_its_return(tmp_path: Path, files: l
     res = edgeq.quantize(files[0] if len(files) == 1 else files, env, out, episodes=cheap["episodes"], report=False,
                          recipe_overrides={"episodes": cheap["calib"], "holdout_episodes": 1, "auto": False,
                                            "fp16_fallback": 0},
-                         validation=ValidationOptions.light(floor_draws=1, per_layer=False, latency_calls=200))
+                         validation=ValidationOptions.light(floor_draws=1, per_layer=False, latency_calls=200),
+                         overrides={**QUICK_OVERRIDES, "export.cpu_layer_selection": "width"})
     cpu = res.validation["targets"]["cpu"]
     f, q = np.array(cpu["float"]["returns"]), np.array(cpu["int8"]["returns"])
     assert len(f) == len(q) == cheap["episodes"]
@@ -204,7 +206,8 @@ def test_cli_takes_an_encoder_and_a_body_and_refuses_bad_history_input(tmp_path:
     cli = [sys.executable, "-m", "edgeq.cli", "quantize"]
     out = tmp_path / "b"
     res = subprocess.run([*cli, "--policy", str(ENCODER), "--policy", str(BODY), "--env", "Pendulum-v1", "--out",
-                          str(out), "--episodes", "2", "--calib-episodes", "4", "--no-auto", "--json"],
+                          str(out), "--episodes", "2", "--calib-episodes", "4", "--no-auto", "--json", *QUICK_PLAN,
+                          *QUICK_MEASURE, "--set", "export.cpu_layer_selection=width"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     manifest = json.loads((out / "manifest.json").read_text())

@@ -201,3 +201,147 @@ def test_int4_input_scaling_of_the_first_layer_is_carried_by_every_candidate(pen
     got = OrtPolicy(apply_plan(model, cand.plan).SerializeToString()).act(hold)
     sim = fake_quant_actions(cand.plan.rewritten(model), cand.plan, hold)
     assert float(np.median(np.abs(got - sim))) < 1e-5
+
+
+def test_input_split_is_exact_in_float_and_is_the_plan_the_files_compute(pendulum: tuple) -> None:
+    """Outlier channel splitting of the first layer's input (``edgeq search --int4-input-split``): duplicated
+    observation columns (a Gather before the input's int8 quantizer, the weight column halved and copied) leave
+    the float policy unchanged, survive plan.json, and the exported W4A8 file computes the plan's arithmetic."""
+    from edgeq.quantizers.input_split import InputSplit, apply_input_splits, choose_input_split
+    from edgeq.quantizers.int4 import quantize_weight_int4
+
+    model, work, base, calib, hold = pendulum
+    first = find_weighted_layers(work)[0]
+    split = apply_input_splits(work, [InputSplit(first.node, (1, 0, 3))])
+    ref = OrtPolicy(work.SerializeToString()).act(hold)
+    np.testing.assert_allclose(OrtPolicy(split.SerializeToString()).act(hold), ref, atol=2e-5)
+    w = np.asarray(constant_value(split, find_weighted_layers(split)[0].weight))
+    assert w.shape[1 - base.layer(first.node).weight_axis] == 3 + 3
+    with pytest.raises(ValueError, match="out of range"):
+        apply_input_splits(work, [InputSplit(first.node, (7,))])
+    # the greedy choice lowers the int4 layer's modelled output error on its own grid
+    x = layer_rows(tensor_values(work, calib, [first.input])[first.input])
+    w0 = np.asarray(constant_value(work, first.weight), np.float64)
+    w_oi = w0 if base.layer(first.node).weight_axis == 0 else w0.T
+    cols, e0, e1 = choose_input_split(w_oi, x, 3, lambda v: quantize_weight_int4(v, 0).dequantize())
+    assert cols and e1 < 0.8 * e0
+
+
+def test_int4_input_split_lowers_the_first_layers_int4_error_and_is_carried(pendulum: tuple) -> None:
+    from edgeq.quantizers.evaluate import ActionErrorScorer
+    from edgeq.quantizers.mixed import with_precisions
+    from edgeq.search import _int4_input_rescaled
+
+    model, work, base, calib, hold = pendulum
+    wls = find_weighted_layers(work)
+    scorer = ActionErrorScorer(model, hold, HALF_RANGE, lower=apply_plan)
+
+    def inputs(p: QuantPlan, node: str, graph=None) -> tuple[np.ndarray, np.ndarray]:
+        g = work if graph is None else graph
+        la = p.layer(node)
+        idx = [x.node for x in p.layers].index(node)
+        prefix = replace(p, layers=[x if i < idx else replace(x, precision="float") for i, x in enumerate(p.layers)])
+        x_q = layer_rows(tensor_values(apply_plan(model, prefix, check=False), calib, [la.input])[la.input])
+        s = np.float32(p.activations[la.input].scale)
+        return (np.clip(np.rint(x_q / s), -127, 127) * s).astype(np.float32), layer_rows(
+            tensor_values(g, calib, [la.input])[la.input])
+
+    first = wls[0].node
+    plain = _w4a8(model, work, base, calib, "gptq", 0, nodes={first})
+    alt = _int4_input_rescaled(base, first, model, calib, scorer, "gptq", 0, inputs, transforms=(), split_columns=3)
+    assert alt is not None and alt.input_splits and alt.input_splits[0].layer == first
+    la = alt.layer(first)
+    assert la.precision == "int4" and la.input.endswith(f".split_for.{first}")
+    e_plain, e_split = float(scorer(plain)), float(scorer(alt))
+    print(f"first layer alone in int4 (gptq): held-out action error {e_plain:.4f} -> {e_split:.4f}, input split")
+    assert e_split < 0.9 * e_plain
+    assert QuantPlan.from_dict(alt.to_dict()).input_splits == alt.input_splits
+    # a W4A8 candidate taking that layer carries the split and the split input's range; the file is the plan
+    one4 = {wl.node: _w4a8(model, work, base, calib, "nearest", 0, nodes={wl.node}) for wl in wls[1:]}
+    one4[first] = alt
+    cand = with_precisions(base, one4, {n: "int4" for n in one4})
+    assert cand.input_splits == alt.input_splits and cand.activations[la.input] == alt.activations[la.input]
+    q = apply_plan(model, cand)
+    ops = [n.op_type for n in q.graph.node]
+    assert ops.index("Gather") < ops.index("QuantizeLinear")
+    got = OrtPolicy(q.SerializeToString()).act(hold)
+    sim = fake_quant_actions(cand.rewritten(model), cand, hold)
+    assert float(np.median(np.abs(got - sim))) < 1e-5
+    cpu = specialize_int4_for_ort_cpu(specialize_for_ort_cpu(q, float_layers=[]))
+    np.testing.assert_allclose(OrtPolicy(cpu.SerializeToString()).act(hold), got, atol=2e-4, rtol=1e-4)
+
+
+def test_w4a8_with_int4_grid_hidden_splits_is_exact_in_float_and_every_layer_int4(pendulum: tuple) -> None:
+    """``edgeq search --int4-hidden-split``: weight splits chosen for the int4 grid on top of the plan's own; the
+    widened float graph is the same policy (each hidden input scaling extended by the copied units' factors), every
+    layer is int4 on it, and the exported file computes that plan."""
+    from edgeq.quantizers.evaluate import ActionErrorScorer
+    from edgeq.search import _w4a8_hidden_split
+
+    model, work, base, calib, hold = pendulum
+
+    def inputs(p: QuantPlan, node: str, graph=None) -> tuple[np.ndarray, np.ndarray]:
+        g = work if graph is None else graph
+        la = p.layer(node)
+        idx = [x.node for x in p.layers].index(node)
+        prefix = replace(p, layers=[x if i < idx else replace(x, precision="float") for i, x in enumerate(p.layers)])
+        x_q = layer_rows(tensor_values(apply_plan(model, prefix, check=False), calib, [la.input])[la.input])
+        s = np.float32(p.activations[la.input].scale)
+        return (np.clip(np.rint(x_q / s), -127, 127) * s).astype(np.float32), layer_rows(
+            tensor_values(g, calib, [la.input])[la.input])
+
+    ocs = _w4a8_hidden_split(base, base, model, calib, 0.1, "nearest", 0, inputs)
+    assert ocs is not None and len(ocs.splits) > len(base.splits)
+    added = ocs.splits[len(base.splits):]
+    assert all(s == 1.0 for sp in added for s in sp.scales)  # weight splits only: the int8 input ranges hold
+    assert all(la.precision == "int4" and la.weight4 is not None for la in ocs.layers)
+    ref = OrtPolicy(model.SerializeToString()).act(hold)
+    np.testing.assert_allclose(OrtPolicy(ocs.rewritten(model).SerializeToString()).act(hold), ref, atol=2e-5)
+    got = OrtPolicy(apply_plan(model, ocs).SerializeToString()).act(hold)
+    sim = fake_quant_actions(ocs.rewritten(model), ocs, hold)
+    assert float(np.median(np.abs(got - sim))) < 1e-5
+    scorer = ActionErrorScorer(model, hold, HALF_RANGE, lower=apply_plan)
+    plain = _w4a8(model, work, base, calib, "nearest", 0)
+    print(f"W4A8 nearest held-out action error {float(scorer(plain)):.4f}, with int4-grid hidden splits "
+          f"{float(scorer(ocs)):.4f}")
+
+
+def test_int4_input_affine_is_fitted_for_the_int4_grid_and_lowers_the_first_layers_error(pendulum: tuple) -> None:
+    """``--int4-input-affine``: AffineQuant's scale and shift learned against the int4 layer's error (weight grid
+    [-7, 7]) replace the int8 plan's transform where that lowers the held-out action error; bad option values are
+    one line before any work."""
+    from edgeq.quantizers.affine import learn_input_affine
+    from edgeq.quantizers.evaluate import ActionErrorScorer
+    from edgeq.search import _int4_input_rescaled, search
+
+    model, work, base, calib, hold = pendulum
+    first = find_weighted_layers(model)[0]
+    x = layer_rows(tensor_values(model, calib, [first.input])[first.input])
+    w = np.asarray(constant_value(model, first.weight), np.float64)
+    w = w if base.layer(first.node).weight_axis == 0 else w.T
+    r4 = learn_input_affine(x, w, np.ones(w.shape[1]), float(np.abs(x).max()), weight_qmax=7)
+    r8 = learn_input_affine(x, w, np.ones(w.shape[1]), float(np.abs(x).max()))
+    assert r4.loss_end < r4.loss_start and r4.loss_start > 10 * r8.loss_start  # the int4 grid's error, not int8's
+    with pytest.raises(ValueError, match="weight_qmax"):
+        learn_input_affine(x, w, np.ones(w.shape[1]), 1.0, weight_qmax=0)
+    scorer = ActionErrorScorer(model, hold, HALF_RANGE, lower=apply_plan)
+
+    def inputs(p: QuantPlan, node: str, graph=None) -> tuple[np.ndarray, np.ndarray]:
+        g = work if graph is None else graph
+        la = p.layer(node)
+        idx = [x_.node for x_ in p.layers].index(node)
+        prefix = replace(p, layers=[x_ if i < idx else replace(x_, precision="float") for i, x_ in enumerate(p.layers)])
+        x_q = layer_rows(tensor_values(apply_plan(model, prefix, check=False), calib, [la.input])[la.input])
+        s = np.float32(p.activations[la.input].scale)
+        return (np.clip(np.rint(x_q / s), -127, 127) * s).astype(np.float32), layer_rows(
+            tensor_values(g, calib, [la.input])[la.input])
+
+    plain = _w4a8(model, work, base, calib, "gptq", 0, nodes={first.node})
+    alt = _int4_input_rescaled(base, first.node, model, calib, scorer, "gptq", 0, inputs, transforms=("affine",))
+    assert alt is not None
+    e_plain, e_alt = float(scorer(plain)), float(scorer(alt))
+    print(f"first layer alone in int4 (gptq): held-out action error {e_plain:.4f} -> {e_alt:.4f}, affine for int4")
+    assert e_alt < 0.5 * e_plain  # measured 0.0959 -> 0.0276
+    for bad in ({"int4_input_split": 5.0}, {"int4_hidden_split": 2.0}):
+        with pytest.raises(EdgeqError, match="--int4-"):
+            search("no-such-bundle", "out", **bad)

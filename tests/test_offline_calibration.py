@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import QUICK_OVERRIDES, QUICK_PLAN
 from typer.testing import CliRunner
 
 from edgeq.calibration.dataset import CalibrationDataError, load_observations, split_holdout
@@ -77,7 +78,7 @@ def test_holdout_is_the_tail() -> None:
 def test_quantize_without_env_reports_open_loop_action_error(sac_pendulum: Path, logged: Path,
                                                              tmp_path: Path) -> None:
     out = tmp_path / "bundle"
-    result = quantize(sac_pendulum, None, out, calib_data=logged, holdout_fraction=0.25)
+    result = quantize(sac_pendulum, None, out, calib_data=logged, holdout_fraction=0.25, overrides=QUICK_OVERRIDES)
     validation = json.loads((out / "validation.json").read_text())
     manifest = json.loads((out / "manifest.json").read_text())
     assert validation["closed_loop"] is False and "returns cannot be measured" in validation["reason"]
@@ -105,7 +106,7 @@ def test_quantize_without_env_reports_open_loop_action_error(sac_pendulum: Path,
 def test_cli_calib_data_without_env_and_with_onnx_bounds(logged: Path, tmp_path: Path) -> None:
     out = tmp_path / "b"
     res = CliRunner().invoke(app, ["quantize", str(ONNX_FIXTURE), "--calib-data", str(logged), "--out", str(out),
-                                   "--action-low", "-2", "--action-high", "2"])
+                                   "--action-low", "-2", "--action-high", "2", *QUICK_PLAN])
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())  # rich wraps lines to the terminal width
     assert "no return measured" in text and "open-loop on 200 held-out logged observations" in text
@@ -121,7 +122,8 @@ def test_cli_calib_data_without_env_and_with_onnx_bounds(logged: Path, tmp_path:
 
 
 def test_calib_data_with_env_validates_closed_loop(sac_pendulum: Path, logged: Path, tmp_path: Path) -> None:
-    result = quantize(sac_pendulum, "Pendulum-v1", tmp_path / "b", calib_data=logged, episodes=3)
+    result = quantize(sac_pendulum, "Pendulum-v1", tmp_path / "b", calib_data=logged, episodes=3,
+                      overrides=QUICK_OVERRIDES)
     assert result.validation["closed_loop"] is True
     assert result.manifest["calibration"]["steps"] == 1000 and result.manifest["calibration"]["held_out"] == 0
     assert len(result.validation["targets"]["cpu"]["int8"]["returns"]) == 3

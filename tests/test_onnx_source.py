@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import QUICK_PLAN
 from typer.testing import CliRunner
 
 from edgeq.cli import app
@@ -220,7 +221,7 @@ def test_bad_files_and_bounds(tmp_path: Path) -> None:
 def test_cli_quantize_onnx_end_to_end(tmp_path: Path, visited_obs: np.ndarray) -> None:
     out = tmp_path / "bundle"
     res = CliRunner().invoke(app, ["quantize", str(ISAAC_FIXTURE), "--env", "Pendulum-v1", "--out", str(out),
-                                   "--episodes", "5", "--calib-episodes", "4", "--json"])
+                                   "--episodes", "5", "--calib-episodes", "4", "--json", *QUICK_PLAN])
     assert res.exit_code == 0, res.output
     manifest = json.loads((out / "manifest.json").read_text())
     validation = json.loads((out / "validation.json").read_text())

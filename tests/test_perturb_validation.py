@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import QUICK_MEASURE, QUICK_PLAN
 from typer.testing import CliRunner
 
 from edgeq.cli import app
@@ -30,7 +31,8 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
     for name, extra in {"nominal-calib": [], "push-calib": ["--calib-perturb", PUSH]}.items():
         res = runner.invoke(app, ["quantize", str(POLICY), "--env", "InvertedPendulum-v5", "--out", str(root / name),
-                                  "--episodes", str(EPISODES), "--calib-episodes", "8", "--perturb", PUSH, *extra])
+                                  "--episodes", str(EPISODES), "--calib-episodes", "8", "--perturb", PUSH, *QUICK_PLAN,
+                                  *QUICK_MEASURE, *extra])
         assert res.exit_code == 0, res.output
         out[name] = root / name
     return out

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import QUICK_OVERRIDES
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "screenshot_report.sh"
@@ -26,7 +27,8 @@ def validated(tmp_path_factory: pytest.TempPathFactory, sac_pendulum: Path) -> P
     out = tmp_path_factory.mktemp("report") / "bundle"
     opts = ValidationOptions(targets=("cpu", "cuda", "trt"), floor_draws=2, sensitivity_levels=(1e-3, 0.1, 1.0),
                              sensitivity_draws=2, latency_calls=500, latency_large_batch=128)
-    quantize(sac_pendulum, "Pendulum-v1", out, episodes=4, calib_episodes=4, num_envs=4, validation=opts)
+    quantize(sac_pendulum, "Pendulum-v1", out, episodes=4, calib_episodes=4, num_envs=4, validation=opts,
+             overrides=QUICK_OVERRIDES)
     return out
 
 

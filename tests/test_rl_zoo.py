@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import QUICK_PLAN
 
 from edgeq.envs import WrapperSpec, env_factory, resolve_env_id
 from edgeq.errors import EdgeqError
@@ -119,7 +120,7 @@ def test_frame_stack_normalization_is_tiled(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def zoo_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("zoo") / "bundle"
-    res = run_cli("quantize", str(RUN) + "/", "--out", str(out), "--episodes", "4")
+    res = run_cli("quantize", str(RUN) + "/", "--out", str(out), "--episodes", "4", *QUICK_PLAN)
     assert res.returncode == 0, res.stderr
     return out, res
 
@@ -155,7 +156,7 @@ def test_rl_zoo_flags_and_old_id(tmp_path: Path) -> None:
     args.write_text(args.read_text().replace("Pendulum-v1", "Pendulum-v0"))
     out = tmp_path / "b"
     res = run_cli("quantize", "-f", "logs", "--algo", "sac", "--env", "Pendulum-v0", "--exp-id", "0", "--out", str(out),
-                  "--episodes", "2", "--calib-episodes", "2", "--no-auto", "-q", cwd=tmp_path)
+                  "--episodes", "2", "--calib-episodes", "2", "--no-auto", "-q", *QUICK_PLAN, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     env = json.loads((out / "manifest.json").read_text())["env"]
     assert env["id"] == "Pendulum-v1" and env["trained_on"] == "Pendulum-v0"

@@ -10,6 +10,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import QUICK_OVERRIDES
 
 from edgeq.deploy.runtime import OrtPolicy
 from edgeq.errors import PolicyFormatError
@@ -118,7 +119,7 @@ def test_dynamo_exporter(actor: SacActor, env: gym.Env) -> None:
 
 def test_quantize_accepts_the_module_policy(actor: SacActor, env: gym.Env, tmp_path: Path) -> None:
     fp = from_torch_module(actor, env.observation_space, env.action_space, name="sac-pendulum actor")
-    result = quantize(fp, "Pendulum-v1", tmp_path / "b", episodes=4, calib_episodes=4)
+    result = quantize(fp, "Pendulum-v1", tmp_path / "b", episodes=4, calib_episodes=4, overrides=QUICK_OVERRIDES)
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["source"]["kind"] == "torch-module" and manifest["source"]["path"] == "sac-pendulum actor"
     cpu = result.validation["targets"]["cpu"]

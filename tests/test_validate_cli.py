@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import QUICK_OVERRIDES
 from onnx import helper, numpy_helper
 from typer.testing import CliRunner
 
@@ -29,7 +30,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory, sac_pendulum: Path) -> Path
     from edgeq.pipeline import quantize
 
     out = tmp_path_factory.mktemp("validate") / "bundle"
-    quantize(sac_pendulum, "Pendulum-v1", out, episodes=3, calib_episodes=4, num_envs=4)
+    quantize(sac_pendulum, "Pendulum-v1", out, episodes=3, calib_episodes=4, num_envs=4, overrides=QUICK_OVERRIDES)
     return out
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import QUICK_OVERRIDES
 
 
 @pytest.mark.slow
@@ -20,7 +21,7 @@ def test_halfcheetah_floor_divergence_and_per_layer(sac_halfcheetah: Path, tmp_p
 
     opts = ValidationOptions.light(floor_draws=2, latency_calls=0, per_layer_states=1024)
     res = quantize(sac_halfcheetah, "HalfCheetah-v5", tmp_path / "hc", episodes=2, calib_episodes=2, num_envs=2,
-                   validation=opts, report=False)
+                   validation=opts, report=False, overrides=QUICK_OVERRIDES)
     cpu = res.validation["targets"]["cpu"]
     fl = cpu["noise_floor"]
     float_returns = np.asarray(cpu["float"]["returns"])

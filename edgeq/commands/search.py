@@ -47,9 +47,20 @@ def search(
                                                     "actions, int4 and int8 layers on their own grids), all "
                                                     "(nearest, gptq, gptq+brecq) or a comma list.")] = "both",
     int4_input_scaling: Annotated[bool, typer.Option(
-        "--int4-input-scaling", help="Give the first layer's int4 weight its own observation scaling (SmoothQuant-"
-                                     "style, chosen by held-out action error; exact float pre-op); used where it "
-                                     "lowers that error.")] = False,
+        "--int4-input-scaling/--no-int4-input-scaling",
+        help="Give the first layer's int4 weight its own observation scaling (SmoothQuant-style, chosen by held-out "
+             "action error; exact float pre-op); used where it lowers that error.")] = False,
+    int4_input_affine: Annotated[bool, typer.Option(
+        "--int4-input-affine/--no-int4-input-affine",
+        help="Also try AffineQuant's learned observation scale and shift fitted for the first layer's int4 grid "
+             "(exact float pre-op); used where it lowers the held-out action error.")] = False,
+    int4_hidden_split: Annotated[float, typer.Option(
+        help="Also propose W4A8-ocs: W4A8 with up to this fraction of each hidden width added as weight splits "
+             "chosen on the int4 grid (exact in float). 0: off.")] = 0.0,
+    int4_input_split: Annotated[float, typer.Option(
+        help="Also try duplicating up to this fraction of the first layer's observation columns for its int4 weight "
+             "(outlier channel splitting of the input: an exact fp32 Gather pre-op, the weight column halved and "
+             "copied; 0, half and all scored by held-out action error). 0: off.")] = 0.0,
     episodes: Annotated[str, typer.Option(help="Paired episodes per candidate: auto (30, then +10 until decided) or "
                                                "N.")] = "auto",
     max_episodes: Annotated[int, typer.Option(help="Cap of the auto design per candidate.")] = 200,
@@ -77,7 +88,8 @@ def search(
         return run_search(bundle, out, max_loss=loss, objective=objective, block_size=block_size,
                           rounding=int4_rounding, episodes=n, max_episodes=max_episodes, seed=seed,
                           fp16_layers=fp16_layers, evaluate_all=evaluate_all, confirm=confirm, overwrite=overwrite,
-                          int4_input_scaling=int4_input_scaling, log=log)
+                          int4_input_scaling=int4_input_scaling, int4_input_affine=int4_input_affine,
+                          int4_input_split=int4_input_split, int4_hidden_split=int4_hidden_split, log=log)
 
     result = run_guarded(go)
     if as_json:

@@ -44,6 +44,7 @@ from edgeq.export.int4 import lower_int4_layers
 from edgeq.graph.ir import array_of, const, drop_unused_initializers, make_node, op, replace_node, to_ir, to_onnx
 from edgeq.graph.ir import check as full_check
 from edgeq.quantizers.crossquant import dynamic_layer_nodes
+from edgeq.quantizers.input_split import insert_input_splits
 from edgeq.quantizers.plan import LayerQuant, QuantPlan
 from edgeq.quantizers.split import apply_splits
 from edgeq.quantizers.transforms import scale_inputs
@@ -223,6 +224,7 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan, *, check: bool = True) -
     source = apply_splits(model, plan.splits) if plan.splits else model
     irm = to_ir(source)
     scale_inputs(irm.graph, plan.transforms)  # exact float rewrites first (their Mul pre-ops stay fp32)
+    insert_input_splits(irm.graph, plan.input_splits)  # duplicated input columns (an fp32 Gather pre-op)
     low = _Lowering(irm, plan)
     int8 = {layer.node: layer for layer in plan.int8_layers()}
     fp16 = {layer.node: layer for layer in plan.layers if layer.precision == "fp16"}

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edgeq.quantizers.adam import Adam
+
 __all__ = ["AffineResult", "learn_input_affine"]
 
 
@@ -46,11 +48,13 @@ class AffineResult:
 
 def learn_input_affine(x: npt.ArrayLike, weight: npt.ArrayLike, factors0: npt.ArrayLike, amax0: float, *,
                        shift: bool = True, iters: int = 300, batch: int = 1024, lr: float = 0.01,
-                       seed: int = 0) -> AffineResult:
+                       seed: int = 0, weight_qmax: int = 127) -> AffineResult:
     """Learn ``(d, δ)`` for a layer with float inputs ``x`` ``[N, in]`` and weight ``[out, in]`` (see the module).
 
     ``factors0``: the starting ``d`` (the plan's current input scaling, or ones); ``amax0``: the starting
-    input range of ``(x − δ) / d``; ``shift=False`` learns ``d`` only. Deterministic for a given ``seed``
+    input range of ``(x − δ) / d``; ``shift=False`` learns ``d`` only.
+    ``weight_qmax``: the weight grid the transform is fitted for (127: int8; 7: the int4 grid of a W4A8
+    layer, per-channel absmax scale). Deterministic for a given ``seed``
     (one torch thread). The returned point is the best of the start and the end on all rows.
     """
     import torch
@@ -60,6 +64,9 @@ def learn_input_affine(x: npt.ArrayLike, weight: npt.ArrayLike, factors0: npt.Ar
     d0 = np.asarray(factors0, np.float64)
     if xs.ndim != 2 or xs.shape[1] != w.shape[1] or d0.shape != (w.shape[1],) or amax0 <= 0:
         raise ValueError(f"x must be [rows, {w.shape[1]}], factors0 [{w.shape[1]}] and amax0 > 0")
+    qw = float(weight_qmax)
+    if not 1 <= qw <= 127:
+        raise ValueError(f"weight_qmax must be in [1, 127], got {weight_qmax}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -82,8 +89,8 @@ def learn_input_affine(x: npt.ArrayLike, weight: npt.ArrayLike, factors0: npt.Ar
             s_a = torch.exp(log_a) / 127.0
             xq = torch.clamp(ste((xt[rows] - dl) / d / s_a), -128.0, 127.0) * s_a
             wp = wt * d[None, :]
-            s_w = (wp.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
-            wq = torch.clamp(ste(wp / s_w), -127.0, 127.0) * s_w
+            s_w = (wp.abs().amax(dim=1, keepdim=True) / qw).clamp_min(1e-12)
+            wq = torch.clamp(ste(wp / s_w), -qw, qw) * s_w
             y = xq @ wq.T + dl @ wt.T
             return ((y - target[rows]) ** 2).mean()
 
@@ -91,7 +98,7 @@ def learn_input_affine(x: npt.ArrayLike, weight: npt.ArrayLike, factors0: npt.Ar
         with torch.no_grad():
             start = float(loss_on(every))
         params = [log_d, log_a] + ([delta] if shift else [])
-        opt = torch.optim.Adam(params, lr=lr)
+        opt = Adam(params, lr=lr)
         for _ in range(int(iters)):
             rows = torch.randint(0, len(xs), (min(batch, len(xs)),), generator=gen)
             loss = loss_on(rows)

@@ -249,6 +249,23 @@ class _Builder:
         self._factor_cache: dict[tuple[Any, ...], np.ndarray] = {}
         self._weight_cache: dict[tuple[str, int, str], QuantizedWeight] = {}
         self._amax_cache: dict[tuple[Any, ...], float] = {}  # make_plan's thresholds, per observer and calibrator
+        self._scaled_cache: dict[tuple[Any, ...], onnx.ModelProto] = {}
+
+    def scaled(self, transforms: Sequence[InputScaling]) -> onnx.ModelProto:
+        """``apply_input_scalings(self.model, transforms)`` (the model itself for none), each graph made once.
+
+        A search materializes many plans that share their input scalings; the graph depends only on each
+        scaling's layer, factors, placement and shift. The returned model is shared: read it, never edit it.
+        """
+        if not transforms:
+            return self.model
+        key = tuple((t.layer, np.asarray(t.factors, np.float64).tobytes(), t.placement,
+                     None if t.shift is None else np.asarray(t.shift, np.float64).tobytes()) for t in transforms)
+        if key not in self._scaled_cache:
+            if len(self._scaled_cache) >= 64:
+                self._scaled_cache.pop(next(iter(self._scaled_cache)))
+            self._scaled_cache[key] = apply_input_scalings(self.model, transforms)
+        return self._scaled_cache[key]
 
     # -- per-layer choices → plan -------------------------------------------------------------
     def factors(self, node: str, choice: LayerChoice) -> np.ndarray:
@@ -285,7 +302,7 @@ class _Builder:
         """The nearest-rounding plan of ``choices`` (no bias correction, no fp16)."""
         transforms = [InputScaling(node, self.factors(node, ch), ch.transform, float(ch.alpha or 0.0))
                       for node, ch in choices.items() if ch.transform != "none" and not ch.dynamic]
-        work = apply_input_scalings(self.model, transforms) if transforms else self.model
+        work = self.scaled(transforms)
         observers: dict[str, TensorObserver] = {}
         per_tensor: dict[str, tuple[str, dict[str, Any]]] = {}
         for wl in find_weighted_layers(work):
@@ -307,7 +324,7 @@ class _Builder:
                          calibrator_params=self.opt.calibrator_params, weight_method=self.opt.weight_method,
                          keep_float=self.opt.keep_float, per_tensor_calibrator=per_tensor, transforms=transforms,
                          per_layer_weight_method={n: c.weight_method for n, c in choices.items() if c.weight_method},
-                         amax_cache=self._amax_cache, weight_quantizer=self.quantize_weight)
+                         amax_cache=self._amax_cache, weight_quantizer=self.quantize_weight, scaled=work)
         layers: list[LayerQuant] = []
         for layer in plan.layers:
             ch = choices[layer.node]
@@ -352,7 +369,7 @@ class _Builder:
         idx = [la.node for la in plan.layers].index(node)
         prefix = replace(plan, layers=[la if i < idx else replace(la, precision="float")
                                        for i, la in enumerate(plan.layers)])
-        work = apply_input_scalings(self.model, plan.transforms) if plan.transforms else self.model
+        work = self.scaled(plan.transforms)
         x_q = layer_rows(tensor_values(self.lower(self.model, prefix, check=False), self.calib,
                                        [layer.input])[layer.input])
         x_f = layer_rows(tensor_values(work, self.calib, [layer.input])[layer.input])
@@ -490,7 +507,7 @@ class _Builder:
 
     def kernels(self, plan: QuantPlan) -> QuantPlan:
         """Fill each int8 layer's quantization kernel (and the plain per-tensor one) on calibration states."""
-        work = apply_input_scalings(self.model, plan.transforms) if plan.transforms else self.model
+        work = self.scaled(plan.transforms)
         names = list(dict.fromkeys(la.input for la in plan.int8_layers()))
         vals = tensor_values(work, self.calib, names) if names else {}
         layers = []

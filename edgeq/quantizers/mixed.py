@@ -114,13 +114,20 @@ def with_int4(plan: QuantPlan, node: str, weight: np.ndarray, *, block_size: int
 
 def with_precisions(base: QuantPlan, int4: Mapping[str, QuantPlan], choice: Mapping[str, str]) -> QuantPlan:
     """``base`` with each layer at ``choice[node]``: ``int4`` layers taken from ``int4[node]`` (a plan with that
-    layer in int4, made by :func:`with_int4`), ``fp16``/``float`` by :func:`with_precision`, others as in base."""
+    layer in int4, made by :func:`with_int4`; with its input rewrite where that plan has its own), ``fp16``/``float``
+    by :func:`with_precision`, others as in base."""
     plan = base
     for node, prec in choice.items():
         if prec == "int4":
-            layer4 = int4[node].layer(node)
+            src = int4[node]
+            layer4 = src.layer(node)
             plan = replace(plan, layers=[layer4 if la.node == node else la for la in plan.layers],
                            metrics=dict(plan.metrics))
+            if src.transforms != base.transforms or src.input_splits != base.input_splits:
+                # an int4 layer made under its own input rewrite (the first layer's int4 input scaling or input
+                # split) brings that rewrite and its input's int8 range: its weight is only right with them
+                plan = replace(plan, transforms=list(src.transforms), input_splits=list(src.input_splits),
+                               activations={**plan.activations, layer4.input: src.activations[layer4.input]})
         elif prec in ("fp16", "float"):
             plan = with_precision(plan, node, prec, reason=f"mixed-precision search: {prec}")
         elif prec != plan.layer(node).precision:

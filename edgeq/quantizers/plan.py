@@ -41,6 +41,7 @@ from edgeq.calibration.calibrators import compute_amax
 from edgeq.calibration.observers import TensorObserver
 from edgeq.deploy.bundle_format import MANIFEST, PLAN, read_manifest, verify_files
 from edgeq.graph.analysis import constant_value, find_activation_matmuls, find_weighted_layers
+from edgeq.quantizers.input_split import InputSplit, apply_input_splits
 from edgeq.quantizers.int4 import Int4Weight
 from edgeq.quantizers.split import ChannelSplit, apply_splits
 from edgeq.quantizers.transforms import InputScaling, apply_input_scalings
@@ -280,11 +281,16 @@ class QuantPlan:
     matmuls: list[MatMulQuant] = field(default_factory=list)
     #: outlier channel splits (:mod:`edgeq.quantizers.split`), applied to the float graph before ``transforms``
     splits: list[ChannelSplit] = field(default_factory=list)
+    #: duplicated input columns of a layer reading the observation (:mod:`edgeq.quantizers.input_split`),
+    #: applied after ``transforms`` (a ``Gather`` in front of the layer's input quantizer)
+    input_splits: list[InputSplit] = field(default_factory=list)
 
     def rewritten(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        """The exact float rewrite of ``model`` whose layers this plan quantizes: splits, then input scalings."""
+        """The exact float rewrite of ``model`` whose layers this plan quantizes: splits, input scalings, then
+        input splits."""
         work = apply_splits(model, self.splits) if self.splits else model
-        return apply_input_scalings(work, self.transforms) if self.transforms else work
+        work = apply_input_scalings(work, self.transforms) if self.transforms else work
+        return apply_input_splits(work, self.input_splits) if self.input_splits else work
 
     def int8_layers(self) -> list[LayerQuant]:
         return [layer for layer in self.layers if layer.precision == "int8"]
@@ -318,6 +324,7 @@ class QuantPlan:
     def to_json(self) -> dict[str, Any]:
         return {"settings": self.settings, "tensorrt_compatible": self.tensorrt_compatible,
                 **({"splits": [sp.to_json() for sp in self.splits]} if self.splits else {}),
+                **({"input_splits": [sp.to_json() for sp in self.input_splits]} if self.input_splits else {}),
                 "transforms": [t.to_json() for t in self.transforms],
                 "activations": [a.to_json() for a in self.activations.values()],
                 "layers": [layer.to_json() for layer in self.layers],
@@ -328,6 +335,7 @@ class QuantPlan:
         """The plan's choices and artifact, exactly and JSON-safe (no metrics): ``plan.json`` of a bundle."""
         return {"format": PLAN_FORMAT, "settings": self.settings,
                 **({"splits": [sp.to_json() for sp in self.splits]} if self.splits else {}),
+                **({"input_splits": [sp.to_json() for sp in self.input_splits]} if self.input_splits else {}),
                 "transforms": [{"layer": t.layer, "factors": _array_to_dict(t.factors), "method": t.method,
                                 "alpha": t.alpha, "placement": t.placement, "details": t.details,
                                 **({"shift": _array_to_dict(t.shift)} if t.shift is not None else {})}
@@ -357,9 +365,11 @@ class QuantPlan:
             layers = [LayerQuant.from_dict(la) for la in d.get("layers", [])]
             matmuls = [MatMulQuant.from_json(m) for m in d.get("activation_matmuls", [])]
             splits = [ChannelSplit.from_json(sp) for sp in d.get("splits", [])]
+            input_splits = [InputSplit.from_json(sp) for sp in d.get("input_splits", [])]
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed plan entry: {type(exc).__name__}: {exc}") from None
-        return cls(acts, layers, dict(d.get("settings") or {}), transforms, dict(metrics or {}), matmuls, splits)
+        return cls(acts, layers, dict(d.get("settings") or {}), transforms, dict(metrics or {}), matmuls, splits,
+                   input_splits)
 
     @classmethod
     def from_bundle(cls, bundle: str | Path) -> QuantPlan:
@@ -396,7 +406,8 @@ def make_plan(model: onnx.ModelProto, observers: Mapping[str, TensorObserver], *
               transforms: Sequence[InputScaling] = (),
               per_layer_weight_method: Mapping[str, str] | None = None,
               amax_cache: dict[tuple[Any, ...], float] | None = None,
-              weight_quantizer: Callable[..., QuantizedWeight] | None = None) -> QuantPlan:
+              weight_quantizer: Callable[..., QuantizedWeight] | None = None,
+              scaled: onnx.ModelProto | None = None) -> QuantPlan:
     """Choose static int8 scales for every weighted layer of ``model`` (after ``transforms``), and for
     both inputs of every MatMul of two activations (attention's Q·Kᵀ and A·V).
 
@@ -408,7 +419,8 @@ def make_plan(model: onnx.ModelProto, observers: Mapping[str, TensorObserver], *
 
     ``amax_cache`` (a dict the caller keeps) and ``weight_quantizer`` (``quantize_weight``'s
     signature, e.g. a caching wrapper) let a search that makes many plans from the same observers
-    and weights compute each threshold and each quantized weight once; the plan is the same.
+    and weights compute each threshold and each quantized weight once; the plan is the same. ``scaled``:
+    ``model`` after ``transforms``, when the caller already has it (it is not made again).
     """
     quantize_w = weight_quantizer or quantize_weight
 
@@ -422,7 +434,7 @@ def make_plan(model: onnx.ModelProto, observers: Mapping[str, TensorObserver], *
 
     params = dict(calibrator_params or {})
     overrides = dict(per_tensor_calibrator or {})
-    work = apply_input_scalings(model, transforms) if transforms else model
+    work = scaled if scaled is not None else apply_input_scalings(model, transforms) if transforms else model
     activations: dict[str, ActivationQuant] = {}
     layers: list[LayerQuant] = []
     for wl in find_weighted_layers(work):

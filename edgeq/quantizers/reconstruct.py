@@ -45,6 +45,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from edgeq.quantizers.adam import Adam
 from edgeq.quantizers.int4 import INT4_QMAX, Int4Weight
 from edgeq.quantizers.plan import ActivationQuant, LayerQuant, QuantPlan
 from edgeq.quantizers.weights import QMAX, QuantizedWeight
@@ -63,7 +64,7 @@ _DEBUG = bool(__import__("os").environ.get("EDGEQ_RECONSTRUCT_DEBUG"))
 
 #: ONNX ops the torch interpreter evaluates.
 SUPPORTED_OPS = ("Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Relu", "Tanh", "Sigmoid", "Elu", "LeakyRelu",
-                 "Clip", "Identity", "Constant", "Softplus", "Neg", "Selu", "HardSigmoid", "Flatten")
+                 "Clip", "Identity", "Constant", "Softplus", "Neg", "Selu", "HardSigmoid", "Flatten", "Gather")
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,8 @@ def _interpreter(model: onnx.ModelProto) -> Callable[..., Any]:
                 y = -ins[0]
             elif op == "Flatten":
                 y = ins[0].reshape(ins[0].shape[0], -1)
+            elif op == "Gather":  # constant indices (an input split's duplicated columns)
+                y = torch.index_select(ins[0], int(a.get("axis", 0)) % ins[0].dim(), ins[1].long().reshape(-1))
             elif op == "Clip":
                 lo = ins[1] if len(ins) > 1 and ins[1] is not None else a.get("min")
                 hi = ins[2] if len(ins) > 2 and ins[2] is not None else a.get("max")
@@ -420,7 +423,7 @@ def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], init
         params.append({"params": list(log_ws.values()), "lr": weight_scale_lr})
     if learn_bias and biases:
         params.append({"params": list(biases.values()), "lr": bias_lr})
-    optim = torch.optim.Adam(params)
+    optim = Adam(params)
     done = 0
     for it in range(int(iters)):
         if time.perf_counter() - t0 > time_limit_s:

@@ -175,19 +175,21 @@ def merge_split_values(model: onnx.ModelProto, splits: Sequence[ChannelSplit], v
     return out
 
 
-def split_error_model(w: np.ndarray, m2: np.ndarray, cmax: np.ndarray) -> float:
-    """The consumer's modelled quantization error ``Σ_r s_r² S/12 + (A/127)² ||W||² / 12`` (see the module)."""
-    s = np.abs(w).max(axis=1) / 127.0
+def split_error_model(w: np.ndarray, m2: np.ndarray, cmax: np.ndarray, weight_qmax: float = 127.0) -> float:
+    """The consumer's modelled quantization error ``Σ_r s_r² S/12 + (A/127)² ||W||² / 12`` (see the module);
+    ``s_r = max_j |W_rj| / weight_qmax`` (127: int8 weights; 7: int4)."""
+    s = np.abs(w).max(axis=1) / float(weight_qmax)
     return float((s ** 2).sum() * m2.sum() / 12.0 + (cmax.max() / 127.0) ** 2 * (w ** 2).sum() / 12.0)
 
 
-def _greedy(w: np.ndarray, m2: np.ndarray, cmax: np.ndarray, n: int, activation_ok: bool
+def _greedy(w: np.ndarray, m2: np.ndarray, cmax: np.ndarray, n: int, activation_ok: bool, weight_qmax: float = 127.0
             ) -> tuple[list[int], list[float], float, float]:
     """Up to ``n`` splits of the consumer weight ``w`` ``[out, in]`` lowering :func:`split_error_model`."""
     w, m2, cmax = np.array(w, np.float64), np.array(m2, np.float64), np.array(cmax, np.float64)
     units: list[int] = []
     scales: list[float] = []
-    e0 = e = split_error_model(w, m2, cmax)
+    qw = float(weight_qmax)
+    e0 = e = split_error_model(w, m2, cmax, qw)
     rows = np.arange(w.shape[0])
     for _ in range(n):
         aw = np.abs(w)
@@ -198,14 +200,14 @@ def _greedy(w: np.ndarray, m2: np.ndarray, cmax: np.ndarray, n: int, activation_
         s_sum, col2 = m2.sum(), (w ** 2).sum(axis=0)
         a_cur = cmax.max() / 127.0
         # weight split (a = 1): column k halved and copied; input k duplicated
-        s_new = np.maximum(others, aw / 2.0) / 127.0
+        s_new = np.maximum(others, aw / 2.0) / qw
         e_w = (s_new ** 2).sum(axis=0) * (s_sum + m2) / 12.0 + a_cur ** 2 * (f2 - col2 / 2.0) / 12.0
         best_k, best_a, best_e = int(np.argmin(e_w)), 1.0, float(np.min(e_w))
         if activation_ok:  # activation split (a = 1/2): channel k halved and copied; column k copied
             c_sorted = np.sort(cmax)
             c_other = np.where(cmax >= c_sorted[-1], c_sorted[-2] if len(cmax) > 1 else 0.0, c_sorted[-1])
             a_new = np.maximum(c_other, cmax / 2.0) / 127.0
-            e_a = ((aw.max(axis=1) / 127.0) ** 2).sum() * (s_sum - m2 / 2.0) / 12.0 + a_new ** 2 * (f2 + col2) / 12.0
+            e_a = ((aw.max(axis=1) / qw) ** 2).sum() * (s_sum - m2 / 2.0) / 12.0 + a_new ** 2 * (f2 + col2) / 12.0
             k_a = int(np.argmin(e_a))
             if e_a[k_a] < best_e:
                 best_k, best_a, best_e = k_a, 0.5, float(e_a[k_a])
@@ -217,16 +219,17 @@ def _greedy(w: np.ndarray, m2: np.ndarray, cmax: np.ndarray, n: int, activation_
         cmax = _append_unit(cmax, k, a, 0)
         units.append(k)
         scales.append(a)
-        e = split_error_model(w, m2, cmax)
+        e = split_error_model(w, m2, cmax, qw)
     return units, scales, e0, e
 
 
-def choose_splits(model: onnx.ModelProto, states: np.ndarray, fraction: float
-                  ) -> tuple[list[ChannelSplit], list[dict[str, Any]]]:
+def choose_splits(model: onnx.ModelProto, states: np.ndarray, fraction: float, *, weight_qmax: float = 127.0,
+                  activation_splits: bool = True) -> tuple[list[ChannelSplit], list[dict[str, Any]]]:
     """Per hidden layer, at most ``ceil(fraction × width)`` greedy splits (see the module), and a report row each.
 
     ``states`` are calibration states (the float policy's input). Layers whose ops are not positively
-    homogeneous get weight splits only.
+    homogeneous get weight splits only, and so does every layer with ``activation_splits=False``.
+    ``weight_qmax``: the consumer's weight grid (127: int8; 7: the int4 grid of a W4A8 layer).
     """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"split_outliers must be in [0, 1] (a fraction of each hidden layer's width), got {fraction}")
@@ -241,8 +244,8 @@ def choose_splits(model: onnx.ModelProto, states: np.ndarray, fraction: float
         assert wc is not None
         w = np.asarray(wc if h.consumer.weight_axis == 0 else wc.T, np.float64)  # [out, in]
         n = int(np.ceil(fraction * h.width))
-        act_ok = _homogeneous(model, h)
-        units, scales, e0, e1 = _greedy(w, (x ** 2).mean(axis=0), np.abs(x).max(axis=0), n, act_ok)
+        act_ok = _homogeneous(model, h) and activation_splits
+        units, scales, e0, e1 = _greedy(w, (x ** 2).mean(axis=0), np.abs(x).max(axis=0), n, act_ok, weight_qmax)
         report.append({"layer": h.consumer.node, "width": h.width, "added": len(units),
                        "weight_splits": int(sum(s == 1.0 for s in scales)),
                        "activation_splits": int(sum(s == 0.5 for s in scales)),
