@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -28,3 +29,34 @@ def test_mujoco_fixture_int8_within_2_percent(sac_halfcheetah: Path, tmp_path: P
     f, q = np.array(cpu["float"]["returns"]), np.array(cpu["int8"]["returns"])
     assert f.mean() >= 3000  # the fixture is a competent policy
     assert abs(q.mean() - f.mean()) <= 0.02 * abs(f.mean()), (f.mean(), q.mean())
+
+
+def test_sac_hopper_fixture_is_a_competent_hopper() -> None:
+    """The committed sac-hopper fixture loads and hops: 1000 steps on two fixed seeds, return > 2500.
+
+    A policy that falls (td3-hopper: ~340, terminated every episode) or stands still (1 healthy reward per
+    step, at most 1000) cannot reach 2500; the record says 3192.8 and 3183.6 on these seeds (SB3, torch).
+    """
+    import gymnasium as gym
+    import onnxruntime as ort
+    from conftest import POLICIES, policy_fixture
+
+    from edgeq.ingest import load_policy
+
+    record = json.loads((POLICIES / "sac-hopper.json").read_text())
+    assert (record["algo"], record["env_id"], record["timesteps"]) == ("SAC", "Hopper-v5", 110_000)
+    assert record["eval"]["mean_return"] >= 2500
+    policy = load_policy(policy_fixture("sac-hopper"))
+    sess = ort.InferenceSession(policy.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    env = gym.make("Hopper-v5")
+    for k, seed in enumerate((10_000, 10_001)):
+        obs, _ = env.reset(seed=seed)
+        total, steps, terminated, truncated = 0.0, 0, False, False
+        while not (terminated or truncated):
+            act = sess.run([policy.output_name], {policy.input_name: obs[None].astype(np.float32)})[0][0]
+            obs, r, terminated, truncated, _ = env.step(act)
+            total += float(r)
+            steps += 1
+        assert steps == 1000 and not terminated, (seed, steps)  # no fall on these seeds
+        assert total > 2500, (seed, total)
+        assert abs(total - record["eval"]["returns"][k]) <= 0.05 * record["eval"]["returns"][k], (seed, total)

@@ -118,6 +118,9 @@ def test_reconstruction_starts_exactly_at_the_plan_and_is_deterministic(pendulum
     for a, b in zip(one.plan.layers, two.plan.layers, strict=True):
         assert a.weight4 is not None and b.weight4 is not None and np.array_equal(a.weight4.q, b.weight4.q)
     assert one.plan.activations == two.plan.activations
+    # the tail-aware (CVaR) loss is another objective: its start loss is larger than the plain mean's
+    tail = reconstruct(work, gptq, calib, HALF_RANGE, iters=0, seed=3, tail_weight=3.0, tail_fraction=0.02)
+    assert tail.report["calibration_loss_start"] > 1.5 * one.report["calibration_loss_start"]
 
 
 def test_mixed_int8_int4_blocked_reconstruction_matches_the_exported_files_on_ort(pendulum: tuple) -> None:
@@ -304,3 +307,44 @@ def test_w4a8_with_int4_grid_hidden_splits_is_exact_in_float_and_every_layer_int
     plain = _w4a8(model, work, base, calib, "nearest", 0)
     print(f"W4A8 nearest held-out action error {float(scorer(plain)):.4f}, with int4-grid hidden splits "
           f"{float(scorer(ocs)):.4f}")
+
+
+def test_int4_input_affine_is_fitted_for_the_int4_grid_and_lowers_the_first_layers_error(pendulum: tuple) -> None:
+    """``--int4-input-affine``: AffineQuant's scale and shift learned against the int4 layer's error (weight grid
+    [-7, 7]) replace the int8 plan's transform where that lowers the held-out action error; bad option values are
+    one line before any work."""
+    from edgeq.quantizers.affine import learn_input_affine
+    from edgeq.quantizers.evaluate import ActionErrorScorer
+    from edgeq.search import _int4_input_rescaled, search
+
+    model, work, base, calib, hold = pendulum
+    first = find_weighted_layers(model)[0]
+    x = layer_rows(tensor_values(model, calib, [first.input])[first.input])
+    w = np.asarray(constant_value(model, first.weight), np.float64)
+    w = w if base.layer(first.node).weight_axis == 0 else w.T
+    r4 = learn_input_affine(x, w, np.ones(w.shape[1]), float(np.abs(x).max()), weight_qmax=7)
+    r8 = learn_input_affine(x, w, np.ones(w.shape[1]), float(np.abs(x).max()))
+    assert r4.loss_end < r4.loss_start and r4.loss_start > 10 * r8.loss_start  # the int4 grid's error, not int8's
+    with pytest.raises(ValueError, match="weight_qmax"):
+        learn_input_affine(x, w, np.ones(w.shape[1]), 1.0, weight_qmax=0)
+    scorer = ActionErrorScorer(model, hold, HALF_RANGE, lower=apply_plan)
+
+    def inputs(p: QuantPlan, node: str, graph=None) -> tuple[np.ndarray, np.ndarray]:
+        g = work if graph is None else graph
+        la = p.layer(node)
+        idx = [x_.node for x_ in p.layers].index(node)
+        prefix = replace(p, layers=[x_ if i < idx else replace(x_, precision="float") for i, x_ in enumerate(p.layers)])
+        x_q = layer_rows(tensor_values(apply_plan(model, prefix, check=False), calib, [la.input])[la.input])
+        s = np.float32(p.activations[la.input].scale)
+        return (np.clip(np.rint(x_q / s), -127, 127) * s).astype(np.float32), layer_rows(
+            tensor_values(g, calib, [la.input])[la.input])
+
+    plain = _w4a8(model, work, base, calib, "gptq", 0, nodes={first.node})
+    alt = _int4_input_rescaled(base, first.node, model, calib, scorer, "gptq", 0, inputs, transforms=("affine",))
+    assert alt is not None
+    e_plain, e_alt = float(scorer(plain)), float(scorer(alt))
+    print(f"first layer alone in int4 (gptq): held-out action error {e_plain:.4f} -> {e_alt:.4f}, affine for int4")
+    assert e_alt < 0.5 * e_plain  # measured 0.0959 -> 0.0276
+    for bad in ({"int4_input_split": 5.0}, {"int4_hidden_split": 2.0}):
+        with pytest.raises(EdgeqError, match="--int4-"):
+            search("no-such-bundle", "out", **bad)
