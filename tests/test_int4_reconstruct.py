@@ -118,6 +118,9 @@ def test_reconstruction_starts_exactly_at_the_plan_and_is_deterministic(pendulum
     for a, b in zip(one.plan.layers, two.plan.layers, strict=True):
         assert a.weight4 is not None and b.weight4 is not None and np.array_equal(a.weight4.q, b.weight4.q)
     assert one.plan.activations == two.plan.activations
+    # the tail-aware (CVaR) loss is another objective: its start loss is larger than the plain mean's
+    tail = reconstruct(work, gptq, calib, HALF_RANGE, iters=0, seed=3, tail_weight=3.0, tail_fraction=0.02)
+    assert tail.report["calibration_loss_start"] > 1.5 * one.report["calibration_loss_start"]
 
 
 def test_mixed_int8_int4_blocked_reconstruction_matches_the_exported_files_on_ort(pendulum: tuple) -> None:

@@ -232,7 +232,8 @@ def reconstruct(work: onnx.ModelProto, plan: QuantPlan, states: np.ndarray, half
                 learn_scales: bool = True, seed: int = 0, time_limit_s: float = 120.0,
                 patience: int = 0, learn_weight_scales: bool = False, weight_scale_lr: float = 5e-4,
                 learn_bias: bool = False, bias_lr: float = 1e-3, method: str = "brecq", rho: float = 200.0,
-                grad_clamp: float = 1.0, start_margin: float = 0.0) -> ReconstructResult:
+                grad_clamp: float = 1.0, start_margin: float = 0.0, tail_weight: float = 0.0,
+                tail_fraction: float = 0.02) -> ReconstructResult:
     """Jointly round every static int8 and int4 layer's weight and learn every input scale of ``plan``.
 
     ``method="discquant"`` is DiscQuant's rounding (see :data:`METHODS`): the weights interpolate
@@ -264,6 +265,9 @@ def reconstruct(work: onnx.ModelProto, plan: QuantPlan, states: np.ndarray, half
         start_margin: ``brecq``: a plan integer that is not the float weight's nearest (a GPTQ or AdaRound
             start) starts this far inside its side of the 1/2 threshold (0: on it, where the first Adam steps
             flip them all at once); nearest-rounded integers start at their fractional part either way.
+        tail_weight, tail_fraction: A tail-aware (CVaR) loss: the mean per-state error plus ``tail_weight`` times
+            the mean of the worst ``tail_fraction`` of the states in each batch (and in the evaluation rows that
+            choose the best point); 0: the plain mean.
     """
     if method not in METHODS:
         raise ValueError(f"reconstruction method must be one of {METHODS}, got {method!r}")
@@ -287,7 +291,8 @@ def reconstruct(work: onnx.ModelProto, plan: QuantPlan, states: np.ndarray, half
                             learn_scales=learn_scales and method == "brecq", seed=seed, time_limit_s=time_limit_s,
                             patience=patience, t0=t0, learn_weight_scales=learn_weight_scales and method == "brecq",
                             weight_scale_lr=weight_scale_lr, learn_bias=learn_bias and method == "brecq",
-                            bias_lr=bias_lr, method=method, rho=rho, grad_clamp=grad_clamp, start_margin=start_margin)
+                            bias_lr=bias_lr, method=method, rho=rho, grad_clamp=grad_clamp, start_margin=start_margin,
+                            tail_weight=tail_weight, tail_fraction=tail_fraction)
     finally:
         torch.set_num_threads(threads)
 
@@ -297,7 +302,8 @@ def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], init
                  batch: int, lr: float, scale_lr: float, eval_every: int, eval_rows: int, learn_scales: bool,
                  seed: int, time_limit_s: float, patience: int, t0: float, learn_weight_scales: bool,
                  weight_scale_lr: float, learn_bias: bool, bias_lr: float, method: str = "brecq",
-                 rho: float = 200.0, grad_clamp: float = 1.0, start_margin: float = 0.0) -> ReconstructResult:
+                 rho: float = 200.0, grad_clamp: float = 1.0, start_margin: float = 0.0, tail_weight: float = 0.0,
+                 tail_fraction: float = 0.02) -> ReconstructResult:
     import torch
 
     run = _interpreter(work)
@@ -381,7 +387,11 @@ def _reconstruct(work: onnx.ModelProto, plan: QuantPlan, layers: list[Any], init
         e = ((a - ref) / hr) ** 2
         if wts is not None:
             e = e * wts
-        return e.sum(dim=1).mean()
+        rows = e.sum(dim=1)
+        if tail_weight <= 0:
+            return rows.mean()
+        k = max(1, int(round(tail_fraction * rows.shape[0])))
+        return rows.mean() + tail_weight * torch.topk(rows, k).values.mean()
 
     gen = torch.Generator().manual_seed(seed)
     n_rows = len(x_all)
