@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import QUICK_PLAN
+from conftest import QUICK_MEASURE, QUICK_PLAN
 
 from edgeq.deploy.bundle_format import MEASUREMENTS, read_manifest
 from edgeq.export.bundle import BundleWriter
@@ -73,7 +73,8 @@ def test_two_runs_are_byte_identical_except_the_measurements(tmp_path: Path) -> 
     try:
         a, b = tmp_path / "a", tmp_path / "b"
         # the CPU file's float layers are chosen by timing (recorded, replayable); fixed here
-        _quantize(a, "--episodes", "3", "--calib-episodes", "3", "--cpu-float-layers", "none", *QUICK_PLAN)
+        _quantize(a, "--episodes", "3", "--calib-episodes", "3", "--cpu-float-layers", "none", *QUICK_PLAN,
+                  *QUICK_MEASURE)
         _quantize(b, "--config", str(a))  # the config stored in a's manifest makes the same bundle
     finally:
         os.umask(old)

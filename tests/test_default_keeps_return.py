@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from conftest import QUICK_MEASURE
+
 import edgeq
 import edgeq.quantizers.build  # noqa: F401  (the callable package must survive its submodules being imported)
 from edgeq.config import QuantizeConfig
@@ -43,7 +45,8 @@ def test_cli_selects_the_quantization_options(sac_pendulum: Path, tmp_path: Path
     res = subprocess.run([sys.executable, "-m", "edgeq.cli", "quantize", str(sac_pendulum), "--env", "Pendulum-v1",
                           "--out", str(out), "--episodes", "2", "--calib-episodes", "4", "--holdout-episodes", "1",
                           "--transform", "equalize", "--alpha", "0.4", "--no-auto", "--rounding", "nearest",
-                          "--no-bias-correction", "--fp16-fallback", "0", "--noise", "0.2", "--noise-epsilon", "0.1"],
+                          "--no-bias-correction", "--fp16-fallback", "0", "--noise", "0.2", "--noise-epsilon", "0.1",
+                          *QUICK_MEASURE],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
     assert res.returncode == 0, res.stderr
     m = json.loads((out / "manifest.json").read_text())

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import policy_fixture
+from conftest import QUICK_MEASURE, policy_fixture
 
 
 @pytest.mark.slow
@@ -27,7 +27,7 @@ def test_coarse_quantization_that_falls_is_not_pass(tmp_path: Path) -> None:
     res = subprocess.run(
         [sys.executable, "-m", "edgeq.cli", "quantize", str(policy_fixture("recurrentppo-invertedpendulum")),
          "--env", "InvertedPendulum-v5", "--out", str(out), "--no-auto", "--calibrator", "percentile",
-         "--percentile", "70", "--episodes", "10", "--strict"],
+         "--percentile", "70", "--episodes", "10", "--strict", *QUICK_MEASURE],
         capture_output=True, text=True, timeout=900)
     text = " ".join(res.stdout.split())
     assert res.returncode in (1, 3), res.stdout + res.stderr  # FAIL or INCONCLUSIVE, never PASS (0)

@@ -22,7 +22,9 @@ def test_sb3_1x_legacy_policy_quantizes_and_keeps_return(sb3_1x_ppo: Path, tmp_p
 
 @pytest.mark.slow
 def test_mujoco_fixture_int8_within_2_percent(sac_halfcheetah: Path, tmp_path: Path) -> None:
-    res = edgeq.quantize(sac_halfcheetah, "HalfCheetah-v5", tmp_path / "b", episodes=10, seed=0)
+    # the default plan; of the validation extras (not read here) one noise-floor draw and no per-layer error
+    res = edgeq.quantize(sac_halfcheetah, "HalfCheetah-v5", tmp_path / "b", episodes=10, seed=0,
+                         overrides={"validation.floor_draws": 1, "validation.per_layer": False})
     cpu = res.validation["targets"]["cpu"]
     f, q = np.array(cpu["float"]["returns"]), np.array(cpu["int8"]["returns"])
     assert f.mean() >= 3000  # the fixture is a competent policy
