@@ -322,8 +322,8 @@ def test_int4_input_affine_is_fitted_for_the_int4_grid_and_lowers_the_first_laye
     x = layer_rows(tensor_values(model, calib, [first.input])[first.input])
     w = np.asarray(constant_value(model, first.weight), np.float64)
     w = w if base.layer(first.node).weight_axis == 0 else w.T
-    r4 = learn_input_affine(x, w, np.ones(w.shape[1]), float(np.abs(x).max()), weight_qmax=7)
-    r8 = learn_input_affine(x, w, np.ones(w.shape[1]), float(np.abs(x).max()))
+    r4 = learn_input_affine(x, w, np.ones(w.shape[1]), float(np.abs(x).max()), weight_qmax=7, iters=100)
+    r8 = learn_input_affine(x, w, np.ones(w.shape[1]), float(np.abs(x).max()), iters=0)
     assert r4.loss_end < r4.loss_start and r4.loss_start > 10 * r8.loss_start  # the int4 grid's error, not int8's
     with pytest.raises(ValueError, match="weight_qmax"):
         learn_input_affine(x, w, np.ones(w.shape[1]), 1.0, weight_qmax=0)
