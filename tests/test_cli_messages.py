@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import QUICK_PLAN
+from conftest import QUICK_MEASURE, QUICK_PLAN
 
 from edgeq.commands._progress import PlainProgress
 from edgeq.errors import EdgeqError
@@ -119,7 +119,7 @@ def piped_run(tmp_path_factory: pytest.TempPathFactory, sac_pendulum: Path) -> t
     out = tmp_path_factory.mktemp("msg") / "bundle"
     res = run_cli("quantize", str(sac_pendulum), "--env", "Pendulum-v1", "--out", str(out), "--episodes", "3",
                   "--calib-episodes", "3", "--set", "export.cpu_layer_selection=width",  # not load-dependent
-                  *QUICK_PLAN)
+                  *QUICK_PLAN, *QUICK_MEASURE)
     assert res.returncode == 0, res.stderr
     return out, res
 
@@ -141,7 +141,7 @@ def test_log_output_is_not_truncated(piped_run: tuple[Path, subprocess.Completed
 @pytest.mark.slow
 def test_quiet(piped_run: tuple[Path, subprocess.CompletedProcess], sac_pendulum: Path, tmp_path: Path) -> None:
     res = run_cli("quantize", str(sac_pendulum), "--env", "Pendulum-v1", "--out", str(tmp_path / "q"), "--episodes",
-                  "2", "--calib-episodes", "2", "--no-auto", "--quiet", *QUICK_PLAN)
+                  "2", "--calib-episodes", "2", "--no-auto", "--quiet", *QUICK_PLAN, *QUICK_MEASURE)
     assert res.returncode == 0 and res.stderr == ""
     assert res.stdout.splitlines()[0].startswith("verdict: ") and len(res.stdout.splitlines()) == 2
 

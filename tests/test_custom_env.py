@@ -12,7 +12,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
-from conftest import QUICK_PLAN
+from conftest import QUICK_MEASURE, QUICK_PLAN
 from typer.testing import CliRunner
 
 from edgeq.cli import app
@@ -25,7 +25,7 @@ runner = CliRunner()
 
 def _quantize(out: Path, *extra: str) -> tuple[int, str]:
     res = runner.invoke(app, ["quantize", str(POLICIES / "sac-pendulum.zip"), "--out", str(out), "--episodes", "4",
-                              "--calib-episodes", "4", "--num-envs", "4", *QUICK_PLAN, *extra])
+                              "--calib-episodes", "4", "--num-envs", "4", *QUICK_PLAN, *QUICK_MEASURE, *extra])
     return res.exit_code, res.output
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import QUICK_PLAN
+from conftest import QUICK_MEASURE, QUICK_PLAN
 
 from edgeq.envs import WrapperSpec, env_factory, resolve_env_id
 from edgeq.errors import EdgeqError
@@ -120,7 +120,7 @@ def test_frame_stack_normalization_is_tiled(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def zoo_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("zoo") / "bundle"
-    res = run_cli("quantize", str(RUN) + "/", "--out", str(out), "--episodes", "4", *QUICK_PLAN)
+    res = run_cli("quantize", str(RUN) + "/", "--out", str(out), "--episodes", "4", *QUICK_PLAN, *QUICK_MEASURE)
     assert res.returncode == 0, res.stderr
     return out, res
 
@@ -140,7 +140,7 @@ def test_quantize_zoo_folder_whole(zoo_bundle: tuple[Path, subprocess.CompletedP
     assert v["verdict"]["passed"] is True
     # validate rebuilds the same wrapped env from the manifest
     again = run_cli("validate", str(out), "--quick", "--episodes", "2", "--targets", "cpu", "--out",
-                    str(out.parent / "v"), "-q")
+                    str(out.parent / "v"), "-q", "--no-per-layer", "--latency-calls", "0", "--no-report")
     assert again.returncode == 0, again.stderr
     assert again.stdout.startswith("verdict: PASS")
 
@@ -156,7 +156,8 @@ def test_rl_zoo_flags_and_old_id(tmp_path: Path) -> None:
     args.write_text(args.read_text().replace("Pendulum-v1", "Pendulum-v0"))
     out = tmp_path / "b"
     res = run_cli("quantize", "-f", "logs", "--algo", "sac", "--env", "Pendulum-v0", "--exp-id", "0", "--out", str(out),
-                  "--episodes", "2", "--calib-episodes", "2", "--no-auto", "-q", *QUICK_PLAN, cwd=tmp_path)
+                  "--episodes", "2", "--calib-episodes", "2", "--no-auto", "-q", *QUICK_PLAN, *QUICK_MEASURE,
+                  cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     env = json.loads((out / "manifest.json").read_text())["env"]
     assert env["id"] == "Pendulum-v1" and env["trained_on"] == "Pendulum-v0"
