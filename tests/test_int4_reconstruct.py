@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -162,6 +163,23 @@ def test_int4_rounding_names() -> None:
             int4_roundings(bad)
 
 
+def _layer_inputs(model: Any, work: Any, calib: np.ndarray) -> Any:
+    """The search's ``inputs(plan, node, graph=None)``: a layer's int8 input (the graph quantized up to it) and
+    its float input (of ``graph``, default ``work``) on the calibration states."""
+
+    def inputs(p: QuantPlan, node: str, graph: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        g = work if graph is None else graph
+        la = p.layer(node)
+        idx = [x.node for x in p.layers].index(node)
+        prefix = replace(p, layers=[x if i < idx else replace(x, precision="float") for i, x in enumerate(p.layers)])
+        x_q = layer_rows(tensor_values(apply_plan(model, prefix, check=False), calib, [la.input])[la.input])
+        s = np.float32(p.activations[la.input].scale)
+        return (np.clip(np.rint(x_q / s), -127, 127) * s).astype(np.float32), layer_rows(
+            tensor_values(g, calib, [la.input])[la.input])
+
+    return inputs
+
+
 def test_int4_input_scaling_of_the_first_layer_is_carried_by_every_candidate(pendulum: tuple) -> None:
     """``edgeq search --int4-input-scaling``: the first layer's int4 weight under its own observation scaling;
     a candidate with it in int4 takes that scaling and input range, whatever other layers are int4 too."""
@@ -173,15 +191,7 @@ def test_int4_input_scaling_of_the_first_layer_is_carried_by_every_candidate(pen
     wls = find_weighted_layers(work)
     scorer = ActionErrorScorer(model, hold, HALF_RANGE, lower=apply_plan)
 
-    def inputs(p: QuantPlan, node: str, graph=None) -> tuple[np.ndarray, np.ndarray]:
-        g = work if graph is None else graph
-        la = p.layer(node)
-        idx = [x.node for x in p.layers].index(node)
-        prefix = replace(p, layers=[x if i < idx else replace(x, precision="float") for i, x in enumerate(p.layers)])
-        x_q = layer_rows(tensor_values(apply_plan(model, prefix, check=False), calib, [la.input])[la.input])
-        s = np.float32(p.activations[la.input].scale)
-        return (np.clip(np.rint(x_q / s), -127, 127) * s).astype(np.float32), layer_rows(
-            tensor_values(g, calib, [la.input])[la.input])
+    inputs = _layer_inputs(model, work, calib)
 
     first = wls[0].node
     alt = _int4_input_rescaled(base, first, model, calib, scorer, "nearest", 0, inputs)
@@ -239,15 +249,7 @@ def test_int4_input_split_lowers_the_first_layers_int4_error_and_is_carried(pend
     wls = find_weighted_layers(work)
     scorer = ActionErrorScorer(model, hold, HALF_RANGE, lower=apply_plan)
 
-    def inputs(p: QuantPlan, node: str, graph=None) -> tuple[np.ndarray, np.ndarray]:
-        g = work if graph is None else graph
-        la = p.layer(node)
-        idx = [x.node for x in p.layers].index(node)
-        prefix = replace(p, layers=[x if i < idx else replace(x, precision="float") for i, x in enumerate(p.layers)])
-        x_q = layer_rows(tensor_values(apply_plan(model, prefix, check=False), calib, [la.input])[la.input])
-        s = np.float32(p.activations[la.input].scale)
-        return (np.clip(np.rint(x_q / s), -127, 127) * s).astype(np.float32), layer_rows(
-            tensor_values(g, calib, [la.input])[la.input])
+    inputs = _layer_inputs(model, work, calib)
 
     first = wls[0].node
     plain = _w4a8(model, work, base, calib, "gptq", 0, nodes={first})
@@ -283,15 +285,7 @@ def test_w4a8_with_int4_grid_hidden_splits_is_exact_in_float_and_every_layer_int
 
     model, work, base, calib, hold = pendulum
 
-    def inputs(p: QuantPlan, node: str, graph=None) -> tuple[np.ndarray, np.ndarray]:
-        g = work if graph is None else graph
-        la = p.layer(node)
-        idx = [x.node for x in p.layers].index(node)
-        prefix = replace(p, layers=[x if i < idx else replace(x, precision="float") for i, x in enumerate(p.layers)])
-        x_q = layer_rows(tensor_values(apply_plan(model, prefix, check=False), calib, [la.input])[la.input])
-        s = np.float32(p.activations[la.input].scale)
-        return (np.clip(np.rint(x_q / s), -127, 127) * s).astype(np.float32), layer_rows(
-            tensor_values(g, calib, [la.input])[la.input])
+    inputs = _layer_inputs(model, work, calib)
 
     ocs = _w4a8_hidden_split(base, base, model, calib, 0.1, "nearest", 0, inputs)
     assert ocs is not None and len(ocs.splits) > len(base.splits)
@@ -329,15 +323,7 @@ def test_int4_input_affine_is_fitted_for_the_int4_grid_and_lowers_the_first_laye
         learn_input_affine(x, w, np.ones(w.shape[1]), 1.0, weight_qmax=0)
     scorer = ActionErrorScorer(model, hold, HALF_RANGE, lower=apply_plan)
 
-    def inputs(p: QuantPlan, node: str, graph=None) -> tuple[np.ndarray, np.ndarray]:
-        g = work if graph is None else graph
-        la = p.layer(node)
-        idx = [x_.node for x_ in p.layers].index(node)
-        prefix = replace(p, layers=[x_ if i < idx else replace(x_, precision="float") for i, x_ in enumerate(p.layers)])
-        x_q = layer_rows(tensor_values(apply_plan(model, prefix, check=False), calib, [la.input])[la.input])
-        s = np.float32(p.activations[la.input].scale)
-        return (np.clip(np.rint(x_q / s), -127, 127) * s).astype(np.float32), layer_rows(
-            tensor_values(g, calib, [la.input])[la.input])
+    inputs = _layer_inputs(model, work, calib)
 
     plain = _w4a8(model, work, base, calib, "gptq", 0, nodes={first.node})
     alt = _int4_input_rescaled(base, first.node, model, calib, scorer, "gptq", 0, inputs, transforms=("affine",))
