@@ -405,7 +405,6 @@ def search(bundle: str | Path, out: str | Path, *, max_loss: float = 0.01, objec
         for c in [*candidate_plans(base, one4, rank_r, sizes, fp16_layers=fp16_order if i == 0 else (),
                                    score=score_fn), *extra]:
             has4 = c.plan.int4_layers()
-            c = _with_int4_input_scalings(c, one4, base)
             if i > 0 and not has4:
                 continue  # the base/fp16 candidates: already listed
             if joint and has4:
@@ -633,7 +632,7 @@ def _w4a8_hidden_split(base: QuantPlan, first_plan: QuantPlan, fmodel: onnx.Mode
     error): ``first_plan``'s input rewrite of the first layer, ``base``'s splits plus the new ones (each
     hidden layer's input scaling extended by the copied units' factors), every layer int4 in order, each
     bias-corrected on the inputs the already-int4 layers before it feed it."""
-    from edgeq.quantizers.split import choose_splits
+    from edgeq.quantizers.split import _append_unit, choose_splits
     from edgeq.quantizers.transforms import InputScaling
 
     graph0 = replace(first_plan, input_splits=[]).rewritten(fmodel)
@@ -649,7 +648,7 @@ def _w4a8_hidden_split(base: QuantPlan, first_plan: QuantPlan, fmodel: onnx.Mode
             continue
         d = np.asarray(t.factors, np.float64)
         for k in sp.units:
-            d = np.append(d, d[k])
+            d = _append_unit(d, k, 1.0, 0)
         transforms.append(InputScaling(t.layer, d, t.method, t.alpha, t.placement, dict(t.details), t.shift))
     plan = replace(first_plan, splits=[*base.splits, *extra], transforms=transforms)
     graph = plan.rewritten(fmodel)
@@ -667,20 +666,6 @@ def _w4a8_hidden_split(base: QuantPlan, first_plan: QuantPlan, fmodel: onnx.Mode
         plan = with_int4(plan, la.node, w, block_size=block_size, inputs=inputs, original_bias=b, rounding=rounding,
                          reason="int4 weights on a graph with int4-grid outlier channel splits, int8 input")
     return plan
-
-
-def _with_int4_input_scalings(c: MixedCandidate, one4: Mapping[str, QuantPlan], base: QuantPlan) -> MixedCandidate:
-    """A candidate whose int4 layer came from a plan with its own input rewrite takes that rewrite (scaling, input
-    splits) and the rewritten input's int8 range too (only that layer's weight depends on them)."""
-    plan = c.plan
-    for la in plan.int4_layers():
-        src = one4.get(la.node)
-        if src is None or (src.transforms == base.transforms and src.input_splits == base.input_splits) \
-                or src.layer(la.node) is not la:
-            continue
-        plan = replace(plan, transforms=list(src.transforms), input_splits=list(src.input_splits),
-                       activations={**plan.activations, la.input: src.activations[la.input]})
-    return c if plan is c.plan else replace(c, plan=plan)
 
 
 def _reconstructed(c: MixedCandidate, work: onnx.ModelProto, states: np.ndarray, half_range: np.ndarray,

@@ -184,8 +184,8 @@ def test_int4_input_scaling_of_the_first_layer_is_carried_by_every_candidate(pen
     """``edgeq search --int4-input-scaling``: the first layer's int4 weight under its own observation scaling;
     a candidate with it in int4 takes that scaling and input range, whatever other layers are int4 too."""
     from edgeq.quantizers.evaluate import ActionErrorScorer
-    from edgeq.quantizers.mixed import MixedCandidate, with_precisions
-    from edgeq.search import _int4_input_rescaled, _with_int4_input_scalings
+    from edgeq.quantizers.mixed import with_precisions
+    from edgeq.search import _int4_input_rescaled
 
     model, work, base, calib, hold = pendulum
     wls = find_weighted_layers(work)
@@ -207,12 +207,11 @@ def test_int4_input_scaling_of_the_first_layer_is_carried_by_every_candidate(pen
     one4 = {wl.node: _w4a8(model, work, base, calib, "nearest", 0, nodes={wl.node}) for wl in wls[1:]}
     one4[first] = alt
     plan = with_precisions(base, one4, {n: "int4" for n in one4})
-    cand = _with_int4_input_scalings(MixedCandidate("W4A8", {n: "int4" for n in one4}, plan, 0.0), one4, base)
-    assert cand.plan.transforms == alt.transforms
-    assert cand.plan.activations[la.input] == alt.activations[la.input]
+    assert plan.transforms == alt.transforms
+    assert plan.activations[la.input] == alt.activations[la.input]
     # and is the plan it claims: the exported file computes the plan's arithmetic on its rewritten graph
-    got = OrtPolicy(apply_plan(model, cand.plan).SerializeToString()).act(hold)
-    sim = fake_quant_actions(cand.plan.rewritten(model), cand.plan, hold)
+    got = OrtPolicy(apply_plan(model, plan).SerializeToString()).act(hold)
+    sim = fake_quant_actions(plan.rewritten(model), plan, hold)
     assert float(np.median(np.abs(got - sim))) < 1e-5
 
 

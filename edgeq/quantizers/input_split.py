@@ -30,6 +30,7 @@ import onnx
 import onnx_ir as ir
 
 from edgeq.graph.ir import const, make_node, to_ir, to_onnx
+from edgeq.quantizers.split import _append_unit
 from edgeq.quantizers.transforms import _weighted_layers
 
 __all__ = ["InputSplit", "apply_input_splits", "choose_input_split", "insert_input_splits", "split_columns",
@@ -67,18 +68,17 @@ class InputSplit:
 
 def split_columns(w_oi: np.ndarray, columns: Sequence[int]) -> np.ndarray:
     """The ``[out, in]`` weight with each of ``columns`` halved and a copy appended (float64, in order)."""
-    w = np.array(w_oi, np.float64, copy=True)
+    w = np.asarray(w_oi, np.float64)
     for c in columns:
-        w[:, c] *= 0.5
-        w = np.concatenate([w, w[:, c:c + 1]], axis=1)
+        w = _append_unit(w, c, 0.5, 1)
     return w
 
 
 def split_input_rows(x: np.ndarray, columns: Sequence[int]) -> np.ndarray:
-    """Input rows ``[n, in]`` widened as the split layer reads them."""
+    """Input rows ``[n, in]`` widened as the split layer reads them (dtype kept)."""
     out = np.asarray(x)
     for c in columns:
-        out = np.concatenate([out, out[:, c:c + 1]], axis=1)
+        out = _append_unit(out, c, 1.0, 1).astype(out.dtype, copy=False)
     return out
 
 
@@ -152,8 +152,7 @@ def choose_input_split(w_oi: np.ndarray, x: np.ndarray, n: int, quantize: Quanti
 
 
 def _widen_sigma(sigma: np.ndarray, cols: Sequence[int]) -> np.ndarray:
-    s = np.asarray(sigma)
+    s = np.asarray(sigma, np.float64)
     for c in cols:
-        s = np.concatenate([s, s[c:c + 1, :]], axis=0)
-        s = np.concatenate([s, s[:, c:c + 1]], axis=1)
+        s = _append_unit(_append_unit(s, c, 1.0, 0), c, 1.0, 1)
     return s
