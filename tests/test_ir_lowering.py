@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from edgeq.deploy.runtime import session_options
 from edgeq.export.ort_cpu import cpu_float_layers, specialize_for_ort_cpu
 from edgeq.export.ort_cuda import DEQUANTIZED_DOC, specialize_for_ort_cuda
 from edgeq.export.qdq import apply_plan
@@ -53,7 +54,9 @@ def _unmarked(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _actions(model: onnx.ModelProto, states: np.ndarray) -> np.ndarray:
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    # edgeq's session options: exact int8 products also on CPUs without VNNI (docs/ort-int8-x86.md), so the
+    # frozen actions are the same on every x86-64 CPU
+    sess = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
     feeds = {i.name: (states if k == 0 else np.zeros([len(states), *i.shape[1:]], np.float32))
              for k, i in enumerate(sess.get_inputs())}
     return np.asarray(sess.run(None, feeds)[0])

@@ -43,19 +43,31 @@ ORT_PROVIDERS: dict[str, list[Any]] = {
 }
 
 
+#: ONNX Runtime session option that keeps the CPU provider's int8 matrix products exact on x86-64 CPUs
+#: without VNNI (SSE4.1 / AVX2 / AVX-512 without VNNI). There ONNX Runtime multiplies int8 by int8 as
+#: u8 x s8 with ``vpmaddubsw``, which adds pairs of products into int16 and saturates: with weights
+#: outside [-64, 63] (every per-channel absmax int8 weight reaches +-127) a product row can be off by
+#: 25-40% of its range (measured on an AMD EPYC with AVX2, ORT 1.32: SAC Hopper's actions moved by up to
+#: 0.91, mean 0.073, from the QDQ file's own reference semantics). With this option on, such layers run
+#: as u8 x u8 (exact); on a CPU with VNNI (and on every other provider) it changes nothing.
+#: See docs/ort-int8-x86.md.
+X64_QUANT_PRECISION = ("session.x64quantprecision", "1")
+
 _OPTIMIZATION_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
                         "none": "ORT_DISABLE_ALL"}
 
 
 def session_options(optimization: str = "all", intra_op_threads: int | None = None) -> Any:
     """ONNX Runtime session options as edgeq runs policies: sequential execution, the graph
-    optimization level ``optimization`` (all | extended | basic | none) and, if given, that many
-    intra-op threads (one inter-op thread)."""
+    optimization level ``optimization`` (all | extended | basic | none), exact int8 products on x86-64
+    CPUs without VNNI (:data:`X64_QUANT_PRECISION`) and, if given, that many intra-op threads (one
+    inter-op thread)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPTIMIZATION_LEVELS[optimization])
+    opts.add_session_config_entry(*X64_QUANT_PRECISION)
     if intra_op_threads is not None:
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = 1
