@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/dev-out}; mkdir -p "$OUT" /tmp/chunks
 deadline=$1; shift
 t0=$(date +%s); workers=$(nproc)
-{ lscpu | grep -E "Model name|^CPU\(s\)"; python3 -c 'import sys, numpy, onnxruntime as o, gymnasium, mujoco; print(sys.version.split()[0], "numpy", numpy.__version__, "onnxruntime", o.__version__, "gymnasium", gymnasium.__version__, "mujoco", mujoco.__version__)'; } 2>&1 | tee "$OUT/log.txt"
+{ lscpu | grep -E "Model name|^CPU\(s\)"; echo "int8 dot-product flags: $(grep -o -w -E "avx512_vnni|avx_vnni|amx_int8|avx2" /proc/cpuinfo | sort -u | tr "\n" " ")"; python3 -c 'import sys, numpy, onnxruntime as o, gymnasium, mujoco; print(sys.version.split()[0], "numpy", numpy.__version__, "onnxruntime", o.__version__, "gymnasium", gymnasium.__version__, "mujoco", mujoco.__version__)'; } 2>&1 | tee "$OUT/log.txt"
 for spec in "$@"; do
   IFS=: read -r name first last chunk <<< "$spec"
   for ((a = first; a <= last; a += chunk)); do
