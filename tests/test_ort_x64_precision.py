@@ -9,37 +9,20 @@ VNNI both paths agree, and so does this test: it fails only where the saturation
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from fused_helpers import ort_cpu, qdq_mlp
 
 from edgeq.deploy.runtime import DISABLED_ORT_OPTIMIZERS, X64_QUANT_PRECISION, OrtPolicy, session_options
 
 
-def _qdq_layer(k: int, n: int, seed: int = 0) -> bytes:
-    """obs [batch, k] -> Q/DQ (int8, scale 0.02) -> MatMul with per-column int8 weights in [-127, 127]."""
-    rng = np.random.default_rng(seed)
-    wq = rng.integers(-127, 128, size=(k, n)).astype(np.int8)
-    inits = [numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(np.full(n, 0.01, np.float32), "ws"),
-             numpy_helper.from_array(np.zeros(n, np.int8), "wz"),
-             numpy_helper.from_array(np.array(0.02, np.float32), "as"),
-             numpy_helper.from_array(np.array(0, np.int8), "az")]
-    nodes = [helper.make_node("QuantizeLinear", ["obs", "as", "az"], ["xq"]),
-             helper.make_node("DequantizeLinear", ["xq", "as", "az"], ["xd"]),
-             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=1),
-             helper.make_node("MatMul", ["xd", "wd"], ["actions"])]
-    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("obs", TensorProto.FLOAT, [None, k])],
-                              [helper.make_tensor_value_info("actions", TensorProto.FLOAT, [None, n])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
-
-
-def _reference(model: bytes, x: np.ndarray) -> np.ndarray:
-    """The QDQ semantics: no graph optimization, so DequantizeLinear then a float MatMul."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return np.asarray(ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"]).run(None, {"obs": x})[0])
+def _one_layer(path: Path, k: int) -> Path:
+    """One int8 QDQ layer (int8 weights in [-127, 127], per channel) with a Tanh head, edgeq's layout."""
+    return qdq_mlp(path, obs_dim=k, hidden=(), act_dim=64, activation="Relu")
 
 
 def test_session_options_turn_the_x64_precision_option_on() -> None:
@@ -48,31 +31,24 @@ def test_session_options_turn_the_x64_precision_option_on() -> None:
 
 
 @pytest.mark.parametrize("k", [11, 256])
-def test_int8_layer_with_full_range_weights_matches_its_qdq_semantics(k: int) -> None:
-    model = _qdq_layer(k, 64)
-    # activations at the ends of the int8 grid (|x| up to 2.6 > 127 * 0.02): the saturating case
-    x = (np.random.default_rng(1).uniform(-1.0, 1.0, (512, k)) * 2.6).astype(np.float32)
-    ref = _reference(model, x)
-    got = OrtPolicy(model, output_name="actions").act(x)
-    # the fused integer kernel ran (not a float fallback) ...
-    opts = session_options(intra_op_threads=1)
-    opts.optimized_model_filepath = ""
-    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=list(DISABLED_ORT_OPTIMIZERS))
-    assert np.array_equal(np.asarray(sess.run(None, {"obs": x})[0]), got)
-    # ... and its int32 accumulation equals the float product of the dequantized tensors
+def test_int8_layer_with_full_range_weights_matches_its_qdq_semantics(k: int, tmp_path: Path) -> None:
+    model = _one_layer(tmp_path / "layer.onnx", k)
+    # activations over the whole int8 grid and beyond: the saturating case (off by up to 2.4 of a 2.5 range)
+    x = (np.random.default_rng(1).uniform(-1.0, 1.0, (512, k)) * 4.0).astype(np.float32)
+    ref = OrtPolicy(model, optimization="none").act(x)  # the QDQ semantics: DequantizeLinear, float MatMul
+    got = OrtPolicy(model).act(x)
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
-def test_fused_graph_is_integer() -> None:
-    """The option keeps ONNX Runtime's QDQ fusion into MatMulIntegerToFloat (an int8 kernel, not float)."""
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as tmp:
-        opts = session_options(intra_op_threads=1)
-        opts.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
-        ort.InferenceSession(_qdq_layer(11, 64), opts, providers=["CPUExecutionProvider"],
-                             disabled_optimizers=list(DISABLED_ORT_OPTIMIZERS))
-        ops = {n.op_type for n in onnx.load(str(Path(tmp) / "opt.onnx")).graph.node}
+def test_fused_graph_is_integer(tmp_path: Path) -> None:
+    """With the option ONNX Runtime still fuses the QDQ layer into MatMulIntegerToFloat (an int8 kernel, not a
+    float MatMul), and that session is the one OrtPolicy runs."""
+    model = _one_layer(tmp_path / "layer.onnx", 11)
+    opts = session_options("all", 1)
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=list(DISABLED_ORT_OPTIMIZERS))
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
     assert "MatMulIntegerToFloat" in ops and "MatMul" not in ops
+    x = np.random.default_rng(2).uniform(-4.0, 4.0, (64, 11)).astype(np.float32)
+    assert np.array_equal(ort_cpu(model, x), OrtPolicy(model).act(x))
