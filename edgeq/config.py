@@ -278,6 +278,9 @@ class QuantizationConfig(_Section):
     #: folded exactly into a Sub/Mul pre-op and the first layer, kept only if the held-out score drops;
     #: on by default since config version 3
     affine_input: bool = True
+    #: the observation input's int8 range widened by this factor after every other stage, a margin for
+    #: states beyond calibration (QuantOptions.input_headroom); 1 = as calibrated
+    input_headroom: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -521,7 +524,7 @@ class QuantizeConfig:
                 max_action_error=q.max_action_error, tail_weight=q.tail_weight, tail_fraction=q.tail_fraction,
                 tail_on_calibration_states=q.tail_on_calibration_states, keep_float=list(q.keep_float),
                 split_outliers=q.split_outliers, noisy_bias=q.noisy_bias,
-                affine_input=q.affine_input)
+                affine_input=q.affine_input, input_headroom=q.input_headroom)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"calibration recipe {c.recipe!r}: {exc}") from None
 

@@ -182,6 +182,7 @@ def test_cli_set_unknown_field_is_one_line_exit_2(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("args", "needle"), [
     (["--set", "quantization.fp16_fallback=two"], "'quantization.fp16_fallback': expected int, got 'two'"),
     (["--set", "rounding"], "expected section.field=value"),
+    (["--set", "quantization.input_headroom=0.5"], "input_headroom must be a factor in [1, 16]"),
     (["--config", "missing.yaml"], "missing.yaml: cannot read"),
     (["--recipe", "default", "--config", "c.yaml"], "--config already holds a recipe"),
 ])

@@ -134,6 +134,11 @@ class QuantOptions:
         affine_input: AffineQuant on the observation input (:mod:`edgeq.quantizers.affine`) after the per-layer
             search: a learned per-channel scale and shift of the first layer's input, folded exactly into a
             Sub/Mul pre-op and the layer's weight and bias; kept only if it lowers the held-out score.
+        input_headroom: The observation input's int8 range (the first layer's input, after any pre-op) is
+            widened by this factor after every other stage (1: as calibrated). Not scored on held-out
+            states, which the calibrated range already covers: it is a margin for states beyond
+            calibration (a falling robot), where a clipped observation makes the policy act on a wrong
+            state. It trades input resolution for range; benchmarks/results/int8_methods.md measures it.
         seed: Seed of AdaRound's mini-batches.
     """
 
@@ -166,6 +171,7 @@ class QuantOptions:
     split_outliers: float = 0.0
     noisy_bias: bool = False
     affine_input: bool = False
+    input_headroom: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -201,6 +207,9 @@ class QuantOptions:
             raise ValueError("reconstruct_iters must be >= 0 and reconstruct_seconds > 0")
         if int(self.fp16_fallback) < 0:
             raise ValueError(f"fp16_fallback must be >= 0, got {self.fp16_fallback}")
+        if not (math.isfinite(float(self.input_headroom)) and 1.0 <= float(self.input_headroom) <= 16.0):
+            raise ValueError(f"input_headroom must be a factor in [1, 16] (1: the calibrated range), got "
+                             f"{self.input_headroom}")
         if not 0.0 <= float(self.split_outliers) <= 1.0:
             raise ValueError(f"split_outliers must be in [0, 1] (a fraction of each hidden width), got "
                              f"{self.split_outliers}")
@@ -493,6 +502,29 @@ class _Builder:
         used = cand.used_activations()
         return replace(cand, activations={k: v for k, v in acts.items() if k in used}), report
 
+    def observation_layer(self, plan: QuantPlan) -> str | None:
+        """The node of the static int8 layer whose input is the observation (after any pre-op), or None
+        (the first layer is float, dynamic, or reads a hidden activation)."""
+        wl = self.layers[0]
+        layer = plan.layer(wl.node)
+        if layer.precision != "int8" or layer.scheme != "static":
+            return None
+        old = next((t for t in plan.transforms if t.layer == wl.node), None)
+        if (old is not None and old.placement == "folded") or can_fold(self.model, wl.node) is not None:
+            return None
+        return wl.node
+
+    def input_headroom(self, plan: QuantPlan, factor: float) -> tuple[QuantPlan, dict[str, Any]]:
+        """The observation input's int8 range widened by ``factor`` (:attr:`QuantOptions.input_headroom`)."""
+        node = self.observation_layer(plan)
+        if node is None:
+            return plan, {"factor": factor, "skipped": "no static int8 layer reads the observation"}
+        name = plan.layer(node).input
+        act = plan.activations[name]
+        new = replace(act, amax=float(act.amax * factor), params={**act.params, "headroom": factor})
+        report = {"factor": factor, "tensor": name, "amax_calibrated": act.amax, "amax": new.amax}
+        return replace(plan, activations={**plan.activations, name: new}), report
+
     def reconstruct(self, plan: QuantPlan, method: str = "brecq") -> tuple[QuantPlan, dict[str, Any]]:
         """Every static int8 layer's rounding (and, BRECQ-style, input scale) at once against the float actions;
         ``method="discquant"``: DiscQuant's relaxed rounding (:data:`edgeq.quantizers.reconstruct.METHODS`)."""
@@ -656,6 +688,11 @@ def build_plan(model: onnx.ModelProto, stats: CalibrationStats, options: QuantOp
         refined = {str(o[0].metrics["auto_starts"]["start"]): round(o[1], 6) for o in outcomes}
         plan = replace(plan, metrics={**plan.metrics, "auto_starts": {**plan.metrics["auto_starts"],
                                                                       "refined": refined}})
+    if opt.input_headroom != 1.0:
+        plan, rep = b.input_headroom(plan, float(opt.input_headroom))
+        current = rep["heldout_score"] = b.scorer(plan)
+        stage_reports["input_headroom"] = rep
+        errors["input_headroom"] = current
     if opt.fp16_fallback > 0:
         plan, rep = fp16_fallback(plan, b.scorer, max_layers=opt.fp16_fallback, target=opt.max_action_error)
         stage_reports["fp16_fallback"] = rep
