@@ -39,6 +39,9 @@ from onnx import helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from merge_verdicts import merge  # noqa: E402
 
 from edgeq.export.qdq import apply_plan  # noqa: E402
 from edgeq.quantizers.plan import QuantPlan  # noqa: E402
@@ -46,6 +49,20 @@ from edgeq.validate.sequential import fixed_design  # noqa: E402
 from edgeq.validate.verdict import Tolerance, judge  # noqa: E402
 
 KEEP = ("manifest.json", "plan.json", "policy.fp32.onnx")
+
+
+def slim_copy(bundle: Path, dst: Path, int8: bytes) -> None:
+    """``dst``: ``bundle``'s float file and plan with ``int8`` as its only INT8 file (the cpu target runs it)."""
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    for f in KEEP:
+        shutil.copy2(bundle / f, dst / f)
+    (dst / "policy.int8.onnx").write_bytes(int8)
+    man = json.loads((dst / "manifest.json").read_text())
+    man["models"] = {k: v for k, v in man["models"].items() if k in ("fp32", "int8")}
+    man["files"] = {k: v for k, v in man["files"].items() if k in KEEP}
+    man["files"]["policy.int8.onnx"] = hashlib.sha256(int8).hexdigest()
+    (dst / "manifest.json").write_text(json.dumps(man, indent=1))
 
 
 def _init(g: onnx.GraphProto, name: str) -> np.ndarray:
@@ -139,16 +156,7 @@ def variant(bundle: Path, spec: str, dst: Path) -> dict[str, Any]:
         info["weight_rel_error"] = weight_two_terms(
             model, _init(plan.rewritten(fp32).graph, layer.weight_name).astype(np.float64), layer.weight_name)
     onnx.checker.check_model(model)
-    shutil.rmtree(dst, ignore_errors=True)
-    dst.mkdir(parents=True)
-    for f in KEEP:
-        shutil.copy2(bundle / f, dst / f)
-    onnx.save(model, str(dst / "policy.int8.onnx"))
-    man = json.loads((dst / "manifest.json").read_text())
-    man["models"] = {k: v for k, v in man["models"].items() if k in ("fp32", "int8")}
-    man["files"] = {k: v for k, v in man["files"].items() if k in KEEP + ("policy.int8.onnx",)}
-    man["files"]["policy.int8.onnx"] = hashlib.sha256((dst / "policy.int8.onnx").read_bytes()).hexdigest()
-    (dst / "manifest.json").write_text(json.dumps(man, indent=1))
+    slim_copy(bundle, dst, model.SerializeToString())
     return info
 
 
@@ -168,11 +176,7 @@ def validate(bundle: Path, first: int, last: int, chunk: int, workers: int, work
 
 
 def verdict_line(name: str, parts: list[dict[str, Any]], rel_tol: float) -> str:
-    merged: dict[str, Any] = {s: {"returns": [], "outcomes": []} for s in ("float", "int8")}
-    for p in parts:
-        for s in ("float", "int8"):
-            merged[s]["returns"] += list(p[s]["returns"])
-            merged[s]["outcomes"] += list(p[s]["outcomes"])
+    merged = merge(parts)
     v = judge(merged, Tolerance(relative=rel_tol), fixed_design())
     n = len(merged["float"]["returns"])
     f, q = float(np.mean(merged["float"]["returns"])), float(np.mean(merged["int8"]["returns"]))
@@ -198,12 +202,7 @@ def main() -> None:
     rows = ["| variant | N | float | all-INT8 | kept | paired diff [95% CI] vs band | median diff | "
             "falls float / int8 | verdict |", "|---|---|---|---|---|---|---|---|---|"]
     base = args.work / "base"
-    base.mkdir(parents=True, exist_ok=True)
-    for f in ("manifest.json", "plan.json", "policy.fp32.onnx", "policy.int8.onnx"):
-        shutil.copy2(args.bundle / f, base / f)
-    man = json.loads((base / "manifest.json").read_text())
-    man["models"] = {k: v for k, v in man["models"].items() if k in ("fp32", "int8")}
-    (base / "manifest.json").write_text(json.dumps(man, indent=1))
+    slim_copy(args.bundle, base, (args.bundle / "policy.int8.onnx").read_bytes())
     targets = [("bundle as made", base)]
     for spec in args.variants.split(","):
         dst = args.work / spec.replace(":", "-")

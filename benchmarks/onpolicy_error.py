@@ -18,19 +18,16 @@ from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
-import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgeq.deploy.runtime import session_options  # noqa: E402
+from edgeq.deploy.runtime import OrtPolicy  # noqa: E402
 
 
 def policy(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """A batch policy on ONNX Runtime CPU with edgeq's session options (exact int8 products)."""
-    sess = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return lambda x: np.asarray(sess.run(None, {name: x.astype(np.float32)})[0])
+    """The file as edgeq's validation runs it (:class:`edgeq.deploy.runtime.OrtPolicy`, CPU)."""
+    return OrtPolicy(path).act
 
 
 def onpolicy_states(env_id: str, act: Callable[[np.ndarray], np.ndarray], episodes: int, seed: int) -> np.ndarray:

@@ -454,13 +454,12 @@ class _Builder:
     def affine_input(self, plan: QuantPlan) -> tuple[QuantPlan, dict[str, Any]]:
         """AffineQuant on the first layer's input (:mod:`edgeq.quantizers.affine`): learned per-channel ``d`` and
         shift ``δ``, an exact Sub/Mul pre-op and the layer's weight and bias; the layer re-quantized (nearest)."""
+        skipped = self.observation_skip(plan)
+        if skipped is not None:
+            return plan, {"skipped": skipped}
         wl = self.layers[0]
         layer = plan.layer(wl.node)
-        if layer.precision != "int8" or layer.scheme != "static":
-            return plan, {"skipped": "the first layer is not a static int8 layer"}
         old = next((t for t in plan.transforms if t.layer == wl.node), None)
-        if old is not None and (old.placement == "folded" or can_fold(self.model, wl.node) is not None):
-            return plan, {"skipped": "the first layer's input is a hidden activation, not the observation"}
         x = layer_rows(self.inputs[wl.input]).astype(np.float32)
         w0 = constant_value(self.model, wl.weight)
         assert w0 is not None
@@ -502,24 +501,24 @@ class _Builder:
         used = cand.used_activations()
         return replace(cand, activations={k: v for k, v in acts.items() if k in used}), report
 
-    def observation_layer(self, plan: QuantPlan) -> str | None:
-        """The node of the static int8 layer whose input is the observation (after any pre-op), or None
-        (the first layer is float, dynamic, or reads a hidden activation)."""
+    def observation_skip(self, plan: QuantPlan) -> str | None:
+        """Why the first layer's input is not a static int8 quantizer of the observation (after any pre-op), or
+        None when it is (AffineQuant and the input headroom act there only)."""
         wl = self.layers[0]
         layer = plan.layer(wl.node)
         if layer.precision != "int8" or layer.scheme != "static":
-            return None
+            return "the first layer is not a static int8 layer"
         old = next((t for t in plan.transforms if t.layer == wl.node), None)
-        if (old is not None and old.placement == "folded") or can_fold(self.model, wl.node) is not None:
-            return None
-        return wl.node
+        if old is not None and (old.placement == "folded" or can_fold(self.model, wl.node) is not None):
+            return "the first layer's input is a hidden activation, not the observation"
+        return None
 
     def input_headroom(self, plan: QuantPlan, factor: float) -> tuple[QuantPlan, dict[str, Any]]:
         """The observation input's int8 range widened by ``factor`` (:attr:`QuantOptions.input_headroom`)."""
-        node = self.observation_layer(plan)
-        if node is None:
-            return plan, {"factor": factor, "skipped": "no static int8 layer reads the observation"}
-        name = plan.layer(node).input
+        skipped = self.observation_skip(plan)
+        if skipped is not None:
+            return plan, {"factor": factor, "skipped": skipped}
+        name = plan.layer(self.layers[0].node).input
         act = plan.activations[name]
         new = replace(act, amax=float(act.amax * factor), params={**act.params, "headroom": factor})
         report = {"factor": factor, "tensor": name, "amax_calibrated": act.amax, "amax": new.amax}
